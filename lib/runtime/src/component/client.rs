@@ -1,0 +1,161 @@
+//! Calling an endpoint: [`Client`] follows the endpoint's instances in
+//! discovery (who exists) and hands routers a cheap snapshot of them.
+
+use super::{Endpoint, Instance, NameError};
+use crate::discovery::{DiscoveryError, Query, WatchEvent, WatchStream};
+use futures::StreamExt;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// First and longest pause before re-opening a failed discovery watch.
+const REWATCH_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+
+/// The live set of instances of one endpoint.
+#[derive(Debug, Clone)]
+pub struct Client {
+    endpoint: Endpoint,
+    /// Sorted by instance id; replaced as a whole on every change, so a
+    /// router reads it with one `Arc` clone and never copies the fleet.
+    instances: watch::Receiver<Arc<Vec<Instance>>>,
+}
+
+impl Client {
+    pub(crate) async fn new(endpoint: Endpoint) -> Result<Self, ClientError> {
+        endpoint.validate()?;
+        let drt = endpoint.drt().clone();
+        let query = Query::endpoint(endpoint.namespace(), endpoint.component(), endpoint.name());
+        let mut stream = drt.discovery().watch(&query).await?;
+        let mut follower = Follower {
+            known: BTreeMap::new(),
+            publish: watch::channel(Arc::new(Vec::new())).0,
+        };
+        // Apply the first snapshot before returning, so `instances()` is
+        // right from the start.
+        if let Some(Ok(event)) = stream.next().await {
+            follower.apply(event);
+        }
+        let instances = follower.publish.subscribe();
+        let runtime = drt.runtime().clone();
+        let stopped = runtime.root_token().clone();
+        runtime.spawn(async move {
+            let discovery = drt.discovery().clone();
+            follower.run(stream, &stopped, || discovery.watch(&query)).await;
+        });
+        Ok(Self { endpoint, instances })
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// The instances known right now, sorted by id.
+    pub fn instances(&self) -> Arc<Vec<Instance>> {
+        self.instances.borrow().clone()
+    }
+
+    pub fn instance_ids(&self) -> Vec<u64> {
+        self.instances().iter().map(|i| i.instance_id).collect()
+    }
+
+    /// Waits until at least one instance exists and returns them. Fails when
+    /// the runtime shuts down first.
+    pub async fn wait_for_instances(&self) -> Result<Arc<Vec<Instance>>, ClientError> {
+        let mut instances = self.instances.clone();
+        let stopped = self.endpoint.drt().runtime().root_token().clone();
+        tokio::select! {
+            _ = stopped.cancelled() => Err(ClientError::ShuttingDown),
+            found = instances.wait_for(|list| !list.is_empty()) => match found {
+                Ok(list) => Ok(list.clone()),
+                Err(_) => Err(ClientError::ShuttingDown),
+            },
+        }
+    }
+}
+
+/// Keeps the published instance list in step with a discovery watch.
+struct Follower {
+    known: BTreeMap<u64, Instance>,
+    publish: watch::Sender<Arc<Vec<Instance>>>,
+}
+
+impl Follower {
+    /// Follows `stream` until `stopped`; re-opens the watch (with backoff)
+    /// when it fails. Each new watch starts with a snapshot, so nothing is missed.
+    async fn run<F, Fut>(&mut self, mut stream: WatchStream, stopped: &CancellationToken, rewatch: F)
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<WatchStream, DiscoveryError>>,
+    {
+        let mut backoff = REWATCH_BACKOFF.0;
+        loop {
+            let event = tokio::select! {
+                _ = stopped.cancelled() => return,
+                event = stream.next() => event,
+            };
+            match event {
+                Some(Ok(event)) => {
+                    backoff = REWATCH_BACKOFF.0;
+                    self.apply(event);
+                    continue;
+                }
+                Some(Err(error)) => tracing::warn!(%error, "discovery watch failed; re-watching"),
+                None => tracing::warn!("discovery watch ended; re-watching"),
+            }
+            loop {
+                tokio::select! {
+                    _ = stopped.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(REWATCH_BACKOFF.1);
+                match rewatch().await {
+                    Ok(new_stream) => {
+                        stream = new_stream;
+                        break;
+                    }
+                    Err(error) => tracing::warn!(%error, ?backoff, "cannot re-open discovery watch"),
+                }
+            }
+        }
+    }
+
+    fn apply(&mut self, event: WatchEvent) {
+        match event {
+            WatchEvent::Snapshot(registrations) => {
+                self.known.clear();
+                for registration in &registrations {
+                    self.insert(registration);
+                }
+            }
+            WatchEvent::Put(registration) => self.insert(&registration),
+            WatchEvent::Delete(key) => {
+                self.known.remove(&key.instance_id);
+            }
+        }
+        self.publish
+            .send_replace(Arc::new(self.known.values().cloned().collect()));
+    }
+
+    fn insert(&mut self, registration: &crate::discovery::Registration) {
+        match Instance::from_registration(registration) {
+            Ok(instance) => {
+                self.known.insert(instance.instance_id, instance);
+            }
+            Err(error) => tracing::warn!(%error, "ignoring an unreadable instance registration"),
+        }
+    }
+}
+
+/// Why a client could not follow an endpoint.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("cannot watch the endpoint in discovery: {0}")]
+    Discovery(#[from] DiscoveryError),
+    #[error("the runtime shut down while waiting for instances")]
+    ShuttingDown,
+}

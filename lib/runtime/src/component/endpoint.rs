@@ -1,0 +1,196 @@
+//! Serving an endpoint: adapt a typed [`AsyncEngine`] to the request plane,
+//! register the instance in discovery, and on shutdown leave discovery first,
+//! then wait for the requests in flight.
+
+use super::{Endpoint, Instance, NameError};
+use crate::distributed::DistributedError;
+use crate::discovery::DiscoveryError;
+use crate::engine::{AsyncEngine, Context};
+use crate::error::{ErrorKind, RequestError};
+use crate::request_plane::{ByteStream, PushHandler};
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Configures and starts serving one endpoint.
+pub struct EndpointBuilder {
+    endpoint: Endpoint,
+    handler: Option<Arc<dyn PushHandler>>,
+}
+
+impl std::fmt::Debug for EndpointBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointBuilder")
+            .field("endpoint", &self.endpoint.path())
+            .field("handler", &self.handler.is_some())
+            .finish()
+    }
+}
+
+impl EndpointBuilder {
+    pub(crate) fn new(endpoint: Endpoint) -> Self {
+        Self { endpoint, handler: None }
+    }
+
+    /// The engine that answers requests. Requests and responses travel as
+    /// msgpack, so `Req` and `Resp` need only serde.
+    pub fn handler<E, Req, Resp>(mut self, engine: E) -> Self
+    where
+        E: AsyncEngine<Req, Resp>,
+        Req: DeserializeOwned + Send + 'static,
+        Resp: Serialize + Send + 'static,
+    {
+        self.handler = Some(Arc::new(Ingress {
+            engine: Arc::new(engine),
+            types: PhantomData,
+        }));
+        self
+    }
+
+    /// Serves the endpoint until the runtime shuts down, then drains it.
+    /// Returns once the endpoint has left discovery and its in-flight
+    /// requests have finished.
+    pub async fn start(self) -> Result<(), EndpointError> {
+        self.spawn().await?.wait().await;
+        Ok(())
+    }
+
+    /// Serves the endpoint in the background. Returns once the instance is
+    /// registered in discovery and can take requests.
+    pub async fn spawn(self) -> Result<ServingEndpoint, EndpointError> {
+        let endpoint = self.endpoint;
+        endpoint.validate()?;
+        let handler = self.handler.ok_or_else(|| EndpointError::NoHandler { endpoint: endpoint.path() })?;
+        let drt = endpoint.drt().clone();
+        let runtime = drt.runtime().clone();
+        if runtime.is_shutting_down() {
+            return Err(EndpointError::ShuttingDown);
+        }
+        let server = drt.request_server().await?;
+        let path = endpoint.path();
+        drt.handlers()
+            .insert(&path, handler)
+            .map_err(|_| EndpointError::AlreadyServed { endpoint: path.clone() })?;
+
+        let instance = Instance {
+            namespace: endpoint.namespace().to_string(),
+            component: endpoint.component().to_string(),
+            endpoint: endpoint.name().to_string(),
+            instance_id: drt.instance_id(),
+            transport: server.transport(),
+        };
+        if let Err(error) = drt.discovery().register(instance.to_registration()).await {
+            drt.handlers().drain(&path).await;
+            return Err(error.into());
+        }
+        tracing::info!(instance = %instance, "endpoint serving");
+
+        let stop = runtime.endpoint_token().child_token();
+        let drained = runtime.spawn_drain({
+            let stop = stop.clone();
+            let key = instance.key();
+            async move {
+                stop.cancelled().await;
+                // Leave discovery first so callers stop choosing us, then finish what we have.
+                if let Err(error) = drt.discovery().unregister(&key).await {
+                    tracing::warn!(%key, %error, "could not unregister endpoint");
+                }
+                drt.handlers().drain(&path).await;
+                tracing::info!(endpoint = %path, "endpoint drained");
+            }
+        });
+        Ok(ServingEndpoint { instance, stop, drained })
+    }
+}
+
+/// An endpoint being served in the background.
+#[derive(Debug)]
+pub struct ServingEndpoint {
+    instance: Instance,
+    /// Cancelled to drain this endpoint (a child of the runtime's endpoint token).
+    stop: CancellationToken,
+    drained: JoinHandle<()>,
+}
+
+impl ServingEndpoint {
+    /// What this endpoint registered in discovery.
+    pub fn instance(&self) -> &Instance {
+        &self.instance
+    }
+
+    /// Starts draining this endpoint only; [`ServingEndpoint::wait`] returns when done.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// Resolves once the endpoint has been drained (after [`ServingEndpoint::stop`]
+    /// or the runtime's shutdown).
+    pub async fn wait(self) {
+        if let Err(error) = self.drained.await {
+            tracing::error!(%error, "endpoint drain task failed");
+        }
+    }
+}
+
+/// Adapts a typed engine to the request plane's bytes.
+struct Ingress<E, Req, Resp> {
+    engine: Arc<E>,
+    types: PhantomData<fn(Req) -> Resp>,
+}
+
+impl<E, Req, Resp> PushHandler for Ingress<E, Req, Resp>
+where
+    E: AsyncEngine<Req, Resp>,
+    Req: DeserializeOwned + Send + 'static,
+    Resp: Serialize + Send + 'static,
+{
+    fn handle(&self, request: Context<Bytes>) -> BoxFuture<'static, Result<ByteStream, RequestError>> {
+        let engine = self.engine.clone();
+        async move {
+            let (body, controller) = request.into_parts();
+            let request: Req = rmp_serde::from_slice(&body).map_err(|e| {
+                RequestError::new(
+                    ErrorKind::Invalid,
+                    format!("cannot decode the request as {}: {e}", std::any::type_name::<Req>()),
+                )
+            })?;
+            let responses = engine.generate(Context::with_controller(request, controller)).await?;
+            let encoded = responses.map(|item| {
+                item.and_then(|response| {
+                    rmp_serde::to_vec_named(&response).map(Bytes::from).map_err(|e| {
+                        RequestError::new(
+                            ErrorKind::Engine,
+                            format!("cannot encode a response of type {}: {e}", std::any::type_name::<Resp>()),
+                        )
+                    })
+                })
+            });
+            Ok(Box::pin(encoded) as ByteStream)
+        }
+        .boxed()
+    }
+}
+
+/// Why an endpoint could not be served.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EndpointError {
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("endpoint {endpoint} has no handler: call .handler(engine) before .start()")]
+    NoHandler { endpoint: String },
+    #[error("endpoint {endpoint} is already served by this process")]
+    AlreadyServed { endpoint: String },
+    #[error("the runtime is shutting down; no new endpoints can start")]
+    ShuttingDown,
+    #[error(transparent)]
+    Runtime(#[from] DistributedError),
+    #[error("cannot register the endpoint in discovery: {0}")]
+    Discovery(#[from] DiscoveryError),
+}

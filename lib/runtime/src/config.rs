@@ -1,0 +1,549 @@
+//! The only place that reads configuration. Built-in defaults, then an
+//! optional TOML file (`DYN_CONFIG_FILE`), then `DYN_*` environment variables
+//! are merged with figment (later wins) and parsed once into a validated
+//! [`RuntimeConfig`]; everything else receives `&RuntimeConfig`.
+//!
+//! Every variable is listed in [`VARIABLES`]; `docs/configuration.md` is kept
+//! in sync with that table by a test. A bad value is a [`ConfigError`] naming
+//! the variable, the value, where it came from and what is allowed.
+
+use derive_getters::Getters;
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::value::Value;
+use figment::Figment;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// One configuration variable: its environment name, built-in default and meaning.
+#[derive(Debug, Clone, Copy)]
+pub struct Variable {
+    /// Environment variable name; the TOML key is this name without `DYN_`, lowercased.
+    pub name: &'static str,
+    /// Built-in default, in the same text form a user would write. Empty means unset.
+    pub default: &'static str,
+    pub help: &'static str,
+}
+
+impl Variable {
+    /// The key under which figment stores this variable (and the TOML key).
+    fn key(&self) -> String {
+        self.name.strip_prefix("DYN_").unwrap_or(self.name).to_ascii_lowercase()
+    }
+}
+
+const CONFIG_FILE: &str = "DYN_CONFIG_FILE";
+const DISCOVERY_BACKEND: &str = "DYN_DISCOVERY_BACKEND";
+const REQUEST_PLANE: &str = "DYN_REQUEST_PLANE";
+const TCP_RPC_HOST: &str = "DYN_TCP_RPC_HOST";
+const TCP_RPC_PORT: &str = "DYN_TCP_RPC_PORT";
+const TCP_MAX_MESSAGE_SIZE: &str = "DYN_TCP_MAX_MESSAGE_SIZE";
+const TCP_CONNECT_TIMEOUT: &str = "DYN_TCP_CONNECT_TIMEOUT";
+const TCP_STREAM_WINDOW: &str = "DYN_TCP_STREAM_WINDOW";
+const GRACEFUL_SHUTDOWN_TIMEOUT: &str = "DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT";
+const LOG: &str = "DYN_LOG";
+const WORKER_THREADS: &str = "DYN_RUNTIME_NUM_WORKER_THREADS";
+
+/// Every variable the runtime reads. The order is the order of `docs/configuration.md`.
+pub const VARIABLES: &[Variable] = &[
+    Variable {
+        name: CONFIG_FILE,
+        default: "",
+        help: "TOML file with any of these settings (keys without `DYN_`, lowercased); environment variables override it",
+    },
+    Variable {
+        name: DISCOVERY_BACKEND,
+        default: "etcd",
+        help: "where instances are registered: mem | file | etcd | kubernetes",
+    },
+    Variable {
+        name: REQUEST_PLANE,
+        default: "tcp",
+        help: "how requests reach workers: tcp | http | nats",
+    },
+    Variable {
+        name: TCP_RPC_HOST,
+        default: "127.0.0.1",
+        help: "address the request-plane listener binds and advertises; must be reachable by callers (not 0.0.0.0)",
+    },
+    Variable {
+        name: TCP_RPC_PORT,
+        default: "0",
+        help: "port of the request-plane listener; 0 picks a free port",
+    },
+    Variable {
+        name: TCP_MAX_MESSAGE_SIZE,
+        default: "33554432",
+        help: "largest request or response item in bytes; larger ones fail with a TooLarge error",
+    },
+    Variable {
+        name: TCP_CONNECT_TIMEOUT,
+        default: "5s",
+        help: "how long a caller waits to connect to a worker before the call fails as Unreachable",
+    },
+    Variable {
+        name: TCP_STREAM_WINDOW,
+        default: "256",
+        help: "response items a worker may send on one stream before the caller has consumed them (per-stream flow control)",
+    },
+    Variable {
+        name: GRACEFUL_SHUTDOWN_TIMEOUT,
+        default: "30s",
+        help: "on SIGTERM/SIGINT, how long in-flight requests may run before they are cancelled",
+    },
+    Variable {
+        name: LOG,
+        default: "info",
+        help: "tracing filter, e.g. `info` or `switchyard_runtime=debug,info`",
+    },
+    Variable {
+        name: WORKER_THREADS,
+        default: "",
+        help: "tokio worker threads; unset means one per CPU core",
+    },
+];
+
+/// Where instances are registered and discovered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiscoveryBackend {
+    /// In this process only: for single-process runs and tests.
+    Mem,
+    /// A directory shared by the processes of one machine.
+    File,
+    /// An etcd cluster.
+    Etcd,
+    /// The Kubernetes API server.
+    Kubernetes,
+}
+
+impl DiscoveryBackend {
+    const CHOICES: &'static str = "mem, file, etcd, kubernetes";
+
+    fn parse(text: &str) -> Option<Self> {
+        match text.to_ascii_lowercase().as_str() {
+            "mem" => Some(Self::Mem),
+            "file" => Some(Self::File),
+            "etcd" => Some(Self::Etcd),
+            "kubernetes" => Some(Self::Kubernetes),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Mem => "mem",
+            Self::File => "file",
+            Self::Etcd => "etcd",
+            Self::Kubernetes => "kubernetes",
+        }
+    }
+}
+
+/// How requests travel from callers to workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestPlaneKind {
+    Tcp,
+    Http,
+    Nats,
+}
+
+impl RequestPlaneKind {
+    const CHOICES: &'static str = "tcp, http, nats";
+
+    fn parse(text: &str) -> Option<Self> {
+        match text.to_ascii_lowercase().as_str() {
+            "tcp" => Some(Self::Tcp),
+            "http" => Some(Self::Http),
+            "nats" => Some(Self::Nats),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Http => "http",
+            Self::Nats => "nats",
+        }
+    }
+}
+
+/// Settings of the TCP request plane (both the listener and the callers).
+#[derive(Debug, Clone, Getters)]
+pub struct TcpConfig {
+    /// Host the listener binds and advertises in discovery.
+    host: String,
+    /// Port of the listener; 0 = any free port.
+    port: u16,
+    /// Largest encoded request or response item, in bytes.
+    max_message_size: usize,
+    /// Deadline for opening a connection to a worker.
+    connect_timeout: Duration,
+    /// Per-stream flow-control window, in response items.
+    stream_window: u32,
+}
+
+/// The validated settings of one process.
+#[derive(Debug, Clone, Getters)]
+pub struct RuntimeConfig {
+    discovery_backend: DiscoveryBackend,
+    request_plane: RequestPlaneKind,
+    tcp: TcpConfig,
+    /// Drain deadline after SIGTERM/SIGINT.
+    graceful_shutdown_timeout: Duration,
+    /// `tracing` filter directive.
+    log_filter: String,
+    /// Tokio worker threads.
+    worker_threads: usize,
+}
+
+impl RuntimeConfig {
+    /// Defaults → the TOML file named by `DYN_CONFIG_FILE` (if any) → environment.
+    pub fn from_settings() -> Result<Self, ConfigError> {
+        let env = Env::prefixed("DYN_");
+        let config_file = env
+            .iter()
+            .find(|(key, _)| key.as_str() == "config_file")
+            .map(|(_, value)| value)
+            .filter(|value| !value.is_empty());
+        let mut figment = defaults();
+        if let Some(path) = config_file {
+            let path = PathBuf::from(path);
+            if !path.is_file() {
+                return Err(ConfigError::MissingFile { path });
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        Self::from_figment(figment.merge(env))
+    }
+
+    /// Defaults overridden by the given `(variable, value)` pairs, ignoring the
+    /// process environment. Tests and embedders use this instead of mutating
+    /// the environment.
+    pub fn from_vars<'a>(vars: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<Self, ConfigError> {
+        let mut overrides = BTreeMap::new();
+        for (name, value) in vars {
+            let variable = VARIABLES
+                .iter()
+                .find(|v| v.name == name)
+                .ok_or_else(|| ConfigError::UnknownVariable { name: name.to_string() })?;
+            overrides.insert(variable.key(), value.to_string());
+        }
+        Self::from_figment(defaults().merge(Serialized::defaults(overrides)))
+    }
+
+    /// Settings for one process with no infrastructure: in-memory discovery,
+    /// TCP on 127.0.0.1, any free port.
+    pub fn local() -> Self {
+        Self::from_vars([(DISCOVERY_BACKEND, "mem")]).expect("built-in local settings are valid")
+    }
+
+    /// Parses and validates every variable from a merged figment.
+    pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
+        let settings = Settings { figment };
+        let discovery_backend = settings.choice(DISCOVERY_BACKEND, DiscoveryBackend::CHOICES, DiscoveryBackend::parse)?;
+        let request_plane = settings.choice(REQUEST_PLANE, RequestPlaneKind::CHOICES, RequestPlaneKind::parse)?;
+        let host = settings.text(TCP_RPC_HOST)?;
+        if host.is_empty() || host == "0.0.0.0" || host == "::" || host == "[::]" {
+            return Err(settings.invalid(
+                TCP_RPC_HOST,
+                &host,
+                "a host or IP address callers can reach (the listener advertises it; 0.0.0.0 is not reachable)",
+            ));
+        }
+        let tcp = TcpConfig {
+            host,
+            port: settings.number(TCP_RPC_PORT, 0, u16::MAX as u64, "a port number 0-65535 (0 picks a free port)")? as u16,
+            max_message_size: settings.number(
+                TCP_MAX_MESSAGE_SIZE,
+                1024,
+                u32::MAX as u64,
+                "a size in bytes between 1024 and 4294967295",
+            )? as usize,
+            connect_timeout: settings.duration(TCP_CONNECT_TIMEOUT)?,
+            stream_window: settings.number(TCP_STREAM_WINDOW, 1, 1 << 20, "a number of items between 1 and 1048576")? as u32,
+        };
+        let worker_threads = match settings.optional_text(WORKER_THREADS)? {
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            Some(_) => settings.number(WORKER_THREADS, 1, 1024, "a thread count between 1 and 1024")? as usize,
+        };
+        Ok(Self {
+            discovery_backend,
+            request_plane,
+            tcp,
+            graceful_shutdown_timeout: settings.duration(GRACEFUL_SHUTDOWN_TIMEOUT)?,
+            log_filter: settings.log_filter()?,
+            worker_threads,
+        })
+    }
+
+    /// The same settings with another discovery backend (used by the
+    /// one-process example, which always runs on `mem`).
+    pub fn with_discovery_backend(mut self, backend: DiscoveryBackend) -> Self {
+        self.discovery_backend = backend;
+        self
+    }
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self::from_figment(defaults()).expect("built-in defaults are valid")
+    }
+}
+
+/// Built-in defaults as a figment provider (unset defaults are left out).
+fn defaults() -> Figment {
+    let map: BTreeMap<String, &str> = VARIABLES
+        .iter()
+        .filter(|v| !v.default.is_empty())
+        .map(|v| (v.key(), v.default))
+        .collect();
+    Figment::from(Serialized::defaults(map))
+}
+
+/// Typed access to the merged values, producing errors that name the variable.
+struct Settings {
+    figment: Figment,
+}
+
+impl Settings {
+    /// The value as text, or `None` when unset or empty (an empty environment
+    /// variable means "use the default", as in Dynamo).
+    fn optional_text(&self, name: &'static str) -> Result<Option<String>, ConfigError> {
+        let variable = variable(name);
+        let text = match self.figment.find_value(&variable.key()) {
+            Err(_) => None,
+            Ok(Value::String(_, s)) => Some(s),
+            Ok(Value::Char(_, c)) => Some(c.to_string()),
+            Ok(Value::Bool(_, b)) => Some(b.to_string()),
+            Ok(Value::Num(_, n)) => Some(match (n.to_i128(), n.to_f64()) {
+                (Some(i), _) => i.to_string(),
+                (None, Some(f)) => f.to_string(),
+                (None, None) => format!("{n:?}"),
+            }),
+            Ok(other) => {
+                return Err(self.invalid(name, &format!("{other:?}"), "a single value, not a list or table"));
+            }
+        };
+        Ok(text.filter(|t| !t.is_empty()))
+    }
+
+    /// The value as text, falling back to the built-in default when empty.
+    fn text(&self, name: &'static str) -> Result<String, ConfigError> {
+        Ok(self
+            .optional_text(name)?
+            .unwrap_or_else(|| variable(name).default.to_string()))
+    }
+
+    fn choice<T>(&self, name: &'static str, choices: &'static str, parse: fn(&str) -> Option<T>) -> Result<T, ConfigError> {
+        let text = self.text(name)?;
+        parse(text.trim()).ok_or_else(|| self.invalid(name, &text, &format!("one of {choices}")))
+    }
+
+    fn number(&self, name: &'static str, min: u64, max: u64, expected: &str) -> Result<u64, ConfigError> {
+        let text = self.text(name)?;
+        match text.trim().parse::<u64>() {
+            Ok(n) if (min..=max).contains(&n) => Ok(n),
+            _ => Err(self.invalid(name, &text, expected)),
+        }
+    }
+
+    fn duration(&self, name: &'static str) -> Result<Duration, ConfigError> {
+        let text = self.text(name)?;
+        parse_duration(&text).ok_or_else(|| {
+            self.invalid(name, &text, "a duration such as `10s`, `500ms` or a number of seconds")
+        })
+    }
+
+    fn log_filter(&self) -> Result<String, ConfigError> {
+        let text = self.text(LOG)?;
+        match tracing_subscriber::EnvFilter::try_new(&text) {
+            Ok(_) => Ok(text),
+            Err(_) => Err(self.invalid(LOG, &text, "a tracing filter such as `info` or `switchyard_runtime=debug,info`")),
+        }
+    }
+
+    fn invalid(&self, name: &'static str, value: &str, expected: &str) -> ConfigError {
+        let origin = self
+            .figment
+            .find_metadata(&variable(name).key())
+            .map_or_else(|| "built-in default".to_string(), |m| m.name.to_string());
+        ConfigError::Invalid {
+            variable: name,
+            value: value.to_string(),
+            origin,
+            expected: expected.to_string(),
+        }
+    }
+}
+
+fn variable(name: &'static str) -> &'static Variable {
+    VARIABLES
+        .iter()
+        .find(|v| v.name == name)
+        .expect("every variable the code reads is listed in VARIABLES")
+}
+
+/// Parses `10s`, `500ms`, `1m 30s` (humantime) or plain seconds (`10`, `0.5`).
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    if let Ok(seconds) = text.parse::<f64>() {
+        return (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds));
+    }
+    humantime::parse_duration(text).ok()
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid {variable}={value:?} (from {origin}): expected {expected}")]
+    Invalid {
+        variable: &'static str,
+        value: String,
+        origin: String,
+        expected: String,
+    },
+    #[error("DYN_CONFIG_FILE names {path:?}, which is not a readable file")]
+    MissingFile { path: PathBuf },
+    #[error("unknown configuration variable {name:?}; see docs/configuration.md for the list")]
+    UnknownVariable { name: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_documented_table() {
+        let config = RuntimeConfig::default();
+        assert_eq!(config.discovery_backend, DiscoveryBackend::Etcd);
+        assert_eq!(config.request_plane, RequestPlaneKind::Tcp);
+        assert_eq!(config.tcp.host, "127.0.0.1");
+        assert_eq!(config.tcp.port, 0);
+        assert_eq!(config.tcp.max_message_size, 32 * 1024 * 1024);
+        assert_eq!(config.graceful_shutdown_timeout, Duration::from_secs(30));
+        assert!(config.worker_threads >= 1);
+    }
+
+    #[test]
+    fn unknown_discovery_backend_names_variable_value_and_choices() {
+        let err = RuntimeConfig::from_vars([(DISCOVERY_BACKEND, "zookeeper")]).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("DYN_DISCOVERY_BACKEND"), "{text}");
+        assert!(text.contains("zookeeper"), "{text}");
+        assert!(text.contains("mem, file, etcd, kubernetes"), "{text}");
+    }
+
+    #[test]
+    fn unknown_request_plane_names_variable_value_and_choices() {
+        let err = RuntimeConfig::from_vars([(REQUEST_PLANE, "carrier-pigeon")]).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("DYN_REQUEST_PLANE") && text.contains("carrier-pigeon"), "{text}");
+        assert!(text.contains("tcp, http, nats"), "{text}");
+    }
+
+    #[test]
+    fn choices_are_case_insensitive() {
+        let config = RuntimeConfig::from_vars([(DISCOVERY_BACKEND, "MEM"), (REQUEST_PLANE, "Tcp")]).unwrap();
+        assert_eq!(config.discovery_backend, DiscoveryBackend::Mem);
+    }
+
+    #[test]
+    fn ports_above_i16_are_valid_and_above_u16_are_not() {
+        let config = RuntimeConfig::from_vars([(TCP_RPC_PORT, "40000")]).unwrap();
+        assert_eq!(config.tcp.port, 40000);
+        let err = RuntimeConfig::from_vars([(TCP_RPC_PORT, "70000")]).unwrap_err();
+        assert!(err.to_string().contains("DYN_TCP_RPC_PORT"), "{err}");
+    }
+
+    #[test]
+    fn unreachable_bind_host_is_rejected() {
+        let err = RuntimeConfig::from_vars([(TCP_RPC_HOST, "0.0.0.0")]).unwrap_err();
+        assert!(err.to_string().contains("DYN_TCP_RPC_HOST"), "{err}");
+    }
+
+    #[test]
+    fn durations_accept_humantime_and_plain_seconds() {
+        assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_duration("0.25"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("-1"), None);
+        assert_eq!(parse_duration("soon"), None);
+        let err = RuntimeConfig::from_vars([(GRACEFUL_SHUTDOWN_TIMEOUT, "soon")]).unwrap_err();
+        assert!(err.to_string().contains("DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT"), "{err}");
+    }
+
+    #[test]
+    fn empty_value_means_default() {
+        let config = RuntimeConfig::from_vars([(REQUEST_PLANE, "")]).unwrap();
+        assert_eq!(config.request_plane, RequestPlaneKind::Tcp);
+    }
+
+    #[test]
+    fn unknown_variable_is_an_error() {
+        let err = RuntimeConfig::from_vars([("DYN_NOPE", "1")]).unwrap_err();
+        assert!(err.to_string().contains("DYN_NOPE"), "{err}");
+    }
+
+    #[test]
+    fn toml_file_is_overridden_by_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("switchyard.toml", "discovery_backend = \"file\"\ntcp_rpc_port = 9100\n")?;
+            jail.set_env("DYN_CONFIG_FILE", "switchyard.toml");
+            jail.set_env("DYN_TCP_RPC_PORT", "9200");
+            let config = RuntimeConfig::from_settings().map_err(|e| e.to_string())?;
+            assert_eq!(config.discovery_backend, DiscoveryBackend::File);
+            assert_eq!(config.tcp.port, 9200);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_value_in_toml_names_the_file_as_its_source() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("bad.toml", "request_plane = \"smoke\"\n")?;
+            jail.set_env("DYN_CONFIG_FILE", "bad.toml");
+            let err = RuntimeConfig::from_settings().unwrap_err().to_string();
+            assert!(err.contains("DYN_REQUEST_PLANE") && err.contains("smoke"), "{err}");
+            assert!(err.contains("TOML"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn missing_config_file_is_an_error() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("DYN_CONFIG_FILE", "does-not-exist.toml");
+            let err = RuntimeConfig::from_settings().unwrap_err();
+            assert!(matches!(err, ConfigError::MissingFile { .. }));
+            Ok(())
+        });
+    }
+
+    /// `docs/configuration.md` lists exactly the variables in [`VARIABLES`].
+    #[test]
+    fn configuration_reference_lists_every_variable() {
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/configuration.md"))
+            .expect("docs/configuration.md exists");
+        for variable in VARIABLES {
+            assert!(
+                doc.contains(&format!("`{}`", variable.name)),
+                "docs/configuration.md does not document {}",
+                variable.name
+            );
+        }
+        let documented: Vec<&str> = doc
+            .lines()
+            .filter_map(|line| line.strip_prefix("| `"))
+            .filter_map(|rest| rest.split('`').next())
+            .filter(|name| name.starts_with("DYN_"))
+            .collect();
+        for name in documented {
+            assert!(
+                VARIABLES.iter().any(|v| v.name == name),
+                "docs/configuration.md documents {name}, which the code does not read"
+            );
+        }
+    }
+}

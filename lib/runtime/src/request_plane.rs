@@ -1,0 +1,71 @@
+//! How a request reaches a worker and its responses come back.
+//!
+//! Two halves, one per side of the wire:
+//! - the worker's [`RequestServer`]: one listener per process, serving every
+//!   endpoint registered in its [`Handlers`];
+//! - the caller's [`RequestClient`]: sends a request to an instance and
+//!   returns the response stream.
+//!
+//! Bodies and response items are msgpack bytes here; typed encoding happens in
+//! the endpoint builder (worker side) and the router (caller side). Transports:
+//! [`tcp`] (the default). This module does no routing and no discovery.
+
+pub mod handlers;
+pub mod tcp;
+
+use crate::engine::{Context, ResponseStream};
+use crate::error::RequestError;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+pub use handlers::{Handlers, PushHandler};
+
+/// A stream of encoded response items.
+pub type ByteStream = ResponseStream<Bytes>;
+
+/// Where an instance listens, as published in discovery. The JSON form follows
+/// Dynamo's externally tagged `transport` field: `{"tcp":"10.0.0.5:40123"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// `host:port` of the instance's TCP request-plane listener.
+    Tcp(String),
+}
+
+/// The address of one endpoint of one instance, as a request names it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Target {
+    pub transport: Transport,
+    /// `namespace/component/endpoint`.
+    pub endpoint: String,
+    pub instance_id: u64,
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.transport {
+            Transport::Tcp(address) => write!(f, "tcp://{address}/{}/{:x}", self.endpoint, self.instance_id),
+        }
+    }
+}
+
+/// The worker side of a transport: a listener serving the process's [`Handlers`].
+pub trait RequestServer: Send + Sync + fmt::Debug {
+    /// The address callers use to reach this server, published in discovery.
+    fn transport(&self) -> Transport;
+}
+
+/// The caller side of a transport.
+///
+/// `call` promises: the request was handed to the worker when it returns `Ok`;
+/// the stream then yields the worker's items and ends with `None` after the
+/// last one, or with one `Err` (its kind says why: `Disconnected` when the
+/// connection broke mid-stream). Dropping the stream cancels the request on
+/// the worker (`kill`); `stop`/`kill` on the request's controller are sent to
+/// the worker as they happen. Errors before dispatch (`Unreachable`,
+/// `TooLarge`, …) are returned from `call` itself.
+#[async_trait::async_trait]
+pub trait RequestClient: Send + Sync + fmt::Debug {
+    async fn call(&self, target: &Target, request: Context<Bytes>) -> Result<ByteStream, RequestError>;
+}

@@ -1,0 +1,298 @@
+//! Worker side of the TCP request plane: accept connections, open a stream
+//! per request frame, run it on the endpoint's handler, send its items back
+//! within the stream's flow-control credit.
+
+use super::frame::{self, CancelMode, Decoded, Frame, FrameDecoder, FrameType, RequestHead};
+use super::{read_frame, write_frames, ReadError};
+use crate::config::TcpConfig;
+use crate::engine::{Context, Controller};
+use crate::error::{ErrorKind, RequestError};
+use crate::request_plane::{Handlers, RequestServer, Transport};
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// The process's TCP listener, serving every endpoint in its [`Handlers`].
+#[derive(Debug)]
+pub struct TcpServer {
+    advertised: String,
+}
+
+impl TcpServer {
+    /// Binds `DYN_TCP_RPC_HOST:DYN_TCP_RPC_PORT` and starts accepting. In-flight
+    /// requests are killed (callers get `ShuttingDown`) when `shutdown` is
+    /// cancelled; the server's tasks are spawned on `tracker`.
+    pub async fn bind(
+        config: &TcpConfig,
+        handlers: Arc<Handlers>,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) -> std::io::Result<Self> {
+        let listener = TcpListener::bind((config.host().as_str(), *config.port())).await?;
+        let local = listener.local_addr()?;
+        let advertised = advertised_address(config.host(), local);
+        tracing::info!(address = %advertised, "request plane listening (tcp)");
+        let shared = Arc::new(Shared {
+            handlers,
+            shutdown,
+            tracker: tracker.clone(),
+            max_message_size: *config.max_message_size(),
+        });
+        tracker.spawn(accept_loop(listener, shared));
+        Ok(Self { advertised })
+    }
+}
+
+impl RequestServer for TcpServer {
+    fn transport(&self) -> Transport {
+        Transport::Tcp(self.advertised.clone())
+    }
+}
+
+/// `host:port` as callers should dial it: the configured host (which may be a
+/// name) with the port actually bound.
+fn advertised_address(host: &str, bound: SocketAddr) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{}", bound.port())
+    } else {
+        format!("{host}:{}", bound.port())
+    }
+}
+
+/// State shared by every connection of the server.
+#[derive(Debug)]
+struct Shared {
+    handlers: Arc<Handlers>,
+    /// The runtime's root token: cancelled when the process must stop now.
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    max_message_size: usize,
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((socket, peer)) => {
+                shared.tracker.spawn(serve_connection(socket, peer, shared.clone()));
+            }
+            Err(error) => {
+                // Usually out of file descriptors; back off instead of spinning.
+                tracing::warn!(%error, "request plane accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// One caller connection.
+#[derive(Debug)]
+struct Connection {
+    /// Frames to the caller. Unbounded because every producer is already
+    /// bounded: a stream sends at most its credit window of items.
+    frames: mpsc::UnboundedSender<Frame>,
+    /// Streams still running, for cancel and credit frames.
+    streams: Mutex<HashMap<u64, StreamControl>>,
+}
+
+#[derive(Debug)]
+struct StreamControl {
+    controller: Controller,
+    credit: Arc<Semaphore>,
+}
+
+impl Connection {
+    fn send(&self, frame: Frame) {
+        // A closed channel means the caller is gone; there is nobody to tell.
+        let _ = self.frames.send(frame);
+    }
+
+    fn streams(&self) -> std::sync::MutexGuard<'_, HashMap<u64, StreamControl>> {
+        // Updates are single insert/remove calls: a poisoned map is still consistent.
+        self.streams.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+async fn serve_connection(socket: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    if let Err(error) = socket.set_nodelay(true) {
+        tracing::debug!(%peer, %error, "could not set TCP_NODELAY");
+    }
+    let (mut reader, writer) = socket.into_split();
+    let (tx, rx) = mpsc::unbounded_channel();
+    shared.tracker.spawn(async move {
+        if let Err(error) = write_frames(writer, rx).await {
+            tracing::debug!(%peer, %error, "request plane write failed");
+        }
+    });
+    let conn = Arc::new(Connection {
+        frames: tx,
+        streams: Mutex::new(HashMap::new()),
+    });
+
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut decoder = FrameDecoder::new(shared.max_message_size);
+    loop {
+        let decoded = tokio::select! {
+            _ = shared.shutdown.cancelled() => break,
+            decoded = read_frame(&mut reader, &mut buf, &mut decoder) => decoded,
+        };
+        let result = match decoded {
+            Ok(Decoded::Frame(frame)) => on_frame(&conn, &shared, frame),
+            Ok(Decoded::Oversized {
+                frame_type: FrameType::Request,
+                stream_id,
+                length,
+            }) => {
+                let error = RequestError::new(
+                    ErrorKind::TooLarge,
+                    format!("request of {length} bytes exceeds DYN_TCP_MAX_MESSAGE_SIZE={}", shared.max_message_size),
+                );
+                conn.send(error_frame(stream_id, &error));
+                Ok(())
+            }
+            Ok(Decoded::Oversized { frame_type, .. }) => Err(format!("oversized {frame_type:?} frame")),
+            Err(ReadError::Closed) => break,
+            Err(error) => Err(error.to_string()),
+        };
+        if let Err(reason) = result {
+            tracing::warn!(%peer, %reason, "closing request-plane connection");
+            break;
+        }
+    }
+    // The caller is gone (or we are shutting down): nothing it started may keep running.
+    for (_, stream) in conn.streams().drain() {
+        stream.controller.kill();
+    }
+}
+
+/// Handles one frame from the caller; `Err` closes the connection.
+fn on_frame(conn: &Arc<Connection>, shared: &Arc<Shared>, frame: Frame) -> Result<(), String> {
+    match frame.frame_type {
+        FrameType::Request => {
+            let head = RequestHead::decode(frame.payload).map_err(|e| e.to_string())?;
+            let controller = Controller::with_parent(head.request_id.clone(), &shared.shutdown);
+            let credit = Arc::new(Semaphore::new((head.window as usize).clamp(1, Semaphore::MAX_PERMITS)));
+            let control = StreamControl {
+                controller: controller.clone(),
+                credit: credit.clone(),
+            };
+            if conn.streams().insert(frame.stream_id, control).is_some() {
+                return Err(format!("stream id {} reused while still open", frame.stream_id));
+            }
+            shared
+                .tracker
+                .spawn(run_stream(conn.clone(), shared.clone(), frame.stream_id, head, controller, credit));
+            Ok(())
+        }
+        FrameType::Cancel => {
+            let mode = CancelMode::decode(&frame.payload).map_err(|e| e.to_string())?;
+            // An unknown id is a stream that already ended: the cancel crossed its END.
+            if let Some(stream) = conn.streams().get(&frame.stream_id) {
+                match mode {
+                    CancelMode::Stop => stream.controller.stop(),
+                    CancelMode::Kill => stream.controller.kill(),
+                }
+            }
+            Ok(())
+        }
+        FrameType::Credit => {
+            let items = frame::decode_credit(&frame.payload).map_err(|e| e.to_string())? as usize;
+            if let Some(stream) = conn.streams().get(&frame.stream_id) {
+                // Only this task adds permits, so this cap keeps the semaphore
+                // below its maximum even against a misbehaving caller.
+                let room = Semaphore::MAX_PERMITS - stream.credit.available_permits();
+                stream.credit.add_permits(items.min(room));
+            }
+            Ok(())
+        }
+        FrameType::Data | FrameType::End | FrameType::Error => {
+            Err(format!("caller sent a {:?} frame, which only workers send", frame.frame_type))
+        }
+    }
+}
+
+/// Runs one request and sends its items, then its final frame.
+async fn run_stream(
+    conn: Arc<Connection>,
+    shared: Arc<Shared>,
+    stream_id: u64,
+    head: RequestHead,
+    controller: Controller,
+    credit: Arc<Semaphore>,
+) {
+    let last = match stream_items(&conn, &shared, stream_id, head, &controller, &credit).await {
+        Ok(()) => Frame::new(FrameType::End, stream_id, Bytes::new()),
+        Err(error) => error_frame(stream_id, &error),
+    };
+    conn.streams().remove(&stream_id);
+    conn.send(last);
+}
+
+/// Sends the handler's items as DATA frames; `Ok` when the stream completed.
+async fn stream_items(
+    conn: &Connection,
+    shared: &Shared,
+    stream_id: u64,
+    head: RequestHead,
+    controller: &Controller,
+    credit: &Semaphore,
+) -> Result<(), RequestError> {
+    let killed = || killed_error(&shared.shutdown);
+    let request = Context::with_controller(head.body, controller.clone());
+    let mut items = tokio::select! {
+        biased;
+        _ = controller.killed() => return Err(killed()),
+        items = shared.handlers.dispatch(&head.endpoint, head.instance_id, request) => items?,
+    };
+    loop {
+        let item = tokio::select! {
+            biased;
+            _ = controller.killed() => return Err(killed()),
+            item = items.next() => item,
+        };
+        let bytes = match item {
+            None => return Ok(()),
+            Some(item) => item?,
+        };
+        if bytes.len() > shared.max_message_size {
+            return Err(RequestError::new(
+                ErrorKind::TooLarge,
+                format!(
+                    "response item of {} bytes exceeds DYN_TCP_MAX_MESSAGE_SIZE={}",
+                    bytes.len(),
+                    shared.max_message_size
+                ),
+            ));
+        }
+        tokio::select! {
+            biased;
+            _ = controller.killed() => return Err(killed()),
+            permit = credit.acquire() => permit.expect("the credit semaphore is never closed").forget(),
+        }
+        conn.send(Frame::new(FrameType::Data, stream_id, bytes));
+    }
+}
+
+/// The error a killed request ends with: `ShuttingDown` when the whole worker
+/// is stopping (the caller may migrate it), `Cancelled` when the caller asked.
+fn killed_error(shutdown: &CancellationToken) -> RequestError {
+    if shutdown.is_cancelled() {
+        RequestError::new(ErrorKind::ShuttingDown, "the worker shut down before the request finished")
+    } else {
+        RequestError::new(ErrorKind::Cancelled, "the request was killed")
+    }
+}
+
+fn error_frame(stream_id: u64, error: &RequestError) -> Frame {
+    let payload = rmp_serde::to_vec_named(&error.to_wire()).expect("an error always encodes");
+    Frame::new(FrameType::Error, stream_id, Bytes::from(payload))
+}
