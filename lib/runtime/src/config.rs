@@ -316,10 +316,12 @@ impl Settings {
             Ok(Value::String(_, s)) => Some(s),
             Ok(Value::Char(_, c)) => Some(c.to_string()),
             Ok(Value::Bool(_, b)) => Some(b.to_string()),
-            Ok(Value::Num(_, n)) => Some(match (n.to_i128(), n.to_f64()) {
-                (Some(i), _) => i.to_string(),
-                (None, Some(f)) => f.to_string(),
-                (None, None) => format!("{n:?}"),
+            Ok(Value::Num(_, n)) => Some(if let Some(u) = n.to_u128() {
+                u.to_string()
+            } else if let Some(i) = n.to_i128() {
+                i.to_string()
+            } else {
+                n.to_f64().map_or_else(|| format!("{n:?}"), |f| f.to_string())
             }),
             Ok(other) => {
                 return Err(self.invalid(name, &format!("{other:?}"), "a single value, not a list or table"));

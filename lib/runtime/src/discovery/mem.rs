@@ -186,7 +186,7 @@ mod tests {
     #[tokio::test]
     async fn mem_backend_passes_the_discovery_suite() {
         let registry = MemRegistry::new();
-        suite::run(|| {
+        suite::run(move || {
             let registry = registry.clone();
             async move { Ok(Arc::new(MemDiscovery::new(registry)) as Arc<dyn Discovery>) }
         })

@@ -84,15 +84,15 @@ async fn processes_get_distinct_instance_ids(backend: &Backend) {
 async fn list_matches_whole_segments(backend: &Backend) {
     let p = backend.join().await;
     let ns = namespace();
-    let gen = endpoint_key(&*p, &ns, "backend", "gen");
+    let gen_ = endpoint_key(&*p, &ns, "backend", "gen");
     let generate = endpoint_key(&*p, &ns, "backend", "generate");
     let other_component = endpoint_key(&*p, &ns, "backend2", "gen");
-    for key in [&gen, &generate, &other_component] {
+    for key in [&gen_, &generate, &other_component] {
         p.register(registration(key, "{}")).await.unwrap();
     }
 
     let keys = |regs: Vec<Registration>| regs.into_iter().map(|r| r.key).collect::<Vec<_>>();
-    assert_eq!(keys(p.list(&Query::endpoint(&ns, "backend", "gen")).await.unwrap()), vec![gen.clone()]);
+    assert_eq!(keys(p.list(&Query::endpoint(&ns, "backend", "gen")).await.unwrap()), vec![gen_.clone()]);
     let component = keys(p.list(&Query::bucket(Bucket::Instances).namespace(&ns).component("backend")).await.unwrap());
     assert_eq!(component.len(), 2, "component query returned {component:?}");
     assert!(!component.contains(&other_component));

@@ -11,6 +11,8 @@
 mod client;
 pub(crate) mod frame;
 mod server;
+#[cfg(test)]
+mod tests;
 
 pub use client::TcpClient;
 pub use server::TcpServer;

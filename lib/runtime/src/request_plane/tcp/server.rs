@@ -12,6 +12,7 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
@@ -22,6 +23,7 @@ use tokio_util::task::TaskTracker;
 #[derive(Debug)]
 pub struct TcpServer {
     advertised: String,
+    shared: Arc<Shared>,
 }
 
 impl TcpServer {
@@ -43,9 +45,15 @@ impl TcpServer {
             shutdown,
             tracker: tracker.clone(),
             max_message_size: *config.max_message_size(),
+            connections_accepted: AtomicU64::new(0),
         });
-        tracker.spawn(accept_loop(listener, shared));
-        Ok(Self { advertised })
+        tracker.spawn(accept_loop(listener, shared.clone()));
+        Ok(Self { advertised, shared })
+    }
+
+    /// Connections accepted since the server started.
+    pub fn connections_accepted(&self) -> u64 {
+        self.shared.connections_accepted.load(Ordering::Relaxed)
     }
 }
 
@@ -73,6 +81,7 @@ struct Shared {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     max_message_size: usize,
+    connections_accepted: AtomicU64,
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
@@ -83,6 +92,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         };
         match accepted {
             Ok((socket, peer)) => {
+                shared.connections_accepted.fetch_add(1, Ordering::Relaxed);
                 shared.tracker.spawn(serve_connection(socket, peer, shared.clone()));
             }
             Err(error) => {
