@@ -160,10 +160,11 @@ impl Instance {
 
     /// Reads a registration back; the key must agree with the value.
     pub fn from_registration(registration: &Registration) -> Result<Self, InstanceDecodeError> {
-        let instance: Instance = serde_json::from_slice(&registration.value).map_err(|source| InstanceDecodeError::Json {
-            key: registration.key.to_string(),
-            source,
-        })?;
+        let instance: Instance =
+            serde_json::from_slice(&registration.value).map_err(|source| InstanceDecodeError::Json {
+                key: registration.key.to_string(),
+                source,
+            })?;
         if instance.key() != registration.key {
             return Err(InstanceDecodeError::KeyMismatch {
                 key: registration.key.to_string(),
@@ -176,7 +177,11 @@ impl Instance {
 
 impl fmt::Display for Instance {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}/{}/{:x}", self.namespace, self.component, self.endpoint, self.instance_id)
+        write!(
+            f,
+            "{}/{}/{}/{:x}",
+            self.namespace, self.component, self.endpoint, self.instance_id
+        )
     }
 }
 
@@ -249,7 +254,10 @@ mod tests {
             serde_json::json!({"namespace":"dynamo","component":"backend","endpoint":"generate","instance_id":31,"transport":{"tcp":"127.0.0.1:4000"}})
         );
         assert_eq!(instance.key().to_string(), "v1/instances/dynamo/backend/generate/1f");
-        assert_eq!(Instance::from_registration(&instance.to_registration()).unwrap(), instance);
+        assert_eq!(
+            Instance::from_registration(&instance.to_registration()).unwrap(),
+            instance
+        );
     }
 
     #[test]

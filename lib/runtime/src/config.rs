@@ -8,9 +8,9 @@
 //! the variable, the value, where it came from and what is allowed.
 
 use derive_getters::Getters;
+use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::value::Value;
-use figment::Figment;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -74,7 +74,7 @@ pub const VARIABLES: &[Variable] = &[
     Variable {
         name: TCP_MAX_MESSAGE_SIZE,
         default: "33554432",
-        help: "largest request or response item in bytes; larger ones fail with a TooLarge error",
+        help: "largest frame payload in bytes (a request with its routing header, or one response item); larger ones fail with TooLarge",
     },
     Variable {
         name: TCP_CONNECT_TIMEOUT,
@@ -241,10 +241,16 @@ impl RuntimeConfig {
     /// Parses and validates every variable from a merged figment.
     pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
         let settings = Settings { figment };
-        let discovery_backend = settings.choice(DISCOVERY_BACKEND, DiscoveryBackend::CHOICES, DiscoveryBackend::parse)?;
+        let discovery_backend =
+            settings.choice(DISCOVERY_BACKEND, DiscoveryBackend::CHOICES, DiscoveryBackend::parse)?;
         let request_plane = settings.choice(REQUEST_PLANE, RequestPlaneKind::CHOICES, RequestPlaneKind::parse)?;
-        let host = settings.text(TCP_RPC_HOST)?;
-        if host.is_empty() || host == "0.0.0.0" || host == "::" || host == "[::]" {
+        let host = settings.text(TCP_RPC_HOST)?.trim().to_string();
+        let unspecified = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_unspecified());
+        if host.is_empty() || unspecified {
             return Err(settings.invalid(
                 TCP_RPC_HOST,
                 &host,
@@ -253,7 +259,12 @@ impl RuntimeConfig {
         }
         let tcp = TcpConfig {
             host,
-            port: settings.number(TCP_RPC_PORT, 0, u16::MAX as u64, "a port number 0-65535 (0 picks a free port)")? as u16,
+            port: settings.number(
+                TCP_RPC_PORT,
+                0,
+                u16::MAX as u64,
+                "a port number 0-65535 (0 picks a free port)",
+            )? as u16,
             max_message_size: settings.number(
                 TCP_MAX_MESSAGE_SIZE,
                 1024,
@@ -261,7 +272,8 @@ impl RuntimeConfig {
                 "a size in bytes between 1024 and 4294967295",
             )? as usize,
             connect_timeout: settings.duration(TCP_CONNECT_TIMEOUT)?,
-            stream_window: settings.number(TCP_STREAM_WINDOW, 1, 1 << 20, "a number of items between 1 and 1048576")? as u32,
+            stream_window: settings.number(TCP_STREAM_WINDOW, 1, 1 << 20, "a number of items between 1 and 1048576")?
+                as u32,
         };
         let worker_threads = match settings.optional_text(WORKER_THREADS)? {
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -337,7 +349,12 @@ impl Settings {
             .unwrap_or_else(|| variable(name).default.to_string()))
     }
 
-    fn choice<T>(&self, name: &'static str, choices: &'static str, parse: fn(&str) -> Option<T>) -> Result<T, ConfigError> {
+    fn choice<T>(
+        &self,
+        name: &'static str,
+        choices: &'static str,
+        parse: fn(&str) -> Option<T>,
+    ) -> Result<T, ConfigError> {
         let text = self.text(name)?;
         parse(text.trim()).ok_or_else(|| self.invalid(name, &text, &format!("one of {choices}")))
     }
@@ -352,16 +369,19 @@ impl Settings {
 
     fn duration(&self, name: &'static str) -> Result<Duration, ConfigError> {
         let text = self.text(name)?;
-        parse_duration(&text).ok_or_else(|| {
-            self.invalid(name, &text, "a duration such as `10s`, `500ms` or a number of seconds")
-        })
+        parse_duration(&text)
+            .ok_or_else(|| self.invalid(name, &text, "a duration such as `10s`, `500ms` or a number of seconds"))
     }
 
     fn log_filter(&self) -> Result<String, ConfigError> {
         let text = self.text(LOG)?;
         match tracing_subscriber::EnvFilter::try_new(&text) {
             Ok(_) => Ok(text),
-            Err(_) => Err(self.invalid(LOG, &text, "a tracing filter such as `info` or `switchyard_runtime=debug,info`")),
+            Err(_) => Err(self.invalid(
+                LOG,
+                &text,
+                "a tracing filter such as `info` or `switchyard_runtime=debug,info`",
+            )),
         }
     }
 
@@ -412,6 +432,8 @@ pub enum ConfigError {
 }
 
 #[cfg(test)]
+// `figment::Jail` closures must return figment's own (large) error type.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
 
@@ -440,7 +462,10 @@ mod tests {
     fn unknown_request_plane_names_variable_value_and_choices() {
         let err = RuntimeConfig::from_vars([(REQUEST_PLANE, "carrier-pigeon")]).unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("DYN_REQUEST_PLANE") && text.contains("carrier-pigeon"), "{text}");
+        assert!(
+            text.contains("DYN_REQUEST_PLANE") && text.contains("carrier-pigeon"),
+            "{text}"
+        );
         assert!(text.contains("tcp, http, nats"), "{text}");
     }
 
@@ -460,8 +485,10 @@ mod tests {
 
     #[test]
     fn unreachable_bind_host_is_rejected() {
-        let err = RuntimeConfig::from_vars([(TCP_RPC_HOST, "0.0.0.0")]).unwrap_err();
-        assert!(err.to_string().contains("DYN_TCP_RPC_HOST"), "{err}");
+        for host in ["0.0.0.0", "::", "[::]", "::0", "0:0:0:0:0:0:0:0", " 0.0.0.0 "] {
+            let err = RuntimeConfig::from_vars([(TCP_RPC_HOST, host)]).unwrap_err();
+            assert!(err.to_string().contains("DYN_TCP_RPC_HOST"), "{err}");
+        }
     }
 
     #[test]
@@ -473,7 +500,10 @@ mod tests {
         assert_eq!(parse_duration("-1"), None);
         assert_eq!(parse_duration("soon"), None);
         let err = RuntimeConfig::from_vars([(GRACEFUL_SHUTDOWN_TIMEOUT, "soon")]).unwrap_err();
-        assert!(err.to_string().contains("DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT"), "{err}");
+        assert!(
+            err.to_string().contains("DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -227,7 +227,9 @@ pub trait Discovery: Send + Sync + fmt::Debug {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DiscoveryError {
-    #[error("key {key:?} is not of the form v1/{{instances|models|event_channels}}/{{namespace}}/{{component}}/{{name}}/{{instance_id:x}}")]
+    #[error(
+        "key {key:?} is not of the form v1/{{instances|models|event_channels}}/{{namespace}}/{{component}}/{{name}}/{{instance_id:x}}"
+    )]
     BadKey { key: String },
     #[error("process {own:x} cannot register {key}: the key belongs to instance {key_owner:x}")]
     NotOwner { key: Key, own: u64, key_owner: u64 },
@@ -258,7 +260,14 @@ mod tests {
 
     #[test]
     fn malformed_keys_are_rejected() {
-        for bad in ["", "v1/instances/ns/comp/gen", "v2/instances/a/b/c/1", "v1/nope/a/b/c/1", "v1/instances/a/b/c/xyz", "v1/instances//b/c/1"] {
+        for bad in [
+            "",
+            "v1/instances/ns/comp/gen",
+            "v2/instances/a/b/c/1",
+            "v1/nope/a/b/c/1",
+            "v1/instances/a/b/c/xyz",
+            "v1/instances//b/c/1",
+        ] {
             assert!(Key::parse(bad).is_err(), "{bad:?} should not parse");
         }
     }

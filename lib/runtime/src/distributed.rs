@@ -148,7 +148,7 @@ pub enum DistributedError {
         value: &'static str,
         available: &'static str,
     },
-    #[error("cannot bind the request-plane listener on {address} (DYN_TCP_RPC_HOST/DYN_TCP_RPC_PORT): {source}")]
+    #[error("cannot bind the request-plane listener on {address} (DYN_TCP_RPC_HOST/DYN_TCP_RPC_PORT)")]
     Bind {
         address: String,
         #[source]

@@ -35,8 +35,10 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
-    /// True when nothing reached the engine, so another instance may be tried
-    /// without any risk of doing the work twice.
+    /// True when this instance could not take the request. When such an error
+    /// is the first thing a stream yields (no item was delivered), the request
+    /// can go to another instance without doing work twice; after items were
+    /// delivered it needs migration (re-issue with the partial output) instead.
     pub fn is_retryable_elsewhere(self) -> bool {
         matches!(
             self,

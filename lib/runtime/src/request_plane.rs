@@ -58,8 +58,8 @@ pub trait RequestServer: Send + Sync + fmt::Debug {
 
 /// The caller side of a transport.
 ///
-/// `call` promises: the request was handed to the worker when it returns `Ok`;
-/// the stream then yields the worker's items and ends with `None` after the
+/// `call` promises: when it returns `Ok` the request is queued on a live
+/// connection to the worker; the stream then yields the worker's items and ends with `None` after the
 /// last one, or with one `Err` (its kind says why: `Disconnected` when the
 /// connection broke mid-stream). Dropping the stream cancels the request on
 /// the worker (`kill`); `stop`/`kill` on the request's controller are sent to

@@ -133,6 +133,9 @@ mod tests {
         assert_eq!("round-robin".parse::<RouterMode>().unwrap(), RouterMode::RoundRobin);
         assert_eq!("RANDOM".parse::<RouterMode>().unwrap(), RouterMode::Random);
         let err = "fastest".parse::<RouterMode>().unwrap_err().to_string();
-        assert!(err.contains("fastest") && err.contains("round_robin, random, direct"), "{err}");
+        assert!(
+            err.contains("fastest") && err.contains("round_robin, random, direct"),
+            "{err}"
+        );
     }
 }

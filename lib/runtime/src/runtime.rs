@@ -109,7 +109,10 @@ impl Runtime {
         self.inner.drains.close();
         let drained = tokio::time::timeout(deadline, self.inner.drains.wait()).await.is_ok();
         if !drained {
-            tracing::warn!(?deadline, "drain deadline passed; cancelling the requests still in flight");
+            tracing::warn!(
+                ?deadline,
+                "drain deadline passed; cancelling the requests still in flight"
+            );
         }
         self.stop().await;
         if drained {

@@ -99,7 +99,7 @@ impl Worker {
 
 /// Resolves with the signal's name on SIGINT or SIGTERM.
 async fn shutdown_signal() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
+    use tokio::signal::unix::{SignalKind, signal};
     let mut terminate = match signal(SignalKind::terminate()) {
         Ok(stream) => stream,
         Err(error) => {
@@ -115,10 +115,14 @@ async fn shutdown_signal() -> &'static str {
 }
 
 /// Sets up the `tracing` subscriber from `DYN_LOG` (already validated by the
-/// config). A subscriber installed earlier by the application wins.
+/// config), logging to stderr so stdout stays the application's. A
+/// subscriber installed earlier by the application wins.
 fn init_logging(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::new(filter);
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// Why a worker could not run, or how its application failed.
@@ -126,9 +130,9 @@ fn init_logging(filter: &str) {
 pub enum WorkerError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("cannot start the tokio runtime: {0}")]
+    #[error("cannot start the tokio runtime")]
     Tokio(#[source] std::io::Error),
-    #[error("application failed: {0}")]
+    #[error("application failed")]
     App(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("application panicked: {0}")]
     AppPanicked(String),

@@ -154,7 +154,7 @@ impl Follower {
 pub enum ClientError {
     #[error(transparent)]
     Name(#[from] NameError),
-    #[error("cannot watch the endpoint in discovery: {0}")]
+    #[error("cannot watch the endpoint in discovery")]
     Discovery(#[from] DiscoveryError),
     #[error("the runtime shut down while waiting for instances")]
     ShuttingDown,

@@ -3,16 +3,16 @@
 //! then wait for the requests in flight.
 
 use super::{Endpoint, Instance, NameError};
-use crate::distributed::DistributedError;
 use crate::discovery::DiscoveryError;
+use crate::distributed::DistributedError;
 use crate::engine::{AsyncEngine, Context};
 use crate::error::{ErrorKind, RequestError};
 use crate::request_plane::{ByteStream, PushHandler};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
-use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use std::marker::PhantomData;
 use std::sync::Arc;
 use tokio::task::JoinHandle;
@@ -35,7 +35,10 @@ impl std::fmt::Debug for EndpointBuilder {
 
 impl EndpointBuilder {
     pub(crate) fn new(endpoint: Endpoint) -> Self {
-        Self { endpoint, handler: None }
+        Self {
+            endpoint,
+            handler: None,
+        }
     }
 
     /// The engine that answers requests. Requests and responses travel as
@@ -66,7 +69,9 @@ impl EndpointBuilder {
     pub async fn spawn(self) -> Result<ServingEndpoint, EndpointError> {
         let endpoint = self.endpoint;
         endpoint.validate()?;
-        let handler = self.handler.ok_or_else(|| EndpointError::NoHandler { endpoint: endpoint.path() })?;
+        let handler = self.handler.ok_or_else(|| EndpointError::NoHandler {
+            endpoint: endpoint.path(),
+        })?;
         let drt = endpoint.drt().clone();
         let runtime = drt.runtime().clone();
         if runtime.is_shutting_down() {
@@ -105,7 +110,11 @@ impl EndpointBuilder {
                 tracing::info!(endpoint = %path, "endpoint drained");
             }
         });
-        Ok(ServingEndpoint { instance, stop, drained })
+        Ok(ServingEndpoint {
+            instance,
+            stop,
+            drained,
+        })
     }
 }
 
@@ -166,7 +175,10 @@ where
                     rmp_serde::to_vec_named(&response).map(Bytes::from).map_err(|e| {
                         RequestError::new(
                             ErrorKind::Engine,
-                            format!("cannot encode a response of type {}: {e}", std::any::type_name::<Resp>()),
+                            format!(
+                                "cannot encode a response of type {}: {e}",
+                                std::any::type_name::<Resp>()
+                            ),
                         )
                     })
                 })
@@ -191,6 +203,6 @@ pub enum EndpointError {
     ShuttingDown,
     #[error(transparent)]
     Runtime(#[from] DistributedError),
-    #[error("cannot register the endpoint in discovery: {0}")]
+    #[error("cannot register the endpoint in discovery")]
     Discovery(#[from] DiscoveryError),
 }

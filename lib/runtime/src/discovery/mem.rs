@@ -107,7 +107,6 @@ impl Discovery for MemDiscovery {
     }
 
     async fn register(&self, registration: Registration) -> Result<(), DiscoveryError> {
-        self.check_open()?;
         if registration.key.instance_id != self.instance_id {
             return Err(DiscoveryError::NotOwner {
                 own: self.instance_id,
@@ -115,9 +114,15 @@ impl Discovery for MemDiscovery {
                 key: registration.key,
             });
         }
-        self.own().insert(registration.key.clone());
+        // Both locks are held (in the order `shutdown` takes them): a
+        // registration racing a shutdown is either removed by it or refused.
+        let mut own = self.own();
+        self.check_open()?;
+        own.insert(registration.key.clone());
         let mut state = self.registry.lock();
-        state.entries.insert(registration.key.clone(), registration.value.clone());
+        state
+            .entries
+            .insert(registration.key.clone(), registration.value.clone());
         let key = registration.key.clone();
         state.notify(&key, WatchEvent::Put(registration));
         Ok(())
@@ -154,8 +159,11 @@ impl Discovery for MemDiscovery {
     }
 
     async fn shutdown(&self) -> Result<(), DiscoveryError> {
-        self.shut_down.store(true, Ordering::Release);
-        let keys = std::mem::take(&mut *self.own());
+        let keys = {
+            let mut own = self.own();
+            self.shut_down.store(true, Ordering::Release);
+            std::mem::take(&mut *own)
+        };
         let mut state = self.registry.lock();
         for key in keys {
             if state.entries.remove(&key).is_some() {

@@ -7,8 +7,8 @@
 
 use super::{Bucket, Discovery, DiscoveryError, Key, Query, Registration, WatchEvent, WatchStream};
 use bytes::Bytes;
-use futures::future::BoxFuture;
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,8 +36,10 @@ where
 }
 
 /// Joins the backend under test as a new process.
+type JoinFn = Box<dyn Fn() -> BoxFuture<'static, Result<Arc<dyn Discovery>, DiscoveryError>>>;
+
 struct Backend {
-    join: Box<dyn Fn() -> BoxFuture<'static, Result<Arc<dyn Discovery>, DiscoveryError>>>,
+    join: JoinFn,
 }
 
 impl Backend {
@@ -92,13 +94,25 @@ async fn list_matches_whole_segments(backend: &Backend) {
     }
 
     let keys = |regs: Vec<Registration>| regs.into_iter().map(|r| r.key).collect::<Vec<_>>();
-    assert_eq!(keys(p.list(&Query::endpoint(&ns, "backend", "gen")).await.unwrap()), vec![gen_.clone()]);
-    let component = keys(p.list(&Query::bucket(Bucket::Instances).namespace(&ns).component("backend")).await.unwrap());
+    assert_eq!(
+        keys(p.list(&Query::endpoint(&ns, "backend", "gen")).await.unwrap()),
+        vec![gen_.clone()]
+    );
+    let component = keys(
+        p.list(&Query::bucket(Bucket::Instances).namespace(&ns).component("backend"))
+            .await
+            .unwrap(),
+    );
     assert_eq!(component.len(), 2, "component query returned {component:?}");
     assert!(!component.contains(&other_component));
     let namespace = keys(p.list(&Query::bucket(Bucket::Instances).namespace(&ns)).await.unwrap());
     assert_eq!(namespace.len(), 3);
-    assert!(p.list(&Query::bucket(Bucket::Models).namespace(&ns)).await.unwrap().is_empty());
+    assert!(
+        p.list(&Query::bucket(Bucket::Models).namespace(&ns))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     p.shutdown().await.unwrap();
 }
 
@@ -109,8 +123,14 @@ async fn watch_yields_current_set_then_changes(backend: &Backend) {
     let first = endpoint_key(&*worker, &ns, "backend", "generate");
     worker.register(registration(&first, "1")).await.unwrap();
 
-    let mut watch = watcher.watch(&Query::endpoint(&ns, "backend", "generate")).await.unwrap();
-    assert_eq!(next_event(&mut watch).await, WatchEvent::Snapshot(vec![registration(&first, "1")]));
+    let mut watch = watcher
+        .watch(&Query::endpoint(&ns, "backend", "generate"))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_event(&mut watch).await,
+        WatchEvent::Snapshot(vec![registration(&first, "1")])
+    );
 
     // A change to another endpoint of the same component must not show up.
     let unrelated = endpoint_key(&*worker, &ns, "backend", "generate_more");
@@ -119,7 +139,10 @@ async fn watch_yields_current_set_then_changes(backend: &Backend) {
     let second_process = backend.join().await;
     let second = endpoint_key(&*second_process, &ns, "backend", "generate");
     second_process.register(registration(&second, "2")).await.unwrap();
-    assert_eq!(next_event(&mut watch).await, WatchEvent::Put(registration(&second, "2")));
+    assert_eq!(
+        next_event(&mut watch).await,
+        WatchEvent::Put(registration(&second, "2"))
+    );
 
     worker.unregister(&first).await.unwrap();
     assert_eq!(next_event(&mut watch).await, WatchEvent::Delete(first));
@@ -147,7 +170,12 @@ async fn unregister_removes_the_registration(backend: &Backend) {
     let key = endpoint_key(&*p, &ns, "backend", "generate");
     p.register(registration(&key, "{}")).await.unwrap();
     p.unregister(&key).await.unwrap();
-    assert!(p.list(&Query::endpoint(&ns, "backend", "generate")).await.unwrap().is_empty());
+    assert!(
+        p.list(&Query::endpoint(&ns, "backend", "generate"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     // Unregistering again is not an error.
     p.unregister(&key).await.unwrap();
     p.shutdown().await.unwrap();
@@ -163,7 +191,10 @@ async fn shutdown_removes_everything_the_process_registered(backend: &Backend) {
     for (process, key) in [(&leaving, &a), (&leaving, &b), (&staying, &kept)] {
         process.register(registration(key, "{}")).await.unwrap();
     }
-    let mut watch = staying.watch(&Query::bucket(Bucket::Instances).namespace(&ns)).await.unwrap();
+    let mut watch = staying
+        .watch(&Query::bucket(Bucket::Instances).namespace(&ns))
+        .await
+        .unwrap();
     let WatchEvent::Snapshot(initial) = next_event(&mut watch).await else {
         panic!("the first watch event is not a snapshot");
     };
@@ -180,7 +211,10 @@ async fn shutdown_removes_everything_the_process_registered(backend: &Backend) {
     }
     deleted.sort();
     assert_eq!(deleted, vec![a, b]);
-    let listed = staying.list(&Query::bucket(Bucket::Instances).namespace(&ns)).await.unwrap();
+    let listed = staying
+        .list(&Query::bucket(Bucket::Instances).namespace(&ns))
+        .await
+        .unwrap();
     assert_eq!(listed.into_iter().map(|r| r.key).collect::<Vec<_>>(), vec![kept]);
     staying.shutdown().await.unwrap();
 }

@@ -89,10 +89,10 @@ impl Handlers {
         };
         // Keep the entry while draining so late callers hear `ShuttingDown`
         // (go elsewhere) rather than `NotFound`.
-        entry.accepting.store(false, Ordering::Release);
+        entry.accepting.store(false, Ordering::SeqCst);
         loop {
             let idle = entry.idle.notified();
-            if entry.inflight.load(Ordering::Acquire) == 0 {
+            if entry.inflight.load(Ordering::SeqCst) == 0 {
                 break;
             }
             idle.await;
@@ -109,11 +109,19 @@ impl Handlers {
 
     /// Runs `request` on the handler of `endpoint` of `instance_id`. The
     /// returned stream counts as in flight until it is dropped.
-    pub async fn dispatch(&self, endpoint: &str, instance_id: u64, request: Context<Bytes>) -> Result<ByteStream, RequestError> {
+    pub async fn dispatch(
+        &self,
+        endpoint: &str,
+        instance_id: u64,
+        request: Context<Bytes>,
+    ) -> Result<ByteStream, RequestError> {
         if instance_id != self.instance_id {
             return Err(RequestError::new(
                 ErrorKind::NotFound,
-                format!("instance {instance_id:x} is not served here (this process is instance {:x})", self.instance_id),
+                format!(
+                    "instance {instance_id:x} is not served here (this process is instance {:x})",
+                    self.instance_id
+                ),
             ));
         }
         let entry = self.read().get(endpoint).cloned().ok_or_else(|| {
@@ -122,10 +130,16 @@ impl Handlers {
                 format!("no endpoint {endpoint} on instance {instance_id:x}"),
             )
         })?;
-        if !entry.accepting.load(Ordering::Acquire) {
-            return Err(RequestError::new(ErrorKind::ShuttingDown, format!("endpoint {endpoint} is draining")));
-        }
+        // Count first, then check: `drain` clears `accepting` first, then
+        // reads the count, so (all SeqCst) either it sees this request or this
+        // request sees that it must not start.
         let guard = InflightGuard::new(entry.clone());
+        if !entry.accepting.load(Ordering::SeqCst) {
+            return Err(RequestError::new(
+                ErrorKind::ShuttingDown,
+                format!("endpoint {endpoint} is draining"),
+            ));
+        }
         let stream = entry.handler.handle(request).await?;
         Ok(Box::pin(Guarded { stream, _guard: guard }))
     }
@@ -145,14 +159,14 @@ struct InflightGuard(Arc<Entry>);
 
 impl InflightGuard {
     fn new(entry: Arc<Entry>) -> Self {
-        entry.inflight.fetch_add(1, Ordering::AcqRel);
+        entry.inflight.fetch_add(1, Ordering::SeqCst);
         Self(entry)
     }
 }
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
-        if self.0.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
+        if self.0.inflight.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.0.idle.notify_waiters();
         }
     }
@@ -190,9 +204,17 @@ mod tests {
     async fn unknown_endpoint_and_wrong_instance_are_not_found() {
         let handlers = Handlers::new(7);
         handlers.insert("ns/c/e", Arc::new(Echo)).unwrap();
-        let err = handlers.dispatch("ns/c/other", 7, Context::new(Bytes::new())).await.err().unwrap();
+        let err = handlers
+            .dispatch("ns/c/other", 7, Context::new(Bytes::new()))
+            .await
+            .err()
+            .unwrap();
         assert_eq!(err.kind(), ErrorKind::NotFound);
-        let err = handlers.dispatch("ns/c/e", 8, Context::new(Bytes::new())).await.err().unwrap();
+        let err = handlers
+            .dispatch("ns/c/e", 8, Context::new(Bytes::new()))
+            .await
+            .err()
+            .unwrap();
         assert_eq!(err.kind(), ErrorKind::NotFound);
     }
 
@@ -200,7 +222,10 @@ mod tests {
     async fn drain_waits_for_streams_in_flight_and_refuses_new_ones() {
         let handlers = Arc::new(Handlers::new(1));
         handlers.insert("ns/c/e", Arc::new(Echo)).unwrap();
-        let stream = handlers.dispatch("ns/c/e", 1, Context::new(Bytes::from_static(b"x"))).await.unwrap();
+        let stream = handlers
+            .dispatch("ns/c/e", 1, Context::new(Bytes::from_static(b"x")))
+            .await
+            .unwrap();
         assert_eq!(handlers.inflight("ns/c/e"), 1);
 
         let draining = tokio::spawn({
@@ -209,12 +234,23 @@ mod tests {
         });
         tokio::task::yield_now().await;
         assert!(!draining.is_finished(), "drain returned while a stream was in flight");
-        let err = handlers.dispatch("ns/c/e", 1, Context::new(Bytes::new())).await.err().unwrap();
+        let err = handlers
+            .dispatch("ns/c/e", 1, Context::new(Bytes::new()))
+            .await
+            .err()
+            .unwrap();
         assert_eq!(err.kind(), ErrorKind::ShuttingDown);
         drop(stream);
-        tokio::time::timeout(std::time::Duration::from_secs(5), draining).await.unwrap().unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), draining)
+            .await
+            .unwrap()
+            .unwrap();
 
-        let err = handlers.dispatch("ns/c/e", 1, Context::new(Bytes::new())).await.err().unwrap();
+        let err = handlers
+            .dispatch("ns/c/e", 1, Context::new(Bytes::new()))
+            .await
+            .err()
+            .unwrap();
         assert_eq!(err.kind(), ErrorKind::NotFound);
     }
 
@@ -222,6 +258,9 @@ mod tests {
     fn serving_an_endpoint_twice_is_an_error() {
         let handlers = Handlers::new(1);
         handlers.insert("ns/c/e", Arc::new(Echo)).unwrap();
-        assert_eq!(handlers.insert("ns/c/e", Arc::new(Echo)).unwrap_err().kind(), ErrorKind::Invalid);
+        assert_eq!(
+            handlers.insert("ns/c/e", Arc::new(Echo)).unwrap_err().kind(),
+            ErrorKind::Invalid
+        );
     }
 }

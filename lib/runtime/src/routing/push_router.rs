@@ -2,14 +2,14 @@
 //! chosen by a [`RouterMode`], and decodes the typed response stream.
 
 use super::{Policy, Random, RoundRobin, RouterMode};
-use crate::component::client::Client;
 use crate::component::Instance;
+use crate::component::client::Client;
 use crate::engine::{AsyncEngine, Context, ResponseStream};
 use crate::error::{ErrorKind, RequestError};
 use bytes::Bytes;
 use futures::StreamExt;
-use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use std::marker::PhantomData;
 
 /// Routes requests of type `Req` to an endpoint's instances and yields `Resp`s.
@@ -75,13 +75,20 @@ where
             .map_err(|_| {
                 RequestError::new(
                     ErrorKind::NotFound,
-                    format!("instance {instance_id:x} of {} is not registered", self.client.endpoint().path()),
+                    format!(
+                        "instance {instance_id:x} of {} is not registered",
+                        self.client.endpoint().path()
+                    ),
                 )
             })?;
         self.send(&instances[found], request).await
     }
 
-    async fn select_and_send(&self, policy: &dyn Policy, request: Context<Req>) -> Result<ResponseStream<Resp>, RequestError> {
+    async fn select_and_send(
+        &self,
+        policy: &dyn Policy,
+        request: Context<Req>,
+    ) -> Result<ResponseStream<Resp>, RequestError> {
         let instances = self.client.instances();
         let chosen = policy.select(&instances).ok_or_else(|| {
             RequestError::new(
@@ -94,16 +101,12 @@ where
 
     async fn send(&self, instance: &Instance, request: Context<Req>) -> Result<ResponseStream<Resp>, RequestError> {
         let (data, controller) = request.into_parts();
-        let body = rmp_serde::to_vec_named(&data).map_err(|e| {
-            RequestError::new(
-                ErrorKind::Invalid,
-                format!("cannot encode the request as msgpack: {e}"),
-            )
-        })?;
+        let body = rmp_serde::to_vec_named(&data)
+            .map_err(|e| RequestError::new(ErrorKind::Invalid, format!("cannot encode the request as msgpack: {e}")))?;
         let request = Context::with_controller(Bytes::from(body), controller);
         let client = self.client.endpoint().drt().request_client();
         let responses = client.call(&instance.target(), request).await?;
-        Ok(Box::pin(responses.map(|item| {
+        let decoded = responses.map(|item| {
             item.and_then(|bytes| {
                 rmp_serde::from_slice::<Resp>(&bytes).map_err(|e| {
                     RequestError::new(
@@ -112,6 +115,15 @@ where
                     )
                 })
             })
+        });
+        // An error is always the last item: a decode failure ends the stream
+        // (dropping the wire stream kills the request on the worker).
+        Ok(Box::pin(decoded.scan(false, |failed, item| {
+            let next = (!*failed).then(|| {
+                *failed = item.is_err();
+                item
+            });
+            futures::future::ready(next)
         })))
     }
 }

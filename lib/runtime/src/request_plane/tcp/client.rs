@@ -2,7 +2,7 @@
 //! address, shared by every request to that worker, each request a stream.
 
 use super::frame::{self, CancelMode, Decoded, Frame, FrameDecoder, FrameType, RequestHead};
-use super::{read_frame, write_frames, ReadError};
+use super::{ReadError, read_frame, tune_socket, write_frames};
 use crate::config::TcpConfig;
 use crate::engine::{Context, Controller};
 use crate::error::{ErrorKind, RequestError, WireError};
@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, OnceCell};
+use tokio::sync::{OnceCell, mpsc};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 
@@ -27,9 +27,9 @@ pub struct TcpClient {
     max_message_size: usize,
     connect_timeout: Duration,
     window: u32,
-    /// One slot per worker address. The `OnceCell` makes concurrent first
-    /// calls share one connect; a closed connection's slot is replaced.
-    pool: Mutex<HashMap<String, Arc<OnceCell<Arc<Connection>>>>>,
+    /// Connections by worker address, shared with the reader tasks so a dead
+    /// connection removes itself.
+    pool: Arc<Pool>,
     /// Cancelled when the runtime stops: connections close.
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -41,7 +41,7 @@ impl TcpClient {
             max_message_size: *config.max_message_size(),
             connect_timeout: *config.connect_timeout(),
             window: *config.stream_window(),
-            pool: Mutex::new(HashMap::new()),
+            pool: Arc::default(),
             shutdown,
             tracker,
         }
@@ -50,16 +50,14 @@ impl TcpClient {
     /// The open connection to `address`, connecting if there is none.
     async fn connection(&self, address: &str) -> Result<Arc<Connection>, RequestError> {
         for _ in 0..2 {
-            let slot = self.pool().entry(address.to_string()).or_default().clone();
+            let slot = self.pool.lock().entry(address.to_string()).or_default().clone();
             let conn = slot.get_or_try_init(|| self.connect(address)).await?;
             if !conn.closed.is_cancelled() {
                 return Ok(conn.clone());
             }
-            // Forget the dead connection (unless someone already replaced it) and dial again.
-            let mut pool = self.pool();
-            if pool.get(address).is_some_and(|current| Arc::ptr_eq(current, &slot)) {
-                pool.remove(address);
-            }
+            // The reader forgets a dead connection itself; this covers the
+            // moment between its death and that cleanup.
+            self.pool.forget(address, conn);
         }
         Err(RequestError::new(
             ErrorKind::Unreachable,
@@ -68,17 +66,20 @@ impl TcpClient {
     }
 
     async fn connect(&self, address: &str) -> Result<Arc<Connection>, RequestError> {
-        let unreachable = |reason: String| RequestError::new(ErrorKind::Unreachable, format!("cannot connect to {address}: {reason}"));
+        let unreachable = |reason: String| {
+            RequestError::new(ErrorKind::Unreachable, format!("cannot connect to {address}: {reason}"))
+        };
         if self.shutdown.is_cancelled() {
-            return Err(RequestError::new(ErrorKind::ShuttingDown, "the runtime is shutting down"));
+            return Err(RequestError::new(
+                ErrorKind::ShuttingDown,
+                "the runtime is shutting down",
+            ));
         }
         let socket = tokio::time::timeout(self.connect_timeout, TcpStream::connect(address))
             .await
             .map_err(|_| unreachable(format!("no answer within {:?}", self.connect_timeout)))?
             .map_err(|e| unreachable(e.to_string()).with_source(e))?;
-        if let Err(error) = socket.set_nodelay(true) {
-            tracing::debug!(%address, %error, "could not set TCP_NODELAY");
-        }
+        tune_socket(&socket);
         let (reader, writer) = socket.into_split();
         let (tx, rx) = mpsc::unbounded_channel();
         let conn = Arc::new(Connection {
@@ -90,20 +91,45 @@ impl TcpClient {
         });
         let closed = conn.closed.clone();
         self.tracker.spawn(async move {
-            if let Err(error) = write_frames(writer, rx).await {
+            if let Err(error) = write_frames(writer, rx, closed.clone()).await {
                 tracing::debug!(%error, "request plane write failed");
             }
             // Whatever stopped the writer, the connection can no longer carry requests.
             closed.cancel();
         });
-        self.tracker
-            .spawn(read_responses(reader, conn.clone(), FrameDecoder::new(self.max_message_size)));
+        let decoder = FrameDecoder::new(self.max_message_size);
+        let pool = self.pool.clone();
+        let reader_conn = conn.clone();
+        self.tracker.spawn(async move {
+            read_responses(reader, &reader_conn, decoder).await;
+            pool.forget(&reader_conn.address, &reader_conn);
+        });
         Ok(conn)
     }
+}
 
-    fn pool(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<OnceCell<Arc<Connection>>>>> {
+/// One slot per worker address. The `OnceCell` makes concurrent first calls
+/// share one connect; a dead connection's slot is removed so the next call dials again.
+#[derive(Debug, Default)]
+struct Pool {
+    slots: Mutex<HashMap<String, Arc<OnceCell<Arc<Connection>>>>>,
+}
+
+impl Pool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<OnceCell<Arc<Connection>>>>> {
         // Updates are single insert/remove calls: a poisoned map is still consistent.
-        self.pool.lock().unwrap_or_else(|p| p.into_inner())
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Removes `conn`'s slot, unless the address already has a newer connection.
+    fn forget(&self, address: &str, conn: &Arc<Connection>) {
+        let mut slots = self.lock();
+        let holds_conn = slots
+            .get(address)
+            .is_some_and(|slot| slot.get().is_some_and(|current| Arc::ptr_eq(current, conn)));
+        if holds_conn {
+            slots.remove(address);
+        }
     }
 }
 
@@ -177,7 +203,12 @@ impl Connection {
         let _ = self.frames.send(frame);
     }
 
-    fn open_stream(self: &Arc<Self>, head: Bytes, controller: Controller, window: u32) -> Result<ClientStream, RequestError> {
+    fn open_stream(
+        self: &Arc<Self>,
+        head: Bytes,
+        controller: Controller,
+        window: u32,
+    ) -> Result<ClientStream, RequestError> {
         let stream_id = self.next_stream_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
         {
@@ -207,7 +238,7 @@ impl Connection {
 
 /// Routes the worker's frames to their streams until the connection ends,
 /// then fails every stream still open with `Disconnected`.
-async fn read_responses(mut reader: tokio::net::tcp::OwnedReadHalf, conn: Arc<Connection>, mut decoder: FrameDecoder) {
+async fn read_responses(mut reader: tokio::net::tcp::OwnedReadHalf, conn: &Connection, mut decoder: FrameDecoder) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let reason = loop {
         let decoded = tokio::select! {
@@ -216,7 +247,7 @@ async fn read_responses(mut reader: tokio::net::tcp::OwnedReadHalf, conn: Arc<Co
         };
         match decoded {
             Ok(Decoded::Frame(frame)) => {
-                if let Err(reason) = on_frame(&conn, frame) {
+                if let Err(reason) = on_frame(conn, frame) {
                     tracing::warn!(address = %conn.address, %reason, "closing request-plane connection");
                     break reason;
                 }
@@ -229,7 +260,10 @@ async fn read_responses(mut reader: tokio::net::tcp::OwnedReadHalf, conn: Arc<Co
                 if let Some(events) = conn.streams().remove(&stream_id) {
                     let error = RequestError::new(
                         ErrorKind::TooLarge,
-                        format!("response item of {length} bytes exceeds DYN_TCP_MAX_MESSAGE_SIZE={}", decoder_limit(&decoder)),
+                        format!(
+                            "response item of {length} bytes exceeds DYN_TCP_MAX_MESSAGE_SIZE={}",
+                            decoder_limit(&decoder)
+                        ),
                     );
                     let _ = events.send(StreamEvent::Failed(error));
                 }
@@ -245,7 +279,10 @@ async fn read_responses(mut reader: tokio::net::tcp::OwnedReadHalf, conn: Arc<Co
     for (_, events) in open {
         let error = RequestError::new(
             ErrorKind::Disconnected,
-            format!("connection to {} lost before the stream completed: {reason}", conn.address),
+            format!(
+                "connection to {} lost before the stream completed: {reason}",
+                conn.address
+            ),
         );
         let _ = events.send(StreamEvent::Failed(error));
     }
@@ -279,7 +316,10 @@ fn on_frame(conn: &Connection, frame: Frame) -> Result<(), String> {
             }
         }
         FrameType::Request | FrameType::Cancel | FrameType::Credit => {
-            return Err(format!("worker sent a {:?} frame, which only callers send", frame.frame_type));
+            return Err(format!(
+                "worker sent a {:?} frame, which only callers send",
+                frame.frame_type
+            ));
         }
     }
     Ok(())

@@ -91,7 +91,10 @@ pub(crate) enum FrameError {
     #[error("unknown frame type 0x{0:02x}")]
     UnknownType(u8),
     #[error("malformed {frame_type:?} payload: {reason}")]
-    BadPayload { frame_type: FrameType, reason: &'static str },
+    BadPayload {
+        frame_type: FrameType,
+        reason: &'static str,
+    },
 }
 
 /// Incremental decoder: feed it the bytes read so far, take frames out.
@@ -204,12 +207,14 @@ impl RequestHead {
         if payload.len() < endpoint_len + 1 {
             return Err(bad("endpoint name runs past the end"));
         }
-        let endpoint = String::from_utf8(payload.split_to(endpoint_len).to_vec()).map_err(|_| bad("endpoint name is not UTF-8"))?;
+        let endpoint = String::from_utf8(payload.split_to(endpoint_len).to_vec())
+            .map_err(|_| bad("endpoint name is not UTF-8"))?;
         let id_len = payload.get_u8() as usize;
         if payload.len() < id_len {
             return Err(bad("request id runs past the end"));
         }
-        let request_id = String::from_utf8(payload.split_to(id_len).to_vec()).map_err(|_| bad("request id is not UTF-8"))?;
+        let request_id =
+            String::from_utf8(payload.split_to(id_len).to_vec()).map_err(|_| bad("request id is not UTF-8"))?;
         Ok(Self {
             instance_id,
             window,
@@ -276,7 +281,11 @@ mod tests {
     }
 
     fn frame() -> impl Strategy<Value = Frame> {
-        (frame_type(), any::<u64>(), proptest::collection::vec(any::<u8>(), 0..512))
+        (
+            frame_type(),
+            any::<u64>(),
+            proptest::collection::vec(any::<u8>(), 0..512),
+        )
             .prop_map(|(t, id, payload)| Frame::new(t, id, Bytes::from(payload)))
     }
 
@@ -357,7 +366,11 @@ mod tests {
         assert_eq!(
             seen,
             vec![
-                Decoded::Oversized { frame_type: FrameType::Data, stream_id: 9, length: 100 },
+                Decoded::Oversized {
+                    frame_type: FrameType::Data,
+                    stream_id: 9,
+                    length: 100
+                },
                 Decoded::Frame(Frame::new(FrameType::End, 10, Bytes::new())),
             ]
         );
@@ -366,7 +379,10 @@ mod tests {
     #[test]
     fn unknown_frame_type_is_an_error() {
         let mut buf = BytesMut::from(&[0, 0, 0, 0, 0x7f, 0, 0, 0, 0, 0, 0, 0, 1][..]);
-        assert_eq!(FrameDecoder::new(MAX).decode(&mut buf), Err(FrameError::UnknownType(0x7f)));
+        assert_eq!(
+            FrameDecoder::new(MAX).decode(&mut buf),
+            Err(FrameError::UnknownType(0x7f))
+        );
     }
 
     #[test]
@@ -380,7 +396,10 @@ mod tests {
         };
         let encoded = head.encode();
         for cut in 0..encoded.len() - 1 {
-            assert!(RequestHead::decode(encoded.slice(..cut)).is_err(), "cut at {cut} decoded");
+            assert!(
+                RequestHead::decode(encoded.slice(..cut)).is_err(),
+                "cut at {cut} decoded"
+            );
         }
     }
 }

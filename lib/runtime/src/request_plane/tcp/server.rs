@@ -3,7 +3,7 @@
 //! within the stream's flow-control credit.
 
 use super::frame::{self, CancelMode, Decoded, Frame, FrameDecoder, FrameType, RequestHead};
-use super::{read_frame, write_frames, ReadError};
+use super::{ReadError, read_frame, tune_socket, write_frames};
 use crate::config::TcpConfig;
 use crate::engine::{Context, Controller};
 use crate::error::{ErrorKind, RequestError};
@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -133,13 +133,14 @@ impl Connection {
 }
 
 async fn serve_connection(socket: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
-    if let Err(error) = socket.set_nodelay(true) {
-        tracing::debug!(%peer, %error, "could not set TCP_NODELAY");
-    }
+    tune_socket(&socket);
     let (mut reader, writer) = socket.into_split();
     let (tx, rx) = mpsc::unbounded_channel();
+    // The writer ends when every stream of the connection has sent its last
+    // frame (all senders dropped), not at shutdown, so final errors get out.
+    let writer_closed = CancellationToken::new();
     shared.tracker.spawn(async move {
-        if let Err(error) = write_frames(writer, rx).await {
+        if let Err(error) = write_frames(writer, rx, writer_closed).await {
             tracing::debug!(%peer, %error, "request plane write failed");
         }
     });
@@ -164,7 +165,10 @@ async fn serve_connection(socket: TcpStream, peer: SocketAddr, shared: Arc<Share
             }) => {
                 let error = RequestError::new(
                     ErrorKind::TooLarge,
-                    format!("request of {length} bytes exceeds DYN_TCP_MAX_MESSAGE_SIZE={}", shared.max_message_size),
+                    format!(
+                        "request of {length} bytes exceeds DYN_TCP_MAX_MESSAGE_SIZE={}",
+                        shared.max_message_size
+                    ),
                 );
                 conn.send(error_frame(stream_id, &error));
                 Ok(())
@@ -189,18 +193,24 @@ fn on_frame(conn: &Arc<Connection>, shared: &Arc<Shared>, frame: Frame) -> Resul
     match frame.frame_type {
         FrameType::Request => {
             let head = RequestHead::decode(frame.payload).map_err(|e| e.to_string())?;
+            if conn.streams().contains_key(&frame.stream_id) {
+                return Err(format!("stream id {} reused while still open", frame.stream_id));
+            }
             let controller = Controller::with_parent(head.request_id.clone(), &shared.shutdown);
             let credit = Arc::new(Semaphore::new((head.window as usize).clamp(1, Semaphore::MAX_PERMITS)));
             let control = StreamControl {
                 controller: controller.clone(),
                 credit: credit.clone(),
             };
-            if conn.streams().insert(frame.stream_id, control).is_some() {
-                return Err(format!("stream id {} reused while still open", frame.stream_id));
-            }
-            shared
-                .tracker
-                .spawn(run_stream(conn.clone(), shared.clone(), frame.stream_id, head, controller, credit));
+            conn.streams().insert(frame.stream_id, control);
+            shared.tracker.spawn(run_stream(
+                conn.clone(),
+                shared.clone(),
+                frame.stream_id,
+                head,
+                controller,
+                credit,
+            ));
             Ok(())
         }
         FrameType::Cancel => {
@@ -224,9 +234,10 @@ fn on_frame(conn: &Arc<Connection>, shared: &Arc<Shared>, frame: Frame) -> Resul
             }
             Ok(())
         }
-        FrameType::Data | FrameType::End | FrameType::Error => {
-            Err(format!("caller sent a {:?} frame, which only workers send", frame.frame_type))
-        }
+        FrameType::Data | FrameType::End | FrameType::Error => Err(format!(
+            "caller sent a {:?} frame, which only workers send",
+            frame.frame_type
+        )),
     }
 }
 
@@ -296,13 +307,30 @@ async fn stream_items(
 /// is stopping (the caller may migrate it), `Cancelled` when the caller asked.
 fn killed_error(shutdown: &CancellationToken) -> RequestError {
     if shutdown.is_cancelled() {
-        RequestError::new(ErrorKind::ShuttingDown, "the worker shut down before the request finished")
+        RequestError::new(
+            ErrorKind::ShuttingDown,
+            "the worker shut down before the request finished",
+        )
     } else {
         RequestError::new(ErrorKind::Cancelled, "the request was killed")
     }
 }
 
+/// Longest error message sent on the wire. Every peer accepts frames of at
+/// least 1024 bytes (the smallest `DYN_TCP_MAX_MESSAGE_SIZE`), so an error
+/// frame never trips the receiver's limit.
+const MAX_ERROR_MESSAGE: usize = 768;
+
 fn error_frame(stream_id: u64, error: &RequestError) -> Frame {
-    let payload = rmp_serde::to_vec_named(&error.to_wire()).expect("an error always encodes");
+    let mut wire = error.to_wire();
+    if wire.message.len() > MAX_ERROR_MESSAGE {
+        let mut cut = MAX_ERROR_MESSAGE;
+        while !wire.message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        wire.message.truncate(cut);
+        wire.message.push('…');
+    }
+    let payload = rmp_serde::to_vec_named(&wire).expect("an error always encodes");
     Frame::new(FrameType::Error, stream_id, Bytes::from(payload))
 }

@@ -228,7 +228,10 @@ impl Pair {
 async fn collect(mut stream: ByteStream) -> (Vec<String>, Option<RequestError>) {
     let mut items = vec![];
     loop {
-        match tokio::time::timeout(DEADLINE, stream.next()).await.expect("stream item within the deadline") {
+        match tokio::time::timeout(DEADLINE, stream.next())
+            .await
+            .expect("stream item within the deadline")
+        {
             None => return (items, None),
             Some(Ok(bytes)) => items.push(String::from_utf8_lossy(&bytes).into_owned()),
             Some(Err(error)) => {
@@ -293,9 +296,15 @@ async fn caller_stop_reaches_the_handler_which_ends_gracefully() {
     assert_eq!(stream.next().await.unwrap().unwrap(), "0");
     controller.stop();
     let (_, error) = collect(stream).await;
-    assert!(error.is_none(), "a graceful stop ends the stream cleanly, got {error:?}");
+    assert!(
+        error.is_none(),
+        "a graceful stop ends the stream cleanly, got {error:?}"
+    );
     let seen = pair.fixtures.seen.clone();
-    eventually("the handler saw the stop", || seen.lock().unwrap().stopped.contains(&controller.id().to_string())).await;
+    eventually("the handler saw the stop", || {
+        seen.lock().unwrap().stopped.contains(&controller.id().to_string())
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -308,7 +317,10 @@ async fn caller_kill_ends_the_stream_and_reaches_the_handler() {
     let (_, error) = collect(stream).await;
     assert_eq!(error.map(|e| e.kind()), Some(ErrorKind::Cancelled));
     let seen = pair.fixtures.seen.clone();
-    eventually("the handler was killed", || seen.lock().unwrap().killed.contains(&controller.id().to_string())).await;
+    eventually("the handler was killed", || {
+        seen.lock().unwrap().killed.contains(&controller.id().to_string())
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -319,7 +331,10 @@ async fn dropping_the_stream_kills_the_work_on_the_worker() {
     assert_eq!(stream.next().await.unwrap().unwrap(), "started");
     drop(stream);
     let seen = pair.fixtures.seen.clone();
-    eventually("the handler was killed", || seen.lock().unwrap().killed.contains(&controller.id().to_string())).await;
+    eventually("the handler was killed", || {
+        seen.lock().unwrap().killed.contains(&controller.id().to_string())
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -332,7 +347,10 @@ async fn worker_shutdown_cancels_in_flight_streams_with_shutting_down() {
     let kind = error.expect("the stream ends with an error").kind();
     // Depending on timing the caller hears the worker's ShuttingDown frame or,
     // if the socket closed first, that it disconnected; both are retryable, never a hang.
-    assert!(matches!(kind, ErrorKind::ShuttingDown | ErrorKind::Disconnected), "{kind:?}");
+    assert!(
+        matches!(kind, ErrorKind::ShuttingDown | ErrorKind::Disconnected),
+        "{kind:?}"
+    );
 }
 
 #[tokio::test]
@@ -422,15 +440,25 @@ async fn a_slow_consumer_does_not_stall_other_streams_on_its_connection() {
 fn worker_crash_mid_stream_ends_the_stream_with_disconnected() {
     // The worker lives on its own tokio runtime; dropping that runtime drops
     // its sockets without any goodbye, as a killed process would.
-    let worker = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let worker = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
     let server = worker.block_on(Pair::start());
-    let caller = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let caller = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     caller.block_on(async {
         let mut stream = server.call("count", "1000000,5").await.unwrap();
         assert_eq!(stream.next().await.unwrap().unwrap(), "0");
         worker.shutdown_background();
         let (_, error) = collect(stream).await;
-        assert_eq!(error.expect("an error, not a clean end").kind(), ErrorKind::Disconnected);
+        assert_eq!(
+            error.expect("an error, not a clean end").kind(),
+            ErrorKind::Disconnected
+        );
     });
 }
 
@@ -440,7 +468,10 @@ async fn a_corrupt_frame_closes_only_its_own_connection() {
     let healthy = pair.call("count", "3,50").await.unwrap();
     let super::super::Transport::Tcp(address) = pair.server.transport();
     let mut rogue = tokio::net::TcpStream::connect(&address).await.unwrap();
-    rogue.write_all(&[0, 0, 0, 1, 0xff, 0, 0, 0, 0, 0, 0, 0, 1, 0]).await.unwrap();
+    rogue
+        .write_all(&[0, 0, 0, 1, 0xff, 0, 0, 0, 0, 0, 0, 0, 1, 0])
+        .await
+        .unwrap();
     let mut rest = vec![];
     let closed = tokio::time::timeout(DEADLINE, rogue.read_to_end(&mut rest)).await;
     assert!(closed.is_ok(), "the worker kept a corrupt connection open");
@@ -452,7 +483,11 @@ async fn an_unreachable_worker_fails_fast_with_unreachable() {
     let client_config = RuntimeConfig::from_vars([("DYN_TCP_CONNECT_TIMEOUT", "2s")]).unwrap();
     let client = TcpClient::new(client_config.tcp(), CancellationToken::new(), TaskTracker::new());
     // Bind then drop a listener to get a port nobody listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let target = Target {
         transport: super::super::Transport::Tcp(format!("127.0.0.1:{port}")),
         endpoint: "ns/c/echo".into(),

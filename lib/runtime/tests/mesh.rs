@@ -1,0 +1,440 @@
+//! The runtime API end to end, as a worker author uses it: several
+//! "processes" (one `DistributedRuntime` each, sharing one in-memory
+//! registry) serving and calling endpoints over the real TCP request plane.
+
+use futures::StreamExt;
+use std::sync::Arc;
+use std::time::Duration;
+use switchyard_runtime::component::client::{Client, ClientError};
+use switchyard_runtime::component::endpoint::ServingEndpoint;
+use switchyard_runtime::config::RuntimeConfig;
+use switchyard_runtime::discovery::mem::{MemDiscovery, MemRegistry};
+use switchyard_runtime::distributed::{DistributedError, DistributedRuntime};
+use switchyard_runtime::engine::{AsyncEngine, Context, ResponseStream};
+use switchyard_runtime::error::{ErrorKind, RequestError};
+use switchyard_runtime::routing::RouterMode;
+use switchyard_runtime::routing::push_router::PushRouter;
+use switchyard_runtime::runtime::{Runtime, ShutdownOutcome};
+
+/// Generous bound on anything a test waits for; hitting it means a hang.
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// One simulated process on `registry`, with extra settings.
+fn process(registry: &MemRegistry, vars: &[(&str, &str)]) -> DistributedRuntime {
+    let mut all = vec![("DYN_DISCOVERY_BACKEND", "mem")];
+    all.extend_from_slice(vars);
+    let runtime = Runtime::new(RuntimeConfig::from_vars(all).unwrap());
+    DistributedRuntime::with_discovery(runtime, Arc::new(MemDiscovery::new(registry.clone()))).unwrap()
+}
+
+/// Streams the request back one character at a time (Dynamo's hello world).
+struct CharStreamer;
+
+#[async_trait::async_trait]
+impl AsyncEngine<String, String> for CharStreamer {
+    async fn generate(&self, request: Context<String>) -> Result<ResponseStream<String>, RequestError> {
+        let chars: Vec<_> = request.data().chars().map(|c| Ok(c.to_string())).collect();
+        Ok(Box::pin(futures::stream::iter(chars)))
+    }
+}
+
+/// Answers with the instance id of the process serving it.
+struct WhoAmI(u64);
+
+#[async_trait::async_trait]
+impl AsyncEngine<(), u64> for WhoAmI {
+    async fn generate(&self, _request: Context<()>) -> Result<ResponseStream<u64>, RequestError> {
+        Ok(Box::pin(futures::stream::iter([Ok(self.0)])))
+    }
+}
+
+/// Streams `0..n` with a pause between items; `u64::MAX` means forever.
+struct Ticker(Duration);
+
+#[async_trait::async_trait]
+impl AsyncEngine<u64, u64> for Ticker {
+    async fn generate(&self, request: Context<u64>) -> Result<ResponseStream<u64>, RequestError> {
+        let (n, _) = request.into_parts();
+        let pause = self.0;
+        Ok(Box::pin(futures::stream::unfold(0, move |i| async move {
+            if i == n {
+                return None;
+            }
+            tokio::time::sleep(pause).await;
+            Some((Ok(i), i + 1))
+        })))
+    }
+}
+
+async fn serve<E, Req, Resp>(drt: &DistributedRuntime, endpoint: &str, engine: E) -> ServingEndpoint
+where
+    E: AsyncEngine<Req, Resp>,
+    Req: serde::de::DeserializeOwned + Send + 'static,
+    Resp: serde::Serialize + Send + 'static,
+{
+    drt.namespace("demo")
+        .unwrap()
+        .component("backend")
+        .unwrap()
+        .endpoint(endpoint)
+        .endpoint_builder()
+        .handler(engine)
+        .spawn()
+        .await
+        .unwrap()
+}
+
+async fn client(drt: &DistributedRuntime, endpoint: &str) -> Client {
+    drt.namespace("demo")
+        .unwrap()
+        .component("backend")
+        .unwrap()
+        .endpoint(endpoint)
+        .client()
+        .await
+        .unwrap()
+}
+
+async fn collect<T>(mut stream: ResponseStream<T>) -> (Vec<T>, Option<RequestError>) {
+    let mut items = vec![];
+    loop {
+        match tokio::time::timeout(DEADLINE, stream.next())
+            .await
+            .expect("item within the deadline")
+        {
+            None => return (items, None),
+            Some(Ok(item)) => items.push(item),
+            Some(Err(error)) => return (items, Some(error)),
+        }
+    }
+}
+
+async fn wait_until(what: &str, condition: impl Fn() -> bool) {
+    let start = tokio::time::Instant::now();
+    while !condition() {
+        assert!(start.elapsed() < DEADLINE, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn who_answers(router: &PushRouter<(), u64>, requests: usize) -> Vec<u64> {
+    let mut answers = vec![];
+    for _ in 0..requests {
+        let (items, error) = collect(router.generate(().into()).await.unwrap()).await;
+        assert!(error.is_none(), "{error:?}");
+        answers.extend(items);
+    }
+    answers
+}
+
+#[tokio::test]
+async fn hello_world_streams_the_request_back_one_character_at_a_time() {
+    let registry = MemRegistry::new();
+    let worker = process(&registry, &[]);
+    let caller = process(&registry, &[]);
+    serve(&worker, "generate", CharStreamer).await;
+
+    let client = client(&caller, "generate").await;
+    let instances = tokio::time::timeout(DEADLINE, client.wait_for_instances())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(instances.len(), 1);
+    assert_eq!(instances[0].instance_id, worker.instance_id());
+    let router = PushRouter::<String, String>::from_client(client, RouterMode::RoundRobin)
+        .await
+        .unwrap();
+    let (items, error) = collect(router.generate("hello world".to_string().into()).await.unwrap()).await;
+    assert!(error.is_none());
+    assert_eq!(items, ["h", "e", "l", "l", "o", " ", "w", "o", "r", "l", "d"]);
+}
+
+#[tokio::test]
+async fn round_robin_spreads_requests_and_follows_instances_as_they_come_and_go() {
+    let registry = MemRegistry::new();
+    let workers: Vec<_> = (0..3).map(|_| process(&registry, &[])).collect();
+    let mut serving = vec![];
+    for worker in &workers {
+        serving.push(serve(worker, "whoami", WhoAmI(worker.instance_id())).await);
+    }
+    let caller = process(&registry, &[]);
+    let client = client(&caller, "whoami").await;
+    assert_eq!(client.instances().len(), 3);
+    let router = PushRouter::<(), u64>::from_client(client.clone(), RouterMode::RoundRobin)
+        .await
+        .unwrap();
+
+    let answers = who_answers(&router, 30).await;
+    for worker in &workers {
+        let count = answers.iter().filter(|id| **id == worker.instance_id()).count();
+        assert_eq!(count, 10, "round robin gave {count} of 30 to one of three workers");
+    }
+
+    // One worker leaves: the client forgets it and nothing is sent to it.
+    let leaving = serving.remove(0);
+    leaving.stop();
+    leaving.wait().await;
+    wait_until("the client forgot the stopped worker", || client.instances().len() == 2).await;
+    let answers = who_answers(&router, 20).await;
+    assert!(!answers.contains(&workers[0].instance_id()));
+
+    // A new worker joins and gets its share.
+    let newcomer = process(&registry, &[]);
+    serve(&newcomer, "whoami", WhoAmI(newcomer.instance_id())).await;
+    wait_until("the client saw the new worker", || client.instances().len() == 3).await;
+    let answers = who_answers(&router, 30).await;
+    assert_eq!(answers.iter().filter(|id| **id == newcomer.instance_id()).count(), 10);
+}
+
+#[tokio::test]
+async fn random_mode_reaches_every_instance() {
+    let registry = MemRegistry::new();
+    let workers: Vec<_> = (0..3).map(|_| process(&registry, &[])).collect();
+    for worker in &workers {
+        serve(worker, "whoami", WhoAmI(worker.instance_id())).await;
+    }
+    let caller = process(&registry, &[]);
+    let router = PushRouter::<(), u64>::from_client(client(&caller, "whoami").await, RouterMode::Random)
+        .await
+        .unwrap();
+    let answers = who_answers(&router, 200).await;
+    for worker in &workers {
+        assert!(
+            answers.contains(&worker.instance_id()),
+            "random never picked a worker in 200 tries"
+        );
+    }
+}
+
+#[tokio::test]
+async fn direct_sends_to_the_named_instance_only() {
+    let registry = MemRegistry::new();
+    let workers: Vec<_> = (0..3).map(|_| process(&registry, &[])).collect();
+    for worker in &workers {
+        serve(worker, "whoami", WhoAmI(worker.instance_id())).await;
+    }
+    let caller = process(&registry, &[]);
+    let router = PushRouter::<(), u64>::from_client(client(&caller, "whoami").await, RouterMode::Direct)
+        .await
+        .unwrap();
+    let target = workers[1].instance_id();
+    for _ in 0..5 {
+        let (items, _) = collect(router.direct(().into(), target).await.unwrap()).await;
+        assert_eq!(items, vec![target]);
+    }
+    let unknown = router.direct(().into(), 0xbad).await.err().unwrap();
+    assert_eq!(unknown.kind(), ErrorKind::NotFound);
+    let wrong_mode = router.generate(().into()).await.err().unwrap();
+    assert_eq!(wrong_mode.kind(), ErrorKind::Invalid);
+    assert!(wrong_mode.message().contains("direct"), "{wrong_mode}");
+}
+
+#[tokio::test]
+async fn calling_an_endpoint_nobody_serves_is_not_found() {
+    let registry = MemRegistry::new();
+    let caller = process(&registry, &[]);
+    let router = PushRouter::<String, String>::from_client(client(&caller, "generate").await, RouterMode::RoundRobin)
+        .await
+        .unwrap();
+    let error = router.generate("hi".to_string().into()).await.err().unwrap();
+    assert_eq!(error.kind(), ErrorKind::NotFound);
+    assert!(error.message().contains("demo/backend/generate"), "{error}");
+}
+
+#[tokio::test]
+async fn a_request_of_the_wrong_type_is_invalid() {
+    let registry = MemRegistry::new();
+    let worker = process(&registry, &[]);
+    serve(&worker, "ticker", Ticker(Duration::ZERO)).await;
+    let caller = process(&registry, &[]);
+    let router = PushRouter::<String, u64>::from_client(client(&caller, "ticker").await, RouterMode::RoundRobin)
+        .await
+        .unwrap();
+    let (_, error) = collect(router.generate("not a number".to_string().into()).await.unwrap()).await;
+    let error = error.unwrap();
+    assert_eq!(error.kind(), ErrorKind::Invalid);
+    assert!(error.message().contains("u64"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_leaves_discovery_first_then_finishes_in_flight_streams() {
+    let registry = MemRegistry::new();
+    let worker = process(&registry, &[("DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT", "10s")]);
+    serve(&worker, "ticker", Ticker(Duration::from_millis(20))).await;
+    let caller = process(&registry, &[]);
+    let client = client(&caller, "ticker").await;
+    let router = PushRouter::<u64, u64>::from_client(client.clone(), RouterMode::RoundRobin)
+        .await
+        .unwrap();
+
+    let mut stream = router.generate(30.into()).await.unwrap();
+    assert_eq!(stream.next().await.unwrap().unwrap(), 0);
+    let shutdown = tokio::spawn({
+        let runtime = worker.runtime().clone();
+        async move { runtime.shutdown().await }
+    });
+    wait_until("the draining worker left discovery", || client.instances().is_empty()).await;
+
+    let (rest, error) = collect(stream).await;
+    assert!(error.is_none(), "an in-flight stream was cut during drain: {error:?}");
+    assert_eq!(rest, (1..30).collect::<Vec<u64>>());
+    assert_eq!(shutdown.await.unwrap(), ShutdownOutcome::Drained);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_still_running_at_the_drain_deadline_end_with_shutting_down() {
+    let registry = MemRegistry::new();
+    let worker = process(&registry, &[("DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT", "300ms")]);
+    serve(&worker, "ticker", Ticker(Duration::from_millis(10))).await;
+    let caller = process(&registry, &[]);
+    let router = PushRouter::<u64, u64>::from_client(client(&caller, "ticker").await, RouterMode::RoundRobin)
+        .await
+        .unwrap();
+
+    let mut stream = router.generate(u64::MAX.into()).await.unwrap();
+    assert_eq!(stream.next().await.unwrap().unwrap(), 0);
+    let outcome = tokio::time::timeout(DEADLINE, worker.runtime().shutdown())
+        .await
+        .unwrap();
+    assert_eq!(outcome, ShutdownOutcome::DeadlinePassed);
+    let (_, error) = collect(stream).await;
+    let kind = error
+        .expect("the stream must end with an error, not hang or end cleanly")
+        .kind();
+    assert!(
+        matches!(kind, ErrorKind::ShuttingDown | ErrorKind::Disconnected),
+        "{kind:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_stopped_runtime_makes_waiting_for_instances_fail_instead_of_hanging() {
+    let registry = MemRegistry::new();
+    let caller = process(&registry, &[]);
+    let client = client(&caller, "generate").await;
+    let waiting = tokio::spawn(async move { client.wait_for_instances().await });
+    caller.runtime().stop().await;
+    let result = tokio::time::timeout(DEADLINE, waiting).await.unwrap().unwrap();
+    assert!(matches!(result, Err(ClientError::ShuttingDown)));
+}
+
+#[tokio::test]
+async fn bad_names_are_rejected_with_the_rule() {
+    let registry = MemRegistry::new();
+    let drt = process(&registry, &[]);
+    let error = drt.namespace("My Namespace").unwrap_err();
+    assert!(error.to_string().contains("\"My Namespace\""), "{error}");
+    let endpoint = drt
+        .namespace("demo")
+        .unwrap()
+        .component("backend")
+        .unwrap()
+        .endpoint("gen/v2");
+    let error = endpoint.client().await.unwrap_err();
+    assert!(error.to_string().contains("lowercase letters, digits"), "{error}");
+    let error = endpoint
+        .endpoint_builder()
+        .handler(CharStreamer)
+        .start()
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("gen/v2"), "{error}");
+}
+
+#[tokio::test]
+async fn an_endpoint_without_a_handler_says_how_to_fix_it() {
+    let registry = MemRegistry::new();
+    let drt = process(&registry, &[]);
+    let builder = drt
+        .namespace("demo")
+        .unwrap()
+        .component("backend")
+        .unwrap()
+        .endpoint("x")
+        .endpoint_builder();
+    let error = builder.start().await.unwrap_err();
+    assert!(error.to_string().contains(".handler("), "{error}");
+}
+
+#[tokio::test]
+async fn backends_not_built_yet_fail_clearly_at_start_up() {
+    let runtime = Runtime::new(RuntimeConfig::from_vars([("DYN_DISCOVERY_BACKEND", "etcd")]).unwrap());
+    let error = DistributedRuntime::from_settings(runtime).await.unwrap_err();
+    assert!(matches!(error, DistributedError::NotBuiltYet { .. }));
+    assert!(error.to_string().contains("DYN_DISCOVERY_BACKEND=etcd"), "{error}");
+
+    let config = RuntimeConfig::from_vars([("DYN_DISCOVERY_BACKEND", "mem"), ("DYN_REQUEST_PLANE", "nats")]).unwrap();
+    let error = DistributedRuntime::from_settings(Runtime::new(config))
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("DYN_REQUEST_PLANE=nats"), "{error}");
+}
+
+/// SIGTERM to a real worker process: it drains and exits 0. Uses the
+/// `hello_world` example binary, which `cargo test` builds with the tests.
+#[test]
+fn sigterm_drains_a_worker_process_and_exits_cleanly() {
+    let example = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|profile| profile.join("examples").join("hello_world"))
+        .unwrap();
+    assert!(
+        example.exists(),
+        "{} is missing: run the tests with `cargo test` (it builds the examples)",
+        example.display()
+    );
+    let mut child = std::process::Command::new(&example)
+        .arg("server")
+        .env("DYN_DISCOVERY_BACKEND", "mem")
+        .env("DYN_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read the log on a thread so that no read can block the test past its deadline.
+    let stderr = child.stderr.take().unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut log = String::new();
+    let next_line = |log: &mut String| match lines.recv_timeout(DEADLINE) {
+        Ok(line) => {
+            log.push_str(&line);
+            log.push('\n');
+            true
+        }
+        Err(_) => false,
+    };
+    // Wait for the endpoint to be serving before signalling.
+    while !log.contains("endpoint serving") {
+        assert!(next_line(&mut log), "the worker never reported serving: {log}");
+    }
+    let status = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let started = std::time::Instant::now();
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        if started.elapsed() > DEADLINE {
+            let _ = child.kill();
+            panic!("worker still running {DEADLINE:?} after SIGTERM: {log}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    while next_line(&mut log) {}
+    assert!(exit.success(), "worker exited with {exit}: {log}");
+    assert!(log.contains("SIGTERM") && log.contains("endpoint drained"), "{log}");
+}
