@@ -4,13 +4,15 @@
 //! connection. Per-stream credit-based flow control keeps one slow consumer
 //! from stalling the other streams of its connection. See `docs/protocol.md`.
 //!
-//! Each connection has one reader task and one writer task; the writer drains
-//! its queue into a single `write_all` so a busy connection costs one syscall
-//! per batch, not per frame.
+//! Each connection has one reader task; writes go straight to the socket when
+//! it is idle and through a writer task that batches when it is busy
+//! ([`sink`]). A worker also batches the items of one stream that are ready
+//! together, so a fast stream costs one syscall per batch, not per item.
 
 mod client;
 pub(crate) mod frame;
 mod server;
+mod sink;
 #[cfg(test)]
 mod tests;
 
@@ -18,21 +20,12 @@ pub use client::TcpClient;
 pub use server::TcpServer;
 
 use bytes::BytesMut;
-use frame::{Decoded, Frame, FrameDecoder, FrameError};
+use frame::{Decoded, FrameDecoder, FrameError};
 use std::io;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
-
-/// Stop adding frames to a write batch beyond this size; large enough to
-/// amortise the syscall, small enough to keep latency of the first frame low.
-const WRITE_BATCH_BYTES: usize = 256 * 1024;
-
-/// A write buffer that grew past this (a large item) is not kept around.
-const KEEP_BUFFER_BYTES: usize = 1024 * 1024;
+use tokio::net::tcp::OwnedReadHalf;
 
 /// TCP keep-alive probes: a peer that vanished without closing the
 /// connection (host lost, network partition) is noticed within about
@@ -55,38 +48,6 @@ fn tune_socket(socket: &TcpStream) {
     if let Err(error) = socket2::SockRef::from(socket).set_tcp_keepalive(&keepalive) {
         tracing::debug!(%error, "could not enable TCP keep-alive");
     }
-}
-
-/// Writes every queued frame to `socket`, batching what is already queued,
-/// until all senders are gone or `closed` is cancelled; then closes the write side.
-async fn write_frames(
-    mut socket: OwnedWriteHalf,
-    mut frames: mpsc::UnboundedReceiver<Frame>,
-    closed: CancellationToken,
-) -> io::Result<()> {
-    let mut buf = BytesMut::with_capacity(64 * 1024);
-    loop {
-        let frame = tokio::select! {
-            _ = closed.cancelled() => break,
-            frame = frames.recv() => match frame {
-                Some(frame) => frame,
-                None => break,
-            },
-        };
-        frame.encode(&mut buf);
-        while buf.len() < WRITE_BATCH_BYTES {
-            match frames.try_recv() {
-                Ok(frame) => frame.encode(&mut buf),
-                Err(_) => break,
-            }
-        }
-        socket.write_all(&buf).await?;
-        buf.clear();
-        if buf.capacity() > KEEP_BUFFER_BYTES {
-            buf = BytesMut::with_capacity(64 * 1024);
-        }
-    }
-    socket.shutdown().await
 }
 
 /// Why a connection's read loop stopped.

@@ -2,7 +2,8 @@
 //! address, shared by every request to that worker, each request a stream.
 
 use super::frame::{self, CancelMode, Decoded, Frame, FrameDecoder, FrameType, RequestHead};
-use super::{ReadError, read_frame, tune_socket, write_frames};
+use super::sink::FrameSink;
+use super::{ReadError, read_frame, tune_socket};
 use crate::config::TcpConfig;
 use crate::engine::{Context, Controller};
 use crate::error::{ErrorKind, RequestError, WireError};
@@ -81,21 +82,13 @@ impl TcpClient {
             .map_err(|e| unreachable(e.to_string()).with_source(e))?;
         tune_socket(&socket);
         let (reader, writer) = socket.into_split();
-        let (tx, rx) = mpsc::unbounded_channel();
+        let closed = self.shutdown.child_token();
         let conn = Arc::new(Connection {
             address: address.to_string(),
-            frames: tx,
+            sink: FrameSink::new(writer, &self.tracker, closed.clone()),
             streams: Mutex::new(HashMap::new()),
             next_stream_id: AtomicU64::new(1),
-            closed: self.shutdown.child_token(),
-        });
-        let closed = conn.closed.clone();
-        self.tracker.spawn(async move {
-            if let Err(error) = write_frames(writer, rx, closed.clone()).await {
-                tracing::debug!(%error, "request plane write failed");
-            }
-            // Whatever stopped the writer, the connection can no longer carry requests.
-            closed.cancel();
+            closed,
         });
         let decoder = FrameDecoder::new(self.max_message_size);
         let pool = self.pool.clone();
@@ -180,9 +173,9 @@ enum StreamEvent {
 #[derive(Debug)]
 struct Connection {
     address: String,
-    /// Frames to the worker. Unbounded: requests are bounded by the callers,
-    /// cancel and credit frames by the streams.
-    frames: mpsc::UnboundedSender<Frame>,
+    /// Frames to the worker. What it queues is bounded by the callers
+    /// (requests) and the streams (cancel and credit frames).
+    sink: FrameSink,
     /// Open streams and where their events go.
     streams: Mutex<HashMap<u64, mpsc::UnboundedSender<StreamEvent>>>,
     next_stream_id: AtomicU64,
@@ -199,8 +192,10 @@ impl Connection {
     }
 
     fn send(&self, frame: Frame) {
-        // If the writer is gone the reader fails every stream; nothing to add here.
-        let _ = self.frames.send(frame);
+        if !self.sink.send(&frame) {
+            // The connection can no longer carry requests: the reader fails every stream.
+            self.closed.cancel();
+        }
     }
 
     fn open_stream(

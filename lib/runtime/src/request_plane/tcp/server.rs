@@ -3,19 +3,20 @@
 //! within the stream's flow-control credit.
 
 use super::frame::{self, CancelMode, Decoded, Frame, FrameDecoder, FrameType, RequestHead};
-use super::{ReadError, read_frame, tune_socket, write_frames};
+use super::sink::FrameSink;
+use super::{ReadError, read_frame, tune_socket};
 use crate::config::TcpConfig;
 use crate::engine::{Context, Controller};
 use crate::error::{ErrorKind, RequestError};
 use crate::request_plane::{Handlers, RequestServer, Transport};
 use bytes::{Bytes, BytesMut};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -107,9 +108,9 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 /// One caller connection.
 #[derive(Debug)]
 struct Connection {
-    /// Frames to the caller. Unbounded because every producer is already
-    /// bounded: a stream sends at most its credit window of items.
-    frames: mpsc::UnboundedSender<Frame>,
+    /// Frames to the caller. What it queues is bounded by the streams: each
+    /// sends at most its credit window of items.
+    sink: FrameSink,
     /// Streams still running, for cancel and credit frames.
     streams: Mutex<HashMap<u64, StreamControl>>,
 }
@@ -122,8 +123,8 @@ struct StreamControl {
 
 impl Connection {
     fn send(&self, frame: Frame) {
-        // A closed channel means the caller is gone; there is nobody to tell.
-        let _ = self.frames.send(frame);
+        // A dead connection means the caller is gone; there is nobody to tell.
+        self.sink.send(&frame);
     }
 
     fn streams(&self) -> std::sync::MutexGuard<'_, HashMap<u64, StreamControl>> {
@@ -135,17 +136,11 @@ impl Connection {
 async fn serve_connection(socket: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     tune_socket(&socket);
     let (mut reader, writer) = socket.into_split();
-    let (tx, rx) = mpsc::unbounded_channel();
     // The writer ends when every stream of the connection has sent its last
-    // frame (all senders dropped), not at shutdown, so final errors get out.
-    let writer_closed = CancellationToken::new();
-    shared.tracker.spawn(async move {
-        if let Err(error) = write_frames(writer, rx, writer_closed).await {
-            tracing::debug!(%peer, %error, "request plane write failed");
-        }
-    });
+    // frame (the sink is dropped with the connection), not at shutdown, so
+    // final errors get out.
     let conn = Arc::new(Connection {
-        frames: tx,
+        sink: FrameSink::new(writer, &shared.tracker, CancellationToken::new()),
         streams: Mutex::new(HashMap::new()),
     });
 
@@ -250,15 +245,23 @@ async fn run_stream(
     controller: Controller,
     credit: Arc<Semaphore>,
 ) {
-    let last = match stream_items(&conn, &shared, stream_id, head, &controller, &credit).await {
+    let mut batch = BytesMut::new();
+    let last = match stream_items(&conn, &shared, stream_id, head, &controller, &credit, &mut batch).await {
         Ok(()) => Frame::new(FrameType::End, stream_id, Bytes::new()),
         Err(error) => error_frame(stream_id, &error),
     };
     conn.streams().remove(&stream_id);
-    conn.send(last);
+    // The last items and the final frame usually leave in one write.
+    last.encode(&mut batch);
+    conn.sink.send_encoded(&batch);
 }
 
-/// Sends the handler's items as DATA frames; `Ok` when the stream completed.
+/// Largest batch of one stream's DATA frames sent in one write.
+const STREAM_BATCH_BYTES: usize = 64 * 1024;
+
+/// Sends the handler's items as DATA frames, batching the items that are
+/// ready together; `Ok` when the stream completed. Frames not yet sent are
+/// left in `batch` for the caller to send with the final frame.
 async fn stream_items(
     conn: &Connection,
     shared: &Shared,
@@ -266,6 +269,7 @@ async fn stream_items(
     head: RequestHead,
     controller: &Controller,
     credit: &Semaphore,
+    batch: &mut BytesMut,
 ) -> Result<(), RequestError> {
     let killed = || killed_error(&shared.shutdown);
     let request = Context::with_controller(head.body, controller.clone());
@@ -275,11 +279,28 @@ async fn stream_items(
         items = shared.handlers.dispatch(&head.endpoint, head.instance_id, request) => items?,
     };
     loop {
-        let item = tokio::select! {
-            biased;
-            _ = controller.killed() => return Err(killed()),
-            item = items.next() => item,
+        // Wait for an item only when nothing is waiting to be sent; otherwise
+        // take what is ready and send the batch once nothing more is.
+        let item = if batch.is_empty() {
+            tokio::select! {
+                biased;
+                _ = controller.killed() => return Err(killed()),
+                item = items.next() => item,
+            }
+        } else {
+            match items.next().now_or_never() {
+                Some(item) => item,
+                None => {
+                    conn.sink.send_encoded(batch);
+                    batch.clear();
+                    continue;
+                }
+            }
         };
+        if controller.is_killed() {
+            batch.clear();
+            return Err(killed());
+        }
         let bytes = match item {
             None => return Ok(()),
             Some(item) => item?,
@@ -294,12 +315,24 @@ async fn stream_items(
                 ),
             ));
         }
-        tokio::select! {
-            biased;
-            _ = controller.killed() => return Err(killed()),
-            permit = credit.acquire() => permit.expect("the credit semaphore is never closed").forget(),
+        match credit.try_acquire() {
+            Ok(permit) => permit.forget(),
+            Err(_) => {
+                // Out of credit: send what we have, then wait for the caller.
+                conn.sink.send_encoded(batch);
+                batch.clear();
+                tokio::select! {
+                    biased;
+                    _ = controller.killed() => return Err(killed()),
+                    permit = credit.acquire() => permit.expect("the credit semaphore is never closed").forget(),
+                }
+            }
         }
-        conn.send(Frame::new(FrameType::Data, stream_id, bytes));
+        Frame::new(FrameType::Data, stream_id, bytes).encode(batch);
+        if batch.len() >= STREAM_BATCH_BYTES {
+            conn.sink.send_encoded(batch);
+            batch.clear();
+        }
     }
 }
 
