@@ -1,0 +1,40 @@
+# The two commands a newcomer needs are in README.md:
+#   cargo run --example hello_world    (the main job, no infrastructure)
+#   make test                          (installs missing test servers, then runs everything)
+
+CARGO ?= cargo
+
+.PHONY: test test-deps lint bench hello
+
+## Lint, then run the whole test suite (unit, integration, examples build).
+test: test-deps lint
+	$(CARGO) test --workspace --all-targets
+
+## Install what the tests need when it is missing (Debian packages): etcd and
+## NATS servers for the discovery/event-plane tests, protoc and the
+## well-known .proto files that etcd-client compiles at build time.
+test-deps:
+	@missing=""; \
+	command -v etcd >/dev/null 2>&1 || missing="$$missing etcd-server"; \
+	command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || missing="$$missing nats-server"; \
+	command -v protoc >/dev/null 2>&1 || missing="$$missing protobuf-compiler"; \
+	[ -f /usr/include/google/protobuf/descriptor.proto ] || missing="$$missing libprotobuf-dev"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing test dependencies:$$missing"; \
+		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+## Formatting and clippy, warnings denied.
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## Request-plane benchmarks (see docs/performance.md).
+bench:
+	$(CARGO) bench -p switchyard-runtime --bench request_plane
+
+## Hello world, server and client in one process.
+hello:
+	$(CARGO) run --example hello_world
