@@ -6,9 +6,10 @@ CARGO ?= cargo
 
 .PHONY: test test-deps lint bench hello
 
-## Lint, then run the whole test suite (unit, integration, examples build).
+## Lint, then run the whole test suite. Plain `cargo test` (not --all-targets)
+## builds the examples as binaries, which the multi-process tests run.
 test: test-deps lint
-	$(CARGO) test --workspace --all-targets
+	$(CARGO) test --workspace
 
 ## Install what the tests need when it is missing (Debian packages): etcd and
 ## NATS servers for the discovery/event-plane tests, protoc and the
