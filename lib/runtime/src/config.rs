@@ -34,6 +34,14 @@ impl Variable {
 
 const CONFIG_FILE: &str = "DYN_CONFIG_FILE";
 const DISCOVERY_BACKEND: &str = "DYN_DISCOVERY_BACKEND";
+const FILE_KV: &str = "DYN_FILE_KV";
+const LEASE_TTL: &str = "DYN_LEASE_TTL";
+const ETCD_ENDPOINTS: &str = "ETCD_ENDPOINTS";
+const ETCD_AUTH_USERNAME: &str = "ETCD_AUTH_USERNAME";
+const ETCD_AUTH_PASSWORD: &str = "ETCD_AUTH_PASSWORD";
+const ETCD_AUTH_CA: &str = "ETCD_AUTH_CA";
+const ETCD_AUTH_CLIENT_CERT: &str = "ETCD_AUTH_CLIENT_CERT";
+const ETCD_AUTH_CLIENT_KEY: &str = "ETCD_AUTH_CLIENT_KEY";
 const REQUEST_PLANE: &str = "DYN_REQUEST_PLANE";
 const TCP_RPC_HOST: &str = "DYN_TCP_RPC_HOST";
 const TCP_RPC_PORT: &str = "DYN_TCP_RPC_PORT";
@@ -55,6 +63,46 @@ pub const VARIABLES: &[Variable] = &[
         name: DISCOVERY_BACKEND,
         default: "etcd",
         help: "where instances are registered: mem | file | etcd | kubernetes",
+    },
+    Variable {
+        name: FILE_KV,
+        default: "",
+        help: "directory shared by the processes of one machine (file backend); unset means $TMPDIR/switchyard_kv",
+    },
+    Variable {
+        name: LEASE_TTL,
+        default: "10s",
+        help: "how long a process's registrations outlive it: the etcd lease TTL, or the file backend's staleness limit",
+    },
+    Variable {
+        name: ETCD_ENDPOINTS,
+        default: "http://localhost:2379",
+        help: "comma-separated etcd client URLs (http:// or https://)",
+    },
+    Variable {
+        name: ETCD_AUTH_USERNAME,
+        default: "",
+        help: "etcd user name; needs ETCD_AUTH_PASSWORD",
+    },
+    Variable {
+        name: ETCD_AUTH_PASSWORD,
+        default: "",
+        help: "etcd password; needs ETCD_AUTH_USERNAME",
+    },
+    Variable {
+        name: ETCD_AUTH_CA,
+        default: "",
+        help: "path of the PEM CA certificate that signed the etcd server's certificate (enables TLS)",
+    },
+    Variable {
+        name: ETCD_AUTH_CLIENT_CERT,
+        default: "",
+        help: "path of the PEM client certificate for etcd mutual TLS; needs ETCD_AUTH_CLIENT_KEY",
+    },
+    Variable {
+        name: ETCD_AUTH_CLIENT_KEY,
+        default: "",
+        help: "path of the PEM private key of ETCD_AUTH_CLIENT_CERT",
     },
     Variable {
         name: REQUEST_PLANE,
@@ -183,10 +231,40 @@ pub struct TcpConfig {
     stream_window: u32,
 }
 
+/// How to reach etcd (discovery backend `etcd`).
+#[derive(Clone, Getters)]
+pub struct EtcdConfig {
+    /// Client URLs, tried in turn.
+    endpoints: Vec<String>,
+    /// User name and password, when etcd has authentication on.
+    credentials: Option<(String, String)>,
+    /// CA certificate (PEM file) that signs the server's certificate; enables TLS.
+    ca: Option<PathBuf>,
+    /// Client certificate and key (PEM files) for mutual TLS.
+    identity: Option<(PathBuf, PathBuf)>,
+}
+
+impl std::fmt::Debug for EtcdConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the password.
+        f.debug_struct("EtcdConfig")
+            .field("endpoints", &self.endpoints)
+            .field("user", &self.credentials.as_ref().map(|(user, _)| user))
+            .field("ca", &self.ca)
+            .field("identity", &self.identity)
+            .finish()
+    }
+}
+
 /// The validated settings of one process.
 #[derive(Debug, Clone, Getters)]
 pub struct RuntimeConfig {
     discovery_backend: DiscoveryBackend,
+    /// Lifetime of registrations after their process stops refreshing them.
+    lease_ttl: Duration,
+    /// Root directory of the file backend.
+    file_kv: PathBuf,
+    etcd: EtcdConfig,
     request_plane: RequestPlaneKind,
     tcp: TcpConfig,
     /// Drain deadline after SIGTERM/SIGINT.
@@ -201,6 +279,11 @@ impl RuntimeConfig {
     /// Defaults → the TOML file named by `DYN_CONFIG_FILE` (if any) → environment.
     pub fn from_settings() -> Result<Self, ConfigError> {
         let env = Env::prefixed("DYN_");
+        let unprefixed: Vec<&str> = VARIABLES
+            .iter()
+            .map(|v| v.name)
+            .filter(|name| !name.starts_with("DYN_"))
+            .collect();
         let config_file = env
             .iter()
             .find(|(key, _)| key.as_str() == "config_file")
@@ -214,7 +297,7 @@ impl RuntimeConfig {
             }
             figment = figment.merge(Toml::file_exact(path));
         }
-        Self::from_figment(figment.merge(env))
+        Self::from_figment(figment.merge(env).merge(Env::raw().only(&unprefixed)))
     }
 
     /// Defaults overridden by the given `(variable, value)` pairs, ignoring the
@@ -279,8 +362,18 @@ impl RuntimeConfig {
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
             Some(_) => settings.number(WORKER_THREADS, 1, 1024, "a thread count between 1 and 1024")? as usize,
         };
+        let lease_ttl = settings.duration(LEASE_TTL)?;
+        if lease_ttl < Duration::from_secs(1) {
+            return Err(settings.invalid(LEASE_TTL, &settings.text(LEASE_TTL)?, "a duration of at least 1s"));
+        }
+        let file_kv = settings
+            .optional_text(FILE_KV)?
+            .map_or_else(|| std::env::temp_dir().join("switchyard_kv"), PathBuf::from);
         Ok(Self {
             discovery_backend,
+            lease_ttl,
+            file_kv,
+            etcd: settings.etcd()?,
             request_plane,
             tcp,
             graceful_shutdown_timeout: settings.duration(GRACEFUL_SHUTDOWN_TIMEOUT)?,
@@ -373,6 +466,49 @@ impl Settings {
             .ok_or_else(|| self.invalid(name, &text, "a duration such as `10s`, `500ms` or a number of seconds"))
     }
 
+    fn etcd(&self) -> Result<EtcdConfig, ConfigError> {
+        let text = self.text(ETCD_ENDPOINTS)?;
+        let endpoints: Vec<String> = text.split(',').map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect();
+        let valid = |e: &String| {
+            e.strip_prefix("http://")
+                .or_else(|| e.strip_prefix("https://"))
+                .is_some_and(|rest| !rest.is_empty())
+        };
+        if endpoints.is_empty() || !endpoints.iter().all(valid) {
+            return Err(self.invalid(
+                ETCD_ENDPOINTS,
+                &text,
+                "a comma-separated list of http://host:port or https://host:port URLs",
+            ));
+        }
+        let credentials = match (self.optional_text(ETCD_AUTH_USERNAME)?, self.optional_text(ETCD_AUTH_PASSWORD)?) {
+            (Some(user), Some(password)) => Some((user, password)),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::Incomplete {
+                    set: "only one of ETCD_AUTH_USERNAME and ETCD_AUTH_PASSWORD",
+                    needed: "both, or neither",
+                });
+            }
+        };
+        let identity = match (self.optional_text(ETCD_AUTH_CLIENT_CERT)?, self.optional_text(ETCD_AUTH_CLIENT_KEY)?) {
+            (Some(cert), Some(key)) => Some((PathBuf::from(cert), PathBuf::from(key))),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::Incomplete {
+                    set: "only one of ETCD_AUTH_CLIENT_CERT and ETCD_AUTH_CLIENT_KEY",
+                    needed: "both, or neither",
+                });
+            }
+        };
+        Ok(EtcdConfig {
+            endpoints,
+            credentials,
+            ca: self.optional_text(ETCD_AUTH_CA)?.map(PathBuf::from),
+            identity,
+        })
+    }
+
     fn log_filter(&self) -> Result<String, ConfigError> {
         let text = self.text(LOG)?;
         match tracing_subscriber::EnvFilter::try_new(&text) {
@@ -427,6 +563,8 @@ pub enum ConfigError {
     },
     #[error("DYN_CONFIG_FILE names {path:?}, which is not a readable file")]
     MissingFile { path: PathBuf },
+    #[error("{set} is set; {needed} must be")]
+    Incomplete { set: &'static str, needed: &'static str },
     #[error("unknown configuration variable {name:?}; see docs/configuration.md for the list")]
     UnknownVariable { name: String },
 }
@@ -507,6 +645,35 @@ mod tests {
     }
 
     #[test]
+    fn etcd_settings_are_checked() {
+        let config = RuntimeConfig::from_vars([(ETCD_ENDPOINTS, "http://10.0.0.1:2379, https://etcd:2379")]).unwrap();
+        assert_eq!(config.etcd.endpoints, ["http://10.0.0.1:2379", "https://etcd:2379"]);
+        let err = RuntimeConfig::from_vars([(ETCD_ENDPOINTS, "10.0.0.1:2379")]).unwrap_err();
+        assert!(err.to_string().contains("ETCD_ENDPOINTS"), "{err}");
+        let err = RuntimeConfig::from_vars([(ETCD_AUTH_USERNAME, "root")]).unwrap_err();
+        assert!(err.to_string().contains("ETCD_AUTH_PASSWORD"), "{err}");
+        let config = RuntimeConfig::from_vars([(ETCD_AUTH_USERNAME, "root"), (ETCD_AUTH_PASSWORD, "s3cret")]).unwrap();
+        assert!(!format!("{config:?}").contains("s3cret"), "the password leaked into Debug");
+    }
+
+    #[test]
+    fn lease_ttl_below_a_second_is_rejected() {
+        assert_eq!(RuntimeConfig::default().lease_ttl, Duration::from_secs(10));
+        let err = RuntimeConfig::from_vars([(LEASE_TTL, "200ms")]).unwrap_err();
+        assert!(err.to_string().contains("DYN_LEASE_TTL"), "{err}");
+    }
+
+    #[test]
+    fn etcd_endpoints_come_from_the_unprefixed_variable() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("ETCD_ENDPOINTS", "http://127.0.0.1:23790");
+            let config = RuntimeConfig::from_settings().map_err(|e| e.to_string())?;
+            assert_eq!(config.etcd.endpoints, ["http://127.0.0.1:23790"]);
+            Ok(())
+        });
+    }
+
+    #[test]
     fn empty_value_means_default() {
         let config = RuntimeConfig::from_vars([(REQUEST_PLANE, "")]).unwrap();
         assert_eq!(config.request_plane, RequestPlaneKind::Tcp);
@@ -569,7 +736,7 @@ mod tests {
             .lines()
             .filter_map(|line| line.strip_prefix("| `"))
             .filter_map(|rest| rest.split('`').next())
-            .filter(|name| name.starts_with("DYN_"))
+            .filter(|name| name.starts_with("DYN_") || name.starts_with("ETCD_") || name.starts_with("NATS_"))
             .collect();
         for name in documented {
             assert!(

@@ -11,6 +11,8 @@
 //!
 //! This module knows nothing about requests or routing.
 
+pub mod etcd;
+pub mod file;
 pub mod mem;
 #[cfg(test)]
 pub(crate) mod suite;
@@ -235,6 +237,36 @@ pub enum DiscoveryError {
     NotOwner { key: Key, own: u64, key_owner: u64 },
     #[error("discovery has shut down")]
     ShutDown,
+    #[error("file discovery: cannot {action} {path}")]
+    File {
+        action: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("etcd {operation} failed")]
+    Etcd {
+        operation: &'static str,
+        #[source]
+        source: etcd_client::Error,
+    },
+    #[error(
+        "cannot reach etcd at {endpoints} within {timeout:?} (ETCD_ENDPOINTS); is it running? \
+         Without etcd, set DYN_DISCOVERY_BACKEND=mem (one process) or file (several processes on one machine)"
+    )]
+    EtcdUnreachable {
+        endpoints: String,
+        timeout: std::time::Duration,
+        #[source]
+        source: Option<etcd_client::Error>,
+    },
+    #[error("cannot read the etcd TLS file {path} ({variable})")]
+    TlsFile {
+        variable: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 #[cfg(test)]

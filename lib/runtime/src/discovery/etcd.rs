@@ -1,0 +1,1 @@
+//! Discovery on etcd: placeholder, replaced in the next commit.

@@ -1,0 +1,509 @@
+//! Discovery through a directory shared by the processes of one machine
+//! (`DYN_DISCOVERY_BACKEND=file`, root `DYN_FILE_KV`).
+//!
+//! Layout: one sub-directory per bucket (`instances/`, `models/`,
+//! `event_channels/`), one file per registration, named
+//! `{namespace}.{component}.{name}.{instance_id:x}` with every byte outside
+//! `[A-Za-z0-9_-]` of each segment percent-encoded, so any key round-trips.
+//! Files are written atomically (temp file `.tmp_*`, then rename).
+//!
+//! Liveness: a process touches its files every `DYN_LEASE_TTL / 3`. A file
+//! whose modification time is older than the TTL belongs to a dead process:
+//! readers ignore it and delete it. Watches rescan on every inotify event and
+//! at least every [`RESCAN_EVERY`] (so expiry is seen, and a dropped event
+//! costs at most one interval).
+
+use super::{Bucket, Discovery, DiscoveryError, Key, Query, Registration, WatchEvent, WatchStream};
+use bytes::Bytes;
+use notify::Watcher;
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Longest pause between two scans of a watched bucket. Bounds how late a
+/// dead process's expiry (or a dropped inotify event) is noticed.
+const RESCAN_EVERY: Duration = Duration::from_millis(500);
+
+const BUCKETS: [Bucket; 3] = [Bucket::Instances, Bucket::Models, Bucket::EventChannels];
+
+/// One process's handle on a shared discovery directory.
+#[derive(Debug)]
+pub struct FileDiscovery {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    root: PathBuf,
+    ttl: Duration,
+    instance_id: u64,
+    /// What this process registered, to refresh (and rewrite if reaped).
+    own: Mutex<BTreeMap<Key, Bytes>>,
+    shut_down: AtomicBool,
+    /// Bumped by inotify on any change in a bucket directory; watches rescan.
+    changes: watch::Sender<u64>,
+    /// Kept alive for as long as the backend: dropping it stops inotify.
+    _watcher: Mutex<Option<notify::RecommendedWatcher>>,
+    /// Stops the refresh task and the watch tasks.
+    stop: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl FileDiscovery {
+    /// Opens (creating if needed) the directory `root` and starts refreshing
+    /// this process's files. Tasks run on `tracker` until `stop` is cancelled.
+    pub async fn open(
+        root: PathBuf,
+        ttl: Duration,
+        tracker: TaskTracker,
+        stop: CancellationToken,
+    ) -> Result<Self, DiscoveryError> {
+        let dirs: Vec<PathBuf> = BUCKETS.iter().map(|b| root.join(b.as_str())).collect();
+        blocking({
+            let dirs = dirs.clone();
+            move || {
+                for dir in &dirs {
+                    std::fs::create_dir_all(dir).map_err(|e| file_error("create", dir, e))?;
+                }
+                // Fail at start-up, not at the first registration, when the directory is read-only.
+                let probe = dirs[0].join(format!(".tmp_probe_{:016x}", rand::random::<u64>()));
+                std::fs::write(&probe, b"").map_err(|e| file_error("write to", &dirs[0], e))?;
+                let _ = std::fs::remove_file(&probe);
+                Ok(())
+            }
+        })
+        .await?;
+
+        let (changes, _) = watch::channel(0u64);
+        let notifier = changes.clone();
+        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if event.is_ok() {
+                notifier.send_modify(|n| *n = n.wrapping_add(1));
+            }
+        })
+        .map_err(|e| file_error("watch", &root, io::Error::other(e)))?;
+        for dir in &dirs {
+            watcher
+                .watch(dir, notify::RecursiveMode::NonRecursive)
+                .map_err(|e| file_error("watch", dir, io::Error::other(e)))?;
+        }
+
+        let inner = Arc::new(Inner {
+            root,
+            ttl,
+            instance_id: rand::random::<u64>() & 0x001F_FFFF_FFFF_FFFF,
+            own: Mutex::new(BTreeMap::new()),
+            shut_down: AtomicBool::new(false),
+            changes,
+            _watcher: Mutex::new(Some(watcher)),
+            stop,
+            tracker,
+        });
+        inner.tracker.spawn(refresh(inner.clone()));
+        Ok(Self { inner })
+    }
+
+    /// The directory this backend shares.
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+}
+
+impl Inner {
+    fn own(&self) -> std::sync::MutexGuard<'_, BTreeMap<Key, Bytes>> {
+        // Updates are single insert/remove calls: a poisoned map is still consistent.
+        self.own.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn path(&self, key: &Key) -> PathBuf {
+        self.root.join(key.bucket.as_str()).join(file_name(key))
+    }
+}
+
+#[async_trait::async_trait]
+impl Discovery for FileDiscovery {
+    fn instance_id(&self) -> u64 {
+        self.inner.instance_id
+    }
+
+    async fn register(&self, registration: Registration) -> Result<(), DiscoveryError> {
+        if registration.key.instance_id != self.inner.instance_id {
+            return Err(DiscoveryError::NotOwner {
+                own: self.inner.instance_id,
+                key_owner: registration.key.instance_id,
+                key: registration.key,
+            });
+        }
+        let key = &registration.key;
+        if [&key.namespace, &key.component, &key.name].iter().any(|s| s.is_empty()) {
+            return Err(DiscoveryError::BadKey { key: key.to_string() });
+        }
+        if self.inner.shut_down.load(Ordering::Acquire) {
+            return Err(DiscoveryError::ShutDown);
+        }
+        let path = self.inner.path(&registration.key);
+        let value = registration.value.clone();
+        blocking(move || write_atomically(&path, &value)).await?;
+        self.inner.own().insert(registration.key, registration.value);
+        // Lost a race with shutdown: take the file back out.
+        if self.inner.shut_down.load(Ordering::Acquire) {
+            self.shutdown().await?;
+            return Err(DiscoveryError::ShutDown);
+        }
+        Ok(())
+    }
+
+    async fn unregister(&self, key: &Key) -> Result<(), DiscoveryError> {
+        self.inner.own().remove(key);
+        let path = self.inner.path(key);
+        blocking(move || remove_if_present(&path)).await
+    }
+
+    async fn list(&self, query: &Query) -> Result<Vec<Registration>, DiscoveryError> {
+        let (root, ttl, query) = (self.inner.root.clone(), self.inner.ttl, query.clone());
+        blocking(move || scan(&root, ttl, &query)).await.map(|view| {
+            view.into_iter()
+                .map(|(key, value)| Registration { key, value })
+                .collect()
+        })
+    }
+
+    async fn watch(&self, query: &Query) -> Result<WatchStream, DiscoveryError> {
+        if self.inner.shut_down.load(Ordering::Acquire) {
+            return Err(DiscoveryError::ShutDown);
+        }
+        let mut changes = self.inner.changes.subscribe();
+        changes.mark_unchanged();
+        let (root, ttl, query) = (self.inner.root.clone(), self.inner.ttl, query.clone());
+        let view = blocking({
+            let (root, query) = (root.clone(), query.clone());
+            move || scan(&root, ttl, &query)
+        })
+        .await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let snapshot = view
+            .iter()
+            .map(|(key, value)| Registration {
+                key: key.clone(),
+                value: value.clone(),
+            })
+            .collect();
+        tx.send(Ok(WatchEvent::Snapshot(snapshot))).expect("receiver is alive");
+        let stop = self.inner.stop.clone();
+        self.inner.tracker.spawn(async move {
+            let mut view = view;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tx.closed() => return,
+                    _ = changes.changed() => {}
+                    _ = tokio::time::sleep(RESCAN_EVERY) => {}
+                }
+                let scanned = blocking({
+                    let (root, query) = (root.clone(), query.clone());
+                    move || scan(&root, ttl, &query)
+                })
+                .await;
+                match scanned {
+                    Ok(current) => {
+                        for event in diff(&view, &current) {
+                            if tx.send(Ok(event)).is_err() {
+                                return;
+                            }
+                        }
+                        view = current;
+                    }
+                    Err(error) => tracing::warn!(%error, "file discovery rescan failed"),
+                }
+            }
+        });
+        Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|event| (event, rx))
+        })))
+    }
+
+    async fn shutdown(&self) -> Result<(), DiscoveryError> {
+        self.inner.shut_down.store(true, Ordering::Release);
+        let own = std::mem::take(&mut *self.inner.own());
+        let paths: Vec<PathBuf> = own.keys().map(|key| self.inner.path(key)).collect();
+        blocking(move || {
+            for path in paths {
+                remove_if_present(&path)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// Keeps this process's files fresh (and rewrites any that were reaped while
+/// the process was paused longer than the TTL).
+async fn refresh(inner: Arc<Inner>) {
+    let every = inner.ttl / 3;
+    loop {
+        tokio::select! {
+            _ = inner.stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let files: Vec<(PathBuf, Bytes)> = inner
+            .own()
+            .iter()
+            .map(|(key, value)| (inner.path(key), value.clone()))
+            .collect();
+        let result = blocking(move || {
+            for (path, value) in files {
+                touch_or_rewrite(&path, &value)?;
+            }
+            Ok(())
+        })
+        .await;
+        if let Err(error) = result {
+            tracing::warn!(%error, "cannot refresh file discovery registrations");
+        }
+    }
+}
+
+/// The current, live registrations matching `query`; reaps expired files.
+fn scan(root: &Path, ttl: Duration, query: &Query) -> Result<BTreeMap<Key, Bytes>, DiscoveryError> {
+    let dir = root.join(query.bucket.as_str());
+    let entries = std::fs::read_dir(&dir).map_err(|e| file_error("list", &dir, e))?;
+    let now = SystemTime::now();
+    let mut view = BTreeMap::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with('.') {
+            continue;
+        }
+        let Some(key) = parse_file_name(query.bucket, name) else {
+            tracing::debug!(file = %entry.path().display(), "ignoring a file that is not a registration");
+            continue;
+        };
+        if !query.matches(&key) {
+            continue;
+        }
+        let path = entry.path();
+        let Ok(modified) = entry.metadata().and_then(|m| m.modified()) else { continue };
+        // A modification time in the future (clock skew) counts as fresh.
+        if now.duration_since(modified).is_ok_and(|age| age > ttl) {
+            // Its owner stopped refreshing it: the process is gone.
+            let _ = std::fs::remove_file(&path);
+            continue;
+        }
+        match std::fs::read(&path) {
+            Ok(value) => {
+                view.insert(key, Bytes::from(value));
+            }
+            // Removed between listing and reading: it is gone.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(file_error("read", &path, e)),
+        }
+    }
+    Ok(view)
+}
+
+/// The events that turn `old` into `new`.
+fn diff(old: &BTreeMap<Key, Bytes>, new: &BTreeMap<Key, Bytes>) -> Vec<WatchEvent> {
+    let mut events = vec![];
+    for key in old.keys().filter(|key| !new.contains_key(*key)) {
+        events.push(WatchEvent::Delete(key.clone()));
+    }
+    for (key, value) in new {
+        if old.get(key) != Some(value) {
+            events.push(WatchEvent::Put(Registration {
+                key: key.clone(),
+                value: value.clone(),
+            }));
+        }
+    }
+    events
+}
+
+/// `{namespace}.{component}.{name}.{instance_id:x}`, each segment
+/// percent-encoded (every byte outside `[A-Za-z0-9_-]`), so `.` only ever
+/// separates segments and any key, even one with `/` in a segment, round-trips.
+fn file_name(key: &Key) -> String {
+    let id = format!("{:x}", key.instance_id);
+    [key.namespace.as_str(), key.component.as_str(), key.name.as_str(), id.as_str()]
+        .map(encode_segment)
+        .join(".")
+}
+
+fn encode_segment(segment: &str) -> String {
+    let mut encoded = String::with_capacity(segment.len());
+    for byte in segment.bytes() {
+        if byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-' {
+            encoded.push(byte as char);
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
+}
+
+fn decode_segment(segment: &str) -> Option<String> {
+    let bytes = segment.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            decoded.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            decoded.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(decoded).ok()
+}
+
+fn parse_file_name(bucket: Bucket, name: &str) -> Option<Key> {
+    let parts: Vec<&str> = name.split('.').collect();
+    let [namespace, component, key_name, id] = parts.as_slice() else {
+        return None;
+    };
+    Some(Key {
+        bucket,
+        namespace: decode_segment(namespace)?,
+        component: decode_segment(component)?,
+        name: decode_segment(key_name)?,
+        instance_id: u64::from_str_radix(id, 16).ok()?,
+    })
+}
+
+fn write_atomically(path: &Path, value: &[u8]) -> Result<(), DiscoveryError> {
+    let dir = path.parent().expect("registration files live in a bucket directory");
+    let temp = dir.join(format!(".tmp_{:016x}", rand::random::<u64>()));
+    std::fs::write(&temp, value).map_err(|e| file_error("write", &temp, e))?;
+    std::fs::rename(&temp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&temp);
+        file_error("rename into place", path, e)
+    })
+}
+
+fn touch_or_rewrite(path: &Path, value: &[u8]) -> Result<(), DiscoveryError> {
+    match std::fs::File::options().write(true).open(path) {
+        Ok(file) => file.set_modified(SystemTime::now()).map_err(|e| file_error("refresh", path, e)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => write_atomically(path, value),
+        Err(e) => Err(file_error("refresh", path, e)),
+    }
+}
+
+fn remove_if_present(path: &Path) -> Result<(), DiscoveryError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(file_error("remove", path, e)),
+    }
+}
+
+fn file_error(action: &'static str, path: &Path, source: io::Error) -> DiscoveryError {
+    DiscoveryError::File {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Runs blocking file-system work off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, DiscoveryError> + Send + 'static,
+) -> Result<T, DiscoveryError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|join| Err(file_error("run a file task for", Path::new("discovery"), io::Error::other(join))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::suite;
+
+    #[test]
+    fn file_names_round_trip_any_key() {
+        let key = Key {
+            bucket: Bucket::Models,
+            namespace: "ns.with/odd chars%".into(),
+            component: "Ünïcode".into(),
+            name: "gen-1_x".into(),
+            instance_id: 0xdead_beef,
+        };
+        let name = file_name(&key);
+        assert!(!name.contains('/') && !name.starts_with('.'), "{name}");
+        assert_eq!(parse_file_name(Bucket::Models, &name), Some(key));
+        assert_eq!(parse_file_name(Bucket::Models, "not%2"), None);
+        assert_eq!(parse_file_name(Bucket::Models, "a%2Fb"), None);
+    }
+
+    fn temp_root() -> PathBuf {
+        std::env::temp_dir().join(format!("switchyard-file-test-{:016x}", rand::random::<u64>()))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn file_backend_passes_the_discovery_suite() {
+        let root = temp_root();
+        let stop = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let (r, s, t) = (root.clone(), stop.clone(), tracker.clone());
+        suite::run(move || {
+            let (root, stop, tracker) = (r.clone(), s.clone(), t.clone());
+            async move {
+                let backend = FileDiscovery::open(root, Duration::from_secs(10), tracker, stop).await?;
+                Ok(Arc::new(backend) as Arc<dyn Discovery>)
+            }
+        })
+        .await;
+        stop.cancel();
+        let _ = std::fs::remove_dir_all(root);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn registrations_of_a_process_that_stops_refreshing_expire() {
+        let root = temp_root();
+        let ttl = Duration::from_secs(1);
+        let (dead_stop, live_stop) = (CancellationToken::new(), CancellationToken::new());
+        let dead = FileDiscovery::open(root.clone(), ttl, TaskTracker::new(), dead_stop.clone()).await.unwrap();
+        let watcher = FileDiscovery::open(root.clone(), ttl, TaskTracker::new(), live_stop.clone()).await.unwrap();
+        let key = Key {
+            bucket: Bucket::Instances,
+            namespace: "ns".into(),
+            component: "c".into(),
+            name: "e".into(),
+            instance_id: dead.instance_id(),
+        };
+        dead.register(Registration { key: key.clone(), value: Bytes::from_static(b"{}") }).await.unwrap();
+        let mut watch = watcher.watch(&Query::endpoint("ns", "c", "e")).await.unwrap();
+        use futures::StreamExt;
+        assert!(matches!(watch.next().await, Some(Ok(WatchEvent::Snapshot(s))) if s.len() == 1));
+
+        // The refresh task stops, as if the process were killed; nothing is deleted.
+        dead_stop.cancel();
+        let started = tokio::time::Instant::now();
+        let event = tokio::time::timeout(Duration::from_secs(5), watch.next()).await.unwrap();
+        assert!(matches!(event, Some(Ok(WatchEvent::Delete(k))) if k == key));
+        assert!(started.elapsed() <= ttl + Duration::from_secs(1) + RESCAN_EVERY, "{:?}", started.elapsed());
+        assert!(!dead.inner.path(&key).exists(), "the expired file was not reaped");
+        live_stop.cancel();
+        let _ = std::fs::remove_dir_all(root);
+    }
+
+    #[tokio::test]
+    async fn a_read_only_root_fails_at_open() {
+        let err = FileDiscovery::open(
+            PathBuf::from("/proc/switchyard-cannot-write-here"),
+            Duration::from_secs(10),
+            TaskTracker::new(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("/proc/switchyard-cannot-write-here"), "{err}");
+    }
+}
