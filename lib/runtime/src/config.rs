@@ -468,7 +468,11 @@ impl Settings {
 
     fn etcd(&self) -> Result<EtcdConfig, ConfigError> {
         let text = self.text(ETCD_ENDPOINTS)?;
-        let endpoints: Vec<String> = text.split(',').map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect();
+        let endpoints: Vec<String> = text
+            .split(',')
+            .map(|e| e.trim().to_string())
+            .filter(|e| !e.is_empty())
+            .collect();
         let valid = |e: &String| {
             e.strip_prefix("http://")
                 .or_else(|| e.strip_prefix("https://"))
@@ -481,7 +485,10 @@ impl Settings {
                 "a comma-separated list of http://host:port or https://host:port URLs",
             ));
         }
-        let credentials = match (self.optional_text(ETCD_AUTH_USERNAME)?, self.optional_text(ETCD_AUTH_PASSWORD)?) {
+        let credentials = match (
+            self.optional_text(ETCD_AUTH_USERNAME)?,
+            self.optional_text(ETCD_AUTH_PASSWORD)?,
+        ) {
             (Some(user), Some(password)) => Some((user, password)),
             (None, None) => None,
             _ => {
@@ -491,7 +498,10 @@ impl Settings {
                 });
             }
         };
-        let identity = match (self.optional_text(ETCD_AUTH_CLIENT_CERT)?, self.optional_text(ETCD_AUTH_CLIENT_KEY)?) {
+        let identity = match (
+            self.optional_text(ETCD_AUTH_CLIENT_CERT)?,
+            self.optional_text(ETCD_AUTH_CLIENT_KEY)?,
+        ) {
             (Some(cert), Some(key)) => Some((PathBuf::from(cert), PathBuf::from(key))),
             (None, None) => None,
             _ => {
@@ -653,7 +663,10 @@ mod tests {
         let err = RuntimeConfig::from_vars([(ETCD_AUTH_USERNAME, "root")]).unwrap_err();
         assert!(err.to_string().contains("ETCD_AUTH_PASSWORD"), "{err}");
         let config = RuntimeConfig::from_vars([(ETCD_AUTH_USERNAME, "root"), (ETCD_AUTH_PASSWORD, "s3cret")]).unwrap();
-        assert!(!format!("{config:?}").contains("s3cret"), "the password leaked into Debug");
+        assert!(
+            !format!("{config:?}").contains("s3cret"),
+            "the password leaked into Debug"
+        );
     }
 
     #[test]

@@ -269,6 +269,28 @@ pub enum DiscoveryError {
     },
 }
 
+/// The events that turn view `old` into view `new` (deletes first), for
+/// backends that rescan or re-list instead of receiving every change.
+pub(crate) fn diff(
+    old: &std::collections::BTreeMap<Key, Bytes>,
+    new: &std::collections::BTreeMap<Key, Bytes>,
+) -> Vec<WatchEvent> {
+    let mut events: Vec<WatchEvent> = old
+        .keys()
+        .filter(|key| !new.contains_key(*key))
+        .map(|key| WatchEvent::Delete(key.clone()))
+        .collect();
+    for (key, value) in new {
+        if old.get(key) != Some(value) {
+            events.push(WatchEvent::Put(Registration {
+                key: key.clone(),
+                value: value.clone(),
+            }));
+        }
+    }
+    events
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

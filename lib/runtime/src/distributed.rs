@@ -5,6 +5,8 @@
 
 use crate::component::{NameError, Namespace};
 use crate::config::{DiscoveryBackend, RequestPlaneKind, RuntimeConfig};
+use crate::discovery::etcd::EtcdDiscovery;
+use crate::discovery::file::FileDiscovery;
 use crate::discovery::mem::{MemDiscovery, MemRegistry};
 use crate::discovery::{Discovery, DiscoveryError};
 use crate::request_plane::tcp::{TcpClient, TcpServer};
@@ -34,13 +36,21 @@ impl DistributedRuntime {
     /// Connects the backends named by the runtime's settings
     /// (`DYN_DISCOVERY_BACKEND`, `DYN_REQUEST_PLANE`).
     pub async fn from_settings(runtime: Runtime) -> Result<Self, DistributedError> {
-        let discovery: Arc<dyn Discovery> = match runtime.config().discovery_backend() {
+        let config = runtime.config();
+        let (tracker, stop) = (runtime.tracker().clone(), runtime.root_token().clone());
+        let discovery: Arc<dyn Discovery> = match config.discovery_backend() {
             DiscoveryBackend::Mem => Arc::new(MemDiscovery::new(MemRegistry::global())),
+            DiscoveryBackend::File => {
+                Arc::new(FileDiscovery::open(config.file_kv().clone(), *config.lease_ttl(), tracker, stop).await?)
+            }
+            DiscoveryBackend::Etcd => {
+                Arc::new(EtcdDiscovery::connect(config.etcd(), *config.lease_ttl(), tracker, stop).await?)
+            }
             other => {
                 return Err(DistributedError::NotBuiltYet {
                     variable: "DYN_DISCOVERY_BACKEND",
                     value: other.as_str(),
-                    available: "mem",
+                    available: "mem, file, etcd",
                 });
             }
         };
@@ -65,8 +75,8 @@ impl DistributedRuntime {
                 });
             }
         };
-        // At stop, remove whatever this process still has registered (the
-        // `mem`/`file` equivalent of revoking an etcd lease).
+        // At stop, remove whatever this process still has registered (revoke
+        // the etcd lease; delete the files; forget the in-memory entries).
         runtime.spawn({
             let discovery = discovery.clone();
             let stopped = runtime.root_token().clone();

@@ -13,7 +13,7 @@
 //! at least every [`RESCAN_EVERY`] (so expiry is seen, and a dropped event
 //! costs at most one interval).
 
-use super::{Bucket, Discovery, DiscoveryError, Key, Query, Registration, WatchEvent, WatchStream};
+use super::{Bucket, Discovery, DiscoveryError, Key, Query, Registration, WatchEvent, WatchStream, diff};
 use bytes::Bytes;
 use notify::Watcher;
 use std::collections::BTreeMap;
@@ -289,7 +289,9 @@ fn scan(root: &Path, ttl: Duration, query: &Query) -> Result<BTreeMap<Key, Bytes
             continue;
         }
         let path = entry.path();
-        let Ok(modified) = entry.metadata().and_then(|m| m.modified()) else { continue };
+        let Ok(modified) = entry.metadata().and_then(|m| m.modified()) else {
+            continue;
+        };
         // A modification time in the future (clock skew) counts as fresh.
         if now.duration_since(modified).is_ok_and(|age| age > ttl) {
             // Its owner stopped refreshing it: the process is gone.
@@ -308,31 +310,19 @@ fn scan(root: &Path, ttl: Duration, query: &Query) -> Result<BTreeMap<Key, Bytes
     Ok(view)
 }
 
-/// The events that turn `old` into `new`.
-fn diff(old: &BTreeMap<Key, Bytes>, new: &BTreeMap<Key, Bytes>) -> Vec<WatchEvent> {
-    let mut events = vec![];
-    for key in old.keys().filter(|key| !new.contains_key(*key)) {
-        events.push(WatchEvent::Delete(key.clone()));
-    }
-    for (key, value) in new {
-        if old.get(key) != Some(value) {
-            events.push(WatchEvent::Put(Registration {
-                key: key.clone(),
-                value: value.clone(),
-            }));
-        }
-    }
-    events
-}
-
 /// `{namespace}.{component}.{name}.{instance_id:x}`, each segment
 /// percent-encoded (every byte outside `[A-Za-z0-9_-]`), so `.` only ever
 /// separates segments and any key, even one with `/` in a segment, round-trips.
 fn file_name(key: &Key) -> String {
     let id = format!("{:x}", key.instance_id);
-    [key.namespace.as_str(), key.component.as_str(), key.name.as_str(), id.as_str()]
-        .map(encode_segment)
-        .join(".")
+    [
+        key.namespace.as_str(),
+        key.component.as_str(),
+        key.name.as_str(),
+        id.as_str(),
+    ]
+    .map(encode_segment)
+    .join(".")
 }
 
 fn encode_segment(segment: &str) -> String {
@@ -390,7 +380,9 @@ fn write_atomically(path: &Path, value: &[u8]) -> Result<(), DiscoveryError> {
 
 fn touch_or_rewrite(path: &Path, value: &[u8]) -> Result<(), DiscoveryError> {
     match std::fs::File::options().write(true).open(path) {
-        Ok(file) => file.set_modified(SystemTime::now()).map_err(|e| file_error("refresh", path, e)),
+        Ok(file) => file
+            .set_modified(SystemTime::now())
+            .map_err(|e| file_error("refresh", path, e)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => write_atomically(path, value),
         Err(e) => Err(file_error("refresh", path, e)),
     }
@@ -416,9 +408,13 @@ fn file_error(action: &'static str, path: &Path, source: io::Error) -> Discovery
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, DiscoveryError> + Send + 'static,
 ) -> Result<T, DiscoveryError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .unwrap_or_else(|join| Err(file_error("run a file task for", Path::new("discovery"), io::Error::other(join))))
+    tokio::task::spawn_blocking(work).await.unwrap_or_else(|join| {
+        Err(file_error(
+            "run a file task for",
+            Path::new("discovery"),
+            io::Error::other(join),
+        ))
+    })
 }
 
 #[cfg(test)]
@@ -469,8 +465,12 @@ mod tests {
         let root = temp_root();
         let ttl = Duration::from_secs(1);
         let (dead_stop, live_stop) = (CancellationToken::new(), CancellationToken::new());
-        let dead = FileDiscovery::open(root.clone(), ttl, TaskTracker::new(), dead_stop.clone()).await.unwrap();
-        let watcher = FileDiscovery::open(root.clone(), ttl, TaskTracker::new(), live_stop.clone()).await.unwrap();
+        let dead = FileDiscovery::open(root.clone(), ttl, TaskTracker::new(), dead_stop.clone())
+            .await
+            .unwrap();
+        let watcher = FileDiscovery::open(root.clone(), ttl, TaskTracker::new(), live_stop.clone())
+            .await
+            .unwrap();
         let key = Key {
             bucket: Bucket::Instances,
             namespace: "ns".into(),
@@ -478,7 +478,12 @@ mod tests {
             name: "e".into(),
             instance_id: dead.instance_id(),
         };
-        dead.register(Registration { key: key.clone(), value: Bytes::from_static(b"{}") }).await.unwrap();
+        dead.register(Registration {
+            key: key.clone(),
+            value: Bytes::from_static(b"{}"),
+        })
+        .await
+        .unwrap();
         let mut watch = watcher.watch(&Query::endpoint("ns", "c", "e")).await.unwrap();
         use futures::StreamExt;
         assert!(matches!(watch.next().await, Some(Ok(WatchEvent::Snapshot(s))) if s.len() == 1));
@@ -486,9 +491,15 @@ mod tests {
         // The refresh task stops, as if the process were killed; nothing is deleted.
         dead_stop.cancel();
         let started = tokio::time::Instant::now();
-        let event = tokio::time::timeout(Duration::from_secs(5), watch.next()).await.unwrap();
+        let event = tokio::time::timeout(Duration::from_secs(5), watch.next())
+            .await
+            .unwrap();
         assert!(matches!(event, Some(Ok(WatchEvent::Delete(k))) if k == key));
-        assert!(started.elapsed() <= ttl + Duration::from_secs(1) + RESCAN_EVERY, "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() <= ttl + Duration::from_secs(1) + RESCAN_EVERY,
+            "{:?}",
+            started.elapsed()
+        );
         assert!(!dead.inner.path(&key).exists(), "the expired file was not reaped");
         live_stop.cancel();
         let _ = std::fs::remove_dir_all(root);

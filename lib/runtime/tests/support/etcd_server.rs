@@ -1,0 +1,142 @@
+//! A real etcd server for tests: started on free loopback ports with a
+//! fresh data directory (on /dev/shm when there is one, for steadier
+//! latency), stopped when dropped. A watchdog shell process kills it if the
+//! test process dies first, so no server outlives its tests.
+//!
+//! Shared by the unit tests (`#[path]`-included from `src/`), the
+//! integration tests and the benches.
+
+// Each includer uses a different part; `pub` items are used by integration tests
+// and benches, where this file is a module of its own crate.
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a fresh server may take to answer its health check.
+const START_DEADLINE: Duration = Duration::from_secs(20);
+
+#[derive(Debug)]
+pub struct EtcdServer {
+    child: Option<Child>,
+    watchdog: Option<Child>,
+    client_port: u16,
+    peer_port: u16,
+    data_dir: PathBuf,
+}
+
+impl EtcdServer {
+    /// Starts a server and waits until it is healthy.
+    pub fn start() -> Self {
+        let data_root = if std::path::Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        };
+        let mut server = Self {
+            child: None,
+            watchdog: None,
+            client_port: free_port(),
+            peer_port: free_port(),
+            data_dir: data_root.join(format!("switchyard-etcd-{:016x}", rand::random::<u64>())),
+        };
+        server.launch();
+        server
+    }
+
+    /// `http://127.0.0.1:PORT`, for `ETCD_ENDPOINTS`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// Kills the server (its data stays, for [`EtcdServer::restart`]).
+    pub fn stop(&mut self) {
+        for mut child in [self.child.take(), self.watchdog.take()].into_iter().flatten() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same ports and data directory.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+
+    fn launch(&mut self) {
+        let binary = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
+            .into_iter()
+            .find(|path| std::path::Path::new(path).exists())
+            .unwrap_or("etcd");
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let child = Command::new(binary)
+            .arg("--name")
+            .arg("test")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("test={peer}")])
+            .args(["--heartbeat-interval", "10", "--election-timeout", "50"])
+            .args(["--logger", "zap", "--log-level", "error"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {binary} (run `make test`, which installs etcd-server): {e}"));
+        // Kill etcd (and remove its data) once this test process is gone.
+        let script = format!(
+            "while kill -0 {parent} 2>/dev/null && kill -0 {etcd} 2>/dev/null; do sleep 0.5; done; \
+             kill {etcd} 2>/dev/null; if ! kill -0 {parent} 2>/dev/null; then rm -rf '{dir}'; fi",
+            parent = std::process::id(),
+            etcd = child.id(),
+            dir = self.data_dir.display(),
+        );
+        let watchdog = Command::new("sh")
+            .args(["-c", &script])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("sh is available");
+        self.child = Some(child);
+        self.watchdog = Some(watchdog);
+        let started = Instant::now();
+        while !self.healthy() {
+            assert!(
+                started.elapsed() < START_DEADLINE,
+                "etcd did not become healthy within {START_DEADLINE:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `GET /health` answers `"health":"true"`.
+    fn healthy(&self) -> bool {
+        let Ok(mut socket) = TcpStream::connect(("127.0.0.1", self.client_port)) else {
+            return false;
+        };
+        let _ = socket.set_read_timeout(Some(Duration::from_secs(1)));
+        let request = format!("GET /health HTTP/1.0\r\nHost: 127.0.0.1:{}\r\n\r\n", self.client_port);
+        if socket.write_all(request.as_bytes()).is_err() {
+            return false;
+        }
+        let mut answer = String::new();
+        let _ = socket.read_to_string(&mut answer);
+        answer.contains("\"health\":\"true\"")
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
+
+/// A port nothing listens on right now (bound, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
