@@ -16,6 +16,10 @@ use switchyard_runtime::routing::RouterMode;
 use switchyard_runtime::routing::push_router::PushRouter;
 use switchyard_runtime::runtime::{Runtime, ShutdownOutcome};
 
+#[path = "support/worker_process.rs"]
+mod worker_process;
+use worker_process::WorkerProcess;
+
 /// Generous bound on anything a test waits for; hitting it means a hang.
 const DEADLINE: Duration = Duration::from_secs(10);
 
@@ -358,10 +362,13 @@ async fn an_endpoint_without_a_handler_says_how_to_fix_it() {
 
 #[tokio::test]
 async fn backends_not_built_yet_fail_clearly_at_start_up() {
-    let runtime = Runtime::new(RuntimeConfig::from_vars([("DYN_DISCOVERY_BACKEND", "etcd")]).unwrap());
+    let runtime = Runtime::new(RuntimeConfig::from_vars([("DYN_DISCOVERY_BACKEND", "kubernetes")]).unwrap());
     let error = DistributedRuntime::from_settings(runtime).await.unwrap_err();
     assert!(matches!(error, DistributedError::NotBuiltYet { .. }));
-    assert!(error.to_string().contains("DYN_DISCOVERY_BACKEND=etcd"), "{error}");
+    assert!(
+        error.to_string().contains("DYN_DISCOVERY_BACKEND=kubernetes"),
+        "{error}"
+    );
 
     let config = RuntimeConfig::from_vars([("DYN_DISCOVERY_BACKEND", "mem"), ("DYN_REQUEST_PLANE", "nats")]).unwrap();
     let error = DistributedRuntime::from_settings(Runtime::new(config))
@@ -370,71 +377,12 @@ async fn backends_not_built_yet_fail_clearly_at_start_up() {
     assert!(error.to_string().contains("DYN_REQUEST_PLANE=nats"), "{error}");
 }
 
-/// SIGTERM to a real worker process: it drains and exits 0. Uses the
-/// `hello_world` example binary, which `cargo test` builds with the tests.
+/// SIGTERM to a real worker process: it drains and exits 0.
 #[test]
 fn sigterm_drains_a_worker_process_and_exits_cleanly() {
-    let example = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(|profile| profile.join("examples").join("hello_world"))
-        .unwrap();
-    assert!(
-        example.exists(),
-        "{} is missing: run the tests with `cargo test` (it builds the examples)",
-        example.display()
-    );
-    let mut child = std::process::Command::new(&example)
-        .arg("server")
-        .env("DYN_DISCOVERY_BACKEND", "mem")
-        .env("DYN_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Read the log on a thread so that no read can block the test past its deadline.
-    let stderr = child.stderr.take().unwrap();
-    let (lines_tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
-            let Ok(line) = line else { break };
-            if lines_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut log = String::new();
-    let next_line = |log: &mut String| match lines.recv_timeout(DEADLINE) {
-        Ok(line) => {
-            log.push_str(&line);
-            log.push('\n');
-            true
-        }
-        Err(_) => false,
-    };
-    // Wait for the endpoint to be serving before signalling.
-    while !log.contains("endpoint serving") {
-        assert!(next_line(&mut log), "the worker never reported serving: {log}");
-    }
-    let status = std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let started = std::time::Instant::now();
-    let exit = loop {
-        if let Some(exit) = child.try_wait().unwrap() {
-            break exit;
-        }
-        if started.elapsed() > DEADLINE {
-            let _ = child.kill();
-            panic!("worker still running {DEADLINE:?} after SIGTERM: {log}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    while next_line(&mut log) {}
-    assert!(exit.success(), "worker exited with {exit}: {log}");
+    let worker = WorkerProcess::start_hello_server(&[("DYN_DISCOVERY_BACKEND", "mem"), ("DYN_LOG", "info")], DEADLINE);
+    worker.signal("-TERM");
+    let (status, log) = worker.wait(DEADLINE);
+    assert!(status.success(), "worker exited with {status}: {log}");
     assert!(log.contains("SIGTERM") && log.contains("endpoint drained"), "{log}");
 }

@@ -1,0 +1,121 @@
+//! A worker running in its own OS process: the `hello_world` example binary
+//! (which plain `cargo test` builds next to the test binaries), with its
+//! log read on a thread so no read can block a test past its deadline.
+
+#![allow(dead_code, unreachable_pub)] // each test binary uses a different part
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug)]
+pub struct WorkerProcess {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    log: String,
+}
+
+impl WorkerProcess {
+    /// Starts `hello_world server` with `env` and waits until its endpoint serves.
+    pub fn start_hello_server(env: &[(&str, &str)], deadline: Duration) -> Self {
+        let example = std::env::current_exe()
+            .unwrap()
+            .parent()
+            .and_then(|deps| deps.parent())
+            .map(|profile| profile.join("examples").join("hello_world"))
+            .unwrap();
+        Self::start(example, &["server"], env, deadline)
+    }
+
+    fn start(binary: PathBuf, args: &[&str], env: &[(&str, &str)], deadline: Duration) -> Self {
+        assert!(
+            binary.exists(),
+            "{} is missing: run the tests with `cargo test` (it builds the examples)",
+            binary.display()
+        );
+        let mut child = Command::new(&binary)
+            .args(args)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut worker = Self {
+            child,
+            lines,
+            log: String::new(),
+        };
+        worker.wait_for_log("endpoint serving", deadline);
+        worker
+    }
+
+    /// Reads the log until a line contains `text`; panics with the log so far after `deadline`.
+    pub fn wait_for_log(&mut self, text: &str, deadline: Duration) {
+        let started = Instant::now();
+        while !self.log.contains(text) {
+            let left = deadline.saturating_sub(started.elapsed());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.log.push_str(&line);
+                    self.log.push('\n');
+                }
+                Err(_) => panic!(
+                    "the worker exited or did not log {text:?} within {deadline:?}:\n{}",
+                    self.log
+                ),
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` (`-TERM`, `-KILL`) with the `kill` command.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} {} failed", self.pid());
+    }
+
+    /// Waits for the process to exit; returns its status and whole log.
+    pub fn wait(mut self, deadline: Duration) -> (std::process::ExitStatus, String) {
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if started.elapsed() > deadline {
+                let _ = self.child.kill();
+                panic!("the worker still runs {deadline:?} later:\n{}", self.log);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(1)) {
+            self.log.push_str(&line);
+            self.log.push('\n');
+        }
+        (status, std::mem::take(&mut self.log))
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
