@@ -8,8 +8,8 @@
 //! ```
 //!
 //! Separate server and client processes need a discovery backend that crosses
-//! processes (`DYN_DISCOVERY_BACKEND=file` or `etcd`, issue #3); until one is
-//! built, only the one-process variant runs. It needs nothing.
+//! processes: `DYN_DISCOVERY_BACKEND=file` (a shared directory, one machine)
+//! or `etcd` (with `ETCD_ENDPOINTS`). The one-process variant needs nothing.
 
 use futures::StreamExt;
 use std::time::Duration;
