@@ -13,13 +13,15 @@ test: test-deps lint
 
 ## Install what the tests need when it is missing (Debian packages): etcd and
 ## NATS servers for the discovery/event-plane tests, protoc and the
-## well-known .proto files that etcd-client compiles at build time.
+## well-known .proto files that etcd-client compiles at build time, and
+## promtool (package prometheus) to check the /metrics output.
 test-deps:
 	@missing=""; \
 	command -v etcd >/dev/null 2>&1 || missing="$$missing etcd-server"; \
 	command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || missing="$$missing nats-server"; \
 	command -v protoc >/dev/null 2>&1 || missing="$$missing protobuf-compiler"; \
 	[ -f /usr/include/google/protobuf/descriptor.proto ] || missing="$$missing libprotobuf-dev"; \
+	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing test dependencies:$$missing"; \
 		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \

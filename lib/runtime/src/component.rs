@@ -8,6 +8,7 @@ pub mod endpoint;
 
 use crate::discovery::{Bucket, Key, Registration};
 use crate::distributed::DistributedRuntime;
+use crate::metrics::Metrics;
 use crate::request_plane::{Target, Transport};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -31,6 +32,11 @@ impl Namespace {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// This namespace's level of the metrics hierarchy.
+    pub fn metrics(&self) -> Metrics {
+        self.drt.metrics().namespace(&self.name)
     }
 
     /// The component `name` of this namespace.
@@ -60,6 +66,14 @@ impl Component {
 
     pub fn namespace(&self) -> &str {
         &self.namespace
+    }
+
+    /// This component's level of the metrics hierarchy.
+    pub fn metrics(&self) -> Metrics {
+        self.drt
+            .metrics()
+            .namespace(&self.namespace)
+            .child("dynamo_component", &self.name)
     }
 
     /// The endpoint `name` of this component. The name is checked when the
@@ -113,6 +127,17 @@ impl Endpoint {
     /// Follows this endpoint's instances in discovery, to call them.
     pub async fn client(&self) -> Result<client::Client, client::ClientError> {
         client::Client::new(self.clone()).await
+    }
+
+    /// This endpoint's level of the metrics hierarchy: metrics created here
+    /// carry `dynamo_namespace`, `dynamo_component`, `dynamo_endpoint` and
+    /// `worker_id`, e.g. `endpoint.metrics().create_counter("tokens_total", "…")`.
+    pub fn metrics(&self) -> Metrics {
+        self.drt
+            .metrics()
+            .namespace(&self.namespace)
+            .child("dynamo_component", &self.component)
+            .child("dynamo_endpoint", &self.name)
     }
 
     fn validate(&self) -> Result<(), NameError> {

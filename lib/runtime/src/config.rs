@@ -48,6 +48,14 @@ const TCP_RPC_PORT: &str = "DYN_TCP_RPC_PORT";
 const TCP_MAX_MESSAGE_SIZE: &str = "DYN_TCP_MAX_MESSAGE_SIZE";
 const TCP_CONNECT_TIMEOUT: &str = "DYN_TCP_CONNECT_TIMEOUT";
 const TCP_STREAM_WINDOW: &str = "DYN_TCP_STREAM_WINDOW";
+const SYSTEM_PORT: &str = "DYN_SYSTEM_PORT";
+const SYSTEM_HOST: &str = "DYN_SYSTEM_HOST";
+const SYSTEM_STARTING_HEALTH_STATUS: &str = "DYN_SYSTEM_STARTING_HEALTH_STATUS";
+const SYSTEM_HEALTH_PATH: &str = "DYN_SYSTEM_HEALTH_PATH";
+const SYSTEM_LIVE_PATH: &str = "DYN_SYSTEM_LIVE_PATH";
+const HEALTH_CHECK_ENABLED: &str = "DYN_HEALTH_CHECK_ENABLED";
+const CANARY_WAIT_TIME: &str = "DYN_CANARY_WAIT_TIME";
+const HEALTH_CHECK_REQUEST_TIMEOUT: &str = "DYN_HEALTH_CHECK_REQUEST_TIMEOUT";
 const GRACEFUL_SHUTDOWN_TIMEOUT: &str = "DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT";
 const LOG: &str = "DYN_LOG";
 const WORKER_THREADS: &str = "DYN_RUNTIME_NUM_WORKER_THREADS";
@@ -133,6 +141,46 @@ pub const VARIABLES: &[Variable] = &[
         name: TCP_STREAM_WINDOW,
         default: "256",
         help: "response items a worker may send on one stream before the caller has consumed them (per-stream flow control)",
+    },
+    Variable {
+        name: SYSTEM_PORT,
+        default: "",
+        help: "port of the status server (/health, /live, /metrics, /metadata); unset or -1 = off, 0 = any free port",
+    },
+    Variable {
+        name: SYSTEM_HOST,
+        default: "0.0.0.0",
+        help: "address the status server binds",
+    },
+    Variable {
+        name: SYSTEM_STARTING_HEALTH_STATUS,
+        default: "notready",
+        help: "readiness before the first endpoint serves, and of an endpoint with a canary before its first check: ready | notready",
+    },
+    Variable {
+        name: SYSTEM_HEALTH_PATH,
+        default: "/health",
+        help: "path of the readiness route",
+    },
+    Variable {
+        name: SYSTEM_LIVE_PATH,
+        default: "/live",
+        help: "path of the liveness route",
+    },
+    Variable {
+        name: HEALTH_CHECK_ENABLED,
+        default: "false",
+        help: "send canary requests to endpoints that registered a health-check payload: true | false",
+    },
+    Variable {
+        name: CANARY_WAIT_TIME,
+        default: "10s",
+        help: "idle time (no completed request) after which an endpoint gets a canary",
+    },
+    Variable {
+        name: HEALTH_CHECK_REQUEST_TIMEOUT,
+        default: "3s",
+        help: "deadline for a canary's whole response stream; missing it turns the endpoint notready",
     },
     Variable {
         name: GRACEFUL_SHUTDOWN_TIMEOUT,
@@ -231,6 +279,21 @@ pub struct TcpConfig {
     stream_window: u32,
 }
 
+/// The status server and the canary health checks.
+#[derive(Debug, Clone, Getters)]
+pub struct SystemConfig {
+    /// `None` = no status server; `Some(0)` = any free port.
+    port: Option<u16>,
+    host: String,
+    /// Readiness before any endpoint serves (and of a canaried endpoint before its first check).
+    starting_ready: bool,
+    health_path: String,
+    live_path: String,
+    canary_enabled: bool,
+    canary_wait: Duration,
+    canary_timeout: Duration,
+}
+
 /// How to reach etcd (discovery backend `etcd`).
 #[derive(Clone, Getters)]
 pub struct EtcdConfig {
@@ -267,6 +330,7 @@ pub struct RuntimeConfig {
     etcd: EtcdConfig,
     request_plane: RequestPlaneKind,
     tcp: TcpConfig,
+    system: SystemConfig,
     /// Drain deadline after SIGTERM/SIGINT.
     graceful_shutdown_timeout: Duration,
     /// `tracing` filter directive.
@@ -369,7 +433,9 @@ impl RuntimeConfig {
         let file_kv = settings
             .optional_text(FILE_KV)?
             .map_or_else(|| std::env::temp_dir().join("switchyard_kv"), PathBuf::from);
+        let system = settings.system()?;
         Ok(Self {
+            system,
             discovery_backend,
             lease_ttl,
             file_kv,
@@ -464,6 +530,61 @@ impl Settings {
         let text = self.text(name)?;
         parse_duration(&text)
             .ok_or_else(|| self.invalid(name, &text, "a duration such as `10s`, `500ms` or a number of seconds"))
+    }
+
+    fn system(&self) -> Result<SystemConfig, ConfigError> {
+        let port = match self.optional_text(SYSTEM_PORT)? {
+            None => None,
+            Some(text) if text.trim() == "-1" => None,
+            Some(_) => {
+                Some(self.number(SYSTEM_PORT, 0, u16::MAX as u64, "a port number 0-65535, or -1 for off")? as u16)
+            }
+        };
+        let starting_ready = self.choice(SYSTEM_STARTING_HEALTH_STATUS, "ready, notready", |text| match text {
+            "ready" => Some(true),
+            "notready" => Some(false),
+            _ => None,
+        })?;
+        let health_path = self.path(SYSTEM_HEALTH_PATH)?;
+        let live_path = self.path(SYSTEM_LIVE_PATH)?;
+        if health_path == live_path {
+            return Err(self.invalid(
+                SYSTEM_LIVE_PATH,
+                &live_path,
+                "a path different from DYN_SYSTEM_HEALTH_PATH",
+            ));
+        }
+        let canary_enabled = self.choice(HEALTH_CHECK_ENABLED, "true, false", |text| {
+            match text.to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => Some(true),
+                "false" | "0" | "no" | "off" => Some(false),
+                _ => None,
+            }
+        })?;
+        Ok(SystemConfig {
+            port,
+            host: self.text(SYSTEM_HOST)?,
+            starting_ready,
+            health_path,
+            live_path,
+            canary_enabled,
+            canary_wait: self.duration(CANARY_WAIT_TIME)?,
+            canary_timeout: self.duration(HEALTH_CHECK_REQUEST_TIMEOUT)?,
+        })
+    }
+
+    /// A route path: starts with `/`, and is not one of the fixed routes.
+    fn path(&self, name: &'static str) -> Result<String, ConfigError> {
+        let text = self.text(name)?;
+        let fixed = ["/metrics", "/metadata"];
+        if !text.starts_with('/') || text.contains(char::is_whitespace) || fixed.contains(&text.as_str()) {
+            return Err(self.invalid(
+                name,
+                &text,
+                "a path starting with `/`, other than /metrics and /metadata",
+            ));
+        }
+        Ok(text)
     }
 
     fn etcd(&self) -> Result<EtcdConfig, ConfigError> {
@@ -667,6 +788,32 @@ mod tests {
             !format!("{config:?}").contains("s3cret"),
             "the password leaked into Debug"
         );
+    }
+
+    #[test]
+    fn status_server_settings_are_checked() {
+        let config = RuntimeConfig::default();
+        assert_eq!(config.system.port, None);
+        assert!(!config.system.starting_ready && !config.system.canary_enabled);
+        for off in ["-1", ""] {
+            assert_eq!(
+                RuntimeConfig::from_vars([(SYSTEM_PORT, off)]).unwrap().system.port,
+                None
+            );
+        }
+        assert_eq!(
+            RuntimeConfig::from_vars([(SYSTEM_PORT, "40000")]).unwrap().system.port,
+            Some(40000)
+        );
+        let err = RuntimeConfig::from_vars([(SYSTEM_STARTING_HEALTH_STATUS, "maybe")]).unwrap_err();
+        assert!(err.to_string().contains("ready, notready"), "{err}");
+        let err = RuntimeConfig::from_vars([(SYSTEM_HEALTH_PATH, "healthz")]).unwrap_err();
+        assert!(err.to_string().contains("DYN_SYSTEM_HEALTH_PATH"), "{err}");
+        let err = RuntimeConfig::from_vars([(SYSTEM_LIVE_PATH, "/health")]).unwrap_err();
+        assert!(err.to_string().contains("DYN_SYSTEM_LIVE_PATH"), "{err}");
+        let config = RuntimeConfig::from_vars([(HEALTH_CHECK_ENABLED, "TRUE")]).unwrap();
+        assert!(config.system.canary_enabled);
+        assert!(RuntimeConfig::from_vars([(HEALTH_CHECK_ENABLED, "sometimes")]).is_err());
     }
 
     #[test]

@@ -5,14 +5,17 @@
 
 use crate::component::{NameError, Namespace};
 use crate::config::{DiscoveryBackend, RequestPlaneKind, RuntimeConfig};
-use crate::discovery::etcd::EtcdDiscovery;
+use crate::discovery::etcd::{EtcdDiscovery, LeaseHealth};
 use crate::discovery::file::FileDiscovery;
 use crate::discovery::mem::{MemDiscovery, MemRegistry};
 use crate::discovery::{Discovery, DiscoveryError};
+use crate::metrics::ProcessMetrics;
 use crate::request_plane::tcp::{TcpClient, TcpServer};
 use crate::request_plane::{Handlers, RequestClient, RequestServer};
 use crate::runtime::Runtime;
-use std::sync::Arc;
+use crate::status::{StatusState, SystemHealth};
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 use tokio::sync::OnceCell;
 
 /// One process's handle on the mesh. Cheap to clone.
@@ -30,6 +33,12 @@ struct Inner {
     /// Bound when the first endpoint starts, so pure callers open no port.
     server: OnceCell<Arc<dyn RequestServer>>,
     client: Arc<dyn RequestClient>,
+    metrics: ProcessMetrics,
+    health: Arc<SystemHealth>,
+    /// The etcd lease's state and its metrics, when discovery is on etcd.
+    lease_metrics: Option<LeaseMetrics>,
+    /// Where the status server listens, once started.
+    status_address: OnceLock<SocketAddr>,
 }
 
 impl DistributedRuntime {
@@ -38,13 +47,16 @@ impl DistributedRuntime {
     pub async fn from_settings(runtime: Runtime) -> Result<Self, DistributedError> {
         let config = runtime.config();
         let (tracker, stop) = (runtime.tracker().clone(), runtime.root_token().clone());
+        let mut lease_health = None;
         let discovery: Arc<dyn Discovery> = match config.discovery_backend() {
             DiscoveryBackend::Mem => Arc::new(MemDiscovery::new(MemRegistry::global())),
             DiscoveryBackend::File => {
                 Arc::new(FileDiscovery::open(config.file_kv().clone(), *config.lease_ttl(), tracker, stop).await?)
             }
             DiscoveryBackend::Etcd => {
-                Arc::new(EtcdDiscovery::connect(config.etcd(), *config.lease_ttl(), tracker, stop).await?)
+                let etcd = EtcdDiscovery::connect(config.etcd(), *config.lease_ttl(), tracker, stop).await?;
+                lease_health = Some(etcd.lease_health());
+                Arc::new(etcd)
             }
             other => {
                 return Err(DistributedError::NotBuiltYet {
@@ -54,12 +66,26 @@ impl DistributedRuntime {
                 });
             }
         };
-        Self::with_discovery(runtime, discovery)
+        let drt = Self::build(runtime, discovery, lease_health)?;
+        if drt.runtime().config().system().port().is_some() {
+            drt.start_status_server().await?;
+        }
+        Ok(drt)
     }
 
     /// Uses the given discovery backend (tests pass their own [`MemRegistry`]
     /// to stay isolated); everything else follows the runtime's settings.
+    /// The status server is not started here; call
+    /// [`DistributedRuntime::start_status_server`] when wanted.
     pub fn with_discovery(runtime: Runtime, discovery: Arc<dyn Discovery>) -> Result<Self, DistributedError> {
+        Self::build(runtime, discovery, None)
+    }
+
+    fn build(
+        runtime: Runtime,
+        discovery: Arc<dyn Discovery>,
+        lease_health: Option<Arc<LeaseHealth>>,
+    ) -> Result<Self, DistributedError> {
         let config: &RuntimeConfig = runtime.config();
         let client: Arc<dyn RequestClient> = match config.request_plane() {
             RequestPlaneKind::Tcp => Arc::new(TcpClient::new(
@@ -87,8 +113,34 @@ impl DistributedRuntime {
                 }
             }
         });
+        let metrics = ProcessMetrics::new(discovery.instance_id());
+        let lease_metrics = lease_health.map(|health| LeaseMetrics {
+            health,
+            lost: metrics
+                .root()
+                .create_gauge(
+                    "dynamo_discovery_lease_lost",
+                    "1 while this process's etcd lease is lost and being recovered",
+                )
+                .expect("fresh registry"),
+            recoveries: metrics
+                .root()
+                .create_counter(
+                    "dynamo_discovery_lease_recoveries_total",
+                    "Times a lost etcd lease was replaced and the registrations put again",
+                )
+                .expect("fresh registry"),
+        });
+        let health = Arc::new(SystemHealth::new(
+            *config.system().starting_ready(),
+            runtime.root_token().clone(),
+        ));
         Ok(Self {
             inner: Arc::new(Inner {
+                metrics,
+                health,
+                lease_metrics,
+                status_address: OnceLock::new(),
                 handlers: Arc::new(Handlers::new(discovery.instance_id())),
                 runtime,
                 discovery,
@@ -116,6 +168,69 @@ impl DistributedRuntime {
         Namespace::new(self.clone(), name.into())
     }
 
+    pub(crate) fn metrics(&self) -> &ProcessMetrics {
+        &self.inner.metrics
+    }
+
+    /// Readiness of the endpoints this process serves.
+    pub fn health(&self) -> &Arc<SystemHealth> {
+        &self.inner.health
+    }
+
+    /// Where the status server listens, when it was started.
+    pub fn status_server_address(&self) -> Option<SocketAddr> {
+        self.inner.status_address.get().copied()
+    }
+
+    /// The state the status routes read (for `status::router`).
+    pub fn status_state(&self) -> StatusState {
+        let lease_metrics = self.inner.lease_metrics.clone();
+        StatusState {
+            health: self.inner.health.clone(),
+            metrics: self.inner.metrics.clone(),
+            instance_id: self.instance_id(),
+            before_scrape: Arc::new(move || {
+                if let Some(lease) = &lease_metrics {
+                    lease.lost.set(i64::from(lease.health.is_lost()));
+                    lease
+                        .recoveries
+                        .inc_by(lease.health.recoveries().saturating_sub(lease.recoveries.get()));
+                }
+            }),
+        }
+    }
+
+    /// Binds `DYN_SYSTEM_HOST:DYN_SYSTEM_PORT` and serves the status routes
+    /// until the runtime stops. Returns the bound address (port 0 picks one).
+    pub async fn start_status_server(&self) -> Result<SocketAddr, DistributedError> {
+        let system = self.runtime().config().system();
+        let port = system.port().unwrap_or(0);
+        let address = format!("{}:{port}", system.host());
+        let listener =
+            tokio::net::TcpListener::bind(&address)
+                .await
+                .map_err(|source| DistributedError::StatusBind {
+                    address: address.clone(),
+                    source,
+                })?;
+        let bound = listener
+            .local_addr()
+            .map_err(|source| DistributedError::StatusBind { address, source })?;
+        let _ = self.inner.status_address.set(bound);
+        let router = crate::status::router(self.status_state(), system);
+        let stopped = self.runtime().root_token().clone();
+        self.runtime().spawn(async move {
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(async move { stopped.cancelled().await })
+                .await;
+            if let Err(error) = served {
+                tracing::warn!(%error, "status server failed");
+            }
+        });
+        tracing::info!(address = %bound, "status server listening");
+        Ok(bound)
+    }
+
     pub(crate) fn handlers(&self) -> &Arc<Handlers> {
         &self.inner.handlers
     }
@@ -134,6 +249,7 @@ impl DistributedRuntime {
                 let server = TcpServer::bind(
                     tcp,
                     self.inner.handlers.clone(),
+                    self.inner.metrics.transport.clone(),
                     runtime.root_token().clone(),
                     runtime.tracker().clone(),
                 )
@@ -148,6 +264,14 @@ impl DistributedRuntime {
     }
 }
 
+/// The etcd lease's state, exported at scrape time.
+#[derive(Debug, Clone)]
+struct LeaseMetrics {
+    health: Arc<LeaseHealth>,
+    lost: prometheus::IntGauge,
+    recoveries: prometheus::IntCounter,
+}
+
 /// Why the distributed runtime (or one of its planes) could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -160,6 +284,12 @@ pub enum DistributedError {
     },
     #[error("cannot bind the request-plane listener on {address} (DYN_TCP_RPC_HOST/DYN_TCP_RPC_PORT)")]
     Bind {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot bind the status server on {address} (DYN_SYSTEM_HOST/DYN_SYSTEM_PORT)")]
+    StatusBind {
         address: String,
         #[source]
         source: std::io::Error,

@@ -47,6 +47,24 @@ impl ErrorKind {
     }
 }
 
+impl ErrorKind {
+    /// The `error_type` label value in metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Overloaded => "overloaded",
+            ErrorKind::Invalid => "invalid",
+            ErrorKind::Cancelled => "cancelled",
+            ErrorKind::ShuttingDown => "shutting_down",
+            ErrorKind::Engine => "engine",
+            ErrorKind::Disconnected => "disconnected",
+            ErrorKind::TooLarge => "too_large",
+            ErrorKind::Unreachable => "unreachable",
+            ErrorKind::Protocol => "protocol",
+        }
+    }
+}
+
 impl fmt::Display for ErrorKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let name = match self {

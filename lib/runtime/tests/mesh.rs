@@ -16,6 +16,8 @@ use switchyard_runtime::routing::RouterMode;
 use switchyard_runtime::routing::push_router::PushRouter;
 use switchyard_runtime::runtime::{Runtime, ShutdownOutcome};
 
+#[path = "mesh/status.rs"]
+mod status;
 #[path = "support/worker_process.rs"]
 mod worker_process;
 use worker_process::WorkerProcess;

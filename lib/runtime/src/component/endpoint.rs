@@ -7,7 +7,10 @@ use crate::discovery::DiscoveryError;
 use crate::distributed::DistributedError;
 use crate::engine::{AsyncEngine, Context};
 use crate::error::{ErrorKind, RequestError};
+use crate::metrics::MetricsError;
+use crate::request_plane::handlers::{Activity, EndpointObservers};
 use crate::request_plane::{ByteStream, PushHandler};
+use crate::status::canary::Canary;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
@@ -22,6 +25,8 @@ use tokio_util::sync::CancellationToken;
 pub struct EndpointBuilder {
     endpoint: Endpoint,
     handler: Option<Arc<dyn PushHandler>>,
+    /// The canary request, msgpack-encoded (or why it could not be).
+    health_check: Option<Result<Bytes, String>>,
 }
 
 impl std::fmt::Debug for EndpointBuilder {
@@ -38,7 +43,21 @@ impl EndpointBuilder {
         Self {
             endpoint,
             handler: None,
+            health_check: None,
         }
+    }
+
+    /// A request the canary sends when canary checks are on
+    /// (`DYN_HEALTH_CHECK_ENABLED`): it must be of the handler's request
+    /// type, and the handler's whole response to it must finish within
+    /// `DYN_HEALTH_CHECK_REQUEST_TIMEOUT`.
+    pub fn health_check_payload<T: Serialize>(mut self, payload: T) -> Self {
+        self.health_check = Some(
+            rmp_serde::to_vec_named(&payload)
+                .map(Bytes::from)
+                .map_err(|e| e.to_string()),
+        );
+        self
     }
 
     /// The engine that answers requests. Requests and responses travel as
@@ -77,10 +96,18 @@ impl EndpointBuilder {
         if runtime.is_shutting_down() {
             return Err(EndpointError::ShuttingDown);
         }
+        let health_check = self
+            .health_check
+            .transpose()
+            .map_err(|reason| EndpointError::HealthCheckPayload { reason })?;
         let server = drt.request_server().await?;
         let path = endpoint.path();
+        let observers = EndpointObservers {
+            metrics: drt.metrics().endpoint(&endpoint.metrics(), &path)?,
+            activity: Arc::new(Activity::new()),
+        };
         drt.handlers()
-            .insert(&path, handler)
+            .insert(&path, handler, observers.clone())
             .map_err(|_| EndpointError::AlreadyServed { endpoint: path.clone() })?;
 
         let instance = Instance {
@@ -96,17 +123,38 @@ impl EndpointBuilder {
         }
         tracing::info!(instance = %instance, "endpoint serving");
 
+        let system = runtime.config().system();
+        let canary = health_check.filter(|_| *system.canary_enabled());
+        // Without a canary an endpoint is ready as soon as it serves; with one,
+        // it starts as configured and its checks decide.
+        let ready = canary.is_none() || *system.starting_ready();
+        drt.health().serve(&instance, ready);
         let stop = runtime.endpoint_token().child_token();
+        if let Some(payload) = canary {
+            let canary = Canary {
+                instance: instance.clone(),
+                payload,
+                activity: observers.activity.clone(),
+                health: drt.health().clone(),
+                client: drt.request_client().clone(),
+                wait: *system.canary_wait(),
+                timeout: *system.canary_timeout(),
+            };
+            runtime.spawn(canary.run(stop.clone()));
+        }
         let drained = runtime.spawn_drain({
             let stop = stop.clone();
             let key = instance.key();
             async move {
                 stop.cancelled().await;
-                // Leave discovery first so callers stop choosing us, then finish what we have.
+                // Not ready, and out of discovery, so callers stop choosing
+                // us; then finish what we have.
+                drt.health().set_ready(&path, false);
                 if let Err(error) = drt.discovery().unregister(&key).await {
                     tracing::warn!(%key, %error, "could not unregister endpoint");
                 }
                 drt.handlers().drain(&path).await;
+                drt.health().forget(&path);
                 tracing::info!(endpoint = %path, "endpoint drained");
             }
         });
@@ -199,6 +247,10 @@ pub enum EndpointError {
     NoHandler { endpoint: String },
     #[error("endpoint {endpoint} is already served by this process")]
     AlreadyServed { endpoint: String },
+    #[error("the health-check payload cannot be encoded as msgpack: {reason}")]
+    HealthCheckPayload { reason: String },
+    #[error("cannot create the endpoint's metrics")]
+    Metrics(#[from] MetricsError),
     #[error("the runtime is shutting down; no new endpoints can start")]
     ShuttingDown,
     #[error(transparent)]

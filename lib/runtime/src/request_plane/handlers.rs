@@ -5,17 +5,76 @@
 //! on every request plane.
 
 use super::ByteStream;
-use crate::engine::Context;
+use crate::engine::{Context, Controller};
 use crate::error::{ErrorKind, RequestError};
+use crate::metrics::EndpointMetrics;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::{Stream, StreamExt};
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::Poll;
+use std::time::{Duration, Instant};
 use tokio::sync::Notify;
+
+/// Request ids starting with this are canary health checks: they are served
+/// like any request but do not count as traffic for the canary's idle timer.
+pub const CANARY_REQUEST_PREFIX: &str = "canary-";
+
+/// What the request plane reports about one endpoint's requests.
+#[derive(Debug, Clone)]
+pub struct EndpointObservers {
+    pub metrics: EndpointMetrics,
+    pub activity: Arc<Activity>,
+}
+
+impl EndpointObservers {
+    #[cfg(test)]
+    pub(crate) fn unregistered() -> Self {
+        Self {
+            metrics: EndpointMetrics::unregistered(),
+            activity: Arc::new(Activity::new()),
+        }
+    }
+}
+
+/// When a real request last completed on an endpoint (the canary checks an
+/// endpoint only after it has been idle for a while).
+#[derive(Debug)]
+pub struct Activity {
+    epoch: Instant,
+    /// Milliseconds after `epoch` of the last completed real request.
+    last: AtomicU64,
+}
+
+impl Activity {
+    pub fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    /// Records a completed request now.
+    pub fn touch(&self) {
+        self.last
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Release);
+    }
+
+    /// Time since the last completed request (or since creation).
+    pub fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last.load(Ordering::Acquire));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 /// A type-erased handler: encoded request in, encoded response items out.
 /// The endpoint builder adapts a typed [`crate::engine::AsyncEngine`] to this.
@@ -32,6 +91,7 @@ pub struct Handlers {
 
 struct Entry {
     handler: Arc<dyn PushHandler>,
+    observers: EndpointObservers,
     /// False once the endpoint started draining: new requests are refused
     /// with `ShuttingDown` so the caller can go elsewhere.
     accepting: AtomicBool,
@@ -63,7 +123,12 @@ impl Handlers {
     }
 
     /// Starts serving `endpoint` (`namespace/component/endpoint`).
-    pub fn insert(&self, endpoint: &str, handler: Arc<dyn PushHandler>) -> Result<(), RequestError> {
+    pub fn insert(
+        &self,
+        endpoint: &str,
+        handler: Arc<dyn PushHandler>,
+        observers: EndpointObservers,
+    ) -> Result<(), RequestError> {
         let mut endpoints = self.write();
         if endpoints.contains_key(endpoint) {
             return Err(RequestError::new(
@@ -73,6 +138,7 @@ impl Handlers {
         }
         let entry = Entry {
             handler,
+            observers,
             accepting: AtomicBool::new(true),
             inflight: AtomicUsize::new(0),
             idle: Notify::new(),
@@ -130,18 +196,29 @@ impl Handlers {
                 format!("no endpoint {endpoint} on instance {instance_id:x}"),
             )
         })?;
+        let metrics = &entry.observers.metrics;
+        metrics.requests.inc();
+        metrics.request_bytes.inc_by(request.data().len() as u64);
         // Count first, then check: `drain` clears `accepting` first, then
         // reads the count, so (all SeqCst) either it sees this request or this
         // request sees that it must not start.
-        let guard = InflightGuard::new(entry.clone());
+        let mut guard = InflightGuard::new(entry.clone(), request.controller().clone());
         if !entry.accepting.load(Ordering::SeqCst) {
+            guard.finished = true;
+            metrics.error(ErrorKind::ShuttingDown);
             return Err(RequestError::new(
                 ErrorKind::ShuttingDown,
                 format!("endpoint {endpoint} is draining"),
             ));
         }
-        let stream = entry.handler.handle(request).await?;
-        Ok(Box::pin(Guarded { stream, _guard: guard }))
+        match entry.handler.handle(request).await {
+            Ok(stream) => Ok(Box::pin(Guarded { stream, guard })),
+            Err(error) => {
+                guard.finished = true;
+                metrics.error(error.kind());
+                Err(error)
+            }
+        }
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Entry>>> {
@@ -154,35 +231,74 @@ impl Handlers {
     }
 }
 
-/// Counts one request as in flight for as long as it lives.
-struct InflightGuard(Arc<Entry>);
+/// Counts one request as in flight for as long as it lives, and records its
+/// duration, cancellation and completion when it ends.
+struct InflightGuard {
+    entry: Arc<Entry>,
+    controller: Controller,
+    started: Instant,
+    /// The stream ended (completed or failed) rather than being dropped early.
+    finished: bool,
+    completed: bool,
+}
 
 impl InflightGuard {
-    fn new(entry: Arc<Entry>) -> Self {
+    fn new(entry: Arc<Entry>, controller: Controller) -> Self {
         entry.inflight.fetch_add(1, Ordering::SeqCst);
-        Self(entry)
+        entry.observers.metrics.inflight.inc();
+        Self {
+            entry,
+            controller,
+            started: Instant::now(),
+            finished: false,
+            completed: false,
+        }
     }
 }
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
-        if self.0.inflight.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.0.idle.notify_waiters();
+        let observers = &self.entry.observers;
+        observers.metrics.inflight.dec();
+        observers.metrics.duration.observe(self.started.elapsed().as_secs_f64());
+        if !self.finished && self.controller.is_stopped() {
+            observers.metrics.cancellations.inc();
+        }
+        if self.completed && !self.controller.id().starts_with(CANARY_REQUEST_PREFIX) {
+            observers.activity.touch();
+        }
+        if self.entry.inflight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.entry.idle.notify_waiters();
         }
     }
 }
 
-/// A response stream that holds its request's [`InflightGuard`].
+/// A response stream that holds its request's [`InflightGuard`] and counts
+/// what passes through it.
 struct Guarded {
     stream: ByteStream,
-    _guard: InflightGuard,
+    guard: InflightGuard,
 }
 
 impl Stream for Guarded {
     type Item = Result<Bytes, RequestError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Option<Self::Item>> {
-        self.stream.poll_next_unpin(cx)
+        let polled = self.stream.poll_next_unpin(cx);
+        let metrics = &self.guard.entry.observers.metrics;
+        match &polled {
+            Poll::Ready(Some(Ok(bytes))) => metrics.response_bytes.inc_by(bytes.len() as u64),
+            Poll::Ready(Some(Err(error))) => {
+                metrics.error(error.kind());
+                self.guard.finished = true;
+            }
+            Poll::Ready(None) => {
+                self.guard.finished = true;
+                self.guard.completed = true;
+            }
+            Poll::Pending => {}
+        }
+        polled
     }
 }
 
@@ -203,7 +319,9 @@ mod tests {
     #[tokio::test]
     async fn unknown_endpoint_and_wrong_instance_are_not_found() {
         let handlers = Handlers::new(7);
-        handlers.insert("ns/c/e", Arc::new(Echo)).unwrap();
+        handlers
+            .insert("ns/c/e", Arc::new(Echo), EndpointObservers::unregistered())
+            .unwrap();
         let err = handlers
             .dispatch("ns/c/other", 7, Context::new(Bytes::new()))
             .await
@@ -221,7 +339,9 @@ mod tests {
     #[tokio::test]
     async fn drain_waits_for_streams_in_flight_and_refuses_new_ones() {
         let handlers = Arc::new(Handlers::new(1));
-        handlers.insert("ns/c/e", Arc::new(Echo)).unwrap();
+        handlers
+            .insert("ns/c/e", Arc::new(Echo), EndpointObservers::unregistered())
+            .unwrap();
         let stream = handlers
             .dispatch("ns/c/e", 1, Context::new(Bytes::from_static(b"x")))
             .await
@@ -257,9 +377,14 @@ mod tests {
     #[test]
     fn serving_an_endpoint_twice_is_an_error() {
         let handlers = Handlers::new(1);
-        handlers.insert("ns/c/e", Arc::new(Echo)).unwrap();
+        handlers
+            .insert("ns/c/e", Arc::new(Echo), EndpointObservers::unregistered())
+            .unwrap();
         assert_eq!(
-            handlers.insert("ns/c/e", Arc::new(Echo)).unwrap_err().kind(),
+            handlers
+                .insert("ns/c/e", Arc::new(Echo), EndpointObservers::unregistered())
+                .unwrap_err()
+                .kind(),
             ErrorKind::Invalid
         );
     }

@@ -8,6 +8,7 @@ use super::{ReadError, read_frame, tune_socket};
 use crate::config::TcpConfig;
 use crate::engine::{Context, Controller};
 use crate::error::{ErrorKind, RequestError};
+use crate::metrics::TransportMetrics;
 use crate::request_plane::{Handlers, RequestServer, Transport};
 use bytes::{Bytes, BytesMut};
 use futures::{FutureExt, StreamExt};
@@ -34,6 +35,7 @@ impl TcpServer {
     pub async fn bind(
         config: &TcpConfig,
         handlers: Arc<Handlers>,
+        metrics: TransportMetrics,
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) -> std::io::Result<Self> {
@@ -47,6 +49,7 @@ impl TcpServer {
             tracker: tracker.clone(),
             max_message_size: *config.max_message_size(),
             connections_accepted: AtomicU64::new(0),
+            metrics,
         });
         tracker.spawn(accept_loop(listener, shared.clone()));
         Ok(Self { advertised, shared })
@@ -83,6 +86,7 @@ struct Shared {
     tracker: TaskTracker,
     max_message_size: usize,
     connections_accepted: AtomicU64,
+    metrics: TransportMetrics,
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
@@ -94,6 +98,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         match accepted {
             Ok((socket, peer)) => {
                 shared.connections_accepted.fetch_add(1, Ordering::Relaxed);
+                shared.metrics.connections.inc();
                 shared.tracker.spawn(serve_connection(socket, peer, shared.clone()));
             }
             Err(error) => {
@@ -170,9 +175,14 @@ async fn serve_connection(socket: TcpStream, peer: SocketAddr, shared: Arc<Share
             }
             Ok(Decoded::Oversized { frame_type, .. }) => Err(format!("oversized {frame_type:?} frame")),
             Err(ReadError::Closed) => break,
+            Err(ReadError::Io(error)) => {
+                tracing::debug!(%peer, %error, "request-plane connection failed");
+                break;
+            }
             Err(error) => Err(error.to_string()),
         };
         if let Err(reason) = result {
+            shared.metrics.protocol_errors.inc();
             tracing::warn!(%peer, %reason, "closing request-plane connection");
             break;
         }

@@ -5,6 +5,8 @@ use super::{TcpClient, TcpServer};
 use crate::config::RuntimeConfig;
 use crate::engine::{Context, Controller};
 use crate::error::{ErrorKind, RequestError};
+use crate::metrics::TransportMetrics;
+use crate::request_plane::handlers::EndpointObservers;
 use crate::request_plane::{ByteStream, Handlers, PushHandler, RequestClient, RequestServer, Target};
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -131,7 +133,9 @@ impl Fixtures {
             ("fail", self.fail()),
             ("big", self.big()),
         ] {
-            handlers.insert(&format!("ns/c/{name}"), handler).unwrap();
+            handlers
+                .insert(&format!("ns/c/{name}"), handler, EndpointObservers::unregistered())
+                .unwrap();
         }
         handlers
     }
@@ -190,6 +194,7 @@ impl Pair {
         let server = TcpServer::bind(
             server_config.tcp(),
             fixtures.handlers(),
+            TransportMetrics::unregistered(),
             server_stop.clone(),
             TaskTracker::new(),
         )

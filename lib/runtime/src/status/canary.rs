@@ -1,0 +1,93 @@
+//! Canary health checks: an endpoint registered with a health-check payload
+//! is sent that payload through the real request plane — first when it
+//! starts, then whenever it has been idle for `DYN_CANARY_WAIT_TIME` — and
+//! the **whole** response stream must end within
+//! `DYN_HEALTH_CHECK_REQUEST_TIMEOUT`. Dynamo accepts the first chunk, so a
+//! stream that stalls after one item stays ready there (dynamo#13675); here it
+//! turns the endpoint notready. The next passing check turns it ready again.
+//!
+//! One task per canaried endpoint, ended when the endpoint drains; a check
+//! that times out drops its stream, which kills the request on the worker.
+
+use super::SystemHealth;
+use crate::component::Instance;
+use crate::engine::{Context, Controller};
+use crate::request_plane::RequestClient;
+use crate::request_plane::handlers::{Activity, CANARY_REQUEST_PREFIX};
+use bytes::Bytes;
+use futures::StreamExt;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Everything one endpoint's canary needs.
+pub(crate) struct Canary {
+    pub(crate) instance: Instance,
+    pub(crate) payload: Bytes,
+    pub(crate) activity: Arc<Activity>,
+    pub(crate) health: Arc<SystemHealth>,
+    pub(crate) client: Arc<dyn RequestClient>,
+    pub(crate) wait: Duration,
+    pub(crate) timeout: Duration,
+}
+
+impl Canary {
+    /// Checks the endpoint until `stop` is cancelled.
+    pub(crate) async fn run(self, stop: CancellationToken) {
+        let path = self.instance.target().endpoint;
+        let mut ready = None;
+        loop {
+            let result = tokio::select! {
+                _ = stop.cancelled() => return,
+                result = self.check() => result,
+            };
+            let now_ready = result.is_ok();
+            if ready != Some(now_ready) {
+                match &result {
+                    Ok(()) => tracing::info!(endpoint = %path, "canary passed: endpoint ready"),
+                    Err(reason) => tracing::warn!(endpoint = %path, %reason, "canary failed: endpoint notready"),
+                }
+            }
+            ready = Some(now_ready);
+            if !stop.is_cancelled() {
+                self.health.set_ready(&path, now_ready);
+            }
+            // Next check once the endpoint has had no real traffic for `wait`.
+            loop {
+                let idle = self.activity.idle_for();
+                let pause = self
+                    .wait
+                    .saturating_sub(idle)
+                    .max(self.wait.min(Duration::from_millis(50)));
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                if self.activity.idle_for() >= self.wait {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Sends the payload and reads the whole response stream within the timeout.
+    async fn check(&self) -> Result<(), String> {
+        let controller = Controller::with_id(format!("{CANARY_REQUEST_PREFIX}{:016x}", rand::random::<u64>()));
+        let request = Context::with_controller(self.payload.clone(), controller);
+        let whole_stream = async {
+            let mut stream = self
+                .client
+                .call(&self.instance.target(), request)
+                .await
+                .map_err(|e| e.to_string())?;
+            while let Some(item) = stream.next().await {
+                item.map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        };
+        match tokio::time::timeout(self.timeout, whole_stream).await {
+            Ok(result) => result,
+            Err(_) => Err(format!("the response stream did not end within {:?}", self.timeout)),
+        }
+    }
+}
