@@ -34,6 +34,10 @@ impl Namespace {
         &self.name
     }
 
+    pub(crate) fn drt(&self) -> &DistributedRuntime {
+        &self.drt
+    }
+
     /// This namespace's level of the metrics hierarchy.
     pub fn metrics(&self) -> Metrics {
         self.drt.metrics().namespace(&self.name)
@@ -66,6 +70,10 @@ impl Component {
 
     pub fn namespace(&self) -> &str {
         &self.namespace
+    }
+
+    pub(crate) fn drt(&self) -> &DistributedRuntime {
+        &self.drt
     }
 
     /// This component's level of the metrics hierarchy.
@@ -233,7 +241,7 @@ pub struct NameError {
 
 /// Names become key segments, NATS subjects and metric labels, so they are
 /// limited to characters that are safe in all three.
-fn validate_name(kind: &'static str, name: &str) -> Result<(), NameError> {
+pub(crate) fn validate_name(kind: &'static str, name: &str) -> Result<(), NameError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME_LEN
         && name

@@ -56,6 +56,12 @@ const SYSTEM_LIVE_PATH: &str = "DYN_SYSTEM_LIVE_PATH";
 const HEALTH_CHECK_ENABLED: &str = "DYN_HEALTH_CHECK_ENABLED";
 const CANARY_WAIT_TIME: &str = "DYN_CANARY_WAIT_TIME";
 const HEALTH_CHECK_REQUEST_TIMEOUT: &str = "DYN_HEALTH_CHECK_REQUEST_TIMEOUT";
+const EVENT_PLANE: &str = "DYN_EVENT_PLANE";
+const NATS_SERVER: &str = "NATS_SERVER";
+const NATS_AUTH_USERNAME: &str = "NATS_AUTH_USERNAME";
+const NATS_AUTH_PASSWORD: &str = "NATS_AUTH_PASSWORD";
+const NATS_AUTH_TOKEN: &str = "NATS_AUTH_TOKEN";
+const NATS_AUTH_CREDENTIALS_FILE: &str = "NATS_AUTH_CREDENTIALS_FILE";
 const GRACEFUL_SHUTDOWN_TIMEOUT: &str = "DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT";
 const LOG: &str = "DYN_LOG";
 const WORKER_THREADS: &str = "DYN_RUNTIME_NUM_WORKER_THREADS";
@@ -141,6 +147,36 @@ pub const VARIABLES: &[Variable] = &[
         name: TCP_STREAM_WINDOW,
         default: "256",
         help: "response items a worker may send on one stream before the caller has consumed them (per-stream flow control)",
+    },
+    Variable {
+        name: EVENT_PLANE,
+        default: "",
+        help: "how events travel: zmq | nats; unset means zmq for mem/file discovery and nats for etcd/kubernetes",
+    },
+    Variable {
+        name: NATS_SERVER,
+        default: "nats://localhost:4222",
+        help: "comma-separated NATS server URLs (nats:// or tls://), used when the event plane is nats",
+    },
+    Variable {
+        name: NATS_AUTH_USERNAME,
+        default: "",
+        help: "NATS user; needs NATS_AUTH_PASSWORD",
+    },
+    Variable {
+        name: NATS_AUTH_PASSWORD,
+        default: "",
+        help: "NATS password; needs NATS_AUTH_USERNAME",
+    },
+    Variable {
+        name: NATS_AUTH_TOKEN,
+        default: "",
+        help: "NATS token (instead of user and password)",
+    },
+    Variable {
+        name: NATS_AUTH_CREDENTIALS_FILE,
+        default: "",
+        help: "path of a NATS .creds file (JWT and NKey seed)",
     },
     Variable {
         name: SYSTEM_PORT,
@@ -279,6 +315,52 @@ pub struct TcpConfig {
     stream_window: u32,
 }
 
+/// How events travel between processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventPlaneKind {
+    /// Brokerless: each publisher binds a ZMQ PUB socket found through discovery.
+    Zmq,
+    /// Core NATS subjects.
+    Nats,
+}
+
+impl EventPlaneKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Zmq => "zmq",
+            Self::Nats => "nats",
+        }
+    }
+}
+
+/// How to authenticate to NATS.
+#[derive(Clone)]
+pub enum NatsAuth {
+    None,
+    UserPassword(String, String),
+    Token(String),
+    CredentialsFile(PathBuf),
+}
+
+impl std::fmt::Debug for NatsAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print secrets.
+        match self {
+            Self::None => f.write_str("None"),
+            Self::UserPassword(user, _) => write!(f, "UserPassword({user:?}, ***)"),
+            Self::Token(_) => f.write_str("Token(***)"),
+            Self::CredentialsFile(path) => write!(f, "CredentialsFile({path:?})"),
+        }
+    }
+}
+
+/// How to reach NATS.
+#[derive(Debug, Clone, Getters)]
+pub struct NatsConfig {
+    servers: Vec<String>,
+    auth: NatsAuth,
+}
+
 /// The status server and the canary health checks.
 #[derive(Debug, Clone, Getters)]
 pub struct SystemConfig {
@@ -331,6 +413,9 @@ pub struct RuntimeConfig {
     request_plane: RequestPlaneKind,
     tcp: TcpConfig,
     system: SystemConfig,
+    /// The event plane, resolved from `DYN_EVENT_PLANE` and the discovery backend.
+    event_plane: EventPlaneKind,
+    nats: NatsConfig,
     /// Drain deadline after SIGTERM/SIGINT.
     graceful_shutdown_timeout: Duration,
     /// `tracing` filter directive.
@@ -434,8 +519,23 @@ impl RuntimeConfig {
             .optional_text(FILE_KV)?
             .map_or_else(|| std::env::temp_dir().join("switchyard_kv"), PathBuf::from);
         let system = settings.system()?;
+        let event_plane = match settings.optional_text(EVENT_PLANE)? {
+            Some(_) => settings.choice(EVENT_PLANE, "zmq, nats", |text| {
+                match text.to_ascii_lowercase().as_str() {
+                    "zmq" => Some(EventPlaneKind::Zmq),
+                    "nats" => Some(EventPlaneKind::Nats),
+                    _ => None,
+                }
+            })?,
+            None => match discovery_backend {
+                DiscoveryBackend::Mem | DiscoveryBackend::File => EventPlaneKind::Zmq,
+                DiscoveryBackend::Etcd | DiscoveryBackend::Kubernetes => EventPlaneKind::Nats,
+            },
+        };
         Ok(Self {
             system,
+            event_plane,
+            nats: settings.nats()?,
             discovery_backend,
             lease_ttl,
             file_kv,
@@ -585,6 +685,50 @@ impl Settings {
             ));
         }
         Ok(text)
+    }
+
+    fn nats(&self) -> Result<NatsConfig, ConfigError> {
+        let text = self.text(NATS_SERVER)?;
+        let servers: Vec<String> = text
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        let valid = |s: &String| {
+            s.strip_prefix("nats://")
+                .or_else(|| s.strip_prefix("tls://"))
+                .is_some_and(|rest| !rest.is_empty())
+        };
+        if servers.is_empty() || !servers.iter().all(valid) {
+            return Err(self.invalid(
+                NATS_SERVER,
+                &text,
+                "a comma-separated list of nats://host:port or tls://host:port URLs",
+            ));
+        }
+        let user = self.optional_text(NATS_AUTH_USERNAME)?;
+        let password = self.optional_text(NATS_AUTH_PASSWORD)?;
+        let token = self.optional_text(NATS_AUTH_TOKEN)?;
+        let credentials = self.optional_text(NATS_AUTH_CREDENTIALS_FILE)?;
+        let auth = match (user, password, token, credentials) {
+            (None, None, None, None) => NatsAuth::None,
+            (Some(user), Some(password), None, None) => NatsAuth::UserPassword(user, password),
+            (None, None, Some(token), None) => NatsAuth::Token(token),
+            (None, None, None, Some(path)) => NatsAuth::CredentialsFile(PathBuf::from(path)),
+            (Some(_), None, _, _) | (None, Some(_), _, _) => {
+                return Err(ConfigError::Incomplete {
+                    set: "only one of NATS_AUTH_USERNAME and NATS_AUTH_PASSWORD",
+                    needed: "both, or neither",
+                });
+            }
+            _ => {
+                return Err(ConfigError::Incomplete {
+                    set: "more than one NATS authentication method",
+                    needed: "exactly one of user+password, NATS_AUTH_TOKEN or NATS_AUTH_CREDENTIALS_FILE",
+                });
+            }
+        };
+        Ok(NatsConfig { servers, auth })
     }
 
     fn etcd(&self) -> Result<EtcdConfig, ConfigError> {
@@ -814,6 +958,34 @@ mod tests {
         let config = RuntimeConfig::from_vars([(HEALTH_CHECK_ENABLED, "TRUE")]).unwrap();
         assert!(config.system.canary_enabled);
         assert!(RuntimeConfig::from_vars([(HEALTH_CHECK_ENABLED, "sometimes")]).is_err());
+    }
+
+    #[test]
+    fn the_event_plane_follows_discovery_unless_set() {
+        let mem = RuntimeConfig::from_vars([(DISCOVERY_BACKEND, "mem")]).unwrap();
+        assert_eq!(mem.event_plane, EventPlaneKind::Zmq);
+        assert_eq!(RuntimeConfig::default().event_plane, EventPlaneKind::Nats);
+        let set = RuntimeConfig::from_vars([(DISCOVERY_BACKEND, "mem"), (EVENT_PLANE, "nats")]).unwrap();
+        assert_eq!(set.event_plane, EventPlaneKind::Nats);
+        let err = RuntimeConfig::from_vars([(EVENT_PLANE, "kafka")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("DYN_EVENT_PLANE") && err.contains("zmq, nats"), "{err}");
+    }
+
+    #[test]
+    fn nats_settings_are_checked() {
+        let err = RuntimeConfig::from_vars([(NATS_SERVER, "localhost:4222")]).unwrap_err();
+        assert!(err.to_string().contains("NATS_SERVER"), "{err}");
+        let err = RuntimeConfig::from_vars([
+            (NATS_AUTH_TOKEN, "t"),
+            (NATS_AUTH_USERNAME, "u"),
+            (NATS_AUTH_PASSWORD, "p"),
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("exactly one"), "{err}");
+        let config = RuntimeConfig::from_vars([(NATS_AUTH_TOKEN, "s3cret")]).unwrap();
+        assert!(!format!("{config:?}").contains("s3cret"));
     }
 
     #[test]

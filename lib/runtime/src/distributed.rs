@@ -4,7 +4,7 @@
 //! backends are chosen from the [`Runtime`]'s validated configuration.
 
 use crate::component::{NameError, Namespace};
-use crate::config::{DiscoveryBackend, RequestPlaneKind, RuntimeConfig};
+use crate::config::{DiscoveryBackend, EventPlaneKind, NatsAuth, NatsConfig, RequestPlaneKind, RuntimeConfig};
 use crate::discovery::etcd::{EtcdDiscovery, LeaseHealth};
 use crate::discovery::file::FileDiscovery;
 use crate::discovery::mem::{MemDiscovery, MemRegistry};
@@ -39,6 +39,8 @@ struct Inner {
     lease_metrics: Option<LeaseMetrics>,
     /// Where the status server listens, once started.
     status_address: OnceLock<SocketAddr>,
+    /// Connected on first use, so processes that do not need NATS never dial it.
+    nats: OnceCell<async_nats::Client>,
 }
 
 impl DistributedRuntime {
@@ -141,6 +143,7 @@ impl DistributedRuntime {
                 health,
                 lease_metrics,
                 status_address: OnceLock::new(),
+                nats: OnceCell::new(),
                 handlers: Arc::new(Handlers::new(discovery.instance_id())),
                 runtime,
                 discovery,
@@ -231,6 +234,17 @@ impl DistributedRuntime {
         Ok(bound)
     }
 
+    /// The event plane in use (`DYN_EVENT_PLANE`, or the discovery backend's default).
+    pub fn event_plane(&self) -> EventPlaneKind {
+        *self.runtime().config().event_plane()
+    }
+
+    /// The NATS connection, opened on first use (bounded by [`NATS_CONNECT_TIMEOUT`]).
+    pub async fn nats(&self) -> Result<async_nats::Client, DistributedError> {
+        let config = self.runtime().config().nats();
+        self.inner.nats.get_or_try_init(|| connect_nats(config)).await.cloned()
+    }
+
     pub(crate) fn handlers(&self) -> &Arc<Handlers> {
         &self.inner.handlers
     }
@@ -264,6 +278,35 @@ impl DistributedRuntime {
     }
 }
 
+/// Deadline for reaching a NATS server.
+const NATS_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+async fn connect_nats(config: &NatsConfig) -> Result<async_nats::Client, DistributedError> {
+    let servers = config.servers().join(",");
+    let unreachable = |reason: String| DistributedError::NatsUnreachable {
+        servers: servers.clone(),
+        reason,
+    };
+    let mut options = async_nats::ConnectOptions::new().connection_timeout(NATS_CONNECT_TIMEOUT);
+    options = match config.auth() {
+        NatsAuth::None => options,
+        NatsAuth::UserPassword(user, password) => options.user_and_password(user.clone(), password.clone()),
+        NatsAuth::Token(token) => options.token(token.clone()),
+        NatsAuth::CredentialsFile(path) => options.credentials_file(path).await.map_err(|e| {
+            unreachable(format!(
+                "cannot read NATS_AUTH_CREDENTIALS_FILE {}: {e}",
+                path.display()
+            ))
+        })?,
+    };
+    let client = tokio::time::timeout(NATS_CONNECT_TIMEOUT, options.connect(config.servers().as_slice()))
+        .await
+        .map_err(|_| unreachable(format!("no answer within {NATS_CONNECT_TIMEOUT:?}")))?
+        .map_err(|e| unreachable(e.to_string()))?;
+    tracing::info!(servers, "connected to NATS");
+    Ok(client)
+}
+
 /// The etcd lease's state, exported at scrape time.
 #[derive(Debug, Clone)]
 struct LeaseMetrics {
@@ -294,6 +337,8 @@ pub enum DistributedError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot reach NATS at {servers} (NATS_SERVER): {reason}")]
+    NatsUnreachable { servers: String, reason: String },
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
 }

@@ -17,6 +17,7 @@ pub mod discovery;
 pub mod distributed;
 pub mod engine;
 pub mod error;
+pub mod event_plane;
 pub mod metrics;
 pub mod request_plane;
 pub mod routing;

@@ -187,6 +187,7 @@ pub(crate) struct ProcessMetrics {
     endpoints: Arc<Mutex<HashMap<String, EndpointMetrics>>>,
     pub(crate) uptime: Gauge,
     pub(crate) transport: TransportMetrics,
+    pub(crate) event_gaps: IntCounter,
 }
 
 impl std::fmt::Debug for ProcessMetrics {
@@ -220,8 +221,15 @@ impl ProcessMetrics {
                 "Request-plane connections closed because the peer broke the wire format",
             )
             .expect("fresh registry");
+        let event_gaps = root
+            .create_counter(
+                "dynamo_event_plane_gaps_total",
+                "Events known lost: missing sequence numbers seen by this process's subscribers",
+            )
+            .expect("fresh registry");
         Self {
             root,
+            event_gaps,
             worker_id: format!("{instance_id:x}"),
             endpoints: Arc::default(),
             uptime,

@@ -16,6 +16,10 @@ use switchyard_runtime::routing::RouterMode;
 use switchyard_runtime::routing::push_router::PushRouter;
 use switchyard_runtime::runtime::{Runtime, ShutdownOutcome};
 
+#[path = "mesh/events.rs"]
+mod events;
+#[path = "support/nats_server.rs"]
+mod nats_server;
 #[path = "mesh/status.rs"]
 mod status;
 #[path = "support/worker_process.rs"]

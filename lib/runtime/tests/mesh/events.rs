@@ -1,0 +1,215 @@
+//! The event plane across runtimes: ZMQ (publishers found through
+//! discovery) and NATS (a real server), typed events with their envelopes,
+//! publishers appearing after subscribers and going away, gap counting over
+//! a million events, and a NATS restart in the middle of a stream.
+
+use super::nats_server::NatsServer;
+use super::{DEADLINE, process, wait_until};
+use std::time::Duration;
+use switchyard_runtime::config::EventPlaneKind;
+use switchyard_runtime::discovery::mem::MemRegistry;
+use switchyard_runtime::distributed::DistributedRuntime;
+use switchyard_runtime::event_plane::{EventPublisher, EventSubscriber};
+
+/// A load report, as workers will publish them.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Load {
+    active: u32,
+    queued: u32,
+}
+
+async fn publisher(drt: &DistributedRuntime) -> EventPublisher {
+    let component = drt.namespace("demo").unwrap().component("backend").unwrap();
+    EventPublisher::for_component(&component, "load").await.unwrap()
+}
+
+async fn subscriber(drt: &DistributedRuntime) -> EventSubscriber {
+    let component = drt.namespace("demo").unwrap().component("backend").unwrap();
+    EventSubscriber::for_component(&component, "load").await.unwrap()
+}
+
+/// Publishes `marker` until the subscriber sees one (subscriptions take a
+/// moment to reach a publisher; what was sent before is simply not received).
+async fn until_connected(publisher: &EventPublisher, subscriber: &mut EventSubscriber) {
+    let marker = Load {
+        active: u32::MAX,
+        queued: 0,
+    };
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        publisher.publish(&marker).await.unwrap();
+        if let Ok(Some(received)) =
+            tokio::time::timeout(Duration::from_millis(50), subscriber.next_typed::<Load>()).await
+        {
+            assert_eq!(received.unwrap().1, marker);
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the subscriber never received anything"
+        );
+    }
+}
+
+/// Sends `n` reports and checks they arrive in order, with no gap.
+async fn exchange(publisher: &EventPublisher, subscriber: &mut EventSubscriber, n: u32) {
+    let send = async {
+        for i in 0..n {
+            publisher
+                .publish(&Load {
+                    active: i,
+                    queued: n - i,
+                })
+                .await
+                .unwrap();
+        }
+    };
+    let receive = async {
+        let mut next = 0;
+        while next < n {
+            let (envelope, load) = tokio::time::timeout(DEADLINE, subscriber.next_typed::<Load>())
+                .await
+                .expect("event within the deadline")
+                .expect("subscriber open")
+                .expect("decodes");
+            if load.active == u32::MAX {
+                continue; // a late connection marker
+            }
+            assert_eq!(load.active, next, "events out of order or missing");
+            assert_eq!(envelope.publisher_id, publisher.publisher_id());
+            assert_eq!(envelope.topic, "load");
+            next += 1;
+        }
+    };
+    tokio::join!(send, receive);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zmq_events_reach_subscribers_that_follow_publishers_through_discovery() {
+    let registry = MemRegistry::new();
+    let listener = process(&registry, &[]);
+    assert_eq!(listener.event_plane(), EventPlaneKind::Zmq);
+    // The subscriber exists before any publisher.
+    let mut events = subscriber(&listener).await;
+    assert_eq!(events.connected_publishers(), Some(0));
+
+    let worker = process(&registry, &[]);
+    let load = publisher(&worker).await;
+    wait_until("the subscriber connected to the new publisher", || {
+        events.connected_publishers() == Some(1)
+    })
+    .await;
+    until_connected(&load, &mut events).await;
+    exchange(&load, &mut events, 1_000).await;
+    assert_eq!(events.gaps(), 0);
+
+    // The publisher's process stops: its registration goes, and so does the connection.
+    worker.runtime().stop().await;
+    wait_until("the stopped publisher was dropped", || {
+        events.connected_publishers() == Some(0)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_million_zmq_events_arrive_without_gaps() {
+    let registry = MemRegistry::new();
+    let listener = process(&registry, &[]);
+    let mut events = subscriber(&listener).await;
+    let worker = process(&registry, &[]);
+    let load = publisher(&worker).await;
+    wait_until("connected", || events.connected_publishers() == Some(1)).await;
+    until_connected(&load, &mut events).await;
+    let started = std::time::Instant::now();
+    exchange(&load, &mut events, 1_000_000).await;
+    println!(
+        "zmq: 1,000,000 events in {:?}, {} gaps",
+        started.elapsed(),
+        events.gaps()
+    );
+    assert_eq!(events.gaps(), 0);
+}
+
+fn nats_vars(server: &NatsServer) -> [(&'static str, String); 2] {
+    [("DYN_EVENT_PLANE", "nats".to_string()), ("NATS_SERVER", server.url())]
+}
+
+fn with<'a>(vars: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    vars.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_events_flow_between_runtimes_and_a_million_arrive_without_gaps() {
+    let server = NatsServer::start();
+    let vars = nats_vars(&server);
+    let registry = MemRegistry::new();
+    let listener = process(&registry, &with(&vars));
+    assert_eq!(listener.event_plane(), EventPlaneKind::Nats);
+    let mut events = subscriber(&listener).await;
+    let worker = process(&registry, &with(&vars));
+    let load = publisher(&worker).await;
+    until_connected(&load, &mut events).await;
+    let started = std::time::Instant::now();
+    exchange(&load, &mut events, 1_000_000).await;
+    println!(
+        "nats: 1,000,000 events in {:?}, {} gaps",
+        started.elapsed(),
+        events.gaps()
+    );
+    assert_eq!(events.gaps(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_nats_restart_both_sides_reconnect_and_events_flow_again() {
+    let mut server = NatsServer::start();
+    let vars = nats_vars(&server);
+    let registry = MemRegistry::new();
+    let listener = process(&registry, &with(&vars));
+    let mut events = subscriber(&listener).await;
+    let worker = process(&registry, &with(&vars));
+    let load = publisher(&worker).await;
+    until_connected(&load, &mut events).await;
+    exchange(&load, &mut events, 100).await;
+
+    server.restart();
+    // Publishing while disconnected may fail or be lost; keep going until
+    // events arrive again (the client resubscribes after reconnecting).
+    let restarted = std::time::Instant::now();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let marker = Load { active: 7, queued: 7 };
+    loop {
+        let _ = load.publish(&marker).await;
+        if let Ok(Some(Ok((_, received)))) =
+            tokio::time::timeout(Duration::from_millis(100), events.next_typed::<Load>()).await
+            && received == marker
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "events did not flow again after the restart"
+        );
+    }
+    println!(
+        "nats: events flowed again {:?} after the server restarted",
+        restarted.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_nats_server_is_a_clear_error() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let registry = MemRegistry::new();
+    let drt = process(&registry, &[("DYN_EVENT_PLANE", "nats"), ("NATS_SERVER", &url)]);
+    let component = drt.namespace("demo").unwrap().component("backend").unwrap();
+    let error = EventPublisher::for_component(&component, "load")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains(&url) && error.contains("NATS_SERVER"), "{error}");
+}

@@ -1,0 +1,93 @@
+//! A real NATS server for tests (Debian's `nats-server`), on a free loopback
+//! port, stopped when dropped; a watchdog shell process kills it if the test
+//! process dies first.
+
+#![allow(dead_code, unreachable_pub)] // each includer uses a different part
+
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const START_DEADLINE: Duration = Duration::from_secs(20);
+
+#[derive(Debug)]
+pub struct NatsServer {
+    child: Option<Child>,
+    watchdog: Option<Child>,
+    port: u16,
+}
+
+impl NatsServer {
+    pub fn start() -> Self {
+        let mut server = Self {
+            child: None,
+            watchdog: None,
+            port: TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port(),
+        };
+        server.launch();
+        server
+    }
+
+    /// `nats://127.0.0.1:PORT`, for `NATS_SERVER`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn stop(&mut self) {
+        for mut child in [self.child.take(), self.watchdog.take()].into_iter().flatten() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+
+    fn launch(&mut self) {
+        let binary = [
+            "/usr/sbin/nats-server",
+            "/usr/bin/nats-server",
+            "/usr/local/bin/nats-server",
+        ]
+        .into_iter()
+        .find(|path| std::path::Path::new(path).exists())
+        .unwrap_or("nats-server");
+        let child = Command::new(binary)
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {binary} (run `make test`, which installs nats-server): {e}"));
+        let script = format!(
+            "while kill -0 {parent} 2>/dev/null && kill -0 {nats} 2>/dev/null; do sleep 0.5; done; kill {nats} 2>/dev/null",
+            parent = std::process::id(),
+            nats = child.id(),
+        );
+        self.watchdog = Some(
+            Command::new("sh")
+                .args(["-c", &script])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("sh is available"),
+        );
+        self.child = Some(child);
+        let started = Instant::now();
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                started.elapsed() < START_DEADLINE,
+                "nats-server did not listen within {START_DEADLINE:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
