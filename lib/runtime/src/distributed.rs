@@ -136,6 +136,7 @@ impl DistributedRuntime {
         let health = Arc::new(SystemHealth::new(
             *config.system().starting_ready(),
             runtime.root_token().clone(),
+            runtime.endpoint_token().clone(),
         ));
         Ok(Self {
             inner: Arc::new(Inner {

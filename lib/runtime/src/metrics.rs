@@ -144,7 +144,7 @@ impl EndpointMetrics {
             )?,
             cancellations: scope.create_counter(
                 "cancellation_total",
-                "Requests stopped or killed (by the caller, or at shutdown) before they completed",
+                "Requests killed before their stream ended (caller kill or drop, or the worker stopping)",
             )?,
         })
     }
@@ -203,7 +203,7 @@ impl ProcessMetrics {
         let root = Metrics::root(Registry::new());
         let uptime = Gauge::new(
             "dynamo_component_uptime_seconds",
-            "Seconds since this process's runtime started",
+            "Seconds since this process's distributed runtime started",
         )
         .expect("valid name");
         root.registry

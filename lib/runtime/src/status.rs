@@ -35,21 +35,27 @@ pub struct SystemHealth {
     starting_ready: bool,
     /// Cancelled when the runtime stops: the process can no longer work.
     stopping: CancellationToken,
+    /// Cancelled when the runtime starts draining: the process is not ready
+    /// any more, even once it has no endpoints left.
+    draining: CancellationToken,
     endpoints: RwLock<BTreeMap<String, EndpointHealth>>,
 }
 
 #[derive(Debug, Clone)]
 struct EndpointHealth {
     ready: bool,
+    /// Draining endpoints stay notready whatever a canary says.
+    draining: bool,
     instance: Instance,
 }
 
 impl SystemHealth {
-    pub(crate) fn new(starting_ready: bool, stopping: CancellationToken) -> Self {
+    pub(crate) fn new(starting_ready: bool, stopping: CancellationToken, draining: CancellationToken) -> Self {
         Self {
             started: Instant::now(),
             starting_ready,
             stopping,
+            draining,
             endpoints: RwLock::new(BTreeMap::new()),
         }
     }
@@ -61,15 +67,26 @@ impl SystemHealth {
             path,
             EndpointHealth {
                 ready,
+                draining: false,
                 instance: instance.clone(),
             },
         );
     }
 
-    /// Marks a served endpoint ready or not (no-op for one not served).
-    pub(crate) fn set_ready(&self, path: &str, ready: bool) {
-        if let Some(endpoint) = self.write().get_mut(path) {
+    /// Records a canary's result (ignored once the endpoint drains).
+    pub(crate) fn canary_result(&self, path: &str, ready: bool) {
+        if let Some(endpoint) = self.write().get_mut(path)
+            && !endpoint.draining
+        {
             endpoint.ready = ready;
+        }
+    }
+
+    /// The endpoint starts draining: notready from now on.
+    pub(crate) fn begin_drain(&self, path: &str) {
+        if let Some(endpoint) = self.write().get_mut(path) {
+            endpoint.draining = true;
+            endpoint.ready = false;
         }
     }
 
@@ -93,7 +110,9 @@ impl SystemHealth {
 
     fn report(&self) -> HealthReport {
         let endpoints = self.read();
-        let ready = if endpoints.is_empty() {
+        let ready = if self.draining.is_cancelled() {
+            false
+        } else if endpoints.is_empty() {
             self.starting_ready
         } else {
             endpoints.values().all(|e| e.ready)

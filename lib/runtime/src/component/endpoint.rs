@@ -149,7 +149,7 @@ impl EndpointBuilder {
                 stop.cancelled().await;
                 // Not ready, and out of discovery, so callers stop choosing
                 // us; then finish what we have.
-                drt.health().set_ready(&path, false);
+                drt.health().begin_drain(&path);
                 if let Err(error) = drt.discovery().unregister(&key).await {
                     tracing::warn!(%key, %error, "could not unregister endpoint");
                 }

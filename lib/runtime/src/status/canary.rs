@@ -49,22 +49,19 @@ impl Canary {
                 }
             }
             ready = Some(now_ready);
-            if !stop.is_cancelled() {
-                self.health.set_ready(&path, now_ready);
-            }
-            // Next check once the endpoint has had no real traffic for `wait`.
+            // Ignored once the endpoint drains, so a late result cannot turn it ready.
+            self.health.canary_result(&path, now_ready);
+            // Next check once the endpoint has had neither real traffic nor a
+            // canary for `wait`.
+            let checked = tokio::time::Instant::now();
             loop {
-                let idle = self.activity.idle_for();
-                let pause = self
-                    .wait
-                    .saturating_sub(idle)
-                    .max(self.wait.min(Duration::from_millis(50)));
+                let quiet = self.activity.idle_for().min(checked.elapsed());
+                if quiet >= self.wait {
+                    break;
+                }
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(pause) => {}
-                }
-                if self.activity.idle_for() >= self.wait {
-                    break;
+                    _ = tokio::time::sleep(self.wait - quiet) => {}
                 }
             }
         }
