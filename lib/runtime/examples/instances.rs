@@ -31,13 +31,16 @@ fn main() -> anyhow::Result<()> {
         for registration in drt.discovery().list(&query).await? {
             match Instance::from_registration(&registration) {
                 Ok(instance) => {
-                    let Transport::Tcp(address) = &instance.transport;
+                    let address = match &instance.transport {
+                        Transport::Tcp(address) => format!("tcp://{address}"),
+                        Transport::Http(base) => base.clone(),
+                    };
                     rows.push([
                         instance.namespace.clone(),
                         instance.component.clone(),
                         instance.endpoint.clone(),
                         format!("{:x}", instance.instance_id),
-                        format!("tcp://{address}"),
+                        address,
                     ]);
                 }
                 Err(error) => eprintln!("skipping {}: {error}", registration.key),

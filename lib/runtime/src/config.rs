@@ -48,6 +48,8 @@ const TCP_RPC_PORT: &str = "DYN_TCP_RPC_PORT";
 const TCP_MAX_MESSAGE_SIZE: &str = "DYN_TCP_MAX_MESSAGE_SIZE";
 const TCP_CONNECT_TIMEOUT: &str = "DYN_TCP_CONNECT_TIMEOUT";
 const TCP_STREAM_WINDOW: &str = "DYN_TCP_STREAM_WINDOW";
+const HTTP_RPC_HOST: &str = "DYN_HTTP_RPC_HOST";
+const HTTP_RPC_PORT: &str = "DYN_HTTP_RPC_PORT";
 const SYSTEM_PORT: &str = "DYN_SYSTEM_PORT";
 const SYSTEM_HOST: &str = "DYN_SYSTEM_HOST";
 const SYSTEM_STARTING_HEALTH_STATUS: &str = "DYN_SYSTEM_STARTING_HEALTH_STATUS";
@@ -217,6 +219,16 @@ pub const VARIABLES: &[Variable] = &[
         name: HEALTH_CHECK_REQUEST_TIMEOUT,
         default: "3s",
         help: "deadline for a canary's whole response stream; missing it turns the endpoint notready",
+    },
+    Variable {
+        name: HTTP_RPC_HOST,
+        default: "127.0.0.1",
+        help: "address the HTTP/2 request-plane listener binds and advertises (DYN_REQUEST_PLANE=http)",
+    },
+    Variable {
+        name: HTTP_RPC_PORT,
+        default: "0",
+        help: "port of the HTTP/2 request-plane listener; 0 picks a free port",
     },
     Variable {
         name: GRACEFUL_SHUTDOWN_TIMEOUT,
@@ -401,9 +413,17 @@ impl std::fmt::Debug for EtcdConfig {
     }
 }
 
+/// Settings of the HTTP/2 request plane's listener.
+#[derive(Debug, Clone, Getters)]
+pub struct HttpConfig {
+    host: String,
+    port: u16,
+}
+
 /// The validated settings of one process.
 #[derive(Debug, Clone, Getters)]
 pub struct RuntimeConfig {
+    http: HttpConfig,
     discovery_backend: DiscoveryBackend,
     /// Lifetime of registrations after their process stops refreshing them.
     lease_ttl: Duration,
@@ -519,6 +539,16 @@ impl RuntimeConfig {
             .optional_text(FILE_KV)?
             .map_or_else(|| std::env::temp_dir().join("switchyard_kv"), PathBuf::from);
         let system = settings.system()?;
+        let http_host = settings.text(HTTP_RPC_HOST)?.trim().to_string();
+        let http = HttpConfig {
+            port: settings.number(
+                HTTP_RPC_PORT,
+                0,
+                u16::MAX as u64,
+                "a port number 0-65535 (0 picks a free port)",
+            )? as u16,
+            host: http_host,
+        };
         let event_plane = match settings.optional_text(EVENT_PLANE)? {
             Some(_) => settings.choice(EVENT_PLANE, "zmq, nats", |text| {
                 match text.to_ascii_lowercase().as_str() {
@@ -533,6 +563,7 @@ impl RuntimeConfig {
             },
         };
         Ok(Self {
+            http,
             system,
             event_plane,
             nats: settings.nats()?,

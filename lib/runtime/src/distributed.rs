@@ -10,8 +10,9 @@ use crate::discovery::file::FileDiscovery;
 use crate::discovery::mem::{MemDiscovery, MemRegistry};
 use crate::discovery::{Discovery, DiscoveryError};
 use crate::metrics::ProcessMetrics;
+use crate::request_plane::http::{HttpClient, HttpServer};
 use crate::request_plane::tcp::{TcpClient, TcpServer};
-use crate::request_plane::{Handlers, RequestClient, RequestServer};
+use crate::request_plane::{AnyClient, Handlers, RequestClient, RequestServer};
 use crate::runtime::Runtime;
 use crate::status::{StatusState, SystemHealth};
 use std::net::SocketAddr;
@@ -90,16 +91,15 @@ impl DistributedRuntime {
     ) -> Result<Self, DistributedError> {
         let config: &RuntimeConfig = runtime.config();
         let client: Arc<dyn RequestClient> = match config.request_plane() {
-            RequestPlaneKind::Tcp => Arc::new(TcpClient::new(
-                config.tcp(),
-                runtime.root_token().clone(),
-                runtime.tracker().clone(),
+            RequestPlaneKind::Tcp | RequestPlaneKind::Http => Arc::new(AnyClient::new(
+                TcpClient::new(config.tcp(), runtime.root_token().clone(), runtime.tracker().clone()),
+                HttpClient::new(config),
             )),
             other => {
                 return Err(DistributedError::NotBuiltYet {
                     variable: "DYN_REQUEST_PLANE",
                     value: other.as_str(),
-                    available: "tcp",
+                    available: "tcp, http",
                 });
             }
         };
@@ -260,20 +260,34 @@ impl DistributedRuntime {
             .server
             .get_or_try_init(|| async {
                 let runtime = &self.inner.runtime;
-                let tcp = runtime.config().tcp();
-                let server = TcpServer::bind(
-                    tcp,
-                    self.inner.handlers.clone(),
-                    self.inner.metrics.transport.clone(),
-                    runtime.root_token().clone(),
-                    runtime.tracker().clone(),
-                )
-                .await
-                .map_err(|source| DistributedError::Bind {
-                    address: format!("{}:{}", tcp.host(), tcp.port()),
-                    source,
-                })?;
-                Ok(Arc::new(server) as Arc<dyn RequestServer>)
+                let config = runtime.config();
+                let (tcp, http) = (config.tcp(), config.http());
+                let (stop, tracker) = (runtime.root_token().clone(), runtime.tracker().clone());
+                let server: Arc<dyn RequestServer> = if *config.request_plane() == RequestPlaneKind::Http {
+                    let server = HttpServer::bind(
+                        http,
+                        *tcp.max_message_size(),
+                        self.inner.handlers.clone(),
+                        stop,
+                        tracker,
+                    )
+                    .await
+                    .map_err(|source| DistributedError::Bind {
+                        address: format!("{}:{} (DYN_HTTP_RPC_HOST/DYN_HTTP_RPC_PORT)", http.host(), http.port()),
+                        source,
+                    })?;
+                    Arc::new(server)
+                } else {
+                    let transport = self.inner.metrics.transport.clone();
+                    let server = TcpServer::bind(tcp, self.inner.handlers.clone(), transport, stop, tracker)
+                        .await
+                        .map_err(|source| DistributedError::Bind {
+                            address: format!("{}:{} (DYN_TCP_RPC_HOST/DYN_TCP_RPC_PORT)", tcp.host(), tcp.port()),
+                            source,
+                        })?;
+                    Arc::new(server)
+                };
+                Ok(server)
             })
             .await
     }
@@ -326,7 +340,7 @@ pub enum DistributedError {
         value: &'static str,
         available: &'static str,
     },
-    #[error("cannot bind the request-plane listener on {address} (DYN_TCP_RPC_HOST/DYN_TCP_RPC_PORT)")]
+    #[error("cannot bind the request-plane listener on {address}")]
     Bind {
         address: String,
         #[source]

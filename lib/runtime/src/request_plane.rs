@@ -10,7 +10,10 @@
 //! the endpoint builder (worker side) and the router (caller side). Transports:
 //! [`tcp`] (the default). This module does no routing and no discovery.
 
+#[cfg(test)]
+pub(crate) mod conformance;
 pub mod handlers;
+pub mod http;
 pub mod tcp;
 
 use crate::engine::{Context, ResponseStream};
@@ -31,6 +34,8 @@ pub type ByteStream = ResponseStream<Bytes>;
 pub enum Transport {
     /// `host:port` of the instance's TCP request-plane listener.
     Tcp(String),
+    /// `http://host:port` of the instance's HTTP/2 (h2c) request-plane listener.
+    Http(String),
 }
 
 /// The address of one endpoint of one instance, as a request names it.
@@ -46,6 +51,31 @@ impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.transport {
             Transport::Tcp(address) => write!(f, "tcp://{address}/{}/{:x}", self.endpoint, self.instance_id),
+            Transport::Http(base) => write!(f, "{base}/v1/rpc/{} (instance {:x})", self.endpoint, self.instance_id),
+        }
+    }
+}
+
+/// Calls every instance over the transport it registered, so one caller can
+/// reach tcp and http workers alike.
+#[derive(Debug)]
+pub struct AnyClient {
+    tcp: tcp::TcpClient,
+    http: http::HttpClient,
+}
+
+impl AnyClient {
+    pub fn new(tcp: tcp::TcpClient, http: http::HttpClient) -> Self {
+        Self { tcp, http }
+    }
+}
+
+#[async_trait::async_trait]
+impl RequestClient for AnyClient {
+    async fn call(&self, target: &Target, request: Context<Bytes>) -> Result<ByteStream, RequestError> {
+        match &target.transport {
+            Transport::Tcp(_) => self.tcp.call(target, request).await,
+            Transport::Http(_) => self.http.call(target, request).await,
         }
     }
 }

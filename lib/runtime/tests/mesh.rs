@@ -159,6 +159,25 @@ async fn hello_world_streams_the_request_back_one_character_at_a_time() {
     assert_eq!(items, ["h", "e", "l", "l", "o", " ", "w", "o", "r", "l", "d"]);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_on_the_http_plane_answers_a_caller_of_any_plane() {
+    let registry = MemRegistry::new();
+    let worker = process(&registry, &[("DYN_REQUEST_PLANE", "http")]);
+    let serving = serve(&worker, "generate", CharStreamer).await;
+    assert!(matches!(
+        serving.instance().transport,
+        switchyard_runtime::request_plane::Transport::Http(_)
+    ));
+    let caller = process(&registry, &[]);
+    let client = client(&caller, "generate").await;
+    let router = PushRouter::<String, String>::from_client(client, RouterMode::RoundRobin)
+        .await
+        .unwrap();
+    let (items, error) = collect(router.generate("hi h2".to_string().into()).await.unwrap()).await;
+    assert!(error.is_none(), "{error:?}");
+    assert_eq!(items.concat(), "hi h2");
+}
+
 #[tokio::test]
 async fn round_robin_spreads_requests_and_follows_instances_as_they_come_and_go() {
     let registry = MemRegistry::new();

@@ -129,7 +129,12 @@ impl Pool {
 #[async_trait::async_trait]
 impl RequestClient for TcpClient {
     async fn call(&self, target: &Target, request: Context<Bytes>) -> Result<ByteStream, RequestError> {
-        let Transport::Tcp(address) = &target.transport;
+        let Transport::Tcp(address) = &target.transport else {
+            return Err(RequestError::new(
+                ErrorKind::Invalid,
+                format!("{target} is not a TCP target"),
+            ));
+        };
         let (body, controller) = request.into_parts();
         if !RequestHead::fits(&target.endpoint, controller.id()) {
             return Err(RequestError::new(

@@ -1,477 +1,121 @@
-//! The TCP transport end to end over real loopback sockets: a server with
-//! test handlers, the client, and the wire between them.
+//! The TCP transport: the shared conformance suite, plus what only TCP
+//! has (one multiplexed connection per worker, frames, connect errors).
 
 use super::{TcpClient, TcpServer};
 use crate::config::RuntimeConfig;
-use crate::engine::{Context, Controller};
-use crate::error::{ErrorKind, RequestError};
+use crate::engine::Context;
+use crate::error::ErrorKind;
 use crate::metrics::TransportMetrics;
-use crate::request_plane::handlers::EndpointObservers;
-use crate::request_plane::{ByteStream, Handlers, PushHandler, RequestClient, RequestServer, Target};
+use crate::request_plane::conformance::{DEADLINE, INSTANCE, Pair, PlaneKit, collect, conformance_tests, numbers};
+use crate::request_plane::{Handlers, RequestClient, RequestServer, Target, Transport};
 use bytes::Bytes;
+use futures::FutureExt;
 use futures::future::BoxFuture;
-use futures::{FutureExt, StreamExt};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-const INSTANCE: u64 = 0x5eed;
-/// Generous bound on anything a test waits for; hitting it means a hang.
-const DEADLINE: Duration = Duration::from_secs(10);
+pub(crate) struct Tcp;
 
-/// What the `count` handler saw happen to its requests.
-#[derive(Debug, Default)]
-struct Seen {
-    stopped: Vec<String>,
-    killed: Vec<String>,
-}
-
-/// Test handlers, selected by endpoint name.
-#[derive(Clone, Default)]
-struct Fixtures {
-    seen: Arc<Mutex<Seen>>,
-}
-
-impl Fixtures {
-    /// `ns/c/echo`: one item, the request body.
-    fn echo(&self) -> Arc<dyn PushHandler> {
-        Arc::new(FnHandler(|request: Context<Bytes>| {
-            async move { Ok(stream(vec![Ok(request.into_parts().0)])) }.boxed()
-        }))
-    }
-
-    /// `ns/c/count`: body is "n[,delay_ms]"; yields "0".."n-1", pausing
-    /// between items; on stop it ends early, and it records stop/kill.
-    fn count(&self) -> Arc<dyn PushHandler> {
-        let seen = self.seen.clone();
-        Arc::new(FnHandler(move |request: Context<Bytes>| {
-            let seen = seen.clone();
-            async move {
-                let (body, controller) = request.into_parts();
-                let text = String::from_utf8(body.to_vec()).unwrap();
-                let mut parts = text.split(',');
-                let n: u64 = parts.next().unwrap().parse().unwrap();
-                let delay = Duration::from_millis(parts.next().map_or(0, |d| d.parse().unwrap()));
-                let items = futures::stream::unfold((0, controller, seen), move |(i, controller, seen)| async move {
-                    if i == n {
-                        return None;
-                    }
-                    if !delay.is_zero() {
-                        tokio::select! {
-                            _ = tokio::time::sleep(delay) => {}
-                            _ = controller.stopped() => {}
-                        }
-                    }
-                    if controller.is_stopped() {
-                        record(&seen, &controller);
-                        return None;
-                    }
-                    Some((Ok(Bytes::from(i.to_string())), (i + 1, controller, seen)))
-                });
-                Ok(Box::pin(items) as ByteStream)
-            }
-            .boxed()
-        }))
-    }
-
-    /// `ns/c/hang`: yields one item, then waits until killed (and records it).
-    fn hang(&self) -> Arc<dyn PushHandler> {
-        let seen = self.seen.clone();
-        Arc::new(FnHandler(move |request: Context<Bytes>| {
-            let seen = seen.clone();
-            async move {
-                let controller = request.controller().clone();
-                let first = futures::stream::iter([Ok(Bytes::from_static(b"started"))]);
-                let rest = futures::stream::once(async move {
-                    // The runtime stops polling a killed stream, so the record
-                    // is made by a guard that runs when the stream is dropped.
-                    let _guard = RecordOnDrop(seen, controller.clone());
-                    futures::future::pending::<()>().await;
-                    Err(RequestError::engine("unreachable"))
-                });
-                Ok(Box::pin(first.chain(rest)) as ByteStream)
-            }
-            .boxed()
-        }))
-    }
-
-    /// `ns/c/fail`: refuses with the kind named in the body, or fails mid-stream.
-    fn fail(&self) -> Arc<dyn PushHandler> {
-        Arc::new(FnHandler(|request: Context<Bytes>| {
-            async move {
-                match &request.data()[..] {
-                    b"overloaded" => Err(RequestError::new(ErrorKind::Overloaded, "queue full")),
-                    _ => Ok(stream(vec![
-                        Ok(Bytes::from_static(b"partial")),
-                        Err(RequestError::engine("model exploded")),
-                    ])),
-                }
-            }
-            .boxed()
-        }))
-    }
-
-    /// `ns/c/big`: one item of the size given in the body.
-    fn big(&self) -> Arc<dyn PushHandler> {
-        Arc::new(FnHandler(|request: Context<Bytes>| {
-            async move {
-                let size: usize = String::from_utf8(request.data().to_vec()).unwrap().parse().unwrap();
-                Ok(stream(vec![Ok(Bytes::from(vec![b'x'; size]))]))
-            }
-            .boxed()
-        }))
-    }
-
-    fn handlers(&self) -> Arc<Handlers> {
-        let handlers = Arc::new(Handlers::new(INSTANCE));
-        for (name, handler) in [
-            ("echo", self.echo()),
-            ("count", self.count()),
-            ("hang", self.hang()),
-            ("fail", self.fail()),
-            ("big", self.big()),
-        ] {
-            handlers
-                .insert(&format!("ns/c/{name}"), handler, EndpointObservers::unregistered())
-                .unwrap();
+impl PlaneKit for Tcp {
+    fn server(
+        &self,
+        config: RuntimeConfig,
+        handlers: Arc<Handlers>,
+        stop: CancellationToken,
+    ) -> BoxFuture<'static, Arc<dyn RequestServer>> {
+        async move {
+            let server = TcpServer::bind(
+                config.tcp(),
+                handlers,
+                TransportMetrics::unregistered(),
+                stop,
+                TaskTracker::new(),
+            )
+            .await
+            .unwrap();
+            Arc::new(server) as Arc<dyn RequestServer>
         }
-        handlers
+        .boxed()
+    }
+
+    fn client(&self, config: RuntimeConfig) -> BoxFuture<'static, Arc<dyn RequestClient>> {
+        async move {
+            Arc::new(TcpClient::new(
+                config.tcp(),
+                CancellationToken::new(),
+                TaskTracker::new(),
+            )) as Arc<dyn RequestClient>
+        }
+        .boxed()
     }
 }
 
-fn record(seen: &Mutex<Seen>, controller: &Controller) {
-    let mut seen = seen.lock().unwrap();
-    if controller.is_killed() {
-        seen.killed.push(controller.id().to_string());
-    } else if controller.is_stopped() {
-        seen.stopped.push(controller.id().to_string());
+conformance_tests!(Tcp);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_to_a_worker_shares_one_connection_even_after_failures() {
+    let config = RuntimeConfig::from_vars([("DYN_TCP_MAX_MESSAGE_SIZE", "4096")]).unwrap();
+    let handlers = crate::request_plane::conformance::Fixtures::default().handlers();
+    let server = TcpServer::bind(
+        config.tcp(),
+        handlers,
+        TransportMetrics::unregistered(),
+        CancellationToken::new(),
+        TaskTracker::new(),
+    )
+    .await
+    .unwrap();
+    let client = TcpClient::new(
+        RuntimeConfig::default().tcp(),
+        CancellationToken::new(),
+        TaskTracker::new(),
+    );
+    let target = |endpoint: &str| Target {
+        transport: server.transport(),
+        endpoint: format!("ns/c/{endpoint}"),
+        instance_id: INSTANCE,
+    };
+    let calls = (0..1000).map(|i| {
+        let (client, target) = (&client, target("count"));
+        async move {
+            let request = Context::new(Bytes::from(format!("{},1", 3 + i % 5)));
+            collect(client.call(&target, request).await.unwrap()).await
+        }
+    });
+    for (items, error) in futures::future::join_all(calls).await {
+        assert!(error.is_none() && !items.is_empty());
     }
-}
-
-struct RecordOnDrop(Arc<Mutex<Seen>>, Controller);
-
-impl Drop for RecordOnDrop {
-    fn drop(&mut self) {
-        record(&self.0, &self.1);
-    }
-}
-
-fn stream(items: Vec<Result<Bytes, RequestError>>) -> ByteStream {
-    Box::pin(futures::stream::iter(items))
-}
-
-struct FnHandler<F>(F);
-
-impl<F> PushHandler for FnHandler<F>
-where
-    F: Fn(Context<Bytes>) -> BoxFuture<'static, Result<ByteStream, RequestError>> + Send + Sync,
-{
-    fn handle(&self, request: Context<Bytes>) -> BoxFuture<'static, Result<ByteStream, RequestError>> {
-        (self.0)(request)
-    }
-}
-
-/// A server and a client on loopback, each with its own shutdown token.
-struct Pair {
-    server: TcpServer,
-    client: TcpClient,
-    server_stop: CancellationToken,
-    fixtures: Fixtures,
-}
-
-impl Pair {
-    async fn start() -> Self {
-        Self::with_limits(&[], &[]).await
-    }
-
-    async fn with_limits(server_vars: &[(&str, &str)], client_vars: &[(&str, &str)]) -> Self {
-        let server_config = RuntimeConfig::from_vars(server_vars.iter().copied()).unwrap();
-        let client_config = RuntimeConfig::from_vars(client_vars.iter().copied()).unwrap();
-        let fixtures = Fixtures::default();
-        let server_stop = CancellationToken::new();
-        let server = TcpServer::bind(
-            server_config.tcp(),
-            fixtures.handlers(),
-            TransportMetrics::unregistered(),
-            server_stop.clone(),
-            TaskTracker::new(),
-        )
+    // An oversized request and an oversized response fail only their streams.
+    let big = client
+        .call(&target("echo"), Context::new(Bytes::from(vec![b'z'; 8000])))
         .await
         .unwrap();
-        let client = TcpClient::new(client_config.tcp(), CancellationToken::new(), TaskTracker::new());
-        Self {
-            server,
-            client,
-            server_stop,
-            fixtures,
-        }
-    }
-
-    fn target(&self, endpoint: &str) -> Target {
-        Target {
-            transport: self.server.transport(),
-            endpoint: format!("ns/c/{endpoint}"),
-            instance_id: INSTANCE,
-        }
-    }
-
-    async fn call(&self, endpoint: &str, body: &str) -> Result<ByteStream, RequestError> {
-        self.call_with(endpoint, body, Controller::new()).await
-    }
-
-    async fn call_with(&self, endpoint: &str, body: &str, controller: Controller) -> Result<ByteStream, RequestError> {
-        let request = Context::with_controller(Bytes::from(body.to_string()), controller);
-        tokio::time::timeout(DEADLINE, self.client.call(&self.target(endpoint), request))
-            .await
-            .expect("call returns within the deadline")
-    }
-}
-
-/// Drains a stream into its items (as strings) and its final error, if any.
-async fn collect(mut stream: ByteStream) -> (Vec<String>, Option<RequestError>) {
-    let mut items = vec![];
-    loop {
-        match tokio::time::timeout(DEADLINE, stream.next())
-            .await
-            .expect("stream item within the deadline")
-        {
-            None => return (items, None),
-            Some(Ok(bytes)) => items.push(String::from_utf8_lossy(&bytes).into_owned()),
-            Some(Err(error)) => {
-                assert!(stream.next().await.is_none(), "an error must be the last item");
-                return (items, Some(error));
-            }
-        }
-    }
-}
-
-fn numbers(n: u64) -> Vec<String> {
-    (0..n).map(|i| i.to_string()).collect()
-}
-
-async fn eventually(what: &str, condition: impl Fn() -> bool) {
-    let start = tokio::time::Instant::now();
-    while !condition() {
-        assert!(start.elapsed() < DEADLINE, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-#[tokio::test]
-async fn unary_request_gets_its_one_response() {
-    let pair = Pair::start().await;
-    let (items, error) = collect(pair.call("echo", "hello").await.unwrap()).await;
-    assert_eq!(items, vec!["hello"]);
-    assert!(error.is_none());
-}
-
-#[tokio::test]
-async fn streaming_response_arrives_in_order() {
-    let pair = Pair::start().await;
-    let (items, error) = collect(pair.call("count", "1000").await.unwrap()).await;
-    assert_eq!(items, numbers(1000));
-    assert!(error.is_none());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thousand_concurrent_streams_share_one_connection() {
-    let pair = Arc::new(Pair::start().await);
-    let calls = (0..1000).map(|i| {
-        let pair = pair.clone();
-        tokio::spawn(async move {
-            let n = 5 + i % 20;
-            let (items, error) = collect(pair.call("count", &format!("{n},1")).await.unwrap()).await;
-            assert!(error.is_none(), "stream {i}: {error:?}");
-            assert_eq!(items, numbers(n), "stream {i}");
-        })
-    });
-    for call in futures::future::join_all(calls).await {
-        call.unwrap();
-    }
-    assert_eq!(pair.server.connections_accepted(), 1);
-}
-
-#[tokio::test]
-async fn caller_stop_reaches_the_handler_which_ends_gracefully() {
-    let pair = Pair::start().await;
-    let controller = Controller::new();
-    let mut stream = pair.call_with("count", "1000000,20", controller.clone()).await.unwrap();
-    assert_eq!(stream.next().await.unwrap().unwrap(), "0");
-    controller.stop();
-    let (_, error) = collect(stream).await;
-    assert!(
-        error.is_none(),
-        "a graceful stop ends the stream cleanly, got {error:?}"
-    );
-    let seen = pair.fixtures.seen.clone();
-    eventually("the handler saw the stop", || {
-        seen.lock().unwrap().stopped.contains(&controller.id().to_string())
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn caller_kill_ends_the_stream_and_reaches_the_handler() {
-    let pair = Pair::start().await;
-    let controller = Controller::new();
-    let mut stream = pair.call_with("hang", "", controller.clone()).await.unwrap();
-    assert_eq!(stream.next().await.unwrap().unwrap(), "started");
-    controller.kill();
-    let (_, error) = collect(stream).await;
-    assert_eq!(error.map(|e| e.kind()), Some(ErrorKind::Cancelled));
-    let seen = pair.fixtures.seen.clone();
-    eventually("the handler was killed", || {
-        seen.lock().unwrap().killed.contains(&controller.id().to_string())
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn dropping_the_stream_kills_the_work_on_the_worker() {
-    let pair = Pair::start().await;
-    let controller = Controller::new();
-    let mut stream = pair.call_with("hang", "", controller.clone()).await.unwrap();
-    assert_eq!(stream.next().await.unwrap().unwrap(), "started");
-    drop(stream);
-    let seen = pair.fixtures.seen.clone();
-    eventually("the handler was killed", || {
-        seen.lock().unwrap().killed.contains(&controller.id().to_string())
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn worker_shutdown_cancels_in_flight_streams_with_shutting_down() {
-    let pair = Pair::start().await;
-    let mut stream = pair.call("hang", "").await.unwrap();
-    assert_eq!(stream.next().await.unwrap().unwrap(), "started");
-    pair.server_stop.cancel();
-    let (_, error) = collect(stream).await;
-    let kind = error.expect("the stream ends with an error").kind();
-    // Depending on timing the caller hears the worker's ShuttingDown frame or,
-    // if the socket closed first, that it disconnected; both are retryable, never a hang.
-    assert!(
-        matches!(kind, ErrorKind::ShuttingDown | ErrorKind::Disconnected),
-        "{kind:?}"
-    );
-}
-
-#[tokio::test]
-async fn unknown_endpoint_and_wrong_instance_are_not_found() {
-    let pair = Pair::start().await;
-    let (_, error) = collect(pair.call("nope", "").await.unwrap()).await;
-    let error = error.unwrap();
-    assert_eq!(error.kind(), ErrorKind::NotFound);
-    assert!(error.message().contains("ns/c/nope"), "{error}");
-
-    let mut target = pair.target("echo");
-    target.instance_id = 0xdead;
-    let stream = pair.client.call(&target, Context::new(Bytes::new())).await.unwrap();
-    assert_eq!(collect(stream).await.1.unwrap().kind(), ErrorKind::NotFound);
-}
-
-#[tokio::test]
-async fn handler_errors_cross_the_wire_with_their_kind() {
-    let pair = Pair::start().await;
-    let (items, error) = collect(pair.call("fail", "overloaded").await.unwrap()).await;
-    assert!(items.is_empty());
-    let error = error.unwrap();
-    assert_eq!((error.kind(), error.message()), (ErrorKind::Overloaded, "queue full"));
-
-    let (items, error) = collect(pair.call("fail", "midway").await.unwrap()).await;
-    assert_eq!(items, vec!["partial"]);
-    assert_eq!(error.unwrap().kind(), ErrorKind::Engine);
-}
-
-#[tokio::test]
-async fn large_payloads_within_the_limit_round_trip() {
-    let pair = Pair::start().await;
-    let body = "y".repeat(4 * 1024 * 1024);
-    let (items, _) = collect(pair.call("echo", &body).await.unwrap()).await;
-    assert_eq!(items, vec![body]);
-}
-
-#[tokio::test]
-async fn request_over_the_limit_is_refused_before_sending() {
-    let pair = Pair::with_limits(&[], &[("DYN_TCP_MAX_MESSAGE_SIZE", "4096")]).await;
-    let error = pair.call("echo", &"z".repeat(5000)).await.err().unwrap();
-    assert_eq!(error.kind(), ErrorKind::TooLarge);
-    assert!(error.message().contains("DYN_TCP_MAX_MESSAGE_SIZE"), "{error}");
-}
-
-#[tokio::test]
-async fn request_over_the_worker_limit_fails_only_its_stream() {
-    let pair = Pair::with_limits(&[("DYN_TCP_MAX_MESSAGE_SIZE", "4096")], &[]).await;
-    let (_, error) = collect(pair.call("echo", &"z".repeat(8000)).await.unwrap()).await;
-    assert_eq!(error.unwrap().kind(), ErrorKind::TooLarge);
-    let (items, _) = collect(pair.call("echo", "still works").await.unwrap()).await;
-    assert_eq!(items, vec!["still works"]);
-    assert_eq!(pair.server.connections_accepted(), 1);
-}
-
-#[tokio::test]
-async fn response_over_the_limit_is_a_typed_error_on_either_side() {
-    // The worker refuses to send an item over its own limit …
-    let pair = Pair::with_limits(&[("DYN_TCP_MAX_MESSAGE_SIZE", "4096")], &[]).await;
-    let (_, error) = collect(pair.call("big", "5000").await.unwrap()).await;
-    assert_eq!(error.unwrap().kind(), ErrorKind::TooLarge);
-
-    // … and a caller with a smaller limit skips an item over its limit, keeping the connection.
-    let pair = Pair::with_limits(&[], &[("DYN_TCP_MAX_MESSAGE_SIZE", "4096")]).await;
-    let (_, error) = collect(pair.call("big", "5000").await.unwrap()).await;
-    assert_eq!(error.unwrap().kind(), ErrorKind::TooLarge);
-    let (items, _) = collect(pair.call("echo", "after").await.unwrap()).await;
-    assert_eq!(items, vec!["after"]);
-    assert_eq!(pair.server.connections_accepted(), 1);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_consumer_does_not_stall_other_streams_on_its_connection() {
-    let pair = Pair::with_limits(&[], &[("DYN_TCP_STREAM_WINDOW", "4")]).await;
-    // Never read beyond the first item: the worker runs out of credit for it.
-    let mut slow = pair.call("count", "100000").await.unwrap();
-    assert_eq!(slow.next().await.unwrap().unwrap(), "0");
-    let (items, error) = collect(pair.call("count", "5000").await.unwrap()).await;
-    assert!(error.is_none());
-    assert_eq!(items.len(), 5000);
-    // The slow stream resumes where it stopped.
-    assert_eq!(slow.next().await.unwrap().unwrap(), "1");
-    assert_eq!(pair.server.connections_accepted(), 1);
-}
-
-#[test]
-fn worker_crash_mid_stream_ends_the_stream_with_disconnected() {
-    // The worker lives on its own tokio runtime; dropping that runtime drops
-    // its sockets without any goodbye, as a killed process would.
-    let worker = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
+    assert_eq!(collect(big).await.1.unwrap().kind(), ErrorKind::TooLarge);
+    let huge = client
+        .call(&target("big"), Context::new(Bytes::from_static(b"5000")))
+        .await
         .unwrap();
-    let server = worker.block_on(Pair::start());
-    let caller = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    caller.block_on(async {
-        let mut stream = server.call("count", "1000000,5").await.unwrap();
-        assert_eq!(stream.next().await.unwrap().unwrap(), "0");
-        worker.shutdown_background();
-        let (_, error) = collect(stream).await;
-        assert_eq!(
-            error.expect("an error, not a clean end").kind(),
-            ErrorKind::Disconnected
-        );
-    });
+    assert_eq!(collect(huge).await.1.unwrap().kind(), ErrorKind::TooLarge);
+    let (items, _) = collect(
+        client
+            .call(&target("count"), Context::new(Bytes::from_static(b"3")))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(items, numbers(3));
+    assert_eq!(server.connections_accepted(), 1);
 }
 
 #[tokio::test]
 async fn a_corrupt_frame_closes_only_its_own_connection() {
-    let pair = Pair::start().await;
+    let pair = Pair::start(&Tcp).await;
     let healthy = pair.call("count", "3,50").await.unwrap();
-    let super::super::Transport::Tcp(address) = pair.server.transport();
+    let Transport::Tcp(address) = pair.server.transport() else {
+        unreachable!("a TCP server")
+    };
     let mut rogue = tokio::net::TcpStream::connect(&address).await.unwrap();
     rogue
         .write_all(&[0, 0, 0, 1, 0xff, 0, 0, 0, 0, 0, 0, 0, 1, 0])
@@ -494,7 +138,7 @@ async fn an_unreachable_worker_fails_fast_with_unreachable() {
         .unwrap()
         .port();
     let target = Target {
-        transport: super::super::Transport::Tcp(format!("127.0.0.1:{port}")),
+        transport: Transport::Tcp(format!("127.0.0.1:{port}")),
         endpoint: "ns/c/echo".into(),
         instance_id: INSTANCE,
     };

@@ -1,0 +1,486 @@
+//! The HTTP/2 request plane (`DYN_REQUEST_PLANE=http`): cleartext HTTP/2
+//! (h2c, prior knowledge), one POST per request to
+//! `/v1/rpc/{namespace}/{component}/{endpoint}`, the response body a stream
+//! of frames `kind:u8 len:u32be payload` (Data `0x11`, End `0x12`, Error
+//! `0x13`, as on TCP). HTTP/2 gives each request its own stream with its own
+//! flow control; dropping the response resets the stream, which kills the
+//! request on the worker; a graceful stop is a POST to
+//! `/v1/rpc-cancel/{request_id}`.
+
+use super::tcp::frame::FrameType;
+use super::{ByteStream, Handlers, RequestClient, RequestServer, Target, Transport};
+use crate::config::{HttpConfig, RuntimeConfig};
+use crate::engine::{Context, Controller};
+use crate::error::{ErrorKind, RequestError, WireError};
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures::StreamExt;
+use http_body_util::{BodyExt, Full};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+const INSTANCE_HEADER: &str = "x-switchyard-instance";
+const REQUEST_ID_HEADER: &str = "x-request-id";
+/// Frames a request's task may queue before the response body is read.
+const BODY_QUEUE: usize = 64;
+/// Per-stream HTTP/2 window: how much one unread response may buffer.
+const STREAM_WINDOW: u32 = 1024 * 1024;
+/// Connection-wide HTTP/2 window, large so one unread stream cannot stall others.
+const CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
+
+/// The worker's HTTP/2 listener.
+#[derive(Debug)]
+pub struct HttpServer {
+    base: String,
+}
+
+impl HttpServer {
+    pub async fn bind(
+        config: &HttpConfig,
+        max_message_size: usize,
+        handlers: Arc<Handlers>,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) -> std::io::Result<Self> {
+        let listener = tokio::net::TcpListener::bind((config.host().as_str(), *config.port())).await?;
+        let port = listener.local_addr()?.port();
+        let base = format!("http://{}:{port}", config.host());
+        let state = ServerState {
+            handlers,
+            shutdown: shutdown.clone(),
+            max_message_size,
+            running: Arc::default(),
+            tracker: tracker.clone(),
+        };
+        let router = Router::new()
+            .route("/v1/rpc/{*endpoint}", post(rpc))
+            .route("/v1/rpc-cancel/{request_id}", post(cancel))
+            .layer(DefaultBodyLimit::max(max_message_size))
+            .with_state(state);
+        tracker.spawn(async move {
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                .await;
+            if let Err(error) = served {
+                tracing::warn!(%error, "http request plane failed");
+            }
+        });
+        tracing::info!(address = %base, "request plane listening (http/2)");
+        Ok(Self { base })
+    }
+}
+
+impl RequestServer for HttpServer {
+    fn transport(&self) -> Transport {
+        Transport::Http(self.base.clone())
+    }
+}
+
+#[derive(Clone)]
+struct ServerState {
+    handlers: Arc<Handlers>,
+    shutdown: CancellationToken,
+    max_message_size: usize,
+    /// Requests in flight by id, for graceful stops.
+    running: Arc<Mutex<HashMap<String, Controller>>>,
+    tracker: TaskTracker,
+}
+
+impl ServerState {
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, Controller>> {
+        // Single insert/remove updates: a poisoned map is still consistent.
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+async fn rpc(
+    State(state): State<ServerState>,
+    Path(endpoint): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(instance_id) = headers
+        .get(INSTANCE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| u64::from_str_radix(v, 16).ok())
+    else {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("missing or invalid {INSTANCE_HEADER} header"),
+        )
+            .into_response();
+    };
+    let request_id = headers
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map_or_else(|| Controller::new().id().to_string(), str::to_string);
+    let controller = Controller::with_parent(request_id.clone(), &state.shutdown);
+    state.running().insert(request_id.clone(), controller.clone());
+    let (frames, body_frames) = mpsc::channel::<Result<Bytes, std::convert::Infallible>>(BODY_QUEUE);
+    let task_state = state.clone();
+    state.tracker.spawn(async move {
+        let last = match stream_items(&task_state, &endpoint, instance_id, body, &controller, &frames).await {
+            Ok(()) => frame(FrameType::End, &[]),
+            Err(error) => error_frame(&error),
+        };
+        let _ = frames.send(Ok(last)).await;
+        task_state.running().remove(&request_id);
+    });
+    let stream = futures::stream::unfold(body_frames, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/x-switchyard-stream")
+        .body(Body::from_stream(stream))
+        .expect("a valid response")
+}
+
+/// Runs one request, sending its items as Data frames; `Ok` when complete.
+async fn stream_items(
+    state: &ServerState,
+    endpoint: &str,
+    instance_id: u64,
+    body: Bytes,
+    controller: &Controller,
+    frames: &mpsc::Sender<Result<Bytes, std::convert::Infallible>>,
+) -> Result<(), RequestError> {
+    let killed = || {
+        if state.shutdown.is_cancelled() {
+            RequestError::new(
+                ErrorKind::ShuttingDown,
+                "the worker shut down before the request finished",
+            )
+        } else {
+            RequestError::new(ErrorKind::Cancelled, "the request was killed")
+        }
+    };
+    let request = Context::with_controller(body, controller.clone());
+    let mut items = tokio::select! {
+        _ = controller.killed() => return Err(killed()),
+        items = state.handlers.dispatch(endpoint, instance_id, request) => items?,
+    };
+    loop {
+        let item = tokio::select! {
+            biased;
+            _ = controller.killed() => return Err(killed()),
+            // The caller reset the stream: nobody reads the answer any more.
+            _ = frames.closed() => {
+                controller.kill();
+                return Err(killed());
+            }
+            item = items.next() => item,
+        };
+        let bytes = match item {
+            None => return Ok(()),
+            Some(item) => item?,
+        };
+        if bytes.len() > state.max_message_size {
+            return Err(RequestError::new(
+                ErrorKind::TooLarge,
+                format!(
+                    "response item of {} bytes exceeds DYN_TCP_MAX_MESSAGE_SIZE={}",
+                    bytes.len(),
+                    state.max_message_size
+                ),
+            ));
+        }
+        if frames.send(Ok(frame(FrameType::Data, &bytes))).await.is_err() {
+            controller.kill();
+            return Err(killed());
+        }
+    }
+}
+
+async fn cancel(State(state): State<ServerState>, Path(request_id): Path<String>, body: Bytes) -> StatusCode {
+    let Some(controller) = state.running().get(&request_id).cloned() else {
+        return StatusCode::NOT_FOUND;
+    };
+    match &body[..] {
+        b"stop" => controller.stop(),
+        b"kill" => controller.kill(),
+        _ => return StatusCode::BAD_REQUEST,
+    }
+    StatusCode::NO_CONTENT
+}
+
+fn frame(kind: FrameType, payload: &[u8]) -> Bytes {
+    let mut buf = BytesMut::with_capacity(5 + payload.len());
+    buf.put_u8(kind as u8);
+    buf.put_u32(payload.len() as u32);
+    buf.put_slice(payload);
+    buf.freeze()
+}
+
+fn error_frame(error: &RequestError) -> Bytes {
+    let mut wire = error.to_wire();
+    wire.message.truncate(wire.message.floor_char_boundary(768));
+    frame(
+        FrameType::Error,
+        &rmp_serde::to_vec_named(&wire).expect("an error always encodes"),
+    )
+}
+
+type HyperClient = hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+/// Calls workers over HTTP/2, one pooled connection per worker.
+#[derive(Debug, Clone)]
+pub struct HttpClient {
+    client: HyperClient,
+    max_message_size: usize,
+    connect_timeout: Duration,
+}
+
+impl HttpClient {
+    pub fn new(config: &RuntimeConfig) -> Self {
+        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(*config.tcp().connect_timeout()));
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .http2_initial_stream_window_size(STREAM_WINDOW)
+            .http2_initial_connection_window_size(CONNECTION_WINDOW)
+            .build(connector);
+        Self {
+            client,
+            max_message_size: *config.tcp().max_message_size(),
+            connect_timeout: *config.tcp().connect_timeout(),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl RequestClient for HttpClient {
+    async fn call(&self, target: &Target, request: Context<Bytes>) -> Result<ByteStream, RequestError> {
+        let Transport::Http(base) = &target.transport else {
+            return Err(RequestError::new(
+                ErrorKind::Invalid,
+                format!("{target} is not an HTTP target"),
+            ));
+        };
+        let (body, controller) = request.into_parts();
+        if body.len() > self.max_message_size {
+            return Err(RequestError::new(
+                ErrorKind::TooLarge,
+                format!(
+                    "request of {} bytes exceeds DYN_TCP_MAX_MESSAGE_SIZE={}",
+                    body.len(),
+                    self.max_message_size
+                ),
+            ));
+        }
+        let request = hyper::Request::post(format!("{base}/v1/rpc/{}", target.endpoint))
+            .header(INSTANCE_HEADER, format!("{:x}", target.instance_id))
+            .header(REQUEST_ID_HEADER, controller.id())
+            .body(Full::new(body))
+            .map_err(|e| RequestError::new(ErrorKind::Invalid, format!("cannot build the request: {e}")))?;
+        let response = match tokio::time::timeout(self.connect_timeout, self.client.request(request)).await {
+            Err(_) => {
+                return Err(RequestError::new(
+                    ErrorKind::Unreachable,
+                    format!("no answer from {base} within {:?}", self.connect_timeout),
+                ));
+            }
+            Ok(Err(error)) if error.is_connect() => {
+                return Err(RequestError::new(
+                    ErrorKind::Unreachable,
+                    format!("cannot connect to {base}: {error}"),
+                ));
+            }
+            Ok(Err(error)) => {
+                return Err(RequestError::new(
+                    ErrorKind::Disconnected,
+                    format!("request to {base} failed: {error}"),
+                ));
+            }
+            Ok(Ok(response)) => response,
+        };
+        match response.status() {
+            StatusCode::OK => {}
+            StatusCode::PAYLOAD_TOO_LARGE => {
+                return Err(RequestError::new(
+                    ErrorKind::TooLarge,
+                    format!("{base} refused the request as too large"),
+                ));
+            }
+            status => {
+                return Err(RequestError::new(
+                    ErrorKind::Protocol,
+                    format!("{base} answered {status}"),
+                ));
+            }
+        }
+        let cancel_url = format!("{base}/v1/rpc-cancel/{}", controller.id());
+        let state = ResponseState {
+            body: response.into_body(),
+            buf: BytesMut::new(),
+            controller,
+            stop_sent: false,
+            client: self.client.clone(),
+            cancel_url,
+            max_message_size: self.max_message_size,
+            done: false,
+        };
+        Ok(Box::pin(futures::stream::unfold(state, |mut state| async move {
+            let item = state.next_item().await?;
+            Some((item, state))
+        })))
+    }
+}
+
+/// Reading one response body into items.
+struct ResponseState {
+    body: hyper::body::Incoming,
+    buf: BytesMut,
+    controller: Controller,
+    stop_sent: bool,
+    client: HyperClient,
+    cancel_url: String,
+    max_message_size: usize,
+    done: bool,
+}
+
+impl ResponseState {
+    async fn next_item(&mut self) -> Option<Result<Bytes, RequestError>> {
+        if self.done {
+            return None;
+        }
+        loop {
+            match self.decode() {
+                Err(error) => {
+                    self.done = true;
+                    return Some(Err(error));
+                }
+                Ok(Some((FrameType::Data, payload))) => return Some(Ok(payload)),
+                Ok(Some((FrameType::End, _))) => {
+                    self.done = true;
+                    return None;
+                }
+                Ok(Some((_, payload))) => {
+                    self.done = true;
+                    let error = rmp_serde::from_slice::<WireError>(&payload).map_or_else(
+                        |e| RequestError::new(ErrorKind::Protocol, format!("undecodable error frame: {e}")),
+                        RequestError::from,
+                    );
+                    return Some(Err(error));
+                }
+                Ok(None) => {}
+            }
+            tokio::select! {
+                biased;
+                _ = self.controller.killed() => {
+                    // Returning drops the body: HTTP/2 resets the stream and the worker kills the request.
+                    self.done = true;
+                    return Some(Err(RequestError::new(ErrorKind::Cancelled, "the request was killed by the caller")));
+                }
+                _ = self.controller.stopped(), if !self.stop_sent => {
+                    self.stop_sent = true;
+                    let request = hyper::Request::post(&self.cancel_url)
+                        .body(Full::new(Bytes::from_static(b"stop")))
+                        .expect("a valid request");
+                    let client = self.client.clone();
+                    tokio::spawn(async move {
+                        let _ = client.request(request).await;
+                    });
+                }
+                frame = self.body.frame() => match frame {
+                    Some(Ok(frame)) => {
+                        if let Ok(data) = frame.into_data() {
+                            self.buf.extend_from_slice(&data);
+                        }
+                    }
+                    Some(Err(error)) => {
+                        self.done = true;
+                        return Some(Err(RequestError::new(ErrorKind::Disconnected, format!("response stream broke: {error}"))));
+                    }
+                    None => {
+                        self.done = true;
+                        return Some(Err(RequestError::new(
+                            ErrorKind::Disconnected,
+                            "the response ended before the stream completed",
+                        )));
+                    }
+                },
+            }
+        }
+    }
+
+    /// Takes one frame out of the buffer, if complete.
+    fn decode(&mut self) -> Result<Option<(FrameType, Bytes)>, RequestError> {
+        if self.buf.len() < 5 {
+            return Ok(None);
+        }
+        let length = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+        let kind = match self.buf[0] {
+            0x11 => FrameType::Data,
+            0x12 => FrameType::End,
+            0x13 => FrameType::Error,
+            other => {
+                return Err(RequestError::new(
+                    ErrorKind::Protocol,
+                    format!("unknown response frame kind 0x{other:02x}"),
+                ));
+            }
+        };
+        if length > self.max_message_size {
+            return Err(RequestError::new(
+                ErrorKind::TooLarge,
+                format!(
+                    "response item of {length} bytes exceeds DYN_TCP_MAX_MESSAGE_SIZE={}",
+                    self.max_message_size
+                ),
+            ));
+        }
+        if self.buf.len() < 5 + length {
+            return Ok(None);
+        }
+        self.buf.advance(5);
+        Ok(Some((kind, self.buf.split_to(length).freeze())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request_plane::conformance::{PlaneKit, conformance_tests};
+    use futures::FutureExt;
+    use futures::future::BoxFuture;
+
+    struct Http;
+
+    impl PlaneKit for Http {
+        fn server(
+            &self,
+            config: RuntimeConfig,
+            handlers: Arc<Handlers>,
+            stop: CancellationToken,
+        ) -> BoxFuture<'static, Arc<dyn RequestServer>> {
+            async move {
+                let server = HttpServer::bind(
+                    config.http(),
+                    *config.tcp().max_message_size(),
+                    handlers,
+                    stop,
+                    TaskTracker::new(),
+                )
+                .await
+                .unwrap();
+                Arc::new(server) as Arc<dyn RequestServer>
+            }
+            .boxed()
+        }
+
+        fn client(&self, config: RuntimeConfig) -> BoxFuture<'static, Arc<dyn RequestClient>> {
+            async move { Arc::new(HttpClient::new(&config)) as Arc<dyn RequestClient> }.boxed()
+        }
+    }
+
+    conformance_tests!(Http);
+}
