@@ -34,6 +34,7 @@ fn main() -> anyhow::Result<()> {
                     let address = match &instance.transport {
                         Transport::Tcp(address) => format!("tcp://{address}"),
                         Transport::Http(base) => base.clone(),
+                        Transport::Nats(subject) => format!("nats:{subject}"),
                     };
                     rows.push([
                         instance.namespace.clone(),

@@ -9,10 +9,12 @@ use crate::discovery::etcd::{EtcdDiscovery, LeaseHealth};
 use crate::discovery::file::FileDiscovery;
 use crate::discovery::mem::{MemDiscovery, MemRegistry};
 use crate::discovery::{Discovery, DiscoveryError};
+use crate::error::{ErrorKind, RequestError};
 use crate::metrics::ProcessMetrics;
 use crate::request_plane::http::{HttpClient, HttpServer};
+use crate::request_plane::nats::{NatsRequestClient, NatsServer, instance_subject};
 use crate::request_plane::tcp::{TcpClient, TcpServer};
-use crate::request_plane::{AnyClient, Handlers, RequestClient, RequestServer};
+use crate::request_plane::{AnyClient, Handlers, NatsConnect, RequestClient, RequestServer};
 use crate::runtime::Runtime;
 use crate::status::{StatusState, SystemHealth};
 use std::net::SocketAddr;
@@ -91,16 +93,23 @@ impl DistributedRuntime {
     ) -> Result<Self, DistributedError> {
         let config: &RuntimeConfig = runtime.config();
         let client: Arc<dyn RequestClient> = match config.request_plane() {
-            RequestPlaneKind::Tcp | RequestPlaneKind::Http => Arc::new(AnyClient::new(
-                TcpClient::new(config.tcp(), runtime.root_token().clone(), runtime.tracker().clone()),
-                HttpClient::new(config),
-            )),
-            other => {
-                return Err(DistributedError::NotBuiltYet {
-                    variable: "DYN_REQUEST_PLANE",
-                    value: other.as_str(),
-                    available: "tcp, http",
+            RequestPlaneKind::Tcp | RequestPlaneKind::Http | RequestPlaneKind::Nats => {
+                let nats_config = config.nats().clone();
+                let request_config = config.clone();
+                let nats_connect: NatsConnect = Box::new(move || {
+                    let (nats_config, request_config) = (nats_config.clone(), request_config.clone());
+                    Box::pin(async move {
+                        let client = connect_nats(&nats_config)
+                            .await
+                            .map_err(|e| RequestError::new(ErrorKind::Unreachable, e.to_string()))?;
+                        Ok(NatsRequestClient::new(client, &request_config))
+                    })
                 });
+                Arc::new(AnyClient::new(
+                    TcpClient::new(config.tcp(), runtime.root_token().clone(), runtime.tracker().clone()),
+                    HttpClient::new(config),
+                    nats_connect,
+                ))
             }
         };
         // At stop, remove whatever this process still has registered (revoke
@@ -263,7 +272,18 @@ impl DistributedRuntime {
                 let config = runtime.config();
                 let (tcp, http) = (config.tcp(), config.http());
                 let (stop, tracker) = (runtime.root_token().clone(), runtime.tracker().clone());
-                let server: Arc<dyn RequestServer> = if *config.request_plane() == RequestPlaneKind::Http {
+                let server: Arc<dyn RequestServer> = if *config.request_plane() == RequestPlaneKind::Nats {
+                    let client = self.nats().await?;
+                    let handlers = self.inner.handlers.clone();
+                    let subject = instance_subject(handlers.instance_id());
+                    let server = NatsServer::start(client, subject, handlers, *tcp.max_message_size(), stop, tracker)
+                        .await
+                        .map_err(|e| DistributedError::NatsUnreachable {
+                            servers: config.nats().servers().join(","),
+                            reason: e.to_string(),
+                        })?;
+                    Arc::new(server)
+                } else if *config.request_plane() == RequestPlaneKind::Http {
                     let server = HttpServer::bind(
                         http,
                         *tcp.max_message_size(),

@@ -14,6 +14,7 @@
 pub(crate) mod conformance;
 pub mod handlers;
 pub mod http;
+pub mod nats;
 pub mod tcp;
 
 use crate::engine::{Context, ResponseStream};
@@ -36,6 +37,8 @@ pub enum Transport {
     Tcp(String),
     /// `http://host:port` of the instance's HTTP/2 (h2c) request-plane listener.
     Http(String),
+    /// The NATS subject the instance serves (`switchyard.rpc.{instance_id:x}`).
+    Nats(String),
 }
 
 /// The address of one endpoint of one instance, as a request names it.
@@ -52,21 +55,41 @@ impl fmt::Display for Target {
         match &self.transport {
             Transport::Tcp(address) => write!(f, "tcp://{address}/{}/{:x}", self.endpoint, self.instance_id),
             Transport::Http(base) => write!(f, "{base}/v1/rpc/{} (instance {:x})", self.endpoint, self.instance_id),
+            Transport::Nats(subject) => write!(f, "nats:{subject}/{}", self.endpoint),
         }
     }
 }
 
 /// Calls every instance over the transport it registered, so one caller can
 /// reach tcp and http workers alike.
-#[derive(Debug)]
 pub struct AnyClient {
     tcp: tcp::TcpClient,
     http: http::HttpClient,
+    /// Connected on the first call to a NATS instance.
+    nats: tokio::sync::OnceCell<nats::NatsRequestClient>,
+    nats_connect: NatsConnect,
+}
+
+/// Opens the NATS connection the first time a NATS instance is called.
+pub type NatsConnect =
+    Box<dyn Fn() -> futures::future::BoxFuture<'static, Result<nats::NatsRequestClient, RequestError>> + Send + Sync>;
+
+impl std::fmt::Debug for AnyClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AnyClient")
+            .field("tcp", &self.tcp)
+            .finish_non_exhaustive()
+    }
 }
 
 impl AnyClient {
-    pub fn new(tcp: tcp::TcpClient, http: http::HttpClient) -> Self {
-        Self { tcp, http }
+    pub fn new(tcp: tcp::TcpClient, http: http::HttpClient, nats_connect: NatsConnect) -> Self {
+        Self {
+            tcp,
+            http,
+            nats: tokio::sync::OnceCell::new(),
+            nats_connect,
+        }
     }
 }
 
@@ -76,6 +99,10 @@ impl RequestClient for AnyClient {
         match &target.transport {
             Transport::Tcp(_) => self.tcp.call(target, request).await,
             Transport::Http(_) => self.http.call(target, request).await,
+            Transport::Nats(_) => {
+                let nats = self.nats.get_or_try_init(|| (self.nats_connect)()).await?;
+                nats.call(target, request).await
+            }
         }
     }
 }

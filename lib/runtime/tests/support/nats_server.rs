@@ -15,6 +15,8 @@ pub struct NatsServer {
     child: Option<Child>,
     watchdog: Option<Child>,
     port: u16,
+    /// A config file raising `max_payload`, when asked for.
+    config: Option<std::path::PathBuf>,
 }
 
 impl NatsServer {
@@ -23,6 +25,21 @@ impl NatsServer {
             child: None,
             watchdog: None,
             port: TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port(),
+            config: None,
+        };
+        server.launch();
+        server
+    }
+
+    /// A server that accepts messages up to `bytes` (the default is 1 MiB).
+    pub fn start_with_max_payload(bytes: usize) -> Self {
+        let config = std::env::temp_dir().join(format!("switchyard-nats-{:016x}.conf", rand::random::<u64>()));
+        std::fs::write(&config, format!("max_payload: {bytes}\n")).unwrap();
+        let mut server = Self {
+            child: None,
+            watchdog: None,
+            port: TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port(),
+            config: Some(config),
         };
         server.launch();
         server
@@ -55,7 +72,11 @@ impl NatsServer {
         .into_iter()
         .find(|path| std::path::Path::new(path).exists())
         .unwrap_or("nats-server");
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+        }
+        let child = command
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -89,5 +110,8 @@ impl NatsServer {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop();
+        if let Some(config) = &self.config {
+            let _ = std::fs::remove_file(config);
+        }
     }
 }

@@ -1,0 +1,540 @@
+//! The NATS request plane (`DYN_REQUEST_PLANE=nats`). A worker subscribes to
+//! its instance subject `switchyard.rpc.{instance_id:x}` and to
+//! `….control`; a request is one message on the instance subject (payload:
+//! the TCP plane's request head) with a reply inbox. The worker answers on
+//! the inbox with frames `kind:u8 payload` — Data `0x11`, End `0x12`, Error
+//! `0x13`, Heartbeat `0x14` — sending a heartbeat at once (so a caller knows
+//! its request landed) and every [`HEARTBEAT`] while the stream is open, so a
+//! caller notices a dead worker within [`SILENCE_LIMIT`]. Cancel and credit
+//! travel on the control subject.
+
+use super::tcp::frame::{CancelMode, FrameType, RequestHead};
+use super::{ByteStream, Handlers, RequestClient, RequestServer, Target, Transport};
+use crate::engine::{Context, Controller};
+use crate::error::{ErrorKind, RequestError, WireError};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How often a worker tells the caller that a stream is still alive.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// Silence after which a caller gives the worker up (`Disconnected`).
+pub const SILENCE_LIMIT: Duration = Duration::from_secs(3);
+const HEARTBEAT_KIND: u8 = 0x14;
+const CREDIT_KIND: u8 = 0x03;
+const CANCEL_KIND: u8 = 0x02;
+
+/// The subject a worker serves: `switchyard.rpc.{instance_id:x}`.
+pub fn instance_subject(instance_id: u64) -> String {
+    format!("switchyard.rpc.{instance_id:x}")
+}
+
+fn control_subject(instance_subject: &str) -> String {
+    format!("{instance_subject}.control")
+}
+
+fn frame(kind: u8, payload: &[u8]) -> Bytes {
+    let mut buf = BytesMut::with_capacity(1 + payload.len());
+    buf.put_u8(kind);
+    buf.put_slice(payload);
+    buf.freeze()
+}
+
+/// A control message: `id_len:u8 id kind:u8 data`.
+fn control(request_id: &str, kind: u8, data: &[u8]) -> Bytes {
+    let mut buf = BytesMut::with_capacity(2 + request_id.len() + data.len());
+    buf.put_u8(request_id.len() as u8);
+    buf.put_slice(request_id.as_bytes());
+    buf.put_u8(kind);
+    buf.put_slice(data);
+    buf.freeze()
+}
+
+/// The worker's subscription to its instance subject.
+#[derive(Debug)]
+pub struct NatsServer {
+    subject: String,
+}
+
+impl NatsServer {
+    /// Serves `handlers` on `subject` (normally [`instance_subject`]).
+    pub async fn start(
+        client: async_nats::Client,
+        subject: String,
+        handlers: Arc<Handlers>,
+        max_message_size: usize,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Result<Self, RequestError> {
+        let subscribe = |subject: String| {
+            let client = client.clone();
+            async move {
+                client.subscribe(subject.clone()).await.map_err(|e| {
+                    RequestError::new(ErrorKind::Unreachable, format!("cannot subscribe to {subject}: {e}"))
+                })
+            }
+        };
+        let mut requests = subscribe(subject.clone()).await?;
+        let mut controls = subscribe(control_subject(&subject)).await?;
+        let shared = Arc::new(Shared {
+            client,
+            handlers,
+            max_message_size,
+            shutdown: shutdown.clone(),
+            running: Mutex::default(),
+        });
+        let (requests_shared, requests_tracker) = (shared.clone(), tracker.clone());
+        tracker.spawn(async move {
+            loop {
+                let message = tokio::select! {
+                    _ = requests_shared.shutdown.cancelled() => break,
+                    message = requests.next() => message,
+                };
+                let Some(message) = message else { break };
+                let Some(reply) = message.reply else { continue };
+                match RequestHead::decode(message.payload) {
+                    Ok(head) => {
+                        requests_tracker.spawn(run_stream(requests_shared.clone(), reply.to_string(), head));
+                    }
+                    Err(error) => tracing::warn!(%error, "ignoring a malformed NATS request"),
+                }
+            }
+        });
+        let control_shared = shared.clone();
+        tracker.spawn(async move {
+            loop {
+                let message = tokio::select! {
+                    _ = control_shared.shutdown.cancelled() => break,
+                    message = controls.next() => message,
+                };
+                let Some(message) = message else { break };
+                control_shared.on_control(message.payload);
+            }
+        });
+        tracing::info!(%subject, "request plane listening (nats)");
+        Ok(Self { subject })
+    }
+}
+
+impl RequestServer for NatsServer {
+    fn transport(&self) -> Transport {
+        Transport::Nats(self.subject.clone())
+    }
+}
+
+struct Shared {
+    client: async_nats::Client,
+    handlers: Arc<Handlers>,
+    max_message_size: usize,
+    shutdown: CancellationToken,
+    /// Requests in flight, for cancel and credit messages.
+    running: Mutex<HashMap<String, (Controller, Arc<Semaphore>)>>,
+}
+
+impl Shared {
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Controller, Arc<Semaphore>)>> {
+        // Single insert/remove updates: a poisoned map is still consistent.
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn on_control(&self, mut payload: Bytes) {
+        if payload.is_empty() {
+            return;
+        }
+        let id_len = payload.get_u8() as usize;
+        if payload.len() < id_len + 1 {
+            return;
+        }
+        let id = String::from_utf8_lossy(&payload.split_to(id_len)).into_owned();
+        let kind = payload.get_u8();
+        let running = self.running();
+        let Some((controller, credit)) = running.get(&id) else {
+            return;
+        };
+        match kind {
+            CANCEL_KIND => match CancelMode::decode(&payload) {
+                Ok(CancelMode::Stop) => controller.stop(),
+                Ok(CancelMode::Kill) => controller.kill(),
+                Err(_) => {}
+            },
+            CREDIT_KIND if payload.len() == 4 => {
+                let items = payload.get_u32() as usize;
+                let room = Semaphore::MAX_PERMITS - credit.available_permits();
+                credit.add_permits(items.min(room));
+            }
+            _ => {}
+        }
+    }
+
+    async fn send(&self, reply: &str, frame: Bytes) {
+        // A failed publish means NATS is unreachable; the caller's silence limit covers it.
+        let _ = self.client.publish(reply.to_string(), frame).await;
+    }
+}
+
+async fn run_stream(shared: Arc<Shared>, reply: String, head: RequestHead) {
+    let controller = Controller::with_parent(head.request_id.clone(), &shared.shutdown);
+    let credit = Arc::new(Semaphore::new((head.window as usize).clamp(1, Semaphore::MAX_PERMITS)));
+    shared
+        .running()
+        .insert(head.request_id.clone(), (controller.clone(), credit.clone()));
+    shared.send(&reply, frame(HEARTBEAT_KIND, &[])).await;
+    let request_id = head.request_id.clone();
+    let last = match stream_items(&shared, &reply, head, &controller, &credit).await {
+        Ok(()) => frame(FrameType::End as u8, &[]),
+        Err(error) => {
+            let mut wire = error.to_wire();
+            wire.message.truncate(wire.message.floor_char_boundary(768));
+            frame(
+                FrameType::Error as u8,
+                &rmp_serde::to_vec_named(&wire).expect("an error always encodes"),
+            )
+        }
+    };
+    shared.running().remove(&request_id);
+    shared.send(&reply, last).await;
+}
+
+async fn stream_items(
+    shared: &Shared,
+    reply: &str,
+    head: RequestHead,
+    controller: &Controller,
+    credit: &Semaphore,
+) -> Result<(), RequestError> {
+    let killed = || {
+        if shared.shutdown.is_cancelled() {
+            RequestError::new(
+                ErrorKind::ShuttingDown,
+                "the worker shut down before the request finished",
+            )
+        } else {
+            RequestError::new(ErrorKind::Cancelled, "the request was killed")
+        }
+    };
+    if head.body.len() > shared.max_message_size {
+        return Err(RequestError::new(
+            ErrorKind::TooLarge,
+            format!(
+                "request of {} bytes exceeds DYN_TCP_MAX_MESSAGE_SIZE={}",
+                head.body.len(),
+                shared.max_message_size
+            ),
+        ));
+    }
+    let request = Context::with_controller(head.body, controller.clone());
+    let mut items = tokio::select! {
+        _ = controller.killed() => return Err(killed()),
+        items = shared.handlers.dispatch(&head.endpoint, head.instance_id, request) => items?,
+    };
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    heartbeat.tick().await;
+    loop {
+        let item = tokio::select! {
+            biased;
+            _ = controller.killed() => return Err(killed()),
+            _ = heartbeat.tick() => {
+                shared.send(reply, frame(HEARTBEAT_KIND, &[])).await;
+                continue;
+            }
+            item = items.next() => item,
+        };
+        let bytes = match item {
+            None => return Ok(()),
+            Some(item) => item?,
+        };
+        if bytes.len() > shared.max_message_size {
+            return Err(RequestError::new(
+                ErrorKind::TooLarge,
+                format!(
+                    "response item of {} bytes exceeds DYN_TCP_MAX_MESSAGE_SIZE={}",
+                    bytes.len(),
+                    shared.max_message_size
+                ),
+            ));
+        }
+        loop {
+            tokio::select! {
+                biased;
+                _ = controller.killed() => return Err(killed()),
+                permit = credit.acquire() => {
+                    permit.expect("the credit semaphore is never closed").forget();
+                    break;
+                }
+                _ = heartbeat.tick() => shared.send(reply, frame(HEARTBEAT_KIND, &[])).await,
+            }
+        }
+        shared.send(reply, frame(FrameType::Data as u8, &bytes)).await;
+    }
+}
+
+/// Calls workers over NATS.
+#[derive(Debug, Clone)]
+pub struct NatsRequestClient {
+    client: async_nats::Client,
+    max_message_size: usize,
+    window: u32,
+    connect_timeout: Duration,
+}
+
+impl NatsRequestClient {
+    pub fn new(client: async_nats::Client, config: &crate::config::RuntimeConfig) -> Self {
+        Self {
+            client,
+            max_message_size: *config.tcp().max_message_size(),
+            window: *config.tcp().stream_window(),
+            connect_timeout: *config.tcp().connect_timeout(),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl RequestClient for NatsRequestClient {
+    async fn call(&self, target: &Target, request: Context<Bytes>) -> Result<ByteStream, RequestError> {
+        let Transport::Nats(subject) = &target.transport else {
+            return Err(RequestError::new(
+                ErrorKind::Invalid,
+                format!("{target} is not a NATS target"),
+            ));
+        };
+        let (body, controller) = request.into_parts();
+        let server_limit = self.client.server_info().max_payload.saturating_sub(1024);
+        let limit = self.max_message_size.min(server_limit.max(1024));
+        if body.len() > limit {
+            return Err(RequestError::new(
+                ErrorKind::TooLarge,
+                format!(
+                    "request of {} bytes exceeds the limit of {limit} (DYN_TCP_MAX_MESSAGE_SIZE, or the NATS server's max_payload)",
+                    body.len()
+                ),
+            ));
+        }
+        if !RequestHead::fits(&target.endpoint, controller.id()) {
+            return Err(RequestError::new(
+                ErrorKind::Invalid,
+                "endpoint name or request id too long",
+            ));
+        }
+        let inbox = self.client.new_inbox();
+        let mut responses = self.client.subscribe(inbox.clone()).await.map_err(|e| {
+            RequestError::new(
+                ErrorKind::Unreachable,
+                format!("cannot subscribe to a reply inbox: {e}"),
+            )
+        })?;
+        let head = RequestHead {
+            instance_id: target.instance_id,
+            window: self.window,
+            endpoint: target.endpoint.clone(),
+            request_id: controller.id().to_string(),
+            body,
+        };
+        self.client
+            .publish_with_reply(subject.clone(), inbox, head.encode())
+            .await
+            .map_err(|e| RequestError::new(ErrorKind::Unreachable, format!("cannot publish to {subject}: {e}")))?;
+        // The worker answers at once with a heartbeat; silence means nobody serves the subject.
+        let first = tokio::time::timeout(self.connect_timeout, responses.next()).await;
+        let Ok(Some(first)) = first else {
+            return Err(RequestError::new(
+                ErrorKind::Unreachable,
+                format!("no worker answered on {subject} within {:?}", self.connect_timeout),
+            ));
+        };
+        let state = NatsResponse {
+            responses,
+            pending: Some(first.payload),
+            controller,
+            client: self.client.clone(),
+            control: control_subject(subject),
+            consumed: 0,
+            credit_batch: (self.window / 2).max(1),
+            max_message_size: self.max_message_size,
+            stop_sent: false,
+            done: false,
+        };
+        Ok(Box::pin(futures::stream::unfold(state, |mut state| async move {
+            let item = state.next_item().await?;
+            Some((item, state))
+        })))
+    }
+}
+
+struct NatsResponse {
+    responses: async_nats::Subscriber,
+    /// A message read ahead (the first heartbeat).
+    pending: Option<Bytes>,
+    controller: Controller,
+    client: async_nats::Client,
+    control: String,
+    consumed: u32,
+    credit_batch: u32,
+    max_message_size: usize,
+    stop_sent: bool,
+    done: bool,
+}
+
+impl NatsResponse {
+    async fn send_control(&self, kind: u8, data: &[u8]) {
+        let _ = self
+            .client
+            .publish(self.control.clone(), control(self.controller.id(), kind, data))
+            .await;
+    }
+
+    async fn next_item(&mut self) -> Option<Result<Bytes, RequestError>> {
+        if self.done {
+            return None;
+        }
+        loop {
+            let payload = match self.pending.take() {
+                Some(payload) => payload,
+                None => tokio::select! {
+                    biased;
+                    _ = self.controller.killed() => {
+                        self.done = true;
+                        self.send_control(CANCEL_KIND, &CancelMode::Kill.encode()).await;
+                        return Some(Err(RequestError::new(ErrorKind::Cancelled, "the request was killed by the caller")));
+                    }
+                    _ = self.controller.stopped(), if !self.stop_sent => {
+                        self.stop_sent = true;
+                        self.send_control(CANCEL_KIND, &CancelMode::Stop.encode()).await;
+                        continue;
+                    }
+                    message = tokio::time::timeout(SILENCE_LIMIT, self.responses.next()) => match message {
+                        Ok(Some(message)) => message.payload,
+                        Ok(None) | Err(_) => {
+                            self.done = true;
+                            return Some(Err(RequestError::new(
+                                ErrorKind::Disconnected,
+                                format!("the worker fell silent for {SILENCE_LIMIT:?} before the stream completed"),
+                            )));
+                        }
+                    },
+                },
+            };
+            let Some((&kind, body)) = payload.split_first() else {
+                continue;
+            };
+            match kind {
+                HEARTBEAT_KIND => continue,
+                0x11 if body.len() > self.max_message_size => {
+                    self.done = true;
+                    self.send_control(CANCEL_KIND, &CancelMode::Kill.encode()).await;
+                    return Some(Err(RequestError::new(
+                        ErrorKind::TooLarge,
+                        format!(
+                            "response item of {} bytes exceeds DYN_TCP_MAX_MESSAGE_SIZE={}",
+                            body.len(),
+                            self.max_message_size
+                        ),
+                    )));
+                }
+                0x11 => {
+                    self.consumed += 1;
+                    if self.consumed >= self.credit_batch {
+                        let credit = self.consumed;
+                        self.consumed = 0;
+                        self.send_control(CREDIT_KIND, &credit.to_be_bytes()).await;
+                    }
+                    return Some(Ok(payload.slice(1..)));
+                }
+                0x12 => {
+                    self.done = true;
+                    return None;
+                }
+                0x13 => {
+                    self.done = true;
+                    let error = rmp_serde::from_slice::<WireError>(body).map_or_else(
+                        |e| RequestError::new(ErrorKind::Protocol, format!("undecodable error frame: {e}")),
+                        RequestError::from,
+                    );
+                    return Some(Err(error));
+                }
+                other => {
+                    self.done = true;
+                    return Some(Err(RequestError::new(
+                        ErrorKind::Protocol,
+                        format!("unknown response frame kind 0x{other:02x}"),
+                    )));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for NatsResponse {
+    fn drop(&mut self) {
+        if !self.done {
+            // Dropped early: kill the request on the worker.
+            let (client, subject) = (self.client.clone(), self.control.clone());
+            let message = control(self.controller.id(), CANCEL_KIND, &CancelMode::Kill.encode());
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move {
+                    let _ = client.publish(subject, message).await;
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "../../tests/support/nats_server.rs"]
+mod nats_server;
+
+#[cfg(test)]
+mod tests {
+    use super::nats_server::NatsServer as NatsProcess;
+    use super::*;
+    use crate::config::RuntimeConfig;
+    use crate::request_plane::conformance::{PlaneKit, conformance_tests};
+    use futures::FutureExt;
+    use futures::future::BoxFuture;
+    use std::sync::OnceLock;
+
+    /// One NATS server (8 MiB max_payload) for this test binary.
+    fn server_url() -> String {
+        static SERVER: OnceLock<NatsProcess> = OnceLock::new();
+        SERVER
+            .get_or_init(|| NatsProcess::start_with_max_payload(8 * 1024 * 1024))
+            .url()
+    }
+
+    struct Nats;
+
+    impl PlaneKit for Nats {
+        fn server(
+            &self,
+            config: RuntimeConfig,
+            handlers: Arc<Handlers>,
+            stop: CancellationToken,
+        ) -> BoxFuture<'static, Arc<dyn RequestServer>> {
+            async move {
+                let client = async_nats::connect(server_url()).await.unwrap();
+                // Every test's worker has the same instance id: give each its own subject.
+                let subject = format!("test.{:016x}.{:x}", rand::random::<u64>(), handlers.instance_id());
+                let limit = *config.tcp().max_message_size();
+                let server = NatsServer::start(client, subject, handlers, limit, stop, TaskTracker::new())
+                    .await
+                    .unwrap();
+                Arc::new(server) as Arc<dyn RequestServer>
+            }
+            .boxed()
+        }
+
+        fn client(&self, config: RuntimeConfig) -> BoxFuture<'static, Arc<dyn RequestClient>> {
+            async move {
+                let client = async_nats::connect(server_url()).await.unwrap();
+                Arc::new(NatsRequestClient::new(client, &config)) as Arc<dyn RequestClient>
+            }
+            .boxed()
+        }
+    }
+
+    conformance_tests!(Nats);
+}
