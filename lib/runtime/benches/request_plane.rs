@@ -1,10 +1,12 @@
-//! Request-plane benchmarks over loopback, next to a raw tokio TCP baseline:
+//! Request-plane benchmarks over loopback, for the tcp, http and nats planes,
+//! next to a raw tokio TCP baseline:
 //!
 //! - `round_trip/raw_tcp_ping_pong`: 100-byte echo on a plain tokio socket;
-//! - `round_trip/switchyard_unary`: a 100-byte string through `PushRouter` →
-//!   TCP request plane → echo engine, until the stream ends;
-//! - `streaming/items_per_second`: one stream of 100,000 small items on one
-//!   connection.
+//! - `round_trip/{plane}_unary`: a 100-byte string through `PushRouter` →
+//!   request plane → echo engine, until the stream ends;
+//! - `streaming/{plane}_items_per_second`: one stream of 100,000 small items.
+//!
+//! NATS runs on a local `nats-server` started by the bench.
 //!
 //! After criterion, a percentile pass prints p50/p90/p99 of both round trips
 //! and their ratio (criterion reports means). Run with:
@@ -12,6 +14,9 @@
 //! ```text
 //! cargo bench -p switchyard-runtime --bench request_plane
 //! ```
+
+#[path = "../tests/support/nats_server.rs"]
+mod nats_server;
 
 use criterion::{Criterion, Throughput};
 use futures::StreamExt;
@@ -51,8 +56,10 @@ impl AsyncEngine<u64, u64> for Counter {
     }
 }
 
-fn process(registry: &MemRegistry) -> DistributedRuntime {
-    let config = RuntimeConfig::from_vars([("DYN_DISCOVERY_BACKEND", "mem")]).unwrap();
+fn process(registry: &MemRegistry, vars: &[(&str, &str)]) -> DistributedRuntime {
+    let mut all = vec![("DYN_DISCOVERY_BACKEND", "mem")];
+    all.extend_from_slice(vars);
+    let config = RuntimeConfig::from_vars(all).unwrap();
     DistributedRuntime::with_discovery(Runtime::new(config), Arc::new(MemDiscovery::new(registry.clone()))).unwrap()
 }
 
@@ -61,10 +68,11 @@ struct Routers {
     counter: PushRouter<u64, u64>,
 }
 
-/// A worker serving `echo` and `counter`, and a caller with a router to each.
-async fn start_mesh() -> Routers {
+/// A worker on the plane set by `vars`, serving `echo` and `counter`, and a
+/// caller with a router to each.
+async fn start_mesh(vars: &[(&str, &str)]) -> Routers {
     let registry = MemRegistry::new();
-    let worker = process(&registry);
+    let worker = process(&registry, vars);
     let component = worker.namespace("bench").unwrap().component("worker").unwrap();
     component
         .endpoint("echo")
@@ -80,7 +88,7 @@ async fn start_mesh() -> Routers {
         .spawn()
         .await
         .unwrap();
-    let caller = process(&registry);
+    let caller = process(&registry, vars);
     let component = caller.namespace("bench").unwrap().component("worker").unwrap();
     let echo = component.endpoint("echo").client().await.unwrap();
     let counter = component.endpoint("counter").client().await.unwrap();
@@ -130,36 +138,39 @@ fn tokio_runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-fn bench_round_trip(c: &mut Criterion, rt: &tokio::runtime::Runtime, routers: &Routers) {
+fn bench_round_trip(c: &mut Criterion, rt: &tokio::runtime::Runtime, planes: &[(&str, Routers)]) {
     let message = "x".repeat(MESSAGE);
     let mut group = c.benchmark_group("round_trip");
     let socket = rt.block_on(start_raw_echo());
     let socket = tokio::sync::Mutex::new(socket);
     group.bench_function("raw_tcp_ping_pong", |b| {
-        b.to_async(rt)
-            .iter(|| async { raw_round_trip(&mut *socket.lock().await).await })
+        b.to_async(rt).iter(|| async { raw_round_trip(&mut *socket.lock().await).await })
     });
-    group.bench_function("switchyard_unary", |b| {
-        b.to_async(rt).iter(|| unary_round_trip(&routers.echo, &message))
-    });
+    for (plane, routers) in planes {
+        group.bench_function(format!("{plane}_unary"), |b| {
+            b.to_async(rt).iter(|| unary_round_trip(&routers.echo, &message))
+        });
+    }
     group.finish();
 }
 
-fn bench_streaming(c: &mut Criterion, rt: &tokio::runtime::Runtime, routers: &Routers) {
+fn bench_streaming(c: &mut Criterion, rt: &tokio::runtime::Runtime, planes: &[(&str, Routers)]) {
     let mut group = c.benchmark_group("streaming");
     group.throughput(Throughput::Elements(STREAM_ITEMS));
     group.sample_size(10);
-    group.bench_function("items_per_second", |b| {
-        b.to_async(rt).iter(|| async {
-            let mut stream = routers.counter.generate(STREAM_ITEMS.into()).await.unwrap();
-            let mut n = 0;
-            while let Some(item) = stream.next().await {
-                item.unwrap();
-                n += 1;
-            }
-            assert_eq!(n, STREAM_ITEMS);
-        })
-    });
+    for (plane, routers) in planes {
+        group.bench_function(format!("{plane}_items_per_second"), |b| {
+            b.to_async(rt).iter(|| async {
+                let mut stream = routers.counter.generate(STREAM_ITEMS.into()).await.unwrap();
+                let mut n = 0;
+                while let Some(item) = stream.next().await {
+                    item.unwrap();
+                    n += 1;
+                }
+                assert_eq!(n, STREAM_ITEMS);
+            })
+        });
+    }
     group.finish();
 }
 
@@ -178,41 +189,51 @@ async fn percentiles(samples: usize, mut op: impl AsyncFnMut()) -> [Duration; 3]
     [50, 90, 99].map(|p| times[samples * p / 100])
 }
 
-fn print_percentiles(rt: &tokio::runtime::Runtime, routers: &Routers) {
+fn print_percentiles(rt: &tokio::runtime::Runtime, planes: &[(&str, Routers)]) {
     const SAMPLES: usize = 20_000;
     let message = "x".repeat(MESSAGE);
-    let (raw, ours) = rt.block_on(async {
+    let rows = rt.block_on(async {
+        let mut rows = vec![];
         let mut socket = start_raw_echo().await;
-        let raw = percentiles(SAMPLES, async || raw_round_trip(&mut socket).await).await;
-        let ours = percentiles(SAMPLES, async || unary_round_trip(&routers.echo, &message).await).await;
-        (raw, ours)
+        rows.push(("raw tokio TCP ping-pong".to_string(), percentiles(SAMPLES, async || raw_round_trip(&mut socket).await).await));
+        for (plane, routers) in planes {
+            let timing = percentiles(SAMPLES, async || unary_round_trip(&routers.echo, &message).await).await;
+            rows.push((format!("switchyard unary, {plane}"), timing));
+        }
+        rows
     });
     println!("\nround trip over loopback, {SAMPLES} samples each (µs)");
-    println!("| case | p50 | p90 | p99 |");
-    println!("|---|---|---|---|");
-    for (name, [p50, p90, p99]) in [("raw tokio TCP ping-pong", raw), ("switchyard unary", ours)] {
+    println!("| case | p50 | p90 | p99 | p50 / raw |");
+    println!("|---|---|---|---|---|");
+    let raw = rows[0].1[0].as_secs_f64();
+    for (name, [p50, p90, p99]) in &rows {
         println!(
-            "| {name} | {:.1} | {:.1} | {:.1} |",
+            "| {name} | {:.1} | {:.1} | {:.1} | {:.2} |",
             p50.as_secs_f64() * 1e6,
             p90.as_secs_f64() * 1e6,
-            p99.as_secs_f64() * 1e6
+            p99.as_secs_f64() * 1e6,
+            p50.as_secs_f64() / raw
         );
     }
-    println!(
-        "p50 ratio switchyard / raw = {:.2}",
-        ours[0].as_secs_f64() / raw[0].as_secs_f64()
-    );
 }
 
 fn main() {
     let rt = tokio_runtime();
-    let routers = rt.block_on(start_mesh());
+    let nats = nats_server::NatsServer::start();
+    let url = nats.url();
+    let planes = rt.block_on(async {
+        vec![
+            ("tcp", start_mesh(&[]).await),
+            ("http", start_mesh(&[("DYN_REQUEST_PLANE", "http")]).await),
+            ("nats", start_mesh(&[("DYN_REQUEST_PLANE", "nats"), ("NATS_SERVER", &url)]).await),
+        ]
+    });
     let mut c = Criterion::default().configure_from_args();
-    bench_round_trip(&mut c, &rt, &routers);
-    bench_streaming(&mut c, &rt, &routers);
+    bench_round_trip(&mut c, &rt, &planes);
+    bench_streaming(&mut c, &rt, &planes);
     c.final_summary();
     // `cargo test --all-targets` runs benches once as a smoke test, without `--bench`.
     if std::env::args().any(|arg| arg == "--bench") {
-        print_percentiles(&rt, &routers);
+        print_percentiles(&rt, &planes);
     }
 }

@@ -231,6 +231,9 @@ impl DistributedRuntime {
             .map_err(|source| DistributedError::StatusBind { address, source })?;
         let _ = self.inner.status_address.set(bound);
         let router = crate::status::router(self.status_state(), system);
+        let listener = axum::serve::ListenerExt::tap_io(listener, |socket| {
+            let _ = socket.set_nodelay(true);
+        });
         let stopped = self.runtime().root_token().clone();
         self.runtime().spawn(async move {
             let served = axum::serve(listener, router)

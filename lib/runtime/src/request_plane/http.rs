@@ -66,6 +66,10 @@ impl HttpServer {
             .route("/v1/rpc-cancel/{request_id}", post(cancel))
             .layer(DefaultBodyLimit::max(max_message_size))
             .with_state(state);
+        // Without TCP_NODELAY, a small response waits out Nagle and delayed ACKs (~40 ms).
+        let listener = axum::serve::ListenerExt::tap_io(listener, |socket| {
+            let _ = socket.set_nodelay(true);
+        });
         tracker.spawn(async move {
             let served = axum::serve(listener, router)
                 .with_graceful_shutdown(async move { shutdown.cancelled().await })

@@ -17,6 +17,8 @@ pub struct NatsServer {
     port: u16,
     /// A config file raising `max_payload`, when asked for.
     config: Option<std::path::PathBuf>,
+    /// A token clients must present, when asked for.
+    token: Option<String>,
 }
 
 impl NatsServer {
@@ -26,6 +28,20 @@ impl NatsServer {
             watchdog: None,
             port: TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port(),
             config: None,
+            token: None,
+        };
+        server.launch();
+        server
+    }
+
+    /// A server that requires `token` (`--auth`).
+    pub fn start_with_token(token: &str) -> Self {
+        let mut server = Self {
+            child: None,
+            watchdog: None,
+            port: TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port(),
+            config: None,
+            token: Some(token.to_string()),
         };
         server.launch();
         server
@@ -40,6 +56,7 @@ impl NatsServer {
             watchdog: None,
             port: TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port(),
             config: Some(config),
+            token: None,
         };
         server.launch();
         server
@@ -75,6 +92,9 @@ impl NatsServer {
         let mut command = Command::new(binary);
         if let Some(config) = &self.config {
             command.arg("-c").arg(config);
+        }
+        if let Some(token) = &self.token {
+            command.arg("--auth").arg(token);
         }
         let child = command
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
