@@ -144,7 +144,8 @@ fn bench_round_trip(c: &mut Criterion, rt: &tokio::runtime::Runtime, planes: &[(
     let socket = rt.block_on(start_raw_echo());
     let socket = tokio::sync::Mutex::new(socket);
     group.bench_function("raw_tcp_ping_pong", |b| {
-        b.to_async(rt).iter(|| async { raw_round_trip(&mut *socket.lock().await).await })
+        b.to_async(rt)
+            .iter(|| async { raw_round_trip(&mut *socket.lock().await).await })
     });
     for (plane, routers) in planes {
         group.bench_function(format!("{plane}_unary"), |b| {
@@ -195,7 +196,10 @@ fn print_percentiles(rt: &tokio::runtime::Runtime, planes: &[(&str, Routers)]) {
     let rows = rt.block_on(async {
         let mut rows = vec![];
         let mut socket = start_raw_echo().await;
-        rows.push(("raw tokio TCP ping-pong".to_string(), percentiles(SAMPLES, async || raw_round_trip(&mut socket).await).await));
+        rows.push((
+            "raw tokio TCP ping-pong".to_string(),
+            percentiles(SAMPLES, async || raw_round_trip(&mut socket).await).await,
+        ));
         for (plane, routers) in planes {
             let timing = percentiles(SAMPLES, async || unary_round_trip(&routers.echo, &message).await).await;
             rows.push((format!("switchyard unary, {plane}"), timing));
@@ -225,7 +229,10 @@ fn main() {
         vec![
             ("tcp", start_mesh(&[]).await),
             ("http", start_mesh(&[("DYN_REQUEST_PLANE", "http")]).await),
-            ("nats", start_mesh(&[("DYN_REQUEST_PLANE", "nats"), ("NATS_SERVER", &url)]).await),
+            (
+                "nats",
+                start_mesh(&[("DYN_REQUEST_PLANE", "nats"), ("NATS_SERVER", &url)]).await,
+            ),
         ]
     });
     let mut c = Criterion::default().configure_from_args();

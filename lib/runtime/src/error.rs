@@ -122,6 +122,11 @@ impl RequestError {
         &self.message
     }
 
+    /// A copy with the same kind and message (the source is not cloned).
+    pub fn clone_kind(&self) -> Self {
+        Self::new(self.kind, self.message.clone())
+    }
+
     /// The form that crosses the wire: kind and message only.
     pub(crate) fn to_wire(&self) -> WireError {
         WireError {

@@ -199,6 +199,105 @@ async fn a_worker_on_the_nats_plane_answers_a_caller_of_any_plane() {
     assert_eq!(items.concat(), "via nats");
 }
 
+/// Answers with its instance id, then holds the stream open until dropped.
+struct Hold(u64);
+
+#[async_trait::async_trait]
+impl AsyncEngine<(), u64> for Hold {
+    async fn generate(&self, _request: Context<()>) -> Result<ResponseStream<u64>, RequestError> {
+        let id = futures::stream::iter([Ok(self.0)]);
+        let forever = futures::stream::pending();
+        Ok(Box::pin(id.chain(forever)))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_loaded_avoids_instances_with_streams_in_flight_and_refuses_when_all_are_busy() {
+    let registry = MemRegistry::new();
+    let workers: Vec<_> = (0..2).map(|_| process(&registry, &[])).collect();
+    for worker in &workers {
+        serve(worker, "hold", Hold(worker.instance_id())).await;
+    }
+    let caller = process(&registry, &[]);
+    let router = PushRouter::<(), u64>::from_client(client(&caller, "hold").await, RouterMode::LeastLoaded)
+        .await
+        .unwrap()
+        .with_busy_threshold(1);
+    let step = |what: &'static str| move |_| panic!("{what} did not finish within {DEADLINE:?}");
+    let mut first = tokio::time::timeout(DEADLINE, router.generate(().into()))
+        .await
+        .unwrap_or_else(step("first"))
+        .unwrap();
+    let a = first.next().await.unwrap().unwrap();
+    let mut second = tokio::time::timeout(DEADLINE, router.generate(().into()))
+        .await
+        .unwrap_or_else(step("second"))
+        .unwrap();
+    let b = second.next().await.unwrap().unwrap();
+    assert_ne!(a, b, "least_loaded sent a second request to the instance already busy");
+    assert_eq!(router.occupancy().load(a), 1);
+
+    let refused = tokio::time::timeout(DEADLINE, router.generate(().into()))
+        .await
+        .unwrap_or_else(step("refusal"))
+        .err()
+        .expect("every instance is busy");
+    assert_eq!(refused.kind(), ErrorKind::Overloaded);
+
+    // The in-flight count lasts until the stream is dropped, not the first item.
+    drop(first);
+    assert_eq!(router.occupancy().load(a), 0);
+    let mut third = tokio::time::timeout(DEADLINE, router.generate(().into()))
+        .await
+        .unwrap_or_else(step("third"))
+        .unwrap();
+    assert_eq!(third.next().await.unwrap().unwrap(), a);
+}
+
+#[test]
+fn a_killed_worker_is_ejected_and_no_request_is_lost() {
+    let registry = MemRegistry::new();
+    // The doomed worker runs on its own runtime; dropping that runtime kills
+    // its sockets without unregistering, as a crashed process would.
+    let doomed_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let doomed = doomed_runtime.block_on(async {
+        let worker = process(&registry, &[]);
+        serve(&worker, "whoami", WhoAmI(worker.instance_id())).await;
+        worker
+    });
+    let caller_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    caller_runtime.block_on(async {
+        let mut healthy = vec![];
+        for _ in 0..2 {
+            let worker = process(&registry, &[]);
+            serve(&worker, "whoami", WhoAmI(worker.instance_id())).await;
+            healthy.push(worker);
+        }
+        let caller = process(&registry, &[]);
+        let router = PushRouter::<(), u64>::from_client(client(&caller, "whoami").await, RouterMode::RoundRobin)
+            .await
+            .unwrap();
+        let answers = who_answers(&router, 30).await;
+        assert!(answers.contains(&doomed.instance_id()));
+
+        doomed_runtime.shutdown_background();
+        let killed_at = tokio::time::Instant::now();
+        // Every request still succeeds: the one that hits the dead worker is
+        // retried on another instance, and the dead worker is ejected.
+        let answers = who_answers(&router, 300).await;
+        assert!(!answers.contains(&doomed.instance_id()));
+        println!("300 requests after the kill, none lost, in {:?}", killed_at.elapsed());
+    });
+}
+
 #[tokio::test]
 async fn round_robin_spreads_requests_and_follows_instances_as_they_come_and_go() {
     let registry = MemRegistry::new();

@@ -1,24 +1,73 @@
 //! [`PushRouter`]: sends typed requests to the instances a [`Client`] knows,
 //! chosen by a [`RouterMode`], and decodes the typed response stream.
+//!
+//! Occupancy: every request holds an in-flight guard on its instance until
+//! its response stream is dropped. Faults: a transport failure (unreachable,
+//! or disconnected before the first item) ejects the instance for a growing
+//! backoff, and the request — which has produced nothing yet — is sent once
+//! more to another instance. Busy: with a threshold set, instances at or
+//! over it are skipped, and when all are, the router answers `Overloaded`.
 
-use super::{Policy, Random, RoundRobin, RouterMode};
+use super::occupancy::{InflightGuard, Occupancy};
+use super::{LeastLoaded, LoadView, Policy, PowerOfTwo, Random, RoundRobin, RouterMode};
 use crate::component::Instance;
 use crate::component::client::Client;
-use crate::engine::{AsyncEngine, Context, ResponseStream};
+use crate::engine::{AsyncEngine, Context, Controller, ResponseStream};
 use crate::error::{ErrorKind, RequestError};
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::marker::PhantomData;
+use std::pin::Pin;
+use std::task::Poll;
+use tokio::time::Instant;
 
 /// Routes requests of type `Req` to an endpoint's instances and yields `Resp`s.
 #[derive(Debug)]
 pub struct PushRouter<Req, Resp> {
     client: Client,
     mode: RouterMode,
-    round_robin: RoundRobin,
+    policy: Box<dyn Policy>,
+    occupancy: Occupancy,
+    /// Requests in flight at which an instance counts as busy.
+    busy_threshold: Option<u64>,
+    /// The instance snapshot the occupancy table was last synced with
+    /// (compared by address: a new snapshot means discovery changed).
+    synced: std::sync::Mutex<usize>,
     types: PhantomData<fn(Req) -> Resp>,
+}
+
+/// The load view a policy sees for one selection.
+struct View<'a> {
+    occupancy: &'a Occupancy,
+    busy_threshold: Option<u64>,
+    now: Instant,
+    /// Instances already tried for this request.
+    exclude: Option<u64>,
+    /// Ignore ejections (when every instance is ejected, trying one beats failing).
+    ignore_ejection: bool,
+}
+
+impl LoadView for View<'_> {
+    fn load(&self, id: u64) -> u64 {
+        self.occupancy.load(id)
+    }
+
+    fn available(&self, id: u64) -> bool {
+        Some(id) != self.exclude
+            && (self.ignore_ejection || self.occupancy.is_available(id, self.now))
+            && self.busy_threshold.is_none_or(|limit| self.occupancy.load(id) < limit)
+    }
+
+    fn least_loaded(&self, allowed: &dyn Fn(u64) -> bool) -> Option<u64> {
+        // Checks only what the index already holds: the table is locked meanwhile.
+        let not_busy = |load: u64| self.busy_threshold.is_none_or(|limit| load < limit);
+        self.occupancy.least_loaded(
+            |id, load| Some(id) != self.exclude && not_busy(load) && allowed(id),
+            self.now,
+        )
+    }
 }
 
 impl<Req, Resp> PushRouter<Req, Resp>
@@ -29,12 +78,29 @@ where
     /// A router over `client`'s instances. Async so that routers which
     /// subscribe to load reports can do so before the first request.
     pub async fn from_client(client: Client, mode: RouterMode) -> Result<Self, RequestError> {
+        let policy: Box<dyn Policy> = match mode {
+            RouterMode::RoundRobin | RouterMode::Direct => Box::new(RoundRobin::default()),
+            RouterMode::Random => Box::new(Random),
+            RouterMode::PowerOfTwo => Box::new(PowerOfTwo),
+            RouterMode::LeastLoaded => Box::new(LeastLoaded),
+        };
         Ok(Self {
             client,
             mode,
-            round_robin: RoundRobin::default(),
+            policy,
+            occupancy: Occupancy::new(),
+            busy_threshold: None,
+            synced: std::sync::Mutex::new(0),
             types: PhantomData,
         })
+    }
+
+    /// Treats an instance with `limit` or more requests in flight (from this
+    /// router) as busy; when every instance is busy, requests are refused
+    /// with `Overloaded`.
+    pub fn with_busy_threshold(mut self, limit: u64) -> Self {
+        self.busy_threshold = Some(limit.max(1));
+        self
     }
 
     pub fn client(&self) -> &Client {
@@ -45,29 +111,34 @@ where
         self.mode
     }
 
+    /// This router's view of the instances' load.
+    pub fn occupancy(&self) -> &Occupancy {
+        &self.occupancy
+    }
+
     /// Sends `request` to the instance the router's mode picks.
     pub async fn generate(&self, request: Context<Req>) -> Result<ResponseStream<Resp>, RequestError> {
-        match self.mode {
-            RouterMode::RoundRobin => self.round_robin(request).await,
-            RouterMode::Random => self.random(request).await,
-            RouterMode::Direct => Err(RequestError::new(
+        if self.mode == RouterMode::Direct {
+            return Err(RequestError::new(
                 ErrorKind::Invalid,
                 "this router is in direct mode: call direct(request, instance_id)",
-            )),
+            ));
         }
+        self.route(self.policy.as_ref(), request).await
     }
 
     /// Sends `request` to the next instance in turn.
     pub async fn round_robin(&self, request: Context<Req>) -> Result<ResponseStream<Resp>, RequestError> {
-        self.select_and_send(&self.round_robin, request).await
+        self.route(&RoundRobin::default(), request).await
     }
 
     /// Sends `request` to a random instance.
     pub async fn random(&self, request: Context<Req>) -> Result<ResponseStream<Resp>, RequestError> {
-        self.select_and_send(&Random, request).await
+        self.route(&Random, request).await
     }
 
     /// Sends `request` to the instance `instance_id`, which must be registered.
+    /// No retry elsewhere: the caller chose this instance.
     pub async fn direct(&self, request: Context<Req>, instance_id: u64) -> Result<ResponseStream<Resp>, RequestError> {
         let instances = self.client.instances();
         let found = instances
@@ -81,50 +152,183 @@ where
                     ),
                 )
             })?;
-        self.send(&instances[found], request).await
+        let (body, controller) = encode(request)?;
+        match self.attempt(&instances[found], body, controller).await {
+            Attempt::Streaming(stream) | Attempt::Failed(_, Some(stream)) => Ok(stream),
+            Attempt::Failed(error, None) => Err(error),
+        }
     }
 
-    async fn select_and_send(
+    /// Chooses with `policy`, sends, and retries once elsewhere after a
+    /// transport failure that happened before any item arrived.
+    async fn route(&self, policy: &dyn Policy, request: Context<Req>) -> Result<ResponseStream<Resp>, RequestError> {
+        let (body, controller) = encode(request)?;
+        let mut exclude = None;
+        for attempt in 0..2 {
+            let instances = self.client.instances();
+            self.sync(&instances);
+            let Some(chosen) = self.choose(policy, &instances, exclude)? else {
+                break;
+            };
+            let instance = &instances[chosen];
+            match self.attempt(instance, body.clone(), controller.clone()).await {
+                Attempt::Streaming(stream) => return Ok(stream),
+                Attempt::Failed(error, first_item_stream) => {
+                    let transport = matches!(error.kind(), ErrorKind::Unreachable | ErrorKind::Disconnected);
+                    if transport {
+                        let backoff = self.occupancy.record_failure(instance.instance_id, Instant::now());
+                        tracing::warn!(instance = %instance, %error, ?backoff, "instance ejected after a transport failure");
+                    }
+                    let retryable = transport || error.kind() == ErrorKind::ShuttingDown;
+                    if attempt == 1 || !retryable || controller.is_stopped() {
+                        return match first_item_stream {
+                            Some(stream) => Ok(stream),
+                            None => Err(error),
+                        };
+                    }
+                    exclude = Some(instance.instance_id);
+                }
+            }
+        }
+        Err(RequestError::new(
+            ErrorKind::NotFound,
+            format!("no instances of {} are registered", self.client.endpoint().path()),
+        ))
+    }
+
+    /// Brings the occupancy table in line with a new discovery snapshot:
+    /// O(n) once per discovery change, not per request.
+    fn sync(&self, instances: &std::sync::Arc<Vec<Instance>>) {
+        let address = std::sync::Arc::as_ptr(instances) as usize;
+        let mut synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
+        if *synced != address {
+            let ids: Vec<u64> = instances.iter().map(|i| i.instance_id).collect();
+            self.occupancy.sync(&ids);
+            *synced = address;
+        }
+    }
+
+    /// The index of the instance to try, `Ok(None)` when there is none.
+    fn choose(
         &self,
         policy: &dyn Policy,
-        request: Context<Req>,
-    ) -> Result<ResponseStream<Resp>, RequestError> {
-        let instances = self.client.instances();
-        let chosen = policy.select(&instances).ok_or_else(|| {
-            RequestError::new(
-                ErrorKind::NotFound,
-                format!("no instances of {} are registered", self.client.endpoint().path()),
-            )
-        })?;
-        self.send(&instances[chosen], request).await
+        instances: &[Instance],
+        exclude: Option<u64>,
+    ) -> Result<Option<usize>, RequestError> {
+        if instances.is_empty() || (instances.len() == 1 && exclude.is_some()) {
+            return Ok(None);
+        }
+        let now = Instant::now();
+        let view = |ignore_ejection| View {
+            occupancy: &self.occupancy,
+            busy_threshold: self.busy_threshold,
+            now,
+            exclude,
+            ignore_ejection,
+        };
+        if let Some(chosen) = policy.select(instances, &view(false)) {
+            return Ok(Some(chosen));
+        }
+        let busy = |i: &Instance| {
+            self.busy_threshold
+                .is_some_and(|limit| self.occupancy.load(i.instance_id) >= limit)
+        };
+        if instances.iter().all(busy) {
+            return Err(RequestError::new(
+                ErrorKind::Overloaded,
+                format!(
+                    "all {} instances of {} are busy",
+                    instances.len(),
+                    self.client.endpoint().path()
+                ),
+            ));
+        }
+        // Everything not busy is ejected: try one anyway rather than fail.
+        Ok(RoundRobin::default().select(instances, &view(true)))
     }
 
-    async fn send(&self, instance: &Instance, request: Context<Req>) -> Result<ResponseStream<Resp>, RequestError> {
-        let (data, controller) = request.into_parts();
-        let body = rmp_serde::to_vec_named(&data)
-            .map_err(|e| RequestError::new(ErrorKind::Invalid, format!("cannot encode the request as msgpack: {e}")))?;
-        let request = Context::with_controller(Bytes::from(body), controller);
+    /// One try on `instance`: the stream once its first item is known.
+    async fn attempt(&self, instance: &Instance, body: Bytes, controller: Controller) -> Attempt<Resp> {
+        let guard = self.occupancy.acquire(instance.instance_id);
         let client = self.client.endpoint().drt().request_client();
-        let responses = client.call(&instance.target(), request).await?;
-        let decoded = responses.map(|item| {
-            item.and_then(|bytes| {
-                rmp_serde::from_slice::<Resp>(&bytes).map_err(|e| {
-                    RequestError::new(
-                        ErrorKind::Protocol,
-                        format!("cannot decode a response as {}: {e}", std::any::type_name::<Resp>()),
-                    )
-                })
+        let mut responses = match client
+            .call(&instance.target(), Context::with_controller(body, controller))
+            .await
+        {
+            Ok(responses) => responses,
+            Err(error) => return Attempt::Failed(error, None),
+        };
+        let first = responses.next().await;
+        match first {
+            Some(Err(error)) => {
+                let stream = decoded(futures::stream::iter([Err(error.clone_kind())]), guard);
+                Attempt::Failed(error, Some(stream))
+            }
+            first => {
+                self.occupancy.record_success(instance.instance_id);
+                let rest = futures::stream::iter(first).chain(responses);
+                Attempt::Streaming(decoded(rest, guard))
+            }
+        }
+    }
+}
+
+enum Attempt<Resp> {
+    Streaming(ResponseStream<Resp>),
+    /// Failed before any item; the stream (if any) yields that error, for a
+    /// caller that will not retry.
+    Failed(RequestError, Option<ResponseStream<Resp>>),
+}
+
+fn encode<Req: Serialize>(request: Context<Req>) -> Result<(Bytes, Controller), RequestError> {
+    let (data, controller) = request.into_parts();
+    let body = rmp_serde::to_vec_named(&data)
+        .map_err(|e| RequestError::new(ErrorKind::Invalid, format!("cannot encode the request as msgpack: {e}")))?;
+    Ok((Bytes::from(body), controller))
+}
+
+/// Decodes each item, ends after the first error, and holds `guard` until dropped.
+fn decoded<Resp, S>(responses: S, guard: InflightGuard) -> ResponseStream<Resp>
+where
+    Resp: DeserializeOwned + Send + 'static,
+    S: Stream<Item = Result<Bytes, RequestError>> + Send + 'static,
+{
+    let items = responses.map(|item| {
+        item.and_then(|bytes| {
+            rmp_serde::from_slice::<Resp>(&bytes).map_err(|e| {
+                RequestError::new(
+                    ErrorKind::Protocol,
+                    format!("cannot decode a response as {}: {e}", std::any::type_name::<Resp>()),
+                )
             })
+        })
+    });
+    // An error is always the last item: a decode failure ends the stream
+    // (dropping the wire stream kills the request on the worker).
+    let ending = items.scan(false, |failed, item| {
+        let next = (!*failed).then(|| {
+            *failed = item.is_err();
+            item
         });
-        // An error is always the last item: a decode failure ends the stream
-        // (dropping the wire stream kills the request on the worker).
-        Ok(Box::pin(decoded.scan(false, |failed, item| {
-            let next = (!*failed).then(|| {
-                *failed = item.is_err();
-                item
-            });
-            futures::future::ready(next)
-        })))
+        futures::future::ready(next)
+    });
+    Box::pin(Guarded {
+        stream: Box::pin(ending),
+        _guard: guard,
+    })
+}
+
+/// A response stream that keeps its request counted as in flight.
+struct Guarded<Resp> {
+    stream: ResponseStream<Resp>,
+    _guard: InflightGuard,
+}
+
+impl<Resp> Stream for Guarded<Resp> {
+    type Item = Result<Resp, RequestError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Option<Self::Item>> {
+        self.stream.poll_next_unpin(cx)
     }
 }
 

@@ -219,13 +219,23 @@ async fn nats_authentication_settings_are_honoured() {
     let server = NatsServer::start_with_token("s3cret");
     let url = server.url();
     let registry = MemRegistry::new();
-    let with_token = process(&registry, &[("DYN_EVENT_PLANE", "nats"), ("NATS_SERVER", &url), ("NATS_AUTH_TOKEN", "s3cret")]);
+    let with_token = process(
+        &registry,
+        &[
+            ("DYN_EVENT_PLANE", "nats"),
+            ("NATS_SERVER", &url),
+            ("NATS_AUTH_TOKEN", "s3cret"),
+        ],
+    );
     let mut events = subscriber(&with_token).await;
     let load = publisher(&with_token).await;
     until_connected(&load, &mut events).await;
 
     let without = process(&registry, &[("DYN_EVENT_PLANE", "nats"), ("NATS_SERVER", &url)]);
     let component = without.namespace("demo").unwrap().component("backend").unwrap();
-    let error = EventPublisher::for_component(&component, "load").await.unwrap_err().to_string();
+    let error = EventPublisher::for_component(&component, "load")
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("NATS_SERVER"), "{error}");
 }

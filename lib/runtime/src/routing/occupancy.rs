@@ -1,0 +1,223 @@
+//! How loaded each instance is, as one router sees it: requests this router
+//! has in flight there (counted by a guard that lives until the response
+//! stream is dropped), and whether the instance is ejected after transport
+//! failures. No I/O; time is passed in, so tests can control it.
+//!
+//! A `BTreeSet` ordered by load keeps least-loaded selection O(log n).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// First ejection after a transport failure; doubles per consecutive
+/// failure up to [`MAX_EJECTION`], and resets after a success.
+const BASE_EJECTION: Duration = Duration::from_millis(500);
+const MAX_EJECTION: Duration = Duration::from_secs(30);
+
+/// Loads of the instances one router sends to. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct Occupancy {
+    state: Arc<Mutex<State>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    instances: HashMap<u64, InstanceLoad>,
+    /// `(inflight, instance_id)` of every instance, for least-loaded selection.
+    by_load: BTreeSet<(u64, u64)>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct InstanceLoad {
+    inflight: u64,
+    ejected_until: Option<Instant>,
+    consecutive_failures: u32,
+}
+
+impl State {
+    fn entry(&mut self, id: u64) -> &mut InstanceLoad {
+        if !self.instances.contains_key(&id) {
+            self.by_load.insert((0, id));
+        }
+        self.instances.entry(id).or_default()
+    }
+
+    fn set_inflight(&mut self, id: u64, inflight: u64) {
+        let old = self.entry(id).inflight;
+        self.by_load.remove(&(old, id));
+        self.by_load.insert((inflight, id));
+        self.entry(id).inflight = inflight;
+    }
+}
+
+impl Occupancy {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // Each update keeps the map and the index consistent before it returns.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts one request in flight on `id` until the guard is dropped.
+    pub fn acquire(&self, id: u64) -> InflightGuard {
+        let mut state = self.lock();
+        let inflight = state.entry(id).inflight + 1;
+        state.set_inflight(id, inflight);
+        InflightGuard {
+            occupancy: self.clone(),
+            id,
+        }
+    }
+
+    /// Requests in flight on `id`.
+    pub fn load(&self, id: u64) -> u64 {
+        self.lock().instances.get(&id).map_or(0, |i| i.inflight)
+    }
+
+    /// False while `id` is ejected.
+    pub fn is_available(&self, id: u64, now: Instant) -> bool {
+        self.lock()
+            .instances
+            .get(&id)
+            .and_then(|i| i.ejected_until)
+            .is_none_or(|until| until <= now)
+    }
+
+    /// A transport failure on `id`: eject it for a backoff that grows with
+    /// consecutive failures. Returns how long.
+    pub fn record_failure(&self, id: u64, now: Instant) -> Duration {
+        let mut state = self.lock();
+        let entry = state.entry(id);
+        entry.consecutive_failures = entry.consecutive_failures.saturating_add(1);
+        let backoff = BASE_EJECTION
+            .saturating_mul(1 << (entry.consecutive_failures - 1).min(16))
+            .min(MAX_EJECTION);
+        entry.ejected_until = Some(now + backoff);
+        backoff
+    }
+
+    /// A successful response from `id`: its failure streak ends.
+    pub fn record_success(&self, id: u64) {
+        let mut state = self.lock();
+        if let Some(entry) = state.instances.get_mut(&id) {
+            entry.consecutive_failures = 0;
+            entry.ejected_until = None;
+        }
+    }
+
+    /// The non-ejected instance with the fewest requests in flight among
+    /// those `allowed(id, load)` accepts, walking the load index (O(log n)
+    /// when few are skipped). `allowed` runs under this table's lock, so it
+    /// must not call back into it.
+    pub fn least_loaded(&self, allowed: impl Fn(u64, u64) -> bool, now: Instant) -> Option<u64> {
+        let state = self.lock();
+        state
+            .by_load
+            .iter()
+            .find(|(load, id)| {
+                allowed(*id, *load) && state.instances[id].ejected_until.is_none_or(|until| until <= now)
+            })
+            .map(|(_, id)| *id)
+    }
+
+    /// Tracks exactly the instances in `ids` (sorted): new ones start idle,
+    /// gone ones are forgotten.
+    pub fn sync(&self, ids: &[u64]) {
+        let mut state = self.lock();
+        for &id in ids {
+            state.entry(id);
+        }
+        drop(state);
+        self.retain(|id| ids.binary_search(&id).is_ok());
+    }
+
+    /// Forgets instances not in `live` (they left discovery).
+    pub fn retain(&self, live: impl Fn(u64) -> bool) {
+        let mut state = self.lock();
+        let gone: Vec<u64> = state.instances.keys().copied().filter(|id| !live(*id)).collect();
+        for id in gone {
+            if let Some(entry) = state.instances.remove(&id) {
+                state.by_load.remove(&(entry.inflight, id));
+            }
+        }
+    }
+
+    fn release(&self, id: u64) {
+        let mut state = self.lock();
+        if let Some(entry) = state.instances.get(&id) {
+            let inflight = entry.inflight.saturating_sub(1);
+            state.set_inflight(id, inflight);
+        }
+    }
+}
+
+/// One request in flight on an instance; released on drop.
+#[derive(Debug)]
+pub struct InflightGuard {
+    occupancy: Occupancy,
+    id: u64,
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.occupancy.release(self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guards_count_until_dropped() {
+        let occupancy = Occupancy::new();
+        let a = occupancy.acquire(1);
+        let b = occupancy.acquire(1);
+        assert_eq!(occupancy.load(1), 2);
+        drop(a);
+        assert_eq!(occupancy.load(1), 1);
+        drop(b);
+        assert_eq!(occupancy.load(1), 0);
+    }
+
+    #[test]
+    fn least_loaded_skips_ejected_and_disallowed_instances() {
+        let occupancy = Occupancy::new();
+        let now = Instant::now();
+        let _one = occupancy.acquire(1);
+        let _two = (occupancy.acquire(2), occupancy.acquire(2));
+        let _three = occupancy.acquire(3);
+        occupancy.retain(|_| true);
+        assert_eq!(occupancy.least_loaded(|_, _| true, now), Some(1));
+        occupancy.record_failure(1, now);
+        assert_eq!(occupancy.least_loaded(|_, _| true, now), Some(3));
+        assert_eq!(occupancy.least_loaded(|id, _| id == 2, now), Some(2));
+        assert_eq!(occupancy.least_loaded(|_, load| load < 1, now), None);
+    }
+
+    #[test]
+    fn ejection_grows_with_failures_and_ends_on_success() {
+        let occupancy = Occupancy::new();
+        let now = Instant::now();
+        let first = occupancy.record_failure(7, now);
+        let second = occupancy.record_failure(7, now);
+        assert_eq!(second, first * 2);
+        assert!(!occupancy.is_available(7, now));
+        assert!(occupancy.is_available(7, now + second));
+        occupancy.record_success(7);
+        assert!(occupancy.is_available(7, now));
+        assert_eq!(occupancy.record_failure(7, now), first);
+    }
+
+    #[test]
+    fn forgotten_instances_leave_the_index() {
+        let occupancy = Occupancy::new();
+        drop(occupancy.acquire(1));
+        drop(occupancy.acquire(2));
+        occupancy.retain(|id| id == 2);
+        assert_eq!(occupancy.least_loaded(|_, _| true, Instant::now()), Some(2));
+    }
+}
