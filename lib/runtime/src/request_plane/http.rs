@@ -365,6 +365,13 @@ impl ResponseState {
                 Ok(Some((FrameType::Data, payload))) => return Some(Ok(payload)),
                 Ok(Some((FrameType::End, _))) => {
                     self.done = true;
+                    // Read the body to its end-of-stream flag (it follows at
+                    // once): dropping it earlier resets the HTTP/2 stream, and
+                    // servers answer floods of resets with GOAWAY.
+                    let _ = tokio::time::timeout(Duration::from_millis(100), async {
+                        while let Some(Ok(_)) = self.body.frame().await {}
+                    })
+                    .await;
                     return None;
                 }
                 Ok(Some((_, payload))) => {
