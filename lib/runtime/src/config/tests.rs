@@ -1,0 +1,235 @@
+//! Tests of the configuration loader: defaults, precedence, validation
+//! messages, and the sync with docs/configuration.md.
+
+// `figment::Jail` closures must return figment's own (large) error type.
+#![allow(clippy::result_large_err)]
+
+use super::*;
+
+#[test]
+fn defaults_match_the_documented_table() {
+    let config = RuntimeConfig::default();
+    assert_eq!(config.discovery_backend, DiscoveryBackend::Etcd);
+    assert_eq!(config.request_plane, RequestPlaneKind::Tcp);
+    assert_eq!(config.tcp.host, "127.0.0.1");
+    assert_eq!(config.tcp.port, 0);
+    assert_eq!(config.tcp.max_message_size, 32 * 1024 * 1024);
+    assert_eq!(config.graceful_shutdown_timeout, Duration::from_secs(30));
+    assert!(config.worker_threads >= 1);
+}
+
+#[test]
+fn unknown_discovery_backend_names_variable_value_and_choices() {
+    let err = RuntimeConfig::from_vars([(DISCOVERY_BACKEND, "zookeeper")]).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("DYN_DISCOVERY_BACKEND"), "{text}");
+    assert!(text.contains("zookeeper"), "{text}");
+    assert!(text.contains("mem, file, etcd, kubernetes"), "{text}");
+}
+
+#[test]
+fn unknown_request_plane_names_variable_value_and_choices() {
+    let err = RuntimeConfig::from_vars([(REQUEST_PLANE, "carrier-pigeon")]).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("DYN_REQUEST_PLANE") && text.contains("carrier-pigeon"),
+        "{text}"
+    );
+    assert!(text.contains("tcp, http, nats"), "{text}");
+}
+
+#[test]
+fn choices_are_case_insensitive() {
+    let config = RuntimeConfig::from_vars([(DISCOVERY_BACKEND, "MEM"), (REQUEST_PLANE, "Tcp")]).unwrap();
+    assert_eq!(config.discovery_backend, DiscoveryBackend::Mem);
+}
+
+#[test]
+fn ports_above_i16_are_valid_and_above_u16_are_not() {
+    let config = RuntimeConfig::from_vars([(TCP_RPC_PORT, "40000")]).unwrap();
+    assert_eq!(config.tcp.port, 40000);
+    let err = RuntimeConfig::from_vars([(TCP_RPC_PORT, "70000")]).unwrap_err();
+    assert!(err.to_string().contains("DYN_TCP_RPC_PORT"), "{err}");
+}
+
+#[test]
+fn unreachable_bind_host_is_rejected() {
+    for host in ["0.0.0.0", "::", "[::]", "::0", "0:0:0:0:0:0:0:0", " 0.0.0.0 "] {
+        let err = RuntimeConfig::from_vars([(TCP_RPC_HOST, host)]).unwrap_err();
+        assert!(err.to_string().contains("DYN_TCP_RPC_HOST"), "{err}");
+    }
+}
+
+#[test]
+fn durations_accept_humantime_and_plain_seconds() {
+    assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
+    assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+    assert_eq!(parse_duration("2"), Some(Duration::from_secs(2)));
+    assert_eq!(parse_duration("0.25"), Some(Duration::from_millis(250)));
+    assert_eq!(parse_duration("-1"), None);
+    assert_eq!(parse_duration("soon"), None);
+    let err = RuntimeConfig::from_vars([(GRACEFUL_SHUTDOWN_TIMEOUT, "soon")]).unwrap_err();
+    assert!(
+        err.to_string().contains("DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT"),
+        "{err}"
+    );
+}
+
+#[test]
+fn etcd_settings_are_checked() {
+    let config = RuntimeConfig::from_vars([(ETCD_ENDPOINTS, "http://10.0.0.1:2379, https://etcd:2379")]).unwrap();
+    assert_eq!(config.etcd.endpoints, ["http://10.0.0.1:2379", "https://etcd:2379"]);
+    let err = RuntimeConfig::from_vars([(ETCD_ENDPOINTS, "10.0.0.1:2379")]).unwrap_err();
+    assert!(err.to_string().contains("ETCD_ENDPOINTS"), "{err}");
+    let err = RuntimeConfig::from_vars([(ETCD_AUTH_USERNAME, "root")]).unwrap_err();
+    assert!(err.to_string().contains("ETCD_AUTH_PASSWORD"), "{err}");
+    let config = RuntimeConfig::from_vars([(ETCD_AUTH_USERNAME, "root"), (ETCD_AUTH_PASSWORD, "s3cret")]).unwrap();
+    assert!(
+        !format!("{config:?}").contains("s3cret"),
+        "the password leaked into Debug"
+    );
+}
+
+#[test]
+fn status_server_settings_are_checked() {
+    let config = RuntimeConfig::default();
+    assert_eq!(config.system.port, None);
+    assert!(!config.system.starting_ready && !config.system.canary_enabled);
+    for off in ["-1", ""] {
+        assert_eq!(
+            RuntimeConfig::from_vars([(SYSTEM_PORT, off)]).unwrap().system.port,
+            None
+        );
+    }
+    assert_eq!(
+        RuntimeConfig::from_vars([(SYSTEM_PORT, "40000")]).unwrap().system.port,
+        Some(40000)
+    );
+    let err = RuntimeConfig::from_vars([(SYSTEM_STARTING_HEALTH_STATUS, "maybe")]).unwrap_err();
+    assert!(err.to_string().contains("ready, notready"), "{err}");
+    let err = RuntimeConfig::from_vars([(SYSTEM_HEALTH_PATH, "healthz")]).unwrap_err();
+    assert!(err.to_string().contains("DYN_SYSTEM_HEALTH_PATH"), "{err}");
+    let err = RuntimeConfig::from_vars([(SYSTEM_LIVE_PATH, "/health")]).unwrap_err();
+    assert!(err.to_string().contains("DYN_SYSTEM_LIVE_PATH"), "{err}");
+    let config = RuntimeConfig::from_vars([(HEALTH_CHECK_ENABLED, "TRUE")]).unwrap();
+    assert!(config.system.canary_enabled);
+    assert!(RuntimeConfig::from_vars([(HEALTH_CHECK_ENABLED, "sometimes")]).is_err());
+}
+
+#[test]
+fn the_event_plane_follows_discovery_unless_set() {
+    let mem = RuntimeConfig::from_vars([(DISCOVERY_BACKEND, "mem")]).unwrap();
+    assert_eq!(mem.event_plane, EventPlaneKind::Zmq);
+    assert_eq!(RuntimeConfig::default().event_plane, EventPlaneKind::Nats);
+    let set = RuntimeConfig::from_vars([(DISCOVERY_BACKEND, "mem"), (EVENT_PLANE, "nats")]).unwrap();
+    assert_eq!(set.event_plane, EventPlaneKind::Nats);
+    let err = RuntimeConfig::from_vars([(EVENT_PLANE, "kafka")])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("DYN_EVENT_PLANE") && err.contains("zmq, nats"), "{err}");
+}
+
+#[test]
+fn nats_settings_are_checked() {
+    let err = RuntimeConfig::from_vars([(NATS_SERVER, "localhost:4222")]).unwrap_err();
+    assert!(err.to_string().contains("NATS_SERVER"), "{err}");
+    let err = RuntimeConfig::from_vars([
+        (NATS_AUTH_TOKEN, "t"),
+        (NATS_AUTH_USERNAME, "u"),
+        (NATS_AUTH_PASSWORD, "p"),
+    ])
+    .unwrap_err();
+    assert!(err.to_string().contains("exactly one"), "{err}");
+    let config = RuntimeConfig::from_vars([(NATS_AUTH_TOKEN, "s3cret")]).unwrap();
+    assert!(!format!("{config:?}").contains("s3cret"));
+}
+
+#[test]
+fn lease_ttl_below_a_second_is_rejected() {
+    assert_eq!(RuntimeConfig::default().lease_ttl, Duration::from_secs(10));
+    let err = RuntimeConfig::from_vars([(LEASE_TTL, "200ms")]).unwrap_err();
+    assert!(err.to_string().contains("DYN_LEASE_TTL"), "{err}");
+}
+
+#[test]
+fn etcd_endpoints_come_from_the_unprefixed_variable() {
+    figment::Jail::expect_with(|jail| {
+        jail.set_env("ETCD_ENDPOINTS", "http://127.0.0.1:23790");
+        let config = RuntimeConfig::from_settings().map_err(|e| e.to_string())?;
+        assert_eq!(config.etcd.endpoints, ["http://127.0.0.1:23790"]);
+        Ok(())
+    });
+}
+
+#[test]
+fn empty_value_means_default() {
+    let config = RuntimeConfig::from_vars([(REQUEST_PLANE, "")]).unwrap();
+    assert_eq!(config.request_plane, RequestPlaneKind::Tcp);
+}
+
+#[test]
+fn unknown_variable_is_an_error() {
+    let err = RuntimeConfig::from_vars([("DYN_NOPE", "1")]).unwrap_err();
+    assert!(err.to_string().contains("DYN_NOPE"), "{err}");
+}
+
+#[test]
+fn toml_file_is_overridden_by_environment() {
+    figment::Jail::expect_with(|jail| {
+        jail.create_file("switchyard.toml", "discovery_backend = \"file\"\ntcp_rpc_port = 9100\n")?;
+        jail.set_env("DYN_CONFIG_FILE", "switchyard.toml");
+        jail.set_env("DYN_TCP_RPC_PORT", "9200");
+        let config = RuntimeConfig::from_settings().map_err(|e| e.to_string())?;
+        assert_eq!(config.discovery_backend, DiscoveryBackend::File);
+        assert_eq!(config.tcp.port, 9200);
+        Ok(())
+    });
+}
+
+#[test]
+fn bad_value_in_toml_names_the_file_as_its_source() {
+    figment::Jail::expect_with(|jail| {
+        jail.create_file("bad.toml", "request_plane = \"smoke\"\n")?;
+        jail.set_env("DYN_CONFIG_FILE", "bad.toml");
+        let err = RuntimeConfig::from_settings().unwrap_err().to_string();
+        assert!(err.contains("DYN_REQUEST_PLANE") && err.contains("smoke"), "{err}");
+        assert!(err.contains("TOML"), "{err}");
+        Ok(())
+    });
+}
+
+#[test]
+fn missing_config_file_is_an_error() {
+    figment::Jail::expect_with(|jail| {
+        jail.set_env("DYN_CONFIG_FILE", "does-not-exist.toml");
+        let err = RuntimeConfig::from_settings().unwrap_err();
+        assert!(matches!(err, ConfigError::MissingFile { .. }));
+        Ok(())
+    });
+}
+
+/// `docs/configuration.md` lists exactly the variables in [`VARIABLES`].
+#[test]
+fn configuration_reference_lists_every_variable() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/configuration.md"))
+        .expect("docs/configuration.md exists");
+    for variable in VARIABLES {
+        assert!(
+            doc.contains(&format!("`{}`", variable.name)),
+            "docs/configuration.md does not document {}",
+            variable.name
+        );
+    }
+    let documented: Vec<&str> = doc
+        .lines()
+        .filter_map(|line| line.strip_prefix("| `"))
+        .filter_map(|rest| rest.split('`').next())
+        .filter(|name| name.starts_with("DYN_") || name.starts_with("ETCD_") || name.starts_with("NATS_"))
+        .collect();
+    for name in documented {
+        assert!(
+            VARIABLES.iter().any(|v| v.name == name),
+            "docs/configuration.md documents {name}, which the code does not read"
+        );
+    }
+}
