@@ -107,6 +107,44 @@ impl RequestClient for AnyClient {
     }
 }
 
+/// The error a killed request ends with, on every transport: `ShuttingDown`
+/// when the worker is stopping (the caller may migrate it), `Cancelled` when
+/// the caller asked.
+pub(crate) fn killed_error(shutdown: &tokio_util::sync::CancellationToken) -> RequestError {
+    if shutdown.is_cancelled() {
+        RequestError::new(
+            crate::error::ErrorKind::ShuttingDown,
+            "the worker shut down before the request finished",
+        )
+    } else {
+        RequestError::new(crate::error::ErrorKind::Cancelled, "the request was killed")
+    }
+}
+
+/// `what` (a request, a response item) of `size` bytes is over `limit`.
+pub(crate) fn too_large(what: &str, size: usize, limit: usize) -> RequestError {
+    RequestError::new(
+        crate::error::ErrorKind::TooLarge,
+        format!("{what} of {size} bytes exceeds DYN_TCP_MAX_MESSAGE_SIZE={limit}"),
+    )
+}
+
+/// Longest error message sent on the wire. Every peer accepts payloads of at
+/// least 1024 bytes (the smallest `DYN_TCP_MAX_MESSAGE_SIZE`), so an error
+/// never trips the receiver's limit.
+const MAX_ERROR_MESSAGE: usize = 768;
+
+/// An error's wire form (msgpack `{kind, message}`), message cut to fit.
+pub(crate) fn encode_error(error: &RequestError) -> Vec<u8> {
+    let mut wire = error.to_wire();
+    if wire.message.len() > MAX_ERROR_MESSAGE {
+        wire.message
+            .truncate(wire.message.floor_char_boundary(MAX_ERROR_MESSAGE));
+        wire.message.push('…');
+    }
+    rmp_serde::to_vec_named(&wire).expect("an error always encodes")
+}
+
 /// The worker side of a transport: a listener serving the process's [`Handlers`].
 pub trait RequestServer: Send + Sync + fmt::Debug {
     /// The address callers use to reach this server, published in discovery.

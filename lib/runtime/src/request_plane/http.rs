@@ -156,16 +156,7 @@ async fn stream_items(
     controller: &Controller,
     frames: &mpsc::Sender<Result<Bytes, std::convert::Infallible>>,
 ) -> Result<(), RequestError> {
-    let killed = || {
-        if state.shutdown.is_cancelled() {
-            RequestError::new(
-                ErrorKind::ShuttingDown,
-                "the worker shut down before the request finished",
-            )
-        } else {
-            RequestError::new(ErrorKind::Cancelled, "the request was killed")
-        }
-    };
+    let killed = || super::killed_error(&state.shutdown);
     let request = Context::with_controller(body, controller.clone());
     let mut items = tokio::select! {
         _ = controller.killed() => return Err(killed()),
@@ -187,13 +178,10 @@ async fn stream_items(
             Some(item) => item?,
         };
         if bytes.len() > state.max_message_size {
-            return Err(RequestError::new(
-                ErrorKind::TooLarge,
-                format!(
-                    "response item of {} bytes exceeds DYN_TCP_MAX_MESSAGE_SIZE={}",
-                    bytes.len(),
-                    state.max_message_size
-                ),
+            return Err(crate::request_plane::too_large(
+                "response item",
+                bytes.len(),
+                state.max_message_size,
             ));
         }
         if frames.send(Ok(frame(FrameType::Data, &bytes))).await.is_err() {
@@ -224,12 +212,7 @@ fn frame(kind: FrameType, payload: &[u8]) -> Bytes {
 }
 
 fn error_frame(error: &RequestError) -> Bytes {
-    let mut wire = error.to_wire();
-    wire.message.truncate(wire.message.floor_char_boundary(768));
-    frame(
-        FrameType::Error,
-        &rmp_serde::to_vec_named(&wire).expect("an error always encodes"),
-    )
+    frame(FrameType::Error, &super::encode_error(error))
 }
 
 type HyperClient = hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
@@ -271,13 +254,10 @@ impl RequestClient for HttpClient {
         };
         let (body, controller) = request.into_parts();
         if body.len() > self.max_message_size {
-            return Err(RequestError::new(
-                ErrorKind::TooLarge,
-                format!(
-                    "request of {} bytes exceeds DYN_TCP_MAX_MESSAGE_SIZE={}",
-                    body.len(),
-                    self.max_message_size
-                ),
+            return Err(crate::request_plane::too_large(
+                "request",
+                body.len(),
+                self.max_message_size,
             ));
         }
         let request = hyper::Request::post(format!("{base}/v1/rpc/{}", target.endpoint))
@@ -441,12 +421,10 @@ impl ResponseState {
             }
         };
         if length > self.max_message_size {
-            return Err(RequestError::new(
-                ErrorKind::TooLarge,
-                format!(
-                    "response item of {length} bytes exceeds DYN_TCP_MAX_MESSAGE_SIZE={}",
-                    self.max_message_size
-                ),
+            return Err(crate::request_plane::too_large(
+                "response item",
+                length,
+                self.max_message_size,
             ));
         }
         if self.buf.len() < 5 + length {

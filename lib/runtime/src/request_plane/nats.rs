@@ -187,14 +187,7 @@ async fn run_stream(shared: Arc<Shared>, reply: String, head: RequestHead) {
     let request_id = head.request_id.clone();
     let last = match stream_items(&shared, &reply, head, &controller, &credit).await {
         Ok(()) => frame(FrameType::End as u8, &[]),
-        Err(error) => {
-            let mut wire = error.to_wire();
-            wire.message.truncate(wire.message.floor_char_boundary(768));
-            frame(
-                FrameType::Error as u8,
-                &rmp_serde::to_vec_named(&wire).expect("an error always encodes"),
-            )
-        }
+        Err(error) => frame(FrameType::Error as u8, &super::encode_error(&error)),
     };
     shared.running().remove(&request_id);
     shared.send(&reply, last).await;
@@ -207,24 +200,12 @@ async fn stream_items(
     controller: &Controller,
     credit: &Semaphore,
 ) -> Result<(), RequestError> {
-    let killed = || {
-        if shared.shutdown.is_cancelled() {
-            RequestError::new(
-                ErrorKind::ShuttingDown,
-                "the worker shut down before the request finished",
-            )
-        } else {
-            RequestError::new(ErrorKind::Cancelled, "the request was killed")
-        }
-    };
+    let killed = || super::killed_error(&shared.shutdown);
     if head.body.len() > shared.max_message_size {
-        return Err(RequestError::new(
-            ErrorKind::TooLarge,
-            format!(
-                "request of {} bytes exceeds DYN_TCP_MAX_MESSAGE_SIZE={}",
-                head.body.len(),
-                shared.max_message_size
-            ),
+        return Err(crate::request_plane::too_large(
+            "request",
+            head.body.len(),
+            shared.max_message_size,
         ));
     }
     let request = Context::with_controller(head.body, controller.clone());
@@ -249,13 +230,10 @@ async fn stream_items(
             Some(item) => item?,
         };
         if bytes.len() > shared.max_message_size {
-            return Err(RequestError::new(
-                ErrorKind::TooLarge,
-                format!(
-                    "response item of {} bytes exceeds DYN_TCP_MAX_MESSAGE_SIZE={}",
-                    bytes.len(),
-                    shared.max_message_size
-                ),
+            return Err(crate::request_plane::too_large(
+                "response item",
+                bytes.len(),
+                shared.max_message_size,
             ));
         }
         loop {
@@ -426,13 +404,10 @@ impl NatsResponse {
                 0x11 if body.len() > self.max_message_size => {
                     self.done = true;
                     self.send_control(CANCEL_KIND, &CancelMode::Kill.encode()).await;
-                    return Some(Err(RequestError::new(
-                        ErrorKind::TooLarge,
-                        format!(
-                            "response item of {} bytes exceeds DYN_TCP_MAX_MESSAGE_SIZE={}",
-                            body.len(),
-                            self.max_message_size
-                        ),
+                    return Some(Err(crate::request_plane::too_large(
+                        "response item",
+                        body.len(),
+                        self.max_message_size,
                     )));
                 }
                 0x11 => {

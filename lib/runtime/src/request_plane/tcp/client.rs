@@ -151,13 +151,10 @@ impl RequestClient for TcpClient {
         }
         .encode();
         if head.len() > self.max_message_size {
-            return Err(RequestError::new(
-                ErrorKind::TooLarge,
-                format!(
-                    "request of {} bytes exceeds DYN_TCP_MAX_MESSAGE_SIZE={}",
-                    head.len(),
-                    self.max_message_size
-                ),
+            return Err(crate::request_plane::too_large(
+                "request",
+                head.len(),
+                self.max_message_size,
             ));
         }
         let conn = self.connection(address).await?;
@@ -258,13 +255,7 @@ async fn read_responses(mut reader: tokio::net::tcp::OwnedReadHalf, conn: &Conne
                 length,
             }) => {
                 if let Some(events) = conn.streams().remove(&stream_id) {
-                    let error = RequestError::new(
-                        ErrorKind::TooLarge,
-                        format!(
-                            "response item of {length} bytes exceeds DYN_TCP_MAX_MESSAGE_SIZE={}",
-                            decoder_limit(&decoder)
-                        ),
-                    );
+                    let error = crate::request_plane::too_large("response item", length, decoder.max_payload());
                     let _ = events.send(StreamEvent::Failed(error));
                 }
                 conn.send(Frame::new(FrameType::Cancel, stream_id, CancelMode::Kill.encode()));
@@ -286,10 +277,6 @@ async fn read_responses(mut reader: tokio::net::tcp::OwnedReadHalf, conn: &Conne
         );
         let _ = events.send(StreamEvent::Failed(error));
     }
-}
-
-fn decoder_limit(decoder: &FrameDecoder) -> usize {
-    decoder.max_payload()
 }
 
 /// Delivers one frame from the worker; `Err` closes the connection.

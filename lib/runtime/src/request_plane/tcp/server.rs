@@ -7,9 +7,9 @@ use super::sink::FrameSink;
 use super::{ReadError, read_frame, tune_socket};
 use crate::config::TcpConfig;
 use crate::engine::{Context, Controller};
-use crate::error::{ErrorKind, RequestError};
+use crate::error::RequestError;
 use crate::metrics::TransportMetrics;
-use crate::request_plane::{Handlers, RequestServer, Transport};
+use crate::request_plane::{Handlers, RequestServer, Transport, encode_error, killed_error};
 use bytes::{Bytes, BytesMut};
 use futures::{FutureExt, StreamExt};
 use std::collections::HashMap;
@@ -163,13 +163,7 @@ async fn serve_connection(socket: TcpStream, peer: SocketAddr, shared: Arc<Share
                 stream_id,
                 length,
             }) => {
-                let error = RequestError::new(
-                    ErrorKind::TooLarge,
-                    format!(
-                        "request of {length} bytes exceeds DYN_TCP_MAX_MESSAGE_SIZE={}",
-                        shared.max_message_size
-                    ),
-                );
+                let error = crate::request_plane::too_large("request", length, shared.max_message_size);
                 conn.send(error_frame(stream_id, &error));
                 Ok(())
             }
@@ -316,13 +310,10 @@ async fn stream_items(
             Some(item) => item?,
         };
         if bytes.len() > shared.max_message_size {
-            return Err(RequestError::new(
-                ErrorKind::TooLarge,
-                format!(
-                    "response item of {} bytes exceeds DYN_TCP_MAX_MESSAGE_SIZE={}",
-                    bytes.len(),
-                    shared.max_message_size
-                ),
+            return Err(crate::request_plane::too_large(
+                "response item",
+                bytes.len(),
+                shared.max_message_size,
             ));
         }
         match credit.try_acquire() {
@@ -346,34 +337,6 @@ async fn stream_items(
     }
 }
 
-/// The error a killed request ends with: `ShuttingDown` when the whole worker
-/// is stopping (the caller may migrate it), `Cancelled` when the caller asked.
-fn killed_error(shutdown: &CancellationToken) -> RequestError {
-    if shutdown.is_cancelled() {
-        RequestError::new(
-            ErrorKind::ShuttingDown,
-            "the worker shut down before the request finished",
-        )
-    } else {
-        RequestError::new(ErrorKind::Cancelled, "the request was killed")
-    }
-}
-
-/// Longest error message sent on the wire. Every peer accepts frames of at
-/// least 1024 bytes (the smallest `DYN_TCP_MAX_MESSAGE_SIZE`), so an error
-/// frame never trips the receiver's limit.
-const MAX_ERROR_MESSAGE: usize = 768;
-
 fn error_frame(stream_id: u64, error: &RequestError) -> Frame {
-    let mut wire = error.to_wire();
-    if wire.message.len() > MAX_ERROR_MESSAGE {
-        let mut cut = MAX_ERROR_MESSAGE;
-        while !wire.message.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        wire.message.truncate(cut);
-        wire.message.push('…');
-    }
-    let payload = rmp_serde::to_vec_named(&wire).expect("an error always encodes");
-    Frame::new(FrameType::Error, stream_id, Bytes::from(payload))
+    Frame::new(FrameType::Error, stream_id, Bytes::from(encode_error(error)))
 }
