@@ -2,6 +2,7 @@
 //! I/O, plus the [`PushRouter`](push_router::PushRouter) that glues a policy
 //! to a [`Client`](crate::component::client::Client) and the request plane.
 
+pub mod load;
 pub mod occupancy;
 pub mod push_router;
 

@@ -254,6 +254,70 @@ async fn least_loaded_avoids_instances_with_streams_in_flight_and_refuses_when_a
     assert_eq!(third.next().await.unwrap().unwrap(), a);
 }
 
+/// Two routers sharing two workers: with worker load reports, the second
+/// router sees the first one's stream and picks the other worker; without
+/// them it would pick the same "least loaded" worker (both look idle to it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routers_that_share_workers_see_each_others_load_through_worker_reports() {
+    let registry = MemRegistry::new();
+    let mut ids = vec![];
+    let mut workers = vec![];
+    for _ in 0..2 {
+        let worker = process(&registry, &[]);
+        worker
+            .namespace("demo")
+            .unwrap()
+            .component("backend")
+            .unwrap()
+            .endpoint("hold")
+            .endpoint_builder()
+            .handler(Hold(worker.instance_id()))
+            .publish_load()
+            .spawn()
+            .await
+            .unwrap();
+        ids.push(worker.instance_id());
+        workers.push(worker);
+    }
+    ids.sort();
+    let (first_router, second_router) = (process(&registry, &[]), process(&registry, &[]));
+    let a = PushRouter::<(), u64>::from_client(client(&first_router, "hold").await, RouterMode::LeastLoaded)
+        .await
+        .unwrap();
+    let blind = PushRouter::<(), u64>::from_client(client(&second_router, "hold").await, RouterMode::LeastLoaded)
+        .await
+        .unwrap();
+    let informed = PushRouter::<(), u64>::from_client(client(&second_router, "hold").await, RouterMode::LeastLoaded)
+        .await
+        .unwrap()
+        .with_load_reports()
+        .await
+        .unwrap();
+
+    // Router A opens a long stream on the lower id (ties go to the lowest id).
+    let mut held = a.generate(().into()).await.unwrap();
+    assert_eq!(held.next().await.unwrap().unwrap(), ids[0]);
+    let occupancy = informed.occupancy().clone();
+    let busy = ids[0];
+    wait_until("the busy worker's report reached the second router", || {
+        occupancy.load(busy) == 1
+    })
+    .await;
+
+    let mut from_informed = informed.generate(().into()).await.unwrap();
+    assert_eq!(
+        from_informed.next().await.unwrap().unwrap(),
+        ids[1],
+        "herded onto the busy worker"
+    );
+    let mut from_blind = blind.generate(().into()).await.unwrap();
+    assert_eq!(
+        from_blind.next().await.unwrap().unwrap(),
+        ids[0],
+        "without reports the busy worker looks idle"
+    );
+}
+
 #[test]
 fn a_killed_worker_is_ejected_and_no_request_is_lost() {
     let registry = MemRegistry::new();

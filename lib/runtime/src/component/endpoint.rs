@@ -27,6 +27,8 @@ pub struct EndpointBuilder {
     handler: Option<Arc<dyn PushHandler>>,
     /// The canary request, msgpack-encoded (or why it could not be).
     health_check: Option<Result<Bytes, String>>,
+    /// Publish load reports on the event plane while serving.
+    publish_load: bool,
 }
 
 impl std::fmt::Debug for EndpointBuilder {
@@ -44,7 +46,15 @@ impl EndpointBuilder {
             endpoint,
             handler: None,
             health_check: None,
+            publish_load: false,
         }
+    }
+
+    /// Publishes this endpoint's load (requests in flight) on the component's
+    /// `load` topic while it serves, for routers built `.with_load_reports()`.
+    pub fn publish_load(mut self) -> Self {
+        self.publish_load = true;
+        self
     }
 
     /// A request the canary sends when canary checks are on
@@ -130,6 +140,9 @@ impl EndpointBuilder {
         let ready = canary.is_none() || *system.starting_ready();
         drt.health().serve(&instance, ready);
         let stop = runtime.endpoint_token().child_token();
+        if self.publish_load {
+            crate::routing::load::publish(endpoint.clone(), stop.clone()).await?;
+        }
         if let Some(payload) = canary {
             let canary = Canary {
                 instance: instance.clone(),
@@ -249,6 +262,8 @@ pub enum EndpointError {
     AlreadyServed { endpoint: String },
     #[error("the health-check payload cannot be encoded as msgpack: {reason}")]
     HealthCheckPayload { reason: String },
+    #[error("cannot publish load reports")]
+    LoadReports(#[from] crate::event_plane::EventError),
     #[error("cannot create the endpoint's metrics")]
     Metrics(#[from] MetricsError),
     #[error("the runtime is shutting down; no new endpoints can start")]

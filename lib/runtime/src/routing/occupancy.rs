@@ -1,7 +1,12 @@
 //! How loaded each instance is, as one router sees it: requests this router
 //! has in flight there (counted by a guard that lives until the response
-//! stream is dropped), and whether the instance is ejected after transport
+//! stream is dropped), the load the worker itself last reported (so several
+//! routers agree), and whether the instance is ejected after transport
 //! failures. No I/O; time is passed in, so tests can control it.
+//!
+//! An instance's score is `max(in_flight_here, reported)`: a report counts
+//! every router's requests, this router's own count is never older than the
+//! report. A report older than its expiry is ignored.
 //!
 //! A `BTreeSet` ordered by load keeps least-loaded selection O(log n).
 
@@ -24,15 +29,29 @@ pub struct Occupancy {
 #[derive(Debug, Default)]
 struct State {
     instances: HashMap<u64, InstanceLoad>,
-    /// `(inflight, instance_id)` of every instance, for least-loaded selection.
+    /// `(score, instance_id)` of every instance, for least-loaded selection.
     by_load: BTreeSet<(u64, u64)>,
 }
 
 #[derive(Debug, Default, Clone)]
 struct InstanceLoad {
     inflight: u64,
+    /// The worker's own report (requests active + queued) and when it expires.
+    reported: Option<(u64, Instant)>,
+    /// The score under which this instance sits in `by_load`.
+    indexed: u64,
     ejected_until: Option<Instant>,
     consecutive_failures: u32,
+}
+
+impl InstanceLoad {
+    fn score(&self, now: Instant) -> u64 {
+        let reported = self
+            .reported
+            .filter(|(_, expires)| *expires > now)
+            .map_or(0, |(load, _)| load);
+        self.inflight.max(reported)
+    }
 }
 
 impl State {
@@ -43,11 +62,18 @@ impl State {
         self.instances.entry(id).or_default()
     }
 
-    fn set_inflight(&mut self, id: u64, inflight: u64) {
-        let old = self.entry(id).inflight;
+    /// Re-files `id` in the index under its current score.
+    fn reindex(&mut self, id: u64, now: Instant) {
+        let entry = self.entry(id);
+        let (old, new) = (entry.indexed, entry.score(now));
+        entry.indexed = new;
         self.by_load.remove(&(old, id));
-        self.by_load.insert((inflight, id));
+        self.by_load.insert((new, id));
+    }
+
+    fn set_inflight(&mut self, id: u64, inflight: u64) {
         self.entry(id).inflight = inflight;
+        self.reindex(id, Instant::now());
     }
 }
 
@@ -72,9 +98,35 @@ impl Occupancy {
         }
     }
 
-    /// Requests in flight on `id`.
+    /// The score of `id`: requests in flight here, or the worker's fresh
+    /// report when that is higher.
     pub fn load(&self, id: u64) -> u64 {
-        self.lock().instances.get(&id).map_or(0, |i| i.inflight)
+        let now = Instant::now();
+        self.lock().instances.get(&id).map_or(0, |i| i.score(now))
+    }
+
+    /// The worker `id` reports `load` (active + queued requests), valid until `expires`.
+    pub fn report(&self, id: u64, load: u64, expires: Instant) {
+        let mut state = self.lock();
+        // An instance not known yet is added; the next sync with discovery
+        // drops it again if it is not registered.
+        state.entry(id).reported = Some((load, expires));
+        state.reindex(id, Instant::now());
+    }
+
+    /// Re-files instances whose report expired (call now and then; O(n)).
+    pub fn expire_reports(&self, now: Instant) {
+        let mut state = self.lock();
+        let expired: Vec<u64> = state
+            .instances
+            .iter()
+            .filter(|(_, i)| i.reported.is_some_and(|(_, expires)| expires <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            state.entry(id).reported = None;
+            state.reindex(id, now);
+        }
     }
 
     /// False while `id` is ejected.
@@ -140,7 +192,7 @@ impl Occupancy {
         let gone: Vec<u64> = state.instances.keys().copied().filter(|id| !live(*id)).collect();
         for id in gone {
             if let Some(entry) = state.instances.remove(&id) {
-                state.by_load.remove(&(entry.inflight, id));
+                state.by_load.remove(&(entry.indexed, id));
             }
         }
     }
@@ -210,6 +262,25 @@ mod tests {
         occupancy.record_success(7);
         assert!(occupancy.is_available(7, now));
         assert_eq!(occupancy.record_failure(7, now), first);
+    }
+
+    #[test]
+    fn a_fresh_worker_report_outweighs_a_lower_local_count_until_it_expires() {
+        let occupancy = Occupancy::new();
+        occupancy.sync(&[1, 2]);
+        let now = Instant::now();
+        let _mine = occupancy.acquire(2);
+        // Another router keeps worker 1 busy: its report says 5.
+        occupancy.report(1, 5, now + Duration::from_secs(3));
+        assert_eq!(occupancy.load(1), 5);
+        assert_eq!(occupancy.least_loaded(|_, _| true, now), Some(2));
+        // Once the report expires only the local count (0) is left.
+        occupancy.expire_reports(now + Duration::from_secs(4));
+        assert_eq!(occupancy.least_loaded(|_, _| true, now), Some(1));
+        // Reports for instances not in discovery go at the next sync.
+        occupancy.report(9, 1, now + Duration::from_secs(3));
+        occupancy.sync(&[1, 2]);
+        assert_eq!(occupancy.load(9), 0);
     }
 
     #[test]

@@ -95,6 +95,24 @@ where
         })
     }
 
+    /// Folds the load the workers report on the event plane (`load` topic,
+    /// published by endpoints built with `.publish_load()`) into this
+    /// router's occupancy, so routers that share workers see each other's load.
+    pub async fn with_load_reports(self) -> Result<Self, RequestError> {
+        let endpoint = self.client.endpoint();
+        let drt = endpoint.drt();
+        let component = drt
+            .namespace(endpoint.namespace())
+            .and_then(|ns| ns.component(endpoint.component()))
+            .map_err(|e| RequestError::new(ErrorKind::Invalid, e.to_string()))?;
+        let stop = drt.runtime().root_token().child_token();
+        super::load::follow(&component, endpoint.name().to_string(), self.occupancy.clone(), stop)
+            .await
+            .map_err(|e| RequestError::new(ErrorKind::Unreachable, format!("cannot subscribe to load reports: {e}")))?;
+        self.sync(&self.client.instances());
+        Ok(self)
+    }
+
     /// Treats an instance with `limit` or more requests in flight (from this
     /// router) as busy; when every instance is busy, requests are refused
     /// with `Overloaded`.

@@ -1,0 +1,108 @@
+//! Load reports: each worker endpoint publishes how busy it is on its
+//! component's `load` topic; routers subscribe and fold the reports into
+//! their occupancy table, so several routers see the same load instead of
+//! each only its own requests (which makes them herd onto the same
+//! "least loaded" worker).
+
+use super::occupancy::Occupancy;
+use crate::component::{Component, Endpoint};
+use crate::event_plane::{EventError, EventPublisher, EventSubscriber};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// The topic load reports travel on.
+pub const LOAD_TOPIC: &str = "load";
+
+/// A worker publishes at least this often, and within [`REPORT_DEBOUNCE`] of a change.
+pub const REPORT_REFRESH: Duration = Duration::from_secs(1);
+/// How soon after a change a new report goes out (changes in between are merged).
+pub const REPORT_DEBOUNCE: Duration = Duration::from_millis(20);
+/// A report older than this many refresh periods is ignored.
+const STALE_AFTER_REFRESHES: u32 = 3;
+
+/// How busy one endpoint of one worker is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoadReport {
+    pub instance_id: u64,
+    pub endpoint: String,
+    /// Requests being worked on.
+    pub active: u64,
+    /// Requests waiting inside the engine (0 when the engine does not say).
+    pub queued: u64,
+    /// KV-cache usage 0–1, for engines that have one.
+    pub kv_usage: Option<f32>,
+    /// Requests the worker can run at once, when it knows.
+    pub capacity: Option<u64>,
+}
+
+/// Publishes `endpoint`'s in-flight count until `stop`: on change (debounced)
+/// and every [`REPORT_REFRESH`].
+pub(crate) async fn publish(endpoint: Endpoint, stop: CancellationToken) -> Result<(), EventError> {
+    let component = endpoint
+        .drt()
+        .namespace(endpoint.namespace())?
+        .component(endpoint.component())?;
+    let publisher = EventPublisher::for_component(&component, LOAD_TOPIC).await?;
+    let drt = endpoint.drt().clone();
+    let path = endpoint.path();
+    drt.runtime().clone().spawn(async move {
+        let mut last: Option<u64> = None;
+        let mut since_report = Duration::ZERO;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(REPORT_DEBOUNCE) => {}
+            }
+            since_report += REPORT_DEBOUNCE;
+            let active = drt.handlers().inflight(&path) as u64;
+            if last == Some(active) && since_report < REPORT_REFRESH {
+                continue;
+            }
+            let report = LoadReport {
+                instance_id: drt.instance_id(),
+                endpoint: endpoint.name().to_string(),
+                active,
+                queued: 0,
+                kv_usage: None,
+                capacity: None,
+            };
+            if let Err(error) = publisher.publish(&report).await {
+                tracing::debug!(%error, "cannot publish a load report");
+            }
+            last = Some(active);
+            since_report = Duration::ZERO;
+        }
+    });
+    Ok(())
+}
+
+/// Feeds `component`'s load reports for `endpoint` into `occupancy` until `stop`.
+pub(crate) async fn follow(
+    component: &Component,
+    endpoint: String,
+    occupancy: Occupancy,
+    stop: CancellationToken,
+) -> Result<(), EventError> {
+    let mut reports = EventSubscriber::for_component(component, LOAD_TOPIC).await?;
+    component.drt().runtime().spawn(async move {
+        let lifetime = REPORT_REFRESH * STALE_AFTER_REFRESHES;
+        loop {
+            let next = tokio::select! {
+                _ = stop.cancelled() => return,
+                next = reports.next_typed::<LoadReport>() => next,
+            };
+            match next {
+                None => return,
+                Some(Ok((_, report))) if report.endpoint == endpoint => {
+                    let now = tokio::time::Instant::now();
+                    occupancy.report(report.instance_id, report.active + report.queued, now + lifetime);
+                    occupancy.expire_reports(now);
+                }
+                Some(Ok(_)) => {}
+                Some(Err(error)) => tracing::debug!(%error, "ignoring an unreadable load report"),
+            }
+        }
+    });
+    Ok(())
+}
