@@ -188,6 +188,10 @@ pub(crate) struct ProcessMetrics {
     pub(crate) uptime: Gauge,
     pub(crate) transport: TransportMetrics,
     pub(crate) event_gaps: IntCounter,
+    /// Instances this process's routers ejected after transport failures.
+    pub(crate) router_ejections: IntCounter,
+    /// Requests this process's routers re-sent to another instance.
+    pub(crate) router_retries: IntCounter,
 }
 
 impl std::fmt::Debug for ProcessMetrics {
@@ -227,8 +231,22 @@ impl ProcessMetrics {
                 "Events known lost: missing sequence numbers seen by this process's subscribers",
             )
             .expect("fresh registry");
+        let router_ejections = root
+            .create_counter(
+                "dynamo_router_ejections_total",
+                "Instances ejected by this process's routers after a transport failure",
+            )
+            .expect("fresh registry");
+        let router_retries = root
+            .create_counter(
+                "dynamo_router_retries_total",
+                "Requests this process's routers re-sent to another instance before any response item",
+            )
+            .expect("fresh registry");
         Self {
             root,
+            router_ejections,
+            router_retries,
             event_gaps,
             worker_id: format!("{instance_id:x}"),
             endpoints: Arc::default(),

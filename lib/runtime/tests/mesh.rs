@@ -254,6 +254,26 @@ async fn least_loaded_avoids_instances_with_streams_in_flight_and_refuses_when_a
     assert_eq!(third.next().await.unwrap().unwrap(), a);
 }
 
+async fn get_metrics(drt: &DistributedRuntime) -> (axum::http::StatusCode, String) {
+    use tower::ServiceExt;
+    let app = switchyard_runtime::status::router(drt.status_state(), drt.runtime().config().system());
+    let request = axum::http::Request::get("/metrics")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let response = app.oneshot(request).await.unwrap();
+    let status = response.status();
+    let body = axum::body::to_bytes(response.into_body(), 1 << 24).await.unwrap();
+    (status, String::from_utf8(body.to_vec()).unwrap())
+}
+
+fn metric_line_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && !l.starts_with('#'))
+        .and_then(|l| l.rsplit_once(' '))
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// Two routers sharing two workers: with worker load reports, the second
 /// router sees the first one's stream and picks the other worker; without
 /// them it would pick the same "least loaded" worker (both look idle to it).
@@ -359,6 +379,15 @@ fn a_killed_worker_is_ejected_and_no_request_is_lost() {
         let answers = who_answers(&router, 300).await;
         assert!(!answers.contains(&doomed.instance_id()));
         println!("300 requests after the kill, none lost, in {:?}", killed_at.elapsed());
+        let (_, metrics) = get_metrics(&caller).await;
+        assert!(
+            metric_line_value(&metrics, "dynamo_router_retries_total") >= 1.0,
+            "{metrics}"
+        );
+        assert!(
+            metric_line_value(&metrics, "dynamo_router_ejections_total") >= 1.0,
+            "{metrics}"
+        );
     });
 }
 

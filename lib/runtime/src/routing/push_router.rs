@@ -193,7 +193,9 @@ where
                 Attempt::Streaming(stream) => return Ok(stream),
                 Attempt::Failed(error, first_item_stream) => {
                     let transport = matches!(error.kind(), ErrorKind::Unreachable | ErrorKind::Disconnected);
+                    let metrics = self.client.endpoint().drt().metrics();
                     if transport {
+                        metrics.router_ejections.inc();
                         let backoff = self.occupancy.record_failure(instance.instance_id, Instant::now());
                         tracing::warn!(instance = %instance, %error, ?backoff, "instance ejected after a transport failure");
                     }
@@ -204,6 +206,7 @@ where
                             None => Err(error),
                         };
                     }
+                    metrics.router_retries.inc();
                     exclude = Some(instance.instance_id);
                 }
             }
