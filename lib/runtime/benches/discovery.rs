@@ -10,6 +10,8 @@
 //! etcd runs on a fresh server started by the bench (`etcd` must be
 //! installed; `make test` installs it).
 
+// Shared test support: each includer uses a different part of it.
+#[allow(dead_code, unreachable_pub)]
 #[path = "../tests/support/etcd_server.rs"]
 mod etcd_server;
 

@@ -9,6 +9,8 @@
 //! NATS runs on a fresh `nats-server` started by the bench (`make test`
 //! installs it).
 
+// Shared test support: each includer uses a different part of it.
+#[allow(dead_code, unreachable_pub)]
 #[path = "../tests/support/nats_server.rs"]
 mod nats_server;
 

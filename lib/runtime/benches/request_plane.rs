@@ -15,6 +15,8 @@
 //! cargo bench -p switchyard-runtime --bench request_plane
 //! ```
 
+// Shared test support: each includer uses a different part of it.
+#[allow(dead_code, unreachable_pub)]
 #[path = "../tests/support/nats_server.rs"]
 mod nats_server;
 

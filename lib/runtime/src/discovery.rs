@@ -269,6 +269,19 @@ pub enum DiscoveryError {
     },
 }
 
+/// Refuses a registration whose key carries another process's instance id.
+pub(crate) fn ensure_owner(own: u64, registration: &Registration) -> Result<(), DiscoveryError> {
+    if registration.key.instance_id == own {
+        Ok(())
+    } else {
+        Err(DiscoveryError::NotOwner {
+            own,
+            key_owner: registration.key.instance_id,
+            key: registration.key.clone(),
+        })
+    }
+}
+
 /// The events that turn view `old` into view `new` (deletes first), for
 /// backends that rescan or re-list instead of receiving every change.
 pub(crate) fn diff(

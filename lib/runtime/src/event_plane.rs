@@ -100,6 +100,22 @@ pub(crate) struct Channel {
 }
 
 impl Channel {
+    fn of_component(component: &Component, topic: &str) -> Self {
+        Self {
+            namespace: component.namespace().to_string(),
+            component: Some(component.name().to_string()),
+            topic: topic.to_string(),
+        }
+    }
+
+    fn of_namespace(namespace: &Namespace, topic: &str) -> Self {
+        Self {
+            namespace: namespace.name().to_string(),
+            component: None,
+            topic: topic.to_string(),
+        }
+    }
+
     /// `namespace.{ns}[.component.{comp}].{topic}` (the NATS subject).
     pub(crate) fn subject(&self) -> String {
         match &self.component {
@@ -150,22 +166,12 @@ enum PublisherSink {
 impl EventPublisher {
     /// A publisher of `topic` for `component` (e.g. `load`).
     pub async fn for_component(component: &Component, topic: &str) -> Result<Self, EventError> {
-        let channel = Channel {
-            namespace: component.namespace().to_string(),
-            component: Some(component.name().to_string()),
-            topic: topic.to_string(),
-        };
-        Self::new(component.drt(), channel).await
+        Self::new(component.drt(), Channel::of_component(component, topic)).await
     }
 
     /// A publisher of `topic` for the whole namespace.
     pub async fn for_namespace(namespace: &Namespace, topic: &str) -> Result<Self, EventError> {
-        let channel = Channel {
-            namespace: namespace.name().to_string(),
-            component: None,
-            topic: topic.to_string(),
-        };
-        Self::new(namespace.drt(), channel).await
+        Self::new(namespace.drt(), Channel::of_namespace(namespace, topic)).await
     }
 
     async fn new(drt: &DistributedRuntime, channel: Channel) -> Result<Self, EventError> {
@@ -224,22 +230,12 @@ pub struct EventSubscriber {
 impl EventSubscriber {
     /// Subscribes to `topic` of `component`.
     pub async fn for_component(component: &Component, topic: &str) -> Result<Self, EventError> {
-        let channel = Channel {
-            namespace: component.namespace().to_string(),
-            component: Some(component.name().to_string()),
-            topic: topic.to_string(),
-        };
-        Self::new(component.drt(), channel).await
+        Self::new(component.drt(), Channel::of_component(component, topic)).await
     }
 
     /// Subscribes to the namespace-wide `topic`.
     pub async fn for_namespace(namespace: &Namespace, topic: &str) -> Result<Self, EventError> {
-        let channel = Channel {
-            namespace: namespace.name().to_string(),
-            component: None,
-            topic: topic.to_string(),
-        };
-        Self::new(namespace.drt(), channel).await
+        Self::new(namespace.drt(), Channel::of_namespace(namespace, topic)).await
     }
 
     async fn new(drt: &DistributedRuntime, channel: Channel) -> Result<Self, EventError> {

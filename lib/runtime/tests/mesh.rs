@@ -18,10 +18,14 @@ use switchyard_runtime::runtime::{Runtime, ShutdownOutcome};
 
 #[path = "mesh/events.rs"]
 mod events;
+// Shared test support: each includer uses a different part of it.
+#[allow(dead_code, unreachable_pub)]
 #[path = "support/nats_server.rs"]
 mod nats_server;
 #[path = "mesh/status.rs"]
 mod status;
+// Shared test support: each includer uses a different part of it.
+#[allow(dead_code, unreachable_pub)]
 #[path = "support/worker_process.rs"]
 mod worker_process;
 use worker_process::WorkerProcess;

@@ -7,8 +7,12 @@
 //! the test. Measured figures are printed (`cargo test -- --nocapture`) and
 //! recorded in `docs/performance.md`.
 
+// Shared test support: each includer uses a different part of it.
+#[allow(dead_code, unreachable_pub)]
 #[path = "support/etcd_server.rs"]
 mod etcd_server;
+// Shared test support: each includer uses a different part of it.
+#[allow(dead_code, unreachable_pub)]
 #[path = "support/worker_process.rs"]
 mod worker_process;
 

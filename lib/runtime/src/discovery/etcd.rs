@@ -221,13 +221,7 @@ impl Discovery for EtcdDiscovery {
     }
 
     async fn register(&self, registration: Registration) -> Result<(), DiscoveryError> {
-        if registration.key.instance_id != self.inner.instance_id {
-            return Err(DiscoveryError::NotOwner {
-                own: self.inner.instance_id,
-                key_owner: registration.key.instance_id,
-                key: registration.key,
-            });
-        }
+        super::ensure_owner(self.inner.instance_id, &registration)?;
         if self.inner.shut_down.load(Ordering::Acquire) {
             return Err(DiscoveryError::ShutDown);
         }
@@ -502,6 +496,8 @@ impl Backoff {
 }
 
 #[cfg(test)]
+// Shared test support: each includer uses a different part of it.
+#[allow(dead_code, unreachable_pub)]
 #[path = "../../tests/support/etcd_server.rs"]
 mod etcd_server;
 

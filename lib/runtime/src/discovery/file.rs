@@ -133,13 +133,7 @@ impl Discovery for FileDiscovery {
     }
 
     async fn register(&self, registration: Registration) -> Result<(), DiscoveryError> {
-        if registration.key.instance_id != self.inner.instance_id {
-            return Err(DiscoveryError::NotOwner {
-                own: self.inner.instance_id,
-                key_owner: registration.key.instance_id,
-                key: registration.key,
-            });
-        }
+        super::ensure_owner(self.inner.instance_id, &registration)?;
         let key = &registration.key;
         if [&key.namespace, &key.component, &key.name].iter().any(|s| s.is_empty()) {
             return Err(DiscoveryError::BadKey { key: key.to_string() });

@@ -107,13 +107,7 @@ impl Discovery for MemDiscovery {
     }
 
     async fn register(&self, registration: Registration) -> Result<(), DiscoveryError> {
-        if registration.key.instance_id != self.instance_id {
-            return Err(DiscoveryError::NotOwner {
-                own: self.instance_id,
-                key_owner: registration.key.instance_id,
-                key: registration.key,
-            });
-        }
+        super::ensure_owner(self.instance_id, &registration)?;
         // Both locks are held (in the order `shutdown` takes them): a
         // registration racing a shutdown is either removed by it or refused.
         let mut own = self.own();

@@ -459,6 +459,8 @@ impl Drop for NatsResponse {
 }
 
 #[cfg(test)]
+// Shared test support: each includer uses a different part of it.
+#[allow(dead_code, unreachable_pub)]
 #[path = "../../tests/support/nats_server.rs"]
 mod nats_server;
 

@@ -6,10 +6,6 @@
 //! Shared by the unit tests (`#[path]`-included from `src/`), the
 //! integration tests and the benches.
 
-// Each includer uses a different part; `pub` items are used by integration tests
-// and benches, where this file is a module of its own crate.
-#![allow(dead_code, unreachable_pub)]
-
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;

@@ -2,8 +2,6 @@
 //! port, stopped when dropped; a watchdog shell process kills it if the test
 //! process dies first.
 
-#![allow(dead_code, unreachable_pub)] // each includer uses a different part
-
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -2,8 +2,6 @@
 //! (which plain `cargo test` builds next to the test binaries), with its
 //! log read on a thread so no read can block a test past its deadline.
 
-#![allow(dead_code, unreachable_pub)] // each test binary uses a different part
-
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
