@@ -23,8 +23,13 @@ use tokio_util::task::TaskTracker;
 
 /// How often a worker tells the caller that a stream is still alive.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
-/// Silence after which a caller gives the worker up (`Disconnected`).
-pub const SILENCE_LIMIT: Duration = Duration::from_secs(3);
+/// Silence after which a caller gives the worker up (`Disconnected`):
+/// five missed heartbeats, so a worker merely slowed down (a busy machine)
+/// is not given up on.
+pub const SILENCE_LIMIT: Duration = Duration::from_secs(5);
+/// How long a caller waits for the worker's first heartbeat before it
+/// reports `Unreachable` (nobody serves the subject).
+pub const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 const HEARTBEAT_KIND: u8 = 0x14;
 const CREDIT_KIND: u8 = 0x03;
 const CANCEL_KIND: u8 = 0x02;
@@ -257,7 +262,6 @@ pub struct NatsRequestClient {
     client: async_nats::Client,
     max_message_size: usize,
     window: u32,
-    connect_timeout: Duration,
 }
 
 impl NatsRequestClient {
@@ -266,7 +270,6 @@ impl NatsRequestClient {
             client,
             max_message_size: *config.tcp().max_message_size(),
             window: *config.tcp().stream_window(),
-            connect_timeout: *config.tcp().connect_timeout(),
         }
     }
 }
@@ -317,11 +320,11 @@ impl RequestClient for NatsRequestClient {
             .await
             .map_err(|e| RequestError::new(ErrorKind::Unreachable, format!("cannot publish to {subject}: {e}")))?;
         // The worker answers at once with a heartbeat; silence means nobody serves the subject.
-        let first = tokio::time::timeout(self.connect_timeout, responses.next()).await;
+        let first = tokio::time::timeout(ACCEPT_TIMEOUT, responses.next()).await;
         let Ok(Some(first)) = first else {
             return Err(RequestError::new(
                 ErrorKind::Unreachable,
-                format!("no worker answered on {subject} within {:?}", self.connect_timeout),
+                format!("no worker answered on {subject} within {ACCEPT_TIMEOUT:?}"),
             ));
         };
         let state = NatsResponse {
