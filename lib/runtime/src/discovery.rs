@@ -269,6 +269,25 @@ pub enum DiscoveryError {
     },
 }
 
+/// The registrations of a view (key → value), in key order.
+pub(crate) fn registrations(view: &std::collections::BTreeMap<Key, Bytes>) -> Vec<Registration> {
+    view.iter()
+        .map(|(key, value)| Registration {
+            key: key.clone(),
+            value: value.clone(),
+        })
+        .collect()
+}
+
+/// A [`WatchStream`] over the events a backend task sends into `events`.
+pub(crate) fn watch_stream(
+    events: tokio::sync::mpsc::UnboundedReceiver<Result<WatchEvent, DiscoveryError>>,
+) -> WatchStream {
+    Box::pin(futures::stream::unfold(events, |mut events| async move {
+        events.recv().await.map(|event| (event, events))
+    }))
+}
+
 /// Refuses a registration whose key carries another process's instance id.
 pub(crate) fn ensure_owner(own: u64, registration: &Registration) -> Result<(), DiscoveryError> {
     if registration.key.instance_id == own {

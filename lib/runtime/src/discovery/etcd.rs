@@ -246,29 +246,18 @@ impl Discovery for EtcdDiscovery {
 
     async fn list(&self, query: &Query) -> Result<Vec<Registration>, DiscoveryError> {
         let (view, _) = self.inner.list(query).await?;
-        Ok(view
-            .into_iter()
-            .map(|(key, value)| Registration { key, value })
-            .collect())
+        Ok(super::registrations(&view))
     }
 
     async fn watch(&self, query: &Query) -> Result<WatchStream, DiscoveryError> {
         let (view, revision) = self.inner.list(query).await?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let snapshot = view
-            .iter()
-            .map(|(key, value)| Registration {
-                key: key.clone(),
-                value: value.clone(),
-            })
-            .collect();
-        tx.send(Ok(WatchEvent::Snapshot(snapshot))).expect("receiver is alive");
+        tx.send(Ok(WatchEvent::Snapshot(super::registrations(&view))))
+            .expect("receiver is alive");
         self.inner
             .tracker
             .spawn(follow(self.inner.clone(), query.clone(), view, revision, tx));
-        Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|event| (event, rx))
-        })))
+        Ok(super::watch_stream(rx))
     }
 
     async fn shutdown(&self) -> Result<(), DiscoveryError> {

@@ -161,11 +161,8 @@ impl Discovery for FileDiscovery {
 
     async fn list(&self, query: &Query) -> Result<Vec<Registration>, DiscoveryError> {
         let (root, ttl, query) = (self.inner.root.clone(), self.inner.ttl, query.clone());
-        blocking(move || scan(&root, ttl, &query)).await.map(|view| {
-            view.into_iter()
-                .map(|(key, value)| Registration { key, value })
-                .collect()
-        })
+        let view = blocking(move || scan(&root, ttl, &query)).await?;
+        Ok(super::registrations(&view))
     }
 
     async fn watch(&self, query: &Query) -> Result<WatchStream, DiscoveryError> {
@@ -181,14 +178,8 @@ impl Discovery for FileDiscovery {
         })
         .await?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let snapshot = view
-            .iter()
-            .map(|(key, value)| Registration {
-                key: key.clone(),
-                value: value.clone(),
-            })
-            .collect();
-        tx.send(Ok(WatchEvent::Snapshot(snapshot))).expect("receiver is alive");
+        tx.send(Ok(WatchEvent::Snapshot(super::registrations(&view))))
+            .expect("receiver is alive");
         let stop = self.inner.stop.clone();
         self.inner.tracker.spawn(async move {
             let mut view = view;
@@ -217,9 +208,7 @@ impl Discovery for FileDiscovery {
                 }
             }
         });
-        Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|event| (event, rx))
-        })))
+        Ok(super::watch_stream(rx))
     }
 
     async fn shutdown(&self) -> Result<(), DiscoveryError> {

@@ -28,7 +28,7 @@ struct State {
 #[derive(Debug)]
 struct Watcher {
     query: Query,
-    events: mpsc::UnboundedSender<WatchEvent>,
+    events: mpsc::UnboundedSender<Result<WatchEvent, DiscoveryError>>,
 }
 
 impl State {
@@ -39,7 +39,7 @@ impl State {
             if !w.query.matches(key) {
                 return !w.events.is_closed();
             }
-            w.events.send(event.clone()).is_ok()
+            w.events.send(Ok(event.clone())).is_ok()
         });
     }
 }
@@ -141,15 +141,13 @@ impl Discovery for MemDiscovery {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut state = self.registry.lock();
         // Snapshot and subscription under one lock: no change can fall between them.
-        tx.send(WatchEvent::Snapshot(snapshot(&state, query)))
+        tx.send(Ok(WatchEvent::Snapshot(snapshot(&state, query))))
             .expect("receiver is alive");
         state.watchers.push(Watcher {
             query: query.clone(),
             events: tx,
         });
-        Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|event| (Ok(event), rx))
-        })))
+        Ok(super::watch_stream(rx))
     }
 
     async fn shutdown(&self) -> Result<(), DiscoveryError> {
