@@ -10,7 +10,7 @@ use crate::discovery::file::FileDiscovery;
 use crate::discovery::mem::{MemDiscovery, MemRegistry};
 use crate::discovery::{Discovery, DiscoveryError};
 use crate::error::{ErrorKind, RequestError};
-use crate::metrics::ProcessMetrics;
+use crate::metrics::{Metrics, ProcessMetrics};
 use crate::request_plane::http::{HttpClient, HttpServer};
 use crate::request_plane::nats::{NatsRequestClient, NatsServer, instance_subject};
 use crate::request_plane::tcp::{TcpClient, TcpServer};
@@ -48,8 +48,20 @@ struct Inner {
 
 impl DistributedRuntime {
     /// Connects the backends named by the runtime's settings
-    /// (`DYN_DISCOVERY_BACKEND`, `DYN_REQUEST_PLANE`).
+    /// (`DYN_DISCOVERY_BACKEND`, `DYN_REQUEST_PLANE`), and starts the status
+    /// server when `DYN_SYSTEM_PORT` is set.
     pub async fn from_settings(runtime: Runtime) -> Result<Self, DistributedError> {
+        let drt = Self::connect(runtime).await?;
+        if let Some(port) = *drt.runtime().config().system().port() {
+            drt.start_status_server_on(port).await?;
+        }
+        Ok(drt)
+    }
+
+    /// Like [`DistributedRuntime::from_settings`] without the status server:
+    /// for several runtimes in one process (each its own instance), which
+    /// cannot all bind `DYN_SYSTEM_PORT`.
+    pub async fn connect(runtime: Runtime) -> Result<Self, DistributedError> {
         let config = runtime.config();
         let (tracker, stop) = (runtime.tracker().clone(), runtime.root_token().clone());
         let mut lease_health = None;
@@ -71,11 +83,7 @@ impl DistributedRuntime {
                 });
             }
         };
-        let drt = Self::build(runtime, discovery, lease_health)?;
-        if drt.runtime().config().system().port().is_some() {
-            drt.start_status_server().await?;
-        }
-        Ok(drt)
+        Self::build(runtime, discovery, lease_health)
     }
 
     /// Uses the given discovery backend (tests pass their own [`MemRegistry`]
@@ -185,6 +193,12 @@ impl DistributedRuntime {
         &self.inner.metrics
     }
 
+    /// The process level of the metrics hierarchy (no labels), served on
+    /// this process's `/metrics`; register process-wide metrics here.
+    pub fn process_metrics(&self) -> &Metrics {
+        self.inner.metrics.root()
+    }
+
     /// Readiness of the endpoints this process serves.
     pub fn health(&self) -> &Arc<SystemHealth> {
         &self.inner.health
@@ -216,8 +230,13 @@ impl DistributedRuntime {
     /// Binds `DYN_SYSTEM_HOST:DYN_SYSTEM_PORT` and serves the status routes
     /// until the runtime stops. Returns the bound address (port 0 picks one).
     pub async fn start_status_server(&self) -> Result<SocketAddr, DistributedError> {
+        self.start_status_server_on(self.runtime().config().system().port().unwrap_or(0))
+            .await
+    }
+
+    /// [`DistributedRuntime::start_status_server`] on `port` instead of the configured one.
+    pub async fn start_status_server_on(&self, port: u16) -> Result<SocketAddr, DistributedError> {
         let system = self.runtime().config().system();
-        let port = system.port().unwrap_or(0);
         let address = format!("{}:{port}", system.host());
         let listener =
             tokio::net::TcpListener::bind(&address)

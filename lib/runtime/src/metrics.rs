@@ -82,6 +82,15 @@ impl Metrics {
         Ok(gauge)
     }
 
+    /// Registers a metric built by the caller, for names outside the
+    /// `dynamo_component_` family (`dynamo_frontend_*`, an engine's `vllm:*`)
+    /// or types the helpers above do not make (vectors by label). This
+    /// level's labels are not added.
+    pub fn register(&self, collector: Box<dyn prometheus::core::Collector>) -> Result<(), MetricsError> {
+        self.registry.register(collector)?;
+        Ok(())
+    }
+
     /// A histogram with the given bucket bounds.
     pub fn create_histogram(&self, name: &str, help: &str, buckets: &[f64]) -> Result<Histogram, MetricsError> {
         let opts: HistogramOpts = HistogramOpts::from(self.opts(name, help)?).buckets(buckets.to_vec());

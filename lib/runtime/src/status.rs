@@ -204,7 +204,9 @@ async fn live(State(state): State<StatusState>) -> Response {
     (code, axum::Json(body)).into_response()
 }
 
-async fn metrics(State(state): State<StatusState>) -> Response {
+/// `GET /metrics`: the process registry in Prometheus text format (also
+/// mounted by servers with their own routes, like the frontend).
+pub async fn metrics(State(state): State<StatusState>) -> Response {
     (state.before_scrape)();
     state.metrics.uptime.set(state.health.uptime_seconds());
     let encoder = prometheus::TextEncoder::new();

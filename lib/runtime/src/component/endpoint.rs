@@ -10,6 +10,7 @@ use crate::error::{ErrorKind, RequestError};
 use crate::metrics::MetricsError;
 use crate::request_plane::handlers::{Activity, EndpointObservers};
 use crate::request_plane::{ByteStream, PushHandler};
+use crate::routing::load::{EngineLoad, LoadSource};
 use crate::status::canary::Canary;
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -27,8 +28,9 @@ pub struct EndpointBuilder {
     handler: Option<Arc<dyn PushHandler>>,
     /// The canary request, msgpack-encoded (or why it could not be).
     health_check: Option<Result<Bytes, String>>,
-    /// Publish load reports on the event plane while serving.
-    publish_load: bool,
+    /// Publish load reports on the event plane while serving, with the
+    /// engine's own figures when it gives a source.
+    publish_load: Option<Option<LoadSource>>,
 }
 
 impl std::fmt::Debug for EndpointBuilder {
@@ -46,14 +48,22 @@ impl EndpointBuilder {
             endpoint,
             handler: None,
             health_check: None,
-            publish_load: false,
+            publish_load: None,
         }
     }
 
     /// Publishes this endpoint's load (requests in flight) on the component's
     /// `load` topic while it serves, for routers built `.with_load_reports()`.
     pub fn publish_load(mut self) -> Self {
-        self.publish_load = true;
+        self.publish_load = Some(None);
+        self
+    }
+
+    /// Like [`EndpointBuilder::publish_load`], adding what only the engine
+    /// knows (requests queued inside it, KV-cache usage, capacity): `source`
+    /// is called at every report, so it must be cheap and must not block.
+    pub fn publish_load_with(mut self, source: impl Fn() -> EngineLoad + Send + Sync + 'static) -> Self {
+        self.publish_load = Some(Some(Arc::new(source)));
         self
     }
 
@@ -140,8 +150,8 @@ impl EndpointBuilder {
         let ready = canary.is_none() || *system.starting_ready();
         drt.health().serve(&instance, ready);
         let stop = runtime.endpoint_token().child_token();
-        if self.publish_load {
-            crate::routing::load::publish(endpoint.clone(), stop.clone()).await?;
+        if let Some(source) = self.publish_load {
+            crate::routing::load::publish(endpoint.clone(), source, stop.clone()).await?;
         }
         if let Some(payload) = canary {
             let canary = Canary {

@@ -36,9 +36,28 @@ pub struct LoadReport {
     pub capacity: Option<u64>,
 }
 
-/// Publishes `endpoint`'s in-flight count until `stop`: on change (debounced)
-/// and every [`REPORT_REFRESH`].
-pub(crate) async fn publish(endpoint: Endpoint, stop: CancellationToken) -> Result<(), EventError> {
+/// What an engine knows about its own load beyond the requests in flight,
+/// given to [`crate::component::endpoint::EndpointBuilder::publish_load_with`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EngineLoad {
+    /// Requests waiting inside the engine (admitted by the runtime, not yet running).
+    pub queued: u64,
+    /// KV-cache usage 0–1.
+    pub kv_usage: Option<f32>,
+    /// Requests the engine can run at once.
+    pub capacity: Option<u64>,
+}
+
+/// A cheap, non-blocking reader of an engine's [`EngineLoad`].
+pub type LoadSource = std::sync::Arc<dyn Fn() -> EngineLoad + Send + Sync>;
+
+/// Publishes `endpoint`'s load until `stop`: its in-flight count plus what
+/// `source` adds, on change (debounced) and every [`REPORT_REFRESH`].
+pub(crate) async fn publish(
+    endpoint: Endpoint,
+    source: Option<LoadSource>,
+    stop: CancellationToken,
+) -> Result<(), EventError> {
     let component = endpoint
         .drt()
         .namespace(endpoint.namespace())?
@@ -47,7 +66,7 @@ pub(crate) async fn publish(endpoint: Endpoint, stop: CancellationToken) -> Resu
     let drt = endpoint.drt().clone();
     let path = endpoint.path();
     drt.runtime().clone().spawn(async move {
-        let mut last: Option<u64> = None;
+        let mut last: Option<LoadReport> = None;
         let mut since_report = Duration::ZERO;
         loop {
             tokio::select! {
@@ -55,22 +74,22 @@ pub(crate) async fn publish(endpoint: Endpoint, stop: CancellationToken) -> Resu
                 _ = tokio::time::sleep(REPORT_DEBOUNCE) => {}
             }
             since_report += REPORT_DEBOUNCE;
-            let active = drt.handlers().inflight(&path) as u64;
-            if last == Some(active) && since_report < REPORT_REFRESH {
-                continue;
-            }
+            let engine = source.as_ref().map(|read| read()).unwrap_or_default();
             let report = LoadReport {
                 instance_id: drt.instance_id(),
                 endpoint: endpoint.name().to_string(),
-                active,
-                queued: 0,
-                kv_usage: None,
-                capacity: None,
+                active: drt.handlers().inflight(&path) as u64,
+                queued: engine.queued,
+                kv_usage: engine.kv_usage,
+                capacity: engine.capacity,
             };
+            if last.as_ref() == Some(&report) && since_report < REPORT_REFRESH {
+                continue;
+            }
             if let Err(error) = publisher.publish(&report).await {
                 tracing::debug!(%error, "cannot publish a load report");
             }
-            last = Some(active);
+            last = Some(report);
             since_report = Duration::ZERO;
         }
     });

@@ -1,0 +1,137 @@
+//! The model card: what a worker registers under
+//! `v1/models/{namespace}/{component}/{endpoint}/{instance_id:x}` so that
+//! frontends know which model it serves, on which endpoint, and how much it
+//! can take. The card lives and dies with the worker's discovery lease.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use switchyard_runtime::component::Endpoint;
+use switchyard_runtime::discovery::{Bucket, DiscoveryError, Key, Registration};
+
+/// Which OpenAI routes a model answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    /// `POST /v1/chat/completions`.
+    Chat,
+    /// `POST /v1/completions`.
+    Completions,
+}
+
+/// Hints a router can use to judge how full a worker is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Capacity {
+    /// Sequences the engine runs at once.
+    pub max_num_seqs: Option<u64>,
+    /// Tokens the engine batches in one step.
+    pub max_num_batched_tokens: Option<u64>,
+    /// KV-cache blocks, and tokens per block.
+    pub total_kv_blocks: Option<u64>,
+    pub kv_cache_block_size: Option<u64>,
+}
+
+/// One worker's advertisement of one model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelCard {
+    /// The `model` clients put in requests.
+    pub name: String,
+    pub kinds: Vec<ModelKind>,
+    /// Longest prompt plus output, in tokens.
+    pub context_length: u32,
+    #[serde(default)]
+    pub capacity: Capacity,
+    /// The endpoint that serves the model, and the worker instance.
+    pub namespace: String,
+    pub component: String,
+    pub endpoint: String,
+    pub instance_id: u64,
+}
+
+impl ModelCard {
+    /// A card for `name` served on `endpoint` by this process.
+    pub fn new(name: impl Into<String>, endpoint: &Endpoint, kinds: Vec<ModelKind>, context_length: u32) -> Self {
+        Self {
+            name: name.into(),
+            kinds,
+            context_length,
+            capacity: Capacity::default(),
+            namespace: endpoint.namespace().to_string(),
+            component: endpoint.component().to_string(),
+            endpoint: endpoint.name().to_string(),
+            instance_id: endpoint.drt().instance_id(),
+        }
+    }
+
+    pub fn key(&self) -> Key {
+        Key {
+            bucket: Bucket::Models,
+            namespace: self.namespace.clone(),
+            component: self.component.clone(),
+            name: self.endpoint.clone(),
+            instance_id: self.instance_id,
+        }
+    }
+
+    /// `namespace/component/endpoint`, the same path as the endpoint's.
+    pub fn endpoint_path(&self) -> String {
+        format!("{}/{}/{}", self.namespace, self.component, self.endpoint)
+    }
+
+    pub fn serves(&self, kind: ModelKind) -> bool {
+        self.kinds.contains(&kind)
+    }
+
+    pub fn to_registration(&self) -> Registration {
+        Registration {
+            key: self.key(),
+            value: Bytes::from(serde_json::to_vec(self).expect("a model card always serializes")),
+        }
+    }
+
+    /// Reads a registration back; the key must agree with the card.
+    pub fn from_registration(registration: &Registration) -> Result<Self, CardError> {
+        let card: ModelCard = serde_json::from_slice(&registration.value).map_err(|source| CardError::Json {
+            key: registration.key.to_string(),
+            source,
+        })?;
+        if card.key() != registration.key {
+            return Err(CardError::KeyMismatch {
+                key: registration.key.to_string(),
+                card_key: card.key().to_string(),
+            });
+        }
+        if card.name.is_empty() || card.kinds.is_empty() {
+            return Err(CardError::Incomplete {
+                key: registration.key.to_string(),
+            });
+        }
+        Ok(card)
+    }
+
+    /// Registers the card in `endpoint`'s discovery. Register it after the
+    /// endpoint serves, so a frontend that sees the card can route at once.
+    pub async fn register(&self, endpoint: &Endpoint) -> Result<(), DiscoveryError> {
+        endpoint.drt().discovery().register(self.to_registration()).await
+    }
+
+    /// Removes the card (a worker starting to drain does this first, so
+    /// frontends stop sending it new requests).
+    pub async fn unregister(&self, endpoint: &Endpoint) -> Result<(), DiscoveryError> {
+        endpoint.drt().discovery().unregister(&self.key()).await
+    }
+}
+
+/// A registration under `v1/models/` that is not a usable card.
+#[derive(Debug, thiserror::Error)]
+pub enum CardError {
+    #[error("{key} does not hold a model card: {source}")]
+    Json {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{key} holds the card of {card_key}")]
+    KeyMismatch { key: String, card_key: String },
+    #[error("{key} holds a card without a model name or without kinds")]
+    Incomplete { key: String },
+}

@@ -1,0 +1,78 @@
+//! What travels between the frontend and a worker on the request plane.
+//!
+//! The frontend sends the client's OpenAI request as it was parsed (unknown
+//! fields included), so a worker in front of a real engine can forward it;
+//! the worker answers with a stream of [`LlmOutput`] pieces, and the
+//! frontend turns them into OpenAI responses or SSE chunks. Keeping the
+//! OpenAI framing (ids, `created`, chunk shapes) on the frontend means a
+//! worker never has to know whether the client streams.
+
+use crate::openai::{ChatCompletionRequest, CompletionRequest, Usage};
+use serde::{Deserialize, Serialize};
+
+/// One generation request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LlmRequest {
+    Chat(ChatCompletionRequest),
+    Completion(CompletionRequest),
+}
+
+impl LlmRequest {
+    pub fn model(&self) -> &str {
+        match self {
+            LlmRequest::Chat(chat) => &chat.model,
+            LlmRequest::Completion(completion) => &completion.model,
+        }
+    }
+
+    /// `max_tokens` (or `max_completion_tokens`), when the client gave one.
+    pub fn max_tokens(&self) -> Option<u32> {
+        match self {
+            LlmRequest::Chat(chat) => chat.output_limit(),
+            LlmRequest::Completion(completion) => completion.max_tokens,
+        }
+    }
+
+    /// The stop sequences the client gave.
+    pub fn stop(&self) -> Vec<String> {
+        let stop = match self {
+            LlmRequest::Chat(chat) => chat.stop.as_ref(),
+            LlmRequest::Completion(completion) => completion.stop.as_ref(),
+        };
+        stop.map(|s| s.sequences()).unwrap_or_default()
+    }
+}
+
+/// One piece of generated output. The last piece carries `finish_reason`
+/// and `usage`; a piece may carry text and the finish at once.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct LlmOutput {
+    /// New text since the previous piece (may be empty).
+    pub text: String,
+    /// Tokens this piece's text stands for.
+    pub tokens: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<FinishReason>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+/// Why generation ended, in OpenAI's words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// A stop sequence or the end of the answer.
+    Stop,
+    /// `max_tokens` or the context length was reached.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
