@@ -337,6 +337,15 @@ pub enum EventPlaneKind {
 }
 
 impl EventPlaneKind {
+    /// The plane used when `DYN_EVENT_PLANE` is not set: brokerless ZMQ for
+    /// the infrastructure-free backends, NATS next to etcd or Kubernetes.
+    pub fn default_for(backend: DiscoveryBackend) -> Self {
+        match backend {
+            DiscoveryBackend::Mem | DiscoveryBackend::File => Self::Zmq,
+            DiscoveryBackend::Etcd | DiscoveryBackend::Kubernetes => Self::Nats,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Zmq => "zmq",
@@ -435,6 +444,9 @@ pub struct RuntimeConfig {
     system: SystemConfig,
     /// The event plane, resolved from `DYN_EVENT_PLANE` and the discovery backend.
     event_plane: EventPlaneKind,
+    /// Whether `DYN_EVENT_PLANE` was given (else it follows the discovery backend).
+    #[getter(skip)]
+    event_plane_chosen: bool,
     nats: NatsConfig,
     /// Drain deadline after SIGTERM/SIGINT.
     graceful_shutdown_timeout: Duration,
@@ -549,6 +561,7 @@ impl RuntimeConfig {
             )? as u16,
             host: http_host,
         };
+        let event_plane_chosen = settings.optional_text(EVENT_PLANE)?.is_some();
         let event_plane = match settings.optional_text(EVENT_PLANE)? {
             Some(_) => settings.choice(EVENT_PLANE, "zmq, nats", |text| {
                 match text.to_ascii_lowercase().as_str() {
@@ -557,15 +570,13 @@ impl RuntimeConfig {
                     _ => None,
                 }
             })?,
-            None => match discovery_backend {
-                DiscoveryBackend::Mem | DiscoveryBackend::File => EventPlaneKind::Zmq,
-                DiscoveryBackend::Etcd | DiscoveryBackend::Kubernetes => EventPlaneKind::Nats,
-            },
+            None => EventPlaneKind::default_for(discovery_backend),
         };
         Ok(Self {
             http,
             system,
             event_plane,
+            event_plane_chosen,
             nats: settings.nats()?,
             discovery_backend,
             lease_ttl,
@@ -583,6 +594,9 @@ impl RuntimeConfig {
     /// one-process example, which always runs on `mem`).
     pub fn with_discovery_backend(mut self, backend: DiscoveryBackend) -> Self {
         self.discovery_backend = backend;
+        if !self.event_plane_chosen {
+            self.event_plane = EventPlaneKind::default_for(backend);
+        }
         self
     }
 }

@@ -91,8 +91,10 @@ impl Runtime {
         &self.inner.tasks
     }
 
-    /// Spawns an endpoint's drain task; *drain* waits for all of them.
-    pub(crate) fn spawn_drain<F>(&self, task: F) -> JoinHandle<F::Output>
+    /// Spawns a drain task (an endpoint's, or a server finishing its
+    /// responses); shutdown's drain step waits for all of them, up to
+    /// `DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT`.
+    pub fn spawn_drain<F>(&self, task: F) -> JoinHandle<F::Output>
     where
         F: Future + Send + 'static,
         F::Output: Send + 'static,

@@ -1,0 +1,248 @@
+//! The frontend's HTTP surface: `fn router(state)` with the OpenAI routes
+//! and the status routes. Handlers read and check the request, pick the
+//! model's router, and hand the worker's stream to [`crate::respond`].
+
+use crate::error::ApiError;
+use crate::metrics::FrontendMetrics;
+use crate::models::ModelManager;
+use crate::respond::{self, Exchange, Route};
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use std::time::{SystemTime, UNIX_EPOCH};
+use switchyard_llm::model_card::ModelKind;
+use switchyard_llm::openai::{ChatCompletionRequest, CompletionRequest, ModelList, ModelObject, parse_request};
+use switchyard_llm::protocol::LlmRequest;
+use switchyard_runtime::engine::{Context, Controller};
+use switchyard_runtime::error::ErrorKind;
+use switchyard_runtime::runtime::Runtime;
+use switchyard_runtime::status::StatusState;
+
+/// The request-id header, accepted from the client and echoed back.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Longest client-supplied request id kept; longer ones are replaced.
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// What the handlers share.
+#[derive(Debug, Clone)]
+pub struct FrontendState {
+    pub models: ModelManager,
+    pub metrics: FrontendMetrics,
+    /// The process's status state, for `/metrics`.
+    pub status: StatusState,
+    pub runtime: Runtime,
+    /// Largest request body accepted, in bytes.
+    pub body_limit: usize,
+}
+
+/// All routes of the frontend over `state`.
+pub fn router(state: FrontendState) -> Router {
+    Router::new()
+        .route("/v1/models", get(list_models))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/health", get(health))
+        .route("/live", get(live))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+async fn list_models(State(state): State<FrontendState>) -> Response {
+    let created = now_secs();
+    let data = state
+        .models
+        .list()
+        .into_iter()
+        .map(|model| ModelObject {
+            context_window: model.context_length(),
+            id: model.name,
+            object: "model".into(),
+            created,
+            owned_by: "switchyard".into(),
+        })
+        .collect();
+    axum::Json(ModelList {
+        object: "list".into(),
+        data,
+    })
+    .into_response()
+}
+
+/// Ready when at least one model has a worker in discovery.
+async fn health(State(state): State<FrontendState>) -> Response {
+    let models: Vec<String> = state
+        .models
+        .list()
+        .into_iter()
+        .filter(|m| m.has_live_worker())
+        .map(|m| m.name)
+        .collect();
+    let (code, status) = if models.is_empty() {
+        (StatusCode::SERVICE_UNAVAILABLE, "notready")
+    } else {
+        (StatusCode::OK, "ready")
+    };
+    (
+        code,
+        axum::Json(serde_json::json!({ "status": status, "models": models })),
+    )
+        .into_response()
+}
+
+async fn live(State(state): State<FrontendState>) -> Response {
+    if state.runtime.is_shutting_down() {
+        let body = serde_json::json!({ "status": "shutting_down" });
+        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
+    } else {
+        axum::Json(serde_json::json!({ "status": "live" })).into_response()
+    }
+}
+
+async fn metrics(State(state): State<FrontendState>) -> Response {
+    switchyard_runtime::status::metrics(State(state.status)).await
+}
+
+async fn chat_completions(State(state): State<FrontendState>, headers: HeaderMap, body: Body) -> Response {
+    handle(state, Route::Chat, headers, body).await
+}
+
+async fn completions(State(state): State<FrontendState>, headers: HeaderMap, body: Body) -> Response {
+    handle(state, Route::Completions, headers, body).await
+}
+
+/// The client's request id when it is a sane header value, else a new one.
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| !id.is_empty() && id.len() <= MAX_REQUEST_ID_LEN)
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_string)
+}
+
+async fn handle(state: FrontendState, route: Route, headers: HeaderMap, body: Body) -> Response {
+    let id = request_id(&headers);
+    let mut response = match admit(&state, route, &headers, body, &id).await {
+        Ok(response) => response,
+        Err((model, stream, error)) => {
+            let status = error.status;
+            state
+                .metrics
+                .requests
+                .with_label_values(&[&model, route.label(), respond::request_type(stream), "error"])
+                .inc();
+            if status == StatusCode::SERVICE_UNAVAILABLE && error.code == "overloaded" {
+                state
+                    .metrics
+                    .rejections
+                    .with_label_values(&[&model, route.label()])
+                    .inc();
+            }
+            error.into_response()
+        }
+    };
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
+    response
+}
+
+/// The model label of a request that failed before its model was known to
+/// exist: requested names are not used as labels, so a client cannot grow
+/// the metric's cardinality without bound.
+const UNKNOWN_MODEL: &str = "unknown";
+
+type Refusal = (String, bool, ApiError);
+
+/// Reads, checks and routes one request; the response streams from there.
+async fn admit(
+    state: &FrontendState,
+    route: Route,
+    headers: &HeaderMap,
+    body: Body,
+    id: &str,
+) -> Result<Response, Refusal> {
+    let refuse = |model: &str, stream: bool, error| (model.to_string(), stream, error);
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|v| v.starts_with("application/json"));
+    if !is_json {
+        return Err(refuse(UNKNOWN_MODEL, false, ApiError::unsupported_media_type()));
+    }
+    let bytes = read_body(body, state.body_limit)
+        .await
+        .map_err(|e| refuse(UNKNOWN_MODEL, false, e))?;
+    let request = match route {
+        Route::Chat => parse_request::<ChatCompletionRequest>(&bytes).map(LlmRequest::Chat),
+        Route::Completions => parse_request::<CompletionRequest>(&bytes).map(LlmRequest::Completion),
+    }
+    .map_err(|e| refuse(UNKNOWN_MODEL, false, ApiError::invalid(e)))?;
+    let stream = respond::is_streaming(&request);
+    let Some(model) = state.models.get(request.model()) else {
+        let known: Vec<String> = state.models.list().into_iter().map(|m| m.name).collect();
+        return Err(refuse(
+            UNKNOWN_MODEL,
+            stream,
+            ApiError::model_not_found(request.model(), &known),
+        ));
+    };
+    let kind = match route {
+        Route::Chat => ModelKind::Chat,
+        Route::Completions => ModelKind::Completions,
+    };
+    if !model.serves(kind) {
+        return Err(refuse(
+            &model.name,
+            stream,
+            ApiError::wrong_route(&model.name, route.path()),
+        ));
+    }
+
+    let exchange = Exchange::begin(state.metrics.clone(), &model.name, route, stream, &request);
+    let controller = Controller::with_id(id);
+    let responses = match model
+        .router
+        .generate(Context::with_controller(request, controller))
+        .await
+    {
+        Ok(responses) => responses,
+        Err(error) => {
+            exchange.refused();
+            let api = ApiError::from_request(&model.name, &error);
+            if error.kind() != ErrorKind::Overloaded {
+                tracing::warn!(model = %model.name, request_id = %id, %error, "request not routed");
+            }
+            return Err(refuse(&model.name, stream, api));
+        }
+    };
+    Ok(if stream {
+        respond::stream(exchange, responses, now_secs())
+    } else {
+        respond::unary(exchange, responses, now_secs()).await
+    })
+}
+
+/// The body, up to `limit` bytes (413 beyond).
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|error| {
+        let too_large =
+            std::error::Error::source(&error).is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            ApiError::too_large(limit)
+        } else {
+            ApiError::invalid(switchyard_llm::openai::InvalidRequest {
+                field: None,
+                message: format!("cannot read the request body: {error}"),
+            })
+        }
+    })
+}

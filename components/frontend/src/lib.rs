@@ -1,0 +1,144 @@
+//! Switchyard's OpenAI-compatible HTTP frontend: `GET /v1/models`,
+//! `POST /v1/chat/completions`, `POST /v1/completions` (streaming as SSE, or
+//! whole), `/health`, `/live` and `/metrics`.
+//!
+//! It discovers models from the cards workers register under `v1/models`
+//! ([`models`]), routes each request by its `model` with the occupancy-aware
+//! router, and maps failures to OpenAI's error shape ([`error`]). A client
+//! that disconnects cancels its request on the worker ([`respond`]).
+#![forbid(unsafe_code)]
+
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod models;
+pub mod respond;
+
+use crate::http::FrontendState;
+use crate::metrics::FrontendMetrics;
+use crate::models::{ModelManager, RouterSettings};
+use std::net::SocketAddr;
+use switchyard_runtime::distributed::{DistributedError, DistributedRuntime};
+use switchyard_runtime::error::RequestError;
+use switchyard_runtime::metrics::MetricsError;
+use switchyard_runtime::routing::RouterMode;
+use switchyard_runtime::runtime::Runtime;
+
+/// Flags of `switchyard frontend` (Dynamo's names; each also reads its `DYN_*` variable).
+#[derive(Debug, Clone, clap::Args)]
+pub struct FrontendArgs {
+    /// Address the OpenAI API listens on.
+    #[arg(long, env = "DYN_HTTP_HOST", default_value = "0.0.0.0")]
+    pub http_host: String,
+    /// Port of the OpenAI API (0 picks a free one).
+    #[arg(long, env = "DYN_HTTP_PORT", default_value_t = 8000)]
+    pub http_port: u16,
+    /// How each model's router picks a worker: round_robin, random, power_of_two or least_loaded.
+    #[arg(long, env = "DYN_ROUTER_MODE", default_value = "least_loaded")]
+    pub router_mode: RouterMode,
+    /// Requests in flight per worker at which it counts as busy; when every
+    /// worker is, requests get 503 with Retry-After. Unset: never busy.
+    #[arg(long, env = "DYN_BUSY_THRESHOLD")]
+    pub busy_threshold: Option<u64>,
+    /// Largest request body accepted, in MiB (413 beyond).
+    #[arg(long, env = "DYN_HTTP_BODY_LIMIT_MB", default_value_t = 45)]
+    pub body_limit_mb: usize,
+}
+
+impl Default for FrontendArgs {
+    fn default() -> Self {
+        Self {
+            http_host: "0.0.0.0".into(),
+            http_port: 8000,
+            router_mode: RouterMode::LeastLoaded,
+            busy_threshold: None,
+            body_limit_mb: 45,
+        }
+    }
+}
+
+/// Why the frontend could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum FrontendError {
+    #[error(transparent)]
+    Runtime(#[from] DistributedError),
+    #[error("cannot create the frontend metrics: {0}")]
+    Metrics(#[from] MetricsError),
+    #[error("cannot follow model cards in discovery: {0}")]
+    Discovery(#[from] RequestError),
+    #[error(
+        "--router-mode direct needs an instance per request, which the OpenAI API cannot carry; use round_robin, random, power_of_two or least_loaded"
+    )]
+    DirectMode,
+    #[error("cannot listen on {address} (--http-host/--http-port): {source}")]
+    Bind {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A frontend serving in the background.
+#[derive(Debug, Clone)]
+pub struct Frontend {
+    pub address: SocketAddr,
+    pub models: ModelManager,
+}
+
+/// Starts the frontend on `drt`: follows the model cards, binds the HTTP
+/// port and serves until the runtime drains (new connections stop; the
+/// responses in flight finish, within the graceful-shutdown deadline).
+pub async fn start(drt: &DistributedRuntime, args: &FrontendArgs) -> Result<Frontend, FrontendError> {
+    if args.router_mode == RouterMode::Direct {
+        return Err(FrontendError::DirectMode);
+    }
+    let runtime = drt.runtime().clone();
+    let models = ModelManager::new(
+        drt.clone(),
+        RouterSettings {
+            mode: args.router_mode,
+            busy_threshold: args.busy_threshold,
+        },
+    );
+    models.watch(runtime.root_token().child_token()).await?;
+    let state = FrontendState {
+        models: models.clone(),
+        metrics: FrontendMetrics::register(drt.process_metrics())?,
+        status: drt.status_state(),
+        runtime: runtime.clone(),
+        body_limit: args.body_limit_mb.saturating_mul(1024 * 1024),
+    };
+    let address = format!("{}:{}", args.http_host, args.http_port);
+    let listener = tokio::net::TcpListener::bind(&address)
+        .await
+        .map_err(|source| FrontendError::Bind {
+            address: address.clone(),
+            source,
+        })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| FrontendError::Bind { address, source })?;
+    let listener = axum::serve::ListenerExt::tap_io(listener, |socket| {
+        let _ = socket.set_nodelay(true);
+    });
+    let draining = runtime.endpoint_token().clone();
+    let app = http::router(state);
+    runtime.spawn_drain(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { draining.cancelled().await })
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "frontend HTTP server failed");
+        }
+    });
+    tracing::info!(address = %bound, "frontend listening");
+    Ok(Frontend { address: bound, models })
+}
+
+/// Runs a frontend on its own runtime until it shuts down.
+pub async fn run(runtime: Runtime, args: FrontendArgs) -> Result<(), FrontendError> {
+    let drt = DistributedRuntime::from_settings(runtime.clone()).await?;
+    start(&drt, &args).await?;
+    runtime.root_token().cancelled().await;
+    Ok(())
+}

@@ -1,0 +1,242 @@
+//! Which models exist and how to reach them: follows the `v1/models` cards in
+//! discovery and keeps one router per model over the endpoint that serves it.
+//!
+//! A model is listed while at least one card for it exists; the card leaves
+//! with its worker (lease expiry, drain, or shutdown), so a model whose last
+//! worker is gone disappears. One model is served from one endpoint: a card
+//! naming the same model on a different endpoint is refused with a warning,
+//! because the router of an endpoint cannot tell which of its instances
+//! serve which model.
+
+use futures::StreamExt;
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use switchyard_llm::model_card::{ModelCard, ModelKind};
+use switchyard_llm::protocol::{LlmOutput, LlmRequest};
+use switchyard_runtime::discovery::{Bucket, Key, Query, WatchEvent};
+use switchyard_runtime::distributed::DistributedRuntime;
+use switchyard_runtime::error::RequestError;
+use switchyard_runtime::routing::RouterMode;
+use switchyard_runtime::routing::push_router::PushRouter;
+use tokio_util::sync::CancellationToken;
+
+/// The router type every model uses.
+pub type LlmRouter = PushRouter<LlmRequest, LlmOutput>;
+
+/// Pause before re-opening a failed watch of `v1/models`.
+const REWATCH_PAUSE: Duration = Duration::from_millis(500);
+
+/// How the frontend builds each model's router.
+#[derive(Debug, Clone, Copy)]
+pub struct RouterSettings {
+    pub mode: RouterMode,
+    /// Requests in flight per instance at which it counts as busy (503 when all are).
+    pub busy_threshold: Option<u64>,
+}
+
+/// One model: its cards (one per worker) and the router over its endpoint.
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub name: String,
+    pub endpoint_path: String,
+    pub cards: BTreeMap<u64, ModelCard>,
+    pub router: Arc<LlmRouter>,
+}
+
+impl Model {
+    pub fn serves(&self, kind: ModelKind) -> bool {
+        self.cards.values().any(|card| card.serves(kind))
+    }
+
+    /// The shortest context length any of its workers declares.
+    pub fn context_length(&self) -> Option<u32> {
+        self.cards.values().map(|card| card.context_length).min()
+    }
+
+    /// True when at least one of its workers is in discovery right now.
+    pub fn has_live_worker(&self) -> bool {
+        let live = self.router.client().instances();
+        self.cards.keys().any(|id| live.iter().any(|i| i.instance_id == *id))
+    }
+}
+
+/// The models known to this frontend, shared by its handlers.
+#[derive(Debug, Clone)]
+pub struct ModelManager {
+    drt: DistributedRuntime,
+    settings: RouterSettings,
+    models: Arc<RwLock<BTreeMap<String, Model>>>,
+    /// Which model each card key belongs to, to apply deletes.
+    cards: Arc<RwLock<BTreeMap<Key, String>>>,
+}
+
+impl ModelManager {
+    pub fn new(drt: DistributedRuntime, settings: RouterSettings) -> Self {
+        Self {
+            drt,
+            settings,
+            models: Arc::default(),
+            cards: Arc::default(),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<Model> {
+        self.models.read().expect("models lock").get(name).cloned()
+    }
+
+    /// All models, sorted by name.
+    pub fn list(&self) -> Vec<Model> {
+        self.models.read().expect("models lock").values().cloned().collect()
+    }
+
+    /// Follows `v1/models` until `stop`. Returns once the first snapshot has
+    /// been applied, so a frontend that starts after its workers knows them.
+    pub async fn watch(&self, stop: CancellationToken) -> Result<(), RequestError> {
+        let query = Query::bucket(Bucket::Models);
+        let mut events = self.open(&query).await?;
+        if let Some(Ok(first)) = events.next().await {
+            self.apply(first).await;
+        }
+        let manager = self.clone();
+        self.drt.runtime().spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    event = events.next() => event,
+                };
+                match event {
+                    Some(Ok(event)) => manager.apply(event).await,
+                    failed => {
+                        if let Some(Err(error)) = failed {
+                            tracing::warn!(%error, "model watch failed; re-opening");
+                        }
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(REWATCH_PAUSE) => {}
+                        }
+                        match manager.open(&query).await {
+                            Ok(reopened) => events = reopened,
+                            Err(error) => tracing::warn!(%error, "cannot re-open the model watch"),
+                        }
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+
+    async fn open(&self, query: &Query) -> Result<switchyard_runtime::discovery::WatchStream, RequestError> {
+        self.drt.discovery().watch(query).await.map_err(|e| {
+            RequestError::new(
+                switchyard_runtime::error::ErrorKind::Unreachable,
+                format!("cannot watch model cards: {e}"),
+            )
+        })
+    }
+
+    async fn apply(&self, event: WatchEvent) {
+        match event {
+            WatchEvent::Snapshot(registrations) => {
+                let known: Vec<Key> = self.cards.read().expect("cards lock").keys().cloned().collect();
+                let incoming: Vec<Key> = registrations.iter().map(|r| r.key.clone()).collect();
+                for key in known.iter().filter(|k| !incoming.contains(k)) {
+                    self.remove(key);
+                }
+                for registration in registrations {
+                    self.put(&registration).await;
+                }
+            }
+            WatchEvent::Put(registration) => self.put(&registration).await,
+            WatchEvent::Delete(key) => self.remove(&key),
+        }
+    }
+
+    async fn put(&self, registration: &switchyard_runtime::discovery::Registration) {
+        let card = match ModelCard::from_registration(registration) {
+            Ok(card) => card,
+            Err(error) => {
+                tracing::warn!(%error, "ignoring a model card");
+                return;
+            }
+        };
+        let existing = self.get(&card.name);
+        if let Some(model) = &existing
+            && model.endpoint_path != card.endpoint_path()
+        {
+            tracing::warn!(
+                model = %card.name,
+                serving = %model.endpoint_path,
+                refused = %card.endpoint_path(),
+                "model already served on another endpoint; ignoring this worker's card"
+            );
+            return;
+        }
+        let router = match existing {
+            Some(model) => model.router,
+            None => match self.build_router(&card).await {
+                Ok(router) => Arc::new(router),
+                Err(error) => {
+                    tracing::warn!(model = %card.name, %error, "cannot route to this model");
+                    return;
+                }
+            },
+        };
+        let key = registration.key.clone();
+        let name = card.name.clone();
+        {
+            let mut models = self.models.write().expect("models lock");
+            let model = models.entry(name.clone()).or_insert_with(|| Model {
+                name: name.clone(),
+                endpoint_path: card.endpoint_path(),
+                cards: BTreeMap::new(),
+                router,
+            });
+            model.cards.insert(card.instance_id, card);
+        }
+        if self
+            .cards
+            .write()
+            .expect("cards lock")
+            .insert(key, name.clone())
+            .is_none()
+        {
+            tracing::info!(model = %name, "model worker added");
+        }
+    }
+
+    fn remove(&self, key: &Key) {
+        let Some(name) = self.cards.write().expect("cards lock").remove(key) else {
+            return;
+        };
+        let mut models = self.models.write().expect("models lock");
+        if let Some(model) = models.get_mut(&name) {
+            model.cards.remove(&key.instance_id);
+            if model.cards.is_empty() {
+                models.remove(&name);
+                tracing::info!(model = %name, "model removed: its last worker left");
+            }
+        }
+    }
+
+    async fn build_router(&self, card: &ModelCard) -> Result<LlmRouter, RequestError> {
+        let endpoint = self
+            .drt
+            .namespace(&card.namespace)
+            .and_then(|ns| ns.component(&card.component))
+            .map(|component| component.endpoint(&card.endpoint))
+            .map_err(|e| RequestError::new(switchyard_runtime::error::ErrorKind::Invalid, e.to_string()))?;
+        let client = endpoint
+            .client()
+            .await
+            .map_err(|e| RequestError::new(switchyard_runtime::error::ErrorKind::Unreachable, e.to_string()))?;
+        let mut router = LlmRouter::from_client(client, self.settings.mode).await?;
+        if matches!(self.settings.mode, RouterMode::LeastLoaded | RouterMode::PowerOfTwo) {
+            router = router.with_load_reports().await?;
+        }
+        if let Some(limit) = self.settings.busy_threshold {
+            router = router.with_busy_threshold(limit);
+        }
+        Ok(router)
+    }
+}

@@ -1,0 +1,378 @@
+//! Turning a worker's stream of [`LlmOutput`] pieces into an OpenAI answer:
+//! SSE chunks ending in `data: [DONE]`, or one folded response. An
+//! [`Exchange`] follows each admitted request for the metrics, and notices
+//! a client that leaves early: its drop (the response body dropped by the
+//! server) cancels the request on the worker.
+
+use crate::error::ApiError;
+use crate::metrics::FrontendMetrics;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use std::convert::Infallible;
+use switchyard_llm::openai::{
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta,
+    CompletionChoice, CompletionResponse, Role, Usage,
+};
+use switchyard_llm::protocol::{LlmOutput, LlmRequest};
+use switchyard_runtime::engine::ResponseStream;
+use switchyard_runtime::error::RequestError;
+use tokio::time::Instant;
+
+/// Which OpenAI route a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Chat,
+    Completions,
+}
+
+impl Route {
+    /// The `endpoint` label value (Dynamo's).
+    pub fn label(self) -> &'static str {
+        match self {
+            Route::Chat => "chat_completions",
+            Route::Completions => "completions",
+        }
+    }
+
+    pub fn path(self) -> &'static str {
+        match self {
+            Route::Chat => "/v1/chat/completions",
+            Route::Completions => "/v1/completions",
+        }
+    }
+}
+
+pub fn request_type(stream: bool) -> &'static str {
+    if stream { "stream" } else { "unary" }
+}
+
+pub fn is_streaming(request: &LlmRequest) -> bool {
+    match request {
+        LlmRequest::Chat(chat) => chat.stream,
+        LlmRequest::Completion(completion) => completion.stream,
+    }
+}
+
+fn include_usage(request: &LlmRequest) -> bool {
+    match request {
+        LlmRequest::Chat(chat) => chat.include_usage(),
+        LlmRequest::Completion(completion) => completion.include_usage(),
+    }
+}
+
+/// One admitted request from arrival to the end of its response.
+#[derive(Debug)]
+pub struct Exchange {
+    metrics: FrontendMetrics,
+    model: String,
+    route: Route,
+    stream: bool,
+    include_usage: bool,
+    /// Response id (`chatcmpl-…` / `cmpl-…`).
+    id: String,
+    started: Instant,
+    /// When the last token arrived (None before the first).
+    last_token: Option<Instant>,
+    output_tokens: u32,
+    /// Set once the response is complete (or failed); a drop before that is a disconnect.
+    ended: bool,
+}
+
+impl Exchange {
+    pub fn begin(metrics: FrontendMetrics, model: &str, route: Route, stream: bool, request: &LlmRequest) -> Self {
+        metrics.inflight.with_label_values(&[model]).inc();
+        metrics.queued.with_label_values(&[model]).inc();
+        let prefix = match route {
+            Route::Chat => "chatcmpl",
+            Route::Completions => "cmpl",
+        };
+        Self {
+            metrics,
+            model: model.to_string(),
+            route,
+            stream,
+            include_usage: include_usage(request),
+            id: format!("{prefix}-{}", uuid::Uuid::new_v4().simple()),
+            started: Instant::now(),
+            last_token: None,
+            output_tokens: 0,
+            ended: false,
+        }
+    }
+
+    /// The router refused the request; the caller counts the error.
+    pub fn refused(mut self) {
+        self.ended = true;
+    }
+
+    /// Records the timing of one piece.
+    fn observe(&mut self, piece: &LlmOutput) {
+        if piece.tokens == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let labels = [self.model.as_str()];
+        match self.last_token {
+            None => {
+                self.metrics
+                    .ttft
+                    .with_label_values(&labels)
+                    .observe((now - self.started).as_secs_f64());
+                self.metrics.queued.with_label_values(&labels).dec();
+            }
+            Some(last) => {
+                let per_token = (now - last).as_secs_f64() / f64::from(piece.tokens);
+                self.metrics.itl.with_label_values(&labels).observe(per_token);
+            }
+        }
+        self.last_token = Some(now);
+        self.output_tokens += piece.tokens;
+    }
+
+    /// The response is complete (`ok`) or ended with an error.
+    fn end(&mut self, ok: bool, usage: Option<Usage>) {
+        self.ended = true;
+        let labels = [self.model.as_str()];
+        let status = if ok { "success" } else { "error" };
+        self.metrics
+            .requests
+            .with_label_values(&[&self.model, self.route.label(), request_type(self.stream), status])
+            .inc();
+        self.metrics
+            .duration
+            .with_label_values(&labels)
+            .observe(self.started.elapsed().as_secs_f64());
+        if let Some(usage) = usage {
+            self.metrics
+                .input_tokens
+                .with_label_values(&labels)
+                .observe(f64::from(usage.prompt_tokens));
+        }
+        self.metrics
+            .output_tokens
+            .with_label_values(&labels)
+            .observe(f64::from(self.output_tokens));
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        let labels = [self.model.as_str()];
+        self.metrics.inflight.with_label_values(&labels).dec();
+        if self.last_token.is_none() {
+            self.metrics.queued.with_label_values(&labels).dec();
+        }
+        if !self.ended {
+            // The client went away: dropping the worker's stream (next to
+            // this exchange) tells the worker to stop.
+            self.metrics.disconnected.inc();
+            self.metrics
+                .cancellations
+                .with_label_values(&[&self.model, self.route.label(), request_type(self.stream)])
+                .inc();
+            self.metrics
+                .requests
+                .with_label_values(&[&self.model, self.route.label(), request_type(self.stream), "error"])
+                .inc();
+            tracing::debug!(model = %self.model, id = %self.id, "client disconnected; request cancelled");
+        }
+    }
+}
+
+/// The state of one SSE response.
+struct Streaming {
+    exchange: Exchange,
+    responses: ResponseStream<LlmOutput>,
+    created: u64,
+    sent_role: bool,
+    /// What is left to send after the worker's stream ended.
+    tail: Vec<Event>,
+    done: bool,
+}
+
+/// An SSE response over the worker's stream.
+pub fn stream(exchange: Exchange, responses: ResponseStream<LlmOutput>, created: u64) -> Response {
+    let state = Streaming {
+        exchange,
+        responses,
+        created,
+        sent_role: false,
+        tail: Vec::new(),
+        done: false,
+    };
+    let events = futures::stream::unfold(state, |mut state| async move {
+        if let Some(event) = state.tail.pop() {
+            return Some((Ok::<_, Infallible>(event), state));
+        }
+        if state.done {
+            return None;
+        }
+        let event = match state.responses.next().await {
+            Some(Ok(piece)) => state.piece(piece),
+            Some(Err(error)) => {
+                state.done = true;
+                state.exchange.end(false, None);
+                error_event(&state.exchange.model, &error)
+            }
+            None => {
+                // The worker's stream ended without a finish: treat as complete.
+                state.done = true;
+                state.exchange.end(true, None);
+                Event::default().data("[DONE]")
+            }
+        };
+        Some((Ok(event), state))
+    });
+    Sse::new(events).into_response()
+}
+
+impl Streaming {
+    /// The SSE event for one piece; after the last piece, queues the usage
+    /// chunk (when asked for) and `[DONE]`.
+    fn piece(&mut self, piece: LlmOutput) -> Event {
+        self.exchange.observe(&piece);
+        let finish = piece.finish_reason.map(|f| f.as_str().to_string());
+        let event = match self.exchange.route {
+            Route::Chat => {
+                let role = (!self.sent_role).then_some(Role::Assistant);
+                self.sent_role = true;
+                let content = (!piece.text.is_empty() || role.is_some()).then(|| piece.text.clone());
+                json_event(&ChatCompletionChunk {
+                    id: self.exchange.id.clone(),
+                    object: "chat.completion.chunk".into(),
+                    created: self.created,
+                    model: self.exchange.model.clone(),
+                    choices: vec![ChatChunkChoice {
+                        index: 0,
+                        delta: ChatDelta { role, content },
+                        finish_reason: finish.clone(),
+                        logprobs: None,
+                    }],
+                    usage: None,
+                })
+            }
+            Route::Completions => json_event(&self.completion(piece.text.clone(), finish.clone(), None)),
+        };
+        if finish.is_some() {
+            self.done = true;
+            let usage = piece.usage.unwrap_or(Usage::new(0, self.exchange.output_tokens));
+            self.exchange.end(true, Some(usage));
+            // Popped from the back: [DONE] goes last.
+            self.tail.push(Event::default().data("[DONE]"));
+            if self.exchange.include_usage {
+                self.tail.push(self.usage_event(usage));
+            }
+        }
+        event
+    }
+
+    fn completion(&self, text: String, finish: Option<String>, usage: Option<Usage>) -> CompletionResponse {
+        CompletionResponse {
+            id: self.exchange.id.clone(),
+            object: "text_completion".into(),
+            created: self.created,
+            model: self.exchange.model.clone(),
+            choices: vec![CompletionChoice {
+                index: 0,
+                text,
+                finish_reason: finish,
+                logprobs: None,
+            }],
+            usage,
+        }
+    }
+
+    /// OpenAI's usage chunk: no choices, only `usage`.
+    fn usage_event(&self, usage: Usage) -> Event {
+        match self.exchange.route {
+            Route::Chat => json_event(&ChatCompletionChunk {
+                id: self.exchange.id.clone(),
+                object: "chat.completion.chunk".into(),
+                created: self.created,
+                model: self.exchange.model.clone(),
+                choices: vec![],
+                usage: Some(usage),
+            }),
+            Route::Completions => {
+                let mut chunk = self.completion(String::new(), None, Some(usage));
+                chunk.choices.clear();
+                json_event(&chunk)
+            }
+        }
+    }
+}
+
+fn json_event<T: serde::Serialize>(value: &T) -> Event {
+    Event::default().data(serde_json::to_string(value).expect("response types always serialize"))
+}
+
+/// A mid-stream failure: an `event: error` carrying OpenAI's error body; the stream ends after it.
+fn error_event(model: &str, error: &RequestError) -> Event {
+    let api = ApiError::from_request(model, error);
+    Event::default()
+        .event("error")
+        .data(serde_json::to_string(&api.body()).expect("error body serializes"))
+}
+
+/// Folds the worker's stream into one response. An error before the first
+/// piece gets its own status; a later one is reported the same way, as the
+/// client has received nothing yet.
+pub async fn unary(mut exchange: Exchange, mut responses: ResponseStream<LlmOutput>, created: u64) -> Response {
+    let mut text = String::new();
+    let mut finish = None;
+    let mut usage = None;
+    while let Some(item) = responses.next().await {
+        match item {
+            Ok(piece) => {
+                exchange.observe(&piece);
+                text.push_str(&piece.text);
+                if piece.finish_reason.is_some() {
+                    finish = piece.finish_reason;
+                    usage = piece.usage;
+                    break;
+                }
+            }
+            Err(error) => {
+                exchange.end(false, None);
+                return ApiError::from_request(&exchange.model, &error).into_response();
+            }
+        }
+    }
+    let usage = usage.unwrap_or(Usage::new(0, exchange.output_tokens));
+    exchange.end(true, Some(usage));
+    let finish_reason = Some(finish.map_or("stop", |f| f.as_str()).to_string());
+    match exchange.route {
+        Route::Chat => axum::Json(ChatCompletionResponse {
+            id: exchange.id.clone(),
+            object: "chat.completion".into(),
+            created,
+            model: exchange.model.clone(),
+            choices: vec![ChatChoice {
+                index: 0,
+                message: AssistantMessage {
+                    role: Role::Assistant,
+                    content: text,
+                },
+                finish_reason,
+                logprobs: None,
+            }],
+            usage,
+        })
+        .into_response(),
+        Route::Completions => axum::Json(CompletionResponse {
+            id: exchange.id.clone(),
+            object: "text_completion".into(),
+            created,
+            model: exchange.model.clone(),
+            choices: vec![CompletionChoice {
+                index: 0,
+                text,
+                finish_reason,
+                logprobs: None,
+            }],
+            usage: Some(usage),
+        })
+        .into_response(),
+    }
+}

@@ -1,0 +1,222 @@
+//! Starting mocker workers: flags, one worker on a runtime, or several in
+//! one process (each with its own discovery identity, as separate processes
+//! would have).
+
+use crate::engine::MockerLlm;
+use crate::metrics::EngineMetrics;
+use std::net::SocketAddr;
+use switchyard_llm::model_card::{Capacity, ModelCard, ModelKind};
+use switchyard_mocker::config::{ConfigError, MockerConfig};
+use switchyard_mocker::engine::MockerEngine;
+use switchyard_runtime::component::endpoint::{EndpointError, ServingEndpoint};
+use switchyard_runtime::component::{Endpoint, NameError};
+use switchyard_runtime::discovery::DiscoveryError;
+use switchyard_runtime::distributed::{DistributedError, DistributedRuntime};
+use switchyard_runtime::metrics::MetricsError;
+use switchyard_runtime::routing::load::EngineLoad;
+use switchyard_runtime::runtime::Runtime;
+
+/// Flags of `switchyard worker mocker`. Engine defaults are vLLM's (and
+/// Dynamo's mocker's).
+#[derive(Debug, Clone, clap::Args)]
+pub struct MockerArgs {
+    /// The model name clients put in requests.
+    #[arg(long, default_value = "mock-model")]
+    pub model_name: String,
+    #[arg(long, default_value = "dynamo")]
+    pub namespace: String,
+    #[arg(long, default_value = "backend")]
+    pub component: String,
+    #[arg(long, default_value = "generate")]
+    pub endpoint: String,
+    /// Longest prompt plus output, in tokens.
+    #[arg(long, default_value_t = 8192)]
+    pub context_length: u32,
+    /// KV-cache blocks the simulated GPU holds.
+    #[arg(long, default_value_t = 16384)]
+    pub num_gpu_blocks: usize,
+    /// Tokens per KV-cache block.
+    #[arg(long, default_value_t = 64)]
+    pub block_size: usize,
+    /// Sequences running at once; more wait in the engine's queue.
+    #[arg(long, default_value_t = 256)]
+    pub max_num_seqs: usize,
+    /// Tokens prefilled per engine step (longer prompts are chunked).
+    #[arg(long, default_value_t = 8192)]
+    pub max_num_batched_tokens: usize,
+    /// Reuse KV blocks of prompts that share a prefix.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub enable_prefix_caching: bool,
+    /// Divides every simulated delay; 0 runs without sleeping.
+    #[arg(long, default_value_t = 1.0)]
+    pub speedup_ratio: f64,
+    /// Further divides decode delays.
+    #[arg(long, default_value_t = 1.0)]
+    pub decode_speedup_ratio: f64,
+    /// Workers in this process, each its own instance in discovery.
+    #[arg(long, default_value_t = 1)]
+    pub num_workers: usize,
+}
+
+impl Default for MockerArgs {
+    fn default() -> Self {
+        let defaults = MockerConfig::default();
+        Self {
+            model_name: "mock-model".into(),
+            namespace: "dynamo".into(),
+            component: "backend".into(),
+            endpoint: "generate".into(),
+            context_length: 8192,
+            num_gpu_blocks: defaults.num_gpu_blocks,
+            block_size: defaults.block_size,
+            max_num_seqs: defaults.max_num_seqs,
+            max_num_batched_tokens: defaults.max_num_batched_tokens,
+            enable_prefix_caching: defaults.enable_prefix_caching,
+            speedup_ratio: defaults.speedup_ratio,
+            decode_speedup_ratio: defaults.decode_speedup_ratio,
+            num_workers: 1,
+        }
+    }
+}
+
+impl MockerArgs {
+    pub fn engine_config(&self) -> MockerConfig {
+        MockerConfig {
+            num_gpu_blocks: self.num_gpu_blocks,
+            block_size: self.block_size,
+            max_num_seqs: self.max_num_seqs,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            enable_prefix_caching: self.enable_prefix_caching,
+            speedup_ratio: self.speedup_ratio,
+            decode_speedup_ratio: self.decode_speedup_ratio,
+        }
+    }
+}
+
+/// Why a mocker worker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MockerError {
+    #[error("invalid engine setting: {0}")]
+    Config(#[from] ConfigError),
+    #[error("--num-workers must be at least 1 (got 0)")]
+    NoWorkers,
+    #[error("--context-length must be at least 1 (got 0)")]
+    NoContext,
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error(transparent)]
+    Runtime(#[from] DistributedError),
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    #[error("cannot register the model card: {0}")]
+    Card(#[from] DiscoveryError),
+    #[error("cannot create the engine metrics: {0}")]
+    Metrics(#[from] MetricsError),
+}
+
+/// One running mocker worker.
+#[derive(Debug)]
+pub struct MockerWorker {
+    pub engine: MockerEngine,
+    pub card: ModelCard,
+    pub serving: ServingEndpoint,
+    /// This worker's `/health`, `/live`, `/metrics`, when it has its own status server.
+    pub status_address: Option<SocketAddr>,
+}
+
+/// Starts one worker on `drt`: engine, endpoint (with load reports), model
+/// card and metrics. The card leaves discovery as soon as the runtime starts
+/// draining, before the endpoint finishes its requests.
+pub async fn serve(drt: &DistributedRuntime, args: &MockerArgs) -> Result<MockerWorker, MockerError> {
+    if args.context_length == 0 {
+        return Err(MockerError::NoContext);
+    }
+    let runtime = drt.runtime();
+    let config = args.engine_config();
+    let engine = MockerEngine::start(config.clone(), runtime.root_token().child_token())?;
+    let endpoint: Endpoint = drt
+        .namespace(&args.namespace)?
+        .component(&args.component)?
+        .endpoint(&args.endpoint);
+    let metrics = EngineMetrics::register(drt.process_metrics())?;
+    runtime.spawn(metrics.follow(
+        engine.clone(),
+        args.model_name.clone(),
+        runtime.root_token().child_token(),
+    ));
+    let llm = MockerLlm::new(engine.clone(), &args.model_name, args.context_length);
+    let load = engine.clone();
+    let serving = endpoint
+        .endpoint_builder()
+        .handler(llm)
+        .publish_load_with(move || {
+            let now = load.load();
+            EngineLoad {
+                queued: now.waiting,
+                kv_usage: Some(now.kv_usage),
+                capacity: Some(now.capacity),
+            }
+        })
+        .spawn()
+        .await?;
+
+    let mut card = ModelCard::new(
+        &args.model_name,
+        &endpoint,
+        vec![ModelKind::Chat, ModelKind::Completions],
+        args.context_length,
+    );
+    card.capacity = Capacity {
+        max_num_seqs: Some(config.max_num_seqs as u64),
+        max_num_batched_tokens: Some(config.max_num_batched_tokens as u64),
+        total_kv_blocks: Some(config.num_gpu_blocks as u64),
+        kv_cache_block_size: Some(config.block_size as u64),
+    };
+    card.register(&endpoint).await?;
+    runtime.spawn({
+        let (card, endpoint) = (card.clone(), endpoint.clone());
+        let draining = runtime.endpoint_token().clone();
+        async move {
+            draining.cancelled().await;
+            if let Err(error) = card.unregister(&endpoint).await {
+                tracing::warn!(%error, "could not unregister the model card");
+            }
+        }
+    });
+    tracing::info!(model = %args.model_name, instance = %serving.instance(), "mocker worker serving");
+    Ok(MockerWorker {
+        engine,
+        card,
+        serving,
+        status_address: drt.status_server_address(),
+    })
+}
+
+/// Serves `args.num_workers` workers until the runtime shuts down, then
+/// waits for them to drain. With more than one, each gets its own instance
+/// id and — when `DYN_SYSTEM_PORT` is set — its own status server on the
+/// next ports up (`port`, `port + 1`, …; port 0 picks free ones).
+pub async fn run(runtime: Runtime, args: MockerArgs) -> Result<(), MockerError> {
+    if args.num_workers == 0 {
+        return Err(MockerError::NoWorkers);
+    }
+    args.engine_config().validate()?;
+    let base_port = *runtime.config().system().port();
+    let mut workers = Vec::with_capacity(args.num_workers);
+    for index in 0..args.num_workers {
+        let drt = DistributedRuntime::connect(runtime.clone()).await?;
+        if let Some(port) = base_port {
+            let port = if port == 0 {
+                0
+            } else {
+                port.saturating_add(index as u16)
+            };
+            drt.start_status_server_on(port).await?;
+        }
+        workers.push(serve(&drt, &args).await?);
+    }
+    for worker in workers {
+        worker.serving.wait().await;
+    }
+    Ok(())
+}

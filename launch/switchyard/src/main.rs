@@ -1,0 +1,132 @@
+//! `switchyard`: one binary for every process of a deployment.
+//!
+//! - `switchyard run`: the all-in-one local job — frontend plus mocker
+//!   workers in one process on in-memory discovery, no infrastructure.
+//! - `switchyard frontend`: the OpenAI HTTP frontend.
+//! - `switchyard worker mocker`: a simulated vLLM worker.
+//!
+//! Runtime settings (discovery, planes, status server) come from `DYN_*`
+//! variables as for every Switchyard process; the flags here are the
+//! component's own.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+use std::time::Duration;
+use switchyard_frontend::FrontendArgs;
+use switchyard_mocker_worker::MockerArgs;
+use switchyard_runtime::config::{DiscoveryBackend, RuntimeConfig};
+use switchyard_runtime::distributed::DistributedRuntime;
+use switchyard_runtime::runtime::Runtime;
+use switchyard_runtime::worker::Worker;
+
+/// How long `run` waits for its own frontend to see its own workers.
+const READY_WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Parser)]
+#[command(name = "switchyard", version, about = "A service mesh for LLM inference")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Frontend and mocker workers in one process, on in-memory discovery.
+    Run {
+        #[command(flatten)]
+        frontend: FrontendArgs,
+        #[command(flatten)]
+        mocker: MockerArgs,
+    },
+    /// The OpenAI-compatible HTTP frontend.
+    Frontend(FrontendArgs),
+    /// A worker process.
+    #[command(subcommand)]
+    Worker(WorkerKind),
+}
+
+#[derive(Debug, Subcommand)]
+enum WorkerKind {
+    /// A simulated vLLM engine (no GPU).
+    Mocker(MockerArgs),
+}
+
+type AppError = Box<dyn std::error::Error + Send + Sync>;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match execute(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            let mut message = format!("switchyard: {error}");
+            let mut source = error.source();
+            while let Some(cause) = source {
+                message.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            eprintln!("{message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(command: Command) -> Result<(), AppError> {
+    let mut config = RuntimeConfig::from_settings()?;
+    if matches!(command, Command::Run { .. }) {
+        config = config.with_discovery_backend(DiscoveryBackend::Mem);
+    }
+    let worker = Worker::from_config(config)?;
+    worker.execute(move |runtime| async move {
+        match command {
+            Command::Run { frontend, mocker } => run_all(runtime, frontend, mocker).await,
+            Command::Frontend(args) => switchyard_frontend::run(runtime, args).await.map_err(AppError::from),
+            Command::Worker(WorkerKind::Mocker(args)) => switchyard_mocker_worker::run(runtime, args)
+                .await
+                .map_err(AppError::from),
+        }
+    })?;
+    Ok(())
+}
+
+/// The all-in-one job: workers first (each its own instance), then the
+/// frontend, then a banner once the frontend can route to them.
+async fn run_all(runtime: Runtime, frontend: FrontendArgs, mocker: MockerArgs) -> Result<(), AppError> {
+    if mocker.num_workers == 0 {
+        return Err("--num-workers must be at least 1 (got 0)".into());
+    }
+    let mut workers = Vec::new();
+    for _ in 0..mocker.num_workers {
+        let drt = DistributedRuntime::connect(runtime.clone()).await?;
+        workers.push(switchyard_mocker_worker::serve(&drt, &mocker).await?);
+    }
+    let drt = DistributedRuntime::from_settings(runtime.clone()).await?;
+    let serving = switchyard_frontend::start(&drt, &frontend).await?;
+    let deadline = tokio::time::Instant::now() + READY_WAIT;
+    while !serving
+        .models
+        .get(&mocker.model_name)
+        .is_some_and(|model| model.has_live_worker())
+    {
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("the frontend did not see its workers within {READY_WAIT:?}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let host = match frontend.http_host.as_str() {
+        "0.0.0.0" | "::" | "[::]" => "127.0.0.1".to_string(),
+        other => other.to_string(),
+    };
+    let url = format!("http://{host}:{}", serving.address.port());
+    println!(
+        "Switchyard is ready: OpenAI API at {url}/v1 serving model {:?} on {} mocker worker(s).\n\
+         Try:\n  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n    \
+         -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}],\"max_tokens\":20}}'\n\
+         Press Ctrl-C to stop.",
+        mocker.model_name, mocker.num_workers, mocker.model_name
+    );
+    for worker in workers {
+        worker.serving.wait().await;
+    }
+    runtime.root_token().cancelled().await;
+    Ok(())
+}
