@@ -4,8 +4,9 @@
 
 use crate::error::ApiError;
 use crate::metrics::FrontendMetrics;
-use crate::models::ModelManager;
+use crate::models::{ModelManager, RouterSettings};
 use crate::respond::{self, Exchange, Route};
+use crate::{FrontendArgs, FrontendError};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
@@ -17,8 +18,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use switchyard_llm::model_card::ModelKind;
 use switchyard_llm::openai::{ChatCompletionRequest, CompletionRequest, ModelList, ModelObject, parse_request};
 use switchyard_llm::protocol::LlmRequest;
+use switchyard_runtime::distributed::DistributedRuntime;
 use switchyard_runtime::engine::{Context, Controller};
 use switchyard_runtime::error::ErrorKind;
+use switchyard_runtime::routing::RouterMode;
 use switchyard_runtime::runtime::Runtime;
 use switchyard_runtime::status::StatusState;
 
@@ -38,6 +41,32 @@ pub struct FrontendState {
     pub runtime: Runtime,
     /// Largest request body accepted, in bytes.
     pub body_limit: usize,
+}
+
+impl FrontendState {
+    /// The state of a frontend on `drt`: registers its metrics and follows
+    /// the model cards (the first snapshot is applied before this returns).
+    pub async fn new(drt: &DistributedRuntime, args: &FrontendArgs) -> Result<Self, FrontendError> {
+        if args.router_mode == RouterMode::Direct {
+            return Err(FrontendError::DirectMode);
+        }
+        let runtime = drt.runtime().clone();
+        let models = ModelManager::new(
+            drt.clone(),
+            RouterSettings {
+                mode: args.router_mode,
+                busy_threshold: args.busy_threshold,
+            },
+        );
+        models.watch(runtime.root_token().child_token()).await?;
+        Ok(Self {
+            models,
+            metrics: FrontendMetrics::register(drt.process_metrics())?,
+            status: drt.status_state(),
+            runtime,
+            body_limit: args.body_limit_mb.saturating_mul(1024 * 1024),
+        })
+    }
 }
 
 /// All routes of the frontend over `state`.

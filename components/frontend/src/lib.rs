@@ -14,9 +14,11 @@ pub mod metrics;
 pub mod models;
 pub mod respond;
 
+#[cfg(test)]
+mod tests;
+
 use crate::http::FrontendState;
-use crate::metrics::FrontendMetrics;
-use crate::models::{ModelManager, RouterSettings};
+use crate::models::ModelManager;
 use std::net::SocketAddr;
 use switchyard_runtime::distributed::{DistributedError, DistributedRuntime};
 use switchyard_runtime::error::RequestError;
@@ -89,25 +91,9 @@ pub struct Frontend {
 /// port and serves until the runtime drains (new connections stop; the
 /// responses in flight finish, within the graceful-shutdown deadline).
 pub async fn start(drt: &DistributedRuntime, args: &FrontendArgs) -> Result<Frontend, FrontendError> {
-    if args.router_mode == RouterMode::Direct {
-        return Err(FrontendError::DirectMode);
-    }
     let runtime = drt.runtime().clone();
-    let models = ModelManager::new(
-        drt.clone(),
-        RouterSettings {
-            mode: args.router_mode,
-            busy_threshold: args.busy_threshold,
-        },
-    );
-    models.watch(runtime.root_token().child_token()).await?;
-    let state = FrontendState {
-        models: models.clone(),
-        metrics: FrontendMetrics::register(drt.process_metrics())?,
-        status: drt.status_state(),
-        runtime: runtime.clone(),
-        body_limit: args.body_limit_mb.saturating_mul(1024 * 1024),
-    };
+    let state = FrontendState::new(drt, args).await?;
+    let models = state.models.clone();
     let address = format!("{}:{}", args.http_host, args.http_port);
     let listener = tokio::net::TcpListener::bind(&address)
         .await

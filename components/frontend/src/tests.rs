@@ -1,0 +1,395 @@
+//! The frontend's routes over a real mocker worker in the same process:
+//! in-memory discovery, the TCP request plane, and `oneshot` HTTP calls.
+
+use crate::FrontendArgs;
+use crate::http::{FrontendState, router};
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::Duration;
+use switchyard_mocker_worker::{MockerArgs, MockerWorker};
+use switchyard_runtime::config::RuntimeConfig;
+use switchyard_runtime::discovery::mem::{MemDiscovery, MemRegistry};
+use switchyard_runtime::distributed::DistributedRuntime;
+use switchyard_runtime::runtime::Runtime;
+use tower::ServiceExt;
+
+/// A frontend and (optionally) one mocker worker sharing a private registry.
+struct Stack {
+    app: Router,
+    state: FrontendState,
+    worker: Option<(Runtime, MockerWorker)>,
+    frontend_runtime: Runtime,
+}
+
+fn drt(runtime: &Runtime, registry: &MemRegistry) -> DistributedRuntime {
+    DistributedRuntime::with_discovery(runtime.clone(), Arc::new(MemDiscovery::new(registry.clone()))).unwrap()
+}
+
+/// A fast worker (no simulated delay) unless `speedup` says otherwise.
+async fn stack(frontend: FrontendArgs, speedup: Option<f64>) -> Stack {
+    let registry = MemRegistry::new();
+    let worker = match speedup {
+        Some(speedup_ratio) => {
+            let runtime = Runtime::new(RuntimeConfig::local());
+            let args = MockerArgs {
+                speedup_ratio,
+                ..MockerArgs::default()
+            };
+            let worker = switchyard_mocker_worker::serve(&drt(&runtime, &registry), &args)
+                .await
+                .unwrap();
+            Some((runtime, worker))
+        }
+        None => None,
+    };
+    let frontend_runtime = Runtime::new(RuntimeConfig::local());
+    let state = FrontendState::new(&drt(&frontend_runtime, &registry), &frontend)
+        .await
+        .unwrap();
+    Stack {
+        app: router(state.clone()),
+        state,
+        worker,
+        frontend_runtime,
+    }
+}
+
+impl Stack {
+    async fn call(&self, request: Request<Body>) -> axum::response::Response {
+        self.app.clone().oneshot(request).await.unwrap()
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (StatusCode, axum::http::HeaderMap, String) {
+        let response = self.call(post(path, body.to_string())).await;
+        let (parts, body) = response.into_parts();
+        let bytes = body.collect().await.unwrap().to_bytes();
+        (parts.status, parts.headers, String::from_utf8(bytes.to_vec()).unwrap())
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let response = self.call(Request::get(path).body(Body::empty()).unwrap()).await;
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    fn worker(&self) -> &MockerWorker {
+        &self.worker.as_ref().expect("a stack with a worker").1
+    }
+
+    async fn shutdown(self) {
+        if let Some((runtime, _)) = &self.worker {
+            runtime.shutdown().await;
+        }
+        self.frontend_runtime.shutdown().await;
+    }
+}
+
+fn post(path: &str, body: String) -> Request<Body> {
+    Request::post(path)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body))
+        .unwrap()
+}
+
+fn chat(extra: Value) -> Value {
+    let mut body = json!({"model": "mock-model", "messages": [{"role": "user", "content": "Tell me a story"}]});
+    body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    body
+}
+
+/// The JSON payloads of an SSE body, and whether it ended with `[DONE]`.
+fn sse_events(body: &str) -> (Vec<Value>, bool) {
+    let data: Vec<&str> = body.lines().filter_map(|line| line.strip_prefix("data: ")).collect();
+    let done = data.last() == Some(&"[DONE]");
+    let events = data
+        .iter()
+        .filter(|d| **d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    (events, done)
+}
+
+/// Polls `check` every 10 ms for up to 5 s.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_served_model_is_listed_and_health_is_ready() {
+    let stack = stack(FrontendArgs::default(), Some(0.0)).await;
+    let (status, models) = stack.get("/v1/models").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["id"], "mock-model");
+    assert_eq!(models["data"][0]["context_window"], 8192);
+    let (status, health) = stack.get("/health").await;
+    assert_eq!(status, StatusCode::OK, "{health}");
+    assert_eq!(health["models"], json!(["mock-model"]));
+    assert_eq!(stack.get("/live").await.0, StatusCode::OK);
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_workers_health_is_not_ready_and_models_are_empty() {
+    let stack = stack(FrontendArgs::default(), None).await;
+    let (status, health) = stack.get("/health").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(health["status"], "notready");
+    assert_eq!(stack.get("/v1/models").await.1["data"], json!([]));
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unary_chat_returns_max_tokens_of_text_with_usage() {
+    let stack = stack(FrontendArgs::default(), Some(0.0)).await;
+    let (status, headers, body) = stack
+        .post("/v1/chat/completions", chat(json!({"max_tokens": 12})))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        headers.contains_key("x-request-id"),
+        "a request id is generated when none is sent"
+    );
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["object"], "chat.completion");
+    assert_eq!(answer["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(answer["choices"][0]["finish_reason"], "length");
+    let text = answer["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(text.split_whitespace().count(), 12, "one word per token: {text:?}");
+    assert_eq!(answer["usage"]["completion_tokens"], 12);
+    assert_eq!(
+        answer["usage"]["prompt_tokens"], 5,
+        "`user: Tell me a story` is five words"
+    );
+    assert_eq!(answer["usage"]["total_tokens"], 17);
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_chat_sends_role_then_tokens_then_finish_then_done() {
+    let stack = stack(FrontendArgs::default(), Some(0.0)).await;
+    let body = chat(json!({"max_tokens": 6, "stream": true, "stream_options": {"include_usage": true}}));
+    let (status, headers, body) = stack.post("/v1/chat/completions", body).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers[header::CONTENT_TYPE], "text/event-stream");
+    let (events, done) = sse_events(&body);
+    assert!(done, "the stream ends with [DONE]: {body}");
+    assert_eq!(events[0]["choices"][0]["delta"]["role"], "assistant");
+    let words: String = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(words.split_whitespace().count(), 6);
+    let finish = &events[events.len() - 2];
+    assert_eq!(finish["choices"][0]["finish_reason"], "length");
+    let usage = events.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], 6);
+    assert!(events.iter().all(|e| e["object"] == "chat.completion.chunk"));
+    assert!(events.iter().all(|e| e["id"] == events[0]["id"]), "one id per response");
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_work_whole_and_streamed() {
+    let stack = stack(FrontendArgs::default(), Some(0.0)).await;
+    let request = json!({"model": "mock-model", "prompt": "Once upon a time", "max_tokens": 4});
+    let (status, _, body) = stack.post("/v1/completions", request.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["object"], "text_completion");
+    assert_eq!(answer["usage"]["completion_tokens"], 4);
+    assert_eq!(answer["usage"]["prompt_tokens"], 4);
+
+    let mut streamed = request;
+    streamed["stream"] = json!(true);
+    let (status, _, body) = stack.post("/v1/completions", streamed).await;
+    assert_eq!(status, StatusCode::OK);
+    let (events, done) = sse_events(&body);
+    assert!(done);
+    let text: String = events.iter().filter_map(|e| e["choices"][0]["text"].as_str()).collect();
+    assert_eq!(text.split_whitespace().count(), 4);
+    assert_eq!(events.last().unwrap()["choices"][0]["finish_reason"], "length");
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_sequence_ends_the_answer_before_it() {
+    let stack = stack(FrontendArgs::default(), Some(0.0)).await;
+    // The mocker's sentences end with "." within a few dozen words.
+    let (status, _, body) = stack
+        .post("/v1/chat/completions", chat(json!({"max_tokens": 200, "stop": "."})))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["choices"][0]["finish_reason"], "stop");
+    let text = answer["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(!text.is_empty() && !text.contains('.'), "{text:?}");
+    assert!(answer["usage"]["completion_tokens"].as_u64().unwrap() < 200);
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_openai_shaped_errors_naming_the_problem() {
+    let args = FrontendArgs {
+        body_limit_mb: 1,
+        ..FrontendArgs::default()
+    };
+    let stack = stack(args, Some(0.0)).await;
+    let cases = [
+        ("{\"model\":", StatusCode::BAD_REQUEST, "not valid JSON", None),
+        (
+            r#"{"model":"mock-model","messages":[{"role":"robot","content":"x"}]}"#,
+            StatusCode::BAD_REQUEST,
+            "robot",
+            Some("messages[0].role"),
+        ),
+        (
+            r#"{"model":"mock-model","messages":[{"role":"user","content":"x"}],"temperature":9}"#,
+            StatusCode::BAD_REQUEST,
+            "between 0 and 2",
+            Some("temperature"),
+        ),
+        (
+            r#"{"model":"gpt-9","messages":[{"role":"user","content":"x"}]}"#,
+            StatusCode::NOT_FOUND,
+            "mock-model",
+            Some("model"),
+        ),
+    ];
+    for (body, status, needle, param) in cases {
+        let response = stack.call(post("/v1/chat/completions", body.to_string())).await;
+        assert_eq!(response.status(), status, "{body}");
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let error: Value = serde_json::from_slice(&bytes).unwrap();
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(message.contains(needle), "{message:?} should mention {needle:?}");
+        assert_eq!(error["error"]["param"].as_str(), param, "{error}");
+        assert!(error["error"]["type"].is_string() && error["error"]["code"].is_string());
+    }
+
+    let huge = format!(
+        r#"{{"model":"mock-model","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(2 << 20)
+    );
+    let response = stack.call(post("/v1/chat/completions", huge)).await;
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+
+    let response = stack
+        .call(
+            Request::post("/v1/completions")
+                .header(header::CONTENT_TYPE, "text/plain")
+                .body(Body::from("hello"))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+
+    let (_, metrics) = {
+        let response = stack.call(Request::get("/metrics").body(Body::empty()).unwrap()).await;
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        ((), String::from_utf8(bytes.to_vec()).unwrap())
+    };
+    assert!(
+        metrics.contains(
+            r#"dynamo_frontend_requests_total{endpoint="chat_completions",model="unknown",request_type="unary",status="error"} 5"#
+        ),
+        "{metrics}"
+    );
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_request_id_is_echoed() {
+    let stack = stack(FrontendArgs::default(), Some(0.0)).await;
+    let request = Request::post("/v1/chat/completions")
+        .header(header::CONTENT_TYPE, "application/json")
+        .header("x-request-id", "trace-me-42")
+        .body(Body::from(chat(json!({"max_tokens": 1})).to_string()))
+        .unwrap();
+    let response = stack.call(request).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["x-request-id"], "trace-me-42");
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_worker_is_busy_the_frontend_answers_503_with_retry_after() {
+    let args = FrontendArgs {
+        busy_threshold: Some(1),
+        ..FrontendArgs::default()
+    };
+    // Slow enough that the first request is still running during the second.
+    let stack = stack(args, Some(0.05)).await;
+    let first = stack
+        .call(post(
+            "/v1/chat/completions",
+            chat(json!({"max_tokens": 50, "stream": true})).to_string(),
+        ))
+        .await;
+    assert_eq!(first.status(), StatusCode::OK);
+    let (status, headers, body) = stack.post("/v1/chat/completions", chat(json!({"max_tokens": 1}))).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(headers[header::RETRY_AFTER], "1");
+    let error: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(error["error"]["code"], "overloaded");
+    assert_eq!(
+        stack
+            .state
+            .metrics
+            .rejections
+            .with_label_values(&["mock-model", "chat_completions"])
+            .get(),
+        1
+    );
+    drop(first);
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_cancels_the_request_in_the_engine() {
+    let stack = stack(FrontendArgs::default(), Some(0.05)).await;
+    let response = stack
+        .call(post(
+            "/v1/chat/completions",
+            chat(json!({"max_tokens": 500, "stream": true})).to_string(),
+        ))
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert!(first.is_data());
+    let engine = stack.worker().engine.clone();
+    assert_eq!(engine.load().running, 1);
+    drop(body);
+    eventually("the engine to see the cancel", || engine.stats().cancelled == 1).await;
+    assert_eq!(engine.load().running, 0);
+    assert_eq!(engine.load().active_blocks, 0, "blocks freed at once");
+    assert_eq!(stack.state.metrics.disconnected.get(), 1);
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_disappears_when_its_last_worker_leaves() {
+    let mut stack = stack(FrontendArgs::default(), Some(0.0)).await;
+    assert_eq!(stack.get("/v1/models").await.1["data"][0]["id"], "mock-model");
+    let (runtime, _worker) = stack.worker.take().unwrap();
+    runtime.shutdown().await;
+    eventually("the model to leave the list", || stack.state.models.list().is_empty()).await;
+    assert_eq!(stack.get("/v1/models").await.1["data"], json!([]));
+    assert_eq!(stack.get("/health").await.0, StatusCode::SERVICE_UNAVAILABLE);
+    let (status, _, _) = stack.post("/v1/chat/completions", chat(json!({}))).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    stack.shutdown().await;
+}
