@@ -4,6 +4,9 @@
 
 CARGO ?= cargo
 
+# The official `openai` Python client, for the frontend compatibility test.
+TEST_VENV := target/test-venv
+
 .PHONY: test test-deps lint bench hello
 
 ## Lint, then run the whole test suite. Plain `cargo test` (not --all-targets)
@@ -14,7 +17,8 @@ test: test-deps lint
 ## Install what the tests need when it is missing (Debian packages): etcd and
 ## NATS servers for the discovery/event-plane tests, protoc and the
 ## well-known .proto files that etcd-client compiles at build time, and
-## promtool (package prometheus) to check the /metrics output.
+## promtool (package prometheus) to check the /metrics output; a virtualenv
+## with the `openai` package for the frontend's client-compatibility test.
 test-deps:
 	@missing=""; \
 	command -v etcd >/dev/null 2>&1 || missing="$$missing etcd-server"; \
@@ -27,6 +31,15 @@ test-deps:
 		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@if ! $(TEST_VENV)/bin/python -c "import openai" >/dev/null 2>&1; then \
+		echo "creating $(TEST_VENV) with the openai package (PyPI)"; \
+		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+		command -v python3 >/dev/null 2>&1 || { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq python3 >/dev/null; }; \
+		python3 -m venv $(TEST_VENV) >/dev/null 2>&1 || { \
+			$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null && \
+			rm -rf $(TEST_VENV) && python3 -m venv $(TEST_VENV); }; \
+		$(TEST_VENV)/bin/pip install -q --disable-pip-version-check openai; \
 	fi
 
 ## Formatting and clippy, warnings denied.

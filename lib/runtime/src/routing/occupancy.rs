@@ -31,6 +31,9 @@ struct State {
     instances: HashMap<u64, InstanceLoad>,
     /// `(score, instance_id)` of every instance, for least-loaded selection.
     by_load: BTreeSet<(u64, u64)>,
+    /// The last least-loaded choice: ties go to the next id after it, so
+    /// equally idle instances take turns instead of the lowest id taking all.
+    last_choice: u64,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -164,15 +167,23 @@ impl Occupancy {
     /// those `allowed(id, load)` accepts, walking the load index (O(log n)
     /// when few are skipped). `allowed` runs under this table's lock, so it
     /// must not call back into it.
+    /// Among several with the same load, the next id after the previous
+    /// choice wins (wrapping around).
     pub fn least_loaded(&self, allowed: impl Fn(u64, u64) -> bool, now: Instant) -> Option<u64> {
-        let state = self.lock();
-        state
+        let mut state = self.lock();
+        let usable = |state: &State, load: u64, id: u64| {
+            allowed(id, load) && state.instances[&id].ejected_until.is_none_or(|until| until <= now)
+        };
+        let &(least, first) = state.by_load.iter().find(|(load, id)| usable(&state, *load, *id))?;
+        let after = state.last_choice.saturating_add(1);
+        let next_in_turn = state
             .by_load
-            .iter()
-            .find(|(load, id)| {
-                allowed(*id, *load) && state.instances[id].ejected_until.is_none_or(|until| until <= now)
-            })
-            .map(|(_, id)| *id)
+            .range((least, after)..=(least, u64::MAX))
+            .find(|(load, id)| usable(&state, *load, *id))
+            .map(|&(_, id)| id);
+        let chosen = next_in_turn.unwrap_or(first);
+        state.last_choice = chosen;
+        Some(chosen)
     }
 
     /// Tracks exactly the instances in `ids` (sorted): new ones start idle,
@@ -248,6 +259,22 @@ mod tests {
         assert_eq!(occupancy.least_loaded(|_, _| true, now), Some(3));
         assert_eq!(occupancy.least_loaded(|id, _| id == 2, now), Some(2));
         assert_eq!(occupancy.least_loaded(|_, load| load < 1, now), None);
+    }
+
+    #[test]
+    fn equally_loaded_instances_take_turns() {
+        let occupancy = Occupancy::new();
+        occupancy.sync(&[1, 2, 3]);
+        let _busy = occupancy.acquire(2);
+        let now = Instant::now();
+        let picks: Vec<_> = (0..4)
+            .map(|_| occupancy.least_loaded(|_, _| true, now).unwrap())
+            .collect();
+        assert_eq!(
+            picks,
+            [1, 3, 1, 3],
+            "the busy instance is never chosen; the idle ones alternate"
+        );
     }
 
     #[test]

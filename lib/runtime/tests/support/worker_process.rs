@@ -1,6 +1,7 @@
-//! A worker running in its own OS process: the `hello_world` example binary
-//! (which plain `cargo test` builds next to the test binaries), with its
-//! log read on a thread so no read can block a test past its deadline.
+//! A worker running in its own OS process — the `hello_world` example binary
+//! (which plain `cargo test` builds next to the test binaries), or any other
+//! (the `switchyard` CLI's tests include this file too) — with its log read
+//! on a thread so no read can block a test past its deadline.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -23,10 +24,11 @@ impl WorkerProcess {
             .and_then(|deps| deps.parent())
             .map(|profile| profile.join("examples").join("hello_world"))
             .unwrap();
-        Self::start(example, &["server"], env, deadline)
+        Self::start(example, &["server"], env, "endpoint serving", deadline)
     }
 
-    fn start(binary: PathBuf, args: &[&str], env: &[(&str, &str)], deadline: Duration) -> Self {
+    /// Starts `binary` and waits until its log (stderr) shows `ready`.
+    pub fn start(binary: PathBuf, args: &[&str], env: &[(&str, &str)], ready: &str, deadline: Duration) -> Self {
         assert!(
             binary.exists(),
             "{} is missing: run the tests with `cargo test` (it builds the examples)",
@@ -54,7 +56,7 @@ impl WorkerProcess {
             lines,
             log: String::new(),
         };
-        worker.wait_for_log("endpoint serving", deadline);
+        worker.wait_for_log(ready, deadline);
         worker
     }
 

@@ -1,0 +1,312 @@
+//! The LLM stack over real sockets and separate processes: one
+//! `switchyard frontend` and two `switchyard worker mocker` processes on file
+//! discovery, called over HTTP like any OpenAI client would — including the
+//! official `openai` Python package.
+
+#[allow(dead_code, unreachable_pub)]
+#[path = "../../../lib/runtime/tests/support/worker_process.rs"]
+mod worker_process;
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use worker_process::WorkerProcess;
+
+const START_DEADLINE: Duration = Duration::from_secs(20);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A frontend and two workers sharing a discovery directory.
+struct Stack {
+    /// Kept so the process lives as long as the stack (killed on drop).
+    _frontend: WorkerProcess,
+    workers: Vec<WorkerProcess>,
+    /// Each worker's status server (`/metrics`).
+    worker_status: Vec<u16>,
+    url: String,
+    discovery_dir: PathBuf,
+    http: reqwest::Client,
+}
+
+impl Stack {
+    /// Workers at `speedup` (1 = the timing model's real delays).
+    async fn start(frontend_args: &[&str], speedup: &str) -> Self {
+        let binary = PathBuf::from(env!("CARGO_BIN_EXE_switchyard"));
+        let discovery_dir = std::env::temp_dir().join(format!("switchyard-e2e-{:016x}", rand::random::<u64>()));
+        let dir = discovery_dir.to_str().unwrap().to_string();
+        let env = |status_port: &str| -> Vec<(String, String)> {
+            vec![
+                ("DYN_DISCOVERY_BACKEND".into(), "file".into()),
+                ("DYN_FILE_KV".into(), dir.clone()),
+                ("DYN_LOG".into(), "info".into()),
+                ("DYN_SYSTEM_PORT".into(), status_port.into()),
+            ]
+        };
+        let mut workers = Vec::new();
+        let mut worker_status = Vec::new();
+        for _ in 0..2 {
+            let port = free_port();
+            let vars = env(&port.to_string());
+            let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let args = ["worker", "mocker", "--speedup-ratio", speedup];
+            workers.push(WorkerProcess::start(
+                binary.clone(),
+                &args,
+                &vars,
+                "mocker worker serving",
+                START_DEADLINE,
+            ));
+            worker_status.push(port);
+        }
+        let http_port = free_port().to_string();
+        let mut args = vec!["frontend", "--http-host", "127.0.0.1", "--http-port", &http_port];
+        args.extend_from_slice(frontend_args);
+        let vars = env("");
+        let vars: Vec<(&str, &str)> = vars
+            .iter()
+            .filter(|(k, _)| k != "DYN_SYSTEM_PORT")
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let frontend = WorkerProcess::start(binary, &args, &vars, "frontend listening", START_DEADLINE);
+        let stack = Self {
+            _frontend: frontend,
+            workers,
+            worker_status,
+            url: format!("http://127.0.0.1:{http_port}"),
+            discovery_dir,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+        };
+        stack
+            .eventually(
+                "the frontend to be ready",
+                |health: Value| health["status"] == "ready",
+                "/health",
+            )
+            .await;
+        stack
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        let response = self.http.get(format!("{}{path}", self.url)).send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}{path}", self.url))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Polls GET `path` until `check` accepts its JSON, for up to 10 s.
+    async fn eventually(&self, what: &str, check: impl Fn(Value) -> bool, path: &str) {
+        let started = Instant::now();
+        loop {
+            if let Ok(response) = self.http.get(format!("{}{path}", self.url)).send().await
+                && let Ok(body) = response.json::<Value>().await
+                && check(body)
+            {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The sum over both workers of a metric's sample value.
+    async fn worker_metric(&self, sample: &str) -> f64 {
+        let mut total = 0.0;
+        for port in &self.worker_status {
+            let text = self
+                .http
+                .get(format!("http://127.0.0.1:{port}/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            total += text
+                .lines()
+                .find_map(|line| line.strip_prefix(sample).and_then(|v| v.trim().parse::<f64>().ok()))
+                .unwrap_or(0.0);
+        }
+        total
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.discovery_dir);
+    }
+}
+
+fn chat(max_tokens: u32, stream: bool) -> Value {
+    json!({"model": "mock-model", "max_tokens": max_tokens, "stream": stream,
+           "messages": [{"role": "user", "content": "Write a haiku about trains"}]})
+}
+
+/// The `data:` payloads of an SSE body.
+fn sse_data(body: &str) -> Vec<String> {
+    body.lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frontend_and_two_mocker_processes_serve_the_openai_api() {
+    let stack = Stack::start(&["--busy-threshold", "1", "--body-limit-mb", "1"], "1").await;
+
+    let (status, models) = stack.get("/v1/models").await;
+    assert_eq!(status, 200);
+    assert_eq!(models["data"][0]["id"], "mock-model");
+
+    // Whole and streamed, chat and completions.
+    let answer: Value = stack
+        .post("/v1/chat/completions", &chat(5, false))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["usage"]["completion_tokens"], 5, "{answer}");
+    let body = stack
+        .post("/v1/chat/completions", &chat(5, true))
+        .await
+        .text()
+        .await
+        .unwrap();
+    let data = sse_data(&body);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{body}");
+    let completion = json!({"model": "mock-model", "prompt": "Once upon a time", "max_tokens": 3});
+    let answer: Value = stack.post("/v1/completions", &completion).await.json().await.unwrap();
+    assert_eq!(answer["object"], "text_completion");
+    assert_eq!(answer["choices"][0]["finish_reason"], "length");
+    let mut streamed = completion.clone();
+    streamed["stream"] = json!(true);
+    let body = stack.post("/v1/completions", &streamed).await.text().await.unwrap();
+    assert_eq!(
+        sse_data(&body).len(),
+        3 + 1 + 1,
+        "three tokens, the finish, [DONE]: {body}"
+    );
+
+    // Both workers took requests (least-loaded spreads sequential requests too,
+    // through the workers' load reports; retry a few times for the reports).
+    for _ in 0..6 {
+        stack.post("/v1/chat/completions", &chat(2, false)).await;
+    }
+    for port in &stack.worker_status {
+        let text = stack
+            .http
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            text.contains("switchyard_mocker_completed_requests_total{model_name=\"mock-model\"}"),
+            "every worker completed requests:\n{text}"
+        );
+    }
+
+    // Error statuses.
+    let bad = json!({"model": "mock-model", "messages": [{"role": "user", "content": "x"}], "top_p": 7});
+    let response = stack.post("/v1/chat/completions", &bad).await;
+    assert_eq!(response.status(), 400);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["param"], "top_p");
+    let unknown = json!({"model": "gpt-x", "messages": [{"role": "user", "content": "x"}]});
+    assert_eq!(stack.post("/v1/chat/completions", &unknown).await.status(), 404);
+    let huge = json!({"model": "mock-model", "messages": [{"role": "user", "content": "x".repeat(2 << 20)}]});
+    assert_eq!(stack.post("/v1/chat/completions", &huge).await.status(), 413);
+
+    // Busy: one long stream per worker, then a third request is refused.
+    let first = stack.post("/v1/chat/completions", &chat(400, true)).await;
+    let second = stack.post("/v1/chat/completions", &chat(400, true)).await;
+    assert_eq!((first.status().as_u16(), second.status().as_u16()), (200, 200));
+    let refused = stack.post("/v1/chat/completions", &chat(1, false)).await;
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["retry-after"], "1");
+
+    // A client that leaves cancels its request in the engine.
+    let cancelled_before = stack
+        .worker_metric("switchyard_mocker_cancelled_requests_total{model_name=\"mock-model\"}")
+        .await;
+    let mut body = first.bytes_stream();
+    assert!(body.next().await.is_some(), "the stream started");
+    drop(body);
+    drop(second);
+    let started = Instant::now();
+    loop {
+        let cancelled = stack
+            .worker_metric("switchyard_mocker_cancelled_requests_total{model_name=\"mock-model\"}")
+            .await;
+        if cancelled - cancelled_before >= 2.0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the engines saw {cancelled} cancels"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A model whose last worker leaves disappears.
+    for worker in &stack.workers {
+        worker.signal("-TERM");
+    }
+    stack
+        .eventually(
+            "the model to disappear",
+            |models| models["data"] == json!([]),
+            "/v1/models",
+        )
+        .await;
+    assert_eq!(stack.get("/health").await.0, 503);
+}
+
+/// The official client, from the virtualenv `make test` prepares.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_openai_python_client_works_against_the_frontend() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let python = root.join("target/test-venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run `make test` (or `make test-deps`), which creates it with the openai package",
+        python.display()
+    );
+    let stack = Stack::start(&[], "0").await;
+    let script = root.join("launch/switchyard/tests/openai_client.py");
+    let output = tokio::process::Command::new(&python)
+        .arg(&script)
+        .arg(format!("{}/v1", stack.url))
+        .output()
+        .await
+        .unwrap();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "the openai client script failed:\n{log}");
+    assert!(log.contains("all openai client checks passed"), "{log}");
+}
