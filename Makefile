@@ -1,5 +1,5 @@
 # The two commands a newcomer needs are in README.md:
-#   cargo run --example hello_world    (the main job, no infrastructure)
+#   cargo run --release -p switchyard -- run   (the main job, no infrastructure)
 #   make test                          (installs missing test servers, then runs everything)
 
 CARGO ?= cargo

@@ -14,12 +14,13 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
+use futures::StreamExt;
 use std::time::{SystemTime, UNIX_EPOCH};
 use switchyard_llm::model_card::ModelKind;
 use switchyard_llm::openai::{ChatCompletionRequest, CompletionRequest, ModelList, ModelObject, parse_request};
-use switchyard_llm::protocol::LlmRequest;
+use switchyard_llm::protocol::{LlmOutput, LlmRequest};
 use switchyard_runtime::distributed::DistributedRuntime;
-use switchyard_runtime::engine::{Context, Controller};
+use switchyard_runtime::engine::{Context, Controller, ResponseStream};
 use switchyard_runtime::error::ErrorKind;
 use switchyard_runtime::routing::RouterMode;
 use switchyard_runtime::runtime::Runtime;
@@ -56,6 +57,8 @@ impl FrontendState {
             RouterSettings {
                 mode: args.router_mode,
                 busy_threshold: args.busy_threshold,
+                max_wait: std::time::Duration::from_millis(args.router_max_wait_ms),
+                max_queued: args.router_max_queued,
             },
         );
         models.watch(runtime.root_token().child_token()).await?;
@@ -253,6 +256,16 @@ async fn admit(
             return Err(refuse(&model.name, stream, api));
         }
     };
+    // Wait for the first piece before answering, so that an early failure
+    // (prompt too long, worker refused) gets its own HTTP status rather than
+    // a 200 followed by an error event.
+    let mut responses = responses;
+    let first = responses.next().await;
+    if let Some(Err(error)) = &first {
+        exchange.refused();
+        return Err(refuse(&model.name, stream, ApiError::from_request(&model.name, error)));
+    }
+    let responses: ResponseStream<LlmOutput> = Box::pin(futures::stream::iter(first).chain(responses));
     Ok(if stream {
         respond::stream(exchange, responses, now_secs())
     } else {

@@ -42,6 +42,13 @@ pub struct FrontendArgs {
     /// worker is, requests get 503 with Retry-After. Unset: never busy.
     #[arg(long, env = "DYN_BUSY_THRESHOLD")]
     pub busy_threshold: Option<u64>,
+    /// With a busy threshold: how long a request may wait for a worker to
+    /// free up before it gets 503. 0 refuses at once.
+    #[arg(long, env = "DYN_ROUTER_MAX_WAIT_MS", default_value_t = 0)]
+    pub router_max_wait_ms: u64,
+    /// Requests that may wait at once per model (more get 503 at once).
+    #[arg(long, env = "DYN_ROUTER_MAX_QUEUED", default_value_t = 128)]
+    pub router_max_queued: usize,
     /// Largest request body accepted, in MiB (413 beyond).
     #[arg(long, env = "DYN_HTTP_BODY_LIMIT_MB", default_value_t = 45)]
     pub body_limit_mb: usize,
@@ -54,6 +61,8 @@ impl Default for FrontendArgs {
             http_port: 8000,
             router_mode: RouterMode::LeastLoaded,
             busy_threshold: None,
+            router_max_wait_ms: 0,
+            router_max_queued: 128,
             body_limit_mb: 45,
         }
     }

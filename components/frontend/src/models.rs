@@ -33,6 +33,9 @@ pub struct RouterSettings {
     pub mode: RouterMode,
     /// Requests in flight per instance at which it counts as busy (503 when all are).
     pub busy_threshold: Option<u64>,
+    /// How long, and how many, requests may wait while all are busy (none when zero).
+    pub max_wait: Duration,
+    pub max_queued: usize,
 }
 
 /// One model: its cards (one per worker) and the router over its endpoint.
@@ -236,6 +239,9 @@ impl ModelManager {
         }
         if let Some(limit) = self.settings.busy_threshold {
             router = router.with_busy_threshold(limit);
+            if !self.settings.max_wait.is_zero() {
+                router = router.with_wait_queue(self.settings.max_wait, self.settings.max_queued);
+            }
         }
         Ok(router)
     }

@@ -393,3 +393,45 @@ async fn a_model_disappears_when_its_last_worker_leaves() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     stack.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_wait_queue_a_busy_fleet_delays_a_request_instead_of_refusing_it() {
+    let args = FrontendArgs {
+        busy_threshold: Some(1),
+        router_max_wait_ms: 5_000,
+        ..FrontendArgs::default()
+    };
+    let stack = stack(args, Some(1.0)).await;
+    let first = stack
+        .call(post(
+            "/v1/chat/completions",
+            chat(json!({"max_tokens": 10, "stream": true})).to_string(),
+        ))
+        .await;
+    assert_eq!(first.status(), StatusCode::OK);
+    let reader = tokio::spawn(async move { first.into_body().collect().await.unwrap() });
+    let (status, _, body) = stack.post("/v1/chat/completions", chat(json!({"max_tokens": 1}))).await;
+    assert_eq!(status, StatusCode::OK, "the request waited for the worker: {body}");
+    reader.await.unwrap();
+    assert_eq!(
+        stack
+            .state
+            .metrics
+            .rejections
+            .with_label_values(&["mock-model", "chat_completions"])
+            .get(),
+        0
+    );
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_longer_than_the_context_gets_400_even_when_streaming() {
+    let stack = stack(FrontendArgs::default(), Some(0.0)).await;
+    let long = "word ".repeat(9000);
+    let body = json!({"model": "mock-model", "prompt": long, "stream": true});
+    let (status, _, body) = stack.post("/v1/completions", body).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.contains("context length"), "{body}");
+    stack.shutdown().await;
+}

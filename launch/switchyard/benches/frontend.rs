@@ -123,7 +123,10 @@ async fn main() {
         {
             break;
         }
-        assert!(ready.elapsed() < Duration::from_secs(20), "the frontend did not become ready");
+        assert!(
+            ready.elapsed() < Duration::from_secs(20),
+            "the frontend did not become ready"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let url = format!("{base}/v1/chat/completions");

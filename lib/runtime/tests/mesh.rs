@@ -4,7 +4,7 @@
 
 use futures::StreamExt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use switchyard_runtime::component::client::{Client, ClientError};
 use switchyard_runtime::component::endpoint::ServingEndpoint;
 use switchyard_runtime::config::RuntimeConfig;
@@ -256,6 +256,59 @@ async fn least_loaded_avoids_instances_with_streams_in_flight_and_refuses_when_a
         .unwrap_or_else(step("third"))
         .unwrap();
     assert_eq!(third.next().await.unwrap().unwrap(), a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_wait_queue_a_request_waits_for_a_busy_instance_to_free_up_within_bounds() {
+    let registry = MemRegistry::new();
+    let worker = process(&registry, &[]);
+    serve(&worker, "hold", Hold(worker.instance_id())).await;
+    let caller = process(&registry, &[]);
+    let router = Arc::new(
+        PushRouter::<(), u64>::from_client(client(&caller, "hold").await, RouterMode::LeastLoaded)
+            .await
+            .unwrap()
+            .with_busy_threshold(1)
+            .with_wait_queue(Duration::from_secs(5), 1),
+    );
+    let mut busy = router.generate(().into()).await.unwrap();
+    busy.next().await.unwrap().unwrap();
+
+    // The first waiter queues; a second finds the queue full and is refused at once.
+    let waiter = tokio::spawn({
+        let router = router.clone();
+        async move { router.generate(().into()).await.map(|_| ()) }
+    });
+    let queued = Instant::now();
+    while router.waiting() == 0 {
+        assert!(queued.elapsed() < DEADLINE, "the request never queued");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let refused = router.generate(().into()).await.err().expect("the queue is full");
+    assert_eq!(refused.kind(), ErrorKind::Overloaded);
+    assert!(refused.message().contains("already wait"), "{}", refused.message());
+
+    // Ending the busy stream lets the waiter through.
+    drop(busy);
+    tokio::time::timeout(DEADLINE, waiter)
+        .await
+        .expect("the waiter was woken")
+        .unwrap()
+        .expect("the waiter got the freed instance");
+    assert_eq!(router.waiting(), 0);
+
+    // A wait that outlasts max_wait ends as Overloaded.
+    let short = PushRouter::<(), u64>::from_client(client(&caller, "hold").await, RouterMode::LeastLoaded)
+        .await
+        .unwrap()
+        .with_busy_threshold(1)
+        .with_wait_queue(Duration::from_millis(200), 4);
+    let _held = short.generate(().into()).await.unwrap();
+    let started = Instant::now();
+    let timed_out = short.generate(().into()).await.err().expect("still busy");
+    assert_eq!(timed_out.kind(), ErrorKind::Overloaded);
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    assert!(timed_out.message().contains("stayed busy"), "{}", timed_out.message());
 }
 
 async fn get_metrics(drt: &DistributedRuntime) -> (axum::http::StatusCode, String) {

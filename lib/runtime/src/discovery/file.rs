@@ -83,7 +83,10 @@ impl FileDiscovery {
         let (changes, _) = watch::channel(0u64);
         let notifier = changes.clone();
         let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_ok() {
+            // Reads (open/close events) are not changes — and every watcher's
+            // own scan reads the files, so counting them makes all processes
+            // on the directory rescan each other in a loop.
+            if event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
                 notifier.send_modify(|n| *n = n.wrapping_add(1));
             }
         })

@@ -28,7 +28,7 @@ pub struct LoadReport {
     pub endpoint: String,
     /// Requests being worked on.
     pub active: u64,
-    /// Requests waiting inside the engine (0 when the engine does not say).
+    /// Of `active`, those waiting inside the engine (0 when the engine does not say).
     pub queued: u64,
     /// KV-cache usage 0–1, for engines that have one.
     pub kv_usage: Option<f32>,
@@ -115,7 +115,9 @@ pub(crate) async fn follow(
                 None => return,
                 Some(Ok((_, report))) if report.endpoint == endpoint => {
                     let now = tokio::time::Instant::now();
-                    occupancy.report(report.instance_id, report.active + report.queued, now + lifetime);
+                    // `active` counts every request open on the endpoint, including
+                    // those queued inside the engine: `queued` is already in it.
+                    occupancy.report(report.instance_id, report.active, now + lifetime);
                     occupancy.expire_reports(now);
                 }
                 Some(Ok(_)) => {}

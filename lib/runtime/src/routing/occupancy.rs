@@ -24,6 +24,9 @@ const MAX_EJECTION: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone, Default)]
 pub struct Occupancy {
     state: Arc<Mutex<State>>,
+    /// Woken when some load goes down (a request ends, a lower report
+    /// arrives), for requests waiting until an instance is no longer busy.
+    lighter: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Debug, Default)]
@@ -39,7 +42,7 @@ struct State {
 #[derive(Debug, Default, Clone)]
 struct InstanceLoad {
     inflight: u64,
-    /// The worker's own report (requests active + queued) and when it expires.
+    /// The worker's own report (requests open on the endpoint) and when it expires.
     reported: Option<(u64, Instant)>,
     /// The score under which this instance sits in `by_load`.
     indexed: u64,
@@ -108,13 +111,23 @@ impl Occupancy {
         self.lock().instances.get(&id).map_or(0, |i| i.score(now))
     }
 
-    /// The worker `id` reports `load` (active + queued requests), valid until `expires`.
+    /// The worker `id` reports `load` (requests open on its endpoint), valid until `expires`.
     pub fn report(&self, id: u64, load: u64, expires: Instant) {
         let mut state = self.lock();
         // An instance not known yet is added; the next sync with discovery
         // drops it again if it is not registered.
+        let before = state.instances.get(&id).map(|i| i.indexed);
         state.entry(id).reported = Some((load, expires));
         state.reindex(id, Instant::now());
+        if before.is_some_and(|before| state.instances[&id].indexed < before) {
+            self.lighter.notify_waiters();
+        }
+    }
+
+    /// A future that resolves at the next drop in some instance's load.
+    /// Create it *before* checking the loads, so a drop in between is not missed.
+    pub fn lighter(&self) -> tokio::sync::futures::OwnedNotified {
+        self.lighter.clone().notified_owned()
     }
 
     /// Re-files instances whose report expired (call now and then; O(n)).
@@ -214,6 +227,8 @@ impl Occupancy {
             let inflight = entry.inflight.saturating_sub(1);
             state.set_inflight(id, inflight);
         }
+        drop(state);
+        self.lighter.notify_waiters();
     }
 }
 

@@ -20,7 +20,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::marker::PhantomData;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Poll;
+use std::time::Duration;
 use tokio::time::Instant;
 
 /// Routes requests of type `Req` to an endpoint's instances and yields `Resp`s.
@@ -32,6 +35,8 @@ pub struct PushRouter<Req, Resp> {
     occupancy: Occupancy,
     /// Requests in flight at which an instance counts as busy.
     busy_threshold: Option<u64>,
+    /// Where requests wait while every instance is busy, when configured.
+    wait_queue: Option<WaitQueue>,
     /// The instance snapshot the occupancy table was last synced with
     /// (compared by address: a new snapshot means discovery changed).
     synced: std::sync::Mutex<usize>,
@@ -90,6 +95,7 @@ where
             policy,
             occupancy: Occupancy::new(),
             busy_threshold: None,
+            wait_queue: None,
             synced: std::sync::Mutex::new(0),
             types: PhantomData,
         })
@@ -119,6 +125,28 @@ where
     pub fn with_busy_threshold(mut self, limit: u64) -> Self {
         self.busy_threshold = Some(limit.max(1));
         self
+    }
+
+    /// Instead of refusing at once when every instance is busy, lets up to
+    /// `max_queued` requests wait up to `max_wait` each for one to free up
+    /// (woken when a request ends or a lower load report arrives). A request
+    /// beyond `max_queued`, or still waiting at `max_wait`, gets `Overloaded`.
+    /// Waiters are not served in arrival order: whichever retries first after
+    /// a release wins.
+    pub fn with_wait_queue(mut self, max_wait: Duration, max_queued: usize) -> Self {
+        self.wait_queue = Some(WaitQueue {
+            max_wait,
+            max_queued,
+            waiting: Arc::new(AtomicUsize::new(0)),
+        });
+        self
+    }
+
+    /// Requests waiting for a busy fleet right now.
+    pub fn waiting(&self) -> usize {
+        self.wait_queue
+            .as_ref()
+            .map_or(0, |q| q.waiting.load(Ordering::Relaxed))
     }
 
     pub fn client(&self) -> &Client {
@@ -183,9 +211,8 @@ where
         let (body, controller) = encode(request)?;
         let mut exclude = None;
         for attempt in 0..2 {
-            let instances = self.client.instances();
-            self.sync(&instances);
-            let Some(chosen) = self.choose(policy, &instances, exclude)? else {
+            let (instances, chosen) = self.choose_or_wait(policy, exclude, &controller).await?;
+            let Some(chosen) = chosen else {
                 break;
             };
             let instance = &instances[chosen];
@@ -226,6 +253,61 @@ where
             let ids: Vec<u64> = instances.iter().map(|i| i.instance_id).collect();
             self.occupancy.sync(&ids);
             *synced = address;
+        }
+    }
+
+    /// Like [`PushRouter::choose`] on the current instances, but when all
+    /// are busy and a wait queue is set, waits (bounded) for one to free up.
+    async fn choose_or_wait(
+        &self,
+        policy: &dyn Policy,
+        exclude: Option<u64>,
+        controller: &Controller,
+    ) -> Result<(Arc<Vec<Instance>>, Option<usize>), RequestError> {
+        let mut waiting: Option<(Instant, WaitSlot)> = None;
+        loop {
+            let lighter = self.occupancy.lighter();
+            let instances = self.client.instances();
+            self.sync(&instances);
+            let busy = match self.choose(policy, &instances, exclude) {
+                Err(busy) if busy.kind() == ErrorKind::Overloaded => busy,
+                chosen => return chosen.map(|chosen| (instances, chosen)),
+            };
+            let Some(queue) = &self.wait_queue else {
+                return Err(busy);
+            };
+            let deadline = match &waiting {
+                Some((deadline, _)) => *deadline,
+                None => {
+                    let slot = queue.enter().ok_or_else(|| {
+                        RequestError::new(
+                            ErrorKind::Overloaded,
+                            format!(
+                                "{}, and {} requests already wait for them",
+                                busy.message(),
+                                queue.max_queued
+                            ),
+                        )
+                    })?;
+                    let deadline = Instant::now() + queue.max_wait;
+                    waiting = Some((deadline, slot));
+                    deadline
+                }
+            };
+            tokio::select! {
+                _ = lighter => {}
+                // Discovery changes (a new instance) do not wake waiters; look again now and then.
+                _ = tokio::time::sleep(WAIT_RECHECK) => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(RequestError::new(
+                        ErrorKind::Overloaded,
+                        format!("{} and stayed busy for {:?}", busy.message(), queue.max_wait),
+                    ));
+                }
+                _ = controller.stopped() => {
+                    return Err(RequestError::new(ErrorKind::Cancelled, "cancelled while waiting for a free instance"));
+                }
+            }
         }
     }
 
@@ -291,6 +373,38 @@ where
                 Attempt::Streaming(decoded(rest, guard))
             }
         }
+    }
+}
+
+/// How often a waiting request looks at the instances again without a wake-up.
+const WAIT_RECHECK: Duration = Duration::from_millis(100);
+
+/// The bounded wait for a busy fleet.
+#[derive(Debug)]
+struct WaitQueue {
+    max_wait: Duration,
+    max_queued: usize,
+    waiting: Arc<AtomicUsize>,
+}
+
+impl WaitQueue {
+    /// A place in the queue, or `None` when it is full.
+    fn enter(&self) -> Option<WaitSlot> {
+        self.waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_queued).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| WaitSlot(self.waiting.clone()))
+    }
+}
+
+/// Holds one place in the wait queue until dropped.
+struct WaitSlot(Arc<AtomicUsize>);
+
+impl Drop for WaitSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
