@@ -81,7 +81,9 @@ pub trait Policy: Send + Sync + std::fmt::Debug {
 /// finding an available one at random (it then falls back to a scan).
 const SAMPLE_TRIES: usize = 8;
 
-/// Each instance in turn, skipping unavailable ones.
+/// Each instance in turn. The turn of an unavailable instance goes to a
+/// random available one: giving it to the next in line would double that
+/// neighbour's share for as long as the other is ejected or busy.
 #[derive(Debug, Default)]
 pub struct RoundRobin {
     next: AtomicUsize,
@@ -90,10 +92,14 @@ pub struct RoundRobin {
 impl Policy for RoundRobin {
     fn select(&self, instances: &[Instance], loads: &dyn LoadView) -> Option<usize> {
         let n = instances.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        (0..n)
-            .map(|k| (start + k) % n)
-            .find(|&i| loads.available(instances[i].instance_id))
+        if n == 0 {
+            return None;
+        }
+        let turn = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        if loads.available(instances[turn].instance_id) {
+            return Some(turn);
+        }
+        sample(instances, loads).or_else(|| first_available(instances, loads))
     }
 }
 
@@ -223,6 +229,23 @@ mod tests {
         for _ in 0..30 {
             assert_ne!(policy.select(&instances, &one_down), Some(1));
         }
+    }
+
+    #[test]
+    fn round_robin_spreads_an_unavailable_instance_turns_instead_of_doubling_its_neighbour() {
+        let policy = RoundRobin::default();
+        let instances = fleet(4);
+        let first_down = Table {
+            loads: vec![0; 4],
+            unavailable: vec![0],
+        };
+        let mut counts = [0; 4];
+        for _ in 0..4000 {
+            counts[policy.select(&instances, &first_down).unwrap()] += 1;
+        }
+        assert_eq!(counts[0], 0);
+        // Even share is 1333 each; a next-in-line fallback would give instance 1 2000.
+        assert!(counts[1..].iter().all(|&c| (1150..1550).contains(&c)), "{counts:?}");
     }
 
     #[test]
