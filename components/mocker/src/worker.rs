@@ -21,40 +21,40 @@ use switchyard_runtime::runtime::Runtime;
 #[derive(Debug, Clone, clap::Args)]
 pub struct MockerArgs {
     /// The model name clients put in requests.
-    #[arg(long, default_value = "mock-model")]
+    #[arg(long, env = "DYN_MODEL_NAME", default_value = "mock-model")]
     pub model_name: String,
-    #[arg(long, default_value = "dynamo")]
+    #[arg(long, env = "DYN_NAMESPACE", default_value = "dynamo")]
     pub namespace: String,
-    #[arg(long, default_value = "backend")]
+    #[arg(long, env = "DYN_COMPONENT", default_value = "backend")]
     pub component: String,
-    #[arg(long, default_value = "generate")]
+    #[arg(long, env = "DYN_ENDPOINT", default_value = "generate")]
     pub endpoint: String,
     /// Longest prompt plus output, in tokens.
-    #[arg(long, default_value_t = 8192)]
+    #[arg(long, env = "DYN_CONTEXT_LENGTH", default_value_t = 8192)]
     pub context_length: u32,
     /// KV-cache blocks the simulated GPU holds.
-    #[arg(long, default_value_t = 16384)]
+    #[arg(long, env = "DYN_MOCKER_NUM_GPU_BLOCKS", default_value_t = 16384)]
     pub num_gpu_blocks: usize,
     /// Tokens per KV-cache block.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, env = "DYN_MOCKER_BLOCK_SIZE", default_value_t = 64)]
     pub block_size: usize,
     /// Sequences running at once; more wait in the engine's queue.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, env = "DYN_MOCKER_MAX_NUM_SEQS", default_value_t = 256)]
     pub max_num_seqs: usize,
     /// Tokens prefilled per engine step (longer prompts are chunked).
-    #[arg(long, default_value_t = 8192)]
+    #[arg(long, env = "DYN_MOCKER_MAX_NUM_BATCHED_TOKENS", default_value_t = 8192)]
     pub max_num_batched_tokens: usize,
     /// Reuse KV blocks of prompts that share a prefix.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, env = "DYN_MOCKER_ENABLE_PREFIX_CACHING", default_value_t = true, action = clap::ArgAction::Set)]
     pub enable_prefix_caching: bool,
     /// Divides every simulated delay; 0 runs without sleeping.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, env = "DYN_MOCKER_SPEEDUP_RATIO", default_value_t = 1.0)]
     pub speedup_ratio: f64,
     /// Further divides decode delays.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, env = "DYN_MOCKER_DECODE_SPEEDUP_RATIO", default_value_t = 1.0)]
     pub decode_speedup_ratio: f64,
     /// Workers in this process, each its own instance in discovery.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, env = "DYN_MOCKER_NUM_WORKERS", default_value_t = 1)]
     pub num_workers: usize,
 }
 

@@ -4,10 +4,16 @@
 //!   workers in one process on in-memory discovery, no infrastructure.
 //! - `switchyard frontend`: the OpenAI HTTP frontend.
 //! - `switchyard worker mocker`: a simulated vLLM worker.
+//! - `switchyard worker vllm`: a worker in front of vLLM servers.
+//! - `switchyard instances`: what discovery holds.
+//! - `switchyard mocker-vllm serve`: the mocker behind vLLM's own HTTP API, a
+//!   stand-in for `vllm serve` to test the vLLM worker without a GPU.
 //!
 //! Runtime settings (discovery, planes, status server) come from `DYN_*`
 //! variables as for every Switchyard process; the flags here are the
 //! component's own.
+
+mod instances;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -43,12 +49,37 @@ enum Command {
     /// A worker process.
     #[command(subcommand)]
     Worker(WorkerKind),
+    /// List what discovery holds: endpoint instances, their addresses and models.
+    Instances(instances::InstancesArgs),
+    /// A stand-in for vLLM's OpenAI server, backed by the mocker (for tests without a GPU).
+    #[command(subcommand, name = "mocker-vllm")]
+    MockerVllm(VllmCompat),
+}
+
+#[derive(Debug, Subcommand)]
+enum VllmCompat {
+    /// `vllm serve`'s shape: `serve [--host H] [--port P] MODEL [ignored vLLM flags…]`.
+    Serve {
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        /// The model name to serve.
+        model: String,
+        /// vLLM flags the mocker has no use for.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        ignored: Vec<String>,
+        #[command(flatten)]
+        mocker: MockerArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 enum WorkerKind {
     /// A simulated vLLM engine (no GPU).
     Mocker(MockerArgs),
+    /// In front of vLLM OpenAI servers: attach to running ones or start them.
+    Vllm(switchyard_vllm::VllmArgs),
 }
 
 type AppError = Box<dyn std::error::Error + Send + Sync>;
@@ -72,13 +103,39 @@ fn main() -> ExitCode {
 
 fn execute(command: Command) -> Result<(), AppError> {
     let mut config = RuntimeConfig::from_settings()?;
-    if matches!(command, Command::Run { .. }) {
+    if matches!(command, Command::Run { .. } | Command::MockerVllm(_)) {
         config = config.with_discovery_backend(DiscoveryBackend::Mem);
     }
     let worker = Worker::from_config(config)?;
     worker.execute(move |runtime| async move {
         match command {
-            Command::Run { frontend, mocker } => run_all(runtime, frontend, mocker).await,
+            Command::Run { frontend, mocker } => run_all(runtime, frontend, mocker, true).await,
+            Command::MockerVllm(VllmCompat::Serve {
+                host,
+                port,
+                model,
+                ignored,
+                mocker,
+            }) => {
+                if !ignored.is_empty() {
+                    tracing::info!(?ignored, "ignoring vLLM flags the mocker does not use");
+                }
+                let frontend = FrontendArgs {
+                    http_host: host,
+                    http_port: port,
+                    ..FrontendArgs::default()
+                };
+                let mocker = MockerArgs {
+                    model_name: model,
+                    num_workers: 1,
+                    ..mocker
+                };
+                run_all(runtime, frontend, mocker, false).await
+            }
+            Command::Instances(args) => instances::list(runtime.clone(), args).await,
+            Command::Worker(WorkerKind::Vllm(args)) => {
+                switchyard_vllm::run(runtime, args).await.map_err(AppError::from)
+            }
             Command::Frontend(args) => switchyard_frontend::run(runtime, args).await.map_err(AppError::from),
             Command::Worker(WorkerKind::Mocker(args)) => switchyard_mocker_worker::run(runtime, args)
                 .await
@@ -89,17 +146,19 @@ fn execute(command: Command) -> Result<(), AppError> {
 }
 
 /// The all-in-one job: workers first (each its own instance), then the
-/// frontend, then a banner once the frontend can route to them.
-async fn run_all(runtime: Runtime, frontend: FrontendArgs, mocker: MockerArgs) -> Result<(), AppError> {
+/// frontend, then a banner once the frontend can route to them. The first
+/// worker shares the frontend's runtime, so its `vllm:*` gauges appear on
+/// the frontend's `/metrics` (what a vLLM server shows on its own port).
+async fn run_all(runtime: Runtime, frontend: FrontendArgs, mocker: MockerArgs, banner: bool) -> Result<(), AppError> {
     if mocker.num_workers == 0 {
         return Err("--num-workers must be at least 1 (got 0)".into());
     }
-    let mut workers = Vec::new();
-    for _ in 0..mocker.num_workers {
-        let drt = DistributedRuntime::connect(runtime.clone()).await?;
-        workers.push(switchyard_mocker_worker::serve(&drt, &mocker).await?);
-    }
     let drt = DistributedRuntime::from_settings(runtime.clone()).await?;
+    let mut workers = vec![switchyard_mocker_worker::serve(&drt, &mocker).await?];
+    for _ in 1..mocker.num_workers {
+        let own = DistributedRuntime::connect(runtime.clone()).await?;
+        workers.push(switchyard_mocker_worker::serve(&own, &mocker).await?);
+    }
     let serving = switchyard_frontend::start(&drt, &frontend).await?;
     let deadline = tokio::time::Instant::now() + READY_WAIT;
     while !serving
@@ -117,13 +176,18 @@ async fn run_all(runtime: Runtime, frontend: FrontendArgs, mocker: MockerArgs) -
         other => other.to_string(),
     };
     let url = format!("http://{host}:{}", serving.address.port());
-    println!(
-        "Switchyard is ready: OpenAI API at {url}/v1 serving model {:?} on {} mocker worker(s).\n\
+    if !banner {
+        tracing::info!(%url, model = %mocker.model_name, "mocker ready behind the vLLM API");
+    }
+    banner.then(|| {
+        println!(
+            "Switchyard is ready: OpenAI API at {url}/v1 serving model {:?} on {} mocker worker(s).\n\
          Try:\n  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n    \
          -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}],\"max_tokens\":20}}'\n\
          Press Ctrl-C to stop.",
-        mocker.model_name, mocker.num_workers, mocker.model_name
-    );
+            mocker.model_name, mocker.num_workers, mocker.model_name
+        )
+    });
     for worker in workers {
         worker.serving.wait().await;
     }

@@ -310,3 +310,286 @@ async fn the_official_openai_python_client_works_against_the_frontend() {
     assert!(output.status.success(), "the openai client script failed:\n{log}");
     assert!(log.contains("all openai client checks passed"), "{log}");
 }
+
+// ---- The vLLM worker, against the mocker standing in for `vllm serve` ----
+
+fn switchyard() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_switchyard"))
+}
+
+/// A directory with an executable `vllm` script holding `body`, to put first on PATH.
+fn fake_vllm(body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("switchyard-fake-vllm-{:016x}", rand::random::<u64>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("vllm");
+    std::fs::write(&script, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+/// A fake `vllm` that runs the mocker behind vLLM's API (`vllm serve …` → `switchyard mocker-vllm serve …`).
+fn mocker_as_vllm() -> PathBuf {
+    fake_vllm(&format!(
+        "unset DYN_SYSTEM_PORT\nexec {} mocker-vllm \"$@\"",
+        switchyard().display()
+    ))
+}
+
+/// PATH with `dir` first.
+fn path_with(dir: &std::path::Path) -> String {
+    // The test hands the child a PATH; reading ours is how it keeps the rest.
+    #[allow(clippy::disallowed_methods)]
+    let path = std::env::var("PATH").unwrap_or_default();
+    format!("{}:{path}", dir.display())
+}
+
+/// `vllm serve`'s stand-in on `port`, serving `model`.
+fn start_fake_vllm_server(port: u16, model: &str) -> WorkerProcess {
+    let port = port.to_string();
+    WorkerProcess::start(
+        switchyard(),
+        &["mocker-vllm", "serve", "--port", &port, model],
+        &[("DYN_LOG", "info"), ("DYN_MOCKER_SPEEDUP_RATIO", "0")],
+        "frontend listening",
+        START_DEADLINE,
+    )
+}
+
+/// Runs `switchyard ARGS` to its end (bounded) and returns (success, stderr).
+async fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let output = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new(switchyard())
+            .args(args)
+            .envs(env.iter().copied())
+            .output(),
+    )
+    .await
+    .expect("the command ended")
+    .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// The pids of the children a managed worker logged as started.
+fn started_children(log: &str) -> Vec<u32> {
+    log.lines()
+        .filter(|line| line.contains("started vllm"))
+        .filter_map(|line| line.split("pid=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+fn process_exists(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+}
+
+async fn wait_until_gone(pids: &[u32]) {
+    let started = Instant::now();
+    while pids.iter().any(|&pid| process_exists(pid)) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "children {pids:?} still run"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vllm_attach_refuses_a_server_that_does_not_serve_the_model() {
+    let port = free_port();
+    let _vllm = start_fake_vllm_server(port, "other-model");
+    let url = format!("http://127.0.0.1:{port}");
+    let (ok, stderr) = run_to_end(
+        &["worker", "vllm", "--attach", &url, "--model", "wanted"],
+        &[("DYN_DISCOVERY_BACKEND", "mem")],
+    )
+    .await;
+    assert!(!ok);
+    assert!(
+        stderr.contains(&url) && stderr.contains("other-model") && stderr.contains("wanted"),
+        "{stderr}"
+    );
+
+    let nobody = format!("http://127.0.0.1:{}", free_port());
+    let (ok, stderr) = run_to_end(
+        &[
+            "worker",
+            "vllm",
+            "--attach",
+            &nobody,
+            "--model",
+            "wanted",
+            "--check-timeout-secs",
+            "2",
+        ],
+        &[("DYN_DISCOVERY_BACKEND", "mem")],
+    )
+    .await;
+    assert!(!ok);
+    assert!(
+        stderr.contains(&nobody) && stderr.contains("did not answer"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vllm_attach_leaves_discovery_when_the_server_dies_and_returns_when_it_is_back() {
+    let dir = std::env::temp_dir().join(format!("switchyard-e2e-{:016x}", rand::random::<u64>()));
+    let dir_text = dir.to_str().unwrap().to_string();
+    let env = [
+        ("DYN_DISCOVERY_BACKEND", "file"),
+        ("DYN_FILE_KV", dir_text.as_str()),
+        ("DYN_LOG", "info"),
+    ];
+    let port = free_port();
+    let vllm = start_fake_vllm_server(port, "m");
+    let url = format!("http://127.0.0.1:{port}");
+    let _worker = WorkerProcess::start(
+        switchyard(),
+        &[
+            "worker",
+            "vllm",
+            "--attach",
+            &url,
+            "--model",
+            "m",
+            "--health-interval-ms",
+            "100",
+        ],
+        &env,
+        "vllm worker serving",
+        START_DEADLINE,
+    );
+    let http_port = free_port().to_string();
+    let _frontend = WorkerProcess::start(
+        switchyard(),
+        &["frontend", "--http-host", "127.0.0.1", "--http-port", &http_port],
+        &env,
+        "frontend listening",
+        START_DEADLINE,
+    );
+    let http = reqwest::Client::new();
+    let frontend = format!("http://127.0.0.1:{http_port}");
+    let models = || async {
+        http.get(format!("{frontend}/v1/models"))
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()["data"]
+            .clone()
+    };
+    let until = |want_model: bool| async move {
+        let started = Instant::now();
+        loop {
+            let listed = models().await.as_array().is_some_and(|d| !d.is_empty());
+            if listed == want_model {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "model listed: {listed}, wanted {want_model}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    until(true).await;
+    // Streaming through frontend → worker → "vLLM", unknown fields passed along.
+    let body = json!({"model": "m", "max_tokens": 4, "stream": true, "top_k": 5,
+                      "messages": [{"role": "user", "content": "hello"}]});
+    let text = http
+        .post(format!("{frontend}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+
+    vllm.signal("-KILL");
+    until(false).await;
+    let _back = start_fake_vllm_server(port, "m");
+    until(true).await;
+    let answer: Value = http
+        .post(format!("{frontend}/v1/completions"))
+        .json(&json!({"model": "m", "prompt": "again", "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["usage"]["completion_tokens"], 2, "{answer}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vllm_managed_reports_a_child_that_dies_at_start_with_its_log_tail() {
+    let dir = fake_vllm("echo 'loading weights'\necho 'RuntimeError: no CUDA device' >&2\nexit 3");
+    let path = path_with(&dir);
+    let (ok, stderr) = run_to_end(
+        &["worker", "vllm", "--managed", "--model", "m"],
+        &[("DYN_DISCOVERY_BACKEND", "mem"), ("PATH", &path)],
+    )
+    .await;
+    assert!(!ok);
+    assert!(
+        stderr.contains("exited") && stderr.contains("RuntimeError: no CUDA device"),
+        "{stderr}"
+    );
+
+    let (ok, stderr) = run_to_end(
+        &[
+            "worker",
+            "vllm",
+            "--managed",
+            "--model",
+            "m",
+            "--vllm-command",
+            "/nonexistent/vllm",
+        ],
+        &[("DYN_DISCOVERY_BACKEND", "mem")],
+    )
+    .await;
+    assert!(!ok);
+    assert!(stderr.contains("cannot find the vLLM command"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vllm_managed_children_never_outlive_the_worker() {
+    let dir = mocker_as_vllm();
+    let path = path_with(&dir);
+    let env = [
+        ("DYN_DISCOVERY_BACKEND", "mem"),
+        ("DYN_LOG", "info"),
+        ("PATH", path.as_str()),
+    ];
+    let args = ["worker", "vllm", "--managed", "--model", "m", "--replicas", "2"];
+
+    // SIGTERM: drain, then the children are stopped in order.
+    let mut worker = WorkerProcess::start(switchyard(), &args, &env, "vllm worker serving", START_DEADLINE);
+    worker.wait_for_log("http://127.0.0.1", START_DEADLINE);
+    let children = started_children(worker.log());
+    assert_eq!(children.len(), 2, "{}", worker.log());
+    assert!(children.iter().all(|&pid| process_exists(pid)));
+    worker.signal("-TERM");
+    let (status, log) = worker.wait(Duration::from_secs(15));
+    assert!(status.success(), "{log}");
+    wait_until_gone(&children).await;
+
+    // SIGKILL: the kernel takes the children with it (setpriv --pdeathsig).
+    let worker = WorkerProcess::start(switchyard(), &args, &env, "vllm worker serving", START_DEADLINE);
+    let children = started_children(worker.log());
+    assert!(!children.is_empty(), "{}", worker.log());
+    worker.signal("-KILL");
+    wait_until_gone(&children).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

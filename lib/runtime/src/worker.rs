@@ -119,9 +119,12 @@ async fn shutdown_signal() -> &'static str {
 /// subscriber installed earlier by the application wins.
 fn init_logging(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::new(filter);
+    // Colours only on a terminal: log files and collectors get plain text.
+    let colours = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(colours)
         .try_init();
 }
 

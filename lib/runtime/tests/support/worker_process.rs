@@ -78,6 +78,11 @@ impl WorkerProcess {
         }
     }
 
+    /// The log read so far.
+    pub fn log(&self) -> &str {
+        &self.log
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

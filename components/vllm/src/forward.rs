@@ -1,0 +1,295 @@
+//! Forwarding one LLM request to a vLLM OpenAI server and turning its SSE
+//! answer into [`LlmOutput`] pieces.
+//!
+//! The request goes as the client sent it (unknown fields included), always
+//! streamed with usage, so one parser serves both streaming and whole
+//! answers; the frontend folds. Dropping the response stream drops the HTTP
+//! connection, which makes vLLM abort the request.
+
+use crate::check::{error_chain, snippet};
+use futures::StreamExt;
+use serde_json::Value;
+use switchyard_llm::openai::Usage;
+use switchyard_llm::protocol::{FinishReason, LlmOutput, LlmRequest};
+use switchyard_runtime::engine::{AsyncEngine, Context, Controller, ResponseStream};
+use switchyard_runtime::error::{ErrorKind, RequestError};
+
+/// Serves requests by forwarding them to one vLLM server.
+#[derive(Debug, Clone)]
+pub struct VllmForwarder {
+    http: reqwest::Client,
+    base_url: String,
+}
+
+impl VllmForwarder {
+    pub fn new(http: reqwest::Client, base_url: impl Into<String>) -> Self {
+        Self {
+            http,
+            base_url: base_url.into(),
+        }
+    }
+}
+
+/// The body sent upstream: the client's request, streamed with usage.
+fn upstream_body(request: &LlmRequest) -> Result<(String, Value), RequestError> {
+    let (path, mut body) = match request {
+        LlmRequest::Chat(chat) => ("/v1/chat/completions", serde_json::to_value(chat)),
+        LlmRequest::Completion(completion) => ("/v1/completions", serde_json::to_value(completion)),
+    };
+    let body = body
+        .as_mut()
+        .map_err(|e| RequestError::new(ErrorKind::Invalid, format!("cannot encode the request: {e}")))?;
+    body["stream"] = Value::Bool(true);
+    body["stream_options"] = serde_json::json!({ "include_usage": true });
+    Ok((path.to_string(), body.take()))
+}
+
+/// The error kind for an HTTP status from vLLM.
+fn kind_for_status(status: u16) -> ErrorKind {
+    match status {
+        400 | 413 | 422 => ErrorKind::Invalid,
+        404 => ErrorKind::NotFound,
+        429 | 503 => ErrorKind::Overloaded,
+        _ => ErrorKind::Engine,
+    }
+}
+
+#[async_trait::async_trait]
+impl AsyncEngine<LlmRequest, LlmOutput> for VllmForwarder {
+    async fn generate(&self, request: Context<LlmRequest>) -> Result<ResponseStream<LlmOutput>, RequestError> {
+        let (request, controller) = request.into_parts();
+        let (path, body) = upstream_body(&request)?;
+        let url = format!("{}{path}", self.base_url);
+        let sent = tokio::select! {
+            sent = self.http.post(&url).json(&body).send() => sent,
+            _ = controller.stopped() => return Err(RequestError::new(ErrorKind::Cancelled, "cancelled before vLLM answered")),
+        };
+        let response = sent.map_err(|e| {
+            RequestError::new(
+                ErrorKind::Unreachable,
+                format!("vLLM at {} is unreachable: {}", self.base_url, error_chain(&e)),
+            )
+        })?;
+        let status = response.status().as_u16();
+        if !(200..300).contains(&status) {
+            let text = response.text().await.unwrap_or_default();
+            let message = serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| {
+                    v["error"]["message"]
+                        .as_str()
+                        .or_else(|| v["message"].as_str())
+                        .map(str::to_string)
+                })
+                .unwrap_or_else(|| snippet(&text));
+            return Err(RequestError::new(
+                kind_for_status(status),
+                format!("vLLM answered {status}: {message}"),
+            ));
+        }
+        let state = Upstream {
+            bytes: Box::pin(response.bytes_stream()),
+            buffer: Vec::new(),
+            finish: None,
+            tokens: 0,
+            done: false,
+            controller,
+        };
+        Ok(Box::pin(futures::stream::unfold(state, Upstream::next)))
+    }
+}
+
+type ByteStream = std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>;
+
+/// One upstream SSE answer being read.
+struct Upstream {
+    bytes: ByteStream,
+    /// Bytes of an incomplete line.
+    buffer: Vec<u8>,
+    /// The finish reason, held until the usage chunk (or the end) arrives.
+    finish: Option<FinishReason>,
+    tokens: u32,
+    done: bool,
+    controller: Controller,
+}
+
+/// What one SSE `data:` line means.
+enum Event {
+    Piece(LlmOutput),
+    Usage(Usage),
+    Done,
+    Error(String),
+    Nothing,
+}
+
+impl Upstream {
+    async fn next(mut self) -> Option<(Result<LlmOutput, RequestError>, Self)> {
+        if self.done {
+            return None;
+        }
+        loop {
+            if let Some(line) = self.take_line() {
+                match parse_line(&line) {
+                    Event::Piece(piece) if piece.finish_reason.is_some() => {
+                        self.finish = piece.finish_reason;
+                        self.tokens += piece.tokens;
+                        if !piece.text.is_empty() {
+                            let mut text_only = piece;
+                            text_only.finish_reason = None;
+                            return Some((Ok(text_only), self));
+                        }
+                    }
+                    Event::Piece(piece) => {
+                        self.tokens += piece.tokens;
+                        return Some((Ok(piece), self));
+                    }
+                    Event::Usage(usage) => return Some((Ok(self.last(Some(usage))), self)),
+                    Event::Done => return Some((Ok(self.last(None)), self)),
+                    Event::Error(message) => {
+                        self.done = true;
+                        return Some((Err(RequestError::new(ErrorKind::Engine, message)), self));
+                    }
+                    Event::Nothing => {}
+                }
+                continue;
+            }
+            let chunk = tokio::select! {
+                chunk = self.bytes.next() => chunk,
+                _ = self.controller.stopped() => {
+                    self.done = true;
+                    return Some((Err(RequestError::new(ErrorKind::Cancelled, "the request was stopped")), self));
+                }
+            };
+            match chunk {
+                Some(Ok(bytes)) => self.buffer.extend_from_slice(&bytes),
+                Some(Err(error)) => {
+                    self.done = true;
+                    let error = RequestError::new(
+                        ErrorKind::Disconnected,
+                        format!("vLLM broke off the answer: {}", error_chain(&error)),
+                    );
+                    return Some((Err(error), self));
+                }
+                None => {
+                    // Ended without [DONE]: complete if a finish was seen.
+                    self.done = true;
+                    if self.finish.is_some() {
+                        return Some((Ok(self.last(None)), self));
+                    }
+                    let error = RequestError::new(ErrorKind::Disconnected, "vLLM closed the answer before it finished");
+                    return Some((Err(error), self));
+                }
+            }
+        }
+    }
+
+    /// The closing piece: the held finish reason and the usage.
+    fn last(&mut self, usage: Option<Usage>) -> LlmOutput {
+        self.done = true;
+        LlmOutput {
+            text: String::new(),
+            tokens: 0,
+            finish_reason: Some(self.finish.unwrap_or(FinishReason::Stop)),
+            usage: Some(usage.unwrap_or(Usage::new(0, self.tokens))),
+        }
+    }
+
+    fn take_line(&mut self) -> Option<String> {
+        let end = self.buffer.iter().position(|&b| b == b'\n')?;
+        let line: Vec<u8> = self.buffer.drain(..=end).collect();
+        Some(String::from_utf8_lossy(&line).trim_end().to_string())
+    }
+}
+
+/// Reads one SSE line of a chat or completions stream.
+fn parse_line(line: &str) -> Event {
+    let Some(data) = line.strip_prefix("data:").map(str::trim) else {
+        return Event::Nothing;
+    };
+    if data == "[DONE]" {
+        return Event::Done;
+    }
+    let Ok(chunk) = serde_json::from_str::<Value>(data) else {
+        return Event::Error(format!("vLLM sent an unreadable chunk: {}", snippet(data)));
+    };
+    if let Some(message) = chunk["error"]["message"].as_str() {
+        return Event::Error(format!("vLLM: {message}"));
+    }
+    let choice = &chunk["choices"][0];
+    if choice.is_null() {
+        return match serde_json::from_value::<Usage>(chunk["usage"].clone()) {
+            Ok(usage) => Event::Usage(usage),
+            Err(_) => Event::Nothing,
+        };
+    }
+    let text = choice["delta"]["content"]
+        .as_str()
+        .or_else(|| choice["text"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    let finish_reason = match choice["finish_reason"].as_str() {
+        Some("length") => Some(FinishReason::Length),
+        Some(_) => Some(FinishReason::Stop),
+        None => None,
+    };
+    Event::Piece(LlmOutput {
+        tokens: u32::from(!text.is_empty()),
+        text,
+        finish_reason,
+        usage: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_and_completion_chunks_become_pieces() {
+        let Event::Piece(piece) =
+            parse_line(r#"data: {"choices":[{"index":0,"delta":{"content":" hi"},"finish_reason":null}]}"#)
+        else {
+            panic!("a piece")
+        };
+        assert_eq!(
+            (piece.text.as_str(), piece.tokens, piece.finish_reason),
+            (" hi", 1, None)
+        );
+        let Event::Piece(piece) = parse_line(r#"data: {"choices":[{"index":0,"text":"","finish_reason":"length"}]}"#)
+        else {
+            panic!("a piece")
+        };
+        assert_eq!(piece.finish_reason, Some(FinishReason::Length));
+    }
+
+    #[test]
+    fn usage_done_errors_and_other_lines_are_told_apart() {
+        let usage = r#"data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#;
+        assert!(matches!(parse_line(usage), Event::Usage(u) if u.completion_tokens == 2));
+        assert!(matches!(parse_line("data: [DONE]"), Event::Done));
+        assert!(matches!(parse_line(r#"data: {"error":{"message":"boom"}}"#), Event::Error(m) if m.contains("boom")));
+        assert!(matches!(parse_line(": keep-alive"), Event::Nothing));
+        assert!(matches!(parse_line("data: {not json"), Event::Error(_)));
+    }
+
+    #[test]
+    fn the_upstream_body_keeps_unknown_fields_and_forces_streaming_with_usage() {
+        let chat: switchyard_llm::openai::ChatCompletionRequest = switchyard_llm::openai::parse_request(
+            br#"{"model":"m","messages":[{"role":"user","content":"x"}],"top_k":3,"stream":false}"#,
+        )
+        .unwrap();
+        let (path, body) = upstream_body(&LlmRequest::Chat(chat)).unwrap();
+        assert_eq!(path, "/v1/chat/completions");
+        assert_eq!(body["top_k"], 3);
+        assert_eq!(body["stream"], true);
+        assert_eq!(body["stream_options"]["include_usage"], true);
+    }
+
+    #[test]
+    fn vllm_statuses_map_to_error_kinds() {
+        assert_eq!(kind_for_status(400), ErrorKind::Invalid);
+        assert_eq!(kind_for_status(404), ErrorKind::NotFound);
+        assert_eq!(kind_for_status(503), ErrorKind::Overloaded);
+        assert_eq!(kind_for_status(500), ErrorKind::Engine);
+    }
+}

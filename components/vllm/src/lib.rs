@@ -1,0 +1,213 @@
+//! A Switchyard worker in front of vLLM's OpenAI servers.
+//!
+//! - **attach** (`--attach URL[,URL…]`): servers that are already running.
+//!   Each is checked (`GET /v1/models` must list `--model`) and becomes one
+//!   instance in discovery, with its own id.
+//! - **managed** (`--managed`): `--replicas` children of `vllm serve` are
+//!   started on free ports ([`managed`]), awaited until healthy, then
+//!   attached; they are stopped when the worker stops.
+//!
+//! Either way each instance forwards requests ([`forward`]), publishes the
+//! server's `vllm:*` gauges as its load, and follows the server's health
+//! ([`monitor`]).
+#![forbid(unsafe_code)]
+
+pub mod check;
+pub mod forward;
+pub mod managed;
+pub mod monitor;
+
+use crate::check::{CheckError, check_model};
+use crate::managed::{ManagedError, ManagedVllm, resolve_command};
+use crate::monitor::Backend;
+use std::time::Duration;
+use switchyard_runtime::component::NameError;
+use switchyard_runtime::component::endpoint::EndpointError;
+use switchyard_runtime::distributed::{DistributedError, DistributedRuntime};
+use switchyard_runtime::runtime::Runtime;
+
+/// Context length registered when the server does not report `max_model_len`.
+const DEFAULT_CONTEXT_LENGTH: u32 = 8192;
+
+/// Flags of `switchyard worker vllm`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct VllmArgs {
+    /// Running vLLM servers to attach to (comma-separated base URLs).
+    #[arg(long, env = "DYN_VLLM_ATTACH", value_delimiter = ',', conflicts_with = "managed")]
+    pub attach: Vec<String>,
+    /// Start and supervise `vllm serve` children instead.
+    #[arg(long, env = "DYN_VLLM_MANAGED")]
+    pub managed: bool,
+    /// The model to serve (as vLLM names it; clients use this name).
+    #[arg(long, env = "DYN_MODEL_NAME")]
+    pub model: String,
+    /// One argument for `vllm serve` (managed; repeat for more, e.g. `--vllm-arg=--dtype --vllm-arg=half`).
+    #[arg(long = "vllm-arg", allow_hyphen_values = true)]
+    pub vllm_args: Vec<String>,
+    /// Children to start (managed).
+    #[arg(long, env = "DYN_VLLM_REPLICAS", default_value_t = 1)]
+    pub replicas: usize,
+    /// The vLLM executable (managed).
+    #[arg(long, env = "DYN_VLLM_COMMAND", default_value = "vllm")]
+    pub vllm_command: String,
+    /// How long a child may take to answer /health (managed; loading weights is slow).
+    #[arg(long, env = "DYN_VLLM_STARTUP_TIMEOUT_SECS", default_value_t = 600)]
+    pub startup_timeout_secs: u64,
+    /// Between SIGTERM and SIGKILL when stopping a child (managed). Kept
+    /// under the worker's 5 s exit grace after draining, so the children are
+    /// always stopped by the worker and never by its own abort.
+    #[arg(long, env = "DYN_VLLM_STOP_GRACE_SECS", default_value_t = 4)]
+    pub stop_grace_secs: u64,
+    /// Bound on each check of a server (model list, health).
+    #[arg(long, env = "DYN_VLLM_CHECK_TIMEOUT_SECS", default_value_t = 5)]
+    pub check_timeout_secs: u64,
+    /// How often each server's /health is polled.
+    #[arg(long, env = "DYN_VLLM_HEALTH_INTERVAL_MS", default_value_t = 1000)]
+    pub health_interval_ms: u64,
+    #[arg(long, env = "DYN_NAMESPACE", default_value = "dynamo")]
+    pub namespace: String,
+    #[arg(long, env = "DYN_COMPONENT", default_value = "backend")]
+    pub component: String,
+    #[arg(long, env = "DYN_ENDPOINT", default_value = "generate")]
+    pub endpoint: String,
+}
+
+/// Why the vLLM worker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum VllmError {
+    #[error("give --attach URL[,URL…] to use running vLLM servers, or --managed to start them")]
+    NoMode,
+    #[error("--replicas must be at least 1 (got 0)")]
+    NoReplicas,
+    #[error("{url:?} is not an http:// or https:// base URL (--attach)")]
+    BadUrl { url: String },
+    #[error(transparent)]
+    Check(#[from] CheckError),
+    #[error(transparent)]
+    Managed(#[from] ManagedError),
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error(transparent)]
+    Runtime(#[from] DistributedError),
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+}
+
+/// Runs the worker until the runtime shuts down: checks (or starts) the
+/// servers, serves one instance per server, and on shutdown drains them,
+/// then stops any children.
+pub async fn run(runtime: Runtime, args: VllmArgs) -> Result<(), VllmError> {
+    let http = reqwest::Client::new();
+    let check_timeout = Duration::from_secs(args.check_timeout_secs);
+    let mut children = Vec::new();
+    let urls: Vec<String> = if args.managed {
+        if args.replicas == 0 {
+            return Err(VllmError::NoReplicas);
+        }
+        // PATH is the operating system's lookup list for commands, not one of
+        // our settings; reading it here is what a shell would do.
+        #[allow(clippy::disallowed_methods)]
+        let path = std::env::var("PATH").ok();
+        let command =
+            resolve_command(&args.vllm_command, path.as_deref()).ok_or_else(|| ManagedError::MissingCommand {
+                command: args.vllm_command.clone(),
+            })?;
+        let setpriv = resolve_command("setpriv", path.as_deref());
+        if setpriv.is_none() {
+            tracing::warn!(
+                "setpriv (util-linux) is not installed: a SIGKILLed worker would leave its vLLM children running"
+            );
+        }
+        let timeout = Duration::from_secs(args.startup_timeout_secs);
+        for _ in 0..args.replicas {
+            match ManagedVllm::start(
+                &command,
+                setpriv.as_deref(),
+                &args.model,
+                &args.vllm_args,
+                &http,
+                timeout,
+            )
+            .await
+            {
+                Ok(child) => children.push(child),
+                Err(error) => {
+                    stop_children(children, Duration::from_secs(args.stop_grace_secs)).await;
+                    return Err(error.into());
+                }
+            }
+        }
+        children.iter().map(|c| c.base_url.clone()).collect()
+    } else {
+        if args.attach.is_empty() {
+            return Err(VllmError::NoMode);
+        }
+        for url in &args.attach {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(VllmError::BadUrl { url: url.clone() });
+            }
+        }
+        args.attach
+            .iter()
+            .map(|u| u.trim_end_matches('/').to_string())
+            .collect()
+    };
+
+    let served = serve_all(&runtime, &args, &http, &urls, check_timeout).await;
+    stop_children(children, Duration::from_secs(args.stop_grace_secs)).await;
+    served
+}
+
+/// Checks every server first (nothing registers if one is wrong), then
+/// supervises one instance per server until the runtime drains.
+async fn serve_all(
+    runtime: &Runtime,
+    args: &VllmArgs,
+    http: &reqwest::Client,
+    urls: &[String],
+    check_timeout: Duration,
+) -> Result<(), VllmError> {
+    let mut checked = Vec::new();
+    for url in urls {
+        checked.push(check_model(http, url, &args.model, check_timeout).await?);
+    }
+    let base_port = *runtime.config().system().port();
+    let mut supervisors = Vec::new();
+    for (index, (url, served)) in urls.iter().zip(checked).enumerate() {
+        let drt = DistributedRuntime::connect(runtime.clone()).await?;
+        if let Some(port) = base_port {
+            let port = if port == 0 {
+                0
+            } else {
+                port.saturating_add(index as u16)
+            };
+            drt.start_status_server_on(port).await?;
+        }
+        let endpoint = drt
+            .namespace(&args.namespace)?
+            .component(&args.component)?
+            .endpoint(&args.endpoint);
+        let backend = Backend {
+            base_url: url.clone(),
+            drt,
+            endpoint,
+            model: args.model.clone(),
+            context_length: served.context_length.unwrap_or(DEFAULT_CONTEXT_LENGTH),
+            http: http.clone(),
+            health_interval: Duration::from_millis(args.health_interval_ms.max(10)),
+            check_timeout,
+        };
+        supervisors.push(runtime.spawn(backend.supervise()));
+    }
+    for supervisor in supervisors {
+        match supervisor.await {
+            Ok(result) => result?,
+            Err(join) => tracing::error!(error = %join, "a vLLM supervisor failed"),
+        }
+    }
+    Ok(())
+}
+
+async fn stop_children(children: Vec<ManagedVllm>, grace: Duration) {
+    futures::future::join_all(children.into_iter().map(|child| child.stop(grace))).await;
+}

@@ -1,0 +1,187 @@
+//! Keeping one vLLM server's instance true to the server: scrape its
+//! `/metrics` into the instance's load reports, poll its `/health`, take the
+//! instance out of discovery when the server stops answering, and put it
+//! back when it answers again.
+
+use crate::check::check_model;
+use crate::forward::VllmForwarder;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use switchyard_llm::model_card::{ModelCard, ModelKind};
+use switchyard_runtime::component::Endpoint;
+use switchyard_runtime::component::endpoint::{EndpointError, ServingEndpoint};
+use switchyard_runtime::discovery::DiscoveryError;
+use switchyard_runtime::distributed::DistributedRuntime;
+use switchyard_runtime::routing::load::EngineLoad;
+
+/// How often `/metrics` is read.
+const SCRAPE_INTERVAL: Duration = Duration::from_secs(1);
+/// Failed health checks in a row before the instance leaves discovery: one
+/// slow answer under load should not take a busy server out.
+const FAILURES_TO_LEAVE: u32 = 2;
+
+/// One vLLM server and the instance that stands for it.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub base_url: String,
+    pub drt: DistributedRuntime,
+    pub endpoint: Endpoint,
+    pub model: String,
+    pub context_length: u32,
+    pub http: reqwest::Client,
+    pub health_interval: Duration,
+    pub check_timeout: Duration,
+}
+
+/// The vLLM gauges the load report carries.
+fn parse_metrics(text: &str) -> EngineLoad {
+    let sum = |name: &str| -> Option<f64> {
+        let values: Vec<f64> = text
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter(|line| line.starts_with(name) && matches!(line.as_bytes().get(name.len()), Some(b'{' | b' ')))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .collect();
+        (!values.is_empty()).then(|| values.iter().sum())
+    };
+    EngineLoad {
+        queued: sum("vllm:num_requests_waiting").unwrap_or(0.0) as u64,
+        kv_usage: sum("vllm:kv_cache_usage_perc").map(|v| v as f32),
+        capacity: None,
+    }
+}
+
+impl Backend {
+    /// Serves the endpoint and registers the model card.
+    async fn serve(&self, load: Arc<Mutex<EngineLoad>>) -> Result<(ServingEndpoint, ModelCard), EndpointError> {
+        let serving = self
+            .endpoint
+            .endpoint_builder()
+            .handler(VllmForwarder::new(self.http.clone(), &self.base_url))
+            .publish_load_with(move || *load.lock().unwrap_or_else(|p| p.into_inner()))
+            .spawn()
+            .await?;
+        let card = ModelCard::new(
+            &self.model,
+            &self.endpoint,
+            vec![ModelKind::Chat, ModelKind::Completions],
+            self.context_length,
+        );
+        if let Err(error) = card.register(&self.endpoint).await {
+            serving.stop();
+            serving.wait().await;
+            return Err(EndpointError::from(error));
+        }
+        Ok((serving, card))
+    }
+
+    async fn healthy(&self) -> bool {
+        let url = format!("{}/health", self.base_url);
+        matches!(
+            tokio::time::timeout(self.check_timeout, self.http.get(&url).send()).await,
+            Ok(Ok(response)) if response.status().is_success()
+        )
+    }
+
+    /// Serves this server's instance until the runtime drains, following the
+    /// server's health. The server was checked before this is called.
+    pub async fn supervise(self) -> Result<(), EndpointError> {
+        let runtime = self.drt.runtime().clone();
+        let draining = runtime.endpoint_token().clone();
+        let load = Arc::new(Mutex::new(EngineLoad::default()));
+        runtime.spawn(scrape(
+            self.http.clone(),
+            self.base_url.clone(),
+            load.clone(),
+            draining.clone(),
+        ));
+
+        let mut current = Some(self.serve(load.clone()).await?);
+        tracing::info!(url = %self.base_url, model = %self.model, "vllm worker serving");
+        let mut failures = 0;
+        loop {
+            tokio::select! {
+                _ = draining.cancelled() => break,
+                _ = tokio::time::sleep(self.health_interval) => {}
+            }
+            if self.healthy().await {
+                failures = 0;
+                if current.is_none() {
+                    match check_model(&self.http, &self.base_url, &self.model, self.check_timeout).await {
+                        Ok(_) if !runtime.is_shutting_down() => {
+                            current = Some(self.serve(load.clone()).await?);
+                            tracing::info!(url = %self.base_url, "vLLM answers again; back in discovery");
+                        }
+                        Ok(_) => {}
+                        Err(error) => tracing::warn!(%error, "vLLM answers but cannot be used"),
+                    }
+                }
+            } else {
+                failures += 1;
+                if failures >= FAILURES_TO_LEAVE
+                    && let Some((serving, card)) = current.take()
+                {
+                    tracing::warn!(url = %self.base_url, "vLLM stopped answering /health; leaving discovery");
+                    leave(&self.endpoint, serving, card).await;
+                }
+            }
+        }
+        // The runtime is draining: the endpoint drains itself; the card goes first.
+        if let Some((serving, card)) = current {
+            if let Err(error) = card.unregister(&self.endpoint).await {
+                tracing::warn!(%error, "could not unregister the model card");
+            }
+            serving.wait().await;
+        }
+        Ok(())
+    }
+}
+
+/// Takes an instance out: card first (frontends stop choosing it), then the
+/// endpoint, which finishes — or fails — what it has.
+async fn leave(endpoint: &Endpoint, serving: ServingEndpoint, card: ModelCard) {
+    if let Err(error) = card.unregister(endpoint).await {
+        let error: DiscoveryError = error;
+        tracing::warn!(%error, "could not unregister the model card");
+    }
+    serving.stop();
+    serving.wait().await;
+}
+
+/// Reads the server's `/metrics` into `load` every [`SCRAPE_INTERVAL`].
+async fn scrape(
+    http: reqwest::Client,
+    base_url: String,
+    load: Arc<Mutex<EngineLoad>>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let url = format!("{base_url}/metrics");
+    loop {
+        let read = async { http.get(&url).send().await?.text().await };
+        if let Ok(Ok(text)) = tokio::time::timeout(SCRAPE_INTERVAL, read).await {
+            *load.lock().unwrap_or_else(|p| p.into_inner()) = parse_metrics(&text);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(SCRAPE_INTERVAL) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_metrics;
+
+    #[test]
+    fn vllm_gauges_are_summed_over_their_label_sets() {
+        let text = "# HELP vllm:num_requests_waiting x\n\
+                    vllm:num_requests_waiting{engine=\"0\",model_name=\"m\"} 3.0\n\
+                    vllm:num_requests_waiting{engine=\"1\",model_name=\"m\"} 2\n\
+                    vllm:num_requests_waiting_total 99\n\
+                    vllm:kv_cache_usage_perc{model_name=\"m\"} 0.25\n";
+        let load = parse_metrics(text);
+        assert_eq!(load.queued, 5);
+        assert_eq!(load.kv_usage, Some(0.25));
+        assert_eq!(parse_metrics("").kv_usage, None);
+    }
+}
