@@ -23,10 +23,13 @@ pub struct MockerArgs {
     /// The model name clients put in requests.
     #[arg(long, env = "DYN_MODEL_NAME", default_value = "mock-model")]
     pub model_name: String,
+    /// Namespace of the endpoint this worker serves.
     #[arg(long, env = "DYN_NAMESPACE", default_value = "dynamo")]
     pub namespace: String,
+    /// Component of the endpoint this worker serves.
     #[arg(long, env = "DYN_COMPONENT", default_value = "backend")]
     pub component: String,
+    /// Name of the endpoint this worker serves.
     #[arg(long, env = "DYN_ENDPOINT", default_value = "generate")]
     pub endpoint: String,
     /// Longest prompt plus output, in tokens.

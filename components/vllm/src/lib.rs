@@ -64,10 +64,13 @@ pub struct VllmArgs {
     /// How often each server's /health is polled.
     #[arg(long, env = "DYN_VLLM_HEALTH_INTERVAL_MS", default_value_t = 1000)]
     pub health_interval_ms: u64,
+    /// Namespace of the endpoint this worker serves.
     #[arg(long, env = "DYN_NAMESPACE", default_value = "dynamo")]
     pub namespace: String,
+    /// Component of the endpoint this worker serves.
     #[arg(long, env = "DYN_COMPONENT", default_value = "backend")]
     pub component: String,
+    /// Name of the endpoint this worker serves.
     #[arg(long, env = "DYN_ENDPOINT", default_value = "generate")]
     pub endpoint: String,
 }

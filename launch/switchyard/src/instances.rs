@@ -13,7 +13,7 @@ use switchyard_runtime::runtime::Runtime;
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct InstancesArgs {
     /// Only this namespace.
-    #[arg(long)]
+    #[arg(long, env = "DYN_NAMESPACE")]
     pub(crate) namespace: Option<String>,
 }
 

@@ -593,3 +593,44 @@ async fn vllm_managed_children_never_outlive_the_worker() {
     wait_until_gone(&children).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_cluster_script_starts_a_working_cluster_and_stops_all_of_it() {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../local-cluster.sh");
+    let http_port = free_port();
+    // A base with ~15 free ports above it: etcd, its peer port, NATS, status servers.
+    let base_port = 30_000 + (rand::random::<u16>() % 20_000);
+    let (http_text, base_text) = (http_port.to_string(), base_port.to_string());
+    let binary = switchyard();
+    let cluster = WorkerProcess::start(
+        PathBuf::from("/bin/sh"),
+        // The script reports on stdout; the helper reads stderr.
+        &["-c", "exec \"$0\" 1 1>&2", script.to_str().unwrap()],
+        &[
+            ("SWITCHYARD", binary.to_str().unwrap()),
+            ("HTTP_PORT", &http_text),
+            ("BASE_PORT", &base_text),
+        ],
+        "cluster ready",
+        START_DEADLINE,
+    );
+    let answer: Value = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{http_port}/v1/chat/completions"))
+        .json(&chat(3, false))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["usage"]["completion_tokens"], 3, "{answer}");
+    cluster.signal("-TERM");
+    let (_, log) = cluster.wait(Duration::from_secs(20));
+    assert!(log.contains("stopping"), "{log}");
+    for port in [http_port, base_port, base_port + 10] {
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "port {port} still answers after the script stopped:\n{log}"
+        );
+    }
+}

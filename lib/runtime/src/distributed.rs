@@ -83,6 +83,11 @@ impl DistributedRuntime {
                 });
             }
         };
+        tracing::info!(
+            backend = config.discovery_backend().as_str(),
+            instance_id = format!("{:x}", discovery.instance_id()),
+            "discovery connected"
+        );
         Self::build(runtime, discovery, lease_health)
     }
 

@@ -54,6 +54,12 @@ impl Worker {
         E: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
     {
         init_logging(self.config.log_filter());
+        tracing::info!(
+            discovery = self.config.discovery_backend().as_str(),
+            request_plane = self.config.request_plane().as_str(),
+            event_plane = self.config.event_plane().as_str(),
+            "configuration valid"
+        );
         let Worker { config, tokio } = self;
         let result = tokio.block_on(async move {
             let runtime = Runtime::new(config);
