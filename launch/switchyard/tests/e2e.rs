@@ -344,13 +344,13 @@ fn path_with(dir: &std::path::Path) -> String {
     format!("{}:{path}", dir.display())
 }
 
-/// `vllm serve`'s stand-in on `port`, serving `model`.
+/// `vllm serve`'s stand-in on `port`, serving `model` (real-time engine delays).
 fn start_fake_vllm_server(port: u16, model: &str) -> WorkerProcess {
     let port = port.to_string();
     WorkerProcess::start(
         switchyard(),
         &["mocker-vllm", "serve", "--port", &port, model],
-        &[("DYN_LOG", "info"), ("DYN_MOCKER_SPEEDUP_RATIO", "0")],
+        &[("DYN_LOG", "info"), ("DYN_MOCKER_SPEEDUP_RATIO", "1")],
         "frontend listening",
         START_DEADLINE,
     )
@@ -512,6 +512,39 @@ async fn vllm_attach_leaves_discovery_when_the_server_dies_and_returns_when_it_i
         .await
         .unwrap();
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+
+    // A client that leaves cancels the request inside "vLLM" too.
+    let long = json!({"model": "m", "max_tokens": 500, "stream": true,
+                      "messages": [{"role": "user", "content": "a long story"}]});
+    let response = http
+        .post(format!("{frontend}/v1/chat/completions"))
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
+    let mut body = response.bytes_stream();
+    assert!(body.next().await.is_some(), "the stream started");
+    drop(body);
+    let cancelled = "switchyard_mocker_cancelled_requests_total{model_name=\"m\"} 1";
+    let started = Instant::now();
+    loop {
+        let metrics = http
+            .get(format!("{url}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metrics.contains(cancelled) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "vLLM never saw the cancel:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     vllm.signal("-KILL");
     until(false).await;
