@@ -96,6 +96,7 @@ async fn list_models(State(state): State<FrontendState>) -> Response {
         .into_iter()
         .map(|model| ModelObject {
             context_window: model.context_length(),
+            max_model_len: model.context_length(),
             id: model.name,
             object: "model".into(),
             created,

@@ -48,7 +48,8 @@ fn upstream_body(request: &LlmRequest) -> Result<(String, Value), RequestError> 
 fn kind_for_status(status: u16) -> ErrorKind {
     match status {
         400 | 413 | 422 => ErrorKind::Invalid,
-        404 => ErrorKind::NotFound,
+        // vLLM's 404 is "no such model there": a misconfigured server, not a
+        // missing instance, so not something to retry elsewhere.
         429 | 503 => ErrorKind::Overloaded,
         _ => ErrorKind::Engine,
     }
@@ -288,7 +289,7 @@ mod tests {
     #[test]
     fn vllm_statuses_map_to_error_kinds() {
         assert_eq!(kind_for_status(400), ErrorKind::Invalid);
-        assert_eq!(kind_for_status(404), ErrorKind::NotFound);
+        assert_eq!(kind_for_status(404), ErrorKind::Engine);
         assert_eq!(kind_for_status(503), ErrorKind::Overloaded);
         assert_eq!(kind_for_status(500), ErrorKind::Engine);
     }

@@ -82,7 +82,7 @@ pub enum VllmError {
     NoMode,
     #[error("--replicas must be at least 1 (got 0)")]
     NoReplicas,
-    #[error("{url:?} is not an http:// or https:// base URL (--attach)")]
+    #[error("{url:?} is not an http:// base URL (--attach; https is not supported yet)")]
     BadUrl { url: String },
     #[error(transparent)]
     Check(#[from] CheckError),
@@ -146,7 +146,7 @@ pub async fn run(runtime: Runtime, args: VllmArgs) -> Result<(), VllmError> {
             return Err(VllmError::NoMode);
         }
         for url in &args.attach {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
+            if !url.starts_with("http://") {
                 return Err(VllmError::BadUrl { url: url.clone() });
             }
         }

@@ -13,7 +13,11 @@
 //! variables as for every Switchyard process; the flags here are the
 //! component's own.
 
+mod bench;
 mod instances;
+mod model;
+mod svg;
+mod sweep;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -49,6 +53,12 @@ enum Command {
     /// A worker process.
     #[command(subcommand)]
     Worker(WorkerKind),
+    /// Load-test an OpenAI-compatible endpoint (ours or any other).
+    Bench(bench::BenchArgs),
+    /// The M/M/c queueing model with dispatch delay, across worker counts.
+    Model(model::ModelArgs),
+    /// Run the real stack at several loads and worker counts beside the queueing model.
+    Sweep(sweep::SweepArgs),
     /// List what discovery holds: endpoint instances, their addresses and models.
     Instances(instances::InstancesArgs),
     /// A stand-in for vLLM's OpenAI server, backed by the mocker (for tests without a GPU).
@@ -102,6 +112,13 @@ fn main() -> ExitCode {
 }
 
 fn execute(command: Command) -> Result<(), AppError> {
+    // The measuring commands need no mesh settings, only an async runtime.
+    match command {
+        Command::Model(args) => return model::main(args),
+        Command::Bench(args) => return measuring_runtime()?.block_on(bench::main(args)),
+        Command::Sweep(args) => return measuring_runtime()?.block_on(sweep::main(args)),
+        _ => {}
+    }
     let mut config = RuntimeConfig::from_settings()?;
     if matches!(command, Command::Run { .. } | Command::MockerVllm(_)) {
         config = config.with_discovery_backend(DiscoveryBackend::Mem);
@@ -133,6 +150,9 @@ fn execute(command: Command) -> Result<(), AppError> {
                 run_all(runtime, frontend, mocker, false).await
             }
             Command::Instances(args) => instances::list(runtime.clone(), args).await,
+            Command::Model(_) | Command::Bench(_) | Command::Sweep(_) => {
+                unreachable!("handled before the mesh runtime starts")
+            }
             Command::Worker(WorkerKind::Vllm(args)) => {
                 switchyard_vllm::run(runtime, args).await.map_err(AppError::from)
             }
@@ -143,6 +163,10 @@ fn execute(command: Command) -> Result<(), AppError> {
         }
     })?;
     Ok(())
+}
+
+fn measuring_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()
 }
 
 /// The all-in-one job: workers first (each its own instance), then the

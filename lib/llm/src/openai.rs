@@ -258,6 +258,9 @@ pub struct ModelObject {
     pub owned_by: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context_window: Option<u32>,
+    /// vLLM's name for the same number, so tools written for vLLM read it too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_model_len: Option<u32>,
 }
 
 /// OpenAI's error body: `{"error":{"message","type","param","code"}}`.
