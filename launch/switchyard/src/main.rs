@@ -18,6 +18,8 @@ mod instances;
 mod model;
 mod svg;
 mod sweep;
+#[cfg(test)]
+mod tests;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
