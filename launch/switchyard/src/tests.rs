@@ -217,3 +217,22 @@ fn the_compose_file_and_dashboard_parse_and_reference_real_metrics() {
 }
 
 use serde::Deserialize;
+
+/// The tutorial's code blocks are cut from an example that `cargo test` builds.
+#[test]
+fn every_rust_block_of_the_worker_tutorial_is_in_the_compiled_example() {
+    let doc = repo_file("docs/writing-a-worker.md");
+    let example = repo_file("lib/runtime/examples/writing_a_worker.rs");
+    let blocks: Vec<&str> = doc
+        .split("```rust\n")
+        .skip(1)
+        .map(|rest| rest.split("```").next().unwrap_or_default())
+        .collect();
+    assert!(blocks.len() >= 4, "the tutorial has {} rust blocks", blocks.len());
+    for block in blocks {
+        assert!(
+            example.contains(block.trim_end()),
+            "this block of docs/writing-a-worker.md is not in examples/writing_a_worker.rs:\n{block}"
+        );
+    }
+}
