@@ -7,7 +7,7 @@ CARGO ?= cargo
 # The official `openai` Python client, for the frontend compatibility test.
 TEST_VENV := target/test-venv
 
-.PHONY: test test-deps lint bench hello
+.PHONY: test test-deps lint bench perf hello
 
 ## Lint, then run the whole test suite. Plain `cargo test` (not --all-targets)
 ## builds the examples as binaries, which the multi-process tests run.
@@ -50,6 +50,22 @@ lint:
 ## Request-plane benchmarks (see docs/performance.md).
 bench:
 	$(CARGO) bench -p switchyard-runtime --bench request_plane
+
+## Every figure of docs/performance.md, in one go (about 15 minutes on 2
+## cores, most of it criterion and release builds). Each step's output goes
+## to target/perf/; the charts go to docs/perf/.
+PERF := target/perf
+perf:
+	mkdir -p $(PERF) docs/perf
+	$(CARGO) bench -p switchyard-runtime --bench request_plane 2>&1 | tee $(PERF)/request_plane.txt
+	$(CARGO) bench -p switchyard-runtime --bench routing 2>&1 | tee $(PERF)/routing.txt
+	$(CARGO) bench -p switchyard-runtime --bench discovery 2>&1 | tee $(PERF)/discovery.txt
+	$(CARGO) bench -p switchyard-runtime --bench event_plane 2>&1 | tee $(PERF)/event_plane.txt
+	$(CARGO) run --release -q -p switchyard-runtime --example routing_sim | tee $(PERF)/routing_sim.md
+	$(CARGO) bench -p switchyard --bench frontend 2>&1 | tee $(PERF)/frontend.txt
+	$(CARGO) bench -p switchyard --bench startup 2>&1 | tee $(PERF)/startup.txt
+	$(CARGO) run --release -q -p switchyard -- model --plot docs/perf | tee $(PERF)/model.md
+	$(CARGO) run --release -q -p switchyard -- sweep --plot docs/perf | tee $(PERF)/sweep.md
 
 ## Hello world, server and client in one process.
 hello:
