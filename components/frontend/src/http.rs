@@ -4,6 +4,7 @@
 
 use crate::error::ApiError;
 use crate::metrics::FrontendMetrics;
+use crate::migrate::{MigrationPolicy, migrating};
 use crate::models::{ModelManager, RouterSettings};
 use crate::respond::{self, Exchange, Route};
 use crate::{FrontendArgs, FrontendError};
@@ -42,6 +43,8 @@ pub struct FrontendState {
     pub runtime: Runtime,
     /// Largest request body accepted, in bytes.
     pub body_limit: usize,
+    /// Migrations allowed per request.
+    pub migration_limit: u32,
 }
 
 impl FrontendState {
@@ -68,6 +71,7 @@ impl FrontendState {
             status: drt.status_state(),
             runtime,
             body_limit: args.body_limit_mb.saturating_mul(1024 * 1024),
+            migration_limit: args.migration_limit,
         })
     }
 }
@@ -242,6 +246,7 @@ async fn admit(
 
     let exchange = Exchange::begin(state.metrics.clone(), &model.name, route, stream, &request);
     let controller = Controller::with_id(id);
+    let original = (state.migration_limit > 0).then(|| request.clone());
     let responses = match model
         .router
         .generate(Context::with_controller(request, controller))
@@ -266,7 +271,17 @@ async fn admit(
         exchange.refused();
         return Err(refuse(&model.name, stream, ApiError::from_request(&model.name, error)));
     }
-    let responses: ResponseStream<LlmOutput> = Box::pin(futures::stream::iter(first).chain(responses));
+    let mut responses: ResponseStream<LlmOutput> = Box::pin(futures::stream::iter(first).chain(responses));
+    if let Some(original) = original {
+        let policy = MigrationPolicy {
+            router: model.router.clone(),
+            limit: state.migration_limit,
+            request_id: id.to_string(),
+            counter: state.metrics.migrations.clone(),
+            model: model.name.clone(),
+        };
+        responses = migrating(policy, original, responses);
+    }
     Ok(if stream {
         respond::stream(exchange, responses, now_secs())
     } else {

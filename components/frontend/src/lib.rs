@@ -11,6 +11,7 @@
 pub mod error;
 pub mod http;
 pub mod metrics;
+pub mod migrate;
 pub mod models;
 pub mod respond;
 
@@ -49,6 +50,10 @@ pub struct FrontendArgs {
     /// Requests that may wait at once per model (more get 503 at once).
     #[arg(long, env = "DYN_ROUTER_MAX_QUEUED", default_value_t = 128)]
     pub router_max_queued: usize,
+    /// Times one request may move to another worker when its worker dies or
+    /// leaves mid-answer (0 turns migration off).
+    #[arg(long, env = "DYN_MIGRATION_LIMIT", default_value_t = 3)]
+    pub migration_limit: u32,
     /// Largest request body accepted, in MiB (413 beyond).
     #[arg(long, env = "DYN_HTTP_BODY_LIMIT_MB", default_value_t = 45)]
     pub body_limit_mb: usize,
@@ -63,6 +68,7 @@ impl Default for FrontendArgs {
             busy_threshold: None,
             router_max_wait_ms: 0,
             router_max_queued: 128,
+            migration_limit: 3,
             body_limit_mb: 45,
         }
     }

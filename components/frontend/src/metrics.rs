@@ -38,6 +38,8 @@ pub struct FrontendMetrics {
     pub cancellations: IntCounterVec,
     /// Clients that went away before their response was complete (Dynamo's gauge, only ever rises).
     pub disconnected: IntGauge,
+    /// Labels: model, migration_type (new_request|ongoing_request). Requests moved to another worker.
+    pub migrations: IntCounterVec,
 }
 
 impl FrontendMetrics {
@@ -104,6 +106,13 @@ impl FrontendMetrics {
                 ),
                 &["model", "endpoint", "request_type"],
             )?,
+            migrations: IntCounterVec::new(
+                Opts::new(
+                    "dynamo_frontend_model_migration_total",
+                    "Requests moved to another worker after theirs died or left mid-answer",
+                ),
+                &["model", "migration_type"],
+            )?,
             disconnected: IntGauge::new(
                 "dynamo_frontend_disconnected_clients",
                 "Clients that disconnected before their response was complete",
@@ -120,6 +129,7 @@ impl FrontendMetrics {
         scope.register(Box::new(metrics.rejections.clone()))?;
         scope.register(Box::new(metrics.cancellations.clone()))?;
         scope.register(Box::new(metrics.disconnected.clone()))?;
+        scope.register(Box::new(metrics.migrations.clone()))?;
         Ok(metrics)
     }
 }

@@ -435,3 +435,72 @@ async fn a_prompt_longer_than_the_context_gets_400_even_when_streaming() {
     assert!(body.contains("context length"), "{body}");
     stack.shutdown().await;
 }
+
+/// Two workers, each on its own runtime, behind one frontend.
+async fn two_worker_stack(speedup_ratio: f64) -> (Router, FrontendState, Vec<(Runtime, MockerWorker)>, Runtime) {
+    let registry = MemRegistry::new();
+    let mut workers = Vec::new();
+    for _ in 0..2 {
+        let runtime = Runtime::new(RuntimeConfig::local());
+        let args = MockerArgs {
+            speedup_ratio,
+            ..MockerArgs::default()
+        };
+        let worker = switchyard_mocker_worker::serve(&drt(&runtime, &registry), &args)
+            .await
+            .unwrap();
+        workers.push((runtime, worker));
+    }
+    let frontend_runtime = Runtime::new(RuntimeConfig::local());
+    let state = FrontendState::new(&drt(&frontend_runtime, &registry), &FrontendArgs::default())
+        .await
+        .unwrap();
+    eventually("both workers known", || {
+        state.models.get("mock-model").is_some_and(|m| m.cards.len() == 2)
+    })
+    .await;
+    (router(state.clone()), state, workers, frontend_runtime)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_worker_dies_continues_on_another_worker_without_losing_or_repeating_text() {
+    let (app, state, mut workers, frontend_runtime) = two_worker_stack(1.0).await;
+    let body = chat(json!({"max_tokens": 60, "stream": true})).to_string();
+    let response = app.clone().oneshot(post("/v1/chat/completions", body)).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    // Read a few chunks, then stop the worker that is answering.
+    let mut text = String::new();
+    for _ in 0..5 {
+        let frame = body.frame().await.unwrap().unwrap();
+        text.push_str(std::str::from_utf8(frame.data_ref().unwrap()).unwrap());
+    }
+    let busy = workers
+        .iter()
+        .position(|(_, w)| w.engine.load().running == 1)
+        .expect("one worker is answering");
+    let (runtime, _) = workers.remove(busy);
+    runtime.stop().await;
+    while let Some(frame) = body.frame().await {
+        text.push_str(std::str::from_utf8(frame.unwrap().data_ref().unwrap()).unwrap());
+    }
+    let (events, done) = sse_events(&text);
+    assert!(done, "the client's stream ended normally: {text}");
+    let words: String = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(words.split_whitespace().count(), 60, "no word lost or repeated: {words:?}");
+    assert_eq!(events[events.len() - 1]["choices"][0]["finish_reason"], "length");
+    assert_eq!(
+        state
+            .metrics
+            .migrations
+            .with_label_values(&["mock-model", "ongoing_request"])
+            .get(),
+        1
+    );
+    assert_eq!(workers[0].1.engine.stats().completed, 1, "the other worker finished it");
+    workers[0].0.shutdown().await;
+    frontend_runtime.shutdown().await;
+}

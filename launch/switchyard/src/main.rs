@@ -6,6 +6,8 @@
 //! - `switchyard worker mocker`: a simulated vLLM worker.
 //! - `switchyard worker vllm`: a worker in front of vLLM servers.
 //! - `switchyard instances`: what discovery holds.
+//! - `switchyard bench`, `model`, `sweep`: load generation, the M/M/c
+//!   model, and the real stack measured beside it.
 //! - `switchyard mocker-vllm serve`: the mocker behind vLLM's own HTTP API, a
 //!   stand-in for `vllm serve` to test the vLLM worker without a GPU.
 //!

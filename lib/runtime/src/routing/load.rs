@@ -106,9 +106,16 @@ pub(crate) async fn follow(
     let mut reports = EventSubscriber::for_component(component, LOAD_TOPIC).await?;
     component.drt().runtime().spawn(async move {
         let lifetime = REPORT_REFRESH * STALE_AFTER_REFRESHES;
+        // Reports also expire when none arrive at all (the event plane is
+        // down): otherwise a stale one would keep its place in the index.
+        let mut expiry = tokio::time::interval(REPORT_REFRESH);
         loop {
             let next = tokio::select! {
                 _ = stop.cancelled() => return,
+                _ = expiry.tick() => {
+                    occupancy.expire_reports(tokio::time::Instant::now());
+                    continue;
+                }
                 next = reports.next_typed::<LoadReport>() => next,
             };
             match next {

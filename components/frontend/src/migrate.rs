@@ -1,0 +1,149 @@
+//! Migration in the frontend: a response stream that, when its worker dies
+//! or leaves mid-answer, sends the request on to another worker with what
+//! was generated so far ([`switchyard_llm::migration`]) and carries on, so
+//! the client sees one uninterrupted answer.
+
+use crate::models::LlmRouter;
+use futures::StreamExt;
+use prometheus::IntCounterVec;
+use std::sync::Arc;
+use switchyard_llm::migration::continue_request;
+use switchyard_llm::openai::Usage;
+use switchyard_llm::protocol::{LlmOutput, LlmRequest};
+use switchyard_runtime::engine::{Context, Controller, ResponseStream};
+use switchyard_runtime::error::{ErrorKind, RequestError};
+
+/// Errors after which another worker can take over: the worker went away
+/// (connection broken or refused) or is shutting down.
+pub fn is_migratable(kind: ErrorKind) -> bool {
+    matches!(
+        kind,
+        ErrorKind::Disconnected | ErrorKind::Unreachable | ErrorKind::ShuttingDown
+    )
+}
+
+/// What a migration needs besides the stream.
+#[derive(Debug, Clone)]
+pub struct MigrationPolicy {
+    pub router: Arc<LlmRouter>,
+    /// Migrations allowed per request (`--migration-limit`).
+    pub limit: u32,
+    pub request_id: String,
+    /// `dynamo_frontend_model_migration_total{model, migration_type}`.
+    pub counter: IntCounterVec,
+    pub model: String,
+}
+
+struct State {
+    policy: MigrationPolicy,
+    request: LlmRequest,
+    current: ResponseStream<LlmOutput>,
+    /// Text and tokens generated since `request` was last (re)issued.
+    generated: String,
+    tokens: u32,
+    /// Tokens generated before the last migration (for the final usage).
+    tokens_before: u32,
+    migrations: u32,
+    done: bool,
+}
+
+/// `responses`, continued on another worker when its worker fails mid-answer.
+pub fn migrating(
+    policy: MigrationPolicy,
+    request: LlmRequest,
+    responses: ResponseStream<LlmOutput>,
+) -> ResponseStream<LlmOutput> {
+    if policy.limit == 0 {
+        return responses;
+    }
+    let state = State {
+        policy,
+        request,
+        current: responses,
+        generated: String::new(),
+        tokens: 0,
+        tokens_before: 0,
+        migrations: 0,
+        done: false,
+    };
+    Box::pin(futures::stream::unfold(state, State::next))
+}
+
+impl State {
+    async fn next(mut self) -> Option<(Result<LlmOutput, RequestError>, Self)> {
+        if self.done {
+            return None;
+        }
+        loop {
+            match self.current.next().await {
+                Some(Ok(mut piece)) => {
+                    self.generated.push_str(&piece.text);
+                    self.tokens += piece.tokens;
+                    if let Some(usage) = piece.usage.as_mut() {
+                        // The last worker counted the continued prompt; the
+                        // client asked for the original one.
+                        let before = self.tokens_before;
+                        *usage = Usage::new(
+                            usage.prompt_tokens.saturating_sub(before),
+                            usage.completion_tokens + before,
+                        );
+                    }
+                    if piece.finish_reason.is_some() {
+                        self.done = true;
+                    }
+                    return Some((Ok(piece), self));
+                }
+                Some(Err(error)) if is_migratable(error.kind()) && self.migrations < self.policy.limit => {
+                    match self.migrate(&error).await {
+                        Ok(()) => continue,
+                        Err(error) => {
+                            self.done = true;
+                            return Some((Err(error), self));
+                        }
+                    }
+                }
+                Some(Err(error)) => {
+                    self.done = true;
+                    return Some((Err(error), self));
+                }
+                None => return None,
+            }
+        }
+    }
+
+    /// Re-issues the rest of the request; on success `current` is the new stream.
+    async fn migrate(&mut self, cause: &RequestError) -> Result<(), RequestError> {
+        let Some(next) = continue_request(&self.request, &self.generated, self.tokens) else {
+            return Err(cause.clone_kind());
+        };
+        self.migrations += 1;
+        let kind = if self.tokens_before + self.tokens == 0 {
+            "new_request"
+        } else {
+            "ongoing_request"
+        };
+        self.policy
+            .counter
+            .with_label_values(&[&self.policy.model, kind])
+            .inc();
+        tracing::info!(
+            request_id = %self.policy.request_id,
+            migration = self.migrations,
+            generated_tokens = self.tokens_before + self.tokens,
+            %cause,
+            "worker lost mid-answer; migrating the request"
+        );
+        let controller = Controller::with_id(&self.policy.request_id);
+        let stream = self
+            .policy
+            .router
+            .generate(Context::with_controller(next.clone(), controller))
+            .await?;
+        self.request = next;
+        self.tokens_before += self.tokens;
+        self.tokens = 0;
+        self.generated.clear();
+        self.current = stream;
+        Ok(())
+    }
+}
