@@ -122,10 +122,7 @@ impl State {
         } else {
             "ongoing_request"
         };
-        self.policy
-            .counter
-            .with_label_values(&[&self.policy.model, kind])
-            .inc();
+        self.policy.counter.with_label_values(&[&self.policy.model, kind]).inc();
         tracing::info!(
             request_id = %self.policy.request_id,
             migration = self.migrations,

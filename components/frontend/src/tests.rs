@@ -490,7 +490,11 @@ async fn a_stream_whose_worker_dies_continues_on_another_worker_without_losing_o
         .iter()
         .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
         .collect();
-    assert_eq!(words.split_whitespace().count(), 60, "no word lost or repeated: {words:?}");
+    assert_eq!(
+        words.split_whitespace().count(),
+        60,
+        "no word lost or repeated: {words:?}"
+    );
     assert_eq!(events[events.len() - 1]["choices"][0]["finish_reason"], "length");
     assert_eq!(
         state

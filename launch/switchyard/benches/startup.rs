@@ -47,12 +47,19 @@ fn main() {
             .unwrap();
         loop {
             let found = std::fs::read_dir(&instances)
-                .map(|entries| entries.filter_map(Result::ok).any(|e| !e.file_name().to_string_lossy().starts_with('.')))
+                .map(|entries| {
+                    entries
+                        .filter_map(Result::ok)
+                        .any(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                })
                 .unwrap_or(false);
             if found {
                 break;
             }
-            assert!(started.elapsed() < Duration::from_secs(20), "the worker never registered");
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the worker never registered"
+            );
             std::thread::sleep(Duration::from_millis(1));
         }
         registered_ms.push(started.elapsed().as_secs_f64() * 1000.0);

@@ -7,6 +7,9 @@
 #[path = "../../../lib/runtime/tests/support/worker_process.rs"]
 mod worker_process;
 
+#[path = "e2e/faults.rs"]
+mod faults;
+
 use futures::StreamExt;
 use serde_json::{Value, json};
 use std::path::PathBuf;

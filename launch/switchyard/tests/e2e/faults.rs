@@ -1,0 +1,354 @@
+//! The fault matrix: a frontend and two mocker workers as processes on file
+//! discovery, under steady streaming load from a few clients, while one
+//! fault strikes. A history of every request (sent, first token, how it
+//! ended, the text it got) is checked afterwards: every request ended
+//! exactly once, none was lost, completed answers have exactly the tokens
+//! asked for (nothing repeated or dropped across a migration), and failures
+//! carry a status.
+
+use super::worker_process::WorkerProcess;
+use super::{START_DEADLINE, free_port, switchyard};
+use futures::StreamExt;
+use serde_json::json;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Output tokens per request: long enough (~0.9 s) that faults hit streams mid-answer.
+const TOKENS: usize = 120;
+/// A request that has not ended this long after the load stopped is lost.
+const LOST_AFTER: Duration = Duration::from_secs(20);
+
+/// How one request ended.
+#[derive(Debug, Clone, PartialEq)]
+enum Ending {
+    /// `[DONE]` with this many words and a finish reason.
+    Completed { words: usize, finished: bool },
+    /// An HTTP status, an SSE error event, or a transport failure.
+    Failed(String),
+    /// Still running when the checker gave up.
+    Lost,
+}
+
+#[derive(Debug, Clone)]
+struct Record {
+    first_token: bool,
+    ending: Option<Ending>,
+}
+
+/// Steady load: `clients` loops sending streaming chats until stopped.
+struct Load {
+    history: Arc<Mutex<Vec<Record>>>,
+    stop: tokio_util::sync::CancellationToken,
+    clients: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(url: String, clients: usize) -> Self {
+        let history = Arc::new(Mutex::new(Vec::new()));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let http = reqwest::Client::new();
+        let clients = (0..clients)
+            .map(|_| {
+                let (history, stop, http, url) = (history.clone(), stop.clone(), http.clone(), url.clone());
+                tokio::spawn(async move {
+                    while !stop.is_cancelled() {
+                        let index = {
+                            let mut history = history.lock().unwrap();
+                            history.push(Record {
+                                first_token: false,
+                                ending: None,
+                            });
+                            history.len() - 1
+                        };
+                        let ending = tokio::time::timeout(LOST_AFTER, one(&http, &url, &history, index))
+                            .await
+                            .unwrap_or(Ending::Lost);
+                        let failed = matches!(ending, Ending::Failed(_));
+                        history.lock().unwrap()[index].ending = Some(ending);
+                        if failed {
+                            // A client backs off a little rather than spin on a dead address.
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        Self { history, stop, clients }
+    }
+
+    /// Stops sending and waits for every request in flight to end (or be declared lost).
+    async fn finish(self) -> Vec<Record> {
+        self.stop.cancel();
+        for client in self.clients {
+            client.await.unwrap();
+        }
+        self.history.lock().unwrap().clone()
+    }
+}
+
+async fn one(http: &reqwest::Client, url: &str, history: &Arc<Mutex<Vec<Record>>>, index: usize) -> Ending {
+    let body = json!({"model": "mock-model", "max_tokens": TOKENS, "stream": true,
+                      "messages": [{"role": "user", "content": "tell me about trains"}]});
+    let response = match http.post(format!("{url}/v1/chat/completions")).json(&body).send().await {
+        Ok(response) => response,
+        Err(_) => return Ending::Failed("transport".into()),
+    };
+    if !response.status().is_success() {
+        return Ending::Failed(response.status().as_u16().to_string());
+    }
+    let mut text = String::new();
+    let mut words = String::new();
+    let mut finished = false;
+    let mut bytes = response.bytes_stream();
+    while let Some(chunk) = bytes.next().await {
+        let Ok(chunk) = chunk else {
+            return Ending::Failed("broken stream".into());
+        };
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = text.find('\n') {
+            let line: String = text.drain(..=end).collect();
+            if line.starts_with("event: error") {
+                return Ending::Failed("error event".into());
+            }
+            let Some(data) = line.trim_end().strip_prefix("data: ") else {
+                continue;
+            };
+            if data == "[DONE]" {
+                return Ending::Completed {
+                    words: words.split_whitespace().count(),
+                    finished,
+                };
+            }
+            let chunk: serde_json::Value = serde_json::from_str(data).unwrap_or_default();
+            if let Some(piece) = chunk["choices"][0]["delta"]["content"].as_str() {
+                words.push_str(piece);
+                if !piece.is_empty() {
+                    history.lock().unwrap()[index].first_token = true;
+                }
+            }
+            finished |= chunk["choices"][0]["finish_reason"].is_string();
+        }
+    }
+    Ending::Failed("stream ended without [DONE]".into())
+}
+
+/// The counts of one scenario, checked.
+#[derive(Debug, Default)]
+struct Tally {
+    sent: usize,
+    completed: usize,
+    failed: usize,
+    lost: usize,
+    migrated: u64,
+}
+
+/// Asserts the history's invariants and counts it.
+fn check(scenario: &str, history: &[Record], migrated: u64) -> Tally {
+    let mut tally = Tally {
+        sent: history.len(),
+        migrated,
+        ..Tally::default()
+    };
+    for (i, record) in history.iter().enumerate() {
+        match record.ending.as_ref().expect("every request ended exactly once") {
+            Ending::Completed { words, finished } => {
+                assert_eq!(
+                    *words, TOKENS,
+                    "{scenario}: request {i} got {words} words, not {TOKENS}"
+                );
+                assert!(*finished, "{scenario}: request {i} ended without a finish reason");
+                assert!(record.first_token);
+                tally.completed += 1;
+            }
+            Ending::Failed(_) => tally.failed += 1,
+            Ending::Lost => tally.lost += 1,
+        }
+    }
+    assert_eq!(tally.lost, 0, "{scenario}: requests lost: {history:?}");
+    println!(
+        "| {scenario} | {} | {} | {} | {} | {} |",
+        tally.sent, tally.completed, tally.migrated, tally.failed, tally.lost
+    );
+    tally
+}
+
+struct Cluster {
+    frontend: WorkerProcess,
+    workers: Vec<WorkerProcess>,
+    /// Each worker's status server (for `vllm:num_requests_running`).
+    status_ports: Vec<u16>,
+    url: String,
+    dir: std::path::PathBuf,
+}
+
+impl Cluster {
+    fn start(drain_seconds: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("switchyard-faults-{:016x}", rand::random::<u64>()));
+        let dir_text = dir.to_str().unwrap().to_string();
+        let env = [
+            ("DYN_DISCOVERY_BACKEND", "file"),
+            ("DYN_FILE_KV", dir_text.as_str()),
+            ("DYN_LOG", "info"),
+            ("DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT", drain_seconds),
+        ];
+        let status_ports: Vec<u16> = (0..2).map(|_| free_port()).collect();
+        let workers = status_ports
+            .iter()
+            .map(|port| {
+                let port = port.to_string();
+                let mut env = env.to_vec();
+                env.push(("DYN_SYSTEM_PORT", &port));
+                WorkerProcess::start(
+                    switchyard(),
+                    &["worker", "mocker", "--speedup-ratio", "1"],
+                    &env,
+                    "mocker worker serving",
+                    START_DEADLINE,
+                )
+            })
+            .collect();
+        let port = free_port().to_string();
+        let frontend = WorkerProcess::start(
+            switchyard(),
+            &["frontend", "--http-host", "127.0.0.1", "--http-port", &port],
+            &env,
+            "frontend listening",
+            START_DEADLINE,
+        );
+        Self {
+            frontend,
+            workers,
+            status_ports,
+            url: format!("http://127.0.0.1:{port}"),
+            dir,
+        }
+    }
+
+    /// Waits until the frontend routes to both workers.
+    async fn ready(&self) {
+        let started = Instant::now();
+        loop {
+            let ok = reqwest::get(format!("{}/health", self.url))
+                .await
+                .is_ok_and(|r| r.status() == 200);
+            if ok {
+                // Both workers' cards: /v1/models lists one model either way, so give discovery a beat.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the frontend never became ready"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Requests running in worker `index`'s engine.
+    async fn running(&self, index: usize) -> u64 {
+        let url = format!("http://127.0.0.1:{}/metrics", self.status_ports[index]);
+        let Ok(response) = reqwest::get(url).await else {
+            return 0;
+        };
+        let text = response.text().await.unwrap_or_default();
+        text.lines()
+            .find(|l| l.starts_with("vllm:num_requests_running"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0) as u64
+    }
+
+    /// Waits until worker 0 is in the middle of answering, so the fault hits streams.
+    async fn worker_zero_busy(&self) {
+        let started = Instant::now();
+        while self.running(0).await == 0 {
+            assert!(started.elapsed() < Duration::from_secs(10), "worker 0 never got work");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn migrations(&self) -> u64 {
+        let Ok(response) = reqwest::get(format!("{}/metrics", self.url)).await else {
+            return 0;
+        };
+        let text = response.text().await.unwrap_or_default();
+        text.lines()
+            .filter(|l| l.starts_with("dynamo_frontend_model_migration_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The cluster, ready, with four clients streaming for a while already.
+async fn under_load(cluster: &Cluster) -> Load {
+    cluster.ready().await;
+    let load = Load::start(cluster.url.clone(), 4);
+    // Mid-way through the second round of answers (one takes ~0.9 s), not at
+    // the edge between two rounds, where every stream is about to finish.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    load
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_matrix_worker_sigkill_sigterm_and_frontend_sigterm() {
+    println!("| fault | sent | completed | migrated | failed | lost |");
+    println!("|---|---:|---:|---:|---:|---:|");
+
+    // A worker killed outright mid-stream: its streams move to the other worker.
+    let cluster = Cluster::start("30");
+    let load = under_load(&cluster).await;
+    cluster.worker_zero_busy().await;
+    cluster.workers[0].signal("-KILL");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let history = load.finish().await;
+    let tally = check("worker SIGKILL mid-stream", &history, cluster.migrations().await);
+    assert_eq!(tally.failed, 0, "a worker was left, so nothing may fail");
+    assert!(tally.migrated >= 1, "the killed worker's streams migrated");
+    drop(cluster);
+
+    // A worker drained with a short deadline: it leaves discovery, finishes
+    // what it can, and the rest move on at the deadline.
+    let mut cluster = Cluster::start("0.2");
+    let load = under_load(&cluster).await;
+    cluster.worker_zero_busy().await;
+    cluster.workers[0].signal("-TERM");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let history = load.finish().await;
+    let tally = check(
+        "worker SIGTERM (drain, 0.2 s deadline)",
+        &history,
+        cluster.migrations().await,
+    );
+    assert_eq!(tally.failed, 0, "a worker was left, so nothing may fail");
+    let (_, drained_log) = cluster.workers.remove(0).wait(Duration::from_secs(5));
+    let drained_log = format!("{drained_log}\n--- frontend ---\n{}", cluster.frontend.log());
+    assert!(
+        tally.migrated >= 1,
+        "streams still running at the drain deadline migrated; the drained worker's log:\n{drained_log}"
+    );
+    drop(cluster);
+
+    // The frontend drained: answers in flight finish; afterwards nobody
+    // listens, so new requests fail to connect (no frontend was left).
+    let cluster = Cluster::start("30");
+    let load = under_load(&cluster).await;
+    let in_flight_before = load.history.lock().unwrap().len();
+    cluster.frontend.signal("-TERM");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let history = load.finish().await;
+    let tally = check("frontend SIGTERM", &history, 0);
+    let cut_off: Vec<&Record> = history[..in_flight_before]
+        .iter()
+        .filter(|r| matches!(r.ending, Some(Ending::Failed(ref why)) if why != "transport"))
+        .collect();
+    assert!(
+        cut_off.is_empty(),
+        "requests already streaming were cut off: {cut_off:?}"
+    );
+    assert!(tally.completed >= 4, "the streams in flight at SIGTERM completed");
+}
