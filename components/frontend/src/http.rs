@@ -45,6 +45,8 @@ pub struct FrontendState {
     pub body_limit: usize,
     /// Migrations allowed per request.
     pub migration_limit: u32,
+    /// Longest silence from a worker before its stream counts as broken.
+    pub stall_timeout: Option<std::time::Duration>,
 }
 
 impl FrontendState {
@@ -53,6 +55,10 @@ impl FrontendState {
     pub async fn new(drt: &DistributedRuntime, args: &FrontendArgs) -> Result<Self, FrontendError> {
         if args.router_mode == RouterMode::Direct {
             return Err(FrontendError::DirectMode);
+        }
+        let stall = args.stream_stall_timeout_secs;
+        if !(stall >= 0.0 && stall.is_finite()) {
+            return Err(FrontendError::StallTimeout(stall));
         }
         let runtime = drt.runtime().clone();
         let models = ModelManager::new(
@@ -72,6 +78,8 @@ impl FrontendState {
             runtime,
             body_limit: args.body_limit_mb.saturating_mul(1024 * 1024),
             migration_limit: args.migration_limit,
+            stall_timeout: (args.stream_stall_timeout_secs > 0.0)
+                .then(|| std::time::Duration::from_secs_f64(args.stream_stall_timeout_secs)),
         })
     }
 }
@@ -246,13 +254,13 @@ async fn admit(
 
     let exchange = Exchange::begin(state.metrics.clone(), &model.name, route, stream, &request);
     let controller = Controller::with_id(id);
-    let original = (state.migration_limit > 0).then(|| request.clone());
-    let responses = match model
+    let original = (state.migration_limit > 0 || state.stall_timeout.is_some()).then(|| request.clone());
+    let routed = match model
         .router
-        .generate(Context::with_controller(request, controller))
+        .generate_routed(Context::with_controller(request, controller))
         .await
     {
-        Ok(responses) => responses,
+        Ok(routed) => routed,
         Err(error) => {
             exchange.refused();
             let api = ApiError::from_request(&model.name, &error);
@@ -262,26 +270,31 @@ async fn admit(
             return Err(refuse(&model.name, stream, api));
         }
     };
+    // Migration (and the stall deadline) wrap the worker's stream first, so
+    // a worker lost before its first piece is replaced too.
+    let mut responses = match original {
+        None => routed.stream,
+        Some(original) => {
+            let policy = MigrationPolicy {
+                router: model.router.clone(),
+                limit: state.migration_limit,
+                request_id: id.to_string(),
+                counter: state.metrics.migrations.clone(),
+                model: model.name.clone(),
+                stall_timeout: state.stall_timeout,
+            };
+            migrating(policy, original, routed)
+        }
+    };
     // Wait for the first piece before answering, so that an early failure
     // (prompt too long, worker refused) gets its own HTTP status rather than
     // a 200 followed by an error event.
-    let mut responses = responses;
     let first = responses.next().await;
     if let Some(Err(error)) = &first {
         exchange.refused();
         return Err(refuse(&model.name, stream, ApiError::from_request(&model.name, error)));
     }
-    let mut responses: ResponseStream<LlmOutput> = Box::pin(futures::stream::iter(first).chain(responses));
-    if let Some(original) = original {
-        let policy = MigrationPolicy {
-            router: model.router.clone(),
-            limit: state.migration_limit,
-            request_id: id.to_string(),
-            counter: state.metrics.migrations.clone(),
-            model: model.name.clone(),
-        };
-        responses = migrating(policy, original, responses);
-    }
+    let responses: ResponseStream<LlmOutput> = Box::pin(futures::stream::iter(first).chain(responses));
     Ok(if stream {
         respond::stream(exchange, responses, now_secs())
     } else {

@@ -54,6 +54,10 @@ pub struct FrontendArgs {
     /// leaves mid-answer (0 turns migration off).
     #[arg(long, env = "DYN_MIGRATION_LIMIT", default_value_t = 3)]
     pub migration_limit: u32,
+    /// Seconds a worker may send nothing on a stream before the stream
+    /// counts as broken (and migrates); 0 waits for ever. Dynamo's name.
+    #[arg(long, env = "DYN_HTTP_BACKEND_STREAM_TIMEOUT_SECS", default_value_t = 0.0)]
+    pub stream_stall_timeout_secs: f64,
     /// Largest request body accepted, in MiB (413 beyond).
     #[arg(long, env = "DYN_HTTP_BODY_LIMIT_MB", default_value_t = 45)]
     pub body_limit_mb: usize,
@@ -69,6 +73,7 @@ impl Default for FrontendArgs {
             router_max_wait_ms: 0,
             router_max_queued: 128,
             migration_limit: 3,
+            stream_stall_timeout_secs: 0.0,
             body_limit_mb: 45,
         }
     }
@@ -87,6 +92,8 @@ pub enum FrontendError {
         "--router-mode direct needs an instance per request, which the OpenAI API cannot carry; use round_robin, random, power_of_two or least_loaded"
     )]
     DirectMode,
+    #[error("--stream-stall-timeout-secs must be a number of seconds ≥ 0 (got {0}); 0 waits for ever")]
+    StallTimeout(f64),
     #[error("cannot listen on {address} (--http-host/--http-port): {source}")]
     Bind {
         address: String,

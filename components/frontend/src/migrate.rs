@@ -1,7 +1,11 @@
-//! Migration in the frontend: a response stream that, when its worker dies
-//! or leaves mid-answer, sends the request on to another worker with what
-//! was generated so far ([`switchyard_llm::migration`]) and carries on, so
-//! the client sees one uninterrupted answer.
+//! Migration in the frontend: a response stream that, when its worker dies,
+//! leaves or stalls mid-answer, sends the request on to another worker with
+//! what was generated so far ([`switchyard_llm::migration`]) and carries on,
+//! so the client sees one uninterrupted answer.
+//!
+//! A stall is a worker that sends nothing for the stall timeout (a process
+//! stopped or wedged without closing its connection): its stream is dropped
+//! (which kills the request there) and treated like a broken connection.
 
 use crate::models::LlmRouter;
 use futures::StreamExt;
@@ -12,6 +16,7 @@ use switchyard_llm::openai::Usage;
 use switchyard_llm::protocol::{LlmOutput, LlmRequest};
 use switchyard_runtime::engine::{Context, Controller, ResponseStream};
 use switchyard_runtime::error::{ErrorKind, RequestError};
+use switchyard_runtime::routing::push_router::Routed;
 
 /// Errors after which another worker can take over: the worker went away
 /// (connection broken or refused) or is shutting down.
@@ -32,12 +37,16 @@ pub struct MigrationPolicy {
     /// `dynamo_frontend_model_migration_total{model, migration_type}`.
     pub counter: IntCounterVec,
     pub model: String,
+    /// Longest silence from a worker before its stream counts as broken.
+    pub stall_timeout: Option<std::time::Duration>,
 }
 
 struct State {
     policy: MigrationPolicy,
     request: LlmRequest,
     current: ResponseStream<LlmOutput>,
+    /// The instance `current` comes from.
+    instance: u64,
     /// Text and tokens generated since `request` was last (re)issued.
     generated: String,
     tokens: u32,
@@ -48,18 +57,15 @@ struct State {
 }
 
 /// `responses`, continued on another worker when its worker fails mid-answer.
-pub fn migrating(
-    policy: MigrationPolicy,
-    request: LlmRequest,
-    responses: ResponseStream<LlmOutput>,
-) -> ResponseStream<LlmOutput> {
-    if policy.limit == 0 {
-        return responses;
+pub fn migrating(policy: MigrationPolicy, request: LlmRequest, routed: Routed<LlmOutput>) -> ResponseStream<LlmOutput> {
+    if policy.limit == 0 && policy.stall_timeout.is_none() {
+        return routed.stream;
     }
     let state = State {
         policy,
         request,
-        current: responses,
+        current: routed.stream,
+        instance: routed.instance_id,
         generated: String::new(),
         tokens: 0,
         tokens_before: 0,
@@ -75,7 +81,17 @@ impl State {
             return None;
         }
         loop {
-            match self.current.next().await {
+            let next = match self.policy.stall_timeout {
+                None => self.current.next().await,
+                Some(limit) => match tokio::time::timeout(limit, self.current.next()).await {
+                    Ok(next) => next,
+                    Err(_) => Some(Err(RequestError::new(
+                        ErrorKind::Disconnected,
+                        format!("the worker sent nothing for {limit:?} (--stream-stall-timeout-secs)"),
+                    ))),
+                },
+            };
+            match next {
                 Some(Ok(mut piece)) => {
                     self.generated.push_str(&piece.text);
                     self.tokens += piece.tokens;
@@ -94,6 +110,10 @@ impl State {
                     return Some((Ok(piece), self));
                 }
                 Some(Err(error)) if is_migratable(error.kind()) && self.migrations < self.policy.limit => {
+                    if error.kind() != ErrorKind::ShuttingDown {
+                        // Broken or stalled: keep new work away from it for a while.
+                        self.policy.router.eject(self.instance, error.message());
+                    }
                     match self.migrate(&error).await {
                         Ok(()) => continue,
                         Err(error) => {
@@ -131,16 +151,17 @@ impl State {
             "worker lost mid-answer; migrating the request"
         );
         let controller = Controller::with_id(&self.policy.request_id);
-        let stream = self
+        let routed = self
             .policy
             .router
-            .generate(Context::with_controller(next.clone(), controller))
+            .generate_routed(Context::with_controller(next.clone(), controller))
             .await?;
         self.request = next;
         self.tokens_before += self.tokens;
         self.tokens = 0;
         self.generated.clear();
-        self.current = stream;
+        self.current = routed.stream;
+        self.instance = routed.instance_id;
         Ok(())
     }
 }

@@ -182,7 +182,7 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn start(drain_seconds: &str) -> Self {
+    fn start(drain_seconds: &str, frontend_flags: &[&str]) -> Self {
         let dir = std::env::temp_dir().join(format!("switchyard-faults-{:016x}", rand::random::<u64>()));
         let dir_text = dir.to_str().unwrap().to_string();
         let env = [
@@ -208,13 +208,9 @@ impl Cluster {
             })
             .collect();
         let port = free_port().to_string();
-        let frontend = WorkerProcess::start(
-            switchyard(),
-            &["frontend", "--http-host", "127.0.0.1", "--http-port", &port],
-            &env,
-            "frontend listening",
-            START_DEADLINE,
-        );
+        let mut args = vec!["frontend", "--http-host", "127.0.0.1", "--http-port", &port];
+        args.extend_from_slice(frontend_flags);
+        let frontend = WorkerProcess::start(switchyard(), &args, &env, "frontend listening", START_DEADLINE);
         Self {
             frontend,
             workers,
@@ -295,12 +291,12 @@ async fn under_load(cluster: &Cluster) -> Load {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fault_matrix_worker_sigkill_sigterm_and_frontend_sigterm() {
+async fn fault_matrix_worker_kill_drain_freeze_and_frontend_drain() {
     println!("| fault | sent | completed | migrated | failed | lost |");
     println!("|---|---:|---:|---:|---:|---:|");
 
     // A worker killed outright mid-stream: its streams move to the other worker.
-    let cluster = Cluster::start("30");
+    let cluster = Cluster::start("30", &[]);
     let load = under_load(&cluster).await;
     cluster.worker_zero_busy().await;
     cluster.workers[0].signal("-KILL");
@@ -313,7 +309,7 @@ async fn fault_matrix_worker_sigkill_sigterm_and_frontend_sigterm() {
 
     // A worker drained with a short deadline: it leaves discovery, finishes
     // what it can, and the rest move on at the deadline.
-    let mut cluster = Cluster::start("0.2");
+    let mut cluster = Cluster::start("0.2", &[]);
     let load = under_load(&cluster).await;
     cluster.worker_zero_busy().await;
     cluster.workers[0].signal("-TERM");
@@ -333,9 +329,29 @@ async fn fault_matrix_worker_sigkill_sigterm_and_frontend_sigterm() {
     );
     drop(cluster);
 
+    // A worker frozen (SIGSTOP) for longer than the stall deadline: its
+    // streams go silent without closing, so after 1 s the frontend ejects it
+    // and moves them; it is thawed (SIGCONT) later.
+    let cluster = Cluster::start("30", &["--stream-stall-timeout-secs", "1"]);
+    let load = under_load(&cluster).await;
+    cluster.worker_zero_busy().await;
+    cluster.workers[0].signal("-STOP");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cluster.workers[0].signal("-CONT");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let history = load.finish().await;
+    let tally = check(
+        "worker SIGSTOP 3 s (stall deadline 1 s), then SIGCONT",
+        &history,
+        cluster.migrations().await,
+    );
+    assert_eq!(tally.failed, 0, "a worker was left, so nothing may fail");
+    assert!(tally.migrated >= 1, "the frozen worker's streams migrated");
+    drop(cluster);
+
     // The frontend drained: answers in flight finish; afterwards nobody
     // listens, so new requests fail to connect (no frontend was left).
-    let cluster = Cluster::start("30");
+    let cluster = Cluster::start("30", &[]);
     let load = under_load(&cluster).await;
     let in_flight_before = load.history.lock().unwrap().len();
     cluster.frontend.signal("-TERM");

@@ -164,6 +164,13 @@ where
 
     /// Sends `request` to the instance the router's mode picks.
     pub async fn generate(&self, request: Context<Req>) -> Result<ResponseStream<Resp>, RequestError> {
+        self.generate_routed(request).await.map(|routed| routed.stream)
+    }
+
+    /// Like [`PushRouter::generate`], also saying which instance answers, so
+    /// a caller that finds that instance failing later (a stream that stalls
+    /// or breaks mid-answer) can [`PushRouter::eject`] it.
+    pub async fn generate_routed(&self, request: Context<Req>) -> Result<Routed<Resp>, RequestError> {
         if self.mode == RouterMode::Direct {
             return Err(RequestError::new(
                 ErrorKind::Invalid,
@@ -173,14 +180,22 @@ where
         self.route(self.policy.as_ref(), request).await
     }
 
+    /// Takes `instance_id` out of selection for a backoff, as after a
+    /// transport failure: for failures the caller saw on a stream.
+    pub fn eject(&self, instance_id: u64, why: &str) {
+        self.client.endpoint().drt().metrics().router_ejections.inc();
+        let backoff = self.occupancy.record_failure(instance_id, Instant::now());
+        tracing::warn!(instance = format!("{instance_id:x}"), why, ?backoff, "instance ejected");
+    }
+
     /// Sends `request` to the next instance in turn.
     pub async fn round_robin(&self, request: Context<Req>) -> Result<ResponseStream<Resp>, RequestError> {
-        self.route(&RoundRobin::default(), request).await
+        Ok(self.route(&RoundRobin::default(), request).await?.stream)
     }
 
     /// Sends `request` to a random instance.
     pub async fn random(&self, request: Context<Req>) -> Result<ResponseStream<Resp>, RequestError> {
-        self.route(&Random, request).await
+        Ok(self.route(&Random, request).await?.stream)
     }
 
     /// Sends `request` to the instance `instance_id`, which must be registered.
@@ -207,7 +222,7 @@ where
 
     /// Chooses with `policy`, sends, and retries once elsewhere after a
     /// transport failure that happened before any item arrived.
-    async fn route(&self, policy: &dyn Policy, request: Context<Req>) -> Result<ResponseStream<Resp>, RequestError> {
+    async fn route(&self, policy: &dyn Policy, request: Context<Req>) -> Result<Routed<Resp>, RequestError> {
         let (body, controller) = encode(request)?;
         let mut exclude = None;
         for attempt in 0..2 {
@@ -217,7 +232,12 @@ where
             };
             let instance = &instances[chosen];
             match self.attempt(instance, body.clone(), controller.clone()).await {
-                Attempt::Streaming(stream) => return Ok(stream),
+                Attempt::Streaming(stream) => {
+                    return Ok(Routed {
+                        instance_id: instance.instance_id,
+                        stream,
+                    });
+                }
                 Attempt::Failed(error, first_item_stream) => {
                     let transport = matches!(error.kind(), ErrorKind::Unreachable | ErrorKind::Disconnected);
                     let metrics = self.client.endpoint().drt().metrics();
@@ -229,7 +249,10 @@ where
                     let retryable = transport || error.kind() == ErrorKind::ShuttingDown;
                     if attempt == 1 || !retryable || controller.is_stopped() {
                         return match first_item_stream {
-                            Some(stream) => Ok(stream),
+                            Some(stream) => Ok(Routed {
+                                instance_id: instance.instance_id,
+                                stream,
+                            }),
                             None => Err(error),
                         };
                     }
@@ -373,6 +396,20 @@ where
                 Attempt::Streaming(decoded(rest, guard))
             }
         }
+    }
+}
+
+/// A response stream and the instance it comes from.
+pub struct Routed<Resp> {
+    pub instance_id: u64,
+    pub stream: ResponseStream<Resp>,
+}
+
+impl<Resp> std::fmt::Debug for Routed<Resp> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Routed")
+            .field("instance_id", &self.instance_id)
+            .finish_non_exhaustive()
     }
 }
 
