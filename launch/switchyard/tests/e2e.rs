@@ -10,6 +10,13 @@ mod worker_process;
 #[path = "e2e/faults.rs"]
 mod faults;
 
+#[allow(dead_code, unreachable_pub)]
+#[path = "../../../lib/runtime/tests/support/etcd_server.rs"]
+mod etcd_server;
+#[allow(dead_code, unreachable_pub)]
+#[path = "../../../lib/runtime/tests/support/nats_server.rs"]
+mod nats_server;
+
 use futures::StreamExt;
 use serde_json::{Value, json};
 use std::path::PathBuf;

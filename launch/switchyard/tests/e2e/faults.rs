@@ -8,6 +8,7 @@
 
 use super::worker_process::WorkerProcess;
 use super::{START_DEADLINE, free_port, switchyard};
+use super::{etcd_server::EtcdServer, nats_server::NatsServer};
 use futures::StreamExt;
 use serde_json::json;
 use std::sync::{Arc, Mutex};
@@ -183,6 +184,11 @@ struct Cluster {
 
 impl Cluster {
     fn start(drain_seconds: &str, frontend_flags: &[&str]) -> Self {
+        Self::start_with(drain_seconds, frontend_flags, &[])
+    }
+
+    /// With `extra_env` after the defaults (so it wins): another discovery backend, NATS.
+    fn start_with(drain_seconds: &str, frontend_flags: &[&str], extra_env: &[(&str, &str)]) -> Self {
         let dir = std::env::temp_dir().join(format!("switchyard-faults-{:016x}", rand::random::<u64>()));
         let dir_text = dir.to_str().unwrap().to_string();
         let env = [
@@ -191,12 +197,13 @@ impl Cluster {
             ("DYN_LOG", "info"),
             ("DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT", drain_seconds),
         ];
+        let env: Vec<(&str, &str)> = env.iter().chain(extra_env).copied().collect();
         let status_ports: Vec<u16> = (0..2).map(|_| free_port()).collect();
         let workers = status_ports
             .iter()
             .map(|port| {
                 let port = port.to_string();
-                let mut env = env.to_vec();
+                let mut env = env.clone();
                 env.push(("DYN_SYSTEM_PORT", &port));
                 WorkerProcess::start(
                     switchyard(),
@@ -367,4 +374,55 @@ async fn fault_matrix_worker_kill_drain_freeze_and_frontend_drain() {
         "requests already streaming were cut off: {cut_off:?}"
     );
     assert!(tally.completed >= 4, "the streams in flight at SIGTERM completed");
+}
+
+/// Discovery on etcd and the event plane on NATS, each stopped and restarted
+/// under load. Requests do not go through either (the request plane is
+/// TCP), so nothing may fail; the registrations must come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_matrix_etcd_and_nats_restarts() {
+    println!("| fault | sent | completed | migrated | failed | lost |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    let mut etcd = EtcdServer::start();
+    let mut nats = NatsServer::start();
+    let (etcd_url, nats_url) = (etcd.url(), nats.url());
+    let env = [
+        ("DYN_DISCOVERY_BACKEND", "etcd"),
+        ("ETCD_ENDPOINTS", etcd_url.as_str()),
+        ("NATS_SERVER", nats_url.as_str()),
+        ("DYN_EVENT_PLANE", "nats"),
+        ("DYN_LEASE_TTL", "1s"),
+    ];
+    let cluster = Cluster::start_with("30", &[], &env);
+
+    // etcd down for three lease TTLs, then back.
+    let load = under_load(&cluster).await;
+    etcd.stop();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    etcd.restart();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let history = load.finish().await;
+    let tally = check(
+        "etcd stopped 3 s (3 × lease TTL), restarted",
+        &history,
+        cluster.migrations().await,
+    );
+    let reasons: Vec<_> = history
+        .iter()
+        .filter_map(|r| r.ending.clone())
+        .filter(|e| matches!(e, Ending::Failed(_)))
+        .collect();
+    assert_eq!(tally.failed, 0, "requests do not need etcd: {reasons:?}");
+    // Both workers are registered again: the frontend still serves the model.
+    let health = reqwest::get(format!("{}/health", cluster.url)).await.unwrap();
+    assert_eq!(health.status(), 200, "the model is served after etcd came back");
+
+    // NATS (load reports) restarted.
+    let load = Load::start(cluster.url.clone(), 4);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    nats.restart();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let history = load.finish().await;
+    let tally = check("NATS restarted", &history, cluster.migrations().await);
+    assert_eq!(tally.failed, 0, "requests do not need NATS");
 }

@@ -277,7 +277,12 @@ impl Discovery for EtcdDiscovery {
 /// Keeps the lease alive; when it is lost, replaces it and puts every key
 /// again, retrying with jittered exponential backoff until it succeeds.
 async fn keep_lease(inner: Arc<Inner>) {
-    let mut backoff = Backoff::new();
+    // Retry well within one TTL: when etcd comes back it restores the old
+    // lease with a fresh TTL, and if that runs out before the keys are put
+    // again under a new lease, every watcher sees this process vanish (and
+    // come back) for nothing.
+    let ceiling = (inner.ttl / 3).clamp(RETRY_BACKOFF.0, RETRY_BACKOFF.1);
+    let mut backoff = Backoff::up_to(ceiling);
     loop {
         let lease = inner.lease.load(Ordering::Acquire);
         let reason = tokio::select! {
@@ -299,7 +304,7 @@ async fn keep_lease(inner: Arc<Inner>) {
                 Ok(keys) => {
                     inner.health.lost.store(false, Ordering::Release);
                     inner.health.recoveries.fetch_add(1, Ordering::AcqRel);
-                    backoff = Backoff::new();
+                    backoff = Backoff::up_to(ceiling);
                     tracing::info!(
                         lease = format!("{:x}", inner.lease.load(Ordering::Acquire)),
                         keys,
@@ -468,18 +473,25 @@ async fn watch_from(
 #[derive(Debug)]
 struct Backoff {
     ceiling: Duration,
+    max: Duration,
 }
 
 impl Backoff {
     fn new() -> Self {
+        Self::up_to(RETRY_BACKOFF.1)
+    }
+
+    /// Growing to `max` at most.
+    fn up_to(max: Duration) -> Self {
         Self {
-            ceiling: RETRY_BACKOFF.0,
+            ceiling: RETRY_BACKOFF.0.min(max),
+            max,
         }
     }
 
     fn next(&mut self) -> Duration {
         let wait = self.ceiling.mul_f64(rand::random_range(0.5..=1.0));
-        self.ceiling = (self.ceiling * 2).min(RETRY_BACKOFF.1);
+        self.ceiling = (self.ceiling * 2).min(self.max);
         wait
     }
 }
