@@ -111,3 +111,19 @@ fn max_completion_tokens_wins_over_max_tokens() {
     assert_eq!(request.output_limit(), Some(7));
     assert_eq!(LlmRequest::Chat(request).max_tokens(), Some(7));
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(10_000))]
+
+    /// What a worker decodes from the request plane: any bytes give a
+    /// request or an error, never a panic (10,000 inputs per run).
+    #[test]
+    fn any_bytes_decode_to_a_request_or_an_error_never_a_panic(
+        bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+    ) {
+        let _ = rmp_serde::from_slice::<LlmRequest>(&bytes);
+        let _ = rmp_serde::from_slice::<crate::protocol::LlmOutput>(&bytes);
+        let _ = parse_request::<ChatCompletionRequest>(&bytes);
+        let _ = parse_request::<CompletionRequest>(&bytes);
+    }
+}
