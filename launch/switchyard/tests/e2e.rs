@@ -641,8 +641,10 @@ async fn vllm_managed_children_never_outlive_the_worker() {
 async fn the_local_cluster_script_starts_a_working_cluster_and_stops_all_of_it() {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../local-cluster.sh");
     let http_port = free_port();
-    // A base with ~15 free ports above it: etcd, its peer port, NATS, status servers.
-    let base_port = 30_000 + (rand::random::<u16>() % 20_000);
+    // A base with ~15 free ports above it: etcd, its peer port, NATS, status
+    // servers. Below Linux's ephemeral range (32768+), so outgoing
+    // connections of other tests cannot be holding them.
+    let base_port = 20_000 + (rand::random::<u16>() % 12_000);
     let (http_text, base_text) = (http_port.to_string(), base_port.to_string());
     let binary = switchyard();
     let cluster = WorkerProcess::start(
