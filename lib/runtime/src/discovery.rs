@@ -13,6 +13,7 @@
 
 pub mod etcd;
 pub mod file;
+pub mod kube;
 pub mod mem;
 #[cfg(test)]
 pub(crate) mod suite;
