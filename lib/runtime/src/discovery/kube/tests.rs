@@ -163,7 +163,7 @@ fn a_changed_value_is_a_put() {
         json!([{"key": "v1/instances/dynamo/backend/generate/1", "value": "{\"instance_id\":1,\"v\":2}"}]),
     )];
     let (events, _) = advance(&view, &after, &ready);
-    assert!(matches!(&events[..], [WatchEvent::Put(r)] if r.value == Bytes::from("{\"instance_id\":1,\"v\":2}")));
+    assert!(matches!(&events[..], [WatchEvent::Put(r)] if r.value == "{\"instance_id\":1,\"v\":2}"));
 }
 
 #[test]
