@@ -1,30 +1,46 @@
 # The two commands a newcomer needs are in README.md:
-#   cargo run --release -p switchyard -- run   (the main job, no infrastructure)
-#   make test                          (installs missing test servers, then runs everything)
+#   make run    (the main job: builds and starts `switchyard run`, no infrastructure)
+#   make test   (installs missing test servers, then runs everything)
 
 CARGO ?= cargo
 
 # The official `openai` Python client, for the frontend compatibility test.
 TEST_VENV := target/test-venv
 
-.PHONY: test test-deps lint bench perf hello
+.PHONY: run build-deps test test-deps lint bench perf hello
+
+## The main job: an OpenAI-compatible API on port 8000 with a mock model,
+## frontend and worker in one process (see README.md).
+run: build-deps
+	$(CARGO) run --release -p switchyard -- run
+
+## What building needs when it is missing (Debian packages): protoc and the
+## well-known .proto files, which etcd-client compiles at build time.
+build-deps:
+	@missing=""; \
+	command -v protoc >/dev/null 2>&1 || missing="$$missing protobuf-compiler"; \
+	[ -f /usr/include/google/protobuf/descriptor.proto ] || missing="$$missing libprotobuf-dev"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing build dependencies:$$missing"; \
+		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
 
 ## Lint, then run the whole test suite. Plain `cargo test` (not --all-targets)
 ## builds the examples as binaries, which the multi-process tests run.
 test: test-deps lint
 	$(CARGO) test --workspace
 
-## Install what the tests need when it is missing (Debian packages): etcd and
-## NATS servers for the discovery/event-plane tests, protoc and the
-## well-known .proto files that etcd-client compiles at build time, and
-## promtool (package prometheus) to check the /metrics output; a virtualenv
-## with the `openai` package for the frontend's client-compatibility test.
-test-deps:
+## Install what the tests need when it is missing (Debian packages): what
+## building needs (above), etcd and NATS servers for the discovery and
+## event-plane tests, and promtool (package prometheus) to check the
+## /metrics output; a virtualenv with the `openai` package for the
+## frontend's client-compatibility test.
+test-deps: build-deps
 	@missing=""; \
 	command -v etcd >/dev/null 2>&1 || missing="$$missing etcd-server"; \
 	command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || missing="$$missing nats-server"; \
-	command -v protoc >/dev/null 2>&1 || missing="$$missing protobuf-compiler"; \
-	[ -f /usr/include/google/protobuf/descriptor.proto ] || missing="$$missing libprotobuf-dev"; \
 	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing test dependencies:$$missing"; \
