@@ -107,15 +107,12 @@ pub async fn run(runtime: Runtime, args: VllmArgs) -> Result<(), VllmError> {
         if args.replicas == 0 {
             return Err(VllmError::NoReplicas);
         }
-        // PATH is the operating system's lookup list for commands, not one of
-        // our settings; reading it here is what a shell would do.
-        #[allow(clippy::disallowed_methods)]
-        let path = std::env::var("PATH").ok();
-        let command =
-            resolve_command(&args.vllm_command, path.as_deref()).ok_or_else(|| ManagedError::MissingCommand {
-                command: args.vllm_command.clone(),
-            })?;
-        let setpriv = resolve_command("setpriv", path.as_deref());
+        // The command search path, from the settings (`PATH`), as a shell would use it.
+        let path = Some(runtime.config().command_search_path().as_str()).filter(|p| !p.is_empty());
+        let command = resolve_command(&args.vllm_command, path).ok_or_else(|| ManagedError::MissingCommand {
+            command: args.vllm_command.clone(),
+        })?;
+        let setpriv = resolve_command("setpriv", path);
         if setpriv.is_none() {
             tracing::warn!(
                 "setpriv (util-linux) is not installed: a SIGKILLed worker would leave its vLLM children running"

@@ -67,6 +67,7 @@ const NATS_AUTH_CREDENTIALS_FILE: &str = "NATS_AUTH_CREDENTIALS_FILE";
 const GRACEFUL_SHUTDOWN_TIMEOUT: &str = "DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT";
 const LOG: &str = "DYN_LOG";
 const WORKER_THREADS: &str = "DYN_RUNTIME_NUM_WORKER_THREADS";
+const SEARCH_PATH: &str = "PATH";
 
 /// Every variable the runtime reads. The order is the order of `docs/configuration.md`.
 pub const VARIABLES: &[Variable] = &[
@@ -244,6 +245,11 @@ pub const VARIABLES: &[Variable] = &[
         name: WORKER_THREADS,
         default: "",
         help: "tokio worker threads; unset means one per CPU core",
+    },
+    Variable {
+        name: SEARCH_PATH,
+        default: "",
+        help: "the operating system's command search path, for commands Switchyard starts (the vLLM worker's `vllm`)",
     },
 ];
 
@@ -454,6 +460,8 @@ pub struct RuntimeConfig {
     log_filter: String,
     /// Tokio worker threads.
     worker_threads: usize,
+    /// Directories where commands are looked up (`PATH`), empty when unset.
+    command_search_path: String,
 }
 
 impl RuntimeConfig {
@@ -587,6 +595,7 @@ impl RuntimeConfig {
             graceful_shutdown_timeout: settings.duration(GRACEFUL_SHUTDOWN_TIMEOUT)?,
             log_filter: settings.log_filter()?,
             worker_threads,
+            command_search_path: settings.optional_text(SEARCH_PATH)?.unwrap_or_default(),
         })
     }
 
