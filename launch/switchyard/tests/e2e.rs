@@ -3,9 +3,7 @@
 //! discovery, called over HTTP like any OpenAI client would — including the
 //! official `openai` Python package.
 
-#[allow(dead_code, unreachable_pub)]
-#[path = "../../../lib/runtime/tests/support/worker_process.rs"]
-mod worker_process;
+mod support;
 
 #[path = "e2e/faults.rs"]
 mod faults;
@@ -21,17 +19,8 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use worker_process::WorkerProcess;
-
-const START_DEADLINE: Duration = Duration::from_secs(20);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use support::worker_process::{self, WorkerProcess};
+use support::{START_DEADLINE, free_port, switchyard};
 
 /// A frontend and two workers sharing a discovery directory.
 struct Stack {
@@ -322,10 +311,6 @@ async fn the_official_openai_python_client_works_against_the_frontend() {
 }
 
 // ---- The vLLM worker, against the mocker standing in for `vllm serve` ----
-
-fn switchyard() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_switchyard"))
-}
 
 /// A directory with an executable `vllm` script holding `body`, to put first on PATH.
 fn fake_vllm(body: &str) -> PathBuf {

@@ -3,28 +3,12 @@
 //! runs, and tests running beside it that pick a free port and bind it a
 //! moment later could lose that port to one of these connections.
 
-#[allow(dead_code, unreachable_pub)]
-#[path = "../../../lib/runtime/tests/support/worker_process.rs"]
-mod worker_process;
+mod support;
 
 use serde_json::json;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use worker_process::WorkerProcess;
-
-const START_DEADLINE: Duration = Duration::from_secs(20);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn switchyard() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_switchyard"))
-}
+use support::worker_process::WorkerProcess;
+use support::{START_DEADLINE, free_port, switchyard};
 
 /// 10,000 idle connections to a worker's request plane do not crash or
 /// starve it: a request through the frontend still gets its whole answer.
