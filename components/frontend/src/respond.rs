@@ -9,6 +9,7 @@ use crate::metrics::FrontendMetrics;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
+use prometheus::{Histogram, IntGauge};
 use std::convert::Infallible;
 use switchyard_llm::openai::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta,
@@ -77,12 +78,22 @@ pub struct Exchange {
     output_tokens: u32,
     /// Set once the response is complete (or failed); a drop before that is a disconnect.
     ended: bool,
+    /// This model's series of the per-token metrics, looked up once rather
+    /// than by label on every token.
+    inflight: IntGauge,
+    queued: IntGauge,
+    ttft: Histogram,
+    itl: Histogram,
 }
 
 impl Exchange {
     pub fn begin(metrics: FrontendMetrics, model: &str, route: Route, stream: bool, request: &LlmRequest) -> Self {
-        metrics.inflight.with_label_values(&[model]).inc();
-        metrics.queued.with_label_values(&[model]).inc();
+        let inflight = metrics.inflight.with_label_values(&[model]);
+        let queued = metrics.queued.with_label_values(&[model]);
+        let ttft = metrics.ttft.with_label_values(&[model]);
+        let itl = metrics.itl.with_label_values(&[model]);
+        inflight.inc();
+        queued.inc();
         let prefix = match route {
             Route::Chat => "chatcmpl",
             Route::Completions => "cmpl",
@@ -98,6 +109,10 @@ impl Exchange {
             last_token: None,
             output_tokens: 0,
             ended: false,
+            inflight,
+            queued,
+            ttft,
+            itl,
         }
     }
 
@@ -112,18 +127,14 @@ impl Exchange {
             return;
         }
         let now = Instant::now();
-        let labels = [self.model.as_str()];
         match self.last_token {
             None => {
-                self.metrics
-                    .ttft
-                    .with_label_values(&labels)
-                    .observe((now - self.started).as_secs_f64());
-                self.metrics.queued.with_label_values(&labels).dec();
+                self.ttft.observe((now - self.started).as_secs_f64());
+                self.queued.dec();
             }
             Some(last) => {
                 let per_token = (now - last).as_secs_f64() / f64::from(piece.tokens);
-                self.metrics.itl.with_label_values(&labels).observe(per_token);
+                self.itl.observe(per_token);
             }
         }
         self.last_token = Some(now);
@@ -158,10 +169,9 @@ impl Exchange {
 
 impl Drop for Exchange {
     fn drop(&mut self) {
-        let labels = [self.model.as_str()];
-        self.metrics.inflight.with_label_values(&labels).dec();
+        self.inflight.dec();
         if self.last_token.is_none() {
-            self.metrics.queued.with_label_values(&labels).dec();
+            self.queued.dec();
         }
         if !self.ended {
             // The client went away: dropping the worker's stream (next to
