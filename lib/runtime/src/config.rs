@@ -68,6 +68,9 @@ const GRACEFUL_SHUTDOWN_TIMEOUT: &str = "DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT";
 const LOG: &str = "DYN_LOG";
 const WORKER_THREADS: &str = "DYN_RUNTIME_NUM_WORKER_THREADS";
 const SEARCH_PATH: &str = "PATH";
+const POD_NAME: &str = "POD_NAME";
+const POD_NAMESPACE: &str = "POD_NAMESPACE";
+const POD_UID: &str = "POD_UID";
 
 /// Every variable the runtime reads. The order is the order of `docs/configuration.md`.
 pub const VARIABLES: &[Variable] = &[
@@ -251,6 +254,21 @@ pub const VARIABLES: &[Variable] = &[
         default: "",
         help: "the operating system's command search path, for commands Switchyard starts (the vLLM worker's `vllm`)",
     },
+    Variable {
+        name: POD_NAME,
+        default: "",
+        help: "this process's Pod (from the downward API, `metadata.name`); required by the kubernetes backend",
+    },
+    Variable {
+        name: POD_NAMESPACE,
+        default: "",
+        help: "the Pod's namespace (`metadata.namespace`); the kubernetes backend registers and discovers there",
+    },
+    Variable {
+        name: POD_UID,
+        default: "",
+        help: "the Pod's UID (`metadata.uid`); the kubernetes backend's owner reference, so the Pod's registrations are deleted with it",
+    },
 ];
 
 /// Where instances are registered and discovered.
@@ -428,6 +446,26 @@ impl std::fmt::Debug for EtcdConfig {
     }
 }
 
+/// Who this process is in Kubernetes, from the downward API (`POD_NAME`,
+/// `POD_NAMESPACE`, `POD_UID`). Only the `kubernetes` discovery backend needs it.
+#[derive(Debug, Clone, PartialEq, Eq, Getters)]
+pub struct PodIdentity {
+    name: String,
+    namespace: String,
+    uid: String,
+}
+
+impl PodIdentity {
+    /// An identity given in code (tests, embedders).
+    pub fn new(name: impl Into<String>, namespace: impl Into<String>, uid: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            namespace: namespace.into(),
+            uid: uid.into(),
+        }
+    }
+}
+
 /// Settings of the HTTP/2 request plane's listener.
 #[derive(Debug, Clone, Getters)]
 pub struct HttpConfig {
@@ -462,6 +500,9 @@ pub struct RuntimeConfig {
     worker_threads: usize,
     /// Directories where commands are looked up (`PATH`), empty when unset.
     command_search_path: String,
+    /// The Pod identity, when all three downward-API variables are set.
+    #[getter(skip)]
+    pod: Result<PodIdentity, Vec<&'static str>>,
 }
 
 impl RuntimeConfig {
@@ -596,7 +637,25 @@ impl RuntimeConfig {
             log_filter: settings.log_filter()?,
             worker_threads,
             command_search_path: settings.optional_text(SEARCH_PATH)?.unwrap_or_default(),
+            pod: settings.pod()?,
         })
+        .and_then(Self::checked_for_backend)
+    }
+
+    /// This process's Pod, which the `kubernetes` backend needs; the error
+    /// names the downward-API variables that are missing.
+    pub fn pod_identity(&self) -> Result<PodIdentity, ConfigError> {
+        self.pod
+            .clone()
+            .map_err(|missing| ConfigError::MissingPodIdentity { missing })
+    }
+
+    /// Refuses settings that the chosen discovery backend cannot start with.
+    fn checked_for_backend(self) -> Result<Self, ConfigError> {
+        if self.discovery_backend == DiscoveryBackend::Kubernetes {
+            self.pod_identity()?;
+        }
+        Ok(self)
     }
 
     /// The same settings with another discovery backend (used by the
@@ -838,6 +897,27 @@ impl Settings {
         })
     }
 
+    /// The downward-API identity, or the names of the variables that are unset.
+    fn pod(&self) -> Result<Result<PodIdentity, Vec<&'static str>>, ConfigError> {
+        let mut missing = vec![];
+        let mut value = |name: &'static str| -> Result<String, ConfigError> {
+            let text = self
+                .optional_text(name)?
+                .map(|t| t.trim().to_string())
+                .unwrap_or_default();
+            if text.is_empty() {
+                missing.push(name);
+            }
+            Ok(text)
+        };
+        let (name, namespace, uid) = (value(POD_NAME)?, value(POD_NAMESPACE)?, value(POD_UID)?);
+        Ok(if missing.is_empty() {
+            Ok(PodIdentity { name, namespace, uid })
+        } else {
+            Err(missing)
+        })
+    }
+
     fn log_filter(&self) -> Result<String, ConfigError> {
         let text = self.text(LOG)?;
         match tracing_subscriber::EnvFilter::try_new(&text) {
@@ -896,6 +976,14 @@ pub enum ConfigError {
     Incomplete { set: &'static str, needed: &'static str },
     #[error("unknown configuration variable {name:?}; see docs/configuration.md for the list")]
     UnknownVariable { name: String },
+    #[error(
+        "DYN_DISCOVERY_BACKEND=kubernetes needs this Pod's identity from the downward API, but {} {} not set; \
+         give the container env entries with valueFrom.fieldRef metadata.name / metadata.namespace / metadata.uid \
+         (see deploy/k8s/worker-mocker.yaml)",
+        missing.join(", "),
+        if missing.len() == 1 { "is" } else { "are" }
+    )]
+    MissingPodIdentity { missing: Vec<&'static str> },
 }
 
 #[cfg(test)]

@@ -261,6 +261,21 @@ pub enum DiscoveryError {
         #[source]
         source: Option<etcd_client::Error>,
     },
+    #[error("Kubernetes API: cannot {operation}{hint}")]
+    Kube {
+        operation: String,
+        /// How to fix the usual causes, when the answer tells; else empty.
+        hint: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("Kubernetes API: cannot {operation}: no answer within {timeout:?}")]
+    KubeTimeout {
+        operation: String,
+        timeout: std::time::Duration,
+    },
+    #[error("the value of {key} is not UTF-8 text; the kubernetes backend stores values as text (JSON)")]
+    NotText { key: Key },
     #[error("cannot read the etcd TLS file {path} ({variable})")]
     TlsFile {
         variable: &'static str,

@@ -75,10 +75,22 @@ impl DistributedRuntime {
                 lease_health = Some(etcd.lease_health());
                 Arc::new(etcd)
             }
-            other => {
-                return Err(DistributedError::NotBuiltYet {
+            #[cfg(feature = "kubernetes")]
+            DiscoveryBackend::Kubernetes => Arc::new(
+                crate::discovery::kube::client::KubeDiscovery::connect_from_environment(
+                    config.pod_identity()?,
+                    Default::default(),
+                    tracker,
+                    stop,
+                )
+                .await?,
+            ),
+            #[cfg(not(feature = "kubernetes"))]
+            DiscoveryBackend::Kubernetes => {
+                return Err(DistributedError::NotInThisBuild {
                     variable: "DYN_DISCOVERY_BACKEND",
-                    value: other.as_str(),
+                    value: "kubernetes",
+                    feature: "kubernetes",
                     available: "mem, file, etcd",
                 });
             }
@@ -381,12 +393,18 @@ struct LeaseMetrics {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DistributedError {
-    #[error("{variable}={value} is not built yet; available now: {available}")]
-    NotBuiltYet {
+    #[error(
+        "{variable}={value} is not in this build (built without the cargo feature `{feature}`); \
+         available: {available}"
+    )]
+    NotInThisBuild {
         variable: &'static str,
         value: &'static str,
+        feature: &'static str,
         available: &'static str,
     },
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("cannot bind the request-plane listener on {address}")]
     Bind {
         address: String,

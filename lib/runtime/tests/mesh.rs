@@ -9,7 +9,7 @@ use switchyard_runtime::component::client::{Client, ClientError};
 use switchyard_runtime::component::endpoint::ServingEndpoint;
 use switchyard_runtime::config::RuntimeConfig;
 use switchyard_runtime::discovery::mem::{MemDiscovery, MemRegistry};
-use switchyard_runtime::distributed::{DistributedError, DistributedRuntime};
+use switchyard_runtime::distributed::DistributedRuntime;
 use switchyard_runtime::engine::{AsyncEngine, Context, ResponseStream};
 use switchyard_runtime::error::{ErrorKind, RequestError};
 use switchyard_runtime::routing::RouterMode;
@@ -653,17 +653,6 @@ async fn an_endpoint_without_a_handler_says_how_to_fix_it() {
         .endpoint_builder();
     let error = builder.start().await.unwrap_err();
     assert!(error.to_string().contains(".handler("), "{error}");
-}
-
-#[tokio::test]
-async fn backends_not_built_yet_fail_clearly_at_start_up() {
-    let runtime = Runtime::new(RuntimeConfig::from_vars([("DYN_DISCOVERY_BACKEND", "kubernetes")]).unwrap());
-    let error = DistributedRuntime::from_settings(runtime).await.unwrap_err();
-    assert!(matches!(error, DistributedError::NotBuiltYet { .. }));
-    assert!(
-        error.to_string().contains("DYN_DISCOVERY_BACKEND=kubernetes"),
-        "{error}"
-    );
 }
 
 /// SIGTERM to a real worker process: it drains and exits 0.

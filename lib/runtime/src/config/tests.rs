@@ -233,3 +233,30 @@ fn configuration_reference_lists_every_variable() {
         );
     }
 }
+
+#[test]
+fn the_kubernetes_backend_needs_the_pod_identity_and_names_what_is_missing() {
+    let err = RuntimeConfig::from_vars([(DISCOVERY_BACKEND, "kubernetes"), (POD_NAME, "worker-0")]).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, ConfigError::MissingPodIdentity { .. }), "{err}");
+    assert!(text.contains("POD_NAMESPACE, POD_UID are not set"), "{text}");
+    assert!(!text.contains("POD_NAME,"), "POD_NAME is set: {text}");
+    assert!(
+        text.contains("metadata.uid"),
+        "the message says where the values come from: {text}"
+    );
+
+    // Other backends do not need it; with all three set, it is there.
+    assert!(RuntimeConfig::from_vars([(DISCOVERY_BACKEND, "etcd")]).is_ok());
+    let config = RuntimeConfig::from_vars([
+        (DISCOVERY_BACKEND, "kubernetes"),
+        (POD_NAME, "worker-0"),
+        (POD_NAMESPACE, "switchyard"),
+        (POD_UID, "1f0e"),
+    ])
+    .unwrap();
+    assert_eq!(
+        config.pod_identity().unwrap(),
+        PodIdentity::new("worker-0", "switchyard", "1f0e")
+    );
+}

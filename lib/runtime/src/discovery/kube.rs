@@ -1,7 +1,9 @@
-//! The Kubernetes discovery backend's pure part: what the registry holds,
-//! computed from the objects the API server returns. No I/O here; the
-//! client that lists and watches those objects (kube-rs, issue #9) is not
-//! built yet, and feeds this module when it is.
+//! The Kubernetes discovery backend. This module is its pure part: what the
+//! registry holds, computed from the objects the API server returns, with no
+//! I/O. The client that writes, lists and watches those objects
+//! ([`client::KubeDiscovery`], kube-rs) is behind the cargo feature
+//! `kubernetes`, as is [`fake_api`], a small in-memory API server that the
+//! tests run it against.
 //!
 //! The model (Dynamo's): every worker Pod owns one custom resource
 //! (`WorkerMetadata`, group `switchyard.dev`) whose `spec.registrations`
@@ -157,6 +159,11 @@ pub fn instance_id_for_pod(pod_name: &str) -> u64 {
     }
     hash & 0x001F_FFFF_FFFF_FFFF
 }
+
+#[cfg(feature = "kubernetes")]
+pub mod client;
+#[cfg(feature = "kubernetes")]
+pub mod fake_api;
 
 #[cfg(test)]
 mod tests;
