@@ -7,6 +7,9 @@ mod support;
 
 #[path = "e2e/faults.rs"]
 mod faults;
+#[cfg(feature = "kubernetes")]
+#[path = "e2e/kubernetes.rs"]
+mod kubernetes;
 
 #[allow(dead_code, unreachable_pub)]
 #[path = "../../../lib/runtime/tests/support/etcd_server.rs"]
