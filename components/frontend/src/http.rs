@@ -30,6 +30,10 @@ use switchyard_runtime::status::StatusState;
 /// The request-id header, accepted from the client and echoed back.
 pub const REQUEST_ID: &str = "x-request-id";
 
+/// The response header naming the worker instance (hex id, as in
+/// `switchyard instances`) the request was first routed to.
+pub const WORKER_ID: &str = "x-switchyard-worker-id";
+
 /// Longest client-supplied request id kept; longer ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
 
@@ -270,6 +274,7 @@ async fn admit(
             return Err(refuse(&model.name, stream, api));
         }
     };
+    let worker = routed.instance_id;
     // Migration (and the stall deadline) wrap the worker's stream first, so
     // a worker lost before its first piece is replaced too.
     let mut responses = match original {
@@ -295,11 +300,15 @@ async fn admit(
         return Err(refuse(&model.name, stream, ApiError::from_request(&model.name, error)));
     }
     let responses: ResponseStream<LlmOutput> = Box::pin(futures::stream::iter(first).chain(responses));
-    Ok(if stream {
+    let mut response = if stream {
         respond::stream(exchange, responses, now_secs())
     } else {
         respond::unary(exchange, responses, now_secs()).await
-    })
+    };
+    if let Ok(value) = HeaderValue::from_str(&format!("{worker:x}")) {
+        response.headers_mut().insert(WORKER_ID, value);
+    }
+    Ok(response)
 }
 
 /// The body, up to `limit` bytes (413 beyond).

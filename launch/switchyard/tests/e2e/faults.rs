@@ -3,21 +3,32 @@
 //! fault strikes. A history of every request (sent, first token, how it
 //! ended, the text it got) is checked afterwards: every request ended
 //! exactly once, none was lost, completed answers have exactly the tokens
-//! asked for (nothing repeated or dropped across a migration), and failures
-//! carry a status.
+//! asked for (nothing repeated or dropped across a migration), failures
+//! carry a status, and no worker got a request more than one TTL after it
+//! had left discovery (a discovery watcher in the test records when each
+//! instance left and came back; the frontend names the worker it routed to
+//! in `x-switchyard-worker-id`).
 
 use super::worker_process::WorkerProcess;
 use super::{START_DEADLINE, free_port, switchyard};
 use super::{etcd_server::EtcdServer, nats_server::NatsServer};
 use futures::StreamExt;
 use serde_json::json;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use switchyard_runtime::discovery::file::FileDiscovery;
+use switchyard_runtime::discovery::{Bucket, Discovery, Query, WatchEvent};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Output tokens per request: long enough (~0.9 s) that faults hit streams mid-answer.
 const TOKENS: usize = 120;
 /// A request that has not ended this long after the load stopped is lost.
 const LOST_AFTER: Duration = Duration::from_secs(20);
+/// The registration lifetime of the file-discovery clusters: short, so that a
+/// frozen worker leaves discovery while the scenario runs.
+const TTL: Duration = Duration::from_secs(1);
 
 /// How one request ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,6 +43,9 @@ enum Ending {
 
 #[derive(Debug, Clone)]
 struct Record {
+    sent_at: Instant,
+    /// The worker instance the frontend routed the request to.
+    worker: Option<u64>,
     first_token: bool,
     ending: Option<Ending>,
 }
@@ -56,6 +70,8 @@ impl Load {
                         let index = {
                             let mut history = history.lock().unwrap();
                             history.push(Record {
+                                sent_at: Instant::now(),
+                                worker: None,
                                 first_token: false,
                                 ending: None,
                             });
@@ -97,6 +113,11 @@ async fn one(http: &reqwest::Client, url: &str, history: &Arc<Mutex<Vec<Record>>
     if !response.status().is_success() {
         return Ending::Failed(response.status().as_u16().to_string());
     }
+    let worker = response
+        .headers()
+        .get("x-switchyard-worker-id")
+        .and_then(|v| u64::from_str_radix(v.to_str().ok()?, 16).ok());
+    history.lock().unwrap()[index].worker = worker;
     let mut text = String::new();
     let mut words = String::new();
     let mut finished = false;
@@ -133,6 +154,73 @@ async fn one(http: &reqwest::Client, url: &str, history: &Arc<Mutex<Vec<Record>>
     Ending::Failed("stream ended without [DONE]".into())
 }
 
+/// When each worker instance was in discovery, as a watcher saw it.
+#[derive(Clone, Default)]
+struct Presence {
+    /// Per instance: (when, present) in the order seen.
+    changes: Arc<Mutex<BTreeMap<u64, Vec<(Instant, bool)>>>>,
+}
+
+impl Presence {
+    /// Watches the instances registered in the file-discovery directory `dir`.
+    async fn watch(dir: &std::path::Path, stop: CancellationToken) -> Self {
+        let discovery = FileDiscovery::open(dir.to_path_buf(), TTL, TaskTracker::new(), stop.clone())
+            .await
+            .unwrap();
+        let mut watch = discovery.watch(&Query::bucket(Bucket::Instances)).await.unwrap();
+        let presence = Self::default();
+        let recorder = presence.clone();
+        tokio::spawn(async move {
+            // Keys per instance (an instance has one key per endpoint).
+            let mut keys: BTreeMap<u64, usize> = BTreeMap::new();
+            loop {
+                let event = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    event = watch.next() => match event { Some(Ok(event)) => event, _ => return },
+                };
+                let before: Vec<u64> = keys.iter().filter(|(_, n)| **n > 0).map(|(id, _)| *id).collect();
+                match event {
+                    WatchEvent::Snapshot(registrations) => {
+                        keys.clear();
+                        for registration in registrations {
+                            *keys.entry(registration.key.instance_id).or_default() += 1;
+                        }
+                    }
+                    WatchEvent::Put(registration) => *keys.entry(registration.key.instance_id).or_default() += 1,
+                    WatchEvent::Delete(key) => {
+                        let n = keys.entry(key.instance_id).or_default();
+                        *n = n.saturating_sub(1);
+                    }
+                }
+                let now = Instant::now();
+                let mut changes = recorder.changes.lock().unwrap();
+                for (id, n) in &keys {
+                    if (*n > 0) != before.contains(id) {
+                        changes.entry(*id).or_default().push((now, *n > 0));
+                    }
+                }
+                for id in before.iter().filter(|id| !keys.contains_key(id)) {
+                    changes.entry(*id).or_default().push((now, false));
+                }
+            }
+        });
+        presence
+    }
+
+    /// How many times an instance left discovery.
+    fn departures(&self) -> usize {
+        let changes = self.changes.lock().unwrap();
+        changes.values().flatten().filter(|(_, present)| !present).count()
+    }
+
+    /// When `instance` left discovery, if it was out of it at `at`.
+    fn left_before(&self, instance: u64, at: Instant) -> Option<Instant> {
+        let changes = self.changes.lock().unwrap();
+        let (when, present) = changes.get(&instance)?.iter().rev().find(|(when, _)| *when <= at)?;
+        (!present).then_some(*when)
+    }
+}
+
 /// The counts of one scenario, checked.
 #[derive(Debug, Default)]
 struct Tally {
@@ -144,7 +232,7 @@ struct Tally {
 }
 
 /// Asserts the history's invariants and counts it.
-fn check(scenario: &str, history: &[Record], migrated: u64) -> Tally {
+fn check(scenario: &str, history: &[Record], migrated: u64, presence: Option<&Presence>) -> Tally {
     let mut tally = Tally {
         sent: history.len(),
         migrated,
@@ -164,6 +252,15 @@ fn check(scenario: &str, history: &[Record], migrated: u64) -> Tally {
             Ending::Failed(_) => tally.failed += 1,
             Ending::Lost => tally.lost += 1,
         }
+        if let (Some(presence), Some(worker)) = (presence, record.worker)
+            && let Some(left) = presence.left_before(worker, record.sent_at)
+        {
+            let late = record.sent_at - left;
+            assert!(
+                late <= TTL,
+                "{scenario}: request {i} went to instance {worker:x} {late:?} after it left discovery"
+            );
+        }
     }
     assert_eq!(tally.lost, 0, "{scenario}: requests lost: {history:?}");
     println!(
@@ -180,6 +277,12 @@ struct Cluster {
     status_ports: Vec<u16>,
     url: String,
     dir: std::path::PathBuf,
+    /// Whether the processes share file discovery in `dir` (else etcd).
+    file_discovery: bool,
+    /// Who was in discovery when (file discovery only).
+    presence: Option<Presence>,
+    /// Stops the presence watcher.
+    stop: CancellationToken,
 }
 
 impl Cluster {
@@ -196,6 +299,7 @@ impl Cluster {
             ("DYN_FILE_KV", dir_text.as_str()),
             ("DYN_LOG", "info"),
             ("DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT", drain_seconds),
+            ("DYN_LEASE_TTL", "1s"),
         ];
         let env: Vec<(&str, &str)> = env.iter().chain(extra_env).copied().collect();
         let status_ports: Vec<u16> = (0..2).map(|_| free_port()).collect();
@@ -224,11 +328,18 @@ impl Cluster {
             status_ports,
             url: format!("http://127.0.0.1:{port}"),
             dir,
+            file_discovery: !extra_env.iter().any(|(name, _)| *name == "DYN_DISCOVERY_BACKEND"),
+            presence: None,
+            stop: CancellationToken::new(),
         }
     }
 
-    /// Waits until the frontend routes to both workers.
-    async fn ready(&self) {
+    /// Waits until the frontend routes to both workers; on file discovery,
+    /// starts recording who is in discovery.
+    async fn ready(&mut self) {
+        if self.file_discovery && self.presence.is_none() {
+            self.presence = Some(Presence::watch(&self.dir, self.stop.clone()).await);
+        }
         let started = Instant::now();
         loop {
             let ok = reqwest::get(format!("{}/health", self.url))
@@ -283,12 +394,13 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        self.stop.cancel();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
 /// The cluster, ready, with four clients streaming for a while already.
-async fn under_load(cluster: &Cluster) -> Load {
+async fn under_load(cluster: &mut Cluster) -> Load {
     cluster.ready().await;
     let load = Load::start(cluster.url.clone(), 4);
     // Mid-way through the second round of answers (one takes ~0.9 s), not at
@@ -303,13 +415,18 @@ async fn fault_matrix_worker_kill_drain_freeze_and_frontend_drain() {
     println!("|---|---:|---:|---:|---:|---:|");
 
     // A worker killed outright mid-stream: its streams move to the other worker.
-    let cluster = Cluster::start("30", &[]);
-    let load = under_load(&cluster).await;
+    let mut cluster = Cluster::start("30", &[]);
+    let load = under_load(&mut cluster).await;
     cluster.worker_zero_busy().await;
     cluster.workers[0].signal("-KILL");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let history = load.finish().await;
-    let tally = check("worker SIGKILL mid-stream", &history, cluster.migrations().await);
+    let tally = check(
+        "worker SIGKILL mid-stream",
+        &history,
+        cluster.migrations().await,
+        cluster.presence.as_ref(),
+    );
     assert_eq!(tally.failed, 0, "a worker was left, so nothing may fail");
     assert!(tally.migrated >= 1, "the killed worker's streams migrated");
     drop(cluster);
@@ -317,7 +434,7 @@ async fn fault_matrix_worker_kill_drain_freeze_and_frontend_drain() {
     // A worker drained with a short deadline: it leaves discovery, finishes
     // what it can, and the rest move on at the deadline.
     let mut cluster = Cluster::start("0.2", &[]);
-    let load = under_load(&cluster).await;
+    let load = under_load(&mut cluster).await;
     cluster.worker_zero_busy().await;
     cluster.workers[0].signal("-TERM");
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -326,6 +443,7 @@ async fn fault_matrix_worker_kill_drain_freeze_and_frontend_drain() {
         "worker SIGTERM (drain, 0.2 s deadline)",
         &history,
         cluster.migrations().await,
+        cluster.presence.as_ref(),
     );
     assert_eq!(tally.failed, 0, "a worker was left, so nothing may fail");
     let (_, drained_log) = cluster.workers.remove(0).wait(Duration::from_secs(5));
@@ -339,8 +457,8 @@ async fn fault_matrix_worker_kill_drain_freeze_and_frontend_drain() {
     // A worker frozen (SIGSTOP) for longer than the stall deadline: its
     // streams go silent without closing, so after 1 s the frontend ejects it
     // and moves them; it is thawed (SIGCONT) later.
-    let cluster = Cluster::start("30", &["--stream-stall-timeout-secs", "1"]);
-    let load = under_load(&cluster).await;
+    let mut cluster = Cluster::start("30", &["--stream-stall-timeout-secs", "1"]);
+    let load = under_load(&mut cluster).await;
     cluster.worker_zero_busy().await;
     cluster.workers[0].signal("-STOP");
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -351,20 +469,26 @@ async fn fault_matrix_worker_kill_drain_freeze_and_frontend_drain() {
         "worker SIGSTOP 3 s (stall deadline 1 s), then SIGCONT",
         &history,
         cluster.migrations().await,
+        cluster.presence.as_ref(),
     );
     assert_eq!(tally.failed, 0, "a worker was left, so nothing may fail");
     assert!(tally.migrated >= 1, "the frozen worker's streams migrated");
+    let departures = cluster.presence.as_ref().map_or(0, Presence::departures);
+    assert!(
+        departures >= 1,
+        "the frozen worker left discovery after a TTL, so the no-work-after-leaving check had something to check"
+    );
     drop(cluster);
 
     // The frontend drained: answers in flight finish; afterwards nobody
     // listens, so new requests fail to connect (no frontend was left).
-    let cluster = Cluster::start("30", &[]);
-    let load = under_load(&cluster).await;
+    let mut cluster = Cluster::start("30", &[]);
+    let load = under_load(&mut cluster).await;
     let in_flight_before = load.history.lock().unwrap().len();
     cluster.frontend.signal("-TERM");
     tokio::time::sleep(Duration::from_secs(1)).await;
     let history = load.finish().await;
-    let tally = check("frontend SIGTERM", &history, 0);
+    let tally = check("frontend SIGTERM", &history, 0, cluster.presence.as_ref());
     let cut_off: Vec<&Record> = history[..in_flight_before]
         .iter()
         .filter(|r| matches!(r.ending, Some(Ending::Failed(ref why)) if why != "transport"))
@@ -393,10 +517,10 @@ async fn fault_matrix_etcd_and_nats_restarts() {
         ("DYN_EVENT_PLANE", "nats"),
         ("DYN_LEASE_TTL", "1s"),
     ];
-    let cluster = Cluster::start_with("30", &[], &env);
+    let mut cluster = Cluster::start_with("30", &[], &env);
 
     // etcd down for three lease TTLs, then back.
-    let load = under_load(&cluster).await;
+    let load = under_load(&mut cluster).await;
     etcd.stop();
     tokio::time::sleep(Duration::from_secs(3)).await;
     etcd.restart();
@@ -406,6 +530,7 @@ async fn fault_matrix_etcd_and_nats_restarts() {
         "etcd stopped 3 s (3 × lease TTL), restarted",
         &history,
         cluster.migrations().await,
+        None,
     );
     let reasons: Vec<_> = history
         .iter()
@@ -423,6 +548,6 @@ async fn fault_matrix_etcd_and_nats_restarts() {
     nats.restart();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let history = load.finish().await;
-    let tally = check("NATS restarted", &history, cluster.migrations().await);
+    let tally = check("NATS restarted", &history, cluster.migrations().await, None);
     assert_eq!(tally.failed, 0, "requests do not need NATS");
 }
