@@ -154,11 +154,13 @@ async fn one(http: &reqwest::Client, url: &str, history: &Arc<Mutex<Vec<Record>>
     Ending::Failed("stream ended without [DONE]".into())
 }
 
+/// Per instance: (when, present) in the order a watcher saw them.
+type PresenceLog = BTreeMap<u64, Vec<(Instant, bool)>>;
+
 /// When each worker instance was in discovery, as a watcher saw it.
 #[derive(Clone, Default)]
 struct Presence {
-    /// Per instance: (when, present) in the order seen.
-    changes: Arc<Mutex<BTreeMap<u64, Vec<(Instant, bool)>>>>,
+    changes: Arc<Mutex<PresenceLog>>,
 }
 
 impl Presence {
