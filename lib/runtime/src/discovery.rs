@@ -276,6 +276,15 @@ pub enum DiscoveryError {
     },
     #[error("the value of {key} is not UTF-8 text; the kubernetes backend stores values as text (JSON)")]
     NotText { key: Key },
+    #[error(
+        "etcd at {endpoints} refused this process: wrong or missing credentials \
+         (ETCD_AUTH_USERNAME and ETCD_AUTH_PASSWORD), or a user without read/write access to the v1/ keys"
+    )]
+    EtcdAccess {
+        endpoints: String,
+        #[source]
+        source: etcd_client::Error,
+    },
     #[error("cannot read the etcd TLS file {path} ({variable})")]
     TlsFile {
         variable: &'static str,

@@ -91,15 +91,34 @@ impl EtcdDiscovery {
             source,
         };
         let options = connect_options(config)?;
+        let refused = |source| DiscoveryError::EtcdAccess {
+            endpoints: endpoints.clone(),
+            source,
+        };
+        let failed = |error: etcd_client::Error| {
+            if access_refused(&error) {
+                refused(error)
+            } else {
+                unreachable(Some(error))
+            }
+        };
         let mut client = tokio::time::timeout(CONNECT_TIMEOUT, Client::connect(config.endpoints(), Some(options)))
             .await
             .map_err(|_| unreachable(None))?
-            .map_err(|e| unreachable(Some(e)))?;
+            .map_err(failed)?;
         // Connecting is lazy; a status call proves a server answers.
         tokio::time::timeout(CONNECT_TIMEOUT, client.status())
             .await
             .map_err(|_| unreachable(None))?
-            .map_err(|e| unreachable(Some(e)))?;
+            .map_err(failed)?;
+        // With authentication on, etcd grants leases to anyone: a read of the
+        // key space proves now, not at the first registration, that the
+        // credentials let this process in.
+        let probe = GetOptions::new().with_prefix().with_keys_only().with_limit(1);
+        tokio::time::timeout(CONNECT_TIMEOUT, client.get(Key::ROOT, Some(probe)))
+            .await
+            .map_err(|_| unreachable(None))?
+            .map_err(failed)?;
         let lease = grant(&mut client, ttl).await?;
         let inner = Arc::new(Inner {
             client,
@@ -121,6 +140,23 @@ impl EtcdDiscovery {
     pub fn lease_health(&self) -> Arc<LeaseHealth> {
         self.inner.health.clone()
     }
+}
+
+/// Whether etcd answered that these credentials may not do this (as opposed
+/// to not answering at all).
+fn access_refused(error: &etcd_client::Error) -> bool {
+    let etcd_client::Error::GRpcStatus(status) = error else {
+        return false;
+    };
+    let message = status.message();
+    [
+        "authentication failed",
+        "user name is empty",
+        "permission denied",
+        "invalid auth token",
+    ]
+    .iter()
+    .any(|sign| message.contains(sign))
 }
 
 fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, DiscoveryError> {
@@ -536,6 +572,75 @@ mod tests {
             async move { Ok(Arc::new(join(&url, Duration::from_secs(10)).await?) as Arc<dyn Discovery>) }
         })
         .await;
+    }
+
+    /// An etcd of its own with authentication on (turning it on in the
+    /// shared one would lock the other tests out).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn etcd_with_authentication_on_takes_the_configured_credentials_and_refuses_others() {
+        let server = EtcdServer::start();
+        let url = server.url();
+        let mut admin = Client::connect([url.as_str()], None).await.unwrap();
+        admin.user_add("root", "root-secret", None).await.unwrap();
+        admin.user_grant_role("root", "root").await.unwrap();
+        admin.auth_enable().await.unwrap();
+
+        let settings = |user: Option<(&str, &str)>| {
+            let mut vars = vec![("ETCD_ENDPOINTS", url.as_str())];
+            if let Some((name, password)) = user {
+                vars.extend([("ETCD_AUTH_USERNAME", name), ("ETCD_AUTH_PASSWORD", password)]);
+            }
+            RuntimeConfig::from_vars(vars).unwrap().etcd().clone()
+        };
+        let connect = |config: EtcdConfig| async move {
+            EtcdDiscovery::connect(
+                &config,
+                Duration::from_secs(10),
+                TaskTracker::new(),
+                CancellationToken::new(),
+            )
+            .await
+        };
+
+        let config = settings(Some(("root", "root-secret")));
+        assert!(
+            !format!("{config:?}").contains("root-secret"),
+            "the password must not be printable: {config:?}"
+        );
+        let process = connect(config).await.expect("the right credentials are accepted");
+        let key = Key {
+            bucket: Bucket::Instances,
+            namespace: "auth".into(),
+            component: "backend".into(),
+            name: "generate".into(),
+            instance_id: process.instance_id(),
+        };
+        process
+            .register(Registration {
+                key: key.clone(),
+                value: Bytes::from_static(b"{}"),
+            })
+            .await
+            .unwrap();
+        let listed = process
+            .list(&Query::endpoint("auth", "backend", "generate"))
+            .await
+            .unwrap();
+        assert_eq!(listed.len(), 1);
+        process.shutdown().await.unwrap();
+
+        for (who, config) in [
+            ("no credentials", settings(None)),
+            ("a wrong password", settings(Some(("root", "guess")))),
+        ] {
+            let error = connect(config).await.expect_err(who);
+            let text = format!("{error}: {:?}", std::error::Error::source(&error));
+            assert!(!text.contains("root-secret"), "{who}: {text}");
+            assert!(
+                text.contains("ETCD_AUTH_USERNAME"),
+                "{who}: the error names the settings: {text}"
+            );
+        }
     }
 
     #[tokio::test]
