@@ -10,6 +10,7 @@ use switchyard_mocker::config::{ConfigError, MockerConfig};
 use switchyard_mocker::engine::MockerEngine;
 use switchyard_runtime::component::endpoint::{EndpointError, ServingEndpoint};
 use switchyard_runtime::component::{Endpoint, NameError};
+use switchyard_runtime::config::DiscoveryBackend;
 use switchyard_runtime::discovery::DiscoveryError;
 use switchyard_runtime::distributed::{DistributedError, DistributedRuntime};
 use switchyard_runtime::metrics::MetricsError;
@@ -103,6 +104,11 @@ pub enum MockerError {
     Config(#[from] ConfigError),
     #[error("--num-workers must be at least 1 (got 0)")]
     NoWorkers,
+    #[error(
+        "--num-workers {asked} with DYN_DISCOVERY_BACKEND=kubernetes: a Pod is one worker there \
+         (its name is the instance id); run {asked} replicas instead"
+    )]
+    OneWorkerPerPod { asked: usize },
     #[error("--context-length must be at least 1 (got 0)")]
     NoContext,
     #[error(transparent)]
@@ -202,6 +208,13 @@ pub async fn serve(drt: &DistributedRuntime, args: &MockerArgs) -> Result<Mocker
 pub async fn run(runtime: Runtime, args: MockerArgs) -> Result<(), MockerError> {
     if args.num_workers == 0 {
         return Err(MockerError::NoWorkers);
+    }
+    if args.num_workers > 1 && *runtime.config().discovery_backend() == DiscoveryBackend::Kubernetes {
+        // The Kubernetes backend's identity is the Pod: workers sharing one
+        // would share one instance id and overwrite each other's registrations.
+        return Err(MockerError::OneWorkerPerPod {
+            asked: args.num_workers,
+        });
     }
     args.engine_config().validate()?;
     let base_port = *runtime.config().system().port();

@@ -269,6 +269,11 @@ pub enum DiscoveryError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error(
+        "this process already has a discovery client for Pod {pod}: with the kubernetes backend a Pod is \
+         one instance (its name is the instance id); run one worker per Pod"
+    )]
+    PodTaken { pod: String },
     #[error("Kubernetes API: cannot {operation}: no answer within {timeout:?}")]
     KubeTimeout {
         operation: String,

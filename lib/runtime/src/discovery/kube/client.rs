@@ -27,7 +27,7 @@ use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind,
 use kube::runtime::{WatchStreamExt, watcher};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -72,10 +72,43 @@ pub struct KubeDiscovery {
     /// Everything this process has registered: the resource's spec is always
     /// this whole set. The lock also orders applies, so they never overtake.
     own: tokio::sync::Mutex<BTreeMap<Key, Bytes>>,
+    /// Whether this process has written the Pod's resource (and so deletes it at shutdown).
+    wrote: AtomicBool,
     shut_down: AtomicBool,
     /// Ends this process's watch tasks (at shutdown, or when the runtime stops).
     stop: CancellationToken,
     tracker: TaskTracker,
+    /// Held until shutdown.
+    claim: std::sync::Mutex<Option<PodClaim>>,
+}
+
+/// The Pods that have a discovery client in this process. A Pod is one
+/// instance (its name is the instance id and the resource's name), so a
+/// second client for it would overwrite the first one's registrations.
+static CLAIMED_PODS: std::sync::Mutex<BTreeSet<(String, String)>> = std::sync::Mutex::new(BTreeSet::new());
+
+/// This process's claim on a Pod's identity, given back when dropped.
+#[derive(Debug)]
+struct PodClaim((String, String));
+
+impl PodClaim {
+    fn take(pod: &PodIdentity) -> Result<Self, DiscoveryError> {
+        let id = (pod.namespace().clone(), pod.name().clone());
+        let mut claimed = CLAIMED_PODS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !claimed.insert(id.clone()) {
+            return Err(DiscoveryError::PodTaken {
+                pod: pod.name().clone(),
+            });
+        }
+        Ok(Self(id))
+    }
+}
+
+impl Drop for PodClaim {
+    fn drop(&mut self) {
+        let mut claimed = CLAIMED_PODS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        claimed.remove(&self.0);
+    }
 }
 
 impl std::fmt::Debug for KubeDiscovery {
@@ -114,10 +147,14 @@ impl KubeDiscovery {
         Self::connect(client, pod, options, tracker, stop).await
     }
 
-    /// Joins the registry as the process of `pod`. The Pod's resource starts
-    /// empty (a restarted container must not advertise what the previous one
-    /// registered), and writing it proves now, not at the first registration,
-    /// that the API server answers, the CRD is installed and RBAC allows it.
+    /// Joins the registry as the process of `pod`. A read of the resources
+    /// proves now, not at the first registration, that the API server
+    /// answers, the CRD is installed and RBAC lets this process read.
+    ///
+    /// Nothing is written until the first registration, which replaces
+    /// whatever the Pod's resource held (a restarted container's leftovers);
+    /// so a process that only reads (a frontend, `switchyard instances` run
+    /// in a worker's Pod) never touches the Pod's registrations.
     pub async fn connect(
         client: kube::Client,
         pod: PodIdentity,
@@ -125,6 +162,7 @@ impl KubeDiscovery {
         tracker: TaskTracker,
         stop: CancellationToken,
     ) -> Result<Self, DiscoveryError> {
+        let claim = PodClaim::take(&pod)?;
         let discovery = Self {
             resources: Api::namespaced_with(client.clone(), pod.namespace(), &resource_type()),
             slices: Api::namespaced(client, pod.namespace()),
@@ -132,15 +170,20 @@ impl KubeDiscovery {
             pod,
             options,
             own: tokio::sync::Mutex::new(BTreeMap::new()),
+            wrote: AtomicBool::new(false),
             shut_down: AtomicBool::new(false),
             stop: stop.child_token(),
             tracker,
+            claim: std::sync::Mutex::new(Some(claim)),
         };
-        discovery.apply(&BTreeMap::new()).await?;
+        let params = ListParams::default().limit(1);
+        discovery
+            .call(|| format!("list {PLURAL}"), discovery.resources.list(&params))
+            .await?;
         tracing::info!(
             pod = discovery.pod.name(),
             namespace = discovery.pod.namespace(),
-            "registered in the Kubernetes API as WorkerMetadata/{}",
+            "joined discovery through the Kubernetes API (registrations go to WorkerMetadata/{})",
             discovery.pod.name()
         );
         Ok(discovery)
@@ -204,6 +247,7 @@ impl KubeDiscovery {
             self.resources.patch(self.pod.name(), &params, &Patch::Apply(&body)),
         )
         .await?;
+        self.wrote.store(true, Ordering::Release);
         Ok(())
     }
 
@@ -259,11 +303,11 @@ fn view_of<T: Serialize + kube::ResourceExt, V: DeserializeOwned>(object: &T) ->
 fn hint(error: &kube::Error) -> &'static str {
     match error {
         kube::Error::Api(status) if matches!(status.code, 401 | 403) => {
-            " (RBAC: the Pod's service account needs get/list/watch/patch/delete on workermetadatas.switchyard.dev \
-             and list/watch on endpointslices, see deploy/k8s/rbac.yaml)"
+            " (RBAC: the Pod's service account needs get/list/watch/create/patch/delete on \
+             workermetadatas.switchyard.dev and list/watch on endpointslices, see deploy/k8s/rbac.yaml)"
         }
         kube::Error::Api(status) if status.code == 404 => {
-            " (is the WorkerMetadata CRD installed? kubectl apply -f deploy/k8s/crd.yaml)"
+            " (is the WorkerMetadata CRD installed? kubectl apply -f deploy/k8s/crd.yaml; does POD_NAMESPACE exist?)"
         }
         _ => "",
     }
@@ -319,6 +363,13 @@ impl Discovery for KubeDiscovery {
         }
         own.clear();
         self.stop.cancel();
+        self.claim
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if !self.wrote.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let deleted = self
             .call(
                 || format!("delete WorkerMetadata/{}", self.pod.name()),

@@ -18,6 +18,8 @@ struct Cluster {
     tracker: TaskTracker,
     stop: CancellationToken,
     pods: AtomicU64,
+    /// Makes Pod names unique in this test process (a process may hold one client per Pod).
+    prefix: u32,
 }
 
 impl Cluster {
@@ -27,6 +29,7 @@ impl Cluster {
             tracker: TaskTracker::new(),
             stop: CancellationToken::new(),
             pods: AtomicU64::new(0),
+            prefix: rand::random(),
         })
     }
 
@@ -44,7 +47,7 @@ impl Cluster {
 
     async fn pod_with(&self, debounce: Duration, ready: bool) -> Result<KubeDiscovery, DiscoveryError> {
         let n = self.pods.fetch_add(1, Ordering::Relaxed);
-        let pod = PodIdentity::new(format!("worker-{n}"), NAMESPACE, format!("uid-{n}"));
+        let pod = PodIdentity::new(format!("worker-{:x}-{n}", self.prefix), NAMESPACE, format!("uid-{n}"));
         self.api.set_ready(NAMESPACE, pod.name(), ready);
         let (tracker, stop) = (self.tracker.clone(), self.stop.clone());
         KubeDiscovery::connect(self.api.client(), pod, Self::options(debounce), tracker, stop).await
@@ -130,7 +133,7 @@ async fn a_process_writes_one_resource_owned_by_its_pod_with_server_side_apply()
         .into_iter()
         .filter(|r| r.method == "PATCH")
         .collect();
-    assert_eq!(applies.len(), 2, "one apply at connect (empty), one per registration");
+    assert_eq!(applies.len(), 1, "one apply per registration, none at connect");
     for apply in &applies {
         assert_eq!(apply.content_type, "application/apply-patch+yaml");
         assert!(
@@ -147,7 +150,7 @@ async fn a_process_writes_one_resource_owned_by_its_pod_with_server_side_apply()
         .unwrap();
     worker.unregister(&key).await.unwrap();
     let patches = cluster.api.requests().iter().filter(|r| r.method == "PATCH").count();
-    assert_eq!(patches, 3);
+    assert_eq!(patches, 2);
     let stored = cluster.api.worker_metadata(NAMESPACE, name).unwrap();
     assert_eq!(stored["spec"]["registrations"], serde_json::json!([]));
 
@@ -267,13 +270,69 @@ async fn api_errors_say_how_to_fix_them() {
     cluster.api.fail_next(403, 1);
     let error = cluster.ready_pod().await.unwrap_err().to_string();
     assert!(
-        error.contains("apply WorkerMetadata/worker-0") && error.contains("rbac.yaml"),
+        error.contains("list workermetadatas") && error.contains("rbac.yaml"),
         "{error}"
     );
 
     cluster.api.fail_next(404, 1);
     let error = cluster.ready_pod().await.unwrap_err().to_string();
     assert!(error.contains("crd.yaml"), "{error}");
+
+    // Allowed to read but not to write: the first registration says so.
+    let worker = cluster.ready_pod().await.unwrap();
+    cluster.api.fail_next(403, 1);
+    let key = instance_key(&worker, "generate");
+    let error = worker.register(registration(&key, "{}")).await.unwrap_err().to_string();
+    assert!(
+        error.contains("apply WorkerMetadata/") && error.contains("create/patch"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn a_process_that_only_reads_never_touches_its_pods_registrations() {
+    let cluster = Cluster::start().await;
+    let worker = cluster.ready_pod().await.unwrap();
+    let key = instance_key(&worker, "generate");
+    worker.register(registration(&key, "{}")).await.unwrap();
+    let pod = worker.pod.clone();
+    drop(worker);
+
+    // Say, `switchyard instances` run in the worker's Pod after the worker's
+    // process died: it reads and leaves without writing or deleting.
+    let (tracker, stop) = (cluster.tracker.clone(), cluster.stop.clone());
+    let options = Cluster::options(Duration::from_millis(20));
+    let reader = KubeDiscovery::connect(cluster.api.client(), pod.clone(), options, tracker, stop)
+        .await
+        .unwrap();
+    assert_eq!(
+        reader.list(&backend_instances()).await.unwrap(),
+        vec![registration(&key, "{}")]
+    );
+    reader.shutdown().await.unwrap();
+    assert!(cluster.api.worker_metadata(NAMESPACE, pod.name()).is_some());
+
+    // Two clients for one Pod in one process would overwrite each other.
+    let first = KubeDiscovery::connect(
+        cluster.api.client(),
+        pod.clone(),
+        Cluster::options(Duration::from_millis(20)),
+        cluster.tracker.clone(),
+        cluster.stop.clone(),
+    )
+    .await
+    .unwrap();
+    let second = KubeDiscovery::connect(
+        cluster.api.client(),
+        pod,
+        Cluster::options(Duration::from_millis(20)),
+        cluster.tracker.clone(),
+        cluster.stop.clone(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(second, DiscoveryError::PodTaken { .. }), "{second}");
+    drop(first);
 }
 
 #[tokio::test]
@@ -309,7 +368,7 @@ async fn a_silent_api_server_fails_the_call_at_the_deadline() {
         debounce: Duration::from_millis(20),
         api_timeout: Duration::from_millis(300),
     };
-    let pod = PodIdentity::new("worker-0", NAMESPACE, "uid-0");
+    let pod = PodIdentity::new("worker-silent", NAMESPACE, "uid-0");
     let error = KubeDiscovery::connect(client, pod, options, TaskTracker::new(), CancellationToken::new())
         .await
         .unwrap_err();
