@@ -67,6 +67,16 @@ impl ApiError {
         }
     }
 
+    pub fn request_timeout(deadline: std::time::Duration) -> Self {
+        Self {
+            status: StatusCode::REQUEST_TIMEOUT,
+            message: format!("the request body did not arrive within {deadline:?} (--http-idle-timeout-secs)"),
+            kind: "invalid_request_error",
+            param: None,
+            code: "request_timeout",
+        }
+    }
+
     pub fn unsupported_media_type() -> Self {
         Self {
             status: StatusCode::UNSUPPORTED_MEDIA_TYPE,

@@ -51,6 +51,8 @@ pub struct FrontendState {
     pub migration_limit: u32,
     /// Longest silence from a worker before its stream counts as broken.
     pub stall_timeout: Option<std::time::Duration>,
+    /// Longest a client may take to send a request (headers, then body).
+    pub idle_timeout: std::time::Duration,
 }
 
 impl FrontendState {
@@ -63,6 +65,10 @@ impl FrontendState {
         let stall = args.stream_stall_timeout_secs;
         if !(stall >= 0.0 && stall.is_finite()) {
             return Err(FrontendError::StallTimeout(stall));
+        }
+        let idle = args.http_idle_timeout_secs;
+        if !(idle > 0.0 && idle.is_finite()) {
+            return Err(FrontendError::IdleTimeout(idle));
         }
         let runtime = drt.runtime().clone();
         let models = ModelManager::new(
@@ -84,6 +90,7 @@ impl FrontendState {
             migration_limit: args.migration_limit,
             stall_timeout: (args.stream_stall_timeout_secs > 0.0)
                 .then(|| std::time::Duration::from_secs_f64(args.stream_stall_timeout_secs)),
+            idle_timeout: std::time::Duration::from_secs_f64(idle),
         })
     }
 }
@@ -227,7 +234,7 @@ async fn admit(
     if !is_json {
         return Err(refuse(UNKNOWN_MODEL, false, ApiError::unsupported_media_type()));
     }
-    let bytes = read_body(body, state.body_limit)
+    let bytes = read_body(body, state.body_limit, state.idle_timeout)
         .await
         .map_err(|e| refuse(UNKNOWN_MODEL, false, e))?;
     let request = match route {
@@ -311,9 +318,12 @@ async fn admit(
     Ok(response)
 }
 
-/// The body, up to `limit` bytes (413 beyond).
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, limit).await.map_err(|error| {
+/// The body, up to `limit` bytes (413 beyond), within `deadline` (408 after).
+async fn read_body(body: Body, limit: usize, deadline: std::time::Duration) -> Result<Bytes, ApiError> {
+    let read = tokio::time::timeout(deadline, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| ApiError::request_timeout(deadline))?;
+    read.map_err(|error| {
         let too_large =
             std::error::Error::source(&error).is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
         if too_large {

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod models;
 pub mod respond;
+mod serve;
 
 #[cfg(test)]
 mod tests;
@@ -61,6 +62,11 @@ pub struct FrontendArgs {
     /// Largest request body accepted, in MiB (413 beyond).
     #[arg(long, env = "DYN_HTTP_BODY_LIMIT_MB", default_value_t = 45)]
     pub body_limit_mb: usize,
+    /// Seconds a client connection may take to send a request's headers, or
+    /// its body, or stay idle between requests, before it is closed (or
+    /// answered 408). Answers being streamed are not limited.
+    #[arg(long, env = "DYN_HTTP_IDLE_TIMEOUT_SECS", default_value_t = 30.0)]
+    pub http_idle_timeout_secs: f64,
 }
 
 impl Default for FrontendArgs {
@@ -75,6 +81,7 @@ impl Default for FrontendArgs {
             migration_limit: 3,
             stream_stall_timeout_secs: 0.0,
             body_limit_mb: 45,
+            http_idle_timeout_secs: 30.0,
         }
     }
 }
@@ -94,6 +101,8 @@ pub enum FrontendError {
     DirectMode,
     #[error("--stream-stall-timeout-secs must be a number of seconds ≥ 0 (got {0}); 0 waits for ever")]
     StallTimeout(f64),
+    #[error("--http-idle-timeout-secs must be a number of seconds > 0 (got {0})")]
+    IdleTimeout(f64),
     #[error("cannot listen on {address} (--http-host/--http-port): {source}")]
     Bind {
         address: String,
@@ -126,19 +135,10 @@ pub async fn start(drt: &DistributedRuntime, args: &FrontendArgs) -> Result<Fron
     let bound = listener
         .local_addr()
         .map_err(|source| FrontendError::Bind { address, source })?;
-    let listener = axum::serve::ListenerExt::tap_io(listener, |socket| {
-        let _ = socket.set_nodelay(true);
-    });
     let draining = runtime.endpoint_token().clone();
+    let idle_timeout = state.idle_timeout;
     let app = http::router(state);
-    runtime.spawn_drain(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { draining.cancelled().await })
-            .await;
-        if let Err(error) = served {
-            tracing::error!(%error, "frontend HTTP server failed");
-        }
-    });
+    runtime.spawn_drain(serve::serve(listener, app, idle_timeout, draining));
     tracing::info!(address = %bound, "frontend listening");
     Ok(Frontend { address: bound, models })
 }

@@ -579,3 +579,127 @@ async fn malformed_bodies_get_client_errors_never_server_errors() {
     assert!(statuses.get(&400).copied().unwrap_or(0) > INPUTS / 2, "{statuses:?}");
     stack.shutdown().await;
 }
+
+/// Sends raw bytes to the frontend's socket and reads until it closes (or
+/// 5 s pass); returns the HTTP status of the answer, if one came.
+async fn raw_exchange(address: std::net::SocketAddr, request: &[u8]) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(address).await.unwrap();
+    // The server may close before it has read everything (a refused header).
+    let _ = socket.write_all(request).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), socket.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer);
+    text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+}
+
+/// A frontend on a real socket (no workers), with a short idle timeout.
+async fn listening_frontend(idle_timeout_secs: f64) -> (Runtime, std::net::SocketAddr) {
+    let runtime = Runtime::new(RuntimeConfig::local());
+    let args = FrontendArgs {
+        http_host: "127.0.0.1".into(),
+        http_port: 0,
+        http_idle_timeout_secs: idle_timeout_secs,
+        body_limit_mb: 1,
+        ..FrontendArgs::default()
+    };
+    let frontend = crate::start(&drt(&runtime, &MemRegistry::new()), &args).await.unwrap();
+    (runtime, frontend.address)
+}
+
+/// Malformed header sections get a 4xx from the HTTP layer or the handler,
+/// never a 5xx, and the server goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_headers_get_client_errors_never_server_errors() {
+    let (runtime, address) = listening_frontend(1.0).await;
+    let long_value = "v".repeat(512 * 1024);
+    let long_id = "r".repeat(10_000);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("a header line without a colon", b"GET /live HTTP/1.1\r\nHost a\r\n\r\n".to_vec()),
+        ("a control byte in a header name", b"GET /live HTTP/1.1\r\nHost: a\r\nBad\x01Name: v\r\n\r\n".to_vec()),
+        ("a NUL byte in a header value", b"GET /live HTTP/1.1\r\nHost: a\r\nX-A: a\x00b\r\n\r\n".to_vec()),
+        ("a 512 KiB header value", format!("GET /live HTTP/1.1\r\nHost: a\r\nX-A: {long_value}\r\n\r\n").into_bytes()),
+        ("a non-numeric Content-Length", b"POST /v1/completions HTTP/1.1\r\nHost: a\r\nContent-Length: abc\r\n\r\n".to_vec()),
+        (
+            "two different Content-Lengths",
+            b"POST /v1/completions HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nContent-Length: 7\r\n\r\n{}".to_vec(),
+        ),
+        (
+            "a broken chunked body",
+            b"POST /v1/completions HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".to_vec(),
+        ),
+        (
+            "a body that is not JSON by its Content-Type",
+            b"POST /v1/completions HTTP/1.1\r\nHost: a\r\nContent-Type: application/xml\r\nContent-Length: 2\r\n\r\n<>".to_vec(),
+        ),
+        (
+            "a Content-Type with invalid bytes",
+            b"POST /v1/completions HTTP/1.1\r\nHost: a\r\nContent-Type: application/\xffjson\r\nContent-Length: 2\r\n\r\n{}".to_vec(),
+        ),
+        (
+            "a 10,000-character request id",
+            format!("POST /v1/completions HTTP/1.1\r\nHost: a\r\nX-Request-Id: {long_id}\r\nContent-Length: 2\r\n\r\n{{}}").into_bytes(),
+        ),
+    ];
+    let mut seen = Vec::new();
+    for (what, request) in &cases {
+        let status = raw_exchange(address, request).await;
+        if let Some(status) = status {
+            assert!((400..500).contains(&status), "{what}: got {status}");
+        }
+        seen.push(format!("{what}: {status:?}"));
+    }
+    println!("malformed headers: {seen:#?}");
+    let answered = seen.iter().filter(|line| line.contains("Some(4")).count();
+    assert!(
+        answered >= cases.len() - 1,
+        "most get an answer, not just a closed socket: {seen:#?}"
+    );
+    assert_eq!(
+        raw_exchange(address, b"GET /live HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await,
+        Some(200)
+    );
+    runtime.shutdown().await;
+}
+
+/// A client that sends nothing, stops half-way through its headers, or
+/// never finishes its body is cut off at the idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_slow_clients_are_cut_off_at_the_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (runtime, address) = listening_frontend(0.5).await;
+    let silent = tokio::time::Instant::now();
+    let mut socket = tokio::net::TcpStream::connect(address).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), socket.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "an idle connection was still open after 10 s");
+    println!("idle connection closed after {:?}", silent.elapsed());
+
+    // Half a header section, then nothing: closed (hyper may answer 408 first).
+    let status = raw_exchange(address, b"GET /live HTTP/1.1\r\nHost: a\r\n").await;
+    assert!(status.is_none_or(|s| s == 408), "{status:?}");
+
+    // Headers promising 100 bytes of body, then 10: 408 from the handler.
+    let mut socket = tokio::net::TcpStream::connect(address).await.unwrap();
+    socket
+        .write_all(b"POST /v1/completions HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\":")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), socket.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("request_timeout"), "{text}");
+
+    // A keep-alive connection idle after an answer is closed too.
+    let mut socket = tokio::net::TcpStream::connect(address).await.unwrap();
+    socket
+        .write_all(b"GET /live HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), socket.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "an idle keep-alive connection was still open after 10 s");
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+    runtime.shutdown().await;
+}
