@@ -260,3 +260,21 @@ fn the_kubernetes_backend_needs_the_pod_identity_and_names_what_is_missing() {
         PodIdentity::new("worker-0", "switchyard", "1f0e")
     );
 }
+
+#[test]
+fn printing_the_settings_never_shows_a_secret() {
+    let config = RuntimeConfig::from_vars([
+        (ETCD_AUTH_USERNAME, "operator"),
+        (ETCD_AUTH_PASSWORD, "etcd-secret-1"),
+        (NATS_AUTH_TOKEN, "nats-secret-2"),
+    ])
+    .unwrap();
+    let printed = format!("{config:?} {config:#?}");
+    assert!(printed.contains("operator"), "the user name is fine to show: {printed}");
+    for secret in ["etcd-secret-1", "nats-secret-2"] {
+        assert!(!printed.contains(secret), "{secret} printed in {printed}");
+    }
+    let config =
+        RuntimeConfig::from_vars([(NATS_AUTH_USERNAME, "app"), (NATS_AUTH_PASSWORD, "nats-secret-3")]).unwrap();
+    assert!(!format!("{config:?}").contains("nats-secret-3"));
+}

@@ -540,7 +540,7 @@ mod etcd_server;
 
 #[cfg(test)]
 mod tests {
-    use super::etcd_server::EtcdServer;
+    use super::etcd_server::{EtcdServer, TestCertificates};
     use super::*;
     use crate::config::RuntimeConfig;
     use crate::discovery::{Bucket, suite};
@@ -640,6 +640,69 @@ mod tests {
                 text.contains("ETCD_AUTH_USERNAME"),
                 "{who}: the error names the settings: {text}"
             );
+        }
+    }
+
+    /// An etcd of its own speaking TLS only and requiring client certificates.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn etcd_with_mutual_tls_is_reached_with_the_configured_certificates_only() {
+        let certificates = TestCertificates::generate();
+        let server = EtcdServer::start_with_mutual_tls(&certificates);
+        let url = server.url();
+        assert!(url.starts_with("https://"));
+        let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+        let (ca, cert, key) = (
+            path(&certificates.ca),
+            path(&certificates.client_cert),
+            path(&certificates.client_key),
+        );
+        let settings = |vars: &[(&str, &str)]| {
+            let mut all = vec![("ETCD_ENDPOINTS", url.as_str())];
+            all.extend_from_slice(vars);
+            RuntimeConfig::from_vars(all).unwrap().etcd().clone()
+        };
+        let connect = |config: EtcdConfig| async move {
+            EtcdDiscovery::connect(
+                &config,
+                Duration::from_secs(10),
+                TaskTracker::new(),
+                CancellationToken::new(),
+            )
+            .await
+        };
+
+        let trusted = settings(&[
+            ("ETCD_AUTH_CA", &ca),
+            ("ETCD_AUTH_CLIENT_CERT", &cert),
+            ("ETCD_AUTH_CLIENT_KEY", &key),
+        ]);
+        let process = connect(trusted).await.expect("the CA and a client certificate get in");
+        let key_ = Key {
+            bucket: Bucket::Instances,
+            namespace: "tls".into(),
+            component: "backend".into(),
+            name: "generate".into(),
+            instance_id: process.instance_id(),
+        };
+        process
+            .register(Registration {
+                key: key_,
+                value: Bytes::from_static(b"{}"),
+            })
+            .await
+            .unwrap();
+        let listed = process
+            .list(&Query::endpoint("tls", "backend", "generate"))
+            .await
+            .unwrap();
+        assert_eq!(listed.len(), 1);
+        process.shutdown().await.unwrap();
+
+        for (who, config) in [
+            ("without a client certificate", settings(&[("ETCD_AUTH_CA", &ca)])),
+            ("without TLS settings", settings(&[])),
+        ] {
+            connect(config).await.expect_err(who);
         }
     }
 

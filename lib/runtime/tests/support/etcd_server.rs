@@ -21,7 +21,58 @@ pub struct EtcdServer {
     watchdog: Option<Child>,
     client_port: u16,
     peer_port: u16,
+    /// Plain-HTTP `/health` when the client port speaks TLS.
+    metrics_port: u16,
     data_dir: PathBuf,
+    tls: Option<TestCertificates>,
+}
+
+/// A throw-away CA and the certificates it signed, made with the `openssl`
+/// command: a server certificate for 127.0.0.1 and a client certificate.
+#[derive(Debug, Clone)]
+pub struct TestCertificates {
+    pub dir: PathBuf,
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl TestCertificates {
+    pub fn generate() -> Self {
+        let dir = std::env::temp_dir().join(format!("switchyard-tls-{:016x}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = r#"
+            set -e
+            key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
+            key ca.key; key server.key; key client.key
+            openssl req -x509 -new -key ca.key -out ca.pem -days 1 -subj /CN=switchyard-test-ca                 -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign
+            openssl req -new -key server.key -out server.csr -subj /CN=127.0.0.1
+            printf 'subjectAltName=IP:127.0.0.1
+extendedKeyUsage=serverAuth,clientAuth
+' > server.ext
+            openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 1 -extfile server.ext 2>/dev/null
+            openssl req -new -key client.key -out client.csr -subj /CN=root
+            printf 'extendedKeyUsage=clientAuth
+' > client.ext
+            openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.pem -days 1 -extfile client.ext 2>/dev/null
+        "#;
+        let status = Command::new("sh")
+            .args(["-c", script])
+            .current_dir(&dir)
+            .status()
+            .expect("sh is available");
+        assert!(status.success(), "openssl could not make the test certificates");
+        Self {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
+            dir,
+        }
+    }
 }
 
 impl EtcdServer {
@@ -37,15 +88,34 @@ impl EtcdServer {
             watchdog: None,
             client_port: free_port(),
             peer_port: free_port(),
+            metrics_port: free_port(),
             data_dir: data_root.join(format!("switchyard-etcd-{:016x}", rand::random::<u64>())),
+            tls: None,
         };
         server.launch();
         server
     }
 
-    /// `http://127.0.0.1:PORT`, for `ETCD_ENDPOINTS`.
+    /// A server whose client port speaks TLS with `certificates` and
+    /// requires a client certificate signed by their CA.
+    pub fn start_with_mutual_tls(certificates: &TestCertificates) -> Self {
+        let mut server = Self {
+            child: None,
+            watchdog: None,
+            client_port: free_port(),
+            peer_port: free_port(),
+            metrics_port: free_port(),
+            data_dir: std::env::temp_dir().join(format!("switchyard-etcd-{:016x}", rand::random::<u64>())),
+            tls: Some(certificates.clone()),
+        };
+        server.launch();
+        server
+    }
+
+    /// `http://127.0.0.1:PORT` (`https://` with TLS), for `ETCD_ENDPOINTS`.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// Kills the server (its data stays, for [`EtcdServer::restart`]).
@@ -67,9 +137,21 @@ impl EtcdServer {
             .into_iter()
             .find(|path| std::path::Path::new(path).exists())
             .unwrap_or("etcd");
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let client = self.url();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new(binary)
+        let metrics = format!("http://127.0.0.1:{}", self.metrics_port);
+        let mut command = Command::new(binary);
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(&tls.server_cert)
+                .arg("--key-file")
+                .arg(&tls.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .arg("--name")
             .arg("test")
             .arg("--data-dir")
@@ -77,6 +159,7 @@ impl EtcdServer {
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("test={peer}")])
+            .args(["--listen-metrics-urls", &metrics])
             .args(["--heartbeat-interval", "10", "--election-timeout", "50"])
             .args(["--logger", "zap", "--log-level", "error"])
             .stdout(Stdio::null())
@@ -111,11 +194,11 @@ impl EtcdServer {
 
     /// `GET /health` answers `"health":"true"`.
     fn healthy(&self) -> bool {
-        let Ok(mut socket) = TcpStream::connect(("127.0.0.1", self.client_port)) else {
+        let Ok(mut socket) = TcpStream::connect(("127.0.0.1", self.metrics_port)) else {
             return false;
         };
         let _ = socket.set_read_timeout(Some(Duration::from_secs(1)));
-        let request = format!("GET /health HTTP/1.0\r\nHost: 127.0.0.1:{}\r\n\r\n", self.client_port);
+        let request = format!("GET /health HTTP/1.0\r\nHost: 127.0.0.1:{}\r\n\r\n", self.metrics_port);
         if socket.write_all(request.as_bytes()).is_err() {
             return false;
         }
@@ -129,6 +212,9 @@ impl Drop for EtcdServer {
     fn drop(&mut self) {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.data_dir);
+        if let Some(tls) = &self.tls {
+            let _ = std::fs::remove_dir_all(&tls.dir);
+        }
     }
 }
 
