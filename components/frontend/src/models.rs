@@ -233,9 +233,17 @@ impl ModelManager {
             .client()
             .await
             .map_err(|e| RequestError::new(switchyard_runtime::error::ErrorKind::Unreachable, e.to_string()))?;
-        let mut router = LlmRouter::from_client(client, self.settings.mode).await?;
+        let mut router = LlmRouter::from_client(client.clone(), self.settings.mode).await?;
         if matches!(self.settings.mode, RouterMode::LeastLoaded | RouterMode::PowerOfTwo) {
-            router = router.with_load_reports().await?;
+            router = match router.with_load_reports().await {
+                Ok(router) => router,
+                Err(error) => {
+                    // The event plane is down (NATS unreachable): serve the model
+                    // anyway, routing by this frontend's own in-flight counts.
+                    tracing::warn!(model = %card.name, %error, "routing without load reports");
+                    LlmRouter::from_client(client, self.settings.mode).await?
+                }
+            };
         }
         if let Some(limit) = self.settings.busy_threshold {
             router = router.with_busy_threshold(limit);

@@ -703,3 +703,36 @@ async fn idle_and_slow_clients_are_cut_off_at_the_idle_timeout() {
     assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
     runtime.shutdown().await;
 }
+
+/// With NATS unreachable, a load-aware router cannot subscribe to load
+/// reports; the model is served anyway, routed by the frontend's own counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_is_served_without_load_reports_when_the_event_plane_is_down() {
+    let registry = MemRegistry::new();
+    let worker_runtime = Runtime::new(RuntimeConfig::local());
+    let args = MockerArgs {
+        speedup_ratio: 0.0,
+        ..MockerArgs::default()
+    };
+    let _worker = switchyard_mocker_worker::serve(&drt(&worker_runtime, &registry), &args)
+        .await
+        .unwrap();
+    let unreachable_nats = RuntimeConfig::from_vars([
+        ("DYN_DISCOVERY_BACKEND", "mem"),
+        ("DYN_EVENT_PLANE", "nats"),
+        ("NATS_SERVER", "nats://127.0.0.1:1"),
+    ])
+    .unwrap();
+    let frontend_runtime = Runtime::new(unreachable_nats);
+    let state = FrontendState::new(&drt(&frontend_runtime, &registry), &FrontendArgs::default())
+        .await
+        .unwrap();
+    let app = router(state);
+    let response = app
+        .oneshot(post("/v1/chat/completions", chat(json!({"max_tokens": 2})).to_string()))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    frontend_runtime.shutdown().await;
+    worker_runtime.shutdown().await;
+}

@@ -82,8 +82,9 @@ struct Follower {
 }
 
 impl Follower {
-    /// Follows `stream` until `stopped`; re-opens the watch (with backoff)
-    /// when it fails. Each new watch starts with a snapshot, so nothing is missed.
+    /// Follows `stream` until `stopped`, or until every [`Client`] reading
+    /// the list is gone; re-opens the watch (with backoff) when it fails.
+    /// Each new watch starts with a snapshot, so nothing is missed.
     async fn run<F, Fut>(&mut self, mut stream: WatchStream, stopped: &CancellationToken, rewatch: F)
     where
         F: Fn() -> Fut,
@@ -93,6 +94,7 @@ impl Follower {
         loop {
             let event = tokio::select! {
                 _ = stopped.cancelled() => return,
+                _ = self.publish.closed() => return,
                 event = stream.next() => event,
             };
             match event {
@@ -107,6 +109,7 @@ impl Follower {
             loop {
                 tokio::select! {
                     _ = stopped.cancelled() => return,
+                    _ = self.publish.closed() => return,
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(REWATCH_BACKOFF.1);
@@ -158,4 +161,45 @@ pub enum ClientError {
     Discovery(#[from] DiscoveryError),
     #[error("the runtime shut down while waiting for instances")]
     ShuttingDown,
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::RuntimeConfig;
+    use crate::discovery::mem::{MemDiscovery, MemRegistry};
+    use crate::distributed::DistributedRuntime;
+    use crate::runtime::Runtime;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// A frontend makes a client per model it sees; when the model goes,
+    /// the client's discovery watch must go with it, not live until exit.
+    #[tokio::test]
+    async fn the_watch_task_ends_when_the_last_client_is_dropped() {
+        let runtime = Runtime::new(RuntimeConfig::local());
+        let drt = DistributedRuntime::with_discovery(runtime.clone(), Arc::new(MemDiscovery::new(MemRegistry::new())))
+            .unwrap();
+        let endpoint = drt.namespace("ns").unwrap().component("c").unwrap().endpoint("e");
+        let before = runtime.tracker().len();
+        let client = endpoint.client().await.unwrap();
+        let copy = client.clone();
+        assert_eq!(
+            runtime.tracker().len(),
+            before + 1,
+            "the client follows discovery in one task"
+        );
+        drop(client);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(runtime.tracker().len(), before + 1, "a copy still reads the list");
+        drop(copy);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while runtime.tracker().len() > before {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the watch task outlived every client"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        runtime.shutdown().await;
+    }
 }

@@ -391,6 +391,9 @@ impl NatsResponse {
                         Ok(Some(message)) => message.payload,
                         Ok(None) | Err(_) => {
                             self.done = true;
+                            // The worker may only be slow (or waiting for credit): tell
+                            // it to stop, so it does not keep the request until shutdown.
+                            self.send_control(CANCEL_KIND, &CancelMode::Kill.encode()).await;
                             return Some(Err(RequestError::new(
                                 ErrorKind::Disconnected,
                                 format!("the worker fell silent for {SILENCE_LIMIT:?} before the stream completed"),

@@ -40,6 +40,8 @@ pub struct PushRouter<Req, Resp> {
     /// The instance snapshot the occupancy table was last synced with
     /// (compared by address: a new snapshot means discovery changed).
     synced: std::sync::Mutex<usize>,
+    /// Stops the load-report subscription when the router is dropped.
+    _load_reports: Option<tokio_util::sync::DropGuard>,
     types: PhantomData<fn(Req) -> Resp>,
 }
 
@@ -97,6 +99,7 @@ where
             busy_threshold: None,
             wait_queue: None,
             synced: std::sync::Mutex::new(0),
+            _load_reports: None,
             types: PhantomData,
         })
     }
@@ -112,11 +115,19 @@ where
             .and_then(|ns| ns.component(endpoint.component()))
             .map_err(|e| RequestError::new(ErrorKind::Invalid, e.to_string()))?;
         let stop = drt.runtime().root_token().child_token();
-        super::load::follow(&component, endpoint.name().to_string(), self.occupancy.clone(), stop)
-            .await
-            .map_err(|e| RequestError::new(ErrorKind::Unreachable, format!("cannot subscribe to load reports: {e}")))?;
+        super::load::follow(
+            &component,
+            endpoint.name().to_string(),
+            self.occupancy.clone(),
+            stop.clone(),
+        )
+        .await
+        .map_err(|e| RequestError::new(ErrorKind::Unreachable, format!("cannot subscribe to load reports: {e}")))?;
         self.sync(&self.client.instances());
-        Ok(self)
+        Ok(Self {
+            _load_reports: Some(stop.drop_guard()),
+            ..self
+        })
     }
 
     /// Treats an instance with `limit` or more requests in flight (from this
