@@ -564,6 +564,17 @@ mod tests {
         EtcdDiscovery::connect(&etcd_config(url), ttl, TaskTracker::new(), CancellationToken::new()).await
     }
 
+    /// Joins with settings of the test's own (credentials, TLS).
+    async fn join_with(config: &EtcdConfig) -> Result<EtcdDiscovery, DiscoveryError> {
+        EtcdDiscovery::connect(
+            config,
+            Duration::from_secs(10),
+            TaskTracker::new(),
+            CancellationToken::new(),
+        )
+        .await
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn etcd_backend_passes_the_discovery_suite() {
         let url = server().url();
@@ -592,48 +603,20 @@ mod tests {
             }
             RuntimeConfig::from_vars(vars).unwrap().etcd().clone()
         };
-        let connect = |config: EtcdConfig| async move {
-            EtcdDiscovery::connect(
-                &config,
-                Duration::from_secs(10),
-                TaskTracker::new(),
-                CancellationToken::new(),
-            )
-            .await
-        };
 
         let config = settings(Some(("root", "root-secret")));
         assert!(
             !format!("{config:?}").contains("root-secret"),
             "the password must not be printable: {config:?}"
         );
-        let process = connect(config).await.expect("the right credentials are accepted");
-        let key = Key {
-            bucket: Bucket::Instances,
-            namespace: "auth".into(),
-            component: "backend".into(),
-            name: "generate".into(),
-            instance_id: process.instance_id(),
-        };
-        process
-            .register(Registration {
-                key: key.clone(),
-                value: Bytes::from_static(b"{}"),
-            })
-            .await
-            .unwrap();
-        let listed = process
-            .list(&Query::endpoint("auth", "backend", "generate"))
-            .await
-            .unwrap();
-        assert_eq!(listed.len(), 1);
-        process.shutdown().await.unwrap();
+        let process = join_with(&config).await.expect("the right credentials are accepted");
+        registers_and_lists(&process, "auth").await;
 
         for (who, config) in [
             ("no credentials", settings(None)),
             ("a wrong password", settings(Some(("root", "guess")))),
         ] {
-            let error = connect(config).await.expect_err(who);
+            let error = join_with(&config).await.expect_err(who);
             let text = format!("{error}: {:?}", std::error::Error::source(&error));
             assert!(!text.contains("root-secret"), "{who}: {text}");
             assert!(
@@ -661,48 +644,22 @@ mod tests {
             all.extend_from_slice(vars);
             RuntimeConfig::from_vars(all).unwrap().etcd().clone()
         };
-        let connect = |config: EtcdConfig| async move {
-            EtcdDiscovery::connect(
-                &config,
-                Duration::from_secs(10),
-                TaskTracker::new(),
-                CancellationToken::new(),
-            )
-            .await
-        };
 
         let trusted = settings(&[
             ("ETCD_AUTH_CA", &ca),
             ("ETCD_AUTH_CLIENT_CERT", &cert),
             ("ETCD_AUTH_CLIENT_KEY", &key),
         ]);
-        let process = connect(trusted).await.expect("the CA and a client certificate get in");
-        let key_ = Key {
-            bucket: Bucket::Instances,
-            namespace: "tls".into(),
-            component: "backend".into(),
-            name: "generate".into(),
-            instance_id: process.instance_id(),
-        };
-        process
-            .register(Registration {
-                key: key_,
-                value: Bytes::from_static(b"{}"),
-            })
+        let process = join_with(&trusted)
             .await
-            .unwrap();
-        let listed = process
-            .list(&Query::endpoint("tls", "backend", "generate"))
-            .await
-            .unwrap();
-        assert_eq!(listed.len(), 1);
-        process.shutdown().await.unwrap();
+            .expect("the CA and a client certificate get in");
+        registers_and_lists(&process, "tls").await;
 
         for (who, config) in [
             ("without a client certificate", settings(&[("ETCD_AUTH_CA", &ca)])),
             ("without TLS settings", settings(&[])),
         ] {
-            connect(config).await.expect_err(who);
+            join_with(&config).await.expect_err(who);
         }
     }
 
@@ -714,6 +671,19 @@ mod tests {
         assert!(started.elapsed() < CONNECT_TIMEOUT * 3, "took {:?}", started.elapsed());
         assert!(error.contains(&url), "{error}");
         assert!(error.contains("DYN_DISCOVERY_BACKEND=mem"), "{error}");
+    }
+
+    /// Registers an instance in namespace `ns`, lists it back, and leaves.
+    async fn registers_and_lists(process: &EtcdDiscovery, ns: &str) {
+        let key = key(process, ns, "generate");
+        let registration = Registration {
+            key,
+            value: Bytes::from_static(b"{}"),
+        };
+        process.register(registration.clone()).await.unwrap();
+        let listed = process.list(&Query::endpoint(ns, "c", "generate")).await.unwrap();
+        assert_eq!(listed, vec![registration]);
+        process.shutdown().await.unwrap();
     }
 
     fn key(process: &EtcdDiscovery, ns: &str, endpoint: &str) -> Key {

@@ -348,6 +348,15 @@ fn write_slice(store: &mut Store, namespace: &str, endpoints: &BTreeMap<String, 
     store.write(Kind::EndpointSlice, namespace, "switchyard-workers-fake", Some(slice));
 }
 
+/// The API server's answer for a `WorkerMetadata` that does not exist.
+fn not_found(name: &str) -> Response {
+    status(
+        404,
+        "NotFound",
+        format!("workermetadatas.switchyard.dev \"{name}\" not found"),
+    )
+}
+
 fn status(code: u16, reason: &str, message: String) -> Response {
     let body = json!({
         "kind": "Status",
@@ -557,11 +566,7 @@ async fn get_resource(
     let key = (Kind::WorkerMetadata, namespace, name.clone());
     match shared.lock().objects.get(&key) {
         Some(object) => axum::Json(object.clone()).into_response(),
-        None => status(
-            404,
-            "NotFound",
-            format!("workermetadatas.switchyard.dev \"{name}\" not found"),
-        ),
+        None => not_found(&name),
     }
 }
 
@@ -633,10 +638,6 @@ async fn delete_resource(
     }
     match shared.change(|store| store.write(Kind::WorkerMetadata, &namespace, &name, None)) {
         Some(object) => axum::Json(object).into_response(),
-        None => status(
-            404,
-            "NotFound",
-            format!("workermetadatas.switchyard.dev \"{name}\" not found"),
-        ),
+        None => not_found(&name),
     }
 }
