@@ -78,6 +78,16 @@ extendedKeyUsage=serverAuth,clientAuth
 impl EtcdServer {
     /// Starts a server and waits until it is healthy.
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// A server whose client port speaks TLS with `certificates` and
+    /// requires a client certificate signed by their CA.
+    pub fn start_with_mutual_tls(certificates: &TestCertificates) -> Self {
+        Self::start_with(Some(certificates.clone()))
+    }
+
+    fn start_with(tls: Option<TestCertificates>) -> Self {
         let data_root = if std::path::Path::new("/dev/shm").is_dir() {
             PathBuf::from("/dev/shm")
         } else {
@@ -90,23 +100,7 @@ impl EtcdServer {
             peer_port: free_port(),
             metrics_port: free_port(),
             data_dir: data_root.join(format!("switchyard-etcd-{:016x}", rand::random::<u64>())),
-            tls: None,
-        };
-        server.launch();
-        server
-    }
-
-    /// A server whose client port speaks TLS with `certificates` and
-    /// requires a client certificate signed by their CA.
-    pub fn start_with_mutual_tls(certificates: &TestCertificates) -> Self {
-        let mut server = Self {
-            child: None,
-            watchdog: None,
-            client_port: free_port(),
-            peer_port: free_port(),
-            metrics_port: free_port(),
-            data_dir: std::env::temp_dir().join(format!("switchyard-etcd-{:016x}", rand::random::<u64>())),
-            tls: Some(certificates.clone()),
+            tls,
         };
         server.launch();
         server
