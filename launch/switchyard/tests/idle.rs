@@ -26,6 +26,10 @@ async fn ten_thousand_idle_connections_do_not_starve_a_worker() {
     ];
     let mut worker_env = env.to_vec();
     worker_env.push(("DYN_TCP_RPC_PORT", &rpc_text));
+    // Opening them takes ~8 s; a worker closes connections that stay silent
+    // for DYN_TCP_CONNECT_TIMEOUT (tested in the runtime), so give it longer
+    // here and have all 10,000 open at once.
+    worker_env.push(("DYN_TCP_CONNECT_TIMEOUT", "120s"));
     let worker = WorkerProcess::start(
         switchyard(),
         &["worker", "mocker", "--speedup-ratio", "0"],

@@ -147,7 +147,7 @@ pub const VARIABLES: &[Variable] = &[
     Variable {
         name: TCP_CONNECT_TIMEOUT,
         default: "5s",
-        help: "how long a caller waits to connect to a worker before the call fails as Unreachable",
+        help: "how long a caller waits to connect to a worker before the call fails as Unreachable; a worker closes a new connection that sends nothing for this long",
     },
     Variable {
         name: TCP_STREAM_WINDOW,

@@ -48,6 +48,7 @@ impl TcpServer {
             shutdown,
             tracker: tracker.clone(),
             max_message_size: *config.max_message_size(),
+            first_request_deadline: *config.connect_timeout(),
             connections_accepted: AtomicU64::new(0),
             metrics,
         });
@@ -85,6 +86,9 @@ struct Shared {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     max_message_size: usize,
+    /// How long a new connection may stay silent: callers send their first
+    /// request right after connecting, within their own connect timeout.
+    first_request_deadline: std::time::Duration,
     connections_accepted: AtomicU64,
     metrics: TransportMetrics,
 }
@@ -151,11 +155,26 @@ async fn serve_connection(socket: TcpStream, peer: SocketAddr, shared: Arc<Share
 
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut decoder = FrameDecoder::new(shared.max_message_size);
+    // A connection that sends nothing at all is not a caller (a port scan, a
+    // client stuck before its first request): closed at the deadline. Once
+    // bytes have arrived, only TCP keepalive watches the connection.
+    let silence = tokio::time::sleep(shared.first_request_deadline);
+    tokio::pin!(silence);
+    let mut heard = false;
     loop {
         let decoded = tokio::select! {
             _ = shared.shutdown.cancelled() => break,
+            _ = &mut silence, if !heard => {
+                if buf.is_empty() {
+                    tracing::debug!(%peer, "closing a request-plane connection that sent nothing");
+                    break;
+                }
+                heard = true;
+                continue;
+            }
             decoded = read_frame(&mut reader, &mut buf, &mut decoder) => decoded,
         };
+        heard = true;
         let result = match decoded {
             Ok(Decoded::Frame(frame)) => on_frame(&conn, &shared, frame),
             Ok(Decoded::Oversized {

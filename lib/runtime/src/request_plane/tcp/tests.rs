@@ -145,3 +145,22 @@ async fn an_unreachable_worker_fails_fast_with_unreachable() {
     let error = client.call(&target, Context::new(Bytes::new())).await.err().unwrap();
     assert_eq!(error.kind(), ErrorKind::Unreachable);
 }
+
+#[tokio::test]
+async fn a_connection_that_sends_nothing_is_closed_at_the_connect_timeout() {
+    let pair = Pair::with_limits(&Tcp, &[("DYN_TCP_CONNECT_TIMEOUT", "200ms")], &[]).await;
+    let Transport::Tcp(address) = pair.server.transport() else {
+        unreachable!("a TCP server")
+    };
+    let mut silent = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let mut rest = vec![];
+    let closed = tokio::time::timeout(DEADLINE, silent.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the worker kept a silent connection open");
+
+    // A caller that talks is not affected, however long it then stays idle.
+    let answer = pair.call("count", "2,0").await.unwrap();
+    assert_eq!(collect(answer).await.0, numbers(2));
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let answer = pair.call("count", "3,0").await.unwrap();
+    assert_eq!(collect(answer).await.0, numbers(3));
+}
