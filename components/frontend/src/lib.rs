@@ -14,7 +14,6 @@ pub mod metrics;
 pub mod migrate;
 pub mod models;
 pub mod respond;
-mod serve;
 
 #[cfg(test)]
 mod tests;
@@ -138,7 +137,12 @@ pub async fn start(drt: &DistributedRuntime, args: &FrontendArgs) -> Result<Fron
     let draining = runtime.endpoint_token().clone();
     let idle_timeout = state.idle_timeout;
     let app = http::router(state);
-    runtime.spawn_drain(serve::serve(listener, app, idle_timeout, draining));
+    runtime.spawn_drain(switchyard_runtime::http_server::serve(
+        listener,
+        app,
+        idle_timeout,
+        draining,
+    ));
     tracing::info!(address = %bound, "frontend listening");
     Ok(Frontend { address: bound, models })
 }

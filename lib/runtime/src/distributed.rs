@@ -267,18 +267,13 @@ impl DistributedRuntime {
             .map_err(|source| DistributedError::StatusBind { address, source })?;
         let _ = self.inner.status_address.set(bound);
         let router = crate::status::router(self.status_state(), system);
-        let listener = axum::serve::ListenerExt::tap_io(listener, |socket| {
-            let _ = socket.set_nodelay(true);
-        });
         let stopped = self.runtime().root_token().clone();
-        self.runtime().spawn(async move {
-            let served = axum::serve(listener, router)
-                .with_graceful_shutdown(async move { stopped.cancelled().await })
-                .await;
-            if let Err(error) = served {
-                tracing::warn!(%error, "status server failed");
-            }
-        });
+        self.runtime().spawn(crate::http_server::serve(
+            listener,
+            router,
+            STATUS_IDLE_TIMEOUT,
+            stopped,
+        ));
         tracing::info!(address = %bound, "status server listening");
         Ok(bound)
     }
@@ -351,6 +346,10 @@ impl DistributedRuntime {
             .await
     }
 }
+
+/// How long a scraper or probe may take to send its request (or idle
+/// between requests) on the status server before it is disconnected.
+const STATUS_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Deadline for reaching a NATS server.
 const NATS_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);

@@ -9,6 +9,7 @@
 //! - [`request_plane`]: how requests travel (trait + the TCP transport).
 //! - [`routing`]: where to send (pure policies + `PushRouter`).
 //! - [`config`]: the only reader of settings.
+//! - [`http_server`]: serving an HTTP router with deadlines for idle clients.
 #![forbid(unsafe_code)]
 
 pub mod component;
@@ -18,6 +19,7 @@ pub mod distributed;
 pub mod engine;
 pub mod error;
 pub mod event_plane;
+pub mod http_server;
 pub mod metrics;
 pub mod request_plane;
 pub mod routing;

@@ -1,7 +1,7 @@
-//! The frontend's HTTP server: the axum router on hyper's connection
-//! builder, with deadlines for slow and idle clients (`axum::serve` sets
-//! none, so a client could hold a connection open for ever by sending
-//! nothing) and a graceful drain.
+//! Serving an axum router over HTTP with deadlines for slow and idle
+//! clients (`axum::serve` sets none, so a client could hold a connection
+//! open for ever by sending nothing) and a graceful drain. Used by the
+//! status server of every process and by the OpenAI frontend.
 //!
 //! - A new connection must send its first byte within the idle timeout.
 //! - HTTP/1: a connection must deliver each request's headers within the
@@ -9,9 +9,9 @@
 //!   an idle keep-alive connection is closed after it too.
 //! - HTTP/2: the server pings at that interval and closes a connection whose
 //!   peer does not answer within it.
-//! - Bodies are read under the same deadline by the handlers (408).
-//! - Answers being streamed have no deadline here (the worker side has the
-//!   stall deadline, `--stream-stall-timeout-secs`).
+//! - Bodies are read by the handlers, under a deadline of their own (the
+//!   frontend answers 408).
+//! - Answers being streamed have no deadline here.
 
 use axum::Router;
 use axum::body::Body;
@@ -31,7 +31,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Serves `app` on `listener` until `draining` is cancelled; then stops
 /// accepting and waits for every open connection to finish its answers.
-pub(crate) async fn serve(listener: TcpListener, app: Router, idle_timeout: Duration, draining: CancellationToken) {
+pub async fn serve(listener: TcpListener, app: Router, idle_timeout: Duration, draining: CancellationToken) {
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -88,4 +88,61 @@ pub(crate) async fn serve(listener: TcpListener, app: Router, idle_timeout: Dura
     drop(listener);
     connections.close();
     connections.wait().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::serve;
+    use axum::Router;
+    use axum::routing::get;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_util::sync::CancellationToken;
+
+    async fn exchange(address: std::net::SocketAddr, request: &[u8]) -> String {
+        let mut socket = tokio::net::TcpStream::connect(address).await.unwrap();
+        socket.write_all(request).await.unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), socket.read_to_end(&mut answer)).await;
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn silent_clients_are_dropped_and_a_drain_finishes_the_answers_in_flight() {
+        let app = Router::new().route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                "done"
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let draining = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, app, Duration::from_millis(200), draining.clone()));
+
+        // Sends nothing: closed at the idle timeout.
+        let mut silent = tokio::net::TcpStream::connect(address).await.unwrap();
+        let mut nothing = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(10), silent.read_to_end(&mut nothing)).await;
+        assert!(closed.is_ok() && nothing.is_empty(), "a silent connection stayed open");
+
+        // A request in flight when the drain starts is answered; then the server ends.
+        let in_flight = tokio::spawn(exchange(address, b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        draining.cancel();
+        let answer = in_flight.await.unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.ends_with("done"),
+            "{answer}"
+        );
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the server ends once its connections have")
+            .unwrap();
+        assert!(
+            tokio::net::TcpStream::connect(address).await.is_err(),
+            "nothing listens after the drain"
+        );
+    }
 }
