@@ -202,7 +202,16 @@ async fn handle(state: FrontendState, route: Route, headers: HeaderMap, body: Bo
                     .with_label_values(&[&model, route.label()])
                     .inc();
             }
-            error.into_response()
+            let mut response = error.into_response();
+            if matches!(status, StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT) {
+                // The rest of the body was never read, so the connection
+                // cannot carry another request: say so, or the client would
+                // reuse it and see it closed under its next request.
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            response
         }
     };
     if let Ok(value) = HeaderValue::from_str(&id) {

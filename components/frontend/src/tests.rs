@@ -285,6 +285,11 @@ async fn bad_requests_get_openai_shaped_errors_naming_the_problem() {
     );
     let response = stack.call(post("/v1/chat/completions", huge)).await;
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        response.headers()[header::CONNECTION],
+        "close",
+        "the unread rest of the body makes the connection unusable"
+    );
 
     let response = stack
         .call(
