@@ -37,6 +37,10 @@ const STREAM_WINDOW: u32 = 1024 * 1024;
 /// Connection-wide HTTP/2 window, large so one unread stream cannot stall others.
 const CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
 
+/// How long a new connection may stay silent, and the interval (and answer
+/// deadline) of the pings on an idle HTTP/2 connection.
+const IDLE_DEADLINE: Duration = Duration::from_secs(30);
+
 /// The worker's HTTP/2 listener.
 #[derive(Debug)]
 pub struct HttpServer {
@@ -66,18 +70,10 @@ impl HttpServer {
             .route("/v1/rpc-cancel/{request_id}", post(cancel))
             .layer(DefaultBodyLimit::max(max_message_size))
             .with_state(state);
-        // Without TCP_NODELAY, a small response waits out Nagle and delayed ACKs (~40 ms).
-        let listener = axum::serve::ListenerExt::tap_io(listener, |socket| {
-            let _ = socket.set_nodelay(true);
-        });
-        tracker.spawn(async move {
-            let served = axum::serve(listener, router)
-                .with_graceful_shutdown(async move { shutdown.cancelled().await })
-                .await;
-            if let Err(error) = served {
-                tracing::warn!(%error, "http request plane failed");
-            }
-        });
+        // The serve loop sets TCP_NODELAY (without it a small response waits
+        // out Nagle and delayed ACKs, ~40 ms), drops connections that send
+        // nothing, and pings idle HTTP/2 connections.
+        tracker.spawn(crate::http_server::serve(listener, router, IDLE_DEADLINE, shutdown));
         tracing::info!(address = %base, "request plane listening (http/2)");
         Ok(Self { base })
     }
