@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use support::worker_process::{self, WorkerProcess};
-use support::{START_DEADLINE, free_port, switchyard};
+use support::{START_DEADLINE, free_port, start_frontend, start_mocker, switchyard};
 
 /// A frontend and two workers sharing a discovery directory.
 struct Stack {
@@ -40,7 +40,6 @@ struct Stack {
 impl Stack {
     /// Workers at `speedup` (1 = the timing model's real delays).
     async fn start(frontend_args: &[&str], speedup: &str) -> Self {
-        let binary = PathBuf::from(env!("CARGO_BIN_EXE_switchyard"));
         let discovery_dir = std::env::temp_dir().join(format!("switchyard-e2e-{:016x}", rand::random::<u64>()));
         let dir = discovery_dir.to_str().unwrap().to_string();
         let env = |status_port: &str| -> Vec<(String, String)> {
@@ -57,31 +56,21 @@ impl Stack {
             let port = free_port();
             let vars = env(&port.to_string());
             let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-            let args = ["worker", "mocker", "--speedup-ratio", speedup];
-            workers.push(WorkerProcess::start(
-                binary.clone(),
-                &args,
-                &vars,
-                "mocker worker serving",
-                START_DEADLINE,
-            ));
+            workers.push(start_mocker(&["--speedup-ratio", speedup], &vars));
             worker_status.push(port);
         }
-        let http_port = free_port().to_string();
-        let mut args = vec!["frontend", "--http-host", "127.0.0.1", "--http-port", &http_port];
-        args.extend_from_slice(frontend_args);
         let vars = env("");
         let vars: Vec<(&str, &str)> = vars
             .iter()
             .filter(|(k, _)| k != "DYN_SYSTEM_PORT")
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        let frontend = WorkerProcess::start(binary, &args, &vars, "frontend listening", START_DEADLINE);
+        let (frontend, url) = start_frontend(frontend_args, &vars);
         let stack = Self {
             _frontend: frontend,
             workers,
             worker_status,
-            url: format!("http://127.0.0.1:{http_port}"),
+            url,
             discovery_dir,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
@@ -462,16 +451,8 @@ async fn vllm_attach_leaves_discovery_when_the_server_dies_and_returns_when_it_i
         "vllm worker serving",
         START_DEADLINE,
     );
-    let http_port = free_port().to_string();
-    let _frontend = WorkerProcess::start(
-        switchyard(),
-        &["frontend", "--http-host", "127.0.0.1", "--http-port", &http_port],
-        &env,
-        "frontend listening",
-        START_DEADLINE,
-    );
+    let (_frontend, frontend) = start_frontend(&[], &env);
     let http = reqwest::Client::new();
-    let frontend = format!("http://127.0.0.1:{http_port}");
     let models = || async {
         http.get(format!("{frontend}/v1/models"))
             .send()

@@ -7,8 +7,7 @@ mod support;
 
 use serde_json::json;
 use std::time::{Duration, Instant};
-use support::worker_process::WorkerProcess;
-use support::{START_DEADLINE, free_port, switchyard};
+use support::{free_port, start_frontend, start_mocker};
 
 /// 10,000 idle connections to a worker's request plane do not crash or
 /// starve it: a request through the frontend still gets its whole answer.
@@ -30,21 +29,8 @@ async fn ten_thousand_idle_connections_do_not_starve_a_worker() {
     // for DYN_TCP_CONNECT_TIMEOUT (tested in the runtime), so give it longer
     // here and have all 10,000 open at once.
     worker_env.push(("DYN_TCP_CONNECT_TIMEOUT", "120s"));
-    let worker = WorkerProcess::start(
-        switchyard(),
-        &["worker", "mocker", "--speedup-ratio", "0"],
-        &worker_env,
-        "mocker worker serving",
-        START_DEADLINE,
-    );
-    let http_port = free_port().to_string();
-    let _frontend = WorkerProcess::start(
-        switchyard(),
-        &["frontend", "--http-host", "127.0.0.1", "--http-port", &http_port],
-        &env,
-        "frontend listening",
-        START_DEADLINE,
-    );
+    let worker = start_mocker(&["--speedup-ratio", "0"], &worker_env);
+    let (_frontend, frontend) = start_frontend(&[], &env);
     let opening = Instant::now();
     let idle = tokio::task::spawn_blocking(move || {
         (0..IDLE)
@@ -67,7 +53,7 @@ async fn ten_thousand_idle_connections_do_not_starve_a_worker() {
     println!("opened {IDLE} idle connections in {:?}", opening.elapsed());
     let started = Instant::now();
     let answer: serde_json::Value = reqwest::Client::new()
-        .post(format!("http://127.0.0.1:{http_port}/v1/completions"))
+        .post(format!("{frontend}/v1/completions"))
         .json(&json!({"model": "mock-model", "prompt": "still there?", "max_tokens": 5}))
         .send()
         .await

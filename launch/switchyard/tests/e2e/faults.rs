@@ -10,8 +10,8 @@
 //! in `x-switchyard-worker-id`).
 
 use super::worker_process::WorkerProcess;
-use super::{START_DEADLINE, free_port, switchyard};
 use super::{etcd_server::EtcdServer, nats_server::NatsServer};
+use super::{free_port, start_frontend, start_mocker};
 use futures::StreamExt;
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -311,24 +311,15 @@ impl Cluster {
                 let port = port.to_string();
                 let mut env = env.clone();
                 env.push(("DYN_SYSTEM_PORT", &port));
-                WorkerProcess::start(
-                    switchyard(),
-                    &["worker", "mocker", "--speedup-ratio", "1"],
-                    &env,
-                    "mocker worker serving",
-                    START_DEADLINE,
-                )
+                start_mocker(&["--speedup-ratio", "1"], &env)
             })
             .collect();
-        let port = free_port().to_string();
-        let mut args = vec!["frontend", "--http-host", "127.0.0.1", "--http-port", &port];
-        args.extend_from_slice(frontend_flags);
-        let frontend = WorkerProcess::start(switchyard(), &args, &env, "frontend listening", START_DEADLINE);
+        let (frontend, url) = start_frontend(frontend_flags, &env);
         Self {
             frontend,
             workers,
             status_ports,
-            url: format!("http://127.0.0.1:{port}"),
+            url,
             dir,
             file_discovery: !extra_env.iter().any(|(name, _)| *name == "DYN_DISCOVERY_BACKEND"),
             presence: None,

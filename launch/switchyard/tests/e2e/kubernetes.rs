@@ -5,14 +5,22 @@
 //! plays the kubelet and the EndpointSlice controller: the worker's model is
 //! served only while its Pod is ready.
 
-use super::worker_process::WorkerProcess;
-use super::{START_DEADLINE, Stack, chat, free_port};
+use super::{Stack, chat, start_frontend, start_mocker};
 use serde_json::{Value, json};
-use std::path::PathBuf;
 use std::time::Duration;
 use switchyard_runtime::discovery::kube::fake_api::FakeApiServer;
 
 const NAMESPACE: &str = "switchyard-e2e";
+
+/// `/v1/models` lists the worker's model.
+fn served(models: Value) -> bool {
+    models["data"][0]["id"] == "mock-model"
+}
+
+/// `/v1/models` lists nothing.
+fn gone(models: Value) -> bool {
+    models["data"] == json!([])
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_is_served_through_the_kubernetes_api_only_while_its_pod_is_ready() {
@@ -36,19 +44,12 @@ async fn a_worker_is_served_through_the_kubernetes_api_only_while_its_pod_is_rea
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
     };
-    let binary = PathBuf::from(env!("CARGO_BIN_EXE_switchyard"));
 
     // The worker's Pod exists but is not ready yet.
     api.set_ready(NAMESPACE, "worker-a", false);
     let worker_env = env("worker-a");
     let worker_vars: Vec<(&str, &str)> = worker_env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let worker = WorkerProcess::start(
-        binary.clone(),
-        &["worker", "mocker", "--speedup-ratio", "0"],
-        &worker_vars,
-        "mocker worker serving",
-        START_DEADLINE,
-    );
+    let worker = start_mocker(&["--speedup-ratio", "0"], &worker_vars);
     let resource = api
         .worker_metadata(NAMESPACE, "worker-a")
         .expect("the worker wrote its resource");
@@ -64,21 +65,14 @@ async fn a_worker_is_served_through_the_kubernetes_api_only_while_its_pod_is_rea
         "the worker's instance and model card are in its resource: {keys:?}"
     );
 
-    let http_port = free_port().to_string();
     let frontend_env = env("frontend-0");
     let frontend_vars: Vec<(&str, &str)> = frontend_env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let frontend = WorkerProcess::start(
-        binary,
-        &["frontend", "--http-host", "127.0.0.1", "--http-port", &http_port],
-        &frontend_vars,
-        "frontend listening",
-        START_DEADLINE,
-    );
+    let (frontend, url) = start_frontend(&[], &frontend_vars);
     let stack = Stack {
         _frontend: frontend,
         workers: vec![worker],
         worker_status: vec![],
-        url: format!("http://127.0.0.1:{http_port}"),
+        url,
         discovery_dir: dir,
         http: reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
@@ -94,13 +88,7 @@ async fn a_worker_is_served_through_the_kubernetes_api_only_while_its_pod_is_rea
 
     // Ready: the frontend finds the model and answers.
     api.set_ready(NAMESPACE, "worker-a", true);
-    stack
-        .eventually(
-            "the model to appear",
-            |models: Value| models["data"][0]["id"] == "mock-model",
-            "/v1/models",
-        )
-        .await;
+    stack.eventually("the model to appear", served, "/v1/models").await;
     let answer: Value = stack
         .post("/v1/chat/completions", &chat(4, false))
         .await
@@ -111,31 +99,13 @@ async fn a_worker_is_served_through_the_kubernetes_api_only_while_its_pod_is_rea
 
     // The readiness probe fails: the model goes away; back when ready again.
     api.set_ready(NAMESPACE, "worker-a", false);
-    stack
-        .eventually(
-            "the model to disappear",
-            |models: Value| models["data"] == json!([]),
-            "/v1/models",
-        )
-        .await;
+    stack.eventually("the model to disappear", gone, "/v1/models").await;
     api.set_ready(NAMESPACE, "worker-a", true);
-    stack
-        .eventually(
-            "the model to return",
-            |models: Value| models["data"][0]["id"] == "mock-model",
-            "/v1/models",
-        )
-        .await;
+    stack.eventually("the model to return", served, "/v1/models").await;
 
     // SIGTERM: the worker drains and deletes its own resource on the way out.
     stack.workers[0].signal("-TERM");
-    stack
-        .eventually(
-            "the model to disappear",
-            |models: Value| models["data"] == json!([]),
-            "/v1/models",
-        )
-        .await;
+    stack.eventually("the model to disappear", gone, "/v1/models").await;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while api.worker_metadata(NAMESPACE, "worker-a").is_some() {
         assert!(
