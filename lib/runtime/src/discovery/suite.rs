@@ -52,7 +52,7 @@ fn namespace() -> String {
     format!("suite-{:x}", rand::random::<u32>())
 }
 
-fn endpoint_key(process: &dyn Discovery, ns: &str, component: &str, endpoint: &str) -> Key {
+pub(crate) fn endpoint_key(process: &dyn Discovery, ns: &str, component: &str, endpoint: &str) -> Key {
     Key {
         bucket: Bucket::Instances,
         namespace: ns.to_string(),
@@ -62,7 +62,7 @@ fn endpoint_key(process: &dyn Discovery, ns: &str, component: &str, endpoint: &s
     }
 }
 
-fn registration(key: &Key, value: &str) -> Registration {
+pub(crate) fn registration(key: &Key, value: &str) -> Registration {
     Registration {
         key: key.clone(),
         value: Bytes::from(value.to_string()),

@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::discovery::kube::fake_api::FakeApiServer;
+use crate::discovery::suite::registration;
 use crate::discovery::{Bucket, suite};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -60,21 +61,9 @@ impl Drop for Cluster {
     }
 }
 
+/// The instance key of `endpoint` of component `dynamo/backend`.
 fn instance_key(process: &KubeDiscovery, endpoint: &str) -> Key {
-    Key {
-        bucket: Bucket::Instances,
-        namespace: "dynamo".to_string(),
-        component: "backend".to_string(),
-        name: endpoint.to_string(),
-        instance_id: process.instance_id(),
-    }
-}
-
-fn registration(key: &Key, value: &str) -> Registration {
-    Registration {
-        key: key.clone(),
-        value: Bytes::from(value.to_string()),
-    }
+    suite::endpoint_key(process, "dynamo", "backend", endpoint)
 }
 
 fn backend_instances() -> Query {
