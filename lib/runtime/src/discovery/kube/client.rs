@@ -7,9 +7,10 @@
 //!   set of registrations into that object's `spec.registrations`.
 //! - `list` reads the objects and the EndpointSlices afresh and joins them
 //!   (see the parent module): a registration is visible while its Pod is ready.
-//! - `watch` does the same for its first snapshot, then follows both kinds
-//!   with kube-rs watchers (list + watch, resumed or re-listed after errors)
-//!   and, after a short debounce, sends the difference between views.
+//! - `watch` follows both kinds with kube-rs watchers (list + watch, resumed
+//!   or re-listed after errors); the join of their first lists, fresh reads
+//!   too, is its snapshot, and after a short debounce it sends the
+//!   difference between views.
 //!
 //! Every API call has a deadline; an error says what failed and, for the
 //! usual causes (CRD not installed, RBAC), how to fix it.
@@ -21,7 +22,7 @@ use crate::discovery::{
     watch_stream,
 };
 use bytes::Bytes;
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -340,19 +341,36 @@ impl Discovery for KubeDiscovery {
 
     async fn watch(&self, query: &Query) -> Result<WatchStream, DiscoveryError> {
         self.check_open()?;
-        let mut view = self.current_view().await?;
-        view.retain(|key, _| query.matches(key));
         let (events, receiver) = mpsc::unbounded_channel();
-        let _ = events.send(Ok(WatchEvent::Snapshot(registrations(&view))));
-        let follow = Follow {
+        let mut follow = Follow {
             query: query.clone(),
-            view,
+            view: BTreeMap::new(),
             debounce: self.options.debounce,
             events,
+            resources: watcher(self.resources.clone(), watcher::Config::default())
+                .default_backoff()
+                .boxed(),
+            slices: watcher(self.slices.clone(), watcher::Config::default())
+                .default_backoff()
+                .boxed(),
+            resource_mirror: Mirror::new(),
+            slice_mirror: Mirror::new(),
         };
-        let resources = watcher(self.resources.clone(), watcher::Config::default()).default_backoff();
-        let slices = watcher(self.slices.clone(), watcher::Config::default()).default_backoff();
-        self.tracker.spawn(follow.run(resources, slices, self.stop.clone()));
+        // The watchers' own first lists (fresh reads) make the snapshot.
+        match tokio::time::timeout(self.options.api_timeout, follow.first_lists()).await {
+            Ok(listed) => listed?,
+            Err(_) => {
+                return Err(DiscoveryError::KubeTimeout {
+                    operation: format!("list {PLURAL} and endpointslices"),
+                    timeout: self.options.api_timeout,
+                });
+            }
+        }
+        follow.view = follow.joined();
+        let _ = follow
+            .events
+            .send(Ok(WatchEvent::Snapshot(registrations(&follow.view))));
+        self.tracker.spawn(follow.run(self.stop.clone()));
         Ok(watch_stream(receiver))
     }
 
@@ -441,6 +459,10 @@ impl<V: DeserializeOwned> Mirror<V> {
     }
 }
 
+/// A watcher's events, boxed so a `watch` can read the first lists and
+/// then hand the streams to its task.
+type Events<K> = futures::stream::BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>;
+
 /// One `watch` stream's task: mirrors the resources and the EndpointSlices,
 /// and after each debounced burst sends what changed in the joined view.
 struct Follow {
@@ -449,36 +471,67 @@ struct Follow {
     view: BTreeMap<Key, Bytes>,
     debounce: Duration,
     events: mpsc::UnboundedSender<Result<WatchEvent, DiscoveryError>>,
+    resources: Events<DynamicObject>,
+    slices: Events<EndpointSlice>,
+    resource_mirror: Mirror<ResourceView>,
+    slice_mirror: Mirror<SliceView>,
 }
 
 impl Follow {
-    async fn run<R, S>(mut self, resources: R, slices: S, stop: CancellationToken)
-    where
-        R: Stream<Item = Result<watcher::Event<DynamicObject>, watcher::Error>> + Send,
-        S: Stream<Item = Result<watcher::Event<EndpointSlice>, watcher::Error>> + Send,
-    {
-        let (mut resources, mut slices) = (std::pin::pin!(resources), std::pin::pin!(slices));
-        let mut resource_mirror = Mirror::<ResourceView>::new();
-        let mut slice_mirror = Mirror::<SliceView>::new();
+    /// Reads both watchers until their first lists are complete; the first
+    /// error (RBAC, a missing CRD) is the caller's.
+    async fn first_lists(&mut self) -> Result<(), DiscoveryError> {
+        let failed = |kind: &str, error: watcher::Error| {
+            let hint = match &error {
+                watcher::Error::InitialListFailed(error) | watcher::Error::WatchStartFailed(error) => hint(error),
+                _ => "",
+            };
+            DiscoveryError::Kube {
+                operation: format!("list {kind}"),
+                hint,
+                source: Box::new(error),
+            }
+        };
+        while !(self.resource_mirror.listed && self.slice_mirror.listed) {
+            tokio::select! {
+                Some(event) = self.resources.next() => {
+                    self.resource_mirror.apply(event.map_err(|e| failed(PLURAL, e))?);
+                }
+                Some(event) = self.slices.next() => {
+                    self.slice_mirror.apply(event.map_err(|e| failed("endpointslices", e))?);
+                }
+                else => return Err(DiscoveryError::ShutDown),
+            }
+        }
+        Ok(())
+    }
+
+    /// The registrations the mirrors make visible for the query.
+    fn joined(&self) -> BTreeMap<Key, Bytes> {
+        let mut view = join(&self.resource_mirror.values(), &ready_pods(&self.slice_mirror.values()));
+        view.retain(|key, _| self.query.matches(key));
+        view
+    }
+
+    async fn run(mut self, stop: CancellationToken) {
         let mut due: Option<tokio::time::Instant> = None;
         loop {
             let changed = tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = self.events.closed() => return,
-                event = resources.next() => match event {
-                    Some(Ok(event)) => resource_mirror.apply(event),
+                event = self.resources.next() => match event {
+                    Some(Ok(event)) => self.resource_mirror.apply(event),
                     Some(Err(error)) => { tracing::warn!(%error, "watching {PLURAL} failed; retrying"); false }
                     None => return,
                 },
-                event = slices.next() => match event {
-                    Some(Ok(event)) => slice_mirror.apply(event),
+                event = self.slices.next() => match event {
+                    Some(Ok(event)) => self.slice_mirror.apply(event),
                     Some(Err(error)) => { tracing::warn!(%error, "watching endpointslices failed; retrying"); false }
                     None => return,
                 },
                 _ = sleep_until(due), if due.is_some() => {
                     due = None;
-                    let mut next = join(&resource_mirror.values(), &ready_pods(&slice_mirror.values()));
-                    next.retain(|key, _| self.query.matches(key));
+                    let next = self.joined();
                     for event in diff(&self.view, &next) {
                         if self.events.send(Ok(event)).is_err() {
                             return;
@@ -488,7 +541,7 @@ impl Follow {
                     false
                 }
             };
-            if changed && resource_mirror.listed && slice_mirror.listed && due.is_none() {
+            if changed && due.is_none() {
                 due = Some(tokio::time::Instant::now() + self.debounce);
             }
         }
