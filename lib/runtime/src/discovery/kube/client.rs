@@ -388,18 +388,15 @@ impl Discovery for KubeDiscovery {
         if !self.wrote.load(Ordering::Acquire) {
             return Ok(());
         }
-        let deleted = self
-            .call(
-                || format!("delete WorkerMetadata/{}", self.pod.name()),
-                self.resources.delete(self.pod.name(), &DeleteParams::default()),
-            )
-            .await;
-        match deleted {
-            Err(DiscoveryError::Kube { source, .. }) if matches!(source.downcast_ref::<kube::Error>(), Some(kube::Error::Api(status)) if status.code == 404) => {
-                Ok(())
+        let delete = async {
+            match self.resources.delete(self.pod.name(), &DeleteParams::default()).await {
+                // Already gone (the Pod's garbage collection got there first).
+                Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+                other => other.map(|_| ()),
             }
-            other => other.map(|_| ()),
-        }
+        };
+        self.call(|| format!("delete WorkerMetadata/{}", self.pod.name()), delete)
+            .await
     }
 }
 
