@@ -8,13 +8,14 @@ use std::net::SocketAddr;
 use switchyard_llm::model_card::{Capacity, ModelCard, ModelKind};
 use switchyard_mocker::config::{ConfigError, MockerConfig};
 use switchyard_mocker::engine::MockerEngine;
+use switchyard_runtime::component::Endpoint;
 use switchyard_runtime::component::endpoint::{EndpointError, ServingEndpoint};
-use switchyard_runtime::component::{Endpoint, NameError};
+use switchyard_runtime::component::load::EngineLoad;
 use switchyard_runtime::config::DiscoveryBackend;
 use switchyard_runtime::discovery::DiscoveryError;
 use switchyard_runtime::distributed::{DistributedError, DistributedRuntime};
 use switchyard_runtime::metrics::MetricsError;
-use switchyard_runtime::routing::load::EngineLoad;
+use switchyard_runtime::names::NameError;
 use switchyard_runtime::runtime::Runtime;
 
 /// Flags of `switchyard worker mocker`. Engine defaults are vLLM's (and

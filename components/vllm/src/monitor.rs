@@ -10,9 +10,9 @@ use std::time::Duration;
 use switchyard_llm::model_card::{ModelCard, ModelKind};
 use switchyard_runtime::component::Endpoint;
 use switchyard_runtime::component::endpoint::{EndpointError, ServingEndpoint};
+use switchyard_runtime::component::load::EngineLoad;
 use switchyard_runtime::discovery::DiscoveryError;
 use switchyard_runtime::distributed::DistributedRuntime;
-use switchyard_runtime::routing::load::EngineLoad;
 
 /// How often `/metrics` is read.
 const SCRAPE_INTERVAL: Duration = Duration::from_secs(1);

@@ -3,9 +3,9 @@
 
 use std::collections::BTreeMap;
 use switchyard_llm::model_card::ModelCard;
-use switchyard_runtime::component::Instance;
 use switchyard_runtime::discovery::{Bucket, Key, Query};
 use switchyard_runtime::distributed::DistributedRuntime;
+use switchyard_runtime::instance::Instance;
 use switchyard_runtime::request_plane::Transport;
 use switchyard_runtime::runtime::Runtime;
 

@@ -30,6 +30,7 @@ use switchyard_frontend::FrontendArgs;
 use switchyard_mocker_worker::MockerArgs;
 use switchyard_runtime::config::{DiscoveryBackend, RuntimeConfig};
 use switchyard_runtime::distributed::DistributedRuntime;
+use switchyard_runtime::error::Report;
 use switchyard_runtime::runtime::Runtime;
 use switchyard_runtime::worker::Worker;
 
@@ -103,13 +104,7 @@ fn main() -> ExitCode {
     match execute(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            let mut message = format!("switchyard: {error}");
-            let mut source = error.source();
-            while let Some(cause) = source {
-                message.push_str(&format!(": {cause}"));
-                source = cause.source();
-            }
-            eprintln!("{message}");
+            eprintln!("switchyard: {}", Report(error.as_ref()));
             ExitCode::FAILURE
         }
     }

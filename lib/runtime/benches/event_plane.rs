@@ -35,10 +35,20 @@ fn process(registry: &MemRegistry, vars: &[(&str, &str)]) -> DistributedRuntime 
 async fn pair(vars: &[(&str, &str)]) -> (EventPublisher, EventSubscriber) {
     let registry = MemRegistry::new();
     let (a, b) = (process(&registry, vars), process(&registry, vars));
-    let sub = EventSubscriber::for_component(&a.namespace("bench").unwrap().component("w").unwrap(), "load")
+    let sub = a
+        .namespace("bench")
+        .unwrap()
+        .component("w")
+        .unwrap()
+        .event_subscriber("load")
         .await
         .unwrap();
-    let publisher = EventPublisher::for_component(&b.namespace("bench").unwrap().component("w").unwrap(), "load")
+    let publisher = b
+        .namespace("bench")
+        .unwrap()
+        .component("w")
+        .unwrap()
+        .event_publisher("load")
         .await
         .unwrap();
     let mut sub = sub;

@@ -7,7 +7,7 @@
 //! ```
 
 use criterion::{BenchmarkId, Criterion};
-use switchyard_runtime::component::Instance;
+use switchyard_runtime::instance::Instance;
 use switchyard_runtime::request_plane::Transport;
 use switchyard_runtime::routing::occupancy::Occupancy;
 use switchyard_runtime::routing::{LeastLoaded, LoadView, Policy, PowerOfTwo, Random, RoundRobin};

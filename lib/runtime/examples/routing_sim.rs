@@ -19,7 +19,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use switchyard_runtime::component::Instance;
+use switchyard_runtime::instance::Instance;
 use switchyard_runtime::request_plane::Transport;
 use switchyard_runtime::routing::occupancy::Occupancy;
 use switchyard_runtime::routing::{LeastLoaded, LoadView, Policy, PowerOfTwo, Random, RoundRobin};

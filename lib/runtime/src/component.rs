@@ -1,21 +1,38 @@
-//! The names of the mesh — Namespace → Component → Endpoint → Instance — and
-//! what an instance publishes in discovery. Serving lives in
+//! The handles of the mesh — Namespace → Component → Endpoint — each a name
+//! plus the process's [`DistributedRuntime`]. Serving lives in
 //! [`endpoint`](crate::component::endpoint), calling in
-//! [`client`](crate::component::client).
+//! [`client`](crate::component::client), load reports in
+//! [`load`](crate::component::load); what an instance registers is
+//! [`crate::instance::Instance`].
 
 pub mod client;
 pub mod endpoint;
+pub mod load;
 
-use crate::discovery::{Bucket, Key, Registration};
 use crate::distributed::DistributedRuntime;
+use crate::event_plane::{Channel, EventError, EventPublisher, EventSubscriber};
 use crate::metrics::Metrics;
-use crate::request_plane::{Target, Transport};
-use bytes::Bytes;
-use serde::{Deserialize, Serialize};
-use std::fmt;
+use crate::names::{NameError, validate_name};
 
-/// Longest allowed name segment; keeps keys, subjects and metric labels sane.
-const MAX_NAME_LEN: usize = 64;
+impl DistributedRuntime {
+    /// The namespace `name` (lowercase letters, digits, `-` and `_`).
+    pub fn namespace(&self, name: impl Into<String>) -> Result<Namespace, NameError> {
+        Namespace::new(self.clone(), name.into())
+    }
+}
+
+/// Opens a publisher of `channel` on the process's event plane.
+async fn open_publisher(drt: &DistributedRuntime, channel: Channel) -> Result<EventPublisher, EventError> {
+    EventPublisher::open(drt.event_plane().await?.as_ref(), channel).await
+}
+
+/// Subscribes to `channel` on the process's event plane, until the runtime
+/// stops or the subscriber is dropped.
+async fn open_subscriber(drt: &DistributedRuntime, channel: Channel) -> Result<EventSubscriber, EventError> {
+    let stop = drt.runtime().root_token().child_token();
+    let gaps = drt.metrics().event_gaps.clone();
+    EventSubscriber::open(drt.event_plane().await?.as_ref(), channel, stop, gaps).await
+}
 
 /// A group of components, usually one deployment.
 #[derive(Debug, Clone)]
@@ -34,13 +51,19 @@ impl Namespace {
         &self.name
     }
 
-    pub(crate) fn drt(&self) -> &DistributedRuntime {
-        &self.drt
-    }
-
     /// This namespace's level of the metrics hierarchy.
     pub fn metrics(&self) -> Metrics {
         self.drt.metrics().namespace(&self.name)
+    }
+
+    /// A publisher of the namespace-wide `topic` on the event plane.
+    pub async fn event_publisher(&self, topic: &str) -> Result<EventPublisher, EventError> {
+        open_publisher(&self.drt, Channel::of_namespace(&self.name, topic)?).await
+    }
+
+    /// A subscriber to the namespace-wide `topic` (every publisher's events).
+    pub async fn event_subscriber(&self, topic: &str) -> Result<EventSubscriber, EventError> {
+        open_subscriber(&self.drt, Channel::of_namespace(&self.name, topic)?).await
     }
 
     /// The component `name` of this namespace.
@@ -82,6 +105,16 @@ impl Component {
             .metrics()
             .namespace(&self.namespace)
             .child("dynamo_component", &self.name)
+    }
+
+    /// A publisher of this component's `topic` on the event plane (e.g. `load`).
+    pub async fn event_publisher(&self, topic: &str) -> Result<EventPublisher, EventError> {
+        open_publisher(&self.drt, Channel::of_component(&self.namespace, &self.name, topic)?).await
+    }
+
+    /// A subscriber to this component's `topic` (every instance's events).
+    pub async fn event_subscriber(&self, topic: &str) -> Result<EventSubscriber, EventError> {
+        open_subscriber(&self.drt, Channel::of_component(&self.namespace, &self.name, topic)?).await
     }
 
     /// The endpoint `name` of this component. The name is checked when the
@@ -148,165 +181,16 @@ impl Endpoint {
             .child("dynamo_endpoint", &self.name)
     }
 
+    /// The component this endpoint belongs to.
+    pub(crate) fn parent(&self) -> Component {
+        Component {
+            drt: self.drt.clone(),
+            namespace: self.namespace.clone(),
+            name: self.component.clone(),
+        }
+    }
+
     fn validate(&self) -> Result<(), NameError> {
         validate_name("endpoint", &self.name)
-    }
-}
-
-/// One process serving one endpoint, as registered under
-/// `v1/instances/{namespace}/{component}/{endpoint}/{instance_id:x}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Instance {
-    pub namespace: String,
-    pub component: String,
-    pub endpoint: String,
-    pub instance_id: u64,
-    pub transport: Transport,
-}
-
-impl Instance {
-    pub fn key(&self) -> Key {
-        Key {
-            bucket: Bucket::Instances,
-            namespace: self.namespace.clone(),
-            component: self.component.clone(),
-            name: self.endpoint.clone(),
-            instance_id: self.instance_id,
-        }
-    }
-
-    /// Where a request for this instance goes.
-    pub fn target(&self) -> Target {
-        Target {
-            transport: self.transport.clone(),
-            endpoint: format!("{}/{}/{}", self.namespace, self.component, self.endpoint),
-            instance_id: self.instance_id,
-        }
-    }
-
-    pub fn to_registration(&self) -> Registration {
-        Registration {
-            key: self.key(),
-            value: Bytes::from(serde_json::to_vec(self).expect("an instance always serializes")),
-        }
-    }
-
-    /// Reads a registration back; the key must agree with the value.
-    pub fn from_registration(registration: &Registration) -> Result<Self, InstanceDecodeError> {
-        let instance: Instance =
-            serde_json::from_slice(&registration.value).map_err(|source| InstanceDecodeError::Json {
-                key: registration.key.to_string(),
-                source,
-            })?;
-        if instance.key() != registration.key {
-            return Err(InstanceDecodeError::KeyMismatch {
-                key: registration.key.to_string(),
-                value_key: instance.key().to_string(),
-            });
-        }
-        Ok(instance)
-    }
-}
-
-impl fmt::Display for Instance {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}/{}/{}/{:x}",
-            self.namespace, self.component, self.endpoint, self.instance_id
-        )
-    }
-}
-
-/// A registration under `v1/instances/` that is not a valid [`Instance`].
-#[derive(Debug, thiserror::Error)]
-pub enum InstanceDecodeError {
-    #[error("{key} does not hold instance JSON: {source}")]
-    Json {
-        key: String,
-        #[source]
-        source: serde_json::Error,
-    },
-    #[error("{key} holds the instance of {value_key}")]
-    KeyMismatch { key: String, value_key: String },
-}
-
-/// A namespace, component or endpoint name that cannot be used.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid {kind} name {name:?}: use 1-64 lowercase letters, digits, '-' or '_'")]
-pub struct NameError {
-    pub kind: &'static str,
-    pub name: String,
-}
-
-/// Names become key segments, NATS subjects and metric labels, so they are
-/// limited to characters that are safe in all three.
-pub(crate) fn validate_name(kind: &'static str, name: &str) -> Result<(), NameError> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_NAME_LEN
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
-    if ok {
-        Ok(())
-    } else {
-        Err(NameError {
-            kind,
-            name: name.to_string(),
-        })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_are_limited_to_safe_characters() {
-        for good in ["dynamo", "backend-2", "gen_v1", "a"] {
-            assert!(validate_name("endpoint", good).is_ok(), "{good}");
-        }
-        for bad in ["", "Generate", "a/b", "a.b", "a b", &"x".repeat(65)] {
-            let err = validate_name("endpoint", bad).unwrap_err();
-            assert!(err.to_string().contains("lowercase letters"), "{err}");
-        }
-    }
-
-    #[test]
-    fn instance_json_keeps_dynamo_field_names() {
-        let instance = Instance {
-            namespace: "dynamo".into(),
-            component: "backend".into(),
-            endpoint: "generate".into(),
-            instance_id: 0x1f,
-            transport: Transport::Tcp("127.0.0.1:4000".into()),
-        };
-        let json: serde_json::Value = serde_json::from_slice(&instance.to_registration().value).unwrap();
-        assert_eq!(
-            json,
-            serde_json::json!({"namespace":"dynamo","component":"backend","endpoint":"generate","instance_id":31,"transport":{"tcp":"127.0.0.1:4000"}})
-        );
-        assert_eq!(instance.key().to_string(), "v1/instances/dynamo/backend/generate/1f");
-        assert_eq!(
-            Instance::from_registration(&instance.to_registration()).unwrap(),
-            instance
-        );
-    }
-
-    #[test]
-    fn a_value_filed_under_the_wrong_key_is_rejected() {
-        let instance = Instance {
-            namespace: "ns".into(),
-            component: "c".into(),
-            endpoint: "e".into(),
-            instance_id: 1,
-            transport: Transport::Tcp("127.0.0.1:1".into()),
-        };
-        let mut registration = instance.to_registration();
-        registration.key.instance_id = 2;
-        assert!(matches!(
-            Instance::from_registration(&registration),
-            Err(InstanceDecodeError::KeyMismatch { .. })
-        ));
     }
 }

@@ -1,16 +1,22 @@
 //! [`DistributedRuntime`]: a thin façade over one process's planes — its
 //! discovery backend, its request-plane server (bound on first use) and
-//! client, and the endpoints it serves. It reads no settings of its own: the
-//! backends are chosen from the [`Runtime`]'s validated configuration.
+//! client, its event plane (built on first use), and the endpoints it serves.
+//! It reads no settings of its own: the backends are chosen from the
+//! [`Runtime`]'s validated configuration. The handles built on it
+//! (`namespace()` and below) live in [`crate::component`], which depends on
+//! this module and never the other way round.
 
-use crate::component::{NameError, Namespace};
-use crate::config::{DiscoveryBackend, EventPlaneKind, NatsAuth, NatsConfig, RequestPlaneKind, RuntimeConfig};
+use crate::config::{DiscoveryBackend, EventPlaneKind, RequestPlaneKind, RuntimeConfig};
 use crate::discovery::etcd::{EtcdDiscovery, LeaseHealth};
 use crate::discovery::file::FileDiscovery;
 use crate::discovery::mem::{MemDiscovery, MemRegistry};
 use crate::discovery::{Discovery, DiscoveryError};
 use crate::error::{ErrorKind, RequestError};
+use crate::event_plane::EventPlane;
+use crate::event_plane::nats::NatsEventPlane;
+use crate::event_plane::zmq::ZmqEventPlane;
 use crate::metrics::{Metrics, ProcessMetrics};
+use crate::nats::NatsConnectError;
 use crate::request_plane::http::{HttpClient, HttpServer};
 use crate::request_plane::nats::{NatsRequestClient, NatsServer, instance_subject};
 use crate::request_plane::tcp::{TcpClient, TcpServer};
@@ -44,6 +50,8 @@ struct Inner {
     status_address: OnceLock<SocketAddr>,
     /// Connected on first use, so processes that do not need NATS never dial it.
     nats: OnceCell<async_nats::Client>,
+    /// Built on first use, for the same reason (the NATS one dials NATS).
+    event_plane: OnceCell<Arc<dyn EventPlane>>,
 }
 
 impl DistributedRuntime {
@@ -124,9 +132,10 @@ impl DistributedRuntime {
                 let nats_connect: NatsConnect = Box::new(move || {
                     let (nats_config, request_config) = (nats_config.clone(), request_config.clone());
                     Box::pin(async move {
-                        let client = connect_nats(&nats_config)
-                            .await
-                            .map_err(|e| RequestError::new(ErrorKind::Unreachable, e.to_string()))?;
+                        let client = crate::nats::connect(&nats_config).await.map_err(|e| {
+                            RequestError::new(ErrorKind::Unreachable, "the NATS request plane cannot connect")
+                                .with_source(e)
+                        })?;
                         Ok(NatsRequestClient::new(client, &request_config))
                     })
                 });
@@ -179,6 +188,7 @@ impl DistributedRuntime {
                 lease_metrics,
                 status_address: OnceLock::new(),
                 nats: OnceCell::new(),
+                event_plane: OnceCell::new(),
                 handlers: Arc::new(Handlers::new(discovery.instance_id())),
                 runtime,
                 discovery,
@@ -199,11 +209,6 @@ impl DistributedRuntime {
     /// This process's id in discovery, shared by all its endpoints.
     pub fn instance_id(&self) -> u64 {
         self.inner.discovery.instance_id()
-    }
-
-    /// The namespace `name` (lowercase letters, digits, `-` and `_`).
-    pub fn namespace(&self, name: impl Into<String>) -> Result<Namespace, NameError> {
-        Namespace::new(self.clone(), name.into())
     }
 
     pub(crate) fn metrics(&self) -> &ProcessMetrics {
@@ -279,14 +284,37 @@ impl DistributedRuntime {
     }
 
     /// The event plane in use (`DYN_EVENT_PLANE`, or the discovery backend's default).
-    pub fn event_plane(&self) -> EventPlaneKind {
+    pub fn event_plane_kind(&self) -> EventPlaneKind {
         *self.runtime().config().event_plane()
     }
 
-    /// The NATS connection, opened on first use (bounded by [`NATS_CONNECT_TIMEOUT`]).
-    pub async fn nats(&self) -> Result<async_nats::Client, DistributedError> {
+    /// The process's event plane, built on first use.
+    pub(crate) async fn event_plane(&self) -> Result<&Arc<dyn EventPlane>, NatsConnectError> {
+        self.inner
+            .event_plane
+            .get_or_try_init(|| async {
+                let runtime = self.runtime().clone();
+                let plane: Arc<dyn EventPlane> = match self.event_plane_kind() {
+                    EventPlaneKind::Zmq => {
+                        let host = runtime.config().tcp().host().clone();
+                        Arc::new(ZmqEventPlane::new(self.discovery().clone(), host, runtime))
+                    }
+                    EventPlaneKind::Nats => Arc::new(NatsEventPlane::new(self.nats().await?, runtime)),
+                };
+                Ok(plane)
+            })
+            .await
+    }
+
+    /// The NATS connection, opened on first use (bounded by
+    /// [`crate::nats::NATS_CONNECT_TIMEOUT`]).
+    pub async fn nats(&self) -> Result<async_nats::Client, NatsConnectError> {
         let config = self.runtime().config().nats();
-        self.inner.nats.get_or_try_init(|| connect_nats(config)).await.cloned()
+        self.inner
+            .nats
+            .get_or_try_init(|| crate::nats::connect(config))
+            .await
+            .cloned()
     }
 
     pub(crate) fn handlers(&self) -> &Arc<Handlers> {
@@ -312,9 +340,9 @@ impl DistributedRuntime {
                     let subject = instance_subject(handlers.instance_id());
                     let server = NatsServer::start(client, subject, handlers, *tcp.max_message_size(), stop, tracker)
                         .await
-                        .map_err(|e| DistributedError::NatsUnreachable {
+                        .map_err(|source| DistributedError::NatsSubscribe {
                             servers: config.nats().servers().join(","),
-                            reason: e.to_string(),
+                            source,
                         })?;
                     Arc::new(server)
                 } else if *config.request_plane() == RequestPlaneKind::Http {
@@ -350,35 +378,6 @@ impl DistributedRuntime {
 /// How long a scraper or probe may take to send its request (or idle
 /// between requests) on the status server before it is disconnected.
 const STATUS_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// Deadline for reaching a NATS server.
-const NATS_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
-async fn connect_nats(config: &NatsConfig) -> Result<async_nats::Client, DistributedError> {
-    let servers = config.servers().join(",");
-    let unreachable = |reason: String| DistributedError::NatsUnreachable {
-        servers: servers.clone(),
-        reason,
-    };
-    let mut options = async_nats::ConnectOptions::new().connection_timeout(NATS_CONNECT_TIMEOUT);
-    options = match config.auth() {
-        NatsAuth::None => options,
-        NatsAuth::UserPassword(user, password) => options.user_and_password(user.clone(), password.clone()),
-        NatsAuth::Token(token) => options.token(token.clone()),
-        NatsAuth::CredentialsFile(path) => options.credentials_file(path).await.map_err(|e| {
-            unreachable(format!(
-                "cannot read NATS_AUTH_CREDENTIALS_FILE {}: {e}",
-                path.display()
-            ))
-        })?,
-    };
-    let client = tokio::time::timeout(NATS_CONNECT_TIMEOUT, options.connect(config.servers().as_slice()))
-        .await
-        .map_err(|_| unreachable(format!("no answer within {NATS_CONNECT_TIMEOUT:?}")))?
-        .map_err(|e| unreachable(e.to_string()))?;
-    tracing::info!(servers, "connected to NATS");
-    Ok(client)
-}
 
 /// The etcd lease's state, exported at scrape time.
 #[derive(Debug, Clone)]
@@ -416,8 +415,14 @@ pub enum DistributedError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot reach NATS at {servers} (NATS_SERVER): {reason}")]
-    NatsUnreachable { servers: String, reason: String },
+    #[error(transparent)]
+    Nats(#[from] NatsConnectError),
+    #[error("cannot subscribe to the request subject on NATS at {servers}")]
+    NatsSubscribe {
+        servers: String,
+        #[source]
+        source: RequestError,
+    },
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
 }

@@ -127,11 +127,19 @@ impl RequestError {
         Self::new(self.kind, self.message.clone())
     }
 
-    /// The form that crosses the wire: kind and message only.
+    /// The form that crosses the wire: the kind, and the message followed by
+    /// the local causes (which cannot travel as values).
     pub(crate) fn to_wire(&self) -> WireError {
+        let mut message = self.message.clone();
+        let mut cause = std::error::Error::source(self);
+        while let Some(error) = cause {
+            message.push_str(": ");
+            message.push_str(&error.to_string());
+            cause = error.source();
+        }
         WireError {
             kind: self.kind,
-            message: self.message.clone(),
+            message,
         }
     }
 }
@@ -139,6 +147,29 @@ impl RequestError {
 impl From<WireError> for RequestError {
     fn from(wire: WireError) -> Self {
         Self::new(wire.kind, wire.message)
+    }
+}
+
+/// Shows an error with its whole cause chain on one line, `error: cause:
+/// root cause` — the form for logs and the command line. Every error in this
+/// workspace names only its own step in its message and keeps what caused it
+/// as `source()`, so each cause is printed exactly once.
+///
+/// ```ignore
+/// tracing::warn!(error = %Report(&error), "cannot reach the engine");
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct Report<'a>(pub &'a (dyn std::error::Error + 'a));
+
+impl fmt::Display for Report<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(error) = cause {
+            write!(f, ": {error}")?;
+            cause = error.source();
+        }
+        Ok(())
     }
 }
 

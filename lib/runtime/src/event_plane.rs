@@ -1,26 +1,33 @@
 //! The event plane: fire-and-forget messages from workers to whoever listens
 //! (load reports, KV events). [`EventPublisher`] sends typed events on a
-//! topic of a component or a namespace; [`EventSubscriber`] receives them with
-//! their [`EventEnvelope`] and counts gaps in each publisher's sequence.
+//! [`Channel`] (a topic of a component or of a namespace); [`EventSubscriber`]
+//! receives them with their [`EventEnvelope`] and counts gaps in each
+//! publisher's sequence. Both are opened through
+//! [`crate::component::Component`] or [`crate::component::Namespace`].
 //!
-//! Two transports ([`crate::config::EventPlaneKind`]): `zmq` (each publisher
+//! How the bytes travel is one small trait, [`EventPlane`], with a backend
+//! per transport ([`crate::config::EventPlaneKind`]): `zmq` (each publisher
 //! binds a PUB socket and registers it under `v1/event_channels/…`;
 //! subscribers follow discovery) and `nats` (core subjects
-//! `namespace.{ns}[.component.{comp}].{topic}`). Delivery is at most once:
-//! a slow subscriber loses events rather than slowing the publisher, and the
-//! loss shows as gaps.
+//! `namespace.{ns}[.component.{comp}].{topic}`). The process builds its
+//! backend once (`distributed.rs`). Delivery is at most once: a slow
+//! subscriber loses events rather than slowing the publisher, and the loss
+//! shows as gaps.
+//!
+//! This module knows nothing of components, endpoints or routing.
 
-mod nats;
-mod zmq;
+pub(crate) mod nats;
+pub(crate) mod zmq;
 
-use crate::component::{Component, NameError, Namespace, validate_name};
-use crate::config::EventPlaneKind;
 use crate::discovery::DiscoveryError;
-use crate::distributed::{DistributedError, DistributedRuntime};
+use crate::names::{NameError, validate_name};
+use crate::nats::NatsConnectError;
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -32,6 +39,51 @@ const NAMESPACE_WIDE: &str = "*";
 /// Events a subscriber buffers before its transport stops reading (and
 /// the publisher's side starts dropping, which shows as gaps).
 const SUBSCRIBER_BUFFER: usize = 65_536;
+
+/// How events travel between processes: one backend per transport.
+///
+/// The contract every backend keeps:
+/// - [`EventPlane::publisher`] opens a sink for one channel. Each envelope
+///   given to [`EventSink::send`] reaches every subscriber connected at the
+///   time, at most once; a slow subscriber loses envelopes instead of slowing
+///   the sender. Dropping the sink stops publishing and withdraws whatever the
+///   backend registered for it.
+/// - [`EventPlane::subscribe`] forwards every envelope published on the
+///   channel, by any process, to `events` until `stop` is cancelled or
+///   `events` is closed; it finds publishers that appear later by itself.
+/// - Neither call waits without bound: setting up fails with an
+///   [`EventError`] instead.
+///
+/// ```ignore
+/// let sink = plane.publisher(&channel).await?;
+/// sink.send(envelope_bytes).await?;
+/// ```
+pub trait EventPlane: Send + Sync + std::fmt::Debug {
+    /// Opens a sender of envelopes on `channel`.
+    fn publisher<'a>(&'a self, channel: &'a Channel) -> BoxFuture<'a, Result<Box<dyn EventSink>, EventError>>;
+
+    /// Forwards the envelopes published on `channel` to `events` until `stop`.
+    fn subscribe<'a>(
+        &'a self,
+        channel: &'a Channel,
+        events: mpsc::Sender<Bytes>,
+        stop: CancellationToken,
+    ) -> BoxFuture<'a, Result<Subscription, EventError>>;
+}
+
+/// The sending half of one channel on one [`EventPlane`].
+pub trait EventSink: Send + Sync + std::fmt::Debug {
+    /// Hands one encoded envelope to the transport. Fails only when the
+    /// transport is gone ([`EventError::Closed`]) or refuses the message.
+    fn send(&self, envelope: Bytes) -> BoxFuture<'_, Result<(), EventError>>;
+}
+
+/// What a backend reports about a subscription it set up.
+#[derive(Debug, Default)]
+pub struct Subscription {
+    /// ZMQ only: how many publishers the subscription is connected to now.
+    pub connected_publishers: Option<Arc<AtomicU64>>,
+}
 
 /// Everything that travels with an event (msgpack, named fields).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,7 +104,7 @@ pub struct EventEnvelope {
 impl EventEnvelope {
     /// Decodes the payload as `T`.
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, EventError> {
-        rmp_serde::from_slice(&self.payload).map_err(|e| EventError::Decode { reason: e.to_string() })
+        rmp_serde::from_slice(&self.payload).map_err(|source| EventError::Decode { source })
     }
 }
 
@@ -90,30 +142,48 @@ mod serde_bytes_compat {
     }
 }
 
-/// Where events of one topic belong.
+/// Where events of one topic belong: a topic of one component, or of a
+/// whole namespace.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub(crate) struct Channel {
-    pub(crate) namespace: String,
+pub struct Channel {
+    namespace: String,
     /// `None` for a namespace-wide topic.
-    pub(crate) component: Option<String>,
-    pub(crate) topic: String,
+    component: Option<String>,
+    topic: String,
 }
 
 impl Channel {
-    fn of_component(component: &Component, topic: &str) -> Self {
-        Self {
-            namespace: component.namespace().to_string(),
-            component: Some(component.name().to_string()),
+    /// `topic` of `component` in `namespace` (names already checked by the caller).
+    pub(crate) fn of_component(namespace: &str, component: &str, topic: &str) -> Result<Self, NameError> {
+        validate_name("topic", topic)?;
+        Ok(Self {
+            namespace: namespace.to_string(),
+            component: Some(component.to_string()),
             topic: topic.to_string(),
-        }
+        })
     }
 
-    fn of_namespace(namespace: &Namespace, topic: &str) -> Self {
-        Self {
-            namespace: namespace.name().to_string(),
+    /// The namespace-wide `topic`.
+    pub(crate) fn of_namespace(namespace: &str, topic: &str) -> Result<Self, NameError> {
+        validate_name("topic", topic)?;
+        Ok(Self {
+            namespace: namespace.to_string(),
             component: None,
             topic: topic.to_string(),
-        }
+        })
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// `None` for a namespace-wide topic.
+    pub fn component(&self) -> Option<&str> {
+        self.component.as_deref()
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.topic
     }
 
     /// `namespace.{ns}[.component.{comp}].{topic}` (the NATS subject).
@@ -154,32 +224,14 @@ pub struct EventPublisher {
     publisher_id: u64,
     sequence: AtomicU64,
     topic: String,
-    sink: PublisherSink,
-}
-
-#[derive(Debug)]
-enum PublisherSink {
-    Zmq(zmq::ZmqPublisher),
-    Nats(nats::NatsPublisher),
+    sink: Box<dyn EventSink>,
 }
 
 impl EventPublisher {
-    /// A publisher of `topic` for `component` (e.g. `load`).
-    pub async fn for_component(component: &Component, topic: &str) -> Result<Self, EventError> {
-        Self::new(component.drt(), Channel::of_component(component, topic)).await
-    }
-
-    /// A publisher of `topic` for the whole namespace.
-    pub async fn for_namespace(namespace: &Namespace, topic: &str) -> Result<Self, EventError> {
-        Self::new(namespace.drt(), Channel::of_namespace(namespace, topic)).await
-    }
-
-    async fn new(drt: &DistributedRuntime, channel: Channel) -> Result<Self, EventError> {
-        validate_name("topic", &channel.topic)?;
-        let sink = match drt.event_plane() {
-            EventPlaneKind::Zmq => PublisherSink::Zmq(zmq::ZmqPublisher::start(drt, &channel).await?),
-            EventPlaneKind::Nats => PublisherSink::Nats(nats::NatsPublisher::new(drt.nats().await?, &channel)),
-        };
+    /// A publisher of `channel` on `plane`; see
+    /// [`crate::component::Component::event_publisher`].
+    pub(crate) async fn open(plane: &dyn EventPlane, channel: Channel) -> Result<Self, EventError> {
+        let sink = plane.publisher(&channel).await?;
         Ok(Self {
             publisher_id: rand::random::<u64>(),
             sequence: AtomicU64::new(0),
@@ -198,7 +250,7 @@ impl EventPublisher {
 
     /// Sends `event` (msgpack) to every current subscriber of the topic.
     pub async fn publish<T: Serialize>(&self, event: &T) -> Result<(), EventError> {
-        let payload = rmp_serde::to_vec_named(event).map_err(|e| EventError::Encode { reason: e.to_string() })?;
+        let payload = rmp_serde::to_vec_named(event).map_err(|source| EventError::Encode { source })?;
         let envelope = EventEnvelope {
             publisher_id: self.publisher_id,
             sequence: self.sequence.fetch_add(1, Ordering::Relaxed),
@@ -207,10 +259,7 @@ impl EventPublisher {
             payload: Bytes::from(payload),
         };
         let bytes = Bytes::from(rmp_serde::to_vec_named(&envelope).expect("an envelope always encodes"));
-        match &self.sink {
-            PublisherSink::Zmq(publisher) => publisher.send(bytes).await,
-            PublisherSink::Nats(publisher) => publisher.send(bytes).await,
-        }
+        self.sink.send(bytes).await
     }
 }
 
@@ -224,38 +273,28 @@ pub struct EventSubscriber {
     gap_metric: prometheus::IntCounter,
     /// Stops the transport's tasks when the subscriber is dropped.
     stop: CancellationToken,
-    zmq_publishers: Option<std::sync::Arc<AtomicU64>>,
+    subscription: Subscription,
 }
 
 impl EventSubscriber {
-    /// Subscribes to `topic` of `component`.
-    pub async fn for_component(component: &Component, topic: &str) -> Result<Self, EventError> {
-        Self::new(component.drt(), Channel::of_component(component, topic)).await
-    }
-
-    /// Subscribes to the namespace-wide `topic`.
-    pub async fn for_namespace(namespace: &Namespace, topic: &str) -> Result<Self, EventError> {
-        Self::new(namespace.drt(), Channel::of_namespace(namespace, topic)).await
-    }
-
-    async fn new(drt: &DistributedRuntime, channel: Channel) -> Result<Self, EventError> {
-        validate_name("topic", &channel.topic)?;
+    /// Subscribes to `channel` on `plane` until `stop` or until dropped,
+    /// counting lost events on `gap_metric`; see
+    /// [`crate::component::Component::event_subscriber`].
+    pub(crate) async fn open(
+        plane: &dyn EventPlane,
+        channel: Channel,
+        stop: CancellationToken,
+        gap_metric: prometheus::IntCounter,
+    ) -> Result<Self, EventError> {
         let (tx, events) = mpsc::channel(SUBSCRIBER_BUFFER);
-        let stop = drt.runtime().root_token().child_token();
-        let zmq_publishers = match drt.event_plane() {
-            EventPlaneKind::Zmq => Some(zmq::subscribe(drt, &channel, tx, stop.clone()).await?),
-            EventPlaneKind::Nats => {
-                nats::subscribe(drt, drt.nats().await?, &channel, tx, stop.clone()).await?;
-                None
-            }
-        };
+        let subscription = plane.subscribe(&channel, tx, stop.clone()).await?;
         Ok(Self {
             events,
             last: HashMap::new(),
             gaps: 0,
-            gap_metric: drt.metrics().event_gaps.clone(),
+            gap_metric,
             stop,
-            zmq_publishers,
+            subscription,
         })
     }
 
@@ -287,7 +326,10 @@ impl EventSubscriber {
 
     /// ZMQ only: how many publishers this subscriber is connected to now.
     pub fn connected_publishers(&self) -> Option<u64> {
-        self.zmq_publishers.as_ref().map(|n| n.load(Ordering::Acquire))
+        self.subscription
+            .connected_publishers
+            .as_ref()
+            .map(|n| n.load(Ordering::Acquire))
     }
 
     fn track(&mut self, envelope: &EventEnvelope) {
@@ -320,22 +362,36 @@ fn unix_millis() -> u64 {
 pub enum EventError {
     #[error(transparent)]
     Name(#[from] NameError),
-    #[error("cannot encode the event as msgpack: {reason}")]
-    Encode { reason: String },
-    #[error("cannot decode the event: {reason}")]
-    Decode { reason: String },
+    #[error("cannot encode the event as msgpack")]
+    Encode {
+        #[source]
+        source: rmp_serde::encode::Error,
+    },
+    #[error("cannot decode the event")]
+    Decode {
+        #[source]
+        source: rmp_serde::decode::Error,
+    },
     #[error("zmq {action} failed")]
     Zmq {
         action: &'static str,
         #[source]
         source: ::zeromq::ZmqError,
     },
-    #[error("nats publish failed: {reason}")]
-    Nats { reason: String },
+    #[error("nats publish failed")]
+    NatsPublish {
+        #[source]
+        source: async_nats::PublishError,
+    },
+    #[error("nats subscribe failed")]
+    NatsSubscribe {
+        #[source]
+        source: async_nats::SubscribeError,
+    },
+    #[error("the event plane cannot reach NATS")]
+    NatsConnect(#[from] NatsConnectError),
     #[error("the publisher was stopped")]
     Closed,
-    #[error(transparent)]
-    Runtime(#[from] DistributedError),
     #[error("cannot register the event channel in discovery")]
     Discovery(#[from] DiscoveryError),
 }
@@ -346,16 +402,9 @@ mod tests {
 
     #[test]
     fn subjects_follow_dynamo() {
-        let component = Channel {
-            namespace: "dynamo".into(),
-            component: Some("backend".into()),
-            topic: "load".into(),
-        };
+        let component = Channel::of_component("dynamo", "backend", "load").unwrap();
         assert_eq!(component.subject(), "namespace.dynamo.component.backend.load");
-        let namespace = Channel {
-            component: None,
-            ..component
-        };
+        let namespace = Channel::of_namespace("dynamo", "load").unwrap();
         assert_eq!(namespace.subject(), "namespace.dynamo.load");
         assert_eq!(namespace.key_component(), "*");
     }

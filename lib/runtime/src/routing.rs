@@ -6,7 +6,7 @@ pub mod load;
 pub mod occupancy;
 pub mod push_router;
 
-use crate::component::Instance;
+use crate::instance::Instance;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 

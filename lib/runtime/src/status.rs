@@ -13,8 +13,8 @@
 
 pub(crate) mod canary;
 
-use crate::component::Instance;
 use crate::config::SystemConfig;
+use crate::instance::Instance;
 use crate::metrics::ProcessMetrics;
 use axum::Router;
 use axum::extract::State;
@@ -25,7 +25,7 @@ use prometheus::Encoder;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Readiness of the endpoints this process serves.

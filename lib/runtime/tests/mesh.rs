@@ -9,6 +9,7 @@ use switchyard_runtime::component::client::{Client, ClientError};
 use switchyard_runtime::component::endpoint::ServingEndpoint;
 use switchyard_runtime::config::RuntimeConfig;
 use switchyard_runtime::discovery::mem::{MemDiscovery, MemRegistry};
+use switchyard_runtime::discovery::{Bucket, Query};
 use switchyard_runtime::distributed::DistributedRuntime;
 use switchyard_runtime::engine::{AsyncEngine, Context, ResponseStream};
 use switchyard_runtime::error::{ErrorKind, RequestError};
@@ -483,6 +484,74 @@ async fn round_robin_spreads_requests_and_follows_instances_as_they_come_and_go(
     wait_until("the client saw the new worker", || client.instances().len() == 3).await;
     let answers = who_answers(&router, 30).await;
     assert_eq!(answers.iter().filter(|id| **id == newcomer.instance_id()).count(), 10);
+}
+
+#[tokio::test]
+async fn the_explicit_round_robin_call_takes_turns_whatever_the_router_mode() {
+    let registry = MemRegistry::new();
+    let workers: Vec<_> = (0..3).map(|_| process(&registry, &[])).collect();
+    for worker in &workers {
+        serve(worker, "whoami", WhoAmI(worker.instance_id())).await;
+    }
+    let caller = process(&registry, &[]);
+    let router = PushRouter::<(), u64>::from_client(client(&caller, "whoami").await, RouterMode::Random)
+        .await
+        .unwrap();
+    let mut answers = vec![];
+    for _ in 0..6 {
+        let (items, error) = collect(router.round_robin(().into()).await.unwrap()).await;
+        assert!(error.is_none(), "{error:?}");
+        answers.extend(items);
+    }
+    for worker in &workers {
+        let count = answers.iter().filter(|id| **id == worker.instance_id()).count();
+        assert_eq!(
+            count, 2,
+            "round_robin() gave {count} of 6 to one of three workers: {answers:x?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_endpoint_whose_load_reports_cannot_start_is_not_left_in_discovery() {
+    // The event plane is NATS, and nothing listens where NATS should be.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let registry = MemRegistry::new();
+    let worker = process(&registry, &[("DYN_EVENT_PLANE", "nats"), ("NATS_SERVER", &url)]);
+    let endpoint = worker
+        .namespace("demo")
+        .unwrap()
+        .component("backend")
+        .unwrap()
+        .endpoint("whoami");
+    let error = endpoint
+        .endpoint_builder()
+        .handler(WhoAmI(worker.instance_id()))
+        .publish_load()
+        .spawn()
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("load reports"), "{error}");
+
+    let caller = process(&registry, &[]);
+    let registered = caller
+        .discovery()
+        .list(&Query::bucket(Bucket::Instances).namespace("demo"))
+        .await
+        .unwrap();
+    assert!(registered.is_empty(), "still registered: {registered:?}");
+    // The path is free again: serving it without load reports works.
+    endpoint
+        .endpoint_builder()
+        .handler(WhoAmI(worker.instance_id()))
+        .spawn()
+        .await
+        .unwrap();
 }
 
 #[tokio::test]

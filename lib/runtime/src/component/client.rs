@@ -1,8 +1,10 @@
 //! Calling an endpoint: [`Client`] follows the endpoint's instances in
 //! discovery (who exists) and hands routers a cheap snapshot of them.
 
-use super::{Endpoint, Instance, NameError};
+use super::Endpoint;
 use crate::discovery::{DiscoveryError, Query, WatchEvent, WatchStream};
+use crate::instance::Instance;
+use crate::names::NameError;
 use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -2,15 +2,17 @@
 //! register the instance in discovery, and on shutdown leave discovery first,
 //! then wait for the requests in flight.
 
-use super::{Endpoint, Instance, NameError};
+use super::Endpoint;
+use super::load::{EngineLoad, LoadSource};
 use crate::discovery::DiscoveryError;
 use crate::distributed::DistributedError;
 use crate::engine::{AsyncEngine, Context};
 use crate::error::{ErrorKind, RequestError};
+use crate::instance::Instance;
 use crate::metrics::MetricsError;
+use crate::names::NameError;
 use crate::request_plane::handlers::{Activity, EndpointObservers};
 use crate::request_plane::{ByteStream, PushHandler};
-use crate::routing::load::{EngineLoad, LoadSource};
 use crate::status::canary::Canary;
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -27,7 +29,7 @@ pub struct EndpointBuilder {
     endpoint: Endpoint,
     handler: Option<Arc<dyn PushHandler>>,
     /// The canary request, msgpack-encoded (or why it could not be).
-    health_check: Option<Result<Bytes, String>>,
+    health_check: Option<Result<Bytes, rmp_serde::encode::Error>>,
     /// Publish load reports on the event plane while serving, with the
     /// engine's own figures when it gives a source.
     publish_load: Option<Option<LoadSource>>,
@@ -72,11 +74,7 @@ impl EndpointBuilder {
     /// type, and the handler's whole response to it must finish within
     /// `DYN_HEALTH_CHECK_REQUEST_TIMEOUT`.
     pub fn health_check_payload<T: Serialize>(mut self, payload: T) -> Self {
-        self.health_check = Some(
-            rmp_serde::to_vec_named(&payload)
-                .map(Bytes::from)
-                .map_err(|e| e.to_string()),
-        );
+        self.health_check = Some(rmp_serde::to_vec_named(&payload).map(Bytes::from));
         self
     }
 
@@ -119,7 +117,7 @@ impl EndpointBuilder {
         let health_check = self
             .health_check
             .transpose()
-            .map_err(|reason| EndpointError::HealthCheckPayload { reason })?;
+            .map_err(|source| EndpointError::HealthCheckPayload { source })?;
         let server = drt.request_server().await?;
         let path = endpoint.path();
         let observers = EndpointObservers {
@@ -137,7 +135,17 @@ impl EndpointBuilder {
             instance_id: drt.instance_id(),
             transport: server.transport(),
         };
+        // Load reports start before the instance registers, so that when they
+        // cannot start there is nothing to take back out of discovery.
+        let stop = runtime.endpoint_token().child_token();
+        if let Some(source) = self.publish_load
+            && let Err(error) = super::load::publish(endpoint.clone(), source, stop.clone()).await
+        {
+            drt.handlers().drain(&path).await;
+            return Err(error.into());
+        }
         if let Err(error) = drt.discovery().register(instance.to_registration()).await {
+            stop.cancel();
             drt.handlers().drain(&path).await;
             return Err(error.into());
         }
@@ -149,10 +157,6 @@ impl EndpointBuilder {
         // it starts as configured and its checks decide.
         let ready = canary.is_none() || *system.starting_ready();
         drt.health().serve(&instance, ready);
-        let stop = runtime.endpoint_token().child_token();
-        if let Some(source) = self.publish_load {
-            crate::routing::load::publish(endpoint.clone(), source, stop.clone()).await?;
-        }
         if let Some(payload) = canary {
             let canary = Canary {
                 instance: instance.clone(),
@@ -270,8 +274,11 @@ pub enum EndpointError {
     NoHandler { endpoint: String },
     #[error("endpoint {endpoint} is already served by this process")]
     AlreadyServed { endpoint: String },
-    #[error("the health-check payload cannot be encoded as msgpack: {reason}")]
-    HealthCheckPayload { reason: String },
+    #[error("the health-check payload cannot be encoded as msgpack")]
+    HealthCheckPayload {
+        #[source]
+        source: rmp_serde::encode::Error,
+    },
     #[error("cannot publish load reports")]
     LoadReports(#[from] crate::event_plane::EventError),
     #[error("cannot create the endpoint's metrics")]

@@ -6,11 +6,12 @@
 //!
 //! Messages are two frames: the topic, then the msgpack envelope.
 
-use super::{Channel, EventChannel, EventError, EventTransport};
+use super::{Channel, EventChannel, EventError, EventPlane, EventSink, EventTransport, Subscription};
 use crate::discovery::{Bucket, Discovery, Key, Query, Registration, WatchEvent};
-use crate::distributed::DistributedRuntime;
+use crate::runtime::Runtime;
 use bytes::Bytes;
 use futures::StreamExt;
+use futures::future::{BoxFuture, FutureExt};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,29 +22,37 @@ use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
 /// Envelopes queued for the socket task before `publish` waits.
 const PUBLISH_QUEUE: usize = 65_536;
 
-/// The sending half of a ZMQ publisher; dropping it unbinds the socket and
-/// removes the registration.
+/// The ZMQ event plane of one process.
 #[derive(Debug)]
-pub(super) struct ZmqPublisher {
-    frames: mpsc::Sender<Bytes>,
-    registration: Key,
+pub(crate) struct ZmqEventPlane {
+    /// Where publishers are registered and found.
     discovery: Arc<dyn Discovery>,
-    runtime: crate::runtime::Runtime,
+    /// The address publishers bind their PUB sockets on (port 0: any free one).
+    bind_host: String,
+    /// Owns the socket tasks, so they stop with the process.
+    runtime: Runtime,
 }
 
-impl ZmqPublisher {
-    pub(super) async fn start(drt: &DistributedRuntime, channel: &Channel) -> Result<Self, EventError> {
+impl ZmqEventPlane {
+    pub(crate) fn new(discovery: Arc<dyn Discovery>, bind_host: String, runtime: Runtime) -> Self {
+        Self {
+            discovery,
+            bind_host,
+            runtime,
+        }
+    }
+
+    async fn start_publisher(&self, channel: &Channel) -> Result<ZmqPublisher, EventError> {
         let mut socket = zeromq::PubSocket::new();
-        let host = drt.runtime().config().tcp().host();
         let endpoint = socket
-            .bind(&format!("tcp://{host}:0"))
+            .bind(&format!("tcp://{}:0", self.bind_host))
             .await
             .map_err(|source| EventError::Zmq { action: "bind", source })?;
         let record = EventChannel {
             namespace: channel.namespace.clone(),
             component: channel.key_component().to_string(),
             topic: channel.topic.clone(),
-            instance_id: drt.instance_id(),
+            instance_id: self.discovery.instance_id(),
             transport: EventTransport::Zmq(endpoint.to_string()),
         };
         let key = Key {
@@ -54,7 +63,7 @@ impl ZmqPublisher {
             instance_id: record.instance_id,
         };
         let value = Bytes::from(serde_json::to_vec(&record).expect("an event channel always serializes"));
-        drt.discovery()
+        self.discovery
             .register(Registration {
                 key: key.clone(),
                 value,
@@ -62,8 +71,8 @@ impl ZmqPublisher {
             .await?;
         let (frames, mut queue) = mpsc::channel::<Bytes>(PUBLISH_QUEUE);
         let topic = Bytes::from(channel.topic.clone());
-        let stopped = drt.runtime().root_token().clone();
-        drt.runtime().spawn(async move {
+        let stopped = self.runtime.root_token().clone();
+        self.runtime.spawn(async move {
             loop {
                 let envelope = tokio::select! {
                     _ = stopped.cancelled() => return,
@@ -82,16 +91,113 @@ impl ZmqPublisher {
             }
         });
         tracing::debug!(%endpoint, topic = %channel.topic, "zmq event publisher bound");
-        Ok(Self {
+        Ok(ZmqPublisher {
             frames,
             registration: key,
-            discovery: drt.discovery().clone(),
-            runtime: drt.runtime().clone(),
+            discovery: self.discovery.clone(),
+            runtime: self.runtime.clone(),
         })
     }
 
-    pub(super) async fn send(&self, envelope: Bytes) -> Result<(), EventError> {
-        self.frames.send(envelope).await.map_err(|_| EventError::Closed)
+    /// Follows the channel's publishers in discovery and forwards their
+    /// envelopes to `events` until `stop`.
+    async fn follow_publishers(
+        &self,
+        channel: &Channel,
+        events: mpsc::Sender<Bytes>,
+        stop: CancellationToken,
+    ) -> Result<Subscription, EventError> {
+        let query = Query::bucket(Bucket::EventChannels)
+            .namespace(&channel.namespace)
+            .component(channel.key_component())
+            .name(&channel.topic);
+        let mut watch = self.discovery.watch(&query).await?;
+        let connected = Arc::new(AtomicU64::new(0));
+        let count = connected.clone();
+        let runtime = self.runtime.clone();
+        self.runtime.spawn(async move {
+            // One connection task per publisher, stopped when it leaves discovery.
+            let mut publishers: HashMap<Key, (String, CancellationToken)> = HashMap::new();
+            loop {
+                let event = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    event = watch.next() => event,
+                };
+                let Some(Ok(event)) = event else {
+                    tracing::warn!("event channel watch ended; no new publishers will be found");
+                    stop.cancelled().await;
+                    break;
+                };
+                let mut wanted: Vec<(Key, String)> = vec![];
+                match event {
+                    WatchEvent::Snapshot(all) => {
+                        let endpoints: Vec<(Key, String)> = all.iter().filter_map(endpoint_of).collect();
+                        publishers.retain(|key, (_, token)| {
+                            let keep = endpoints.iter().any(|(k, _)| k == key);
+                            if !keep {
+                                token.cancel();
+                            }
+                            keep
+                        });
+                        wanted = endpoints;
+                    }
+                    WatchEvent::Put(registration) => wanted.extend(endpoint_of(&registration)),
+                    WatchEvent::Delete(key) => {
+                        if let Some((_, token)) = publishers.remove(&key) {
+                            token.cancel();
+                        }
+                    }
+                }
+                for (key, endpoint) in wanted {
+                    if publishers.get(&key).is_some_and(|(current, _)| *current == endpoint) {
+                        continue;
+                    }
+                    if let Some((_, old)) = publishers.remove(&key) {
+                        old.cancel();
+                    }
+                    let token = stop.child_token();
+                    publishers.insert(key, (endpoint.clone(), token.clone()));
+                    runtime.spawn(follow_publisher(endpoint, events.clone(), token, count.clone()));
+                }
+            }
+            for (_, (_, token)) in publishers {
+                token.cancel();
+            }
+        });
+        Ok(Subscription {
+            connected_publishers: Some(connected),
+        })
+    }
+}
+
+impl EventPlane for ZmqEventPlane {
+    fn publisher<'a>(&'a self, channel: &'a Channel) -> BoxFuture<'a, Result<Box<dyn EventSink>, EventError>> {
+        async move { Ok(Box::new(self.start_publisher(channel).await?) as Box<dyn EventSink>) }.boxed()
+    }
+
+    fn subscribe<'a>(
+        &'a self,
+        channel: &'a Channel,
+        events: mpsc::Sender<Bytes>,
+        stop: CancellationToken,
+    ) -> BoxFuture<'a, Result<Subscription, EventError>> {
+        self.follow_publishers(channel, events, stop).boxed()
+    }
+}
+
+/// The sending half of a ZMQ publisher; dropping it unbinds the socket and
+/// removes the registration.
+#[derive(Debug)]
+struct ZmqPublisher {
+    frames: mpsc::Sender<Bytes>,
+    registration: Key,
+    discovery: Arc<dyn Discovery>,
+    runtime: Runtime,
+}
+
+impl EventSink for ZmqPublisher {
+    fn send(&self, envelope: Bytes) -> BoxFuture<'_, Result<(), EventError>> {
+        async move { self.frames.send(envelope).await.map_err(|_| EventError::Closed) }.boxed()
     }
 }
 
@@ -104,74 +210,6 @@ impl Drop for ZmqPublisher {
             }
         });
     }
-}
-
-/// Follows the channel's publishers in discovery and forwards their
-/// envelopes to `events` until `stop`. Returns the live count of
-/// connected publishers.
-pub(super) async fn subscribe(
-    drt: &DistributedRuntime,
-    channel: &Channel,
-    events: mpsc::Sender<Bytes>,
-    stop: CancellationToken,
-) -> Result<Arc<AtomicU64>, EventError> {
-    let query = Query::bucket(Bucket::EventChannels)
-        .namespace(&channel.namespace)
-        .component(channel.key_component())
-        .name(&channel.topic);
-    let mut watch = drt.discovery().watch(&query).await?;
-    let connected = Arc::new(AtomicU64::new(0));
-    let count = connected.clone();
-    drt.runtime().spawn(async move {
-        // One connection task per publisher, stopped when it leaves discovery.
-        let mut publishers: HashMap<Key, (String, CancellationToken)> = HashMap::new();
-        loop {
-            let event = tokio::select! {
-                _ = stop.cancelled() => break,
-                event = watch.next() => event,
-            };
-            let Some(Ok(event)) = event else {
-                tracing::warn!("event channel watch ended; no new publishers will be found");
-                stop.cancelled().await;
-                break;
-            };
-            let mut wanted: Vec<(Key, String)> = vec![];
-            match event {
-                WatchEvent::Snapshot(all) => {
-                    let endpoints: Vec<(Key, String)> = all.iter().filter_map(endpoint_of).collect();
-                    publishers.retain(|key, (_, token)| {
-                        let keep = endpoints.iter().any(|(k, _)| k == key);
-                        if !keep {
-                            token.cancel();
-                        }
-                        keep
-                    });
-                    wanted = endpoints;
-                }
-                WatchEvent::Put(registration) => wanted.extend(endpoint_of(&registration)),
-                WatchEvent::Delete(key) => {
-                    if let Some((_, token)) = publishers.remove(&key) {
-                        token.cancel();
-                    }
-                }
-            }
-            for (key, endpoint) in wanted {
-                if publishers.get(&key).is_some_and(|(current, _)| *current == endpoint) {
-                    continue;
-                }
-                if let Some((_, old)) = publishers.remove(&key) {
-                    old.cancel();
-                }
-                let token = stop.child_token();
-                publishers.insert(key, (endpoint.clone(), token.clone()));
-                tokio::spawn(follow_publisher(endpoint, events.clone(), token, count.clone()));
-            }
-        }
-        for (_, (_, token)) in publishers {
-            token.cancel();
-        }
-    });
-    Ok(connected)
 }
 
 fn endpoint_of(registration: &Registration) -> Option<(Key, String)> {

@@ -1,100 +1,15 @@
-//! Load reports: each worker endpoint publishes how busy it is on its
-//! component's `load` topic; routers subscribe and fold the reports into
-//! their occupancy table, so several routers see the same load instead of
-//! each only its own requests (which makes them herd onto the same
-//! "least loaded" worker).
+//! Load reports, the routing side: a router subscribes to its component's
+//! `load` topic and folds the reports into its occupancy table. Workers
+//! publish them from [`crate::component::load`].
 
 use super::occupancy::Occupancy;
-use crate::component::{Component, Endpoint};
-use crate::event_plane::{EventError, EventPublisher, EventSubscriber};
-use serde::{Deserialize, Serialize};
-use std::time::Duration;
+use crate::component::Component;
+use crate::component::load::{LOAD_TOPIC, LoadReport, REPORT_REFRESH};
+use crate::event_plane::EventError;
 use tokio_util::sync::CancellationToken;
 
-/// The topic load reports travel on.
-pub const LOAD_TOPIC: &str = "load";
-
-/// A worker publishes at least this often, and within [`REPORT_DEBOUNCE`] of a change.
-pub const REPORT_REFRESH: Duration = Duration::from_secs(1);
-/// How soon after a change a new report goes out (changes in between are merged).
-pub const REPORT_DEBOUNCE: Duration = Duration::from_millis(20);
 /// A report older than this many refresh periods is ignored.
 const STALE_AFTER_REFRESHES: u32 = 3;
-
-/// How busy one endpoint of one worker is.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LoadReport {
-    pub instance_id: u64,
-    pub endpoint: String,
-    /// Requests being worked on.
-    pub active: u64,
-    /// Of `active`, those waiting inside the engine (0 when the engine does not say).
-    pub queued: u64,
-    /// KV-cache usage 0–1, for engines that have one.
-    pub kv_usage: Option<f32>,
-    /// Requests the worker can run at once, when it knows.
-    pub capacity: Option<u64>,
-}
-
-/// What an engine knows about its own load beyond the requests in flight,
-/// given to [`crate::component::endpoint::EndpointBuilder::publish_load_with`].
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct EngineLoad {
-    /// Requests waiting inside the engine (admitted by the runtime, not yet running).
-    pub queued: u64,
-    /// KV-cache usage 0–1.
-    pub kv_usage: Option<f32>,
-    /// Requests the engine can run at once.
-    pub capacity: Option<u64>,
-}
-
-/// A cheap, non-blocking reader of an engine's [`EngineLoad`].
-pub type LoadSource = std::sync::Arc<dyn Fn() -> EngineLoad + Send + Sync>;
-
-/// Publishes `endpoint`'s load until `stop`: its in-flight count plus what
-/// `source` adds, on change (debounced) and every [`REPORT_REFRESH`].
-pub(crate) async fn publish(
-    endpoint: Endpoint,
-    source: Option<LoadSource>,
-    stop: CancellationToken,
-) -> Result<(), EventError> {
-    let component = endpoint
-        .drt()
-        .namespace(endpoint.namespace())?
-        .component(endpoint.component())?;
-    let publisher = EventPublisher::for_component(&component, LOAD_TOPIC).await?;
-    let drt = endpoint.drt().clone();
-    let path = endpoint.path();
-    drt.runtime().clone().spawn(async move {
-        let mut last: Option<LoadReport> = None;
-        let mut since_report = Duration::ZERO;
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(REPORT_DEBOUNCE) => {}
-            }
-            since_report += REPORT_DEBOUNCE;
-            let engine = source.as_ref().map(|read| read()).unwrap_or_default();
-            let report = LoadReport {
-                instance_id: drt.instance_id(),
-                endpoint: endpoint.name().to_string(),
-                active: drt.handlers().inflight(&path) as u64,
-                queued: engine.queued,
-                kv_usage: engine.kv_usage,
-                capacity: engine.capacity,
-            };
-            if last.as_ref() == Some(&report) && since_report < REPORT_REFRESH {
-                continue;
-            }
-            if let Err(error) = publisher.publish(&report).await {
-                tracing::debug!(%error, "cannot publish a load report");
-            }
-            last = Some(report);
-            since_report = Duration::ZERO;
-        }
-    });
-    Ok(())
-}
 
 /// Feeds `component`'s load reports for `endpoint` into `occupancy` until `stop`.
 pub(crate) async fn follow(
@@ -103,7 +18,7 @@ pub(crate) async fn follow(
     occupancy: Occupancy,
     stop: CancellationToken,
 ) -> Result<(), EventError> {
-    let mut reports = EventSubscriber::for_component(component, LOAD_TOPIC).await?;
+    let mut reports = component.event_subscriber(LOAD_TOPIC).await?;
     component.drt().runtime().spawn(async move {
         let lifetime = REPORT_REFRESH * STALE_AFTER_REFRESHES;
         // Reports also expire when none arrive at all (the event plane is

@@ -10,10 +10,10 @@
 
 use super::occupancy::{InflightGuard, Occupancy};
 use super::{LeastLoaded, LoadView, Policy, PowerOfTwo, Random, RoundRobin, RouterMode};
-use crate::component::Instance;
 use crate::component::client::Client;
 use crate::engine::{AsyncEngine, Context, Controller, ResponseStream};
 use crate::error::{ErrorKind, RequestError};
+use crate::instance::Instance;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use serde::Serialize;
@@ -32,6 +32,10 @@ pub struct PushRouter<Req, Resp> {
     client: Client,
     mode: RouterMode,
     policy: Box<dyn Policy>,
+    /// Turns for [`PushRouter::round_robin`] and for the last-resort pick
+    /// among ejected instances: kept here, since a fresh one would always
+    /// start at the first instance.
+    turns: RoundRobin,
     occupancy: Occupancy,
     /// Requests in flight at which an instance counts as busy.
     busy_threshold: Option<u64>,
@@ -95,6 +99,7 @@ where
             client,
             mode,
             policy,
+            turns: RoundRobin::default(),
             occupancy: Occupancy::new(),
             busy_threshold: None,
             wait_queue: None,
@@ -109,20 +114,15 @@ where
     /// router's occupancy, so routers that share workers see each other's load.
     pub async fn with_load_reports(self) -> Result<Self, RequestError> {
         let endpoint = self.client.endpoint();
-        let drt = endpoint.drt();
-        let component = drt
-            .namespace(endpoint.namespace())
-            .and_then(|ns| ns.component(endpoint.component()))
-            .map_err(|e| RequestError::new(ErrorKind::Invalid, e.to_string()))?;
-        let stop = drt.runtime().root_token().child_token();
+        let stop = endpoint.drt().runtime().root_token().child_token();
         super::load::follow(
-            &component,
+            &endpoint.parent(),
             endpoint.name().to_string(),
             self.occupancy.clone(),
             stop.clone(),
         )
         .await
-        .map_err(|e| RequestError::new(ErrorKind::Unreachable, format!("cannot subscribe to load reports: {e}")))?;
+        .map_err(|e| RequestError::new(ErrorKind::Unreachable, "cannot subscribe to load reports").with_source(e))?;
         self.sync(&self.client.instances());
         Ok(Self {
             _load_reports: Some(stop.drop_guard()),
@@ -201,7 +201,7 @@ where
 
     /// Sends `request` to the next instance in turn.
     pub async fn round_robin(&self, request: Context<Req>) -> Result<ResponseStream<Resp>, RequestError> {
-        Ok(self.route(&RoundRobin::default(), request).await?.stream)
+        Ok(self.route(&self.turns, request).await?.stream)
     }
 
     /// Sends `request` to a random instance.
@@ -381,7 +381,7 @@ where
             ));
         }
         // Everything not busy is ejected: try one anyway rather than fail.
-        Ok(RoundRobin::default().select(instances, &view(true)))
+        Ok(self.turns.select(instances, &view(true)))
     }
 
     /// One try on `instance`: the stream once its first item is known.

@@ -10,8 +10,8 @@
 //! that times out drops its stream, which kills the request on the worker.
 
 use super::SystemHealth;
-use crate::component::Instance;
 use crate::engine::{Context, Controller};
+use crate::instance::Instance;
 use crate::request_plane::RequestClient;
 use crate::request_plane::handlers::{Activity, CANARY_REQUEST_PREFIX};
 use bytes::Bytes;
@@ -86,5 +86,23 @@ impl Canary {
             Ok(result) => result,
             Err(_) => Err(format!("the response stream did not end within {:?}", self.timeout)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The canary's idle time is read on tokio's clock, so tests can pause
+    /// and advance time instead of sleeping.
+    #[tokio::test(start_paused = true)]
+    async fn idle_time_follows_the_tokio_clock() {
+        let activity = Activity::new();
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert!(activity.idle_for() >= Duration::from_secs(30), "{:?}", activity.idle_for());
+        activity.touch();
+        assert!(activity.idle_for() < Duration::from_secs(1), "{:?}", activity.idle_for());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(activity.idle_for() >= Duration::from_secs(5), "{:?}", activity.idle_for());
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use switchyard_runtime::config::EventPlaneKind;
 use switchyard_runtime::discovery::mem::MemRegistry;
 use switchyard_runtime::distributed::DistributedRuntime;
+use switchyard_runtime::error::Report;
 use switchyard_runtime::event_plane::{EventPublisher, EventSubscriber};
 
 /// A load report, as workers will publish them.
@@ -20,12 +21,12 @@ struct Load {
 
 async fn publisher(drt: &DistributedRuntime) -> EventPublisher {
     let component = drt.namespace("demo").unwrap().component("backend").unwrap();
-    EventPublisher::for_component(&component, "load").await.unwrap()
+    component.event_publisher("load").await.unwrap()
 }
 
 async fn subscriber(drt: &DistributedRuntime) -> EventSubscriber {
     let component = drt.namespace("demo").unwrap().component("backend").unwrap();
-    EventSubscriber::for_component(&component, "load").await.unwrap()
+    component.event_subscriber("load").await.unwrap()
 }
 
 /// Publishes `marker` until the subscriber sees one (subscriptions take a
@@ -88,7 +89,7 @@ async fn exchange(publisher: &EventPublisher, subscriber: &mut EventSubscriber, 
 async fn zmq_events_reach_subscribers_that_follow_publishers_through_discovery() {
     let registry = MemRegistry::new();
     let listener = process(&registry, &[]);
-    assert_eq!(listener.event_plane(), EventPlaneKind::Zmq);
+    assert_eq!(listener.event_plane_kind(), EventPlaneKind::Zmq);
     // The subscriber exists before any publisher.
     let mut events = subscriber(&listener).await;
     assert_eq!(events.connected_publishers(), Some(0));
@@ -144,7 +145,7 @@ async fn nats_events_flow_between_runtimes_and_a_million_arrive_without_gaps() {
     let vars = nats_vars(&server);
     let registry = MemRegistry::new();
     let listener = process(&registry, &with(&vars));
-    assert_eq!(listener.event_plane(), EventPlaneKind::Nats);
+    assert_eq!(listener.event_plane_kind(), EventPlaneKind::Nats);
     let mut events = subscriber(&listener).await;
     let worker = process(&registry, &with(&vars));
     let load = publisher(&worker).await;
@@ -207,10 +208,8 @@ async fn an_unreachable_nats_server_is_a_clear_error() {
     let registry = MemRegistry::new();
     let drt = process(&registry, &[("DYN_EVENT_PLANE", "nats"), ("NATS_SERVER", &url)]);
     let component = drt.namespace("demo").unwrap().component("backend").unwrap();
-    let error = EventPublisher::for_component(&component, "load")
-        .await
-        .unwrap_err()
-        .to_string();
+    let error = component.event_publisher("load").await.unwrap_err();
+    let error = Report(&error).to_string();
     assert!(error.contains(&url) && error.contains("NATS_SERVER"), "{error}");
 }
 
@@ -233,9 +232,7 @@ async fn nats_authentication_settings_are_honoured() {
 
     let without = process(&registry, &[("DYN_EVENT_PLANE", "nats"), ("NATS_SERVER", &url)]);
     let component = without.namespace("demo").unwrap().component("backend").unwrap();
-    let error = EventPublisher::for_component(&component, "load")
-        .await
-        .unwrap_err()
-        .to_string();
+    let error = component.event_publisher("load").await.unwrap_err();
+    let error = Report(&error).to_string();
     assert!(error.contains("NATS_SERVER"), "{error}");
 }
