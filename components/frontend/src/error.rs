@@ -109,10 +109,10 @@ impl ApiError {
             ErrorKind::NotFound | ErrorKind::Unreachable | ErrorKind::ShuttingDown => {
                 format!(
                     "no worker of model {model:?} could take the request: {}",
-                    error.message()
+                    error.detail()
                 )
             }
-            _ => error.message().to_string(),
+            _ => error.detail(),
         };
         Self {
             status,

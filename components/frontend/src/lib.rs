@@ -21,8 +21,8 @@ mod tests;
 use crate::http::FrontendState;
 use crate::models::ModelManager;
 use std::net::SocketAddr;
+use switchyard_runtime::discovery::DiscoveryError;
 use switchyard_runtime::distributed::{DistributedError, DistributedRuntime};
-use switchyard_runtime::error::RequestError;
 use switchyard_runtime::metrics::MetricsError;
 use switchyard_runtime::routing::RouterMode;
 use switchyard_runtime::runtime::Runtime;
@@ -90,10 +90,10 @@ impl Default for FrontendArgs {
 pub enum FrontendError {
     #[error(transparent)]
     Runtime(#[from] DistributedError),
-    #[error("cannot create the frontend metrics: {0}")]
+    #[error("cannot create the frontend metrics")]
     Metrics(#[from] MetricsError),
-    #[error("cannot follow model cards in discovery: {0}")]
-    Discovery(#[from] RequestError),
+    #[error("cannot follow model cards in discovery")]
+    Discovery(#[from] DiscoveryError),
     #[error(
         "--router-mode direct needs an instance per request, which the OpenAI API cannot carry; use round_robin, random, power_of_two or least_loaded"
     )]
@@ -102,7 +102,7 @@ pub enum FrontendError {
     StallTimeout(f64),
     #[error("--http-idle-timeout-secs must be a number of seconds > 0 (got {0})")]
     IdleTimeout(f64),
-    #[error("cannot listen on {address} (--http-host/--http-port): {source}")]
+    #[error("cannot listen on {address} (--http-host/--http-port)")]
     Bind {
         address: String,
         #[source]

@@ -14,9 +14,12 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use switchyard_llm::model_card::{ModelCard, ModelKind};
 use switchyard_llm::protocol::{LlmOutput, LlmRequest};
+use switchyard_runtime::component::client::ClientError;
+use switchyard_runtime::discovery::DiscoveryError;
 use switchyard_runtime::discovery::{Bucket, Key, Query, WatchEvent};
 use switchyard_runtime::distributed::DistributedRuntime;
-use switchyard_runtime::error::RequestError;
+use switchyard_runtime::error::{Report, RequestError};
+use switchyard_runtime::names::NameError;
 use switchyard_runtime::routing::RouterMode;
 use switchyard_runtime::routing::push_router::PushRouter;
 use tokio_util::sync::CancellationToken;
@@ -95,7 +98,7 @@ impl ModelManager {
 
     /// Follows `v1/models` until `stop`. Returns once the first snapshot has
     /// been applied, so a frontend that starts after its workers knows them.
-    pub async fn watch(&self, stop: CancellationToken) -> Result<(), RequestError> {
+    pub async fn watch(&self, stop: CancellationToken) -> Result<(), DiscoveryError> {
         let query = Query::bucket(Bucket::Models);
         let mut events = self.open(&query).await?;
         if let Some(Ok(first)) = events.next().await {
@@ -120,7 +123,9 @@ impl ModelManager {
                         }
                         match manager.open(&query).await {
                             Ok(reopened) => events = reopened,
-                            Err(error) => tracing::warn!(%error, "cannot re-open the model watch"),
+                            Err(error) => {
+                                tracing::warn!(error = %Report(&error), "cannot re-open the model watch")
+                            }
                         }
                     }
                 }
@@ -129,13 +134,8 @@ impl ModelManager {
         Ok(())
     }
 
-    async fn open(&self, query: &Query) -> Result<switchyard_runtime::discovery::WatchStream, RequestError> {
-        self.drt.discovery().watch(query).await.map_err(|e| {
-            RequestError::new(
-                switchyard_runtime::error::ErrorKind::Unreachable,
-                format!("cannot watch model cards: {e}"),
-            )
-        })
+    async fn open(&self, query: &Query) -> Result<switchyard_runtime::discovery::WatchStream, DiscoveryError> {
+        self.drt.discovery().watch(query).await
     }
 
     async fn apply(&self, event: WatchEvent) {
@@ -159,7 +159,7 @@ impl ModelManager {
         let card = match ModelCard::from_registration(registration) {
             Ok(card) => card,
             Err(error) => {
-                tracing::warn!(%error, "ignoring a model card");
+                tracing::warn!(error = %Report(&error), "ignoring a model card");
                 return;
             }
         };
@@ -180,7 +180,7 @@ impl ModelManager {
             None => match self.build_router(&card).await {
                 Ok(router) => Arc::new(router),
                 Err(error) => {
-                    tracing::warn!(model = %card.name, %error, "cannot route to this model");
+                    tracing::warn!(model = %card.name, error = %Report(&error), "cannot route to this model");
                     return;
                 }
             },
@@ -222,17 +222,13 @@ impl ModelManager {
         }
     }
 
-    async fn build_router(&self, card: &ModelCard) -> Result<LlmRouter, RequestError> {
+    async fn build_router(&self, card: &ModelCard) -> Result<LlmRouter, RouteError> {
         let endpoint = self
             .drt
             .namespace(&card.namespace)
             .and_then(|ns| ns.component(&card.component))
-            .map(|component| component.endpoint(&card.endpoint))
-            .map_err(|e| RequestError::new(switchyard_runtime::error::ErrorKind::Invalid, e.to_string()))?;
-        let client = endpoint
-            .client()
-            .await
-            .map_err(|e| RequestError::new(switchyard_runtime::error::ErrorKind::Unreachable, e.to_string()))?;
+            .map(|component| component.endpoint(&card.endpoint))?;
+        let client = endpoint.client().await?;
         let mut router = LlmRouter::from_client(client.clone(), self.settings.mode).await?;
         if matches!(self.settings.mode, RouterMode::LeastLoaded | RouterMode::PowerOfTwo) {
             router = match router.with_load_reports().await {
@@ -240,7 +236,7 @@ impl ModelManager {
                 Err(error) => {
                     // The event plane is down (NATS unreachable): serve the model
                     // anyway, routing by this frontend's own in-flight counts.
-                    tracing::warn!(model = %card.name, %error, "routing without load reports");
+                    tracing::warn!(model = %card.name, error = %Report(&error), "routing without load reports");
                     LlmRouter::from_client(client, self.settings.mode).await?
                 }
             };
@@ -253,4 +249,14 @@ impl ModelManager {
         }
         Ok(router)
     }
+}
+/// Why a model card's endpoint cannot be routed to.
+#[derive(Debug, thiserror::Error)]
+enum RouteError {
+    #[error("the card names an endpoint that cannot exist")]
+    Name(#[from] NameError),
+    #[error("cannot follow the endpoint's instances")]
+    Client(#[from] ClientError),
+    #[error("cannot build the router")]
+    Router(#[from] RequestError),
 }

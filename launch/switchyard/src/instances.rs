@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use switchyard_llm::model_card::ModelCard;
 use switchyard_runtime::discovery::{Bucket, Key, Query};
 use switchyard_runtime::distributed::DistributedRuntime;
+use switchyard_runtime::error::Report;
 use switchyard_runtime::instance::Instance;
 use switchyard_runtime::request_plane::Transport;
 use switchyard_runtime::runtime::Runtime;
@@ -36,7 +37,7 @@ pub(crate) async fn list(
                 key.bucket = Bucket::Instances;
                 models.insert(key, card.name);
             }
-            Err(error) => eprintln!("skipping {}: {error}", registration.key),
+            Err(error) => eprintln!("skipping {}: {}", registration.key, Report(&error)),
         }
     }
     let mut rows = vec![["NAMESPACE", "COMPONENT", "ENDPOINT", "INSTANCE", "ADDRESS", "MODEL"].map(String::from)];
@@ -44,7 +45,7 @@ pub(crate) async fn list(
         let instance = match Instance::from_registration(&registration) {
             Ok(instance) => instance,
             Err(error) => {
-                eprintln!("skipping {}: {error}", registration.key);
+                eprintln!("skipping {}: {}", registration.key, Report(&error));
                 continue;
             }
         };

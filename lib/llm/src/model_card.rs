@@ -124,7 +124,7 @@ impl ModelCard {
 /// A registration under `v1/models/` that is not a usable card.
 #[derive(Debug, thiserror::Error)]
 pub enum CardError {
-    #[error("{key} does not hold a model card: {source}")]
+    #[error("{key} does not hold a model card")]
     Json {
         key: String,
         #[source]

@@ -127,19 +127,26 @@ impl RequestError {
         Self::new(self.kind, self.message.clone())
     }
 
-    /// The form that crosses the wire: the kind, and the message followed by
-    /// the local causes (which cannot travel as values).
-    pub(crate) fn to_wire(&self) -> WireError {
-        let mut message = self.message.clone();
+    /// The message followed by its local causes, `message: cause: root`:
+    /// the text for whoever cannot follow `source()` — the far side of the
+    /// wire, or a client reading an API answer.
+    pub fn detail(&self) -> String {
+        let mut text = self.message.clone();
         let mut cause = std::error::Error::source(self);
         while let Some(error) = cause {
-            message.push_str(": ");
-            message.push_str(&error.to_string());
+            text.push_str(": ");
+            text.push_str(&error.to_string());
             cause = error.source();
         }
+        text
+    }
+
+    /// The form that crosses the wire: the kind and the [`RequestError::detail`]
+    /// (the causes cannot travel as values).
+    pub(crate) fn to_wire(&self) -> WireError {
         WireError {
             kind: self.kind,
-            message,
+            message: self.detail(),
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use super::Endpoint;
 use crate::discovery::{DiscoveryError, Query, WatchEvent, WatchStream};
+use crate::error::Report;
 use crate::instance::Instance;
 use crate::names::NameError;
 use futures::StreamExt;
@@ -148,7 +149,7 @@ impl Follower {
             Ok(instance) => {
                 self.known.insert(instance.instance_id, instance);
             }
-            Err(error) => tracing::warn!(%error, "ignoring an unreadable instance registration"),
+            Err(error) => tracing::warn!(error = %Report(&error), "ignoring an unreadable instance registration"),
         }
     }
 }

@@ -239,22 +239,15 @@ where
         async move {
             let (body, controller) = request.into_parts();
             let request: Req = rmp_serde::from_slice(&body).map_err(|e| {
-                RequestError::new(
-                    ErrorKind::Invalid,
-                    format!("cannot decode the request as {}: {e}", std::any::type_name::<Req>()),
-                )
+                let what = format!("cannot decode the request as {}", std::any::type_name::<Req>());
+                RequestError::new(ErrorKind::Invalid, what).with_source(e)
             })?;
             let responses = engine.generate(Context::with_controller(request, controller)).await?;
             let encoded = responses.map(|item| {
                 item.and_then(|response| {
                     rmp_serde::to_vec_named(&response).map(Bytes::from).map_err(|e| {
-                        RequestError::new(
-                            ErrorKind::Engine,
-                            format!(
-                                "cannot encode a response of type {}: {e}",
-                                std::any::type_name::<Resp>()
-                            ),
-                        )
+                        let what = format!("cannot encode a response of type {}", std::any::type_name::<Resp>());
+                        RequestError::new(ErrorKind::Engine, what).with_source(e)
                     })
                 })
             });

@@ -466,7 +466,7 @@ enum Attempt<Resp> {
 fn encode<Req: Serialize>(request: Context<Req>) -> Result<(Bytes, Controller), RequestError> {
     let (data, controller) = request.into_parts();
     let body = rmp_serde::to_vec_named(&data)
-        .map_err(|e| RequestError::new(ErrorKind::Invalid, format!("cannot encode the request as msgpack: {e}")))?;
+        .map_err(|e| RequestError::new(ErrorKind::Invalid, "cannot encode the request as msgpack").with_source(e))?;
     Ok((Bytes::from(body), controller))
 }
 
@@ -479,10 +479,8 @@ where
     let items = responses.map(|item| {
         item.and_then(|bytes| {
             rmp_serde::from_slice::<Resp>(&bytes).map_err(|e| {
-                RequestError::new(
-                    ErrorKind::Protocol,
-                    format!("cannot decode a response as {}: {e}", std::any::type_name::<Resp>()),
-                )
+                let what = format!("cannot decode a response as {}", std::any::type_name::<Resp>());
+                RequestError::new(ErrorKind::Protocol, what).with_source(e)
             })
         })
     });

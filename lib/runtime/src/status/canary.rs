@@ -11,6 +11,7 @@
 
 use super::SystemHealth;
 use crate::engine::{Context, Controller};
+use crate::error::{Report, RequestError};
 use crate::instance::Instance;
 use crate::request_plane::RequestClient;
 use crate::request_plane::handlers::{Activity, CANARY_REQUEST_PREFIX};
@@ -45,7 +46,9 @@ impl Canary {
             if ready != Some(now_ready) {
                 match &result {
                     Ok(()) => tracing::info!(endpoint = %path, "canary passed: endpoint ready"),
-                    Err(reason) => tracing::warn!(endpoint = %path, %reason, "canary failed: endpoint notready"),
+                    Err(reason) => {
+                        tracing::warn!(endpoint = %path, reason = %Report(reason), "canary failed: endpoint notready")
+                    }
                 }
             }
             ready = Some(now_ready);
@@ -68,7 +71,7 @@ impl Canary {
     }
 
     /// Sends the payload and reads the whole response stream within the timeout.
-    async fn check(&self) -> Result<(), String> {
+    async fn check(&self) -> Result<(), CanaryFailure> {
         let controller = Controller::with_id(format!("{CANARY_REQUEST_PREFIX}{:016x}", rand::random::<u64>()));
         let request = Context::with_controller(self.payload.clone(), controller);
         let whole_stream = async {
@@ -76,17 +79,26 @@ impl Canary {
                 .client
                 .call(&self.instance.target(), request)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(CanaryFailure::Request)?;
             while let Some(item) = stream.next().await {
-                item.map_err(|e| e.to_string())?;
+                item.map_err(CanaryFailure::Request)?;
             }
             Ok(())
         };
         match tokio::time::timeout(self.timeout, whole_stream).await {
             Ok(result) => result,
-            Err(_) => Err(format!("the response stream did not end within {:?}", self.timeout)),
+            Err(_) => Err(CanaryFailure::Timeout(self.timeout)),
         }
     }
+}
+
+/// Why a canary check failed.
+#[derive(Debug, thiserror::Error)]
+enum CanaryFailure {
+    #[error("the canary request failed")]
+    Request(#[source] RequestError),
+    #[error("the response stream did not end within {0:?}")]
+    Timeout(Duration),
 }
 
 #[cfg(test)]
@@ -99,10 +111,22 @@ mod tests {
     async fn idle_time_follows_the_tokio_clock() {
         let activity = Activity::new();
         tokio::time::advance(Duration::from_secs(30)).await;
-        assert!(activity.idle_for() >= Duration::from_secs(30), "{:?}", activity.idle_for());
+        assert!(
+            activity.idle_for() >= Duration::from_secs(30),
+            "{:?}",
+            activity.idle_for()
+        );
         activity.touch();
-        assert!(activity.idle_for() < Duration::from_secs(1), "{:?}", activity.idle_for());
+        assert!(
+            activity.idle_for() < Duration::from_secs(1),
+            "{:?}",
+            activity.idle_for()
+        );
         tokio::time::advance(Duration::from_secs(5)).await;
-        assert!(activity.idle_for() >= Duration::from_secs(5), "{:?}", activity.idle_for());
+        assert!(
+            activity.idle_for() >= Duration::from_secs(5),
+            "{:?}",
+            activity.idle_for()
+        );
     }
 }
