@@ -21,9 +21,9 @@ use crate::check::{CheckError, check_model};
 use crate::managed::{ManagedError, ManagedVllm, resolve_command};
 use crate::monitor::Backend;
 use std::time::Duration;
-use switchyard_runtime::config::args::{self, EndpointArgs};
 use switchyard_runtime::component::NameError;
 use switchyard_runtime::component::endpoint::EndpointError;
+use switchyard_runtime::config::args::{self, EndpointArgs};
 use switchyard_runtime::distributed::{DistributedError, DistributedRuntime};
 use switchyard_runtime::runtime::Runtime;
 
