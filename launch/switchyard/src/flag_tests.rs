@@ -3,6 +3,9 @@
 //! numbers, bad values reported like bad runtime variables, and the
 //! endpoint identity shared by both workers.
 
+// figment::Jail's closures return figment's own (large) error type.
+#![allow(clippy::result_large_err)]
+
 use super::{Cli, Command, WorkerKind};
 use clap::Parser;
 use std::time::Duration;
