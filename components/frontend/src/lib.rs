@@ -49,7 +49,7 @@ pub struct FrontendArgs {
     /// With a busy threshold: how long a request may wait for a worker to
     /// free up before it gets 503 (`500ms`, `2s`; a plain number is
     /// milliseconds). 0 refuses at once.
-    #[arg(long = "router-max-wait-ms", env = "DYN_ROUTER_MAX_WAIT_MS", default_value = "0", value_parser = args::milliseconds())]
+    #[arg(long = "router-max-wait-ms", env = "DYN_ROUTER_MAX_WAIT_MS", default_value = "0", value_parser = args::milliseconds(), value_name = "DURATION")]
     pub router_max_wait: Duration,
     /// Requests that may wait at once per model (more get 503 at once).
     #[arg(long, env = "DYN_ROUTER_MAX_QUEUED", default_value_t = 128)]
@@ -61,7 +61,7 @@ pub struct FrontendArgs {
     /// How long a worker may send nothing on a stream before the stream
     /// counts as broken (and migrates): `30s`, `1m`; a plain number is
     /// seconds. 0 waits for ever. Dynamo's name.
-    #[arg(long = "stream-stall-timeout-secs", env = "DYN_HTTP_BACKEND_STREAM_TIMEOUT_SECS", default_value = "0", value_parser = args::seconds())]
+    #[arg(long = "stream-stall-timeout-secs", env = "DYN_HTTP_BACKEND_STREAM_TIMEOUT_SECS", default_value = "0", value_parser = args::seconds(), value_name = "DURATION")]
     pub stream_stall_timeout: Duration,
     /// Largest request body accepted, in MiB (413 beyond).
     #[arg(long, env = "DYN_HTTP_BODY_LIMIT_MB", default_value_t = 45)]
@@ -70,7 +70,7 @@ pub struct FrontendArgs {
     /// its body, or stay idle between requests, before it is closed (or
     /// answered 408): `30s`, `500ms`; a plain number is seconds. Answers
     /// being streamed are not limited.
-    #[arg(long = "http-idle-timeout-secs", env = "DYN_HTTP_IDLE_TIMEOUT_SECS", default_value = "30", value_parser = args::seconds().positive())]
+    #[arg(long = "http-idle-timeout-secs", env = "DYN_HTTP_IDLE_TIMEOUT_SECS", default_value = "30", value_parser = args::seconds().positive(), value_name = "DURATION")]
     pub http_idle_timeout: Duration,
 }
 

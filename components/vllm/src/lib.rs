@@ -57,20 +57,20 @@ pub struct VllmArgs {
     pub vllm_command: String,
     /// How long a child may take to answer /health (managed; loading weights
     /// is slow): `10m`, `90s`; a plain number is seconds.
-    #[arg(long = "startup-timeout-secs", env = "DYN_VLLM_STARTUP_TIMEOUT_SECS", default_value = "600", value_parser = args::seconds())]
+    #[arg(long = "startup-timeout-secs", env = "DYN_VLLM_STARTUP_TIMEOUT_SECS", default_value = "600", value_parser = args::seconds(), value_name = "DURATION")]
     pub startup_timeout: Duration,
     /// Between SIGTERM and SIGKILL when stopping a child (managed); a plain
     /// number is seconds. Kept under the worker's 5 s exit grace after
     /// draining, so the children are always stopped by the worker and never
     /// by its own abort.
-    #[arg(long = "stop-grace-secs", env = "DYN_VLLM_STOP_GRACE_SECS", default_value = "4", value_parser = args::seconds())]
+    #[arg(long = "stop-grace-secs", env = "DYN_VLLM_STOP_GRACE_SECS", default_value = "4", value_parser = args::seconds(), value_name = "DURATION")]
     pub stop_grace: Duration,
     /// Bound on each check of a server (model list, health); a plain number is seconds.
-    #[arg(long = "check-timeout-secs", env = "DYN_VLLM_CHECK_TIMEOUT_SECS", default_value = "5", value_parser = args::seconds())]
+    #[arg(long = "check-timeout-secs", env = "DYN_VLLM_CHECK_TIMEOUT_SECS", default_value = "5", value_parser = args::seconds(), value_name = "DURATION")]
     pub check_timeout: Duration,
     /// How often each server's /health is polled (10 ms at the shortest); a
     /// plain number is milliseconds.
-    #[arg(long = "health-interval-ms", env = "DYN_VLLM_HEALTH_INTERVAL_MS", default_value = "1000", value_parser = args::milliseconds())]
+    #[arg(long = "health-interval-ms", env = "DYN_VLLM_HEALTH_INTERVAL_MS", default_value = "1000", value_parser = args::milliseconds(), value_name = "DURATION")]
     pub health_interval: Duration,
     /// The endpoint this worker serves (`--namespace`, `--component`, `--endpoint`).
     #[command(flatten)]
