@@ -62,13 +62,9 @@ impl FrontendState {
         if args.router_mode == RouterMode::Direct {
             return Err(FrontendError::DirectMode);
         }
-        let stall = args.stream_stall_timeout_secs;
-        if !(stall >= 0.0 && stall.is_finite()) {
-            return Err(FrontendError::StallTimeout(stall));
-        }
-        let idle = args.http_idle_timeout_secs;
-        if !(idle > 0.0 && idle.is_finite()) {
-            return Err(FrontendError::IdleTimeout(idle));
+        // The flag's parser refuses 0; this catches arguments built in code.
+        if args.http_idle_timeout.is_zero() {
+            return Err(FrontendError::IdleTimeout);
         }
         let runtime = drt.runtime().clone();
         let models = ModelManager::new(
@@ -76,7 +72,7 @@ impl FrontendState {
             RouterSettings {
                 mode: args.router_mode,
                 busy_threshold: args.busy_threshold,
-                max_wait: std::time::Duration::from_millis(args.router_max_wait_ms),
+                max_wait: args.router_max_wait,
                 max_queued: args.router_max_queued,
             },
         );
@@ -88,9 +84,8 @@ impl FrontendState {
             runtime,
             body_limit: args.body_limit_mb.saturating_mul(1024 * 1024),
             migration_limit: args.migration_limit,
-            stall_timeout: (args.stream_stall_timeout_secs > 0.0)
-                .then(|| std::time::Duration::from_secs_f64(args.stream_stall_timeout_secs)),
-            idle_timeout: std::time::Duration::from_secs_f64(idle),
+            stall_timeout: (!args.stream_stall_timeout.is_zero()).then_some(args.stream_stall_timeout),
+            idle_timeout: args.http_idle_timeout,
         })
     }
 }

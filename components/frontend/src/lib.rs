@@ -21,13 +21,16 @@ mod tests;
 use crate::http::FrontendState;
 use crate::models::ModelManager;
 use std::net::SocketAddr;
+use std::time::Duration;
+use switchyard_runtime::config::args;
 use switchyard_runtime::discovery::DiscoveryError;
 use switchyard_runtime::distributed::{DistributedError, DistributedRuntime};
 use switchyard_runtime::metrics::MetricsError;
 use switchyard_runtime::routing::RouterMode;
 use switchyard_runtime::runtime::Runtime;
 
-/// Flags of `switchyard frontend` (Dynamo's names; each also reads its `DYN_*` variable).
+/// Flags of `switchyard frontend` (Dynamo's names; each also reads its
+/// `DYN_*` variable). Each default is written once, in its attribute.
 #[derive(Debug, Clone, clap::Args)]
 pub struct FrontendArgs {
     /// Address the OpenAI API listens on.
@@ -44,9 +47,10 @@ pub struct FrontendArgs {
     #[arg(long, env = "DYN_BUSY_THRESHOLD")]
     pub busy_threshold: Option<u64>,
     /// With a busy threshold: how long a request may wait for a worker to
-    /// free up before it gets 503. 0 refuses at once.
-    #[arg(long, env = "DYN_ROUTER_MAX_WAIT_MS", default_value_t = 0)]
-    pub router_max_wait_ms: u64,
+    /// free up before it gets 503 (`500ms`, `2s`; a plain number is
+    /// milliseconds). 0 refuses at once.
+    #[arg(long = "router-max-wait-ms", env = "DYN_ROUTER_MAX_WAIT_MS", default_value = "0", value_parser = args::milliseconds(), value_name = "DURATION")]
+    pub router_max_wait: Duration,
     /// Requests that may wait at once per model (more get 503 at once).
     #[arg(long, env = "DYN_ROUTER_MAX_QUEUED", default_value_t = 128)]
     pub router_max_queued: usize,
@@ -54,34 +58,26 @@ pub struct FrontendArgs {
     /// leaves mid-answer (0 turns migration off).
     #[arg(long, env = "DYN_MIGRATION_LIMIT", default_value_t = 3)]
     pub migration_limit: u32,
-    /// Seconds a worker may send nothing on a stream before the stream
-    /// counts as broken (and migrates); 0 waits for ever. Dynamo's name.
-    #[arg(long, env = "DYN_HTTP_BACKEND_STREAM_TIMEOUT_SECS", default_value_t = 0.0)]
-    pub stream_stall_timeout_secs: f64,
+    /// How long a worker may send nothing on a stream before the stream
+    /// counts as broken (and migrates): `30s`, `1m`; a plain number is
+    /// seconds. 0 waits for ever. Dynamo's name.
+    #[arg(long = "stream-stall-timeout-secs", env = "DYN_HTTP_BACKEND_STREAM_TIMEOUT_SECS", default_value = "0", value_parser = args::seconds(), value_name = "DURATION")]
+    pub stream_stall_timeout: Duration,
     /// Largest request body accepted, in MiB (413 beyond).
     #[arg(long, env = "DYN_HTTP_BODY_LIMIT_MB", default_value_t = 45)]
     pub body_limit_mb: usize,
-    /// Seconds a client connection may take to send a request's headers, or
+    /// How long a client connection may take to send a request's headers, or
     /// its body, or stay idle between requests, before it is closed (or
-    /// answered 408). Answers being streamed are not limited.
-    #[arg(long, env = "DYN_HTTP_IDLE_TIMEOUT_SECS", default_value_t = 30.0)]
-    pub http_idle_timeout_secs: f64,
+    /// answered 408): `30s`, `500ms`; a plain number is seconds. Answers
+    /// being streamed are not limited.
+    #[arg(long = "http-idle-timeout-secs", env = "DYN_HTTP_IDLE_TIMEOUT_SECS", default_value = "30", value_parser = args::seconds().positive(), value_name = "DURATION")]
+    pub http_idle_timeout: Duration,
 }
 
 impl Default for FrontendArgs {
+    /// The flags' defaults, ignoring the environment.
     fn default() -> Self {
-        Self {
-            http_host: "0.0.0.0".into(),
-            http_port: 8000,
-            router_mode: RouterMode::LeastLoaded,
-            busy_threshold: None,
-            router_max_wait_ms: 0,
-            router_max_queued: 128,
-            migration_limit: 3,
-            stream_stall_timeout_secs: 0.0,
-            body_limit_mb: 45,
-            http_idle_timeout_secs: 30.0,
-        }
+        args::defaults()
     }
 }
 
@@ -98,10 +94,8 @@ pub enum FrontendError {
         "--router-mode direct needs an instance per request, which the OpenAI API cannot carry; use round_robin, random, power_of_two or least_loaded"
     )]
     DirectMode,
-    #[error("--stream-stall-timeout-secs must be a number of seconds ≥ 0 (got {0}); 0 waits for ever")]
-    StallTimeout(f64),
-    #[error("--http-idle-timeout-secs must be a number of seconds > 0 (got {0})")]
-    IdleTimeout(f64),
+    #[error("--http-idle-timeout-secs must be above 0")]
+    IdleTimeout,
     #[error("cannot listen on {address} (--http-host/--http-port)")]
     Bind {
         address: String,

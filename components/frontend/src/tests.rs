@@ -417,7 +417,7 @@ async fn a_model_disappears_when_its_last_worker_leaves() {
 async fn with_a_wait_queue_a_busy_fleet_delays_a_request_instead_of_refusing_it() {
     let args = FrontendArgs {
         busy_threshold: Some(1),
-        router_max_wait_ms: 5_000,
+        router_max_wait: Duration::from_secs(5),
         ..FrontendArgs::default()
     };
     let stack = stack(args, Some(1.0)).await;
@@ -604,7 +604,7 @@ async fn listening_frontend(idle_timeout_secs: f64) -> (Runtime, std::net::Socke
     let args = FrontendArgs {
         http_host: "127.0.0.1".into(),
         http_port: 0,
-        http_idle_timeout_secs: idle_timeout_secs,
+        http_idle_timeout: Duration::from_secs_f64(idle_timeout_secs),
         body_limit_mb: 1,
         ..FrontendArgs::default()
     };

@@ -12,6 +12,7 @@ use switchyard_runtime::component::Endpoint;
 use switchyard_runtime::component::endpoint::{EndpointError, ServingEndpoint};
 use switchyard_runtime::component::load::EngineLoad;
 use switchyard_runtime::config::DiscoveryBackend;
+use switchyard_runtime::config::args::{self, EndpointArgs};
 use switchyard_runtime::discovery::DiscoveryError;
 use switchyard_runtime::distributed::{DistributedError, DistributedRuntime};
 use switchyard_runtime::metrics::MetricsError;
@@ -19,44 +20,38 @@ use switchyard_runtime::names::NameError;
 use switchyard_runtime::runtime::Runtime;
 
 /// Flags of `switchyard worker mocker`. Engine defaults are vLLM's (and
-/// Dynamo's mocker's).
+/// Dynamo's mocker's), written once, in [`MockerConfig::default`].
 #[derive(Debug, Clone, clap::Args)]
 pub struct MockerArgs {
     /// The model name clients put in requests.
     #[arg(long, env = "DYN_MODEL_NAME", default_value = "mock-model")]
     pub model_name: String,
-    /// Namespace of the endpoint this worker serves.
-    #[arg(long, env = "DYN_NAMESPACE", default_value = "dynamo")]
-    pub namespace: String,
-    /// Component of the endpoint this worker serves.
-    #[arg(long, env = "DYN_COMPONENT", default_value = "backend")]
-    pub component: String,
-    /// Name of the endpoint this worker serves.
-    #[arg(long, env = "DYN_ENDPOINT", default_value = "generate")]
-    pub endpoint: String,
+    /// The endpoint this worker serves (`--namespace`, `--component`, `--endpoint`).
+    #[command(flatten)]
+    pub identity: EndpointArgs,
     /// Longest prompt plus output, in tokens.
     #[arg(long, env = "DYN_CONTEXT_LENGTH", default_value_t = 8192)]
     pub context_length: u32,
     /// KV-cache blocks the simulated GPU holds.
-    #[arg(long, env = "DYN_MOCKER_NUM_GPU_BLOCKS", default_value_t = 16384)]
+    #[arg(long, env = "DYN_MOCKER_NUM_GPU_BLOCKS", default_value_t = MockerConfig::default().num_gpu_blocks)]
     pub num_gpu_blocks: usize,
     /// Tokens per KV-cache block.
-    #[arg(long, env = "DYN_MOCKER_BLOCK_SIZE", default_value_t = 64)]
+    #[arg(long, env = "DYN_MOCKER_BLOCK_SIZE", default_value_t = MockerConfig::default().block_size)]
     pub block_size: usize,
     /// Sequences running at once; more wait in the engine's queue.
-    #[arg(long, env = "DYN_MOCKER_MAX_NUM_SEQS", default_value_t = 256)]
+    #[arg(long, env = "DYN_MOCKER_MAX_NUM_SEQS", default_value_t = MockerConfig::default().max_num_seqs)]
     pub max_num_seqs: usize,
     /// Tokens prefilled per engine step (longer prompts are chunked).
-    #[arg(long, env = "DYN_MOCKER_MAX_NUM_BATCHED_TOKENS", default_value_t = 8192)]
+    #[arg(long, env = "DYN_MOCKER_MAX_NUM_BATCHED_TOKENS", default_value_t = MockerConfig::default().max_num_batched_tokens)]
     pub max_num_batched_tokens: usize,
     /// Reuse KV blocks of prompts that share a prefix.
-    #[arg(long, env = "DYN_MOCKER_ENABLE_PREFIX_CACHING", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, env = "DYN_MOCKER_ENABLE_PREFIX_CACHING", default_value_t = MockerConfig::default().enable_prefix_caching, action = clap::ArgAction::Set)]
     pub enable_prefix_caching: bool,
     /// Divides every simulated delay; 0 runs without sleeping.
-    #[arg(long, env = "DYN_MOCKER_SPEEDUP_RATIO", default_value_t = 1.0)]
+    #[arg(long, env = "DYN_MOCKER_SPEEDUP_RATIO", default_value_t = MockerConfig::default().speedup_ratio)]
     pub speedup_ratio: f64,
     /// Further divides decode delays.
-    #[arg(long, env = "DYN_MOCKER_DECODE_SPEEDUP_RATIO", default_value_t = 1.0)]
+    #[arg(long, env = "DYN_MOCKER_DECODE_SPEEDUP_RATIO", default_value_t = MockerConfig::default().decode_speedup_ratio)]
     pub decode_speedup_ratio: f64,
     /// Workers in this process, each its own instance in discovery.
     #[arg(long, env = "DYN_MOCKER_NUM_WORKERS", default_value_t = 1)]
@@ -64,23 +59,9 @@ pub struct MockerArgs {
 }
 
 impl Default for MockerArgs {
+    /// The flags' defaults, ignoring the environment.
     fn default() -> Self {
-        let defaults = MockerConfig::default();
-        Self {
-            model_name: "mock-model".into(),
-            namespace: "dynamo".into(),
-            component: "backend".into(),
-            endpoint: "generate".into(),
-            context_length: 8192,
-            num_gpu_blocks: defaults.num_gpu_blocks,
-            block_size: defaults.block_size,
-            max_num_seqs: defaults.max_num_seqs,
-            max_num_batched_tokens: defaults.max_num_batched_tokens,
-            enable_prefix_caching: defaults.enable_prefix_caching,
-            speedup_ratio: defaults.speedup_ratio,
-            decode_speedup_ratio: defaults.decode_speedup_ratio,
-            num_workers: 1,
-        }
+        args::defaults()
     }
 }
 
@@ -145,9 +126,9 @@ pub async fn serve(drt: &DistributedRuntime, args: &MockerArgs) -> Result<Mocker
     let config = args.engine_config();
     let engine = MockerEngine::start(config.clone(), runtime.root_token().child_token())?;
     let endpoint: Endpoint = drt
-        .namespace(&args.namespace)?
-        .component(&args.component)?
-        .endpoint(&args.endpoint);
+        .namespace(&args.identity.namespace)?
+        .component(&args.identity.component)?
+        .endpoint(&args.identity.endpoint);
     let metrics = EngineMetrics::register(drt.process_metrics())?;
     runtime.spawn(metrics.follow(
         engine.clone(),

@@ -22,12 +22,17 @@ use crate::managed::{ManagedError, ManagedVllm, resolve_command};
 use crate::monitor::Backend;
 use std::time::Duration;
 use switchyard_runtime::component::endpoint::EndpointError;
+use switchyard_runtime::config::args::{self, EndpointArgs};
 use switchyard_runtime::distributed::{DistributedError, DistributedRuntime};
 use switchyard_runtime::names::NameError;
 use switchyard_runtime::runtime::Runtime;
 
 /// Context length registered when the server does not report `max_model_len`.
 const DEFAULT_CONTEXT_LENGTH: u32 = 8192;
+
+/// The shortest `--health-interval-ms`; shorter ones are raised to it, so
+/// that `0` does not poll the server in a busy loop.
+const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Flags of `switchyard worker vllm`.
 #[derive(Debug, Clone, clap::Args)]
@@ -50,29 +55,26 @@ pub struct VllmArgs {
     /// The vLLM executable (managed).
     #[arg(long, env = "DYN_VLLM_COMMAND", default_value = "vllm")]
     pub vllm_command: String,
-    /// How long a child may take to answer /health (managed; loading weights is slow).
-    #[arg(long, env = "DYN_VLLM_STARTUP_TIMEOUT_SECS", default_value_t = 600)]
-    pub startup_timeout_secs: u64,
-    /// Between SIGTERM and SIGKILL when stopping a child (managed). Kept
-    /// under the worker's 5 s exit grace after draining, so the children are
-    /// always stopped by the worker and never by its own abort.
-    #[arg(long, env = "DYN_VLLM_STOP_GRACE_SECS", default_value_t = 4)]
-    pub stop_grace_secs: u64,
-    /// Bound on each check of a server (model list, health).
-    #[arg(long, env = "DYN_VLLM_CHECK_TIMEOUT_SECS", default_value_t = 5)]
-    pub check_timeout_secs: u64,
-    /// How often each server's /health is polled.
-    #[arg(long, env = "DYN_VLLM_HEALTH_INTERVAL_MS", default_value_t = 1000)]
-    pub health_interval_ms: u64,
-    /// Namespace of the endpoint this worker serves.
-    #[arg(long, env = "DYN_NAMESPACE", default_value = "dynamo")]
-    pub namespace: String,
-    /// Component of the endpoint this worker serves.
-    #[arg(long, env = "DYN_COMPONENT", default_value = "backend")]
-    pub component: String,
-    /// Name of the endpoint this worker serves.
-    #[arg(long, env = "DYN_ENDPOINT", default_value = "generate")]
-    pub endpoint: String,
+    /// How long a child may take to answer /health (managed; loading weights
+    /// is slow): `10m`, `90s`; a plain number is seconds.
+    #[arg(long = "startup-timeout-secs", env = "DYN_VLLM_STARTUP_TIMEOUT_SECS", default_value = "600", value_parser = args::seconds(), value_name = "DURATION")]
+    pub startup_timeout: Duration,
+    /// Between SIGTERM and SIGKILL when stopping a child (managed); a plain
+    /// number is seconds. Kept under the worker's 5 s exit grace after
+    /// draining, so the children are always stopped by the worker and never
+    /// by its own abort.
+    #[arg(long = "stop-grace-secs", env = "DYN_VLLM_STOP_GRACE_SECS", default_value = "4", value_parser = args::seconds(), value_name = "DURATION")]
+    pub stop_grace: Duration,
+    /// Bound on each check of a server (model list, health); a plain number is seconds.
+    #[arg(long = "check-timeout-secs", env = "DYN_VLLM_CHECK_TIMEOUT_SECS", default_value = "5", value_parser = args::seconds(), value_name = "DURATION")]
+    pub check_timeout: Duration,
+    /// How often each server's /health is polled (10 ms at the shortest); a
+    /// plain number is milliseconds.
+    #[arg(long = "health-interval-ms", env = "DYN_VLLM_HEALTH_INTERVAL_MS", default_value = "1000", value_parser = args::milliseconds(), value_name = "DURATION")]
+    pub health_interval: Duration,
+    /// The endpoint this worker serves (`--namespace`, `--component`, `--endpoint`).
+    #[command(flatten)]
+    pub identity: EndpointArgs,
 }
 
 /// Why the vLLM worker could not start.
@@ -101,7 +103,7 @@ pub enum VllmError {
 /// then stops any children.
 pub async fn run(runtime: Runtime, args: VllmArgs) -> Result<(), VllmError> {
     let http = reqwest::Client::new();
-    let check_timeout = Duration::from_secs(args.check_timeout_secs);
+    let check_timeout = args.check_timeout;
     let mut children = Vec::new();
     let urls: Vec<String> = if args.managed {
         if args.replicas == 0 {
@@ -118,7 +120,7 @@ pub async fn run(runtime: Runtime, args: VllmArgs) -> Result<(), VllmError> {
                 "setpriv (util-linux) is not installed: a SIGKILLed worker would leave its vLLM children running"
             );
         }
-        let timeout = Duration::from_secs(args.startup_timeout_secs);
+        let timeout = args.startup_timeout;
         for _ in 0..args.replicas {
             match ManagedVllm::start(
                 &command,
@@ -132,7 +134,7 @@ pub async fn run(runtime: Runtime, args: VllmArgs) -> Result<(), VllmError> {
             {
                 Ok(child) => children.push(child),
                 Err(error) => {
-                    stop_children(children, Duration::from_secs(args.stop_grace_secs)).await;
+                    stop_children(children, args.stop_grace).await;
                     return Err(error.into());
                 }
             }
@@ -154,7 +156,7 @@ pub async fn run(runtime: Runtime, args: VllmArgs) -> Result<(), VllmError> {
     };
 
     let served = serve_all(&runtime, &args, &http, &urls, check_timeout).await;
-    stop_children(children, Duration::from_secs(args.stop_grace_secs)).await;
+    stop_children(children, args.stop_grace).await;
     served
 }
 
@@ -184,9 +186,9 @@ async fn serve_all(
             drt.start_status_server_on(port).await?;
         }
         let endpoint = drt
-            .namespace(&args.namespace)?
-            .component(&args.component)?
-            .endpoint(&args.endpoint);
+            .namespace(&args.identity.namespace)?
+            .component(&args.identity.component)?
+            .endpoint(&args.identity.endpoint);
         let backend = Backend {
             base_url: url.clone(),
             drt,
@@ -194,7 +196,7 @@ async fn serve_all(
             model: args.model.clone(),
             context_length: served.context_length.unwrap_or(DEFAULT_CONTEXT_LENGTH),
             http: http.clone(),
-            health_interval: Duration::from_millis(args.health_interval_ms.max(10)),
+            health_interval: args.health_interval.max(MIN_HEALTH_INTERVAL),
             check_timeout,
         };
         supervisors.push(runtime.spawn(backend.supervise()));

@@ -16,6 +16,8 @@
 //! component's own.
 
 mod bench;
+#[cfg(test)]
+mod flag_tests;
 mod instances;
 mod model;
 mod svg;

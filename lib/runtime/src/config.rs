@@ -15,6 +15,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+#[cfg(feature = "cli")]
+pub mod args;
 mod variables;
 use variables::*;
 pub use variables::{VARIABLES, Variable};
@@ -489,8 +491,7 @@ impl Settings {
 
     fn duration(&self, name: &'static str) -> Result<Duration, ConfigError> {
         let text = self.text(name)?;
-        parse_duration(&text)
-            .ok_or_else(|| self.invalid(name, &text, "a duration such as `10s`, `500ms` or a number of seconds"))
+        parse_duration(&text).ok_or_else(|| self.invalid(name, &text, BareNumber::Seconds.expected()))
     }
 
     fn system(&self) -> Result<SystemConfig, ConfigError> {
@@ -694,11 +695,41 @@ impl Settings {
 
 /// Parses `10s`, `500ms`, `1m 30s` (humantime) or plain seconds (`10`, `0.5`).
 pub fn parse_duration(text: &str) -> Option<Duration> {
+    parse_duration_in(text, BareNumber::Seconds)
+}
+
+/// Parses `10s`, `500ms`, `1m 30s` (humantime), or a plain number in `bare`
+/// units. Negative, infinite and out-of-range values are `None`.
+pub fn parse_duration_in(text: &str, bare: BareNumber) -> Option<Duration> {
     let text = text.trim();
-    if let Ok(seconds) = text.parse::<f64>() {
-        return (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds));
+    if let Ok(number) = text.parse::<f64>() {
+        let seconds = match bare {
+            BareNumber::Seconds => number,
+            BareNumber::Milliseconds => number / 1000.0,
+        };
+        return Duration::try_from_secs_f64(seconds).ok();
     }
     humantime::parse_duration(text).ok()
+}
+
+/// What a duration written as a plain number counts. Runtime variables and
+/// most flags count seconds; flags whose name ends in `-ms` (and their
+/// `*_MS` variables) took whole milliseconds before they took durations, so a
+/// bare number there still counts milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BareNumber {
+    Seconds,
+    Milliseconds,
+}
+
+impl BareNumber {
+    /// What a duration setting accepts, in the words of the error messages.
+    pub fn expected(self) -> &'static str {
+        match self {
+            Self::Seconds => "a duration such as `10s`, `500ms` or a number of seconds",
+            Self::Milliseconds => "a duration such as `10s`, `500ms` or a number of milliseconds",
+        }
+    }
 }
 
 /// Why the configuration could not be loaded.
@@ -709,6 +740,17 @@ pub enum ConfigError {
         variable: &'static str,
         value: String,
         origin: String,
+        expected: String,
+    },
+    /// A component's flag (or the variable it falls back to) has a value it
+    /// cannot take. clap reads these, through `config::args`.
+    #[error("invalid {flag}{}={value:?}: expected {expected}", variable.as_ref().map(|v| format!(" / {v}")).unwrap_or_default())]
+    InvalidFlag {
+        /// The flag, e.g. `--stop-grace-secs`.
+        flag: String,
+        /// The variable the flag falls back to, e.g. `DYN_VLLM_STOP_GRACE_SECS`.
+        variable: Option<String>,
+        value: String,
         expected: String,
     },
     #[error("DYN_CONFIG_FILE names {path:?}, which is not a readable file")]
