@@ -36,9 +36,10 @@ pub(crate) struct CallerGone;
 /// and finishes with the kill's error, so both must be cancel-safe. `send`
 /// is never cancelled: an item the pump has handed over goes out.
 ///
-/// Errors: a sink reports only that the caller left ([`CallerGone`]); a
-/// transport whose writes fail silently (the caller's disconnect is noticed
-/// by its read side, which kills the request) never returns it.
+/// Errors: a sink reports only that the caller left ([`CallerGone`]). TCP
+/// and NATS never do: a failed write is noticed elsewhere there (TCP's reader
+/// kills the requests of a closed connection; a NATS caller gives up after
+/// its silence limit).
 ///
 /// ```ignore
 /// struct Print;
@@ -160,5 +161,78 @@ impl Pump {
                 return Err(gone());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request_plane::conformance::{Fixtures, INSTANCE};
+    use futures::StreamExt;
+    use std::sync::Mutex;
+
+    /// Writes down what the pump sends; `caller_left` makes every send fail.
+    struct Transcript {
+        lines: Arc<Mutex<Vec<String>>>,
+        caller_left: bool,
+    }
+
+    impl ResponseSink for Transcript {
+        async fn next_item(&mut self, items: &mut ByteStream) -> Result<Next, CallerGone> {
+            Ok(items.next().await)
+        }
+
+        async fn credit(&mut self) {}
+
+        async fn send(&mut self, item: Bytes) -> Result<(), CallerGone> {
+            if self.caller_left {
+                return Err(CallerGone);
+            }
+            self.lines
+                .lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&item).into_owned());
+            Ok(())
+        }
+
+        async fn finish(self, outcome: Result<(), RequestError>) {
+            let last = outcome.map_or_else(|e| format!("error {:?}", e.kind()), |()| "end".to_string());
+            self.lines.lock().unwrap().push(last);
+        }
+    }
+
+    async fn run(endpoint: &str, body: &str, caller_left: bool) -> (Vec<String>, Controller) {
+        let pump = Pump::new(Fixtures::default().handlers(), CancellationToken::new(), 4096);
+        let lines = Arc::new(Mutex::new(vec![]));
+        let sink = Transcript {
+            lines: lines.clone(),
+            caller_left,
+        };
+        let request = Context::new(Bytes::from(body.to_string()));
+        let controller = request.controller().clone();
+        pump.run(&format!("ns/c/{endpoint}"), INSTANCE, request, sink).await;
+        let lines = lines.lock().unwrap().clone();
+        (lines, controller)
+    }
+
+    #[tokio::test]
+    async fn items_go_out_in_order_then_one_end() {
+        let (lines, _) = run("count", "3", false).await;
+        assert_eq!(lines, ["0", "1", "2", "end"]);
+    }
+
+    #[tokio::test]
+    async fn an_item_over_the_limit_is_not_sent_and_ends_the_stream_with_too_large() {
+        let (lines, _) = run("big", "5000", false).await;
+        assert_eq!(lines, ["error TooLarge"]);
+        let (lines, _) = run("echo", &"z".repeat(5000), false).await;
+        assert_eq!(lines, ["error TooLarge"]);
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_left_kills_the_request() {
+        let (lines, controller) = run("count", "3", true).await;
+        assert_eq!(lines, ["error Cancelled"]);
+        assert!(controller.is_killed());
     }
 }
