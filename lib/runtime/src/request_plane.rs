@@ -15,6 +15,7 @@ pub(crate) mod conformance;
 pub mod handlers;
 pub mod http;
 pub mod nats;
+pub(crate) mod pump;
 pub mod tcp;
 
 use crate::engine::{Context, ResponseStream};

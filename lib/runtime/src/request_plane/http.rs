@@ -7,6 +7,7 @@
 //! request on the worker; a graceful stop is a POST to
 //! `/v1/rpc-cancel/{request_id}`.
 
+use super::pump::{CallerGone, Next, Pump, ResponseSink};
 use super::tcp::frame::FrameType;
 use super::{ByteStream, Handlers, RequestClient, RequestServer, Target, Transport};
 use crate::config::{HttpConfig, RuntimeConfig};
@@ -59,9 +60,8 @@ impl HttpServer {
         let port = listener.local_addr()?.port();
         let base = format!("http://{}:{port}", config.host());
         let state = ServerState {
-            handlers,
+            pump: Pump::new(handlers, shutdown.clone(), max_message_size),
             shutdown: shutdown.clone(),
-            max_message_size,
             running: Arc::default(),
             tracker: tracker.clone(),
         };
@@ -87,9 +87,9 @@ impl RequestServer for HttpServer {
 
 #[derive(Clone)]
 struct ServerState {
-    handlers: Arc<Handlers>,
+    /// Runs each request and sends its response.
+    pump: Pump,
     shutdown: CancellationToken,
-    max_message_size: usize,
     /// Requests in flight by id, for graceful stops.
     running: Arc<Mutex<HashMap<String, Controller>>>,
     tracker: TaskTracker,
@@ -128,11 +128,9 @@ async fn rpc(
     let (frames, body_frames) = mpsc::channel::<Result<Bytes, std::convert::Infallible>>(BODY_QUEUE);
     let task_state = state.clone();
     state.tracker.spawn(async move {
-        let last = match stream_items(&task_state, &endpoint, instance_id, body, &controller, &frames).await {
-            Ok(()) => frame(FrameType::End, &[]),
-            Err(error) => error_frame(&error),
-        };
-        let _ = frames.send(Ok(last)).await;
+        let request = Context::with_controller(body, controller);
+        let sink = BodySink { frames };
+        task_state.pump.run(&endpoint, instance_id, request, sink).await;
         task_state.running().remove(&request_id);
     });
     let stream = futures::stream::unfold(body_frames, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
@@ -143,47 +141,37 @@ async fn rpc(
         .expect("a valid response")
 }
 
-/// Runs one request, sending its items as Data frames; `Ok` when complete.
-async fn stream_items(
-    state: &ServerState,
-    endpoint: &str,
-    instance_id: u64,
-    body: Bytes,
-    controller: &Controller,
-    frames: &mpsc::Sender<Result<Bytes, std::convert::Infallible>>,
-) -> Result<(), RequestError> {
-    let killed = || super::killed_error(&state.shutdown);
-    let request = Context::with_controller(body, controller.clone());
-    let mut items = tokio::select! {
-        _ = controller.killed() => return Err(killed()),
-        items = state.handlers.dispatch(endpoint, instance_id, request) => items?,
-    };
-    loop {
-        let item = tokio::select! {
+/// One request's response body. HTTP/2 flow control holds back a caller
+/// that reads slowly: sending waits for room in the body's queue.
+struct BodySink {
+    frames: mpsc::Sender<Result<Bytes, std::convert::Infallible>>,
+}
+
+impl ResponseSink for BodySink {
+    async fn next_item(&mut self, items: &mut ByteStream) -> Result<Next, CallerGone> {
+        tokio::select! {
             biased;
-            _ = controller.killed() => return Err(killed()),
             // The caller reset the stream: nobody reads the answer any more.
-            _ = frames.closed() => {
-                controller.kill();
-                return Err(killed());
-            }
-            item = items.next() => item,
-        };
-        let bytes = match item {
-            None => return Ok(()),
-            Some(item) => item?,
-        };
-        if bytes.len() > state.max_message_size {
-            return Err(crate::request_plane::too_large(
-                "response item",
-                bytes.len(),
-                state.max_message_size,
-            ));
+            _ = self.frames.closed() => Err(CallerGone),
+            item = items.next() => Ok(item),
         }
-        if frames.send(Ok(frame(FrameType::Data, &bytes))).await.is_err() {
-            controller.kill();
-            return Err(killed());
-        }
+    }
+
+    async fn credit(&mut self) {}
+
+    async fn send(&mut self, item: Bytes) -> Result<(), CallerGone> {
+        self.frames
+            .send(Ok(frame(FrameType::Data, &item)))
+            .await
+            .map_err(|_| CallerGone)
+    }
+
+    async fn finish(self, outcome: Result<(), RequestError>) {
+        let last = match outcome {
+            Ok(()) => frame(FrameType::End, &[]),
+            Err(error) => error_frame(&error),
+        };
+        let _ = self.frames.send(Ok(last)).await;
     }
 }
 

@@ -8,6 +8,7 @@
 //! caller notices a dead worker within [`SILENCE_LIMIT`]. Cancel and credit
 //! travel on the control subject.
 
+use super::pump::{CallerGone, Next, Pump, ResponseSink};
 use super::tcp::frame::{CancelMode, FrameType, RequestHead};
 use super::{ByteStream, Handlers, RequestClient, RequestServer, Target, Transport};
 use crate::engine::{Context, Controller};
@@ -88,8 +89,7 @@ impl NatsServer {
         let mut controls = subscribe(control_subject(&subject)).await?;
         let shared = Arc::new(Shared {
             client,
-            handlers,
-            max_message_size,
+            pump: Pump::new(handlers, shutdown.clone(), max_message_size),
             shutdown: shutdown.clone(),
             running: Mutex::default(),
         });
@@ -134,8 +134,8 @@ impl RequestServer for NatsServer {
 
 struct Shared {
     client: async_nats::Client,
-    handlers: Arc<Handlers>,
-    max_message_size: usize,
+    /// Runs each request and sends its response.
+    pump: Pump,
     shutdown: CancellationToken,
     /// Requests in flight, for cancel and credit messages.
     running: Mutex<HashMap<String, (Controller, Arc<Semaphore>)>>,
@@ -189,70 +189,73 @@ async fn run_stream(shared: Arc<Shared>, reply: String, head: RequestHead) {
         .running()
         .insert(head.request_id.clone(), (controller.clone(), credit.clone()));
     shared.send(&reply, frame(HEARTBEAT_KIND, &[])).await;
-    let request_id = head.request_id.clone();
-    let last = match stream_items(&shared, &reply, head, &controller, &credit).await {
-        Ok(()) => frame(FrameType::End as u8, &[]),
-        Err(error) => frame(FrameType::Error as u8, &super::encode_error(&error)),
+    let request = Context::with_controller(head.body, controller);
+    let sink = ReplySink {
+        shared: shared.clone(),
+        reply,
+        request_id: head.request_id,
+        credit,
+        heartbeat: None,
     };
-    shared.running().remove(&request_id);
-    shared.send(&reply, last).await;
+    shared.pump.run(&head.endpoint, head.instance_id, request, sink).await;
 }
 
-async fn stream_items(
-    shared: &Shared,
-    reply: &str,
-    head: RequestHead,
-    controller: &Controller,
-    credit: &Semaphore,
-) -> Result<(), RequestError> {
-    let killed = || super::killed_error(&shared.shutdown);
-    if head.body.len() > shared.max_message_size {
-        return Err(crate::request_plane::too_large(
-            "request",
-            head.body.len(),
-            shared.max_message_size,
-        ));
-    }
-    let request = Context::with_controller(head.body, controller.clone());
-    let mut items = tokio::select! {
-        _ = controller.killed() => return Err(killed()),
-        items = shared.handlers.dispatch(&head.endpoint, head.instance_id, request) => items?,
-    };
-    let mut heartbeat = tokio::time::interval(HEARTBEAT);
-    heartbeat.tick().await;
-    loop {
-        let item = tokio::select! {
-            biased;
-            _ = controller.killed() => return Err(killed()),
-            _ = heartbeat.tick() => {
-                shared.send(reply, frame(HEARTBEAT_KIND, &[])).await;
-                continue;
-            }
-            item = items.next() => item,
-        };
-        let bytes = match item {
-            None => return Ok(()),
-            Some(item) => item?,
-        };
-        if bytes.len() > shared.max_message_size {
-            return Err(crate::request_plane::too_large(
-                "response item",
-                bytes.len(),
-                shared.max_message_size,
-            ));
-        }
+/// One request's replies on its inbox, with a heartbeat while the worker
+/// waits for the handler or for credit.
+struct ReplySink {
+    shared: Arc<Shared>,
+    reply: String,
+    request_id: String,
+    /// Items the caller still takes; refilled by its credit messages.
+    credit: Arc<Semaphore>,
+    /// Started once the handler's stream exists: while the handler is
+    /// called, the first heartbeat (sent on arrival) is all the caller gets.
+    heartbeat: Option<tokio::time::Interval>,
+}
+
+/// Heartbeats every [`HEARTBEAT`] from now, the first one period away.
+fn heartbeat_interval() -> tokio::time::Interval {
+    tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT)
+}
+
+impl ResponseSink for ReplySink {
+    async fn next_item(&mut self, items: &mut ByteStream) -> Result<Next, CallerGone> {
+        let heartbeat = self.heartbeat.get_or_insert_with(heartbeat_interval);
         loop {
             tokio::select! {
                 biased;
-                _ = controller.killed() => return Err(killed()),
-                permit = credit.acquire() => {
-                    permit.expect("the credit semaphore is never closed").forget();
-                    break;
-                }
-                _ = heartbeat.tick() => shared.send(reply, frame(HEARTBEAT_KIND, &[])).await,
+                _ = heartbeat.tick() => self.shared.send(&self.reply, frame(HEARTBEAT_KIND, &[])).await,
+                item = items.next() => return Ok(item),
             }
         }
-        shared.send(reply, frame(FrameType::Data as u8, &bytes)).await;
+    }
+
+    async fn credit(&mut self) {
+        let heartbeat = self.heartbeat.get_or_insert_with(heartbeat_interval);
+        loop {
+            tokio::select! {
+                biased;
+                permit = self.credit.acquire() => {
+                    permit.expect("the credit semaphore is never closed").forget();
+                    return;
+                }
+                _ = heartbeat.tick() => self.shared.send(&self.reply, frame(HEARTBEAT_KIND, &[])).await,
+            }
+        }
+    }
+
+    async fn send(&mut self, item: Bytes) -> Result<(), CallerGone> {
+        self.shared.send(&self.reply, frame(FrameType::Data as u8, &item)).await;
+        Ok(())
+    }
+
+    async fn finish(self, outcome: Result<(), RequestError>) {
+        let last = match outcome {
+            Ok(()) => frame(FrameType::End as u8, &[]),
+            Err(error) => frame(FrameType::Error as u8, &super::encode_error(&error)),
+        };
+        self.shared.running().remove(&self.request_id);
+        self.shared.send(&self.reply, last).await;
     }
 }
 

@@ -9,7 +9,8 @@ use crate::config::TcpConfig;
 use crate::engine::{Context, Controller};
 use crate::error::RequestError;
 use crate::metrics::TransportMetrics;
-use crate::request_plane::{Handlers, RequestServer, Transport, encode_error, killed_error};
+use crate::request_plane::pump::{CallerGone, Next, Pump, ResponseSink};
+use crate::request_plane::{ByteStream, Handlers, RequestServer, Transport, encode_error};
 use bytes::{Bytes, BytesMut};
 use futures::{FutureExt, StreamExt};
 use std::collections::HashMap;
@@ -44,7 +45,7 @@ impl TcpServer {
         let advertised = advertised_address(config.host(), local);
         tracing::info!(address = %advertised, "request plane listening (tcp)");
         let shared = Arc::new(Shared {
-            handlers,
+            pump: Pump::new(handlers, shutdown.clone(), *config.max_message_size()),
             shutdown,
             tracker: tracker.clone(),
             max_message_size: *config.max_message_size(),
@@ -81,7 +82,8 @@ fn advertised_address(host: &str, bound: SocketAddr) -> String {
 /// State shared by every connection of the server.
 #[derive(Debug)]
 struct Shared {
-    handlers: Arc<Handlers>,
+    /// Runs each stream's request and sends its response.
+    pump: Pump,
     /// The runtime's root token: cancelled when the process must stop now.
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -259,7 +261,7 @@ fn on_frame(conn: &Arc<Connection>, shared: &Arc<Shared>, frame: Frame) -> Resul
     }
 }
 
-/// Runs one request and sends its items, then its final frame.
+/// Runs one request on the pump, its items going out as this stream's frames.
 async fn run_stream(
     conn: Arc<Connection>,
     shared: Arc<Shared>,
@@ -268,91 +270,80 @@ async fn run_stream(
     controller: Controller,
     credit: Arc<Semaphore>,
 ) {
-    let mut batch = BytesMut::new();
-    let last = match stream_items(&conn, &shared, stream_id, head, &controller, &credit, &mut batch).await {
-        Ok(()) => Frame::new(FrameType::End, stream_id, Bytes::new()),
-        Err(error) => error_frame(stream_id, &error),
+    let request = Context::with_controller(head.body, controller);
+    let sink = StreamSink {
+        conn,
+        stream_id,
+        credit,
+        batch: BytesMut::new(),
     };
-    conn.streams().remove(&stream_id);
-    // The last items and the final frame usually leave in one write.
-    last.encode(&mut batch);
-    conn.sink.send_encoded(&batch);
+    shared.pump.run(&head.endpoint, head.instance_id, request, sink).await;
 }
 
 /// Largest batch of one stream's DATA frames sent in one write.
 const STREAM_BATCH_BYTES: usize = 64 * 1024;
 
-/// Sends the handler's items as DATA frames, batching the items that are
-/// ready together; `Ok` when the stream completed. Frames not yet sent are
-/// left in `batch` for the caller to send with the final frame.
-async fn stream_items(
-    conn: &Connection,
-    shared: &Shared,
+/// One stream's frames. Items that are ready together are batched, so a
+/// fast stream costs one write per batch, not per item.
+struct StreamSink {
+    conn: Arc<Connection>,
     stream_id: u64,
-    head: RequestHead,
-    controller: &Controller,
-    credit: &Semaphore,
-    batch: &mut BytesMut,
-) -> Result<(), RequestError> {
-    let killed = || killed_error(&shared.shutdown);
-    let request = Context::with_controller(head.body, controller.clone());
-    let mut items = tokio::select! {
-        biased;
-        _ = controller.killed() => return Err(killed()),
-        items = shared.handlers.dispatch(&head.endpoint, head.instance_id, request) => items?,
-    };
-    loop {
+    /// Items the caller still takes; refilled by its Credit frames.
+    credit: Arc<Semaphore>,
+    /// Encoded frames not yet sent.
+    batch: BytesMut,
+}
+
+impl StreamSink {
+    fn flush(&mut self) {
+        self.conn.sink.send_encoded(&self.batch);
+        self.batch.clear();
+    }
+}
+
+impl ResponseSink for StreamSink {
+    async fn next_item(&mut self, items: &mut ByteStream) -> Result<Next, CallerGone> {
         // Wait for an item only when nothing is waiting to be sent; otherwise
         // take what is ready and send the batch once nothing more is.
-        let item = if batch.is_empty() {
-            tokio::select! {
-                biased;
-                _ = controller.killed() => return Err(killed()),
-                item = items.next() => item,
+        if !self.batch.is_empty() {
+            if let Some(item) = items.next().now_or_never() {
+                return Ok(item);
             }
-        } else {
-            match items.next().now_or_never() {
-                Some(item) => item,
-                None => {
-                    conn.sink.send_encoded(batch);
-                    batch.clear();
-                    continue;
-                }
-            }
+            self.flush();
+        }
+        Ok(items.next().await)
+    }
+
+    async fn credit(&mut self) {
+        if let Ok(permit) = self.credit.try_acquire() {
+            permit.forget();
+            return;
+        }
+        // Out of credit: send what we have, then wait for the caller.
+        self.flush();
+        let permit = self.credit.acquire().await;
+        permit.expect("the credit semaphore is never closed").forget();
+    }
+
+    async fn send(&mut self, item: Bytes) -> Result<(), CallerGone> {
+        Frame::new(FrameType::Data, self.stream_id, item).encode(&mut self.batch);
+        if self.batch.len() >= STREAM_BATCH_BYTES {
+            self.flush();
+        }
+        // A dead connection means the caller is gone; its reader kills the stream.
+        Ok(())
+    }
+
+    async fn finish(mut self, outcome: Result<(), RequestError>) {
+        let last = match outcome {
+            Ok(()) => Frame::new(FrameType::End, self.stream_id, Bytes::new()),
+            Err(error) => error_frame(self.stream_id, &error),
         };
-        if controller.is_killed() {
-            batch.clear();
-            return Err(killed());
-        }
-        let bytes = match item {
-            None => return Ok(()),
-            Some(item) => item?,
-        };
-        if bytes.len() > shared.max_message_size {
-            return Err(crate::request_plane::too_large(
-                "response item",
-                bytes.len(),
-                shared.max_message_size,
-            ));
-        }
-        match credit.try_acquire() {
-            Ok(permit) => permit.forget(),
-            Err(_) => {
-                // Out of credit: send what we have, then wait for the caller.
-                conn.sink.send_encoded(batch);
-                batch.clear();
-                tokio::select! {
-                    biased;
-                    _ = controller.killed() => return Err(killed()),
-                    permit = credit.acquire() => permit.expect("the credit semaphore is never closed").forget(),
-                }
-            }
-        }
-        Frame::new(FrameType::Data, stream_id, bytes).encode(batch);
-        if batch.len() >= STREAM_BATCH_BYTES {
-            conn.sink.send_encoded(batch);
-            batch.clear();
-        }
+        // Closed before END goes out: the caller may reuse the id once it sees END.
+        self.conn.streams().remove(&self.stream_id);
+        // The last items and the final frame usually leave in one write.
+        last.encode(&mut self.batch);
+        self.flush();
     }
 }
 

@@ -1,0 +1,238 @@
+//! The worker side of one request, the same on every transport: run it on its
+//! endpoint's handler and pump the response stream into the transport's
+//! [`ResponseSink`] — the size limit on each item, credit, kill, and the one
+//! final End or Error.
+//!
+//! It knows no wire format and no connection: frames, flow control and
+//! liveness belong to each transport's sink. In-flight counting and the
+//! endpoint metrics stay in [`Handlers::dispatch`], which the pump calls.
+
+use super::{ByteStream, Handlers, killed_error, too_large};
+use crate::engine::{Context, Controller};
+use crate::error::RequestError;
+use bytes::Bytes;
+use std::future::Future;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// What the handler's stream yields next: an item, its error, or its end.
+pub(crate) type Next = Option<Result<Bytes, RequestError>>;
+
+/// Nobody reads the response any more (the caller reset its HTTP/2 stream).
+/// The pump then kills the request, as if the caller had asked.
+#[derive(Debug)]
+pub(crate) struct CallerGone;
+
+/// Where a worker sends one request's response: the transport's half of a
+/// [`Pump`], which drives it.
+///
+/// The pump calls, in order: `next_item` to wait for each item; for each
+/// item within the size limit, `credit` and then `send`; and `finish` exactly
+/// once, after the handler's stream has been dropped. Nothing is sent for the
+/// request after `finish`.
+///
+/// Cancellation: when the request is killed (by the caller, or by the
+/// worker's shutdown) the pump drops a pending `next_item` or `credit` future
+/// and finishes with the kill's error, so both must be cancel-safe. `send`
+/// is never cancelled: an item the pump has handed over goes out.
+///
+/// Errors: a sink reports only that the caller left ([`CallerGone`]). TCP
+/// and NATS never do: a failed write is noticed elsewhere there (TCP's reader
+/// kills the requests of a closed connection; a NATS caller gives up after
+/// its silence limit).
+///
+/// ```ignore
+/// struct Print;
+/// impl ResponseSink for Print {
+///     async fn next_item(&mut self, items: &mut ByteStream) -> Result<Next, CallerGone> {
+///         Ok(items.next().await)
+///     }
+///     async fn credit(&mut self) {}
+///     async fn send(&mut self, item: Bytes) -> Result<(), CallerGone> {
+///         println!("{item:?}");
+///         Ok(())
+///     }
+///     async fn finish(self, outcome: Result<(), RequestError>) {
+///         println!("end: {outcome:?}");
+///     }
+/// }
+/// ```
+pub(crate) trait ResponseSink: Send {
+    /// Waits for the handler's next item. A transport that must act while
+    /// the handler works — send the items it held back for one write (TCP),
+    /// keep the caller's heartbeat (NATS), notice that the caller left (HTTP)
+    /// — does it here.
+    fn next_item(&mut self, items: &mut ByteStream) -> impl Future<Output = Result<Next, CallerGone>> + Send;
+
+    /// Waits until the caller may take one more item (its flow-control credit).
+    fn credit(&mut self) -> impl Future<Output = ()> + Send;
+
+    /// Sends one item, or holds it to send with the next ones.
+    fn send(&mut self, item: Bytes) -> impl Future<Output = Result<(), CallerGone>> + Send;
+
+    /// Sends what is held back and the final frame: End for `Ok`, Error with
+    /// the error's kind and message for `Err`.
+    fn finish(self, outcome: Result<(), RequestError>) -> impl Future<Output = ()> + Send;
+}
+
+/// Serves requests from the process's [`Handlers`], whatever the transport.
+#[derive(Debug, Clone)]
+pub(crate) struct Pump {
+    handlers: Arc<Handlers>,
+    /// The runtime's root token: a request killed once it is cancelled ends
+    /// with `ShuttingDown` (the caller may retry elsewhere), not `Cancelled`.
+    shutdown: CancellationToken,
+    /// The worker's `DYN_TCP_MAX_MESSAGE_SIZE`.
+    max_message_size: usize,
+}
+
+impl Pump {
+    pub(crate) fn new(handlers: Arc<Handlers>, shutdown: CancellationToken, max_message_size: usize) -> Self {
+        Self {
+            handlers,
+            shutdown,
+            max_message_size,
+        }
+    }
+
+    /// Runs `request` on `endpoint` of `instance_id` and sends its response
+    /// to `sink`. Returns once the final frame went to the sink.
+    pub(crate) async fn run(
+        &self,
+        endpoint: &str,
+        instance_id: u64,
+        request: Context<Bytes>,
+        mut sink: impl ResponseSink,
+    ) {
+        let controller = request.controller().clone();
+        let outcome = self
+            .stream(endpoint, instance_id, request, &controller, &mut sink)
+            .await;
+        sink.finish(outcome).await;
+    }
+
+    /// Sends the handler's items; `Ok` when its stream completed. Returning
+    /// drops the stream, and with it the request's in-flight guard.
+    async fn stream(
+        &self,
+        endpoint: &str,
+        instance_id: u64,
+        request: Context<Bytes>,
+        controller: &Controller,
+        sink: &mut impl ResponseSink,
+    ) -> Result<(), RequestError> {
+        let killed = || killed_error(&self.shutdown);
+        // The caller left: kill the request, so that the handler stops and
+        // the cancellation is counted, as if the caller had asked.
+        let gone = || {
+            controller.kill();
+            killed()
+        };
+        // TCP and HTTP refuse such a request before it gets here (they read
+        // its length first); a NATS message arrives whole.
+        if request.data().len() > self.max_message_size {
+            return Err(too_large("request", request.data().len(), self.max_message_size));
+        }
+        let mut items = tokio::select! {
+            biased;
+            _ = controller.killed() => return Err(killed()),
+            items = self.handlers.dispatch(endpoint, instance_id, request) => items?,
+        };
+        loop {
+            let item = tokio::select! {
+                biased;
+                _ = controller.killed() => return Err(killed()),
+                item = sink.next_item(&mut items) => item,
+            };
+            let bytes = match item {
+                Err(CallerGone) => return Err(gone()),
+                Ok(None) => return Ok(()),
+                Ok(Some(item)) => item?,
+            };
+            if bytes.len() > self.max_message_size {
+                return Err(too_large("response item", bytes.len(), self.max_message_size));
+            }
+            tokio::select! {
+                biased;
+                _ = controller.killed() => return Err(killed()),
+                () = sink.credit() => {}
+            }
+            if sink.send(bytes).await.is_err() {
+                return Err(gone());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request_plane::conformance::{Fixtures, INSTANCE};
+    use futures::StreamExt;
+    use std::sync::Mutex;
+
+    /// Writes down what the pump sends; `caller_left` makes every send fail.
+    struct Transcript {
+        lines: Arc<Mutex<Vec<String>>>,
+        caller_left: bool,
+    }
+
+    impl ResponseSink for Transcript {
+        async fn next_item(&mut self, items: &mut ByteStream) -> Result<Next, CallerGone> {
+            Ok(items.next().await)
+        }
+
+        async fn credit(&mut self) {}
+
+        async fn send(&mut self, item: Bytes) -> Result<(), CallerGone> {
+            if self.caller_left {
+                return Err(CallerGone);
+            }
+            self.lines
+                .lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&item).into_owned());
+            Ok(())
+        }
+
+        async fn finish(self, outcome: Result<(), RequestError>) {
+            let last = outcome.map_or_else(|e| format!("error {:?}", e.kind()), |()| "end".to_string());
+            self.lines.lock().unwrap().push(last);
+        }
+    }
+
+    async fn run(endpoint: &str, body: &str, caller_left: bool) -> (Vec<String>, Controller) {
+        let pump = Pump::new(Fixtures::default().handlers(), CancellationToken::new(), 4096);
+        let lines = Arc::new(Mutex::new(vec![]));
+        let sink = Transcript {
+            lines: lines.clone(),
+            caller_left,
+        };
+        let request = Context::new(Bytes::from(body.to_string()));
+        let controller = request.controller().clone();
+        pump.run(&format!("ns/c/{endpoint}"), INSTANCE, request, sink).await;
+        let lines = lines.lock().unwrap().clone();
+        (lines, controller)
+    }
+
+    #[tokio::test]
+    async fn items_go_out_in_order_then_one_end() {
+        let (lines, _) = run("count", "3", false).await;
+        assert_eq!(lines, ["0", "1", "2", "end"]);
+    }
+
+    #[tokio::test]
+    async fn an_item_over_the_limit_is_not_sent_and_ends_the_stream_with_too_large() {
+        let (lines, _) = run("big", "5000", false).await;
+        assert_eq!(lines, ["error TooLarge"]);
+        let (lines, _) = run("echo", &"z".repeat(5000), false).await;
+        assert_eq!(lines, ["error TooLarge"]);
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_left_kills_the_request() {
+        let (lines, controller) = run("count", "3", true).await;
+        assert_eq!(lines, ["error Cancelled"]);
+        assert!(controller.is_killed());
+    }
+}
