@@ -82,7 +82,7 @@ impl MockerArgs {
 /// Why a mocker worker could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum MockerError {
-    #[error("invalid engine setting: {0}")]
+    #[error("invalid engine setting")]
     Config(#[from] ConfigError),
     #[error("--num-workers must be at least 1 (got 0)")]
     NoWorkers,
@@ -99,9 +99,9 @@ pub enum MockerError {
     Runtime(#[from] DistributedError),
     #[error(transparent)]
     Endpoint(#[from] EndpointError),
-    #[error("cannot register the model card: {0}")]
+    #[error("cannot register the model card")]
     Card(#[from] DiscoveryError),
-    #[error("cannot create the engine metrics: {0}")]
+    #[error("cannot create the engine metrics")]
     Metrics(#[from] MetricsError),
 }
 

@@ -4,6 +4,7 @@
 
 use serde::Deserialize;
 use std::time::Duration;
+use switchyard_runtime::error::Report;
 
 /// What a vLLM server says about the model, from `GET /v1/models`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,12 +63,12 @@ pub async fn check_model(
     let response = tokio::time::timeout(timeout, http.get(&url).send())
         .await
         .map_err(|_| unreachable("timed out".into()))?
-        .map_err(|e| unreachable(error_chain(&e)))?;
+        .map_err(|e| unreachable(Report(&e).to_string()))?;
     let status = response.status();
     let body = tokio::time::timeout(timeout, response.text())
         .await
         .map_err(|_| unreachable("timed out reading the answer".into()))?
-        .map_err(|e| unreachable(error_chain(&e)))?;
+        .map_err(|e| unreachable(Report(&e).to_string()))?;
     if !status.is_success() {
         return Err(CheckError::Status {
             url: base_url.to_string(),
@@ -106,16 +107,4 @@ pub fn snippet(body: &str) -> String {
         Some((cut, _)) => format!("{}…", &trimmed[..cut]),
         None => trimmed.to_string(),
     }
-}
-
-/// An error with its causes, on one line (reqwest's own message is terse).
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

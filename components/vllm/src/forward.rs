@@ -6,7 +6,7 @@
 //! answers; the frontend folds. Dropping the response stream drops the HTTP
 //! connection, which makes vLLM abort the request.
 
-use crate::check::{error_chain, snippet};
+use crate::check::snippet;
 use futures::StreamExt;
 use serde_json::Value;
 use switchyard_llm::openai::Usage;
@@ -68,8 +68,9 @@ impl AsyncEngine<LlmRequest, LlmOutput> for VllmForwarder {
         let response = sent.map_err(|e| {
             RequestError::new(
                 ErrorKind::Unreachable,
-                format!("vLLM at {} is unreachable: {}", self.base_url, error_chain(&e)),
+                format!("vLLM at {} is unreachable", self.base_url),
             )
+            .with_source(e)
         })?;
         let status = response.status().as_u16();
         if !(200..300).contains(&status) {
@@ -165,10 +166,8 @@ impl Upstream {
                 Some(Ok(bytes)) => self.buffer.extend_from_slice(&bytes),
                 Some(Err(error)) => {
                     self.done = true;
-                    let error = RequestError::new(
-                        ErrorKind::Disconnected,
-                        format!("vLLM broke off the answer: {}", error_chain(&error)),
-                    );
+                    let error =
+                        RequestError::new(ErrorKind::Disconnected, "vLLM broke off the answer").with_source(error);
                     return Some((Err(error), self));
                 }
                 None => {

@@ -7,12 +7,12 @@
 //! kills it even if the worker itself is SIGKILLed; without `setpriv` that
 //! last guarantee is lost (a warning says so), the orderly paths still hold.
 
-use crate::check::error_chain;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use switchyard_runtime::error::Report;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -179,7 +179,7 @@ impl ManagedVllm {
             Err(_) => {
                 tracing::warn!(%pid, ?grace, "vllm ignored SIGTERM; killing it");
                 if let Err(error) = self.child.kill().await {
-                    tracing::warn!(%pid, error = %error_chain(&error), "cannot kill vllm");
+                    tracing::warn!(%pid, error = %Report(&error), "cannot kill vllm");
                 }
             }
         }

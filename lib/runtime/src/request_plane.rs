@@ -7,8 +7,13 @@
 //!   returns the response stream.
 //!
 //! Bodies and response items are msgpack bytes here; typed encoding happens in
-//! the endpoint builder (worker side) and the router (caller side). Transports:
-//! [`tcp`] (the default). This module does no routing and no discovery.
+//! the endpoint builder (worker side) and the router (caller side).
+//! Transports: [`tcp`] (the default), [`http`] (HTTP/2) and [`nats`]; each
+//! instance registers the one it listens on, and [`AnyClient`] calls each over
+//! its own. What every transport shares on the worker side lives beside them:
+//! [`handlers`] (the endpoints served, in-flight counting, drain) and `pump`
+//! (one response stream sent to its caller, behind a `ResponseSink` per
+//! transport). This module does no routing and no discovery.
 
 #[cfg(test)]
 pub(crate) mod conformance;
@@ -23,8 +28,6 @@ use crate::error::RequestError;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::fmt;
-
-pub use handlers::{Handlers, PushHandler};
 
 /// A stream of encoded response items.
 pub type ByteStream = ResponseStream<Bytes>;

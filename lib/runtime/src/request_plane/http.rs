@@ -7,9 +7,10 @@
 //! request on the worker; a graceful stop is a POST to
 //! `/v1/rpc-cancel/{request_id}`.
 
+use super::handlers::Handlers;
 use super::pump::{CallerGone, Next, Pump, ResponseSink};
 use super::tcp::frame::FrameType;
-use super::{ByteStream, Handlers, RequestClient, RequestServer, Target, Transport};
+use super::{ByteStream, RequestClient, RequestServer, Target, Transport};
 use crate::config::{HttpConfig, RuntimeConfig};
 use crate::engine::{Context, Controller};
 use crate::error::{ErrorKind, RequestError, WireError};

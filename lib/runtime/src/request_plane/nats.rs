@@ -8,9 +8,10 @@
 //! caller notices a dead worker within [`SILENCE_LIMIT`]. Cancel and credit
 //! travel on the control subject.
 
+use super::handlers::Handlers;
 use super::pump::{CallerGone, Next, Pump, ResponseSink};
 use super::tcp::frame::{CancelMode, FrameType, RequestHead};
-use super::{ByteStream, Handlers, RequestClient, RequestServer, Target, Transport};
+use super::{ByteStream, RequestClient, RequestServer, Target, Transport};
 use crate::engine::{Context, Controller};
 use crate::error::{ErrorKind, RequestError, WireError};
 use bytes::{Buf, BufMut, Bytes, BytesMut};

@@ -7,7 +7,8 @@
 //! liveness belong to each transport's sink. In-flight counting and the
 //! endpoint metrics stay in [`Handlers::dispatch`], which the pump calls.
 
-use super::{ByteStream, Handlers, killed_error, too_large};
+use super::handlers::Handlers;
+use super::{ByteStream, killed_error, too_large};
 use crate::engine::{Context, Controller};
 use crate::error::RequestError;
 use bytes::Bytes;

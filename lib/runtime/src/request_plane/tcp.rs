@@ -55,9 +55,9 @@ fn tune_socket(socket: &TcpStream) {
 enum ReadError {
     #[error("connection closed by the peer")]
     Closed,
-    #[error("read failed: {0}")]
+    #[error("read failed")]
     Io(#[from] io::Error),
-    #[error("corrupt frame: {0}")]
+    #[error("corrupt frame")]
     Corrupt(#[from] FrameError),
 }
 
