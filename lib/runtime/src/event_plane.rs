@@ -23,7 +23,6 @@ use crate::discovery::DiscoveryError;
 use crate::names::{NameError, validate_name};
 use crate::nats::NatsConnectError;
 use bytes::Bytes;
-use futures::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -58,24 +57,26 @@ const SUBSCRIBER_BUFFER: usize = 65_536;
 /// let sink = plane.publisher(&channel).await?;
 /// sink.send(envelope_bytes).await?;
 /// ```
+#[async_trait::async_trait]
 pub trait EventPlane: Send + Sync + std::fmt::Debug {
     /// Opens a sender of envelopes on `channel`.
-    fn publisher<'a>(&'a self, channel: &'a Channel) -> BoxFuture<'a, Result<Box<dyn EventSink>, EventError>>;
+    async fn publisher(&self, channel: &Channel) -> Result<Box<dyn EventSink>, EventError>;
 
     /// Forwards the envelopes published on `channel` to `events` until `stop`.
-    fn subscribe<'a>(
-        &'a self,
-        channel: &'a Channel,
+    async fn subscribe(
+        &self,
+        channel: &Channel,
         events: mpsc::Sender<Bytes>,
         stop: CancellationToken,
-    ) -> BoxFuture<'a, Result<Subscription, EventError>>;
+    ) -> Result<Subscription, EventError>;
 }
 
 /// The sending half of one channel on one [`EventPlane`].
+#[async_trait::async_trait]
 pub trait EventSink: Send + Sync + std::fmt::Debug {
     /// Hands one encoded envelope to the transport. Fails only when the
     /// transport is gone ([`EventError::Closed`]) or refuses the message.
-    fn send(&self, envelope: Bytes) -> BoxFuture<'_, Result<(), EventError>>;
+    async fn send(&self, envelope: Bytes) -> Result<(), EventError>;
 }
 
 /// What a backend reports about a subscription it set up.

@@ -486,17 +486,34 @@ async fn round_robin_spreads_requests_and_follows_instances_as_they_come_and_go(
     assert_eq!(answers.iter().filter(|id| **id == newcomer.instance_id()).count(), 10);
 }
 
-#[tokio::test]
-async fn the_explicit_round_robin_call_takes_turns_whatever_the_router_mode() {
+/// `n` worker processes serving `WhoAmI` on "whoami", and a router over them
+/// from another process. The workers' runtimes are returned to keep them up.
+async fn whoami_workers(n: usize, mode: RouterMode) -> (Vec<DistributedRuntime>, PushRouter<(), u64>) {
     let registry = MemRegistry::new();
-    let workers: Vec<_> = (0..3).map(|_| process(&registry, &[])).collect();
+    let workers: Vec<_> = (0..n).map(|_| process(&registry, &[])).collect();
     for worker in &workers {
         serve(worker, "whoami", WhoAmI(worker.instance_id())).await;
     }
     let caller = process(&registry, &[]);
-    let router = PushRouter::<(), u64>::from_client(client(&caller, "whoami").await, RouterMode::Random)
+    let router = PushRouter::from_client(client(&caller, "whoami").await, mode)
         .await
         .unwrap();
+    (workers, router)
+}
+
+/// A NATS URL where nothing listens.
+fn unreachable_nats_url() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("nats://127.0.0.1:{port}")
+}
+
+#[tokio::test]
+async fn the_explicit_round_robin_call_takes_turns_whatever_the_router_mode() {
+    let (workers, router) = whoami_workers(3, RouterMode::Random).await;
     let mut answers = vec![];
     for _ in 0..6 {
         let (items, error) = collect(router.round_robin(().into()).await.unwrap()).await;
@@ -515,12 +532,7 @@ async fn the_explicit_round_robin_call_takes_turns_whatever_the_router_mode() {
 #[tokio::test]
 async fn an_endpoint_whose_load_reports_cannot_start_is_not_left_in_discovery() {
     // The event plane is NATS, and nothing listens where NATS should be.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let url = format!("nats://127.0.0.1:{port}");
+    let url = unreachable_nats_url();
     let registry = MemRegistry::new();
     let worker = process(&registry, &[("DYN_EVENT_PLANE", "nats"), ("NATS_SERVER", &url)]);
     let endpoint = worker
@@ -556,15 +568,7 @@ async fn an_endpoint_whose_load_reports_cannot_start_is_not_left_in_discovery() 
 
 #[tokio::test]
 async fn random_mode_reaches_every_instance() {
-    let registry = MemRegistry::new();
-    let workers: Vec<_> = (0..3).map(|_| process(&registry, &[])).collect();
-    for worker in &workers {
-        serve(worker, "whoami", WhoAmI(worker.instance_id())).await;
-    }
-    let caller = process(&registry, &[]);
-    let router = PushRouter::<(), u64>::from_client(client(&caller, "whoami").await, RouterMode::Random)
-        .await
-        .unwrap();
+    let (workers, router) = whoami_workers(3, RouterMode::Random).await;
     let answers = who_answers(&router, 200).await;
     for worker in &workers {
         assert!(
@@ -576,15 +580,7 @@ async fn random_mode_reaches_every_instance() {
 
 #[tokio::test]
 async fn direct_sends_to_the_named_instance_only() {
-    let registry = MemRegistry::new();
-    let workers: Vec<_> = (0..3).map(|_| process(&registry, &[])).collect();
-    for worker in &workers {
-        serve(worker, "whoami", WhoAmI(worker.instance_id())).await;
-    }
-    let caller = process(&registry, &[]);
-    let router = PushRouter::<(), u64>::from_client(client(&caller, "whoami").await, RouterMode::Direct)
-        .await
-        .unwrap();
+    let (workers, router) = whoami_workers(3, RouterMode::Direct).await;
     let target = workers[1].instance_id();
     for _ in 0..5 {
         let (items, _) = collect(router.direct(().into(), target).await.unwrap()).await;

@@ -6,7 +6,6 @@ use super::{Channel, EventError, EventPlane, EventSink, Subscription};
 use crate::runtime::Runtime;
 use bytes::Bytes;
 use futures::StreamExt;
-use futures::future::{BoxFuture, FutureExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -22,9 +21,19 @@ impl NatsEventPlane {
     pub(crate) fn new(client: async_nats::Client, runtime: Runtime) -> Self {
         Self { client, runtime }
     }
+}
+
+#[async_trait::async_trait]
+impl EventPlane for NatsEventPlane {
+    async fn publisher(&self, channel: &Channel) -> Result<Box<dyn EventSink>, EventError> {
+        Ok(Box::new(NatsPublisher {
+            client: self.client.clone(),
+            subject: channel.subject(),
+        }))
+    }
 
     /// Forwards the subject's messages to `events` until `stop`.
-    async fn forward(
+    async fn subscribe(
         &self,
         channel: &Channel,
         events: mpsc::Sender<Bytes>,
@@ -52,25 +61,6 @@ impl NatsEventPlane {
     }
 }
 
-impl EventPlane for NatsEventPlane {
-    fn publisher<'a>(&'a self, channel: &'a Channel) -> BoxFuture<'a, Result<Box<dyn EventSink>, EventError>> {
-        let publisher = NatsPublisher {
-            client: self.client.clone(),
-            subject: channel.subject(),
-        };
-        async move { Ok(Box::new(publisher) as Box<dyn EventSink>) }.boxed()
-    }
-
-    fn subscribe<'a>(
-        &'a self,
-        channel: &'a Channel,
-        events: mpsc::Sender<Bytes>,
-        stop: CancellationToken,
-    ) -> BoxFuture<'a, Result<Subscription, EventError>> {
-        self.forward(channel, events, stop).boxed()
-    }
-}
-
 /// Publishes on one channel's subject.
 #[derive(Debug)]
 struct NatsPublisher {
@@ -78,14 +68,12 @@ struct NatsPublisher {
     subject: String,
 }
 
+#[async_trait::async_trait]
 impl EventSink for NatsPublisher {
-    fn send(&self, envelope: Bytes) -> BoxFuture<'_, Result<(), EventError>> {
-        async move {
-            self.client
-                .publish(self.subject.clone(), envelope)
-                .await
-                .map_err(|source| EventError::NatsPublish { source })
-        }
-        .boxed()
+    async fn send(&self, envelope: Bytes) -> Result<(), EventError> {
+        self.client
+            .publish(self.subject.clone(), envelope)
+            .await
+            .map_err(|source| EventError::NatsPublish { source })
     }
 }

@@ -11,7 +11,6 @@ use crate::discovery::{Bucket, Discovery, Key, Query, Registration, WatchEvent};
 use crate::runtime::Runtime;
 use bytes::Bytes;
 use futures::StreamExt;
-use futures::future::{BoxFuture, FutureExt};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,8 +40,12 @@ impl ZmqEventPlane {
             runtime,
         }
     }
+}
 
-    async fn start_publisher(&self, channel: &Channel) -> Result<ZmqPublisher, EventError> {
+#[async_trait::async_trait]
+impl EventPlane for ZmqEventPlane {
+    /// Binds a PUB socket and registers it under `v1/event_channels/…`.
+    async fn publisher(&self, channel: &Channel) -> Result<Box<dyn EventSink>, EventError> {
         let mut socket = zeromq::PubSocket::new();
         let endpoint = socket
             .bind(&format!("tcp://{}:0", self.bind_host))
@@ -91,17 +94,17 @@ impl ZmqEventPlane {
             }
         });
         tracing::debug!(%endpoint, topic = %channel.topic, "zmq event publisher bound");
-        Ok(ZmqPublisher {
+        Ok(Box::new(ZmqPublisher {
             frames,
             registration: key,
             discovery: self.discovery.clone(),
             runtime: self.runtime.clone(),
-        })
+        }))
     }
 
     /// Follows the channel's publishers in discovery and forwards their
     /// envelopes to `events` until `stop`.
-    async fn follow_publishers(
+    async fn subscribe(
         &self,
         channel: &Channel,
         events: mpsc::Sender<Bytes>,
@@ -170,21 +173,6 @@ impl ZmqEventPlane {
     }
 }
 
-impl EventPlane for ZmqEventPlane {
-    fn publisher<'a>(&'a self, channel: &'a Channel) -> BoxFuture<'a, Result<Box<dyn EventSink>, EventError>> {
-        async move { Ok(Box::new(self.start_publisher(channel).await?) as Box<dyn EventSink>) }.boxed()
-    }
-
-    fn subscribe<'a>(
-        &'a self,
-        channel: &'a Channel,
-        events: mpsc::Sender<Bytes>,
-        stop: CancellationToken,
-    ) -> BoxFuture<'a, Result<Subscription, EventError>> {
-        self.follow_publishers(channel, events, stop).boxed()
-    }
-}
-
 /// The sending half of a ZMQ publisher; dropping it unbinds the socket and
 /// removes the registration.
 #[derive(Debug)]
@@ -195,9 +183,10 @@ struct ZmqPublisher {
     runtime: Runtime,
 }
 
+#[async_trait::async_trait]
 impl EventSink for ZmqPublisher {
-    fn send(&self, envelope: Bytes) -> BoxFuture<'_, Result<(), EventError>> {
-        async move { self.frames.send(envelope).await.map_err(|_| EventError::Closed) }.boxed()
+    async fn send(&self, envelope: Bytes) -> Result<(), EventError> {
+        self.frames.send(envelope).await.map_err(|_| EventError::Closed)
     }
 }
 

@@ -4,7 +4,7 @@
 //! a million events, and a NATS restart in the middle of a stream.
 
 use super::nats_server::NatsServer;
-use super::{DEADLINE, process, wait_until};
+use super::{DEADLINE, process, unreachable_nats_url, wait_until};
 use std::time::Duration;
 use switchyard_runtime::config::EventPlaneKind;
 use switchyard_runtime::discovery::mem::MemRegistry;
@@ -199,12 +199,7 @@ async fn after_a_nats_restart_both_sides_reconnect_and_events_flow_again() {
 
 #[tokio::test]
 async fn an_unreachable_nats_server_is_a_clear_error() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let url = format!("nats://127.0.0.1:{port}");
+    let url = unreachable_nats_url();
     let registry = MemRegistry::new();
     let drt = process(&registry, &[("DYN_EVENT_PLANE", "nats"), ("NATS_SERVER", &url)]);
     let component = drt.namespace("demo").unwrap().component("backend").unwrap();
