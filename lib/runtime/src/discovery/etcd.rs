@@ -543,7 +543,7 @@ mod tests {
     use super::etcd_server::{EtcdServer, TestCertificates};
     use super::*;
     use crate::config::RuntimeConfig;
-    use crate::discovery::{Bucket, suite};
+    use crate::discovery::Bucket;
     use futures::StreamExt;
     use std::sync::OnceLock;
 
@@ -575,14 +575,19 @@ mod tests {
         .await
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn etcd_backend_passes_the_discovery_suite() {
-        let url = server().url();
-        suite::run(move || {
-            let url = url.clone();
-            async move { Ok(Arc::new(join(&url, Duration::from_secs(10)).await?) as Arc<dyn Discovery>) }
-        })
-        .await;
+    /// The shared suite, every check on this binary's one etcd server (each
+    /// in a namespace of its own).
+    mod discovery_suite {
+        use super::*;
+        use crate::discovery::suite::{Backend, discovery_suite};
+
+        discovery_suite!({
+            let url = server().url();
+            Backend::new(move || {
+                let url = url.clone();
+                async move { Ok(Arc::new(join(&url, Duration::from_secs(10)).await?) as Arc<dyn Discovery>) }
+            })
+        });
     }
 
     /// An etcd of its own with authentication on (turning it on in the

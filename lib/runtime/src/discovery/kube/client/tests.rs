@@ -80,14 +80,18 @@ async fn next_event(watch: &mut WatchStream) -> WatchEvent {
         .expect("the watch event is not an error")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kubernetes_backend_passes_the_discovery_suite_on_the_fake_api_server() {
-    let cluster = Cluster::start().await;
-    suite::run(move || {
-        let cluster = cluster.clone();
-        async move { Ok(Arc::new(cluster.ready_pod().await?) as Arc<dyn Discovery>) }
-    })
-    .await;
+/// The shared suite, each check on a fake API server of its own.
+mod discovery_suite {
+    use super::*;
+    use crate::discovery::suite::{Backend, discovery_suite};
+
+    discovery_suite!({
+        let cluster = Cluster::start().await;
+        Backend::new(move || {
+            let cluster = cluster.clone();
+            async move { Ok(Arc::new(cluster.ready_pod().await?) as Arc<dyn Discovery>) }
+        })
+    });
 }
 
 #[tokio::test]
