@@ -14,6 +14,7 @@ use futures::StreamExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use switchyard_test_support::free_port;
 
 /// Output tokens per request (the yardstick).
 const OUTPUT_TOKENS: u32 = 100;
@@ -30,14 +31,6 @@ impl Drop for Process {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// utime + stime of `pid`, in seconds.

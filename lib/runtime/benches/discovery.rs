@@ -10,11 +10,6 @@
 //! etcd runs on a fresh server started by the bench (`etcd` must be
 //! installed; `make test` installs it).
 
-// Shared test support: each includer uses a different part of it.
-#[allow(dead_code, unreachable_pub)]
-#[path = "../tests/support/etcd_server.rs"]
-mod etcd_server;
-
 use bytes::Bytes;
 use futures::StreamExt;
 use std::sync::Arc;
@@ -96,7 +91,7 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let server = etcd_server::EtcdServer::start();
+    let server = switchyard_test_support::etcd_server::EtcdServer::start();
     let (file, etcd) = rt.block_on(async {
         let root = std::env::temp_dir().join(format!("switchyard-bench-{:016x}", rand::random::<u64>()));
         let stop = CancellationToken::new();

@@ -9,11 +9,6 @@
 //! NATS runs on a fresh `nats-server` started by the bench (`make test`
 //! installs it).
 
-// Shared test support: each includer uses a different part of it.
-#[allow(dead_code, unreachable_pub)]
-#[path = "../tests/support/nats_server.rs"]
-mod nats_server;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use switchyard_runtime::config::RuntimeConfig;
@@ -116,7 +111,7 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let nats = nats_server::NatsServer::start();
+    let nats = switchyard_test_support::nats_server::NatsServer::start();
     let url = nats.url();
     println!("\nevent plane, two runtimes in one process ({BURST} events burst; {SAMPLES} one at a time)");
     println!("| transport | events/s | p50 µs | p99 µs | gaps |");

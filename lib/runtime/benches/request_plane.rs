@@ -15,11 +15,6 @@
 //! cargo bench -p switchyard-runtime --bench request_plane
 //! ```
 
-// Shared test support: each includer uses a different part of it.
-#[allow(dead_code, unreachable_pub)]
-#[path = "../tests/support/nats_server.rs"]
-mod nats_server;
-
 use criterion::{Criterion, Throughput};
 use futures::StreamExt;
 use std::sync::Arc;
@@ -225,7 +220,7 @@ fn print_percentiles(rt: &tokio::runtime::Runtime, planes: &[(&str, Routers)]) {
 
 fn main() {
     let rt = tokio_runtime();
-    let nats = nats_server::NatsServer::start();
+    let nats = switchyard_test_support::nats_server::NatsServer::start();
     let url = nats.url();
     let planes = rt.block_on(async {
         vec![

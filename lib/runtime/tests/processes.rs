@@ -7,16 +7,6 @@
 //! the test. Measured figures are printed (`cargo test -- --nocapture`) and
 //! recorded in `docs/performance.md`.
 
-// Shared test support: each includer uses a different part of it.
-#[allow(dead_code, unreachable_pub)]
-#[path = "support/etcd_server.rs"]
-mod etcd_server;
-// Shared test support: each includer uses a different part of it.
-#[allow(dead_code, unreachable_pub)]
-#[path = "support/worker_process.rs"]
-mod worker_process;
-
-use etcd_server::EtcdServer;
 use futures::StreamExt;
 use std::time::{Duration, Instant};
 use switchyard_runtime::component::client::Client;
@@ -26,7 +16,8 @@ use switchyard_runtime::distributed::DistributedRuntime;
 use switchyard_runtime::routing::RouterMode;
 use switchyard_runtime::routing::push_router::PushRouter;
 use switchyard_runtime::runtime::Runtime;
-use worker_process::WorkerProcess;
+use switchyard_test_support::etcd_server::EtcdServer;
+use switchyard_test_support::worker_process::WorkerProcess;
 
 /// Generous bound on anything a test waits for; hitting it means a hang.
 const DEADLINE: Duration = Duration::from_secs(30);

@@ -533,19 +533,13 @@ impl Backoff {
 }
 
 #[cfg(test)]
-// Shared test support: each includer uses a different part of it.
-#[allow(dead_code, unreachable_pub)]
-#[path = "../../tests/support/etcd_server.rs"]
-mod etcd_server;
-
-#[cfg(test)]
 mod tests {
-    use super::etcd_server::{EtcdServer, TestCertificates};
     use super::*;
     use crate::config::RuntimeConfig;
-    use crate::discovery::{Bucket, suite};
+    use crate::discovery::Bucket;
     use futures::StreamExt;
     use std::sync::OnceLock;
+    use switchyard_test_support::etcd_server::{EtcdServer, TestCertificates};
 
     /// One etcd for this test binary; the watchdog stops it when the binary exits.
     fn server() -> &'static EtcdServer {
@@ -575,14 +569,19 @@ mod tests {
         .await
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn etcd_backend_passes_the_discovery_suite() {
-        let url = server().url();
-        suite::run(move || {
-            let url = url.clone();
-            async move { Ok(Arc::new(join(&url, Duration::from_secs(10)).await?) as Arc<dyn Discovery>) }
-        })
-        .await;
+    /// The shared suite, every check on this binary's one etcd server (each
+    /// in a namespace of its own).
+    mod discovery_suite {
+        use super::*;
+        use crate::discovery::suite::{Backend, discovery_suite};
+
+        discovery_suite!({
+            let url = server().url();
+            Backend::new(move || {
+                let url = url.clone();
+                async move { Ok(Arc::new(join(&url, Duration::from_secs(10)).await?) as Arc<dyn Discovery>) }
+            })
+        });
     }
 
     /// An etcd of its own with authentication on (turning it on in the
@@ -665,7 +664,7 @@ mod tests {
 
     #[tokio::test]
     async fn unreachable_etcd_fails_fast_naming_the_endpoints_and_the_alternatives() {
-        let url = format!("http://127.0.0.1:{}", etcd_server::free_port());
+        let url = format!("http://127.0.0.1:{}", switchyard_test_support::free_port());
         let started = tokio::time::Instant::now();
         let error = join(&url, Duration::from_secs(10)).await.unwrap_err().to_string();
         assert!(started.elapsed() < CONNECT_TIMEOUT * 3, "took {:?}", started.elapsed());

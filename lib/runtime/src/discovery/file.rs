@@ -406,7 +406,6 @@ async fn blocking<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::discovery::suite;
 
     #[test]
     fn file_names_round_trip_any_key() {
@@ -428,22 +427,39 @@ mod tests {
         std::env::temp_dir().join(format!("switchyard-file-test-{:016x}", rand::random::<u64>()))
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn file_backend_passes_the_discovery_suite() {
-        let root = temp_root();
-        let stop = CancellationToken::new();
-        let tracker = TaskTracker::new();
-        let (r, s, t) = (root.clone(), stop.clone(), tracker.clone());
-        suite::run(move || {
-            let (root, stop, tracker) = (r.clone(), s.clone(), t.clone());
-            async move {
-                let backend = FileDiscovery::open(root, Duration::from_secs(10), tracker, stop).await?;
-                Ok(Arc::new(backend) as Arc<dyn Discovery>)
-            }
-        })
-        .await;
-        stop.cancel();
-        let _ = std::fs::remove_dir_all(root);
+    /// A check's directory: its processes stop and it is removed when the
+    /// check ends (with the suite's `Backend`, which owns it).
+    struct SuiteRoot {
+        path: PathBuf,
+        stop: CancellationToken,
+    }
+
+    impl Drop for SuiteRoot {
+        fn drop(&mut self) {
+            self.stop.cancel();
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+
+    /// The shared suite, each check in a directory of its own.
+    mod discovery_suite {
+        use super::*;
+        use crate::discovery::suite::{Backend, discovery_suite};
+
+        discovery_suite!({
+            let root = SuiteRoot {
+                path: temp_root(),
+                stop: CancellationToken::new(),
+            };
+            let tracker = TaskTracker::new();
+            Backend::new(move || {
+                let (path, stop, tracker) = (root.path.clone(), root.stop.clone(), tracker.clone());
+                async move {
+                    let backend = FileDiscovery::open(path, Duration::from_secs(10), tracker, stop).await?;
+                    Ok(Arc::new(backend) as Arc<dyn Discovery>)
+                }
+            })
+        });
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

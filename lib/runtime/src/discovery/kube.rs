@@ -2,8 +2,8 @@
 //! registry holds, computed from the objects the API server returns, with no
 //! I/O. The client that writes, lists and watches those objects
 //! ([`client::KubeDiscovery`], kube-rs) is behind the cargo feature
-//! `kubernetes`, as is [`fake_api`], a small in-memory API server that the
-//! tests run it against.
+//! `kubernetes`; its tests run it against a small in-memory API server
+//! (`switchyard_test_support::fake_api`, a dev-dependency).
 //!
 //! The model (Dynamo's): every worker Pod owns one custom resource
 //! (`WorkerMetadata`, group `switchyard.dev`) whose `spec.registrations`
@@ -162,8 +162,6 @@ pub fn instance_id_for_pod(pod_name: &str) -> u64 {
 
 #[cfg(feature = "kubernetes")]
 pub mod client;
-#[cfg(feature = "kubernetes")]
-pub mod fake_api;
 
 #[cfg(test)]
 mod tests;

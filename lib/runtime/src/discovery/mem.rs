@@ -180,16 +180,17 @@ fn snapshot(state: &State, query: &Query) -> Vec<Registration> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::discovery::suite;
+    /// The shared suite, each check on a registry of its own.
+    mod discovery_suite {
+        use super::super::*;
+        use crate::discovery::suite::{Backend, discovery_suite};
 
-    #[tokio::test]
-    async fn mem_backend_passes_the_discovery_suite() {
-        let registry = MemRegistry::new();
-        suite::run(move || {
-            let registry = registry.clone();
-            async move { Ok(Arc::new(MemDiscovery::new(registry)) as Arc<dyn Discovery>) }
-        })
-        .await;
+        discovery_suite!({
+            let registry = MemRegistry::new();
+            Backend::new(move || {
+                let registry = registry.clone();
+                async move { Ok(Arc::new(MemDiscovery::new(registry)) as Arc<dyn Discovery>) }
+            })
+        });
     }
 }

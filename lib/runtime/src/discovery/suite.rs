@@ -1,9 +1,11 @@
 //! The behavioural suite every [`Discovery`] backend must pass. A backend's
-//! test calls [`run`] with a factory that joins the *same* registry as a new
-//! process each time it is called.
+//! tests invoke [`discovery_suite!`] with an expression that makes a
+//! [`Backend`]: a factory that joins the *same* registry as a new process
+//! each time it is called. The macro generates one named test per check, so
+//! that one failing check does not hide the others.
 //!
 //! Every check uses its own random namespace, so backends with shared state
-//! (one etcd server per test binary) can run the suite repeatedly.
+//! (one etcd server per test binary) can run the checks side by side.
 
 use super::{Bucket, Discovery, DiscoveryError, Key, Query, Registration, WatchEvent, WatchStream};
 use bytes::Bytes;
@@ -16,33 +18,65 @@ use std::time::Duration;
 /// How long a watcher may take to report a change before the check fails.
 const EVENT_DEADLINE: Duration = Duration::from_secs(5);
 
-/// Runs every check of the suite against the backend made by `join`.
-pub(crate) async fn run<F, Fut>(join: F)
-where
-    F: Fn() -> Fut + 'static,
-    Fut: Future<Output = Result<Arc<dyn Discovery>, DiscoveryError>> + Send + 'static,
-{
-    let backend = Backend {
-        join: Box::new(move || Box::pin(join())),
+/// Generates one `#[tokio::test]` per check of the suite, in the module it is
+/// invoked in, each running the check against the [`Backend`] that
+/// `$backend` makes. `$backend` is evaluated afresh in every test (it may
+/// `.await`), so each check gets a registry of its own unless the backend
+/// shares one on purpose.
+///
+/// ```ignore
+/// mod discovery_suite {
+///     use super::*;
+///     discovery_suite!(suite::Backend::new(move || async move { ... }));
+/// }
+/// ```
+macro_rules! discovery_suite {
+    ($backend:expr) => {
+        $crate::discovery::suite::discovery_suite!(
+            @checks $backend;
+            processes_get_distinct_instance_ids,
+            list_matches_whole_segments,
+            watch_yields_current_set_then_changes,
+            reregistering_replaces_the_value,
+            unregister_removes_the_registration,
+            shutdown_removes_everything_the_process_registered,
+            a_process_cannot_register_another_process_key,
+        );
     };
-    let join = &backend;
-    processes_get_distinct_instance_ids(join).await;
-    list_matches_whole_segments(join).await;
-    watch_yields_current_set_then_changes(join).await;
-    reregistering_replaces_the_value(join).await;
-    unregister_removes_the_registration(join).await;
-    shutdown_removes_everything_the_process_registered(join).await;
-    a_process_cannot_register_another_process_key(join).await;
+    (@checks $backend:expr; $($check:ident,)*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                let backend: $crate::discovery::suite::Backend = $backend;
+                $crate::discovery::suite::$check(&backend).await;
+            }
+        )*
+    };
 }
+pub(crate) use discovery_suite;
 
 /// Joins the backend under test as a new process.
 type JoinFn = Box<dyn Fn() -> BoxFuture<'static, Result<Arc<dyn Discovery>, DiscoveryError>>>;
 
-struct Backend {
+/// The backend under test, as a way to join its registry as a new process.
+/// Whatever the factory captures (a server, a directory guard) lives as long
+/// as the check.
+pub(crate) struct Backend {
     join: JoinFn,
 }
 
 impl Backend {
+    /// A backend whose processes `join` makes, all on the same registry.
+    pub(crate) fn new<F, Fut>(join: F) -> Self
+    where
+        F: Fn() -> Fut + 'static,
+        Fut: Future<Output = Result<Arc<dyn Discovery>, DiscoveryError>> + Send + 'static,
+    {
+        Self {
+            join: Box::new(move || Box::pin(join())),
+        }
+    }
+
     async fn join(&self) -> Arc<dyn Discovery> {
         (self.join)().await.expect("backend joins")
     }
@@ -77,13 +111,13 @@ async fn next_event(watch: &mut WatchStream) -> WatchEvent {
         .expect("watch event is not an error")
 }
 
-async fn processes_get_distinct_instance_ids(backend: &Backend) {
+pub(crate) async fn processes_get_distinct_instance_ids(backend: &Backend) {
     let a = backend.join().await;
     let b = backend.join().await;
     assert_ne!(a.instance_id(), b.instance_id(), "two processes share an instance id");
 }
 
-async fn list_matches_whole_segments(backend: &Backend) {
+pub(crate) async fn list_matches_whole_segments(backend: &Backend) {
     let p = backend.join().await;
     let ns = namespace();
     let gen_ = endpoint_key(&*p, &ns, "backend", "gen");
@@ -116,7 +150,7 @@ async fn list_matches_whole_segments(backend: &Backend) {
     p.shutdown().await.unwrap();
 }
 
-async fn watch_yields_current_set_then_changes(backend: &Backend) {
+pub(crate) async fn watch_yields_current_set_then_changes(backend: &Backend) {
     let worker = backend.join().await;
     let watcher = backend.join().await;
     let ns = namespace();
@@ -150,7 +184,7 @@ async fn watch_yields_current_set_then_changes(backend: &Backend) {
     second_process.shutdown().await.unwrap();
 }
 
-async fn reregistering_replaces_the_value(backend: &Backend) {
+pub(crate) async fn reregistering_replaces_the_value(backend: &Backend) {
     let p = backend.join().await;
     let ns = namespace();
     let key = endpoint_key(&*p, &ns, "backend", "generate");
@@ -164,7 +198,7 @@ async fn reregistering_replaces_the_value(backend: &Backend) {
     p.shutdown().await.unwrap();
 }
 
-async fn unregister_removes_the_registration(backend: &Backend) {
+pub(crate) async fn unregister_removes_the_registration(backend: &Backend) {
     let p = backend.join().await;
     let ns = namespace();
     let key = endpoint_key(&*p, &ns, "backend", "generate");
@@ -181,7 +215,7 @@ async fn unregister_removes_the_registration(backend: &Backend) {
     p.shutdown().await.unwrap();
 }
 
-async fn shutdown_removes_everything_the_process_registered(backend: &Backend) {
+pub(crate) async fn shutdown_removes_everything_the_process_registered(backend: &Backend) {
     let leaving = backend.join().await;
     let staying = backend.join().await;
     let ns = namespace();
@@ -219,7 +253,7 @@ async fn shutdown_removes_everything_the_process_registered(backend: &Backend) {
     staying.shutdown().await.unwrap();
 }
 
-async fn a_process_cannot_register_another_process_key(backend: &Backend) {
+pub(crate) async fn a_process_cannot_register_another_process_key(backend: &Backend) {
     let a = backend.join().await;
     let b = backend.join().await;
     let ns = namespace();

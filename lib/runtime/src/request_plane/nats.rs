@@ -469,20 +469,14 @@ impl Drop for NatsResponse {
 }
 
 #[cfg(test)]
-// Shared test support: each includer uses a different part of it.
-#[allow(dead_code, unreachable_pub)]
-#[path = "../../tests/support/nats_server.rs"]
-mod nats_server;
-
-#[cfg(test)]
 mod tests {
-    use super::nats_server::NatsServer as NatsProcess;
     use super::*;
     use crate::config::RuntimeConfig;
     use crate::request_plane::conformance::{PlaneKit, conformance_tests};
     use futures::FutureExt;
     use futures::future::BoxFuture;
     use std::sync::OnceLock;
+    use switchyard_test_support::nats_server::NatsServer as NatsProcess;
 
     /// One NATS server (8 MiB max_payload) for this test binary.
     fn server_url() -> String {

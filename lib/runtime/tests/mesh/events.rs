@@ -3,7 +3,6 @@
 //! publishers appearing after subscribers and going away, gap counting over
 //! a million events, and a NATS restart in the middle of a stream.
 
-use super::nats_server::NatsServer;
 use super::{DEADLINE, process, unreachable_nats_url, wait_until};
 use std::time::Duration;
 use switchyard_runtime::config::EventPlaneKind;
@@ -11,6 +10,7 @@ use switchyard_runtime::discovery::mem::MemRegistry;
 use switchyard_runtime::distributed::DistributedRuntime;
 use switchyard_runtime::error::Report;
 use switchyard_runtime::event_plane::{EventPublisher, EventSubscriber};
+use switchyard_test_support::nats_server::NatsServer;
 
 /// A load report, as workers will publish them.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

@@ -3,11 +3,11 @@
 //! Kubernetes (Pod readiness, ownership, debounce, resync, API errors).
 
 use super::*;
-use crate::discovery::kube::fake_api::FakeApiServer;
 use crate::discovery::suite::registration;
 use crate::discovery::{Bucket, suite};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use switchyard_test_support::fake_api::FakeApiServer;
 
 const NAMESPACE: &str = "switchyard-test";
 /// How long a watcher may take to report a change before a check fails.
@@ -34,6 +34,13 @@ impl Cluster {
         })
     }
 
+    /// A kube client for the fake API server (built here: the fake knows no
+    /// kube-rs types, see `switchyard_test_support`).
+    fn client(&self) -> kube::Client {
+        let url = self.api.url().parse().expect("a loopback URL parses");
+        kube::Client::try_from(kube::Config::new(url)).expect("a client for a plain-HTTP URL builds")
+    }
+
     fn options(debounce: Duration) -> KubeOptions {
         KubeOptions {
             debounce,
@@ -51,7 +58,7 @@ impl Cluster {
         let pod = PodIdentity::new(format!("worker-{:x}-{n}", self.prefix), NAMESPACE, format!("uid-{n}"));
         self.api.set_ready(NAMESPACE, pod.name(), ready);
         let (tracker, stop) = (self.tracker.clone(), self.stop.clone());
-        KubeDiscovery::connect(self.api.client(), pod, Self::options(debounce), tracker, stop).await
+        KubeDiscovery::connect(self.client(), pod, Self::options(debounce), tracker, stop).await
     }
 }
 
@@ -80,14 +87,18 @@ async fn next_event(watch: &mut WatchStream) -> WatchEvent {
         .expect("the watch event is not an error")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kubernetes_backend_passes_the_discovery_suite_on_the_fake_api_server() {
-    let cluster = Cluster::start().await;
-    suite::run(move || {
-        let cluster = cluster.clone();
-        async move { Ok(Arc::new(cluster.ready_pod().await?) as Arc<dyn Discovery>) }
-    })
-    .await;
+/// The shared suite, each check on a fake API server of its own.
+mod discovery_suite {
+    use super::*;
+    use crate::discovery::suite::{Backend, discovery_suite};
+
+    discovery_suite!({
+        let cluster = Cluster::start().await;
+        Backend::new(move || {
+            let cluster = cluster.clone();
+            async move { Ok(Arc::new(cluster.ready_pod().await?) as Arc<dyn Discovery>) }
+        })
+    });
 }
 
 #[tokio::test]
@@ -291,7 +302,7 @@ async fn a_process_that_only_reads_never_touches_its_pods_registrations() {
     // process died: it reads and leaves without writing or deleting.
     let (tracker, stop) = (cluster.tracker.clone(), cluster.stop.clone());
     let options = Cluster::options(Duration::from_millis(20));
-    let reader = KubeDiscovery::connect(cluster.api.client(), pod.clone(), options, tracker, stop)
+    let reader = KubeDiscovery::connect(cluster.client(), pod.clone(), options, tracker, stop)
         .await
         .unwrap();
     assert_eq!(
@@ -303,7 +314,7 @@ async fn a_process_that_only_reads_never_touches_its_pods_registrations() {
 
     // Two clients for one Pod in one process would overwrite each other.
     let first = KubeDiscovery::connect(
-        cluster.api.client(),
+        cluster.client(),
         pod.clone(),
         Cluster::options(Duration::from_millis(20)),
         cluster.tracker.clone(),
@@ -312,7 +323,7 @@ async fn a_process_that_only_reads_never_touches_its_pods_registrations() {
     .await
     .unwrap();
     let second = KubeDiscovery::connect(
-        cluster.api.client(),
+        cluster.client(),
         pod,
         Cluster::options(Duration::from_millis(20)),
         cluster.tracker.clone(),

@@ -2,7 +2,8 @@
 //! port, stopped when dropped; a watchdog shell process kills it if the test
 //! process dies first.
 
-use std::net::{TcpListener, TcpStream};
+use crate::free_port;
+use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -24,7 +25,7 @@ impl NatsServer {
         let mut server = Self {
             child: None,
             watchdog: None,
-            port: TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port(),
+            port: free_port(),
             config: None,
             token: None,
         };
@@ -37,7 +38,7 @@ impl NatsServer {
         let mut server = Self {
             child: None,
             watchdog: None,
-            port: TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port(),
+            port: free_port(),
             config: None,
             token: Some(token.to_string()),
         };
@@ -52,7 +53,7 @@ impl NatsServer {
         let mut server = Self {
             child: None,
             watchdog: None,
-            port: TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port(),
+            port: free_port(),
             config: Some(config),
             token: None,
         };

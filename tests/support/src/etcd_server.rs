@@ -2,12 +2,10 @@
 //! fresh data directory (on /dev/shm when there is one, for steadier
 //! latency), stopped when dropped. A watchdog shell process kills it if the
 //! test process dies first, so no server outlives its tests.
-//!
-//! Shared by the unit tests (`#[path]`-included from `src/`), the
-//! integration tests and the benches.
 
+use crate::free_port;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -210,9 +208,4 @@ impl Drop for EtcdServer {
             let _ = std::fs::remove_dir_all(&tls.dir);
         }
     }
-}
-
-/// A port nothing listens on right now (bound, then released).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }

@@ -9,9 +9,6 @@
 //! instance left and came back; the frontend names the worker it routed to
 //! in `x-switchyard-worker-id`).
 
-use super::worker_process::WorkerProcess;
-use super::{etcd_server::EtcdServer, nats_server::NatsServer};
-use super::{free_port, start_frontend, start_mocker};
 use futures::StreamExt;
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -19,6 +16,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use switchyard_runtime::discovery::file::FileDiscovery;
 use switchyard_runtime::discovery::{Bucket, Discovery, Query, WatchEvent};
+use switchyard_test_support::etcd_server::EtcdServer;
+use switchyard_test_support::free_port;
+use switchyard_test_support::nats_server::NatsServer;
+use switchyard_test_support::switchyard::{start_frontend, start_mocker};
+use switchyard_test_support::worker_process::WorkerProcess;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 

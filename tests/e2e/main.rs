@@ -2,28 +2,23 @@
 //! `switchyard frontend` and two `switchyard worker mocker` processes on file
 //! discovery, called over HTTP like any OpenAI client would — including the
 //! official `openai` Python package.
+//!
+//! One test binary for the multi-process suites (link time dominates on
+//! small machines): the fault matrix and the Kubernetes run are its modules;
+//! only `tests/idle.rs` has a binary of its own. Both are test targets of the
+//! `switchyard` package (see its Cargo.toml for why).
 
-mod support;
-
-#[path = "e2e/faults.rs"]
 mod faults;
 #[cfg(feature = "kubernetes")]
-#[path = "e2e/kubernetes.rs"]
 mod kubernetes;
-
-#[allow(dead_code, unreachable_pub)]
-#[path = "../../../lib/runtime/tests/support/etcd_server.rs"]
-mod etcd_server;
-#[allow(dead_code, unreachable_pub)]
-#[path = "../../../lib/runtime/tests/support/nats_server.rs"]
-mod nats_server;
 
 use futures::StreamExt;
 use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use support::worker_process::{self, WorkerProcess};
-use support::{START_DEADLINE, free_port, start_frontend, start_mocker, switchyard};
+use switchyard_test_support::free_port;
+use switchyard_test_support::switchyard::{self, START_DEADLINE, start_frontend, start_mocker};
+use switchyard_test_support::worker_process::WorkerProcess;
 
 /// A frontend and two workers sharing a discovery directory.
 struct Stack {
@@ -286,7 +281,7 @@ async fn the_official_openai_python_client_works_against_the_frontend() {
         python.display()
     );
     let stack = Stack::start(&[], "0").await;
-    let script = root.join("launch/switchyard/tests/openai_client.py");
+    let script = root.join("tests/e2e/openai_client.py");
     let output = tokio::process::Command::new(&python)
         .arg(&script)
         .arg(format!("{}/v1", stack.url))
@@ -319,7 +314,7 @@ fn fake_vllm(body: &str) -> PathBuf {
 fn mocker_as_vllm() -> PathBuf {
     fake_vllm(&format!(
         "unset DYN_SYSTEM_PORT\nexec {} mocker-vllm \"$@\"",
-        switchyard().display()
+        switchyard::binary().display()
     ))
 }
 
@@ -335,7 +330,7 @@ fn path_with(dir: &std::path::Path) -> String {
 fn start_fake_vllm_server(port: u16, model: &str) -> WorkerProcess {
     let port = port.to_string();
     WorkerProcess::start(
-        switchyard(),
+        switchyard::binary(),
         &["mocker-vllm", "serve", "--port", &port, model],
         &[("DYN_LOG", "info"), ("DYN_MOCKER_SPEEDUP_RATIO", "1")],
         "frontend listening",
@@ -347,7 +342,7 @@ fn start_fake_vllm_server(port: u16, model: &str) -> WorkerProcess {
 async fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
     let output = tokio::time::timeout(
         Duration::from_secs(30),
-        tokio::process::Command::new(switchyard())
+        tokio::process::Command::new(switchyard::binary())
             .args(args)
             .envs(env.iter().copied())
             .output(),
@@ -436,7 +431,7 @@ async fn vllm_attach_leaves_discovery_when_the_server_dies_and_returns_when_it_i
     let vllm = start_fake_vllm_server(port, "m");
     let url = format!("http://127.0.0.1:{port}");
     let _worker = WorkerProcess::start(
-        switchyard(),
+        switchyard::binary(),
         &[
             "worker",
             "vllm",
@@ -587,7 +582,7 @@ async fn vllm_managed_children_never_outlive_the_worker() {
     let args = ["worker", "vllm", "--managed", "--model", "m", "--replicas", "2"];
 
     // SIGTERM: drain, then the children are stopped in order.
-    let mut worker = WorkerProcess::start(switchyard(), &args, &env, "vllm worker serving", START_DEADLINE);
+    let mut worker = WorkerProcess::start(switchyard::binary(), &args, &env, "vllm worker serving", START_DEADLINE);
     worker.wait_for_log("http://127.0.0.1", START_DEADLINE);
     let children = started_children(worker.log());
     assert_eq!(children.len(), 2, "{}", worker.log());
@@ -598,7 +593,7 @@ async fn vllm_managed_children_never_outlive_the_worker() {
     wait_until_gone(&children).await;
 
     // SIGKILL: the kernel takes the children with it (setpriv --pdeathsig).
-    let worker = WorkerProcess::start(switchyard(), &args, &env, "vllm worker serving", START_DEADLINE);
+    let worker = WorkerProcess::start(switchyard::binary(), &args, &env, "vllm worker serving", START_DEADLINE);
     let children = started_children(worker.log());
     assert!(!children.is_empty(), "{}", worker.log());
     worker.signal("-KILL");
@@ -615,7 +610,7 @@ async fn the_local_cluster_script_starts_a_working_cluster_and_stops_all_of_it()
     // connections of other tests cannot be holding them.
     let base_port = 20_000 + (rand::random::<u16>() % 12_000);
     let (http_text, base_text) = (http_port.to_string(), base_port.to_string());
-    let binary = switchyard();
+    let binary = switchyard::binary();
     let cluster = WorkerProcess::start(
         PathBuf::from("/bin/sh"),
         // The script reports on stdout; the helper reads stderr.

@@ -17,6 +17,11 @@
 //! What it does not do: authentication, admission, field ownership between
 //! several managers (an apply replaces the object), label or field
 //! selectors, pagination.
+//!
+//! It knows the objects only as JSON, not as kube-rs or runtime types, so
+//! that this crate stays free of both (see the crate's doc). A test builds
+//! its client from [`FakeApiServer::url`], or hands a process
+//! [`FakeApiServer::kubeconfig`].
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -217,15 +222,10 @@ impl FakeApiServer {
         Ok(Self { shared, address, stop })
     }
 
-    /// The server's URL, `http://127.0.0.1:PORT`.
+    /// The server's URL, `http://127.0.0.1:PORT`, for a client's
+    /// `kube::Config::new`.
     pub fn url(&self) -> String {
         format!("http://{}", self.address)
-    }
-
-    /// A kube client for this server.
-    pub fn client(&self) -> kube::Client {
-        let url = self.url().parse().expect("a loopback URL parses");
-        kube::Client::try_from(kube::Config::new(url)).expect("a client for a plain-HTTP URL builds")
     }
 
     /// A kubeconfig file's text pointing at this server, for processes

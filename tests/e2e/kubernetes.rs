@@ -5,10 +5,11 @@
 //! plays the kubelet and the EndpointSlice controller: the worker's model is
 //! served only while its Pod is ready.
 
-use super::{Stack, chat, start_frontend, start_mocker};
+use super::{Stack, chat};
 use serde_json::{Value, json};
 use std::time::Duration;
-use switchyard_runtime::discovery::kube::fake_api::FakeApiServer;
+use switchyard_test_support::fake_api::FakeApiServer;
+use switchyard_test_support::switchyard::{start_frontend, start_mocker};
 
 const NAMESPACE: &str = "switchyard-e2e";
 

@@ -1,6 +1,6 @@
 """Checks Switchyard's frontend with the official `openai` Python client.
 
-Run by launch/switchyard/tests/e2e.rs against a live frontend:
+Run by tests/e2e/main.rs against a live frontend:
     python openai_client.py http://127.0.0.1:PORT/v1
 Exits non-zero (with the failing assertion) when anything is off.
 """

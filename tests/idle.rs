@@ -3,11 +3,10 @@
 //! runs, and tests running beside it that pick a free port and bind it a
 //! moment later could lose that port to one of these connections.
 
-mod support;
-
 use serde_json::json;
 use std::time::{Duration, Instant};
-use support::{free_port, start_frontend, start_mocker};
+use switchyard_test_support::free_port;
+use switchyard_test_support::switchyard::{start_frontend, start_mocker};
 
 /// 10,000 idle connections to a worker's request plane do not crash or
 /// starve it: a request through the frontend still gets its whole answer.

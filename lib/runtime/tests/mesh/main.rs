@@ -17,19 +17,10 @@ use switchyard_runtime::routing::RouterMode;
 use switchyard_runtime::routing::push_router::PushRouter;
 use switchyard_runtime::runtime::{Runtime, ShutdownOutcome};
 
-#[path = "mesh/events.rs"]
 mod events;
-// Shared test support: each includer uses a different part of it.
-#[allow(dead_code, unreachable_pub)]
-#[path = "support/nats_server.rs"]
-mod nats_server;
-#[path = "mesh/status.rs"]
 mod status;
-// Shared test support: each includer uses a different part of it.
-#[allow(dead_code, unreachable_pub)]
-#[path = "support/worker_process.rs"]
-mod worker_process;
-use worker_process::WorkerProcess;
+use switchyard_test_support::nats_server::NatsServer;
+use switchyard_test_support::worker_process::WorkerProcess;
 
 /// Generous bound on anything a test waits for; hitting it means a hang.
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -185,7 +176,7 @@ async fn a_worker_on_the_http_plane_answers_a_caller_of_any_plane() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_on_the_nats_plane_answers_a_caller_of_any_plane() {
-    let server = nats_server::NatsServer::start();
+    let server = NatsServer::start();
     let url = server.url();
     let registry = MemRegistry::new();
     let worker = process(&registry, &[("DYN_REQUEST_PLANE", "nats"), ("NATS_SERVER", &url)]);

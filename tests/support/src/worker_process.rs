@@ -1,7 +1,8 @@
-//! A worker running in its own OS process — the `hello_world` example binary
-//! (which plain `cargo test` builds next to the test binaries), or any other
-//! (the `switchyard` CLI's tests include this file too) — with its log read
-//! on a thread so no read can block a test past its deadline.
+//! A worker running in its own OS process — the runtime's `hello_world`
+//! example binary (which plain `cargo test` builds next to the test
+//! binaries), the `switchyard` binary ([`crate::switchyard`]), or any other —
+//! with its log read on a thread so no read can block a test past its
+//! deadline.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
