@@ -4,7 +4,8 @@
 //! moment later could lose that port to one of these connections.
 
 use serde_json::json;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 use switchyard_test_support::free_port;
 use switchyard_test_support::switchyard::{start_frontend, start_mocker};
 

@@ -107,10 +107,10 @@ async fn a_worker_is_served_through_the_kubernetes_api_only_while_its_pod_is_rea
     // SIGTERM: the worker drains and deletes its own resource on the way out.
     stack.workers[0].signal("-TERM");
     stack.eventually("the model to disappear", gone, "/v1/models").await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while api.worker_metadata(NAMESPACE, "worker-a").is_some() {
         assert!(
-            std::time::Instant::now() < deadline,
+            tokio::time::Instant::now() < deadline,
             "the worker's resource outlived its process"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -377,7 +377,7 @@ async fn a_client_that_disconnects_cancels_the_request_in_the_engine() {
     assert!(first.is_data());
     let engine = stack.worker().engine.clone();
     assert_eq!(engine.load().running, 1);
-    let dropped = std::time::Instant::now();
+    let dropped = tokio::time::Instant::now();
     drop(body);
     while engine.stats().cancelled == 0 {
         assert!(

@@ -13,7 +13,8 @@
 use futures::StreamExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 use switchyard_test_support::free_port;
 
 /// Output tokens per request (the yardstick).

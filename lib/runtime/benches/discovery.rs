@@ -13,7 +13,8 @@
 use bytes::Bytes;
 use futures::StreamExt;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 use switchyard_runtime::config::RuntimeConfig;
 use switchyard_runtime::discovery::etcd::EtcdDiscovery;
 use switchyard_runtime::discovery::file::FileDiscovery;

@@ -10,7 +10,8 @@
 //! installs it).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 use switchyard_runtime::config::RuntimeConfig;
 use switchyard_runtime::discovery::mem::{MemDiscovery, MemRegistry};
 use switchyard_runtime::distributed::DistributedRuntime;

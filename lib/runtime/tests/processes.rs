@@ -8,7 +8,8 @@
 //! recorded in `docs/performance.md`.
 
 use futures::StreamExt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 use switchyard_runtime::component::client::Client;
 use switchyard_runtime::config::RuntimeConfig;
 use switchyard_runtime::discovery::Query;

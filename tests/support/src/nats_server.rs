@@ -5,7 +5,8 @@
 use crate::free_port;
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 const START_DEADLINE: Duration = Duration::from_secs(20);
 

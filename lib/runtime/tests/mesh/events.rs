@@ -121,7 +121,7 @@ async fn a_million_zmq_events_arrive_without_gaps() {
     let load = publisher(&worker).await;
     wait_until("connected", || events.connected_publishers() == Some(1)).await;
     until_connected(&load, &mut events).await;
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     exchange(&load, &mut events, 1_000_000).await;
     println!(
         "zmq: 1,000,000 events in {:?}, {} gaps",
@@ -150,7 +150,7 @@ async fn nats_events_flow_between_runtimes_and_a_million_arrive_without_gaps() {
     let worker = process(&registry, &with(&vars));
     let load = publisher(&worker).await;
     until_connected(&load, &mut events).await;
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     exchange(&load, &mut events, 1_000_000).await;
     println!(
         "nats: 1,000,000 events in {:?}, {} gaps",
@@ -175,7 +175,7 @@ async fn after_a_nats_restart_both_sides_reconnect_and_events_flow_again() {
     server.restart();
     // Publishing while disconnected may fail or be lost; keep going until
     // events arrive again (the client resubscribes after reconnecting).
-    let restarted = std::time::Instant::now();
+    let restarted = tokio::time::Instant::now();
     let deadline = tokio::time::Instant::now() + DEADLINE;
     let marker = Load { active: 7, queued: 7 };
     loop {

@@ -4,7 +4,8 @@
 
 use futures::StreamExt;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 use switchyard_runtime::component::client::{Client, ClientError};
 use switchyard_runtime::component::endpoint::ServingEndpoint;
 use switchyard_runtime::config::RuntimeConfig;
