@@ -5,9 +5,9 @@
 
 use serde_json::json;
 use std::time::Duration;
-use tokio::time::Instant;
 use switchyard_test_support::free_port;
 use switchyard_test_support::switchyard::{start_frontend, start_mocker};
+use tokio::time::Instant;
 
 /// 10,000 idle connections to a worker's request plane do not crash or
 /// starve it: a request through the frontend still gets its whole answer.

@@ -14,7 +14,6 @@ use serde_json::json;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::time::Instant;
 use switchyard_runtime::discovery::file::FileDiscovery;
 use switchyard_runtime::discovery::{Bucket, Discovery, Query, WatchEvent};
 use switchyard_test_support::etcd_server::EtcdServer;
@@ -22,6 +21,7 @@ use switchyard_test_support::free_port;
 use switchyard_test_support::nats_server::NatsServer;
 use switchyard_test_support::switchyard::{start_frontend, start_mocker};
 use switchyard_test_support::worker_process::WorkerProcess;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 

@@ -16,10 +16,10 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::time::Duration;
-use tokio::time::Instant;
 use switchyard_test_support::free_port;
 use switchyard_test_support::switchyard::{self, START_DEADLINE, start_frontend, start_mocker};
 use switchyard_test_support::worker_process::WorkerProcess;
+use tokio::time::Instant;
 
 /// A frontend and two workers sharing a discovery directory.
 struct Stack {
@@ -379,6 +379,39 @@ async fn wait_until_gone(pids: &[u32]) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_prints_each_of_its_causes_exactly_once() {
+    // The worker's load reports go over NATS, and nothing listens there: the
+    // error is nested four deep (endpoint → event plane → NATS → socket).
+    let nats = format!("nats://127.0.0.1:{}", free_port());
+    let (ok, stderr) = run_to_end(
+        &["worker", "mocker"],
+        &[
+            ("DYN_DISCOVERY_BACKEND", "mem"),
+            ("DYN_EVENT_PLANE", "nats"),
+            ("NATS_SERVER", &nats),
+        ],
+    )
+    .await;
+    assert!(!ok, "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|line| line.starts_with("switchyard: "))
+        .unwrap_or_else(|| panic!("no error line in {stderr}"));
+    let causes: Vec<&str> = line.trim_start_matches("switchyard: ").split(": ").collect();
+    assert!(causes.len() >= 4, "expected the whole chain: {line}");
+    for (i, cause) in causes.iter().enumerate() {
+        assert!(
+            !causes[i + 1..]
+                .iter()
+                .any(|later| later.contains(cause) || cause.contains(later)),
+            "{cause:?} is printed twice: {line}"
+        );
+    }
+    assert_eq!(line.matches(nats.as_str()).count(), 1, "{line}");
+    assert_eq!(line.matches("NATS_SERVER").count(), 1, "{line}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

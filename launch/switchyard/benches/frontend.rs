@@ -14,8 +14,8 @@ use futures::StreamExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-use tokio::time::Instant;
 use switchyard_test_support::free_port;
+use tokio::time::Instant;
 
 /// Output tokens per request (the yardstick).
 const OUTPUT_TOKENS: u32 = 100;

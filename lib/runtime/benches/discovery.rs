@@ -14,11 +14,11 @@ use bytes::Bytes;
 use futures::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::time::Instant;
 use switchyard_runtime::config::RuntimeConfig;
 use switchyard_runtime::discovery::etcd::EtcdDiscovery;
 use switchyard_runtime::discovery::file::FileDiscovery;
 use switchyard_runtime::discovery::{Bucket, Discovery, Key, Query, Registration, WatchEvent, WatchStream};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 

@@ -11,12 +11,12 @@
 
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::time::Instant;
 use switchyard_runtime::config::RuntimeConfig;
 use switchyard_runtime::discovery::mem::{MemDiscovery, MemRegistry};
 use switchyard_runtime::distributed::DistributedRuntime;
 use switchyard_runtime::event_plane::{EventPublisher, EventSubscriber};
 use switchyard_runtime::runtime::Runtime;
+use tokio::time::Instant;
 
 const BURST: u64 = 200_000;
 const SAMPLES: usize = 10_000;

@@ -19,7 +19,6 @@ use criterion::{Criterion, Throughput};
 use futures::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::time::Instant;
 use switchyard_runtime::config::RuntimeConfig;
 use switchyard_runtime::discovery::mem::{MemDiscovery, MemRegistry};
 use switchyard_runtime::distributed::DistributedRuntime;
@@ -30,6 +29,7 @@ use switchyard_runtime::routing::push_router::PushRouter;
 use switchyard_runtime::runtime::Runtime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
 
 const MESSAGE: usize = 100;
 const STREAM_ITEMS: u64 = 100_000;

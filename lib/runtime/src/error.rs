@@ -132,11 +132,8 @@ impl RequestError {
     /// wire, or a client reading an API answer.
     pub fn detail(&self) -> String {
         let mut text = self.message.clone();
-        let mut cause = std::error::Error::source(self);
-        while let Some(error) = cause {
-            text.push_str(": ");
-            text.push_str(&error.to_string());
-            cause = error.source();
+        if let Some(cause) = std::error::Error::source(self) {
+            write_causes(&mut text, &self.message, cause).expect("writing to a String cannot fail");
         }
         text
     }
@@ -170,14 +167,31 @@ pub struct Report<'a>(pub &'a (dyn std::error::Error + 'a));
 
 impl fmt::Display for Report<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut cause = self.0.source();
-        while let Some(error) = cause {
-            write!(f, ": {error}")?;
-            cause = error.source();
+        let message = self.0.to_string();
+        f.write_str(&message)?;
+        match self.0.source() {
+            Some(cause) => write_causes(f, &message, cause),
+            None => Ok(()),
         }
-        Ok(())
     }
+}
+
+/// Writes `: cause` for `first` and each cause after it. Some libraries'
+/// errors end their own message with their source's (async-nats: `IO error:
+/// Connection refused`, then `Connection refused`); such a cause is not
+/// written a second time.
+fn write_causes(out: &mut impl fmt::Write, message: &str, first: &dyn std::error::Error) -> fmt::Result {
+    let mut previous = message.to_string();
+    let mut cause = Some(first);
+    while let Some(error) = cause {
+        let text = error.to_string();
+        if !previous.ends_with(&text) {
+            write!(out, ": {text}")?;
+        }
+        previous = text;
+        cause = error.source();
+    }
+    Ok(())
 }
 
 /// The serialized form of a [`RequestError`] (msgpack on the request plane).
@@ -185,4 +199,34 @@ impl fmt::Display for Report<'_> {
 pub(crate) struct WireError {
     pub(crate) kind: ErrorKind,
     pub(crate) message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("{0}")]
+    struct Text(&'static str, #[source] Option<Box<Text>>);
+
+    fn chain(messages: &[&'static str]) -> Text {
+        messages
+            .iter()
+            .rev()
+            .fold(None, |inner, message| Some(Text(message, inner.map(Box::new))))
+            .expect("at least one message")
+    }
+
+    #[test]
+    fn a_report_prints_each_cause_once_in_order() {
+        let error = chain(&["cannot start", "cannot reach NATS", "IO error: refused", "refused"]);
+        assert_eq!(
+            Report(&error).to_string(),
+            "cannot start: cannot reach NATS: IO error: refused"
+        );
+        let request = RequestError::new(ErrorKind::Unreachable, "no worker").with_source(chain(&["down", "gone"]));
+        assert_eq!(request.detail(), "no worker: down: gone");
+        assert_eq!(request.to_wire().message, "no worker: down: gone");
+        assert_eq!(Report(&request).to_string(), "unreachable: no worker: down: gone");
+    }
 }

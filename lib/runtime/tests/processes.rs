@@ -9,7 +9,6 @@
 
 use futures::StreamExt;
 use std::time::Duration;
-use tokio::time::Instant;
 use switchyard_runtime::component::client::Client;
 use switchyard_runtime::config::RuntimeConfig;
 use switchyard_runtime::discovery::Query;
@@ -19,6 +18,7 @@ use switchyard_runtime::routing::push_router::PushRouter;
 use switchyard_runtime::runtime::Runtime;
 use switchyard_test_support::etcd_server::EtcdServer;
 use switchyard_test_support::worker_process::WorkerProcess;
+use tokio::time::Instant;
 
 /// Generous bound on anything a test waits for; hitting it means a hang.
 const DEADLINE: Duration = Duration::from_secs(30);

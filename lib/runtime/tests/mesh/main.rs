@@ -5,7 +5,6 @@
 use futures::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::time::Instant;
 use switchyard_runtime::component::client::{Client, ClientError};
 use switchyard_runtime::component::endpoint::ServingEndpoint;
 use switchyard_runtime::config::RuntimeConfig;
@@ -17,6 +16,7 @@ use switchyard_runtime::error::{ErrorKind, RequestError};
 use switchyard_runtime::routing::RouterMode;
 use switchyard_runtime::routing::push_router::PushRouter;
 use switchyard_runtime::runtime::{Runtime, ShutdownOutcome};
+use tokio::time::Instant;
 
 mod events;
 mod status;
