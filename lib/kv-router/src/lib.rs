@@ -10,3 +10,6 @@
 
 pub mod events;
 pub mod hash;
+pub mod index;
+pub mod overlap;
+pub mod worker;
