@@ -8,8 +8,10 @@
 //! tested deterministically. Wiring (ZMQ subscription, metrics, the
 //! frontend's router) lives in the crates that use this one.
 
+pub mod approx;
 pub mod events;
 pub mod hash;
 pub mod index;
 pub mod overlap;
+pub mod select;
 pub mod worker;
