@@ -20,8 +20,8 @@ use crate::worker::WorkerId;
 use std::collections::HashMap;
 use tree::{MixState, NodeId, Owner, ROOT, Tree, map_bytes};
 
-/// Default cap on indexed blocks. At about 110 bytes a block (measured,
-/// see docs/kv-routing-core.md) this is ~220 MB, and it holds the whole
+/// Default cap on indexed blocks. At about 120 bytes a block (measured,
+/// see docs/kv-routing-core.md) this is ~240 MB, and it holds the whole
 /// GPU cache of 64 engines with ~30k blocks each (e.g. 500k tokens at 16
 /// tokens a block), a large fleet for one router.
 pub const DEFAULT_MAX_BLOCKS: usize = 2_000_000;
