@@ -75,6 +75,7 @@ perf:
 	mkdir -p $(PERF) docs/perf
 	$(CARGO) bench -p switchyard-runtime --bench request_plane 2>&1 | tee $(PERF)/request_plane.txt
 	$(CARGO) bench -p switchyard-runtime --bench routing 2>&1 | tee $(PERF)/routing.txt
+	$(CARGO) bench -p switchyard-kv-router --bench kv 2>&1 | tee $(PERF)/kv.txt
 	$(CARGO) bench -p switchyard-runtime --bench discovery 2>&1 | tee $(PERF)/discovery.txt
 	$(CARGO) bench -p switchyard-runtime --bench event_plane 2>&1 | tee $(PERF)/event_plane.txt
 	$(CARGO) run --release -q -p switchyard-runtime --example routing_sim | tee $(PERF)/routing_sim.md
