@@ -495,12 +495,7 @@ async fn whoami_workers(n: usize, mode: RouterMode) -> (Vec<DistributedRuntime>,
 
 /// A NATS URL where nothing listens.
 fn unreachable_nats_url() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    format!("nats://127.0.0.1:{port}")
+    format!("nats://127.0.0.1:{}", switchyard_test_support::free_port())
 }
 
 #[tokio::test]
