@@ -133,7 +133,12 @@ async fn one(http: &reqwest::Client, url: &str, history: &Arc<Mutex<Vec<Record>>
         while let Some(end) = text.find('\n') {
             let line: String = text.drain(..=end).collect();
             if line.starts_with("event: error") {
-                return Ending::Failed("error event".into());
+                // The error's text is on the next line; wait for it.
+                let detail = match text.find('\n') {
+                    Some(end) => text[..end].trim().to_string(),
+                    None => String::new(),
+                };
+                return Ending::Failed(format!("error event {detail}"));
             }
             let Some(data) = line.trim_end().strip_prefix("data: ") else {
                 continue;
@@ -237,6 +242,14 @@ struct Tally {
 }
 
 /// Asserts the history's invariants and counts it.
+/// The requests that failed, with why.
+fn failures(history: &[Record]) -> Vec<&Record> {
+    history
+        .iter()
+        .filter(|r| matches!(r.ending, Some(Ending::Failed(_))))
+        .collect()
+}
+
 fn check(scenario: &str, history: &[Record], migrated: u64, presence: Option<&Presence>) -> Tally {
     let mut tally = Tally {
         sent: history.len(),
@@ -423,7 +436,12 @@ async fn fault_matrix_worker_kill_drain_freeze_and_frontend_drain() {
         cluster.migrations().await,
         cluster.presence.as_ref(),
     );
-    assert_eq!(tally.failed, 0, "a worker was left, so nothing may fail");
+    assert_eq!(
+        tally.failed,
+        0,
+        "a worker was left, so nothing may fail: {:?}",
+        failures(&history)
+    );
     assert!(tally.migrated >= 1, "the killed worker's streams migrated");
     drop(cluster);
 
@@ -441,9 +459,14 @@ async fn fault_matrix_worker_kill_drain_freeze_and_frontend_drain() {
         cluster.migrations().await,
         cluster.presence.as_ref(),
     );
-    assert_eq!(tally.failed, 0, "a worker was left, so nothing may fail");
     let (_, drained_log) = cluster.workers.remove(0).wait(Duration::from_secs(5));
     let drained_log = format!("{drained_log}\n--- frontend ---\n{}", cluster.frontend.log());
+    assert_eq!(
+        tally.failed,
+        0,
+        "a worker was left, so nothing may fail: {:?}; the drained worker's log:\n{drained_log}",
+        failures(&history)
+    );
     assert!(
         tally.migrated >= 1,
         "streams still running at the drain deadline migrated; the drained worker's log:\n{drained_log}"
@@ -467,7 +490,12 @@ async fn fault_matrix_worker_kill_drain_freeze_and_frontend_drain() {
         cluster.migrations().await,
         cluster.presence.as_ref(),
     );
-    assert_eq!(tally.failed, 0, "a worker was left, so nothing may fail");
+    assert_eq!(
+        tally.failed,
+        0,
+        "a worker was left, so nothing may fail: {:?}",
+        failures(&history)
+    );
     assert!(tally.migrated >= 1, "the frozen worker's streams migrated");
     let departures = cluster.presence.as_ref().map_or(0, Presence::departures);
     assert!(

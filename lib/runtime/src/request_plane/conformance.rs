@@ -160,7 +160,7 @@ fn stream(items: Vec<Result<Bytes, RequestError>>) -> ByteStream {
     Box::pin(futures::stream::iter(items))
 }
 
-struct FnHandler<F>(F);
+pub(crate) struct FnHandler<F>(pub(crate) F);
 
 impl<F> PushHandler for FnHandler<F>
 where

@@ -10,7 +10,7 @@
 use super::handlers::Handlers;
 use super::{ByteStream, killed_error, too_large};
 use crate::engine::{Context, Controller};
-use crate::error::RequestError;
+use crate::error::{ErrorKind, RequestError};
 use bytes::Bytes;
 use std::future::Future;
 use std::sync::Arc;
@@ -148,6 +148,12 @@ impl Pump {
             let bytes = match item {
                 Err(CallerGone) => return Err(gone()),
                 Ok(None) => return Ok(()),
+                // An engine stopped by the shutdown may end its streams as
+                // cancelled before the kill reaches this loop: that is still
+                // the worker leaving, which the caller may retry elsewhere.
+                Ok(Some(Err(error))) if error.kind() == ErrorKind::Cancelled && self.shutdown.is_cancelled() => {
+                    return Err(killed());
+                }
                 Ok(Some(item)) => item?,
             };
             if bytes.len() > self.max_message_size {
@@ -168,8 +174,9 @@ impl Pump {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::request_plane::conformance::{Fixtures, INSTANCE};
-    use futures::StreamExt;
+    use crate::request_plane::conformance::{FnHandler, Fixtures, INSTANCE};
+    use crate::request_plane::handlers::EndpointObservers;
+    use futures::{FutureExt, StreamExt};
     use std::sync::Mutex;
 
     /// Writes down what the pump sends; `caller_left` makes every send fail.
@@ -228,6 +235,41 @@ mod tests {
         assert_eq!(lines, ["error TooLarge"]);
         let (lines, _) = run("echo", &"z".repeat(5000), false).await;
         assert_eq!(lines, ["error TooLarge"]);
+    }
+
+    /// A stream that ends as cancelled because its engine stopped with the
+    /// worker: `ShuttingDown` once the shutdown has begun, else `Cancelled`.
+    #[tokio::test]
+    async fn a_stream_cancelled_by_the_shutdown_ends_shutting_down() {
+        for (shutting_down, last) in [(true, "error ShuttingDown"), (false, "error Cancelled")] {
+            let handlers = Arc::new(Handlers::new(INSTANCE));
+            let handler = |_request: Context<Bytes>| {
+                async {
+                    let items = vec![
+                        Ok(Bytes::from_static(b"partial")),
+                        Err(RequestError::new(ErrorKind::Cancelled, "the engine stopped")),
+                    ];
+                    Ok(Box::pin(futures::stream::iter(items)) as ByteStream)
+                }
+                .boxed()
+            };
+            handlers
+                .insert("ns/c/stops", Arc::new(FnHandler(handler)), EndpointObservers::unregistered())
+                .unwrap();
+            let shutdown = CancellationToken::new();
+            if shutting_down {
+                shutdown.cancel();
+            }
+            let lines = Arc::new(Mutex::new(vec![]));
+            let sink = Transcript {
+                lines: lines.clone(),
+                caller_left: false,
+            };
+            Pump::new(handlers, shutdown, 4096)
+                .run("ns/c/stops", INSTANCE, Context::new(Bytes::new()), sink)
+                .await;
+            assert_eq!(*lines.lock().unwrap(), ["partial", last]);
+        }
     }
 
     #[tokio::test]
