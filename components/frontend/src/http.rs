@@ -3,6 +3,7 @@
 //! model's router, and hand the worker's stream to [`crate::respond`].
 
 use crate::error::ApiError;
+use crate::kv::{KvMetrics, Plan};
 use crate::metrics::FrontendMetrics;
 use crate::migrate::{MigrationPolicy, migrating};
 use crate::models::{ModelManager, RouterSettings};
@@ -17,6 +18,7 @@ use axum::routing::{get, post};
 use bytes::Bytes;
 use futures::StreamExt;
 use std::time::{SystemTime, UNIX_EPOCH};
+use switchyard_kv_router::select::Choice;
 use switchyard_llm::model_card::ModelKind;
 use switchyard_llm::openai::{ChatCompletionRequest, CompletionRequest, ModelList, ModelObject, parse_request};
 use switchyard_llm::protocol::{LlmOutput, LlmRequest};
@@ -33,6 +35,10 @@ pub const REQUEST_ID: &str = "x-request-id";
 /// The response header naming the worker instance (hex id, as in
 /// `switchyard instances`) the request was first routed to.
 pub const WORKER_ID: &str = "x-switchyard-worker-id";
+
+/// The response header saying why a KV-routed request went where it went
+/// (see [`explain`]).
+pub const ROUTE: &str = "x-switchyard-route";
 
 /// Longest client-supplied request id kept; longer ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
@@ -66,6 +72,10 @@ impl FrontendState {
         if args.http_idle_timeout.is_zero() {
             return Err(FrontendError::IdleTimeout);
         }
+        let kv = match args.kv_settings()? {
+            Some(settings) => Some((settings, KvMetrics::register(drt.process_metrics())?)),
+            None => None,
+        };
         let runtime = drt.runtime().clone();
         let models = ModelManager::new(
             drt.clone(),
@@ -75,6 +85,7 @@ impl FrontendState {
                 max_wait: args.router_max_wait,
                 max_queued: args.router_max_queued,
             },
+            kv,
         );
         models.watch(runtime.root_token().child_token()).await?;
         Ok(Self {
@@ -270,11 +281,24 @@ async fn admit(
     let exchange = Exchange::begin(state.metrics.clone(), &model.name, route, stream, &request);
     let controller = Controller::with_id(id);
     let original = (state.migration_limit > 0 || state.stall_timeout.is_some()).then(|| request.clone());
-    let routed = match model
-        .router
-        .generate_routed(Context::with_controller(request, controller))
-        .await
-    {
+    let context = Context::with_controller(request, controller);
+    let (routed, kv_route) = match &model.kv {
+        None => (model.router.generate_routed(context).await, None),
+        Some(kv) => {
+            let (tokens, exact) = model.prompt_tokens(context.data());
+            let plan = kv.plan(&tokens, exact);
+            let policy = kv.policy(&plan);
+            let routed = model.router.generate_routed_with(&policy, context).await;
+            let explained = routed.as_ref().ok().map(|routed| {
+                let booking = kv.book(&plan, routed.instance_id);
+                let explanation = explain(&plan, policy.choice());
+                tracing::debug!(model = %model.name, request_id = %id, route = %explanation, "KV route");
+                (booking, explanation)
+            });
+            (routed, explained)
+        }
+    };
+    let routed = match routed {
         Ok(routed) => routed,
         Err(error) => {
             exchange.refused();
@@ -310,7 +334,18 @@ async fn admit(
         exchange.refused();
         return Err(refuse(&model.name, stream, ApiError::from_request(&model.name, error)));
     }
-    let responses: ResponseStream<LlmOutput> = Box::pin(futures::stream::iter(first).chain(responses));
+    let mut responses: ResponseStream<LlmOutput> = Box::pin(futures::stream::iter(first).chain(responses));
+    let mut route_header = None;
+    if let Some((mut booking, explanation)) = kv_route {
+        route_header = Some(explanation);
+        // The first piece is in: prefill is done. The rest of the booking
+        // goes when the stream is dropped (ended, cancelled or failed).
+        booking.first_token();
+        responses = Box::pin(responses.map(move |piece| {
+            let _held = &booking;
+            piece
+        }));
+    }
     let mut response = if stream {
         respond::stream(exchange, responses, now_secs())
     } else {
@@ -319,7 +354,22 @@ async fn admit(
     if let Ok(value) = HeaderValue::from_str(&format!("{worker:x}")) {
         response.headers_mut().insert(WORKER_ID, value);
     }
+    if let Some(value) = route_header.and_then(|text| HeaderValue::from_str(&text).ok()) {
+        response.headers_mut().insert(ROUTE, value);
+    }
     Ok(response)
+}
+
+/// The `x-switchyard-route` value of a KV-routed request, e.g.
+/// `mode=kv;index=events;blocks=40;worker=1f;overlap=32;cost=48;runner_up=2a;runner_up_overlap=0;runner_up_cost=80`.
+fn explain(plan: &Plan, choice: Option<Choice>) -> String {
+    let index = if plan.approximate { "approximate" } else { "events" };
+    let mut text = format!("mode=kv;index={index};blocks={}", plan.request_blocks);
+    if let Some(choice) = choice {
+        text.push(';');
+        text.push_str(&choice.to_string());
+    }
+    text
 }
 
 /// The body, up to `limit` bytes (413 beyond), within `deadline` (408 after).

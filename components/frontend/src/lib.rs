@@ -10,6 +10,7 @@
 
 pub mod error;
 pub mod http;
+pub mod kv;
 pub mod metrics;
 pub mod migrate;
 pub mod models;
@@ -39,7 +40,8 @@ pub struct FrontendArgs {
     /// Port of the OpenAI API (0 picks a free one).
     #[arg(long, env = "DYN_HTTP_PORT", default_value_t = 8000)]
     pub http_port: u16,
-    /// How each model's router picks a worker: round_robin, random, power_of_two or least_loaded.
+    /// How each model's router picks a worker: round_robin, random,
+    /// power_of_two, least_loaded, or kv (by cached prompt prefix and load).
     #[arg(long, env = "DYN_ROUTER_MODE", default_value = "least_loaded")]
     pub router_mode: RouterMode,
     /// Requests in flight per worker at which it counts as busy; when every
@@ -63,6 +65,30 @@ pub struct FrontendArgs {
     /// seconds. 0 waits for ever. Dynamo's name.
     #[arg(long = "stream-stall-timeout-secs", env = "DYN_HTTP_BACKEND_STREAM_TIMEOUT_SECS", default_value = "0", value_parser = args::seconds(), value_name = "DURATION")]
     pub stream_stall_timeout: Duration,
+    /// KV mode: weight of a worker's prefill work (the prompt blocks it does
+    /// not hold yet) against its decode work in the cost. 0 routes on load
+    /// alone. Dynamo's name.
+    #[arg(
+        long = "kv-overlap-score-weight",
+        visible_alias = "router-kv-overlap-score-weight",
+        env = "DYN_ROUTER_KV_OVERLAP_SCORE_WEIGHT",
+        default_value_t = 1.0
+    )]
+    pub kv_overlap_score_weight: f64,
+    /// KV mode: 0 picks the cheapest worker; above 0 draws one with
+    /// probability falling with its normalised cost (softmax), spreading load.
+    #[arg(long, env = "DYN_ROUTER_TEMPERATURE", default_value_t = 0.0)]
+    pub router_temperature: f64,
+    /// KV mode: tokens per KV block, for workers whose model card does not
+    /// say (cards that do win).
+    #[arg(long, env = "DYN_KV_CACHE_BLOCK_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub kv_cache_block_size: u32,
+    /// KV mode: subscribe to the engines' KV events (`--no-router-kv-events`
+    /// scores every worker from what this router sent it, for two minutes).
+    #[arg(long = "router-kv-events", env = "DYN_ROUTER_USE_KV_EVENTS", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub router_kv_events: bool,
+    #[arg(long = "no-router-kv-events", hide = true, action = clap::ArgAction::SetTrue)]
+    pub no_router_kv_events: bool,
     /// Largest request body accepted, in MiB (413 beyond).
     #[arg(long, env = "DYN_HTTP_BODY_LIMIT_MB", default_value_t = 45)]
     pub body_limit_mb: usize,
@@ -72,6 +98,26 @@ pub struct FrontendArgs {
     /// being streamed are not limited.
     #[arg(long = "http-idle-timeout-secs", env = "DYN_HTTP_IDLE_TIMEOUT_SECS", default_value = "30", value_parser = args::seconds().positive(), value_name = "DURATION")]
     pub http_idle_timeout: Duration,
+}
+
+impl FrontendArgs {
+    /// The KV router's settings, checked; `None` outside KV mode.
+    pub fn kv_settings(&self) -> Result<Option<kv::KvSettings>, FrontendError> {
+        if self.router_mode != RouterMode::Kv {
+            return Ok(None);
+        }
+        let cost = switchyard_kv_router::select::CostConfig {
+            overlap_credit: 1.0,
+            prefill_scale: self.kv_overlap_score_weight,
+            temperature: self.router_temperature,
+        };
+        cost.validate().map_err(FrontendError::KvSettings)?;
+        Ok(Some(kv::KvSettings {
+            cost,
+            block_size: self.kv_cache_block_size,
+            use_events: self.router_kv_events && !self.no_router_kv_events,
+        }))
+    }
 }
 
 impl Default for FrontendArgs {
@@ -91,9 +137,11 @@ pub enum FrontendError {
     #[error("cannot follow model cards in discovery")]
     Discovery(#[from] DiscoveryError),
     #[error(
-        "--router-mode direct needs an instance per request, which the OpenAI API cannot carry; use round_robin, random, power_of_two or least_loaded"
+        "--router-mode direct needs an instance per request, which the OpenAI API cannot carry; use round_robin, random, power_of_two, least_loaded or kv"
     )]
     DirectMode,
+    #[error("invalid KV router setting (--kv-overlap-score-weight, --router-temperature)")]
+    KvSettings(#[source] switchyard_kv_router::select::InvalidCostConfig),
     #[error("--http-idle-timeout-secs must be above 0")]
     IdleTimeout,
     #[error("cannot listen on {address} (--http-host/--http-port)")]

@@ -8,11 +8,12 @@
 //! because the router of an endpoint cannot tell which of its instances
 //! serve which model.
 
+use crate::kv::{KvMetrics, KvRouting, KvSettings};
 use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
-use switchyard_llm::model_card::{ModelCard, ModelKind};
+use switchyard_llm::model_card::{ModelCard, ModelKind, TokenizerSpec};
 use switchyard_llm::protocol::{LlmOutput, LlmRequest};
 use switchyard_runtime::component::client::ClientError;
 use switchyard_runtime::discovery::DiscoveryError;
@@ -48,6 +49,8 @@ pub struct Model {
     pub endpoint_path: String,
     pub cards: BTreeMap<u64, ModelCard>,
     pub router: Arc<LlmRouter>,
+    /// The KV state of its workers, in KV mode.
+    pub kv: Option<Arc<KvRouting>>,
 }
 
 impl Model {
@@ -58,6 +61,17 @@ impl Model {
     /// The shortest context length any of its workers declares.
     pub fn context_length(&self) -> Option<u32> {
         self.cards.values().map(|card| card.context_length).min()
+    }
+
+    /// The prompt's token ids as its engines will see them, and whether they
+    /// are exact: a worker whose card names no tokenizer this frontend can
+    /// use gets the mocker's word tokenizer, which only approximates.
+    pub fn prompt_tokens(&self, request: &LlmRequest) -> (Vec<u32>, bool) {
+        let exact = self
+            .cards
+            .values()
+            .all(|card| card.tokenizer == Some(TokenizerSpec::Mocker));
+        (switchyard_mocker::text::tokenize(&request.flat_prompt()), exact)
     }
 
     /// True when at least one of its workers is in discovery right now.
@@ -72,16 +86,19 @@ impl Model {
 pub struct ModelManager {
     drt: DistributedRuntime,
     settings: RouterSettings,
+    /// KV mode's settings and metrics.
+    kv: Option<(KvSettings, KvMetrics)>,
     models: Arc<RwLock<BTreeMap<String, Model>>>,
     /// Which model each card key belongs to, to apply deletes.
     cards: Arc<RwLock<BTreeMap<Key, String>>>,
 }
 
 impl ModelManager {
-    pub fn new(drt: DistributedRuntime, settings: RouterSettings) -> Self {
+    pub fn new(drt: DistributedRuntime, settings: RouterSettings, kv: Option<(KvSettings, KvMetrics)>) -> Self {
         Self {
             drt,
             settings,
+            kv,
             models: Arc::default(),
             cards: Arc::default(),
         }
@@ -175,10 +192,10 @@ impl ModelManager {
             );
             return;
         }
-        let router = match existing {
-            Some(model) => model.router,
+        let (router, kv) = match existing {
+            Some(model) => (model.router, model.kv),
             None => match self.build_router(&card).await {
-                Ok(router) => Arc::new(router),
+                Ok(router) => (Arc::new(router), self.build_kv(&card)),
                 Err(error) => {
                     tracing::warn!(model = %card.name, error = %Report(&error), "cannot route to this model");
                     return;
@@ -194,6 +211,7 @@ impl ModelManager {
                 endpoint_path: card.endpoint_path(),
                 cards: BTreeMap::new(),
                 router,
+                kv,
             });
             model.cards.insert(card.instance_id, card);
         }
@@ -215,6 +233,9 @@ impl ModelManager {
         let mut models = self.models.write().expect("models lock");
         if let Some(model) = models.get_mut(&name) {
             model.cards.remove(&key.instance_id);
+            if let Some(kv) = &model.kv {
+                kv.remove(key.instance_id);
+            }
             if model.cards.is_empty() {
                 models.remove(&name);
                 tracing::info!(model = %name, "model removed: its last worker left");
@@ -230,7 +251,10 @@ impl ModelManager {
             .map(|component| component.endpoint(&card.endpoint))?;
         let client = endpoint.client().await?;
         let mut router = LlmRouter::from_client(client.clone(), self.settings.mode).await?;
-        if matches!(self.settings.mode, RouterMode::LeastLoaded | RouterMode::PowerOfTwo) {
+        if matches!(
+            self.settings.mode,
+            RouterMode::LeastLoaded | RouterMode::PowerOfTwo | RouterMode::Kv
+        ) {
             router = match router.with_load_reports().await {
                 Ok(router) => router,
                 Err(error) => {
@@ -250,6 +274,23 @@ impl ModelManager {
         Ok(router)
     }
 }
+impl ModelManager {
+    /// The KV state for the model of `card`, in KV mode: block size from the
+    /// card, else from `--kv-cache-block-size`.
+    fn build_kv(&self, card: &ModelCard) -> Option<Arc<KvRouting>> {
+        let (settings, metrics) = self.kv.as_ref()?;
+        let block_size = card
+            .capacity
+            .kv_cache_block_size
+            .and_then(|size| u32::try_from(size).ok())
+            .filter(|size| (1..=65536).contains(size))
+            .unwrap_or(settings.block_size);
+        let routing = KvRouting::new(*settings, block_size, metrics.clone())?;
+        tracing::info!(model = %card.name, block_size, events = settings.use_events, "KV-aware routing");
+        Some(Arc::new(routing))
+    }
+}
+
 /// Why a model card's endpoint cannot be routed to.
 #[derive(Debug, thiserror::Error)]
 enum RouteError {

@@ -741,3 +741,149 @@ async fn a_model_is_served_without_load_reports_when_the_event_plane_is_down() {
     frontend_runtime.shutdown().await;
     worker_runtime.shutdown().await;
 }
+
+/// A KV-mode frontend over `workers` mocker workers (each its own runtime,
+/// so its own instance), on a private registry.
+async fn kv_stack(workers: usize, speedup_ratio: f64, frontend: FrontendArgs) -> (Stack, Vec<Runtime>) {
+    let registry = MemRegistry::new();
+    let mut runtimes = Vec::new();
+    for _ in 0..workers {
+        let runtime = Runtime::new(RuntimeConfig::local());
+        let args = MockerArgs {
+            speedup_ratio,
+            ..MockerArgs::default()
+        };
+        switchyard_mocker_worker::serve(&drt(&runtime, &registry), &args)
+            .await
+            .unwrap();
+        runtimes.push(runtime);
+    }
+    let frontend_runtime = Runtime::new(RuntimeConfig::local());
+    let frontend = FrontendArgs {
+        router_mode: switchyard_runtime::routing::RouterMode::Kv,
+        ..frontend
+    };
+    let state = FrontendState::new(&drt(&frontend_runtime, &registry), &frontend)
+        .await
+        .unwrap();
+    let stack = Stack {
+        app: router(state.clone()),
+        state,
+        worker: None,
+        frontend_runtime,
+    };
+    eventually("both workers' cards", || {
+        stack
+            .state
+            .models
+            .get("mock-model")
+            .is_some_and(|m| m.cards.len() == workers)
+    })
+    .await;
+    (stack, runtimes)
+}
+
+/// The `x-switchyard-route` header's `key=value` fields.
+fn route_fields(headers: &axum::http::HeaderMap) -> std::collections::HashMap<String, String> {
+    let text = headers
+        .get(crate::http::ROUTE)
+        .expect("a KV-routed answer says why")
+        .to_str()
+        .unwrap();
+    text.split(';')
+        .filter_map(|field| field.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// A prompt of `words` distinct words (one mocker token each).
+fn long_prompt(tag: &str, words: usize) -> String {
+    (0..words).map(|i| format!("{tag}{i}")).collect::<Vec<_>>().join(" ")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_mode_sends_a_prompt_sharing_a_cached_prefix_to_the_worker_that_holds_it() {
+    let frontend = FrontendArgs {
+        router_kv_events: false,
+        ..FrontendArgs::default()
+    };
+    let (stack, workers) = kv_stack(2, 0.0, frontend).await;
+    let prefix = long_prompt("shared", 400);
+    let ask = |suffix: &str| {
+        chat(json!({"max_tokens": 2, "messages": [{"role": "user", "content": format!("{prefix} {suffix}")}]}))
+    };
+
+    let (status, headers, body) = stack.post("/v1/chat/completions", ask("first")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let first = route_fields(&headers);
+    assert_eq!(first["mode"], "kv");
+    assert_eq!(first["index"], "approximate", "events are off");
+    assert_eq!(first["overlap"], "0", "nothing is cached yet: {first:?}");
+    let blocks: u32 = first["blocks"].parse().unwrap();
+    assert!(blocks >= 6, "400 words are several 64-token blocks: {first:?}");
+
+    for suffix in ["second", "third", "fourth"] {
+        let (status, headers, body) = stack.post("/v1/chat/completions", ask(suffix)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let next = route_fields(&headers);
+        assert_eq!(next["worker"], first["worker"], "the prefix is cached there: {next:?}");
+        let overlap: u32 = next["overlap"].parse().unwrap();
+        assert!(overlap >= blocks - 1, "all but the last block are shared: {next:?}");
+        assert_eq!(next["runner_up_overlap"], "0");
+        assert_eq!(
+            headers["x-switchyard-worker-id"].to_str().unwrap(),
+            first["worker"],
+            "the route header names the worker that answered"
+        );
+    }
+
+    // A different prompt has no cached prefix anywhere: both cost the same.
+    let (_, headers, _) = stack
+        .post(
+            "/v1/chat/completions",
+            chat(json!({"max_tokens": 2, "messages": [{"role": "user", "content": long_prompt("other", 400)}]})),
+        )
+        .await;
+    let other = route_fields(&headers);
+    assert_eq!(other["overlap"], "0");
+    assert_eq!(other["cost"], other["runner_up_cost"], "{other:?}");
+
+    for runtime in workers {
+        runtime.shutdown().await;
+    }
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_mode_spreads_one_hot_prefix_over_workers_as_they_fill() {
+    let frontend = FrontendArgs {
+        router_kv_events: false,
+        ..FrontendArgs::default()
+    };
+    // Real-time workers: answers stay open while the next requests arrive.
+    let (stack, workers) = kv_stack(3, 1.0, frontend).await;
+    let prompt = long_prompt("hot", 600);
+    let mut open = Vec::new();
+    let mut chosen = std::collections::HashMap::<String, usize>::new();
+    for _ in 0..9 {
+        let body = chat(json!({"max_tokens": 400, "stream": true, "messages": [{"role": "user", "content": prompt}]}));
+        let response = stack.call(post("/v1/chat/completions", body.to_string())).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        *chosen
+            .entry(route_fields(response.headers())["worker"].clone())
+            .or_default() += 1;
+        open.push(response); // keep the stream (and its load) open
+    }
+    assert_eq!(
+        chosen.len(),
+        3,
+        "one hot prefix must not pile onto one worker once it is loaded: {chosen:?}"
+    );
+    let busiest = chosen.values().max().unwrap();
+    assert!(*busiest <= 5, "the load term spreads the prefix: {chosen:?}");
+    drop(open);
+    for runtime in workers {
+        runtime.shutdown().await;
+    }
+    stack.shutdown().await;
+}

@@ -4,7 +4,7 @@
 
 use crate::stop::{StopMatcher, StopStep};
 use futures::StreamExt;
-use switchyard_llm::openai::{Role, Usage};
+use switchyard_llm::openai::Usage;
 use switchyard_llm::protocol::{FinishReason, LlmOutput, LlmRequest};
 use switchyard_mocker::engine::{EngineOutput, EngineRequest, EngineStream, MockerEngine, SubmitError};
 use switchyard_mocker::text;
@@ -37,29 +37,6 @@ impl MockerLlm {
     }
 }
 
-/// The text the engine "reads": chat messages one per line with their role,
-/// so two chats sharing their first messages share a prompt prefix.
-fn prompt_text(request: &LlmRequest) -> String {
-    match request {
-        LlmRequest::Completion(completion) => completion.prompt_text().to_string(),
-        LlmRequest::Chat(chat) => {
-            let mut text = String::new();
-            for message in &chat.messages {
-                let role = match message.role {
-                    Role::System => "system",
-                    Role::Developer => "developer",
-                    Role::User => "user",
-                    Role::Assistant => "assistant",
-                    Role::Tool => "tool",
-                };
-                let content = message.content.as_ref().map(|c| c.text()).unwrap_or_default();
-                text.push_str(&format!("{role}: {content}\n"));
-            }
-            text
-        }
-    }
-}
-
 #[async_trait::async_trait]
 impl AsyncEngine<LlmRequest, LlmOutput> for MockerLlm {
     async fn generate(&self, request: Context<LlmRequest>) -> Result<ResponseStream<LlmOutput>, RequestError> {
@@ -70,7 +47,7 @@ impl AsyncEngine<LlmRequest, LlmOutput> for MockerLlm {
                 format!("this worker serves model {:?}, not {:?}", self.model, request.model()),
             ));
         }
-        let prompt_tokens = text::tokenize(&prompt_text(&request));
+        let prompt_tokens = text::tokenize(&request.flat_prompt());
         let prompt_len = u32::try_from(prompt_tokens.len()).unwrap_or(u32::MAX);
         let room = self.context_length.saturating_sub(prompt_len);
         if room == 0 {

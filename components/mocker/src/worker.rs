@@ -5,7 +5,7 @@
 use crate::engine::MockerLlm;
 use crate::metrics::EngineMetrics;
 use std::net::SocketAddr;
-use switchyard_llm::model_card::{Capacity, ModelCard, ModelKind};
+use switchyard_llm::model_card::{Capacity, ModelCard, ModelKind, TokenizerSpec};
 use switchyard_mocker::config::{ConfigError, MockerConfig};
 use switchyard_mocker::engine::MockerEngine;
 use switchyard_runtime::component::Endpoint;
@@ -163,6 +163,9 @@ pub async fn serve(drt: &DistributedRuntime, args: &MockerArgs) -> Result<Mocker
         total_kv_blocks: Some(config.num_gpu_blocks as u64),
         kv_cache_block_size: Some(config.block_size as u64),
     };
+    // The engine reads `flat_prompt` with the mocker's tokenizer: a router
+    // doing the same sees the tokens the engine caches.
+    card.tokenizer = Some(TokenizerSpec::Mocker);
     card.register(&endpoint).await?;
     runtime.spawn({
         let (card, endpoint) = (card.clone(), endpoint.clone());

@@ -30,6 +30,33 @@ pub struct Capacity {
     pub kv_cache_block_size: Option<u64>,
 }
 
+/// How a router can know a request's prompt tokens as this worker's engine
+/// will see them (KV-aware routing hashes them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TokenizerSpec {
+    /// The mocker's deterministic word tokenizer over
+    /// [`LlmRequest::flat_prompt`](crate::protocol::LlmRequest::flat_prompt).
+    Mocker,
+    /// A Hugging Face model directory (`tokenizer.json`,
+    /// `tokenizer_config.json`) on the router's machine.
+    HfDir { path: String },
+}
+
+/// Where the worker's engine publishes its KV cache events (vLLM's ZMQ
+/// format), so routers subscribe to the engine directly.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvEventsSource {
+    /// The engine's ZMQ PUB address, e.g. `tcp://10.0.0.5:5557`.
+    pub endpoint: String,
+    /// Its replay (ROUTER) address, when it keeps a replay buffer.
+    #[serde(default)]
+    pub replay_endpoint: Option<String>,
+    /// The topic the engine publishes on (`""` for any).
+    #[serde(default)]
+    pub topic: String,
+}
+
 /// One worker's advertisement of one model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelCard {
@@ -45,6 +72,12 @@ pub struct ModelCard {
     pub component: String,
     pub endpoint: String,
     pub instance_id: u64,
+    /// How to tokenize prompts as the engine does (KV-aware routing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<TokenizerSpec>,
+    /// Where the engine's KV events can be subscribed to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_events: Option<KvEventsSource>,
 }
 
 impl ModelCard {
@@ -59,6 +92,8 @@ impl ModelCard {
             component: endpoint.component().to_string(),
             endpoint: endpoint.name().to_string(),
             instance_id: endpoint.drt().instance_id(),
+            tokenizer: None,
+            kv_events: None,
         }
     }
 

@@ -87,6 +87,19 @@ pub enum Role {
     Tool,
 }
 
+impl Role {
+    /// The name OpenAI gives the role (`"user"`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::Developer => "developer",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::Tool => "tool",
+        }
+    }
+}
+
 /// A message's content: a string, or a list of typed parts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]

@@ -34,6 +34,27 @@ impl LlmRequest {
         }
     }
 
+    /// The prompt as one plain text: a completion's prompt, or a chat's
+    /// messages one per line as `role: content`, so two chats sharing their
+    /// first messages share a prefix. What the mocker reads, and what a
+    /// router hashes for a worker whose tokenizer is the mocker's.
+    pub fn flat_prompt(&self) -> String {
+        match self {
+            LlmRequest::Completion(completion) => completion.prompt_text().to_string(),
+            LlmRequest::Chat(chat) => {
+                let mut text = String::new();
+                for message in &chat.messages {
+                    let content = message.content.as_ref().map(|c| c.text()).unwrap_or_default();
+                    text.push_str(message.role.as_str());
+                    text.push_str(": ");
+                    text.push_str(&content);
+                    text.push('\n');
+                }
+                text
+            }
+        }
+    }
+
     /// The stop sequences the client gave.
     pub fn stop(&self) -> Vec<String> {
         let stop = match self {

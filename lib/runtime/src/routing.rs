@@ -24,10 +24,14 @@ pub enum RouterMode {
     LeastLoaded,
     /// The caller names the instance with `direct(request, instance_id)`.
     Direct,
+    /// KV-cache aware: the caller passes a per-request policy that knows the
+    /// prompt's cached prefix on each instance (`generate_routed_with`);
+    /// plain `generate` falls back to least loaded.
+    Kv,
 }
 
 impl RouterMode {
-    const CHOICES: &'static str = "round_robin, random, power_of_two, least_loaded, direct";
+    const CHOICES: &'static str = "round_robin, random, power_of_two, least_loaded, kv, direct";
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -36,6 +40,7 @@ impl RouterMode {
             RouterMode::PowerOfTwo => "power_of_two",
             RouterMode::LeastLoaded => "least_loaded",
             RouterMode::Direct => "direct",
+            RouterMode::Kv => "kv",
         }
     }
 }
@@ -50,6 +55,7 @@ impl FromStr for RouterMode {
             "power_of_two" | "p2c" => Ok(RouterMode::PowerOfTwo),
             "least_loaded" => Ok(RouterMode::LeastLoaded),
             "direct" => Ok(RouterMode::Direct),
+            "kv" => Ok(RouterMode::Kv),
             _ => Err(UnknownRouterMode(text.to_string())),
         }
     }

@@ -93,7 +93,7 @@ where
             RouterMode::RoundRobin | RouterMode::Direct => Box::new(RoundRobin::default()),
             RouterMode::Random => Box::new(Random),
             RouterMode::PowerOfTwo => Box::new(PowerOfTwo),
-            RouterMode::LeastLoaded => Box::new(LeastLoaded),
+            RouterMode::LeastLoaded | RouterMode::Kv => Box::new(LeastLoaded),
         };
         Ok(Self {
             client,
@@ -189,6 +189,18 @@ where
             ));
         }
         self.route(self.policy.as_ref(), request).await
+    }
+
+    /// Like [`PushRouter::generate_routed`], choosing with `policy` instead of
+    /// the mode's own: for policies that depend on the request (KV-aware
+    /// routing). Busy refusal, waiting, ejection and the retry elsewhere
+    /// work as in every mode.
+    pub async fn generate_routed_with(
+        &self,
+        policy: &dyn Policy,
+        request: Context<Req>,
+    ) -> Result<Routed<Resp>, RequestError> {
+        self.route(policy, request).await
     }
 
     /// Takes `instance_id` out of selection for a backoff, as after a

@@ -1,0 +1,423 @@
+//! KV-cache-aware routing in the frontend (`--router-mode kv`): for each
+//! request, which workers already hold its prompt's leading blocks, and the
+//! cheapest worker once that cached prefix and each worker's load are
+//! weighed (the formulas are in `switchyard_kv_router::select`).
+//!
+//! Per model, one [`KvRouting`] keeps:
+//! - the *event index*: what each worker's engine says it caches (its KV
+//!   events, [`crate::kv_events`]);
+//! - the *approximate index*: what this router sent where, for workers whose
+//!   engine publishes no events (entries live two minutes);
+//! - the *predicted index*: what this router sent where in the last few
+//!   seconds, so sibling requests that arrive before the engine's first
+//!   event still find each other;
+//! - the *booked load*: blocks of prefill and of decode this router sent to
+//!   each worker and that are not done yet ([`Booking`]).
+//!
+//! All four sit behind one mutex, held for microseconds per request (the
+//! index lookup is the costly part; `docs/kv-routing-core.md` has figures).
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Opts};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use switchyard_kv_router::approx::TtlIndex;
+use switchyard_kv_router::events::EventBatch;
+use switchyard_kv_router::hash::{BlockHasher, LocalBlockHash, SequenceHash, sequence_hashes};
+use switchyard_kv_router::index::{IndexConfig, KvIndex};
+use switchyard_kv_router::overlap::Overlaps;
+use switchyard_kv_router::select::{Candidate, Choice, CostConfig, select};
+use switchyard_kv_router::worker::WorkerId;
+use switchyard_runtime::instance::Instance;
+use switchyard_runtime::metrics::{Metrics, MetricsError};
+use switchyard_runtime::routing::{LoadView, Policy};
+use tokio::time::Instant;
+
+/// The KV router's settings (flags of `switchyard frontend`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KvSettings {
+    /// Weights, temperature.
+    pub cost: CostConfig,
+    /// Tokens per block when the model's cards do not say.
+    pub block_size: u32,
+    /// Subscribe to the engines' KV events (else approximate only).
+    pub use_events: bool,
+}
+
+/// What the index says about one request, computed before routing.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Blocks of the prompt, counting a trailing partial one.
+    pub request_blocks: u64,
+    /// The full blocks' sequence hashes (for the TTL indexes).
+    sequence: Vec<SequenceHash>,
+    /// Per worker, leading blocks of the prompt it holds.
+    overlaps: Overlaps,
+    /// True when the workers are scored from what this router sent rather
+    /// than from their engines' events (no events flow, or the prompt's
+    /// tokens are not exactly the engine's).
+    pub approximate: bool,
+}
+
+/// The KV state of one model's workers, shared by its requests.
+#[derive(Debug)]
+pub struct KvRouting {
+    settings: KvSettings,
+    hasher: BlockHasher,
+    state: Mutex<State>,
+    metrics: KvMetrics,
+}
+
+#[derive(Debug)]
+struct State {
+    index: KvIndex,
+    approximate: TtlIndex,
+    predicted: TtlIndex,
+    booked: HashMap<u64, Booked>,
+    /// Instances whose engine events are flowing, so the approximate index
+    /// does not stand in for them.
+    with_events: HashSet<u64>,
+}
+
+/// Predicted work a worker has from this router.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Booked {
+    prefill_blocks: u64,
+    decode_blocks: u64,
+}
+
+impl KvRouting {
+    /// Routing for a model whose engines use `block_size` tokens per block.
+    pub fn new(settings: KvSettings, block_size: u32, metrics: KvMetrics) -> Option<Self> {
+        let hasher = BlockHasher::new(block_size, None)?;
+        Some(Self {
+            settings,
+            hasher,
+            state: Mutex::new(State {
+                index: KvIndex::new(IndexConfig::new(block_size)),
+                approximate: TtlIndex::approximate(),
+                predicted: TtlIndex::predicted(),
+                booked: HashMap::new(),
+                with_events: HashSet::new(),
+            }),
+            metrics,
+        })
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.hasher.block_size()
+    }
+
+    pub fn settings(&self) -> &KvSettings {
+        &self.settings
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // Every update leaves the indexes consistent, so a poisoned lock is usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Looks the prompt `tokens` up in the indexes. When the tokens are not
+    /// `exact` (the engine's tokenizer is not known here), the engines' own
+    /// events cannot match them, so only what this router sent counts.
+    pub fn plan(&self, tokens: &[u32], exact: bool) -> Plan {
+        let started = Instant::now();
+        let locals: Vec<LocalBlockHash> = self.hasher.local_hashes(tokens);
+        let sequence = sequence_hashes(&locals);
+        let now = Instant::now();
+        let mut state = self.lock();
+        let from_events = if exact {
+            state.index.find_matches(&locals)
+        } else {
+            Overlaps::default()
+        };
+        let approximate = state.approximate.find_matches(&sequence, now);
+        let predicted = state.predicted.find_matches(&sequence, now);
+        let approximate_used = !exact || state.with_events.is_empty();
+        drop(state);
+        let overlaps = from_events.max(&approximate).max(&predicted);
+        self.metrics.indexer_seconds.observe(started.elapsed().as_secs_f64());
+        Plan {
+            request_blocks: tokens.len().div_ceil(self.block_size() as usize) as u64,
+            sequence,
+            overlaps,
+            approximate: approximate_used,
+        }
+    }
+
+    /// The policy that routes `plan`'s request; it remembers its choice.
+    pub fn policy<'a>(&'a self, plan: &'a Plan) -> KvPolicy<'a> {
+        KvPolicy {
+            routing: self,
+            plan,
+            choice: Mutex::new(None),
+        }
+    }
+
+    /// Books the request on `instance` (it was sent there): its blocks count
+    /// as cached there from now on in the predicted index (and in the
+    /// approximate one when the engine sends no events), and its work as
+    /// that worker's load until the [`Booking`] says otherwise.
+    pub fn book(self: &Arc<Self>, plan: &Plan, instance: u64) -> Booking {
+        let worker = WorkerId::from(instance);
+        let overlap = u64::from(plan.overlaps.get(worker));
+        let booked = Booked {
+            prefill_blocks: plan.request_blocks.saturating_sub(overlap),
+            decode_blocks: plan.request_blocks,
+        };
+        let now = Instant::now();
+        {
+            let mut state = self.lock();
+            state.predicted.record(worker, &plan.sequence, now);
+            if plan.approximate || !state.with_events.contains(&instance) {
+                state.approximate.record(worker, &plan.sequence, now);
+            }
+            let entry = state.booked.entry(instance).or_default();
+            entry.prefill_blocks += booked.prefill_blocks;
+            entry.decode_blocks += booked.decode_blocks;
+        }
+        if plan.request_blocks > 0 {
+            let rate = overlap as f64 / plan.request_blocks as f64;
+            self.metrics.hit_rate.observe(rate.min(1.0));
+        }
+        self.metrics.overlap_blocks.observe(overlap as f64);
+        Booking {
+            routing: self.clone(),
+            instance,
+            prefill_pending: booked.prefill_blocks,
+            decode_pending: booked.decode_blocks,
+        }
+    }
+
+    fn release(&self, instance: u64, prefill: u64, decode: u64) {
+        let mut state = self.lock();
+        if let Some(entry) = state.booked.get_mut(&instance) {
+            entry.prefill_blocks = entry.prefill_blocks.saturating_sub(prefill);
+            entry.decode_blocks = entry.decode_blocks.saturating_sub(decode);
+            if *entry == Booked::default() {
+                state.booked.remove(&instance);
+            }
+        }
+    }
+
+    /// Applies one batch of `instance`'s engine events.
+    pub fn apply(&self, instance: u64, batch: &EventBatch) {
+        let worker = WorkerId::from(instance);
+        let mut state = self.lock();
+        state.with_events.insert(instance);
+        for event in &batch.events {
+            match state.index.apply(worker, event) {
+                Ok(_) => self.metrics.events.inc(),
+                Err(error) => {
+                    self.metrics.refused_events.inc();
+                    tracing::warn!(instance = format!("{instance:x}"), %error, "KV event refused");
+                }
+            }
+        }
+        self.metrics.indexed_blocks.set(state.index.stats().blocks as i64);
+    }
+
+    /// Forgets what `instance`'s engine said it caches (a gap that replay
+    /// could not fill, an engine restart): it is scored from the
+    /// approximate index until its events flow again.
+    pub fn reset(&self, instance: u64) {
+        let mut state = self.lock();
+        state.index.remove_worker(WorkerId::from(instance));
+        state.with_events.remove(&instance);
+        self.metrics.indexed_blocks.set(state.index.stats().blocks as i64);
+    }
+
+    /// Forgets `instance` entirely: it left discovery.
+    pub fn remove(&self, instance: u64) {
+        let worker = WorkerId::from(instance);
+        let mut state = self.lock();
+        state.index.remove_worker(worker);
+        state.approximate.remove_worker(worker);
+        state.predicted.remove_worker(worker);
+        state.with_events.remove(&instance);
+        state.booked.remove(&instance);
+        self.metrics.indexed_blocks.set(state.index.stats().blocks as i64);
+    }
+
+    /// Why `instance` is not scored by its cache, when it is not.
+    pub fn excluded(&self, instance: u64) -> Option<String> {
+        let state = self.lock();
+        state.index.is_excluded(WorkerId::from(instance)).then(|| {
+            format!(
+                "its engine's KV block size differs from the router's {} tokens; routed by load only",
+                self.block_size()
+            )
+        })
+    }
+
+    /// Blocks the event index holds for `instance`.
+    pub fn worker_blocks(&self, instance: u64) -> usize {
+        self.lock().index.worker_blocks(WorkerId::from(instance))
+    }
+}
+
+/// Chooses for one request by cost; see [`KvRouting`].
+#[derive(Debug)]
+pub struct KvPolicy<'a> {
+    routing: &'a KvRouting,
+    plan: &'a Plan,
+    choice: Mutex<Option<Choice>>,
+}
+
+impl KvPolicy<'_> {
+    /// The last choice made (the one that was sent, after a retry).
+    pub fn choice(&self) -> Option<Choice> {
+        *self.choice.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Policy for KvPolicy<'_> {
+    fn select(&self, instances: &[Instance], loads: &dyn LoadView) -> Option<usize> {
+        let state = self.routing.lock();
+        let candidates: Vec<Candidate> = instances
+            .iter()
+            .filter(|i| loads.available(i.instance_id))
+            .map(|i| {
+                let worker = WorkerId::from(i.instance_id);
+                let booked = state.booked.get(&i.instance_id).copied().unwrap_or_default();
+                let excluded = state.index.is_excluded(worker);
+                Candidate {
+                    worker,
+                    overlap_blocks: if excluded { 0 } else { self.plan.overlaps.get(worker) },
+                    active_prefill_blocks: booked.prefill_blocks,
+                    active_decode_blocks: booked.decode_blocks,
+                    cached_blocks: state.index.worker_blocks(worker) as u64,
+                }
+            })
+            .collect();
+        drop(state);
+        let choice = select(
+            &self.routing.settings.cost,
+            self.plan.request_blocks,
+            &candidates,
+            rand::random::<f64>(),
+        )?;
+        *self.choice.lock().unwrap_or_else(|p| p.into_inner()) = Some(choice);
+        instances
+            .iter()
+            .position(|i| i.instance_id == choice.chosen.worker.instance)
+    }
+}
+
+/// One request's predicted load on its worker: prefill until its first
+/// token ([`Booking::first_token`]), decode until it is dropped (the stream
+/// ended, was cancelled, or moved to another worker).
+#[derive(Debug)]
+pub struct Booking {
+    routing: Arc<KvRouting>,
+    instance: u64,
+    prefill_pending: u64,
+    decode_pending: u64,
+}
+
+impl Booking {
+    /// The worker produced its first token: its prefill is done.
+    pub fn first_token(&mut self) {
+        let prefill = std::mem::take(&mut self.prefill_pending);
+        if prefill > 0 {
+            self.routing.release(self.instance, prefill, 0);
+        }
+    }
+}
+
+impl Drop for Booking {
+    fn drop(&mut self) {
+        self.routing
+            .release(self.instance, self.prefill_pending, self.decode_pending);
+    }
+}
+
+/// The KV router's metrics (labelled by nothing: one frontend's view).
+#[derive(Debug, Clone)]
+pub struct KvMetrics {
+    /// Share of the prompt's blocks cached on the chosen worker (Dynamo's name).
+    pub hit_rate: Histogram,
+    pub overlap_blocks: Histogram,
+    /// Time to hash the prompt and look it up.
+    pub indexer_seconds: Histogram,
+    /// Engine events applied to the index, and refused (wrong block size, inconsistent).
+    pub events: IntCounter,
+    pub refused_events: IntCounter,
+    /// Blocks in the event index, all workers together.
+    pub indexed_blocks: IntGauge,
+    /// Event-stream sequence gaps seen, replays asked, batches lost for good.
+    pub gaps: IntCounter,
+    pub replays: IntCounter,
+    pub lost_batches: IntCounter,
+    /// Seconds between an engine publishing a batch and the router applying it.
+    pub event_lag_seconds: Histogram,
+}
+
+impl KvMetrics {
+    pub fn register(scope: &Metrics) -> Result<Self, MetricsError> {
+        let fractions = vec![0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
+        let blocks = vec![0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+        let micros = vec![1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 1e-2];
+        let lag = vec![1e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1.0, 5.0];
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        };
+        let counter = |name: &str, help: &str| IntCounter::with_opts(Opts::new(name, help));
+        let metrics = Self {
+            hit_rate: histogram(
+                "dynamo_component_router_kv_hit_rate",
+                "Share of the prompt's blocks cached on the worker chosen by the KV router",
+                fractions,
+            )?,
+            overlap_blocks: histogram(
+                "dynamo_frontend_router_overlap_blocks",
+                "Prompt blocks cached on the worker chosen by the KV router",
+                blocks,
+            )?,
+            indexer_seconds: histogram(
+                "dynamo_frontend_router_indexer_seconds",
+                "Time to hash a prompt and find its cached prefix on every worker",
+                micros,
+            )?,
+            events: counter(
+                "dynamo_frontend_kv_events_total",
+                "Engine KV events applied to the index",
+            )?,
+            refused_events: counter(
+                "dynamo_frontend_kv_events_refused_total",
+                "Engine KV events refused (block size mismatch, inconsistent event)",
+            )?,
+            indexed_blocks: IntGauge::with_opts(Opts::new(
+                "dynamo_frontend_kv_indexed_blocks",
+                "Blocks held in the KV router's event index, over all workers",
+            ))?,
+            gaps: counter(
+                "dynamo_frontend_kv_event_gaps_total",
+                "Sequence gaps in engines' KV event streams",
+            )?,
+            replays: counter(
+                "dynamo_frontend_kv_event_replays_total",
+                "Replays asked of engines to fill KV event gaps",
+            )?,
+            lost_batches: counter(
+                "dynamo_frontend_kv_event_lost_batches_total",
+                "KV event batches no replay could recover (the worker's index was reset)",
+            )?,
+            event_lag_seconds: histogram(
+                "dynamo_frontend_kv_event_lag_seconds",
+                "Time from an engine publishing a KV event batch to the router applying it",
+                lag,
+            )?,
+        };
+        scope.register(Box::new(metrics.hit_rate.clone()))?;
+        scope.register(Box::new(metrics.overlap_blocks.clone()))?;
+        scope.register(Box::new(metrics.indexer_seconds.clone()))?;
+        scope.register(Box::new(metrics.events.clone()))?;
+        scope.register(Box::new(metrics.refused_events.clone()))?;
+        scope.register(Box::new(metrics.indexed_blocks.clone()))?;
+        scope.register(Box::new(metrics.gaps.clone()))?;
+        scope.register(Box::new(metrics.replays.clone()))?;
+        scope.register(Box::new(metrics.lost_batches.clone()))?;
+        scope.register(Box::new(metrics.event_lag_seconds.clone()))?;
+        Ok(metrics)
+    }
+}
