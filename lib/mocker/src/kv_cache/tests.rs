@@ -5,15 +5,26 @@ fn cache(blocks: usize) -> KvCache {
     KvCache::new(blocks, 2, true)
 }
 
+/// Registers the full prompt blocks after the cached ones, as the scheduler does once they are computed.
+fn register_computed(kv: &mut KvCache, alloc: &Allocation, hashes: &[BlockHash], tokens: &[u32]) {
+    let (first, end) = (alloc.cached_blocks, hashes.len());
+    let parent = first.checked_sub(1).map(|i| hashes[i]);
+    let size = kv.block_size();
+    kv.register(
+        &alloc.blocks[first..end],
+        &hashes[first..end],
+        parent,
+        &tokens[first * size..end * size],
+    );
+}
+
 /// Allocates blocks for `tokens` as a sequence would and registers its full blocks as computed.
 fn run_prefill(kv: &mut KvCache, tokens: &[u32]) -> Allocation {
     let hashes = block_hashes(tokens, kv.block_size());
     let alloc = kv
         .allocate(&hashes, blocks_for(tokens.len(), kv.block_size()))
         .expect("fits");
-    for (block, hash) in alloc.blocks.iter().zip(&hashes) {
-        kv.register(*block, *hash);
-    }
+    register_computed(kv, &alloc, &hashes, tokens);
     alloc
 }
 
@@ -143,8 +154,12 @@ fn identical_prompts_prefilled_side_by_side_keep_one_cache_entry() {
     let hashes = block_hashes(&[1, 2], 2);
     let a = kv.allocate(&hashes, 1).expect("fits");
     let b = kv.allocate(&hashes, 1).expect("fits");
-    assert!(kv.register(a.blocks[0], hashes[0]));
-    assert!(!kv.register(b.blocks[0], hashes[0]), "the duplicate stays private");
+    assert_eq!(kv.register(&a.blocks, &hashes, None, &[1, 2]), 1);
+    assert_eq!(
+        kv.register(&b.blocks, &hashes, None, &[1, 2]),
+        0,
+        "the duplicate stays private"
+    );
     kv.release(&b.blocks);
     kv.release(&a.blocks);
     assert_eq!((kv.inactive_blocks(), kv.free_blocks()), (1, 7));
