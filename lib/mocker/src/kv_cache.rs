@@ -367,4 +367,6 @@ impl KvCache {
 }
 
 #[cfg(test)]
+pub(crate) mod replay;
+#[cfg(test)]
 mod tests;
