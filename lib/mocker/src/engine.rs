@@ -4,12 +4,19 @@
 //! This is the only module that touches tokio. It must not hold the state lock across an `.await`:
 //! the lock is also taken from [`EngineStream`]'s `Drop`, which is what makes cancellation free the
 //! KV blocks at once.
+//!
+//! An engine started with [`MockerEngine::start_with_kv_events`] also sends, after every step that
+//! changed its prefix cache, one vLLM [`EventBatch`] into a bounded channel; it never waits for room.
+//! Putting the batches on a wire (ZMQ, replay) is the caller's job.
 
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
+use std::time::SystemTime;
 
+use switchyard_kv_router::events::{EventBatch, KvEvent};
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -79,6 +86,11 @@ pub struct EngineStats {
     pub prompt_tokens: u64,
     /// Tokens generated (including those of requests later cancelled).
     pub generated_tokens: u64,
+    /// KV event batches handed to the events channel (0 when events are off).
+    pub kv_event_batches_sent: u64,
+    /// KV event batches lost because the events channel was full or closed: a listener's view of
+    /// the cache has drifted since the first one.
+    pub kv_event_batches_dropped: u64,
 }
 
 /// Why `submit` refused a request.
@@ -125,6 +137,9 @@ struct Shared {
     work: Notify,
     /// The latest load; a watch so readers get a consistent copy without locking `state`.
     load: watch::Sender<EngineLoad>,
+    /// Where each step's KV events go, when the caller asked for them. Bounded and only ever
+    /// `try_send`-ed, so a slow listener costs it batches, never the engine its pace.
+    kv_events: Option<mpsc::Sender<EventBatch>>,
 }
 
 #[derive(Debug)]
@@ -141,9 +156,38 @@ impl MockerEngine {
     /// called inside one). The task ends when `stop` is cancelled or every handle is dropped; streams
     /// still open then end without a `Finished` item.
     pub fn start(config: MockerConfig, stop: CancellationToken) -> Result<Self, ConfigError> {
+        Self::spawn(config, stop, None)
+    }
+
+    /// Like [`Self::start`], and after every step that changed the prefix cache, sends the step's KV
+    /// events as one [`EventBatch`] (`ts` the wall clock in seconds since the epoch, `events` in the
+    /// order they happened, `data_parallel_rank` `None`) into `events`, exactly as vLLM with
+    /// `--enable-prefix-caching` and KV events on would publish them: `BlockStored` when full prompt
+    /// blocks become reusable, `BlockRemoved` when one is evicted. Replaying every batch in order into
+    /// a KV index reproduces the engine's prefix cache.
+    ///
+    /// The engine never waits: when the channel is full (or closed), the batch is dropped and counted
+    /// in [`EngineStats::kv_event_batches_dropped`], so size it for bursts (a step makes at most one
+    /// batch; a few hundred batches is plenty for a publisher that keeps up).
+    pub fn start_with_kv_events(
+        config: MockerConfig,
+        stop: CancellationToken,
+        events: mpsc::Sender<EventBatch>,
+    ) -> Result<Self, ConfigError> {
+        Self::spawn(config, stop, Some(events))
+    }
+
+    fn spawn(
+        config: MockerConfig,
+        stop: CancellationToken,
+        kv_events: Option<mpsc::Sender<EventBatch>>,
+    ) -> Result<Self, ConfigError> {
         config.validate()?;
         let stop = stop.child_token();
-        let scheduler = Scheduler::new(&config);
+        let mut scheduler = Scheduler::new(&config);
+        if kv_events.is_some() {
+            scheduler = scheduler.with_kv_events();
+        }
         let initial_load = load_of(&scheduler, &config);
         let shared = Arc::new(Shared {
             config,
@@ -156,6 +200,7 @@ impl MockerEngine {
             }),
             work: Notify::new(),
             load: watch::Sender::new(initial_load),
+            kv_events,
         });
         tokio::spawn(run(Arc::clone(&shared)));
         tracing::debug!(config = ?shared.config, "mocker engine started");
@@ -240,7 +285,7 @@ impl MockerEngine {
 async fn run(shared: Arc<Shared>) {
     let stop = shared.stop.clone();
     loop {
-        let Some(outcome) = shared.step() else {
+        let Some((outcome, kv_events)) = shared.step() else {
             tokio::select! {
                 () = stop.cancelled() => break,
                 () = shared.work.notified() => continue,
@@ -258,8 +303,10 @@ async fn run(shared: Arc<Shared>) {
                 () = tokio::time::sleep(outcome.duration) => {}
             }
         }
-        // Tokens appear when the step's simulated time is over, as on a real GPU.
+        // Tokens appear when the step's simulated time is over, as on a real GPU; vLLM publishes the
+        // step's KV events at the same point, with its outputs.
         shared.deliver(&outcome);
+        shared.publish_kv_events(kv_events);
     }
     shared.shut_down();
     tracing::debug!("mocker engine stopped");
@@ -271,16 +318,55 @@ impl Shared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn step(&self) -> Option<StepOutcome> {
+    /// One scheduler step, with the KV events it recorded (always empty when events are off).
+    fn step(&self) -> Option<(StepOutcome, Vec<KvEvent>)> {
         let mut state = self.lock();
         let outcome = state.scheduler.step()?;
+        // Every prefix cache change happens inside a step (cancelling only releases blocks), so
+        // taking the events here and nowhere else loses none.
+        let kv_events = state.scheduler.take_kv_events();
         let stats = &mut state.stats;
         stats.generated_tokens += outcome.tokens.len() as u64;
         stats.completed += outcome.finished.len() as u64;
         stats.preempted += outcome.preempted.len() as u64;
         stats.prefix_hit_tokens += outcome.prefix_hit_tokens as u64;
         self.publish_load(&state);
-        Some(outcome)
+        Some((outcome, kv_events))
+    }
+
+    /// Sends one step's events as a batch, without waiting; see [`MockerEngine::start_with_kv_events`].
+    fn publish_kv_events(&self, events: Vec<KvEvent>) {
+        let Some(sender) = &self.kv_events else { return };
+        if events.is_empty() {
+            return;
+        }
+        let ts = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0.0, |since| since.as_secs_f64());
+        let batch = EventBatch {
+            ts,
+            events,
+            data_parallel_rank: None,
+        };
+        let sent = sender.try_send(batch);
+        let mut state = self.lock();
+        match sent {
+            Ok(()) => state.stats.kv_event_batches_sent += 1,
+            Err(error) => {
+                state.stats.kv_event_batches_dropped += 1;
+                if state.stats.kv_event_batches_dropped == 1 {
+                    // Once is enough to say the listener's index is now stale; the counter says how much.
+                    let reason = match error {
+                        TrySendError::Full(_) => "the channel is full",
+                        TrySendError::Closed(_) => "the receiver is gone",
+                    };
+                    tracing::warn!(
+                        reason,
+                        "mocker dropped a KV event batch; further drops are only counted"
+                    );
+                }
+            }
+        }
     }
 
     fn deliver(&self, outcome: &StepOutcome) {

@@ -3,10 +3,20 @@
 //! Pure bookkeeping with no async and no timing. A block is *active* while any sequence references it,
 //! *inactive* when no sequence does but it still holds a registered full prompt block (a prefix cache
 //! entry, evicted least-recently-used first), and *free* otherwise.
+//!
+//! When built [`KvCache::with_kv_events`], it also records the changes to its prefix cache as the
+//! vLLM KV events a real engine would publish (`BlockStored` when full prompt blocks become reusable,
+//! `BlockRemoved` when one is evicted), for the caller to drain with [`KvCache::take_kv_events`]. It
+//! only records them: sending is the engine's job.
 
 use std::collections::{BTreeMap, HashMap};
 
+use switchyard_kv_router::events::{BlockRemoved, BlockStored, EngineBlockHash, KvEvent};
+
 use crate::hash;
+
+/// The storage tier named in KV events: the simulated cache is the GPU's, as vLLM labels it.
+const MEDIUM: &str = "GPU";
 
 /// Index of one block in the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -62,7 +72,7 @@ enum Slot {
 }
 
 /// The block manager. Every method either succeeds completely or changes nothing.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct KvCache {
     block_size: usize,
     prefix_caching: bool,
@@ -75,6 +85,9 @@ pub struct KvCache {
     registry: HashMap<BlockHash, BlockId>,
     next_stamp: u64,
     active: usize,
+    /// Prefix cache changes not yet taken by the caller; `None` when events are off, so a cache
+    /// without a listener pays one branch per registration or eviction and never allocates.
+    events: Option<Vec<KvEvent>>,
 }
 
 impl KvCache {
@@ -89,7 +102,22 @@ impl KvCache {
             registry: HashMap::new(),
             next_stamp: 0,
             active: 0,
+            events: None,
         }
+    }
+
+    /// The same cache, recording KV events from now on. Call it on a new cache: blocks registered
+    /// before would never have been announced, so their removal would confuse a listener.
+    pub fn with_kv_events(mut self) -> Self {
+        debug_assert!(self.registry.is_empty(), "enable KV events on an empty cache");
+        self.events = Some(Vec::new());
+        self
+    }
+
+    /// The KV events recorded since the last call, oldest first; empty when events are off. The
+    /// engine takes them every step, which is what bounds the buffer.
+    pub fn take_kv_events(&mut self) -> Vec<KvEvent> {
+        self.events.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// Tokens per block.
@@ -105,6 +133,12 @@ impl KvCache {
     /// Blocks referenced by at least one sequence.
     pub fn active_blocks(&self) -> usize {
         self.active
+    }
+
+    /// Blocks registered in the prefix cache (active or inactive): exactly those a listener of the KV
+    /// events believes the engine holds.
+    pub fn registered_blocks(&self) -> usize {
+        self.registry.len()
     }
 
     /// Unreferenced blocks kept as prefix cache.
@@ -168,11 +202,53 @@ impl KvCache {
         self.take_fresh()
     }
 
-    /// Marks an active, fully computed prompt block as reusable under `hash`. Returns false (and leaves
-    /// the block private) when prefix caching is off or another block already holds that content,
-    /// which happens when two identical prompts were prefilled side by side.
-    pub fn register(&mut self, block: BlockId, hash: BlockHash) -> bool {
-        if !self.prefix_caching || self.registry.contains_key(&hash) {
+    /// Marks consecutive active, fully computed prompt blocks of one sequence as reusable: `blocks[i]`
+    /// under `hashes[i]`, whose tokens are `tokens[i * block_size..][..block_size]`, the first block being
+    /// the child of `parent` (`None` at the start of the prompt). Returns how many were registered.
+    ///
+    /// A block stays private when prefix caching is off, when another block already holds its content
+    /// (two identical prompts prefilled side by side), or when its parent is no longer registered (the
+    /// other copy of the parent was evicted meanwhile): such a block could never be found by
+    /// [`Self::allocate`], and a `BlockStored` naming an unknown parent would be refused by a router.
+    /// Each run of blocks registered together is recorded as one `BlockStored`, as vLLM does.
+    pub fn register(
+        &mut self,
+        blocks: &[BlockId],
+        hashes: &[BlockHash],
+        parent: Option<BlockHash>,
+        tokens: &[u32],
+    ) -> usize {
+        debug_assert_eq!(blocks.len(), hashes.len());
+        debug_assert_eq!(tokens.len(), blocks.len() * self.block_size);
+        if !self.prefix_caching {
+            return 0;
+        }
+        let mut registered = 0;
+        // The run of blocks registered since the last skipped one: (first index, its parent).
+        let mut run: Option<(usize, Option<BlockHash>)> = None;
+        let mut parent = parent;
+        for (index, (&block, &hash)) in blocks.iter().zip(hashes).enumerate() {
+            let parent_known = parent.is_none_or(|p| self.registry.contains_key(&p));
+            if parent_known && self.register_one(block, hash) {
+                registered += 1;
+                run.get_or_insert((index, parent));
+            } else if let Some((first, run_parent)) = run.take() {
+                self.record_stored(
+                    &hashes[first..index],
+                    run_parent,
+                    &tokens[first * self.block_size..index * self.block_size],
+                );
+            }
+            parent = Some(hash);
+        }
+        if let Some((first, run_parent)) = run {
+            self.record_stored(&hashes[first..], run_parent, &tokens[first * self.block_size..]);
+        }
+        registered
+    }
+
+    fn register_one(&mut self, block: BlockId, hash: BlockHash) -> bool {
+        if self.registry.contains_key(&hash) {
             return false;
         }
         match &mut self.slots[block.0] {
@@ -217,6 +293,34 @@ impl KvCache {
         }
     }
 
+    fn record_stored(&mut self, hashes: &[BlockHash], parent: Option<BlockHash>, tokens: &[u32]) {
+        let Some(events) = &mut self.events else { return };
+        events.push(KvEvent::BlockStored(BlockStored {
+            block_hashes: hashes.iter().map(|h| EngineBlockHash(h.0)).collect(),
+            parent_block_hash: parent.map(|h| EngineBlockHash(h.0)),
+            token_ids: tokens.to_vec(),
+            // A block of over 4 billion tokens is no real configuration; saturate rather than panic.
+            block_size: u32::try_from(self.block_size).unwrap_or(u32::MAX),
+            lora_id: None,
+            medium: Some(MEDIUM.to_owned()),
+            lora_name: None,
+        }));
+    }
+
+    /// Evictions made by one call land in one `BlockRemoved`, as long as nothing else was recorded in
+    /// between, which keeps the order of events and their number small.
+    fn record_removed(&mut self, hash: BlockHash) {
+        let Some(events) = &mut self.events else { return };
+        let engine = EngineBlockHash(hash.0);
+        match events.last_mut() {
+            Some(KvEvent::BlockRemoved(removed)) => removed.block_hashes.push(engine),
+            _ => events.push(KvEvent::BlockRemoved(BlockRemoved {
+                block_hashes: vec![engine],
+                medium: Some(MEDIUM.to_owned()),
+            })),
+        }
+    }
+
     fn prefix_hits(&self, hashes: &[BlockHash], limit: usize) -> Vec<BlockId> {
         if !self.prefix_caching {
             return Vec::new();
@@ -251,6 +355,7 @@ impl KvCache {
                 let (_, block) = self.lru.pop_first()?;
                 if let Slot::Inactive { hash, .. } = self.slots[block.0] {
                     self.registry.remove(&hash);
+                    self.record_removed(hash);
                 }
                 block
             }
@@ -261,5 +366,7 @@ impl KvCache {
     }
 }
 
+#[cfg(test)]
+pub(crate) mod replay;
 #[cfg(test)]
 mod tests;

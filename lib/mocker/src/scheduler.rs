@@ -139,6 +139,18 @@ impl Scheduler {
         self.waiting.len()
     }
 
+    /// The same scheduler, recording its cache's KV events (see [`KvCache::with_kv_events`]); call it
+    /// before adding work.
+    pub fn with_kv_events(mut self) -> Self {
+        self.kv = self.kv.with_kv_events();
+        self
+    }
+
+    /// The KV events recorded since the last call, oldest first; empty when events are off.
+    pub fn take_kv_events(&mut self) -> Vec<switchyard_kv_router::events::KvEvent> {
+        self.kv.take_kv_events()
+    }
+
     /// The block manager, for load reporting.
     pub fn kv(&self) -> &KvCache {
         &self.kv
@@ -260,9 +272,18 @@ fn compute_chunk(kv: &mut KvCache, seq: &mut Sequence, budget: &mut usize, out: 
         out.prefill_tokens += chunk;
     }
     let block_size = kv.block_size();
-    while seq.registered < seq.prompt_hashes.len() && (seq.registered + 1) * block_size <= seq.computed {
-        kv.register(seq.blocks[seq.registered], seq.prompt_hashes[seq.registered]);
-        seq.registered += 1;
+    let first = seq.registered;
+    let end = seq.prompt_hashes.len().min(seq.computed / block_size);
+    if end > first {
+        // One call for the whole run, so a listener gets one `BlockStored` per chunk as from vLLM.
+        let parent = first.checked_sub(1).map(|i| seq.prompt_hashes[i]);
+        kv.register(
+            &seq.blocks[first..end],
+            &seq.prompt_hashes[first..end],
+            parent,
+            &seq.tokens[first * block_size..end * block_size],
+        );
+        seq.registered = end;
     }
     seq.sampling = seq.computed == seq.tokens.len();
 }

@@ -261,3 +261,86 @@ fn handles_and_streams_can_move_across_tasks() {
     assert_stream::<EngineStream>();
     assert_shared::<MockerEngine>();
 }
+
+// KV events.
+
+/// Every batch already sent (the engine sends a step's batch before its next await).
+fn drain(receiver: &mut mpsc::Receiver<EventBatch>) -> Vec<EventBatch> {
+    std::iter::from_fn(|| receiver.try_recv().ok()).collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn kv_event_batches_let_a_router_index_match_a_shared_prefix() {
+    use crate::kv_cache::replay::Replay;
+
+    let (sender, mut receiver) = mpsc::channel(64);
+    let engine =
+        MockerEngine::start_with_kv_events(small_config(), CancellationToken::new(), sender).expect("valid config");
+    let mut replay = Replay::new(4);
+
+    // 20 tokens = 5 full blocks of 4, computed within one step's budget of 32: one batch.
+    let first: Vec<u32> = (1..=20).collect();
+    let request = |prompt: &Vec<u32>| EngineRequest {
+        prompt_tokens: prompt.clone(),
+        max_tokens: 3,
+    };
+    let items: Vec<EngineOutput> = engine.submit(request(&first)).expect("accepted").collect().await;
+    assert_complete(&items, 3);
+    let batches = drain(&mut receiver);
+    assert_eq!(batches.len(), 1, "{batches:?}");
+    assert_eq!(batches[0].data_parallel_rank, None);
+    assert!(batches[0].ts > 1.6e9, "seconds since the epoch: {}", batches[0].ts);
+    for batch in &batches {
+        replay.apply(&batch.events);
+    }
+    assert_eq!(replay.stored, 5);
+
+    // A prompt sharing the first 3 blocks: the router finds them where the engine will reuse them.
+    let second: Vec<u32> = (1..=12).chain(100..110).collect();
+    assert_eq!(replay.matched_blocks(&second), 3);
+    let items: Vec<EngineOutput> = engine.submit(request(&second)).expect("accepted").collect().await;
+    assert_complete(&items, 3);
+    assert_eq!(engine.stats().prefix_hit_tokens, 12);
+    for batch in drain(&mut receiver) {
+        replay.apply(&batch.events);
+    }
+    assert_eq!(replay.stored, 7, "only the 2 new full blocks are stored");
+    replay.assert_mirrors(engine.shared.lock().scheduler.kv());
+    let stats = engine.stats();
+    assert_eq!((stats.kv_event_batches_sent, stats.kv_event_batches_dropped), (2, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_kv_event_channel_drops_and_counts_batches_without_stalling_the_engine() {
+    // Capacity 1 and nobody reading: the first batch fits, the others are dropped.
+    let (sender, _receiver) = mpsc::channel(1);
+    let engine =
+        MockerEngine::start_with_kv_events(small_config(), CancellationToken::new(), sender).expect("valid config");
+    for first in [1, 101, 201] {
+        let request = EngineRequest {
+            prompt_tokens: (first..first + 8).collect(),
+            max_tokens: 2,
+        };
+        let items: Vec<EngineOutput> = engine.submit(request).expect("accepted").collect().await;
+        assert_complete(&items, 2);
+    }
+    let stats = engine.stats();
+    assert_eq!((stats.kv_event_batches_sent, stats.kv_event_batches_dropped), (1, 2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_engine_started_without_kv_events_records_and_sends_none() {
+    let engine = start(small_config());
+    let items: Vec<EngineOutput> = engine.submit(request(20, 3)).expect("accepted").collect().await;
+    assert_complete(&items, 3);
+    let mut state = engine.shared.lock();
+    assert!(
+        state.scheduler.kv().registered_blocks() > 0,
+        "the prefix cache is in use"
+    );
+    assert!(state.scheduler.take_kv_events().is_empty());
+    assert_eq!(
+        state.stats.kv_event_batches_sent + state.stats.kv_event_batches_dropped,
+        0
+    );
+}

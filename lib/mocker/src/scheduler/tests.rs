@@ -210,3 +210,55 @@ fn step_duration_uses_the_perf_model() {
     instant.add(prompt(10, 1), 2);
     assert_eq!(instant.step().map(|s| s.duration), Some(Duration::ZERO));
 }
+
+#[test]
+fn kv_events_replayed_each_step_mirror_the_cache_through_chunking_preemption_and_cancels() {
+    use crate::kv_cache::replay::Replay;
+
+    const PREFIXES: [&[u32]; 3] = [&[], &[9, 9, 9, 9, 8, 8, 8, 8], &[9, 9, 9, 9, 7, 7, 7, 7, 6, 6, 6, 6]];
+    let mut preempted = 0;
+    for seed in 0..60 {
+        let mut state = seed;
+        let mut below = |n: usize| {
+            state = crate::hash::mix(state);
+            (state % n as u64) as usize
+        };
+        // 16 blocks of 4 tokens and a 12-token budget: prompts are chunked, the cache fills and
+        // sequences get preempted and prefilled again.
+        let mut scheduler = Scheduler::new(&config(16, 4, 4, 12)).with_kv_events();
+        let mut replay = Replay::new(4);
+        let mut ids = Vec::new();
+        let mut prompts = Vec::new();
+        for _ in 0..300 {
+            if below(3) == 0 {
+                let mut prompt = PREFIXES[below(PREFIXES.len())].to_vec();
+                let tail = 1 + below(12);
+                prompt.extend((0..tail).map(|_| 1 + below(3) as u32));
+                prompts.push(prompt.clone());
+                ids.push(scheduler.add(prompt, 1 + below(12)));
+            }
+            if below(12) == 0 && !ids.is_empty() {
+                scheduler.cancel(ids.swap_remove(below(ids.len())));
+            }
+            if let Some(out) = scheduler.step() {
+                preempted += out.preempted.len();
+            }
+            replay.apply(&scheduler.take_kv_events());
+            replay.assert_mirrors(scheduler.kv());
+        }
+        for prompt in &prompts {
+            let cached = scheduler.kv().cached_prefix(&block_hashes(prompt, 4));
+            assert_eq!(replay.matched_blocks(prompt), cached, "seed {seed}: {prompt:?}");
+        }
+    }
+    assert!(preempted > 0, "the workload should preempt");
+}
+
+#[test]
+fn a_scheduler_without_kv_events_records_none() {
+    let mut scheduler = Scheduler::new(&config(16, 4, 8, 64));
+    scheduler.add(prompt(20, 1), 4);
+    run_to_idle(&mut scheduler);
+    assert!(scheduler.kv().registered_blocks() > 0);
+    assert!(scheduler.take_kv_events().is_empty());
+}
