@@ -207,38 +207,15 @@ pub fn subscribe(
     }
 
     let context = zmq::Context::new();
-    let sub = context.socket(zmq::SUB).map_err(KvEventsError::socket("SUB"))?;
-    sub.set_linger(0).map_err(KvEventsError::socket("SUB"))?;
-    sub.set_maxmsgsize(max_message_size)
-        .map_err(KvEventsError::socket("SUB"))?;
-    sub.set_subscribe(config.topic.as_bytes())
-        .map_err(KvEventsError::socket("SUB"))?;
-    // The monitor tells when a connection ends, which is the only trace a
-    // frame over the size cap leaves (libzmq drops the peer, not the frame).
-    const MONITOR: &str = "inproc://kv-events-monitor";
-    sub.monitor(MONITOR, zmq::SocketEvent::DISCONNECTED as i32)
-        .map_err(KvEventsError::socket("SUB monitor"))?;
-    let monitor = context
-        .socket(zmq::PAIR)
-        .map_err(KvEventsError::socket("SUB monitor"))?;
-    monitor.set_linger(0).map_err(KvEventsError::socket("SUB monitor"))?;
-    monitor.connect(MONITOR).map_err(|source| KvEventsError::Connect {
-        what: "SUB monitor",
-        endpoint: MONITOR.to_owned(),
-        source,
-    })?;
-    sub.connect(&config.endpoint).map_err(|source| KvEventsError::Connect {
-        what: "SUB",
-        endpoint: config.endpoint.clone(),
-        source,
-    })?;
+    let live = Live::open(&context, &config.endpoint, &config.topic, max_message_size, 0)?;
 
     let stats = Arc::new(SubscriberStats::default());
     let stop = stop.child_token();
     let worker = Worker {
         context,
-        sub,
-        monitor,
+        live,
+        topic: config.topic,
+        max_message_size,
         replay: config.replay_endpoint.map(|endpoint| Replay {
             endpoint,
             dealer: None,
@@ -278,12 +255,61 @@ struct Replay {
     max_message_size: i64,
 }
 
+/// The SUB socket and the monitor that reports its disconnections.
+struct Live {
+    sub: zmq::Socket,
+    monitor: zmq::Socket,
+    /// Numbers the monitor's inproc address, unique per SUB socket.
+    generation: u64,
+}
+
+impl Live {
+    fn open(
+        context: &zmq::Context,
+        endpoint: &str,
+        topic: &str,
+        max_message_size: i64,
+        generation: u64,
+    ) -> Result<Live, KvEventsError> {
+        let sub = context.socket(zmq::SUB).map_err(KvEventsError::socket("SUB"))?;
+        sub.set_linger(0).map_err(KvEventsError::socket("SUB"))?;
+        sub.set_maxmsgsize(max_message_size)
+            .map_err(KvEventsError::socket("SUB"))?;
+        sub.set_subscribe(topic.as_bytes())
+            .map_err(KvEventsError::socket("SUB"))?;
+        // The monitor tells when a connection ends, which is the only trace
+        // a frame over the size cap leaves.
+        let address = format!("inproc://kv-events-monitor-{generation}");
+        sub.monitor(&address, zmq::SocketEvent::DISCONNECTED as i32)
+            .map_err(KvEventsError::socket("SUB monitor"))?;
+        let monitor = context
+            .socket(zmq::PAIR)
+            .map_err(KvEventsError::socket("SUB monitor"))?;
+        monitor.set_linger(0).map_err(KvEventsError::socket("SUB monitor"))?;
+        monitor.connect(&address).map_err(|source| KvEventsError::Connect {
+            what: "SUB monitor",
+            endpoint: address,
+            source,
+        })?;
+        sub.connect(endpoint).map_err(|source| KvEventsError::Connect {
+            what: "SUB",
+            endpoint: endpoint.to_owned(),
+            source,
+        })?;
+        Ok(Live {
+            sub,
+            monitor,
+            generation,
+        })
+    }
+}
+
 /// The thread's state: it alone touches these sockets.
 struct Worker {
     context: zmq::Context,
-    sub: zmq::Socket,
-    /// Disconnection events of `sub`.
-    monitor: zmq::Socket,
+    live: Live,
+    topic: String,
+    max_message_size: i64,
     replay: Option<Replay>,
     /// For the logs.
     endpoint: String,
@@ -308,8 +334,8 @@ impl Worker {
             }
             let (live, monitor) = {
                 let mut items = [
-                    self.sub.as_poll_item(zmq::POLLIN),
-                    self.monitor.as_poll_item(zmq::POLLIN),
+                    self.live.sub.as_poll_item(zmq::POLLIN),
+                    self.live.monitor.as_poll_item(zmq::POLLIN),
                 ];
                 match zmq::poll(&mut items, POLL_INTERVAL_MS) {
                     Ok(_) => {}
@@ -321,31 +347,65 @@ impl Worker {
                 }
                 (items[0].is_readable(), items[1].is_readable())
             };
-            if monitor {
-                self.count_disconnects();
-            }
             if live {
-                for _ in 0..LIVE_BURST {
-                    let Ok(frames) = self.sub.recv_multipart(zmq::DONTWAIT) else {
-                        break;
-                    };
-                    self.on_live(&frames)?;
-                }
+                self.read_live(LIVE_BURST)?;
+            }
+            if monitor {
+                self.reopen_after_disconnect()?;
             }
         }
     }
 
-    fn count_disconnects(&self) {
+    fn read_live(&mut self, at_most: usize) -> Result<(), Stopped> {
+        for _ in 0..at_most {
+            let Ok(frames) = self.live.sub.recv_multipart(zmq::DONTWAIT) else {
+                break;
+            };
+            self.on_live(&frames)?;
+        }
+        Ok(())
+    }
+
+    /// After a disconnection, reads what the SUB socket still holds and
+    /// replaces it with a fresh one. libzmq reconnects by itself after the
+    /// peer went away, but not after a protocol error (a frame over
+    /// `max_message_size` is one): that connection would stay dead. A fresh
+    /// socket covers both without telling them apart, and cannot receive a
+    /// batch twice; what passed meanwhile is a gap like any other.
+    fn reopen_after_disconnect(&mut self) -> Result<(), Stopped> {
         // Each event is two frames (event id and value, then the address);
         // only disconnections were asked for.
-        while let Ok(event) = self.monitor.recv_multipart(zmq::DONTWAIT) {
+        let mut disconnected = false;
+        while let Ok(event) = self.live.monitor.recv_multipart(zmq::DONTWAIT) {
+            disconnected = true;
             bump(&self.stats.disconnects, 1);
-            let address = event.get(1).map(|a| String::from_utf8_lossy(a).into_owned());
+            let peer = event.get(1).map(|a| String::from_utf8_lossy(a).into_owned());
             tracing::warn!(
                 endpoint = %self.endpoint,
-                peer = address.as_deref().unwrap_or("?"),
+                peer = peer.as_deref().unwrap_or("?"),
                 "KV event publisher disconnected (it went away, or sent a frame over max_message_size or broke the protocol); reconnecting"
             );
+        }
+        if !disconnected {
+            return Ok(());
+        }
+        self.read_live(usize::MAX)?;
+        let generation = self.live.generation + 1;
+        match Live::open(
+            &self.context,
+            &self.endpoint,
+            &self.topic,
+            self.max_message_size,
+            generation,
+        ) {
+            Ok(live) => {
+                self.live = live;
+                Ok(())
+            }
+            Err(error) => {
+                tracing::error!(endpoint = %self.endpoint, error = &error as &dyn std::error::Error, "KV event subscriber stops: could not open a new SUB socket");
+                Err(Stopped)
+            }
         }
     }
 
@@ -384,10 +444,9 @@ impl Worker {
         let mut window = ReplayWindow::new(from, end);
         if let Some(dealer) = self.take_dealer() {
             bump(&self.stats.replays, 1);
-            if let Some(dealer) = self.replay_into(dealer, from, &mut window)? {
-                if let Some(replay) = &mut self.replay {
-                    replay.dealer = Some(dealer);
-                }
+            let reusable = self.replay_into(dealer, from, &mut window)?;
+            if let Some(replay) = &mut self.replay {
+                replay.dealer = reusable;
             }
         }
         match window.uncovered() {
