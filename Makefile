@@ -36,7 +36,8 @@ test: test-deps lint
 ## building needs (above), etcd and NATS servers for the discovery and
 ## event-plane tests, and promtool (package prometheus) to check the
 ## /metrics output; a virtualenv with the `openai` package for the
-## frontend's client-compatibility test.
+## frontend's client-compatibility test, and `pyzmq` + `msgpack` for the KV
+## events interop test against a vLLM-like publisher and subscriber.
 test-deps: build-deps
 	@missing=""; \
 	command -v etcd >/dev/null 2>&1 || missing="$$missing etcd-server"; \
@@ -48,14 +49,14 @@ test-deps: build-deps
 		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
-	@if ! $(TEST_VENV)/bin/python -c "import openai" >/dev/null 2>&1; then \
-		echo "creating $(TEST_VENV) with the openai package (PyPI)"; \
+	@if ! $(TEST_VENV)/bin/python -c "import openai, zmq, msgpack" >/dev/null 2>&1; then \
+		echo "creating $(TEST_VENV) with the openai, pyzmq and msgpack packages (PyPI)"; \
 		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 		command -v python3 >/dev/null 2>&1 || { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq python3 >/dev/null; }; \
-		python3 -m venv $(TEST_VENV) >/dev/null 2>&1 || { \
+		[ -x $(TEST_VENV)/bin/python ] || python3 -m venv $(TEST_VENV) >/dev/null 2>&1 || { \
 			$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null && \
 			rm -rf $(TEST_VENV) && python3 -m venv $(TEST_VENV); }; \
-		$(TEST_VENV)/bin/pip install -q --disable-pip-version-check openai; \
+		$(TEST_VENV)/bin/pip install -q --disable-pip-version-check openai pyzmq msgpack; \
 	fi
 
 ## Formatting and clippy, warnings denied.
