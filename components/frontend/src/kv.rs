@@ -20,6 +20,7 @@
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Opts};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use switchyard_kv_events::{Delivery, SubscriberConfig, Subscription, subscribe};
 use switchyard_kv_router::approx::TtlIndex;
 use switchyard_kv_router::events::EventBatch;
 use switchyard_kv_router::hash::{BlockHasher, LocalBlockHash, SequenceHash, sequence_hashes};
@@ -27,10 +28,18 @@ use switchyard_kv_router::index::{IndexConfig, KvIndex};
 use switchyard_kv_router::overlap::Overlaps;
 use switchyard_kv_router::select::{Candidate, Choice, CostConfig, select};
 use switchyard_kv_router::worker::WorkerId;
+use switchyard_llm::model_card::KvEventsSource;
+use switchyard_runtime::error::Report;
 use switchyard_runtime::instance::Instance;
 use switchyard_runtime::metrics::{Metrics, MetricsError};
 use switchyard_runtime::routing::{LoadView, Policy};
+use switchyard_runtime::runtime::Runtime;
 use tokio::time::Instant;
+
+/// Event deliveries waiting to be applied, per engine; when full, the
+/// subscriber waits (and the engine's PUB socket buffers, then drops, which
+/// shows up as a gap).
+const DELIVERY_QUEUE: usize = 1024;
 
 /// The KV router's settings (flags of `switchyard frontend`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -65,6 +74,9 @@ pub struct KvRouting {
     hasher: BlockHasher,
     state: Mutex<State>,
     metrics: KvMetrics,
+    /// Per instance, the subscription to its engine's KV events (dropping
+    /// one stops it).
+    subscriptions: Mutex<HashMap<u64, Subscription>>,
 }
 
 #[derive(Debug)]
@@ -73,8 +85,8 @@ struct State {
     approximate: TtlIndex,
     predicted: TtlIndex,
     booked: HashMap<u64, Booked>,
-    /// Instances whose engine events are flowing, so the approximate index
-    /// does not stand in for them.
+    /// Instances whose engine events are followed (and not lost since), so
+    /// the approximate index does not stand in for them.
     with_events: HashSet<u64>,
 }
 
@@ -100,6 +112,7 @@ impl KvRouting {
                 with_events: HashSet::new(),
             }),
             metrics,
+            subscriptions: Mutex::default(),
         })
     }
 
@@ -201,6 +214,14 @@ impl KvRouting {
 
     /// Applies one batch of `instance`'s engine events.
     pub fn apply(&self, instance: u64, batch: &EventBatch) {
+        let followed = self
+            .subscriptions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&instance);
+        if !followed {
+            return; // a late batch of an instance that left
+        }
         let worker = WorkerId::from(instance);
         let mut state = self.lock();
         state.with_events.insert(instance);
@@ -226,8 +247,87 @@ impl KvRouting {
         self.metrics.indexed_blocks.set(state.index.stats().blocks as i64);
     }
 
+    /// Subscribes to `instance`'s engine events at `source` (once per
+    /// instance) and applies them until the instance is removed or `stop`.
+    pub fn follow(self: &Arc<Self>, instance: u64, source: &KvEventsSource, runtime: &Runtime) {
+        let mut subscriptions = self.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.settings.use_events || subscriptions.contains_key(&instance) {
+            return;
+        }
+        let config = SubscriberConfig {
+            replay_endpoint: source.replay_endpoint.clone(),
+            topic: source.topic.clone(),
+            ..SubscriberConfig::new(source.endpoint.clone())
+        };
+        let (sink, mut deliveries) = tokio::sync::mpsc::channel(DELIVERY_QUEUE);
+        let subscription = match subscribe(config, sink, runtime.root_token().child_token()) {
+            Ok(subscription) => subscription,
+            Err(error) => {
+                tracing::warn!(
+                    instance = format!("{instance:x}"),
+                    error = %Report(&error),
+                    "cannot follow the engine's KV events; routing it from the approximate index"
+                );
+                return;
+            }
+        };
+        tracing::info!(instance = format!("{instance:x}"), endpoint = %source.endpoint, "following KV events");
+        let stats = subscription.stats().clone();
+        subscriptions.insert(instance, subscription);
+        // An engine with an empty cache has nothing to say yet; its
+        // silence is exact, not a reason to guess.
+        self.lock().with_events.insert(instance);
+        let routing = self.clone();
+        runtime.spawn(async move {
+            let mut seen = (0, 0);
+            while let Some(delivery) = deliveries.recv().await {
+                match delivery {
+                    Delivery::Batch { batch, .. } => {
+                        routing.record_lag(batch.ts);
+                        routing.apply(instance, &batch);
+                    }
+                    Delivery::Lost { from, to } => {
+                        routing.metrics.lost_batches.inc_by(to.saturating_sub(from));
+                        tracing::warn!(
+                            instance = format!("{instance:x}"),
+                            from,
+                            to,
+                            "KV events lost for good; forgetting what the engine had cached"
+                        );
+                        routing.reset(instance);
+                    }
+                    Delivery::Restarted { seq } => {
+                        tracing::info!(
+                            instance = format!("{instance:x}"),
+                            seq,
+                            "engine restarted; its KV index starts over"
+                        );
+                        routing.reset(instance);
+                    }
+                }
+                let now = (stats.gaps(), stats.replays());
+                routing.metrics.gaps.inc_by(now.0.saturating_sub(seen.0));
+                routing.metrics.replays.inc_by(now.1.saturating_sub(seen.1));
+                seen = now;
+            }
+        });
+    }
+
+    fn record_lag(&self, published: f64) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        if published.is_finite() && published > 0.0 {
+            self.metrics.event_lag_seconds.observe((now - published).max(0.0));
+        }
+    }
+
     /// Forgets `instance` entirely: it left discovery.
     pub fn remove(&self, instance: u64) {
+        self.subscriptions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&instance);
         let worker = WorkerId::from(instance);
         let mut state = self.lock();
         state.index.remove_worker(worker);

@@ -202,6 +202,9 @@ impl ModelManager {
                 }
             },
         };
+        if let (Some(kv), Some(source)) = (&kv, &card.kv_events) {
+            kv.follow(card.instance_id, source, self.drt.runtime());
+        }
         let key = registration.key.clone();
         let name = card.name.clone();
         {

@@ -744,7 +744,7 @@ async fn a_model_is_served_without_load_reports_when_the_event_plane_is_down() {
 
 /// A KV-mode frontend over `workers` mocker workers (each its own runtime,
 /// so its own instance), on a private registry.
-async fn kv_stack(workers: usize, speedup_ratio: f64, frontend: FrontendArgs) -> (Stack, Vec<Runtime>) {
+async fn kv_stack(workers: usize, speedup_ratio: f64, frontend: FrontendArgs) -> (Stack, Vec<(Runtime, u64)>) {
     let registry = MemRegistry::new();
     let mut runtimes = Vec::new();
     for _ in 0..workers {
@@ -753,10 +753,9 @@ async fn kv_stack(workers: usize, speedup_ratio: f64, frontend: FrontendArgs) ->
             speedup_ratio,
             ..MockerArgs::default()
         };
-        switchyard_mocker_worker::serve(&drt(&runtime, &registry), &args)
-            .await
-            .unwrap();
-        runtimes.push(runtime);
+        let worker_drt = drt(&runtime, &registry);
+        switchyard_mocker_worker::serve(&worker_drt, &args).await.unwrap();
+        runtimes.push((runtime, worker_drt.instance_id()));
     }
     let frontend_runtime = Runtime::new(RuntimeConfig::local());
     let frontend = FrontendArgs {
@@ -848,7 +847,7 @@ async fn kv_mode_sends_a_prompt_sharing_a_cached_prefix_to_the_worker_that_holds
     assert_eq!(other["overlap"], "0");
     assert_eq!(other["cost"], other["runner_up_cost"], "{other:?}");
 
-    for runtime in workers {
+    for (runtime, _) in workers {
         runtime.shutdown().await;
     }
     stack.shutdown().await;
@@ -882,7 +881,57 @@ async fn kv_mode_spreads_one_hot_prefix_over_workers_as_they_fill() {
     let busiest = chosen.values().max().unwrap();
     assert!(*busiest <= 5, "the load term spreads the prefix: {chosen:?}");
     drop(open);
-    for runtime in workers {
+    for (runtime, _) in workers {
+        runtime.shutdown().await;
+    }
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_mode_with_events_indexes_what_the_engines_cache_and_forgets_a_worker_that_leaves() {
+    let (stack, mut workers) = kv_stack(2, 0.0, FrontendArgs::default()).await;
+    let model = stack.state.models.get("mock-model").unwrap();
+    let kv = model.kv.clone().expect("KV mode");
+    assert!(
+        model.cards.values().all(|card| card.kv_events.is_some()),
+        "mocker cards name their KV event endpoints"
+    );
+    let prompt = long_prompt("cached", 500);
+    let ask = |suffix: &str| {
+        chat(json!({"max_tokens": 2, "messages": [{"role": "user", "content": format!("{prompt} {suffix}")}]}))
+    };
+    let (status, headers, body) = stack.post("/v1/chat/completions", ask("one")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let first = route_fields(&headers);
+    assert_eq!(first["index"], "events");
+    let warm = u64::from_str_radix(&first["worker"], 16).unwrap();
+    let blocks: usize = first["blocks"].parse().unwrap();
+    // The engine stored the prompt's full blocks and said so on ZMQ.
+    eventually("the warm engine's BlockStored events", || {
+        kv.worker_blocks(warm) >= blocks - 1
+    })
+    .await;
+
+    let (_, headers, _) = stack.post("/v1/chat/completions", ask("two")).await;
+    let second = route_fields(&headers);
+    assert_eq!(second["worker"], first["worker"]);
+    assert!(second["overlap"].parse::<usize>().unwrap() >= blocks - 1, "{second:?}");
+
+    // The warm worker leaves: its blocks leave the index at once and the
+    // next request goes to the other worker.
+    let position = workers.iter().position(|(_, id)| *id == warm).unwrap();
+    let (leaving, _) = workers.remove(position);
+    leaving.shutdown().await;
+    eventually("the warm worker's blocks to leave the index", || {
+        kv.worker_blocks(warm) == 0
+    })
+    .await;
+    let (status, headers, body) = stack.post("/v1/chat/completions", ask("three")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let third = route_fields(&headers);
+    assert_ne!(third["worker"], first["worker"]);
+    assert_eq!(third["overlap"], "0", "nobody holds the prefix now: {third:?}");
+    for (runtime, _) in workers {
         runtime.shutdown().await;
     }
     stack.shutdown().await;

@@ -5,7 +5,8 @@
 use crate::engine::MockerLlm;
 use crate::metrics::EngineMetrics;
 use std::net::SocketAddr;
-use switchyard_llm::model_card::{Capacity, ModelCard, ModelKind, TokenizerSpec};
+use switchyard_kv_events::{DEFAULT_BUFFER_STEPS, KvEventsError, Publisher, PublisherConfig};
+use switchyard_llm::model_card::{Capacity, KvEventsSource, ModelCard, ModelKind, TokenizerSpec};
 use switchyard_mocker::config::{ConfigError, MockerConfig};
 use switchyard_mocker::engine::MockerEngine;
 use switchyard_runtime::component::Endpoint;
@@ -53,6 +54,11 @@ pub struct MockerArgs {
     /// Further divides decode delays.
     #[arg(long, env = "DYN_MOCKER_DECODE_SPEEDUP_RATIO", default_value_t = MockerConfig::default().decode_speedup_ratio)]
     pub decode_speedup_ratio: f64,
+    /// Publish the engine's KV cache changes as vLLM does (ZMQ PUB plus a
+    /// replay socket, on the request plane's host, ports chosen by the OS,
+    /// named in the model card), for KV-aware routers.
+    #[arg(long, env = "DYN_MOCKER_KV_EVENTS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub kv_events: bool,
     /// Workers in this process, each its own instance in discovery.
     #[arg(long, env = "DYN_MOCKER_NUM_WORKERS", default_value_t = 1)]
     pub num_workers: usize,
@@ -79,6 +85,45 @@ impl MockerArgs {
     }
 }
 
+/// Batches of KV events waiting for the publisher; beyond this the engine
+/// drops (and counts) them, and routers see a gap.
+const KV_EVENT_QUEUE: usize = 1024;
+
+/// Binds a vLLM-style KV event publisher on the request plane's host and
+/// forwards the engine's batches to it until the engine stops.
+fn publish_kv_events(
+    runtime: &Runtime,
+    mut batches: tokio::sync::mpsc::Receiver<switchyard_kv_router::events::EventBatch>,
+) -> Result<KvEventsSource, KvEventsError> {
+    let host = runtime.config().tcp().host();
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.clone()
+    };
+    let publisher = Publisher::bind(PublisherConfig {
+        endpoint: format!("tcp://{host}:0"),
+        replay_endpoint: Some(format!("tcp://{host}:0")),
+        topic: KV_EVENTS_TOPIC.to_string(),
+        buffer_steps: DEFAULT_BUFFER_STEPS,
+    })?;
+    let source = KvEventsSource {
+        endpoint: publisher.endpoint().to_string(),
+        replay_endpoint: publisher.replay_endpoint().map(str::to_string),
+        topic: KV_EVENTS_TOPIC.to_string(),
+    };
+    tracing::info!(endpoint = %source.endpoint, "publishing KV events");
+    runtime.spawn(async move {
+        while let Some(batch) = batches.recv().await {
+            publisher.publish(&batch);
+        }
+    });
+    Ok(source)
+}
+
+/// vLLM's default topic.
+const KV_EVENTS_TOPIC: &str = "kv-events";
+
 /// Why a mocker worker could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum MockerError {
@@ -103,6 +148,8 @@ pub enum MockerError {
     Card(#[from] DiscoveryError),
     #[error("cannot create the engine metrics")]
     Metrics(#[from] MetricsError),
+    #[error("cannot publish KV events (--kv-events)")]
+    KvEvents(#[from] KvEventsError),
 }
 
 /// One running mocker worker.
@@ -124,7 +171,17 @@ pub async fn serve(drt: &DistributedRuntime, args: &MockerArgs) -> Result<Mocker
     }
     let runtime = drt.runtime();
     let config = args.engine_config();
-    let engine = MockerEngine::start(config.clone(), runtime.root_token().child_token())?;
+    let (engine, kv_events) = if args.kv_events {
+        let (batches, received) = tokio::sync::mpsc::channel(KV_EVENT_QUEUE);
+        let engine = MockerEngine::start_with_kv_events(config.clone(), runtime.root_token().child_token(), batches)?;
+        let source = publish_kv_events(runtime, received)?;
+        (engine, Some(source))
+    } else {
+        (
+            MockerEngine::start(config.clone(), runtime.root_token().child_token())?,
+            None,
+        )
+    };
     let endpoint: Endpoint = drt
         .namespace(&args.identity.namespace)?
         .component(&args.identity.component)?
@@ -166,6 +223,7 @@ pub async fn serve(drt: &DistributedRuntime, args: &MockerArgs) -> Result<Mocker
     // The engine reads `flat_prompt` with the mocker's tokenizer: a router
     // doing the same sees the tokens the engine caches.
     card.tokenizer = Some(TokenizerSpec::Mocker);
+    card.kv_events = kv_events;
     card.register(&endpoint).await?;
     runtime.spawn({
         let (card, endpoint) = (card.clone(), endpoint.clone());
