@@ -9,6 +9,7 @@
 //! `switchyard` package (see its Cargo.toml for why).
 
 mod faults;
+mod kv;
 #[cfg(feature = "kubernetes")]
 mod kubernetes;
 

@@ -153,11 +153,24 @@ async fn health(State(state): State<FrontendState>) -> Response {
     } else {
         (StatusCode::OK, "ready")
     };
-    (
-        code,
-        axum::Json(serde_json::json!({ "status": status, "models": models })),
-    )
-        .into_response()
+    let mut body = serde_json::json!({ "status": status, "models": models });
+    // KV mode: workers routed by load only, and why (a wrong block size).
+    let excluded: Vec<serde_json::Value> = state
+        .models
+        .list()
+        .iter()
+        .filter_map(|model| Some((model, model.kv.as_ref()?)))
+        .flat_map(|(model, kv)| {
+            model.cards.keys().filter_map(|id| {
+                let reason = kv.excluded(*id)?;
+                Some(serde_json::json!({ "model": model.name, "instance": format!("{id:x}"), "reason": reason }))
+            })
+        })
+        .collect();
+    if !excluded.is_empty() {
+        body["kv_excluded"] = serde_json::Value::Array(excluded);
+    }
+    (code, axum::Json(body)).into_response()
 }
 
 async fn live(State(state): State<FrontendState>) -> Response {
