@@ -174,7 +174,7 @@ impl Pump {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::request_plane::conformance::{FnHandler, Fixtures, INSTANCE};
+    use crate::request_plane::conformance::{Fixtures, FnHandler, INSTANCE};
     use crate::request_plane::handlers::EndpointObservers;
     use futures::{FutureExt, StreamExt};
     use std::sync::Mutex;
@@ -254,7 +254,11 @@ mod tests {
                 .boxed()
             };
             handlers
-                .insert("ns/c/stops", Arc::new(FnHandler(handler)), EndpointObservers::unregistered())
+                .insert(
+                    "ns/c/stops",
+                    Arc::new(FnHandler(handler)),
+                    EndpointObservers::unregistered(),
+                )
                 .unwrap();
             let shutdown = CancellationToken::new();
             if shutting_down {
