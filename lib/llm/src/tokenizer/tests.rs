@@ -35,6 +35,12 @@ const TWO_TURNS: &str = r#"{"model":"m","messages":[
     {"role":"user","content":[{"type":"text","text":"hello"},{"type":"image_url","image_url":{"url":"x"}},{"type":"text","text":"world"}]}]}"#;
 
 #[test]
+fn a_tokenizer_can_be_shared_across_threads() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<HfTokenizer>();
+}
+
+#[test]
 fn known_text_encodes_to_known_ids_with_and_without_bos() {
     let (_dir, tokenizer) = model(Some(CHATML_TEMPLATE));
     let words = ["hello", "world", ",", "how", "are", "you", "?"];
