@@ -8,11 +8,17 @@
 //!   can find it.
 //! - [`migration`]: the request to send another worker when one dies
 //!   mid-answer (continue from what was generated).
+//! - [`tokenizer`]: a model's tokenizer and chat template, read from a
+//!   local model directory: a request's prompt token ids, for KV routing.
 //!
-//! Nothing here does I/O beyond registering a card.
+//! Nothing here does I/O beyond registering a card and reading a model
+//! directory when asked to.
 #![forbid(unsafe_code)]
 
 pub mod migration;
 pub mod model_card;
 pub mod openai;
 pub mod protocol;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+pub mod tokenizer;
