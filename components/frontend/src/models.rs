@@ -15,6 +15,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use switchyard_llm::model_card::{ModelCard, ModelKind, TokenizerSpec};
 use switchyard_llm::protocol::{LlmOutput, LlmRequest};
+use switchyard_llm::tokenizer::HfTokenizer;
 use switchyard_runtime::component::client::ClientError;
 use switchyard_runtime::discovery::DiscoveryError;
 use switchyard_runtime::discovery::{Bucket, Key, Query, WatchEvent};
@@ -51,6 +52,67 @@ pub struct Model {
     pub router: Arc<LlmRouter>,
     /// The KV state of its workers, in KV mode.
     pub kv: Option<Arc<KvRouting>>,
+    /// Its tokenizer, in KV mode (from the first card).
+    pub tokenizer: ModelTokenizer,
+}
+
+/// The tokenizer a model's first card named, loaded when it is a Hugging
+/// Face directory.
+#[derive(Debug, Clone, Default)]
+pub struct ModelTokenizer {
+    pub spec: Option<TokenizerSpec>,
+    pub hf: Option<Arc<HfTokenizer>>,
+}
+
+impl ModelTokenizer {
+    /// See [`Model::prompt_tokens`]; `cards` are the model's.
+    pub fn tokens(&self, cards: &BTreeMap<u64, ModelCard>, request: &LlmRequest) -> (Vec<u32>, bool) {
+        let agreed = self
+            .spec
+            .as_ref()
+            .is_some_and(|spec| cards.values().all(|card| card.tokenizer.as_ref() == Some(spec)));
+        if agreed {
+            match (&self.spec, &self.hf) {
+                (Some(TokenizerSpec::Mocker), _) => {
+                    return (switchyard_mocker::text::tokenize(&request.flat_prompt()), true);
+                }
+                (Some(TokenizerSpec::HfDir { .. }), Some(hf)) => match hf.prompt_tokens(request) {
+                    Ok(tokens) => return (tokens, true),
+                    Err(error) => {
+                        tracing::debug!(model = %request.model(), error = %Report(&error), "cannot tokenize; approximating")
+                    }
+                },
+                _ => {}
+            }
+        }
+        (switchyard_mocker::text::tokenize(&request.flat_prompt()), false)
+    }
+
+    /// Loads what `card` names (off the async threads: a real
+    /// `tokenizer.json` is megabytes). A directory that cannot be loaded is
+    /// logged and left out, so the model is routed on approximate tokens.
+    pub async fn load(card: &ModelCard) -> Self {
+        let spec = card.tokenizer.clone();
+        let hf = match &spec {
+            Some(TokenizerSpec::HfDir { path }) => {
+                let dir = std::path::PathBuf::from(path);
+                let loaded = tokio::task::spawn_blocking(move || HfTokenizer::from_dir(&dir)).await;
+                match loaded {
+                    Ok(Ok(tokenizer)) => Some(Arc::new(tokenizer)),
+                    Ok(Err(error)) => {
+                        tracing::warn!(model = %card.name, error = %Report(&error), "cannot load the tokenizer the card names; KV routing approximates");
+                        None
+                    }
+                    Err(error) => {
+                        tracing::warn!(model = %card.name, %error, "tokenizer loading failed");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        Self { spec, hf }
+    }
 }
 
 impl Model {
@@ -64,14 +126,13 @@ impl Model {
     }
 
     /// The prompt's token ids as its engines will see them, and whether they
-    /// are exact: a worker whose card names no tokenizer this frontend can
-    /// use gets the mocker's word tokenizer, which only approximates.
+    /// are exact. They are when every card of the model names the same
+    /// tokenizer and this frontend has it: the mocker's, or a Hugging Face
+    /// directory it could load. Otherwise (or when the template refuses the
+    /// request) the mocker's word tokenizer stands in, which only
+    /// approximates.
     pub fn prompt_tokens(&self, request: &LlmRequest) -> (Vec<u32>, bool) {
-        let exact = self
-            .cards
-            .values()
-            .all(|card| card.tokenizer == Some(TokenizerSpec::Mocker));
-        (switchyard_mocker::text::tokenize(&request.flat_prompt()), exact)
+        self.tokenizer.tokens(&self.cards, request)
     }
 
     /// True when at least one of its workers is in discovery right now.
@@ -192,10 +253,17 @@ impl ModelManager {
             );
             return;
         }
-        let (router, kv) = match existing {
-            Some(model) => (model.router, model.kv),
+        let (router, kv, tokenizer) = match existing {
+            Some(model) => (model.router, model.kv, model.tokenizer),
             None => match self.build_router(&card).await {
-                Ok(router) => (Arc::new(router), self.build_kv(&card)),
+                Ok(router) => {
+                    let kv = self.build_kv(&card);
+                    let tokenizer = match kv {
+                        Some(_) => ModelTokenizer::load(&card).await,
+                        None => ModelTokenizer::default(),
+                    };
+                    (Arc::new(router), kv, tokenizer)
+                }
                 Err(error) => {
                     tracing::warn!(model = %card.name, error = %Report(&error), "cannot route to this model");
                     return;
@@ -215,6 +283,7 @@ impl ModelManager {
                 cards: BTreeMap::new(),
                 router,
                 kv,
+                tokenizer,
             });
             model.cards.insert(card.instance_id, card);
         }

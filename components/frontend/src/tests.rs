@@ -936,3 +936,56 @@ async fn kv_mode_with_events_indexes_what_the_engines_cache_and_forgets_a_worker
     }
     stack.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_model_whose_cards_name_a_hugging_face_directory_is_tokenized_exactly_with_it() {
+    use crate::models::ModelTokenizer;
+    use switchyard_llm::model_card::{ModelCard, ModelKind, TokenizerSpec};
+    use switchyard_llm::testing::{CHATML_TEMPLATE, token_id, write_model_dir};
+    let dir = tempfile::tempdir().unwrap();
+    write_model_dir(dir.path(), Some(CHATML_TEMPLATE)).unwrap();
+    let card = |instance_id: u64, tokenizer: Option<TokenizerSpec>| ModelCard {
+        name: "m".into(),
+        kinds: vec![ModelKind::Chat],
+        context_length: 4096,
+        capacity: Default::default(),
+        namespace: "ns".into(),
+        component: "c".into(),
+        endpoint: "e".into(),
+        instance_id,
+        tokenizer,
+        kv_events: None,
+    };
+    let hf = Some(TokenizerSpec::HfDir {
+        path: dir.path().to_str().unwrap().into(),
+    });
+    let tokenizer = ModelTokenizer::load(&card(1, hf.clone())).await;
+    assert!(tokenizer.hf.is_some(), "the directory loads");
+    let request = switchyard_llm::protocol::LlmRequest::Chat(
+        switchyard_llm::openai::parse_request(br#"{"model":"m","messages":[{"role":"user","content":"hello world"}]}"#)
+            .unwrap(),
+    );
+    let mut cards = std::collections::BTreeMap::from([(1, card(1, hf.clone())), (2, card(2, hf.clone()))]);
+    let (tokens, exact) = tokenizer.tokens(&cards, &request);
+    assert!(exact);
+    let im_start = token_id("<|im_start|>");
+    assert_eq!(
+        tokens[..4],
+        [im_start, token_id("user"), token_id("hello"), token_id("world")]
+    );
+
+    // A worker that names another tokenizer: the router can no longer be exact.
+    cards.insert(3, card(3, Some(TokenizerSpec::Mocker)));
+    assert!(!tokenizer.tokens(&cards, &request).1);
+
+    // A directory that cannot be loaded: approximate, never a failure.
+    let missing = Some(TokenizerSpec::HfDir {
+        path: "/nonexistent/model".into(),
+    });
+    let broken = ModelTokenizer::load(&card(4, missing.clone())).await;
+    assert!(broken.hf.is_none());
+    let cards = std::collections::BTreeMap::from([(4, card(4, missing))]);
+    let (tokens, exact) = broken.tokens(&cards, &request);
+    assert!(!exact);
+    assert!(!tokens.is_empty());
+}
