@@ -3,10 +3,10 @@
 //! model's router, and hand the worker's stream to [`crate::respond`].
 
 use crate::error::ApiError;
-use crate::kv::{KvMetrics, Plan};
+use crate::kv::{Booking, KvMetrics};
 use crate::metrics::FrontendMetrics;
 use crate::migrate::{MigrationPolicy, migrating};
-use crate::models::{ModelManager, RouterSettings};
+use crate::models::{KvRoute, ModelManager, RouterSettings};
 use crate::respond::{self, Exchange, Route};
 use crate::{FrontendArgs, FrontendError};
 use axum::Router;
@@ -18,7 +18,6 @@ use axum::routing::{get, post};
 use bytes::Bytes;
 use futures::StreamExt;
 use std::time::{SystemTime, UNIX_EPOCH};
-use switchyard_kv_router::select::Choice;
 use switchyard_llm::model_card::ModelKind;
 use switchyard_llm::openai::{ChatCompletionRequest, CompletionRequest, ModelList, ModelObject, parse_request};
 use switchyard_llm::protocol::{LlmOutput, LlmRequest};
@@ -37,7 +36,7 @@ pub const REQUEST_ID: &str = "x-request-id";
 pub const WORKER_ID: &str = "x-switchyard-worker-id";
 
 /// The response header saying why a KV-routed request went where it went
-/// (see [`explain`]).
+/// (see [`crate::kv::Plan::explain`]).
 pub const ROUTE: &str = "x-switchyard-route";
 
 /// Longest client-supplied request id kept; longer ones are replaced.
@@ -295,23 +294,7 @@ async fn admit(
     let controller = Controller::with_id(id);
     let original = (state.migration_limit > 0 || state.stall_timeout.is_some()).then(|| request.clone());
     let context = Context::with_controller(request, controller);
-    let (routed, kv_route) = match &model.kv {
-        None => (model.router.generate_routed(context).await, None),
-        Some(kv) => {
-            let (tokens, exact) = model.prompt_tokens(context.data());
-            let plan = kv.plan(&tokens, exact);
-            let policy = kv.policy(&plan);
-            let routed = model.router.generate_routed_with(&policy, context).await;
-            let explained = routed.as_ref().ok().map(|routed| {
-                let booking = kv.book(&plan, routed.instance_id);
-                let explanation = explain(&plan, policy.choice());
-                tracing::debug!(model = %model.name, request_id = %id, route = %explanation, "KV route");
-                (booking, explanation)
-            });
-            (routed, explained)
-        }
-    };
-    let routed = match routed {
+    let (routed, kv_route) = match model.route(context).await {
         Ok(routed) => routed,
         Err(error) => {
             exchange.refused();
@@ -322,21 +305,27 @@ async fn admit(
             return Err(refuse(&model.name, stream, api));
         }
     };
+    let (booking, route_header) = match kv_route {
+        Some(KvRoute { booking, explanation }) => {
+            tracing::debug!(model = %model.name, request_id = %id, route = %explanation, "KV route");
+            (Some(booking), Some(explanation))
+        }
+        None => (None, None),
+    };
     let worker = routed.instance_id;
     // Migration (and the stall deadline) wrap the worker's stream first, so
     // a worker lost before its first piece is replaced too.
     let mut responses = match original {
-        None => routed.stream,
+        None => booked(routed.stream, booking),
         Some(original) => {
             let policy = MigrationPolicy {
-                router: model.router.clone(),
+                target: model.clone(),
                 limit: state.migration_limit,
                 request_id: id.to_string(),
                 counter: state.metrics.migrations.clone(),
-                model: model.name.clone(),
                 stall_timeout: state.stall_timeout,
             };
-            migrating(policy, original, routed)
+            migrating(policy, original, routed, booking)
         }
     };
     // Wait for the first piece before answering, so that an early failure
@@ -347,18 +336,7 @@ async fn admit(
         exchange.refused();
         return Err(refuse(&model.name, stream, ApiError::from_request(&model.name, error)));
     }
-    let mut responses: ResponseStream<LlmOutput> = Box::pin(futures::stream::iter(first).chain(responses));
-    let mut route_header = None;
-    if let Some((mut booking, explanation)) = kv_route {
-        route_header = Some(explanation);
-        // The first piece is in: prefill is done. The rest of the booking
-        // goes when the stream is dropped (ended, cancelled or failed).
-        booking.first_token();
-        responses = Box::pin(responses.map(move |piece| {
-            let _held = &booking;
-            piece
-        }));
-    }
+    let responses: ResponseStream<LlmOutput> = Box::pin(futures::stream::iter(first).chain(responses));
     let mut response = if stream {
         respond::stream(exchange, responses, now_secs())
     } else {
@@ -373,16 +351,14 @@ async fn admit(
     Ok(response)
 }
 
-/// The `x-switchyard-route` value of a KV-routed request, e.g.
-/// `mode=kv;index=events;blocks=40;worker=1f;overlap=32;cost=48;runner_up=2a;runner_up_overlap=0;runner_up_cost=80`.
-fn explain(plan: &Plan, choice: Option<Choice>) -> String {
-    let index = if plan.approximate { "approximate" } else { "events" };
-    let mut text = format!("mode=kv;index={index};blocks={}", plan.request_blocks);
-    if let Some(choice) = choice {
-        text.push(';');
-        text.push_str(&choice.to_string());
-    }
-    text
+/// `responses`, holding the request's KV booking (if any): its prefill
+/// part goes at the first piece, the rest when the stream is dropped
+/// (ended, cancelled by the client, or failed).
+fn booked(responses: ResponseStream<LlmOutput>, booking: Option<Booking>) -> ResponseStream<LlmOutput> {
+    let Some(mut booking) = booking else {
+        return responses;
+    };
+    Box::pin(responses.inspect(move |_| booking.first_token()))
 }
 
 /// The body, up to `limit` bytes (413 beyond), within `deadline` (408 after).

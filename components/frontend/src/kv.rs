@@ -97,6 +97,20 @@ struct Booked {
     decode_blocks: u64,
 }
 
+impl Plan {
+    /// The `x-switchyard-route` value, e.g.
+    /// `mode=kv;index=events;blocks=40;worker=1f;overlap=32;cost=48;runner_up=2a;runner_up_overlap=0;runner_up_cost=80`.
+    pub fn explain(&self, choice: Option<Choice>) -> String {
+        let index = if self.approximate { "approximate" } else { "events" };
+        let mut text = format!("mode=kv;index={index};blocks={}", self.request_blocks);
+        if let Some(choice) = choice {
+            text.push(';');
+            text.push_str(&choice.to_string());
+        }
+        text
+    }
+}
+
 impl KvRouting {
     /// Routing for a model whose engines use `block_size` tokens per block.
     pub fn new(settings: KvSettings, block_size: u32, metrics: KvMetrics) -> Option<Self> {

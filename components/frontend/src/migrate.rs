@@ -7,10 +7,10 @@
 //! stopped or wedged without closing its connection): its stream is dropped
 //! (which kills the request there) and treated like a broken connection.
 
-use crate::models::LlmRouter;
+use crate::kv::Booking;
+use crate::models::Model;
 use futures::StreamExt;
 use prometheus::IntCounterVec;
-use std::sync::Arc;
 use switchyard_llm::migration::continue_request;
 use switchyard_llm::openai::Usage;
 use switchyard_llm::protocol::{LlmOutput, LlmRequest};
@@ -30,13 +30,13 @@ pub fn is_migratable(kind: ErrorKind) -> bool {
 /// What a migration needs besides the stream.
 #[derive(Debug, Clone)]
 pub struct MigrationPolicy {
-    pub router: Arc<LlmRouter>,
+    /// The model, whose router (and KV state, in KV mode) picks the next worker.
+    pub target: Model,
     /// Migrations allowed per request (`--migration-limit`).
     pub limit: u32,
     pub request_id: String,
     /// `dynamo_frontend_model_migration_total{model, migration_type}`.
     pub counter: IntCounterVec,
-    pub model: String,
     /// Longest silence from a worker before its stream counts as broken.
     pub stall_timeout: Option<std::time::Duration>,
 }
@@ -54,13 +54,19 @@ struct State {
     tokens_before: u32,
     migrations: u32,
     done: bool,
+    /// The request's KV booking on its current worker (KV mode).
+    booking: Option<Booking>,
 }
 
 /// `responses`, continued on another worker when its worker fails mid-answer.
-pub fn migrating(policy: MigrationPolicy, request: LlmRequest, routed: Routed<LlmOutput>) -> ResponseStream<LlmOutput> {
-    if policy.limit == 0 && policy.stall_timeout.is_none() {
-        return routed.stream;
-    }
+/// `booking` is the request's KV booking on `routed`'s worker: released as
+/// the answer progresses, and replaced when the request moves.
+pub fn migrating(
+    policy: MigrationPolicy,
+    request: LlmRequest,
+    routed: Routed<LlmOutput>,
+    booking: Option<Booking>,
+) -> ResponseStream<LlmOutput> {
     let state = State {
         policy,
         request,
@@ -71,6 +77,7 @@ pub fn migrating(policy: MigrationPolicy, request: LlmRequest, routed: Routed<Ll
         tokens_before: 0,
         migrations: 0,
         done: false,
+        booking,
     };
     Box::pin(futures::stream::unfold(state, State::next))
 }
@@ -93,6 +100,9 @@ impl State {
             };
             match next {
                 Some(Ok(mut piece)) => {
+                    if let Some(booking) = &mut self.booking {
+                        booking.first_token();
+                    }
                     self.generated.push_str(&piece.text);
                     self.tokens += piece.tokens;
                     if let Some(usage) = piece.usage.as_mut() {
@@ -112,7 +122,7 @@ impl State {
                 Some(Err(error)) if is_migratable(error.kind()) && self.migrations < self.policy.limit => {
                     if error.kind() != ErrorKind::ShuttingDown {
                         // Broken or stalled: keep new work away from it for a while.
-                        self.policy.router.eject(self.instance, error.message());
+                        self.policy.target.router.eject(self.instance, error.message());
                     }
                     match self.migrate(&error).await {
                         Ok(()) => continue,
@@ -142,7 +152,10 @@ impl State {
         } else {
             "ongoing_request"
         };
-        self.policy.counter.with_label_values(&[&self.policy.model, kind]).inc();
+        self.policy
+            .counter
+            .with_label_values(&[&self.policy.target.name, kind])
+            .inc();
         tracing::info!(
             request_id = %self.policy.request_id,
             migration = self.migrations,
@@ -150,12 +163,18 @@ impl State {
             %cause,
             "worker lost mid-answer; migrating the request"
         );
+        // The old worker's share of the load goes now, not at the stream's end.
+        self.booking = None;
         let controller = Controller::with_id(&self.policy.request_id);
-        let routed = self
+        let (routed, kv_route) = self
             .policy
-            .router
-            .generate_routed(Context::with_controller(next.clone(), controller))
+            .target
+            .route(Context::with_controller(next.clone(), controller))
             .await?;
+        if let Some(route) = kv_route {
+            tracing::debug!(request_id = %self.policy.request_id, route = %route.explanation, "KV route of the migrated request");
+            self.booking = Some(route.booking);
+        }
         self.request = next;
         self.tokens_before += self.tokens;
         self.tokens = 0;

@@ -8,7 +8,7 @@
 //! because the router of an endpoint cannot tell which of its instances
 //! serve which model.
 
-use crate::kv::{KvMetrics, KvRouting, KvSettings};
+use crate::kv::{Booking, KvMetrics, KvRouting, KvSettings};
 use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -20,10 +20,12 @@ use switchyard_runtime::component::client::ClientError;
 use switchyard_runtime::discovery::DiscoveryError;
 use switchyard_runtime::discovery::{Bucket, Key, Query, WatchEvent};
 use switchyard_runtime::distributed::DistributedRuntime;
+use switchyard_runtime::engine::Context;
 use switchyard_runtime::error::{Report, RequestError};
 use switchyard_runtime::names::NameError;
 use switchyard_runtime::routing::RouterMode;
 use switchyard_runtime::routing::push_router::PushRouter;
+use switchyard_runtime::routing::push_router::Routed;
 use tokio_util::sync::CancellationToken;
 
 /// The router type every model uses.
@@ -54,6 +56,14 @@ pub struct Model {
     pub kv: Option<Arc<KvRouting>>,
     /// Its tokenizer, in KV mode (from the first card).
     pub tokenizer: ModelTokenizer,
+}
+
+/// How a KV-routed request was routed: its booking on the worker, and the
+/// `x-switchyard-route` explanation.
+#[derive(Debug)]
+pub struct KvRoute {
+    pub booking: Booking,
+    pub explanation: String,
 }
 
 /// The tokenizer a model's first card named, loaded when it is a Hugging
@@ -133,6 +143,25 @@ impl Model {
     /// approximates.
     pub fn prompt_tokens(&self, request: &LlmRequest) -> (Vec<u32>, bool) {
         self.tokenizer.tokens(&self.cards, request)
+    }
+
+    /// Routes `request` with the model's router: in KV mode by cached prefix
+    /// and load (booking the request on the chosen worker and saying why),
+    /// else by the router's mode.
+    pub async fn route(
+        &self,
+        request: Context<LlmRequest>,
+    ) -> Result<(Routed<LlmOutput>, Option<KvRoute>), RequestError> {
+        let Some(kv) = &self.kv else {
+            return Ok((self.router.generate_routed(request).await?, None));
+        };
+        let (tokens, exact) = self.prompt_tokens(request.data());
+        let plan = kv.plan(&tokens, exact);
+        let policy = kv.policy(&plan);
+        let routed = self.router.generate_routed_with(&policy, request).await?;
+        let booking = kv.book(&plan, routed.instance_id);
+        let explanation = plan.explain(policy.choice());
+        Ok((routed, Some(KvRoute { booking, explanation })))
     }
 
     /// True when at least one of its workers is in discovery right now.
