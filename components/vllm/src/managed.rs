@@ -102,7 +102,7 @@ impl ManagedVllm {
             command: command.display().to_string(),
             reason: e.to_string(),
         })?;
-        tracing::info!(pid = child.id(), port, command = %command.display(), "started vllm");
+        tracing::info!(pid = child.id(), port, command = %command.display(), ?args, "started vllm");
         let tail = Arc::new(Mutex::new(VecDeque::new()));
         if let Some(stdout) = child.stdout.take() {
             tokio::spawn(keep_tail(BufReader::new(stdout), tail.clone(), port));
@@ -203,7 +203,7 @@ async fn keep_tail<R: tokio::io::AsyncRead + Unpin>(
 /// `n` distinct ports free on every interface (vLLM binds its event ports
 /// on `*`), all held until all are chosen so that none is picked twice.
 /// They are released before the child binds them, so another process may
-/// take one meanwhile (docs/vllm.md §9).
+/// take one meanwhile (docs/vllm.md §10).
 pub fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
     let held = (0..n)
         .map(|_| std::net::TcpListener::bind("0.0.0.0:0"))
