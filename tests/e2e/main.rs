@@ -9,9 +9,10 @@
 //! `switchyard` package (see its Cargo.toml for why).
 
 mod faults;
-mod kv;
 #[cfg(feature = "kubernetes")]
 mod kubernetes;
+mod kv;
+mod vllm_kv;
 
 use futures::StreamExt;
 use serde_json::{Value, json};
