@@ -12,6 +12,7 @@ mod faults;
 #[cfg(feature = "kubernetes")]
 mod kubernetes;
 mod kv;
+mod vllm_kv;
 
 use futures::StreamExt;
 use serde_json::{Value, json};

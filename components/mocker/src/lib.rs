@@ -12,4 +12,4 @@ pub mod metrics;
 pub mod stop;
 mod worker;
 
-pub use worker::{MockerArgs, MockerError, MockerWorker, run, serve};
+pub use worker::{KvEventsBind, MockerArgs, MockerError, MockerWorker, run, serve, serve_with};

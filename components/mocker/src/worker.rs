@@ -89,30 +89,48 @@ impl MockerArgs {
 /// drops (and counts) them, and routers see a gap.
 const KV_EVENT_QUEUE: usize = 1024;
 
-/// Binds a vLLM-style KV event publisher on the request plane's host and
-/// forwards the engine's batches to it until the engine stops.
+/// Where a worker's engine publishes its KV events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvEventsBind {
+    /// On the request plane's host, ports chosen by the OS (`--kv-events`).
+    Ephemeral,
+    /// At the given addresses, as `vllm serve --kv-events-config` asks (the
+    /// vLLM stand-in, whose caller chose the ports).
+    At(PublisherConfig),
+}
+
+/// Binds a vLLM-style KV event publisher and forwards the engine's batches
+/// to it until the engine stops.
 fn publish_kv_events(
     runtime: &Runtime,
+    bind: &KvEventsBind,
     mut batches: tokio::sync::mpsc::Receiver<switchyard_kv_router::events::EventBatch>,
 ) -> Result<KvEventsSource, KvEventsError> {
-    let host = runtime.config().tcp().host();
-    let host = if host.contains(':') {
-        format!("[{host}]")
-    } else {
-        host.clone()
+    let config = match bind {
+        KvEventsBind::Ephemeral => {
+            let host = runtime.config().tcp().host();
+            let host = if host.contains(':') {
+                format!("[{host}]")
+            } else {
+                host.clone()
+            };
+            PublisherConfig {
+                endpoint: format!("tcp://{host}:0"),
+                replay_endpoint: Some(format!("tcp://{host}:0")),
+                topic: KV_EVENTS_TOPIC.to_string(),
+                buffer_steps: DEFAULT_BUFFER_STEPS,
+            }
+        }
+        KvEventsBind::At(config) => config.clone(),
     };
-    let publisher = Publisher::bind(PublisherConfig {
-        endpoint: format!("tcp://{host}:0"),
-        replay_endpoint: Some(format!("tcp://{host}:0")),
-        topic: KV_EVENTS_TOPIC.to_string(),
-        buffer_steps: DEFAULT_BUFFER_STEPS,
-    })?;
+    let topic = config.topic.clone();
+    let publisher = Publisher::bind(config)?;
     let source = KvEventsSource {
         endpoint: publisher.endpoint().to_string(),
         replay_endpoint: publisher.replay_endpoint().map(str::to_string),
-        topic: KV_EVENTS_TOPIC.to_string(),
+        topic,
     };
-    tracing::info!(endpoint = %source.endpoint, "publishing KV events");
+    tracing::info!(endpoint = %source.endpoint, replay_endpoint = ?source.replay_endpoint, "publishing KV events");
     runtime.spawn(async move {
         while let Some(batch) = batches.recv().await {
             publisher.publish(&batch);
@@ -166,15 +184,25 @@ pub struct MockerWorker {
 /// card and metrics. The card leaves discovery as soon as the runtime starts
 /// draining, before the endpoint finishes its requests.
 pub async fn serve(drt: &DistributedRuntime, args: &MockerArgs) -> Result<MockerWorker, MockerError> {
+    serve_with(drt, args, args.kv_events.then_some(KvEventsBind::Ephemeral)).await
+}
+
+/// [`serve`], with the KV events published where `kv_events` says (none
+/// when `None`) instead of where `args.kv_events` would.
+pub async fn serve_with(
+    drt: &DistributedRuntime,
+    args: &MockerArgs,
+    kv_events: Option<KvEventsBind>,
+) -> Result<MockerWorker, MockerError> {
     if args.context_length == 0 {
         return Err(MockerError::NoContext);
     }
     let runtime = drt.runtime();
     let config = args.engine_config();
-    let (engine, kv_events) = if args.kv_events {
+    let (engine, kv_events) = if let Some(bind) = &kv_events {
         let (batches, received) = tokio::sync::mpsc::channel(KV_EVENT_QUEUE);
         let engine = MockerEngine::start_with_kv_events(config.clone(), runtime.root_token().child_token(), batches)?;
-        let source = publish_kv_events(runtime, received)?;
+        let source = publish_kv_events(runtime, bind, received)?;
         (engine, Some(source))
     } else {
         (

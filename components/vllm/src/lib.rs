@@ -9,18 +9,23 @@
 //!
 //! Either way each instance forwards requests ([`forward`]), publishes the
 //! server's `vllm:*` gauges as its load, and follows the server's health
-//! ([`monitor`]).
+//! ([`monitor`]). Its model card tells KV-aware routers where the engine
+//! publishes its KV events, its block size and its tokenizer ([`kv`]).
 #![forbid(unsafe_code)]
 
 pub mod check;
 pub mod forward;
+pub mod kv;
 pub mod managed;
 pub mod monitor;
 
 use crate::check::{CheckError, check_model};
-use crate::managed::{ManagedError, ManagedVllm, resolve_command};
-use crate::monitor::Backend;
+use crate::kv::{EventPorts, KvError};
+use crate::managed::{ManagedError, ManagedVllm, free_ports, resolve_command};
+use crate::monitor::{Backend, EngineFacts};
+use std::path::PathBuf;
 use std::time::Duration;
+use switchyard_llm::model_card::KvEventsSource;
 use switchyard_runtime::component::endpoint::EndpointError;
 use switchyard_runtime::config::args::{self, EndpointArgs};
 use switchyard_runtime::distributed::{DistributedError, DistributedRuntime};
@@ -72,6 +77,31 @@ pub struct VllmArgs {
     /// plain number is milliseconds.
     #[arg(long = "health-interval-ms", env = "DYN_VLLM_HEALTH_INTERVAL_MS", default_value = "1000", value_parser = args::milliseconds(), value_name = "DURATION")]
     pub health_interval: Duration,
+    /// Name the engines' KV event streams in the model cards, for KV-aware
+    /// routers. Managed: each child is started with prefix caching and a
+    /// `--kv-events-config` on ports of its own. Attach: the cards name
+    /// `--kv-events-endpoint`.
+    #[arg(long, env = "DYN_VLLM_KV_EVENTS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub kv_events: bool,
+    /// Where each attached server's engine publishes its KV events (attach;
+    /// comma-separated `tcp://HOST:PORT`, one per `--attach` URL, same order).
+    #[arg(long, env = "DYN_VLLM_KV_EVENTS_ENDPOINT", value_delimiter = ',')]
+    pub kv_events_endpoint: Vec<String>,
+    /// Each attached engine's KV event replay address (attach; one per
+    /// `--kv-events-endpoint`, or none).
+    #[arg(long, env = "DYN_VLLM_KV_EVENTS_REPLAY_ENDPOINT", value_delimiter = ',')]
+    pub kv_events_replay_endpoint: Vec<String>,
+    /// The topic the attached engines publish on (attach; vLLM's default is empty).
+    #[arg(long, env = "DYN_VLLM_KV_EVENTS_TOPIC", default_value = "")]
+    pub kv_events_topic: String,
+    /// Tokens per KV-cache block of the engines (vLLM's default: 16). Managed:
+    /// passed to the children as `--block-size` unless a `--vllm-arg` sets it.
+    #[arg(long, env = "DYN_VLLM_KV_CACHE_BLOCK_SIZE", value_parser = clap::value_parser!(u64).range(1..))]
+    pub kv_cache_block_size: Option<u64>,
+    /// A local Hugging Face model directory with the engines' `tokenizer.json`,
+    /// named in the cards so routers tokenize as the engines do.
+    #[arg(long, env = "DYN_VLLM_TOKENIZER_DIR", value_name = "DIR")]
+    pub tokenizer_dir: Option<PathBuf>,
     /// The endpoint this worker serves (`--namespace`, `--component`, `--endpoint`).
     #[command(flatten)]
     pub identity: EndpointArgs,
@@ -91,6 +121,8 @@ pub enum VllmError {
     #[error(transparent)]
     Managed(#[from] ManagedError),
     #[error(transparent)]
+    Kv(#[from] KvError),
+    #[error(transparent)]
     Name(#[from] NameError),
     #[error(transparent)]
     Runtime(#[from] DistributedError),
@@ -104,11 +136,24 @@ pub enum VllmError {
 pub async fn run(runtime: Runtime, args: VllmArgs) -> Result<(), VllmError> {
     let http = reqwest::Client::new();
     let check_timeout = args.check_timeout;
+    let tokenizer = kv::tokenizer(args.tokenizer_dir.as_deref())?;
+    if !args.kv_events && !args.kv_events_endpoint.is_empty() {
+        tracing::info!("--kv-events false: the cards name no KV event endpoints, --kv-events-endpoint is not used");
+    }
     let mut children = Vec::new();
-    let urls: Vec<String> = if args.managed {
+    let (servers, block_size): (Vec<Server>, u64) = if args.managed {
         if args.replicas == 0 {
             return Err(VllmError::NoReplicas);
         }
+        for (flag, given) in [
+            ("--kv-events-endpoint", &args.kv_events_endpoint),
+            ("--kv-events-replay-endpoint", &args.kv_events_replay_endpoint),
+        ] {
+            if !given.is_empty() {
+                return Err(KvError::AttachOnly { flag }.into());
+            }
+        }
+        let plan = kv::managed_plan(&args.vllm_args, args.kv_events, args.kv_cache_block_size)?;
         // The command search path, from the settings (`PATH`), as a shell would use it.
         let path = Some(runtime.config().command_search_path().as_str()).filter(|p| !p.is_empty());
         let command = resolve_command(&args.vllm_command, path).ok_or_else(|| ManagedError::MissingCommand {
@@ -120,26 +165,49 @@ pub async fn run(runtime: Runtime, args: VllmArgs) -> Result<(), VllmError> {
                 "setpriv (util-linux) is not installed: a SIGKILLed worker would leave its vLLM children running"
             );
         }
-        let timeout = args.startup_timeout;
+        // Routers reach the children's event ports where they reach this
+        // worker's request plane.
+        let host = runtime.config().tcp().host().clone();
+        let mut servers = Vec::new();
         for _ in 0..args.replicas {
+            let ports = free_ports(3).map_err(|e| ManagedError::Spawn {
+                command: command.display().to_string(),
+                reason: format!("no free port: {e}"),
+            })?;
+            let events = args.kv_events.then_some(EventPorts {
+                publish: ports[1],
+                replay: ports[2],
+            });
+            let mut child_args = plan.leading_args.clone();
+            if let Some(events) = &events {
+                child_args.extend(["--kv-events-config".to_string(), events.vllm_config()]);
+            }
+            child_args.extend(args.vllm_args.iter().cloned());
             match ManagedVllm::start(
                 &command,
                 setpriv.as_deref(),
+                ports[0],
                 &args.model,
-                &args.vllm_args,
+                &child_args,
                 &http,
-                timeout,
+                args.startup_timeout,
             )
             .await
             {
-                Ok(child) => children.push(child),
+                Ok(child) => {
+                    servers.push(Server {
+                        url: child.base_url.clone(),
+                        events: events.map(|e| e.source(&host)),
+                    });
+                    children.push(child);
+                }
                 Err(error) => {
                     stop_children(children, args.stop_grace).await;
                     return Err(error.into());
                 }
             }
         }
-        children.iter().map(|c| c.base_url.clone()).collect()
+        (servers, plan.block_size)
     } else {
         if args.attach.is_empty() {
             return Err(VllmError::NoMode);
@@ -149,15 +217,43 @@ pub async fn run(runtime: Runtime, args: VllmArgs) -> Result<(), VllmError> {
                 return Err(VllmError::BadUrl { url: url.clone() });
             }
         }
-        args.attach
+        let sources = if args.kv_events {
+            kv::attach_sources(
+                &args.kv_events_endpoint,
+                &args.kv_events_replay_endpoint,
+                &args.kv_events_topic,
+                args.attach.len(),
+            )?
+        } else {
+            vec![None; args.attach.len()]
+        };
+        let servers = args
+            .attach
             .iter()
-            .map(|u| u.trim_end_matches('/').to_string())
-            .collect()
+            .zip(sources)
+            .map(|(url, events)| Server {
+                url: url.trim_end_matches('/').to_string(),
+                events,
+            })
+            .collect();
+        (servers, args.kv_cache_block_size.unwrap_or(kv::VLLM_BLOCK_SIZE))
     };
 
-    let served = serve_all(&runtime, &args, &http, &urls, check_timeout).await;
+    let facts = EngineFacts {
+        events: None,
+        block_size,
+        tokenizer,
+    };
+    let served = serve_all(&runtime, &args, &http, &servers, &facts, check_timeout).await;
     stop_children(children, args.stop_grace).await;
     served
+}
+
+/// One vLLM server to stand for, and where its engine publishes KV events.
+#[derive(Debug)]
+struct Server {
+    url: String,
+    events: Option<KvEventsSource>,
 }
 
 /// Checks every server first (nothing registers if one is wrong), then
@@ -166,16 +262,17 @@ async fn serve_all(
     runtime: &Runtime,
     args: &VllmArgs,
     http: &reqwest::Client,
-    urls: &[String],
+    servers: &[Server],
+    facts: &EngineFacts,
     check_timeout: Duration,
 ) -> Result<(), VllmError> {
     let mut checked = Vec::new();
-    for url in urls {
-        checked.push(check_model(http, url, &args.model, check_timeout).await?);
+    for server in servers {
+        checked.push(check_model(http, &server.url, &args.model, check_timeout).await?);
     }
     let base_port = *runtime.config().system().port();
     let mut supervisors = Vec::new();
-    for (index, (url, served)) in urls.iter().zip(checked).enumerate() {
+    for (index, (server, served)) in servers.iter().zip(checked).enumerate() {
         let drt = DistributedRuntime::connect(runtime.clone()).await?;
         if let Some(port) = base_port {
             let port = if port == 0 {
@@ -190,11 +287,15 @@ async fn serve_all(
             .component(&args.identity.component)?
             .endpoint(&args.identity.endpoint);
         let backend = Backend {
-            base_url: url.clone(),
+            base_url: server.url.clone(),
             drt,
             endpoint,
             model: args.model.clone(),
             context_length: served.context_length.unwrap_or(DEFAULT_CONTEXT_LENGTH),
+            kv: EngineFacts {
+                events: server.events.clone(),
+                ..facts.clone()
+            },
             http: http.clone(),
             health_interval: args.health_interval.max(MIN_HEALTH_INTERVAL),
             check_timeout,

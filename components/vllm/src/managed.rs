@@ -67,20 +67,17 @@ pub fn resolve_command(command: &str, path_var: Option<&str>) -> Option<PathBuf>
 }
 
 impl ManagedVllm {
-    /// Starts `command serve --host 127.0.0.1 --port PORT MODEL ARGS…` on a
-    /// free port and waits until its `/health` answers.
+    /// Starts `command serve --host 127.0.0.1 --port PORT MODEL ARGS…` and
+    /// waits until its `/health` answers.
     pub async fn start(
         command: &Path,
         setpriv: Option<&Path>,
+        port: u16,
         model: &str,
         extra_args: &[String],
         http: &reqwest::Client,
         startup_timeout: Duration,
     ) -> Result<Self, ManagedError> {
-        let port = free_port().map_err(|e| ManagedError::Spawn {
-            command: command.display().to_string(),
-            reason: format!("no free port: {e}"),
-        })?;
         let port_text = port.to_string();
         let mut args: Vec<&str> = vec!["serve", "--host", "127.0.0.1", "--port", &port_text, model];
         args.extend(extra_args.iter().map(String::as_str));
@@ -105,7 +102,7 @@ impl ManagedVllm {
             command: command.display().to_string(),
             reason: e.to_string(),
         })?;
-        tracing::info!(pid = child.id(), port, command = %command.display(), "started vllm");
+        tracing::info!(pid = child.id(), port, command = %command.display(), ?args, "started vllm");
         let tail = Arc::new(Mutex::new(VecDeque::new()));
         if let Some(stdout) = child.stdout.take() {
             tokio::spawn(keep_tail(BufReader::new(stdout), tail.clone(), port));
@@ -203,6 +200,13 @@ async fn keep_tail<R: tokio::io::AsyncRead + Unpin>(
     }
 }
 
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// `n` distinct ports free on every interface (vLLM binds its event ports
+/// on `*`), all held until all are chosen so that none is picked twice.
+/// They are released before the child binds them, so another process may
+/// take one meanwhile (docs/vllm.md §10).
+pub fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
+    let held = (0..n)
+        .map(|_| std::net::TcpListener::bind("0.0.0.0:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    held.iter().map(|l| Ok(l.local_addr()?.port())).collect()
 }

@@ -7,7 +7,7 @@ use crate::check::check_model;
 use crate::forward::VllmForwarder;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use switchyard_llm::model_card::{ModelCard, ModelKind};
+use switchyard_llm::model_card::{Capacity, KvEventsSource, ModelCard, ModelKind, TokenizerSpec};
 use switchyard_runtime::component::Endpoint;
 use switchyard_runtime::component::endpoint::{EndpointError, ServingEndpoint};
 use switchyard_runtime::component::load::EngineLoad;
@@ -28,9 +28,21 @@ pub struct Backend {
     pub endpoint: Endpoint,
     pub model: String,
     pub context_length: u32,
+    /// What KV-aware routers need to know of this server's engine.
+    pub kv: EngineFacts,
     pub http: reqwest::Client,
     pub health_interval: Duration,
     pub check_timeout: Duration,
+}
+
+/// What the card says about the engine for KV-aware routers (`crate::kv`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineFacts {
+    /// Where the engine publishes its KV events, when known.
+    pub events: Option<KvEventsSource>,
+    /// Tokens per KV-cache block, as the engine was started.
+    pub block_size: u64,
+    pub tokenizer: Option<TokenizerSpec>,
 }
 
 /// The vLLM gauges the load report carries.
@@ -61,12 +73,18 @@ impl Backend {
             .publish_load_with(move || *load.lock().unwrap_or_else(|p| p.into_inner()))
             .spawn()
             .await?;
-        let card = ModelCard::new(
+        let mut card = ModelCard::new(
             &self.model,
             &self.endpoint,
             vec![ModelKind::Chat, ModelKind::Completions],
             self.context_length,
         );
+        card.capacity = Capacity {
+            kv_cache_block_size: Some(self.kv.block_size),
+            ..Capacity::default()
+        };
+        card.tokenizer = self.kv.tokenizer.clone();
+        card.kv_events = self.kv.events.clone();
         if let Err(error) = card.register(&self.endpoint).await {
             serving.stop();
             serving.wait().await;

@@ -19,6 +19,7 @@ mod bench;
 #[cfg(test)]
 mod flag_tests;
 mod instances;
+mod mocker_vllm;
 mod model;
 mod svg;
 mod sweep;
@@ -29,12 +30,15 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 use std::time::Duration;
 use switchyard_frontend::FrontendArgs;
-use switchyard_mocker_worker::MockerArgs;
+use switchyard_mocker_worker::{KvEventsBind, MockerArgs};
 use switchyard_runtime::config::{DiscoveryBackend, RuntimeConfig};
 use switchyard_runtime::distributed::DistributedRuntime;
 use switchyard_runtime::error::Report;
 use switchyard_runtime::runtime::Runtime;
 use switchyard_runtime::worker::Worker;
+
+/// vLLM's default KV-cache block size, the stand-in's too.
+const VLLM_BLOCK_SIZE: &str = "16";
 
 /// How long `run` waits for its own frontend to see its own workers.
 const READY_WAIT: Duration = Duration::from_secs(10);
@@ -76,11 +80,23 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum VllmCompat {
     /// `vllm serve`'s shape: `serve [--host H] [--port P] MODEL [ignored vLLM flags…]`.
+    // Two mocker flags take vLLM's form and default here: a bare
+    // `--enable-prefix-caching` (vLLM's flag takes no value), and a block
+    // size of 16 (vLLM's), so the card a vLLM worker writes for its engine
+    // holds for the stand-in too.
+    #[command(
+        mut_arg("enable_prefix_caching", |arg| arg.num_args(0..=1).default_missing_value("true")),
+        mut_arg("block_size", |arg| arg.default_value(VLLM_BLOCK_SIZE)),
+    )]
     Serve {
         #[arg(long, default_value = "127.0.0.1")]
         host: String,
         #[arg(long, default_value_t = 8000)]
         port: u16,
+        /// vLLM's KV event settings (JSON): when they enable events, the
+        /// engine publishes them where they say, as vLLM does.
+        #[arg(long, value_name = "JSON")]
+        kv_events_config: Option<String>,
         /// The model name to serve.
         model: String,
         /// vLLM flags the mocker has no use for.
@@ -127,14 +143,20 @@ fn execute(command: Command) -> Result<(), AppError> {
     let worker = Worker::from_config(config)?;
     worker.execute(move |runtime| async move {
         match command {
-            Command::Run { frontend, mocker } => run_all(runtime, frontend, mocker, true).await,
+            Command::Run { frontend, mocker } => {
+                let kv_events = mocker.kv_events.then_some(KvEventsBind::Ephemeral);
+                run_all(runtime, frontend, mocker, kv_events, true).await
+            }
             Command::MockerVllm(VllmCompat::Serve {
                 host,
                 port,
                 model,
+                kv_events_config,
                 ignored,
                 mocker,
             }) => {
+                // vLLM publishes KV events only when its config asks, whatever the mocker's default.
+                let kv_events = mocker_vllm::kv_events_bind(kv_events_config.as_deref())?;
                 if !ignored.is_empty() {
                     tracing::info!(?ignored, "ignoring vLLM flags the mocker does not use");
                 }
@@ -148,7 +170,7 @@ fn execute(command: Command) -> Result<(), AppError> {
                     num_workers: 1,
                     ..mocker
                 };
-                run_all(runtime, frontend, mocker, false).await
+                run_all(runtime, frontend, mocker, kv_events, false).await
             }
             Command::Instances(args) => instances::list(runtime.clone(), args).await,
             Command::Model(_) | Command::Bench(_) | Command::Sweep(_) => {
@@ -174,12 +196,20 @@ fn measuring_runtime() -> std::io::Result<tokio::runtime::Runtime> {
 /// frontend, then a banner once the frontend can route to them. The first
 /// worker shares the frontend's runtime, so its `vllm:*` gauges appear on
 /// the frontend's `/metrics` (what a vLLM server shows on its own port).
-async fn run_all(runtime: Runtime, frontend: FrontendArgs, mocker: MockerArgs, banner: bool) -> Result<(), AppError> {
+/// `kv_events` says where the first worker publishes its KV events; the
+/// others publish where `mocker.kv_events` says (the stand-in has only one).
+async fn run_all(
+    runtime: Runtime,
+    frontend: FrontendArgs,
+    mocker: MockerArgs,
+    kv_events: Option<KvEventsBind>,
+    banner: bool,
+) -> Result<(), AppError> {
     if mocker.num_workers == 0 {
         return Err("--num-workers must be at least 1 (got 0)".into());
     }
     let drt = DistributedRuntime::from_settings(runtime.clone()).await?;
-    let mut workers = vec![switchyard_mocker_worker::serve(&drt, &mocker).await?];
+    let mut workers = vec![switchyard_mocker_worker::serve_with(&drt, &mocker, kv_events).await?];
     for _ in 1..mocker.num_workers {
         let own = DistributedRuntime::connect(runtime.clone()).await?;
         workers.push(switchyard_mocker_worker::serve(&own, &mocker).await?);
