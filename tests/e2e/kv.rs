@@ -30,7 +30,14 @@ async fn metric(http: &reqwest::Client, url: &str, name: &str) -> f64 {
     };
     let text = response.text().await.unwrap_or_default();
     text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .find_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            // Unlabelled, or labelled with the one model.
+            let value = rest
+                .strip_prefix(' ')
+                .or_else(|| rest.strip_prefix("{model=\"mock-model\"} "))?;
+            value.trim().parse().ok()
+        })
         .unwrap_or(0.0)
 }
 

@@ -17,7 +17,7 @@
 //! All four sit behind one mutex, held for microseconds per request (the
 //! index lookup is the costly part; `docs/kv-routing-core.md` has figures).
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Opts};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntGaugeVec, Opts};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use switchyard_kv_events::{Delivery, SubscriberConfig, Subscription, subscribe};
@@ -70,6 +70,8 @@ pub struct Plan {
 /// The KV state of one model's workers, shared by its requests.
 #[derive(Debug)]
 pub struct KvRouting {
+    /// The model, for metric labels.
+    model: String,
     settings: KvSettings,
     hasher: BlockHasher,
     state: Mutex<State>,
@@ -113,9 +115,10 @@ impl Plan {
 
 impl KvRouting {
     /// Routing for a model whose engines use `block_size` tokens per block.
-    pub fn new(settings: KvSettings, block_size: u32, metrics: KvMetrics) -> Option<Self> {
+    pub fn new(model: &str, settings: KvSettings, block_size: u32, metrics: KvMetrics) -> Option<Self> {
         let hasher = BlockHasher::new(block_size, None)?;
         Some(Self {
+            model: model.to_string(),
             settings,
             hasher,
             state: Mutex::new(State {
@@ -248,7 +251,7 @@ impl KvRouting {
                 }
             }
         }
-        self.metrics.indexed_blocks.set(state.index.stats().blocks as i64);
+        self.count_blocks(&state);
     }
 
     /// Forgets what `instance`'s engine said it caches (a gap that replay
@@ -258,7 +261,7 @@ impl KvRouting {
         let mut state = self.lock();
         state.index.remove_worker(WorkerId::from(instance));
         state.with_events.remove(&instance);
-        self.metrics.indexed_blocks.set(state.index.stats().blocks as i64);
+        self.count_blocks(&state);
     }
 
     /// Subscribes to `instance`'s engine events at `source` (once per
@@ -349,7 +352,14 @@ impl KvRouting {
         state.predicted.remove_worker(worker);
         state.with_events.remove(&instance);
         state.booked.remove(&instance);
-        self.metrics.indexed_blocks.set(state.index.stats().blocks as i64);
+        self.count_blocks(&state);
+    }
+
+    fn count_blocks(&self, state: &State) {
+        self.metrics
+            .indexed_blocks
+            .with_label_values(&[&self.model])
+            .set(state.index.stats().blocks as i64);
     }
 
     /// Why `instance` is not scored by its cache, when it is not.
@@ -456,8 +466,8 @@ pub struct KvMetrics {
     /// Engine events applied to the index, and refused (wrong block size, inconsistent).
     pub events: IntCounter,
     pub refused_events: IntCounter,
-    /// Blocks in the event index, all workers together.
-    pub indexed_blocks: IntGauge,
+    /// Blocks in the event index per model, all its workers together.
+    pub indexed_blocks: IntGaugeVec,
     /// Event-stream sequence gaps seen, replays asked, batches lost for good.
     pub gaps: IntCounter,
     pub replays: IntCounter,
@@ -500,10 +510,13 @@ impl KvMetrics {
                 "dynamo_frontend_kv_events_refused_total",
                 "Engine KV events refused (block size mismatch, inconsistent event)",
             )?,
-            indexed_blocks: IntGauge::with_opts(Opts::new(
-                "dynamo_frontend_kv_indexed_blocks",
-                "Blocks held in the KV router's event index, over all workers",
-            ))?,
+            indexed_blocks: IntGaugeVec::new(
+                Opts::new(
+                    "dynamo_frontend_kv_indexed_blocks",
+                    "Blocks held in the KV router's event index, over all workers of a model",
+                ),
+                &["model"],
+            )?,
             gaps: counter(
                 "dynamo_frontend_kv_event_gaps_total",
                 "Sequence gaps in engines' KV event streams",

@@ -386,7 +386,7 @@ impl ModelManager {
             .and_then(|size| u32::try_from(size).ok())
             .filter(|size| (1..=65536).contains(size))
             .unwrap_or(settings.block_size);
-        let routing = KvRouting::new(*settings, block_size, metrics.clone())?;
+        let routing = KvRouting::new(&card.name, *settings, block_size, metrics.clone())?;
         tracing::info!(model = %card.name, block_size, events = settings.use_events, "KV-aware routing");
         Some(Arc::new(routing))
     }
