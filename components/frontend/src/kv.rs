@@ -251,7 +251,7 @@ impl KvRouting {
                 }
             }
         }
-        self.count_blocks(&state);
+        self.count_blocks(&state, instance);
     }
 
     /// Forgets what `instance`'s engine said it caches (a gap that replay
@@ -261,7 +261,7 @@ impl KvRouting {
         let mut state = self.lock();
         state.index.remove_worker(WorkerId::from(instance));
         state.with_events.remove(&instance);
-        self.count_blocks(&state);
+        self.count_blocks(&state, instance);
     }
 
     /// Subscribes to `instance`'s engine events at `source` (once per
@@ -352,14 +352,23 @@ impl KvRouting {
         state.predicted.remove_worker(worker);
         state.with_events.remove(&instance);
         state.booked.remove(&instance);
-        self.count_blocks(&state);
+        self.count_blocks(&state, instance);
+        let worker = format!("{instance:x}");
+        let _ = self.metrics.worker_blocks.remove_label_values(&[&self.model, &worker]);
     }
 
-    fn count_blocks(&self, state: &State) {
+    /// Brings the block gauges up to date for the model and `instance`.
+    fn count_blocks(&self, state: &State, instance: u64) {
         self.metrics
             .indexed_blocks
             .with_label_values(&[&self.model])
             .set(state.index.stats().blocks as i64);
+        let worker = format!("{instance:x}");
+        let blocks = state.index.worker_blocks(WorkerId::from(instance));
+        self.metrics
+            .worker_blocks
+            .with_label_values(&[&self.model, &worker])
+            .set(blocks as i64);
     }
 
     /// Why `instance` is not scored by its cache, when it is not.
@@ -468,6 +477,9 @@ pub struct KvMetrics {
     pub refused_events: IntCounter,
     /// Blocks in the event index per model, all its workers together.
     pub indexed_blocks: IntGaugeVec,
+    /// Blocks in the event index per model and worker (a worker's label
+    /// goes when it leaves discovery).
+    pub worker_blocks: IntGaugeVec,
     /// Event-stream sequence gaps seen, replays asked, batches lost for good.
     pub gaps: IntCounter,
     pub replays: IntCounter,
@@ -517,6 +529,13 @@ impl KvMetrics {
                 ),
                 &["model"],
             )?,
+            worker_blocks: IntGaugeVec::new(
+                Opts::new(
+                    "dynamo_frontend_kv_worker_blocks",
+                    "Blocks held in the KV router's event index for one worker (hex instance id)",
+                ),
+                &["model", "worker_id"],
+            )?,
             gaps: counter(
                 "dynamo_frontend_kv_event_gaps_total",
                 "Sequence gaps in engines' KV event streams",
@@ -541,6 +560,7 @@ impl KvMetrics {
         scope.register(Box::new(metrics.events.clone()))?;
         scope.register(Box::new(metrics.refused_events.clone()))?;
         scope.register(Box::new(metrics.indexed_blocks.clone()))?;
+        scope.register(Box::new(metrics.worker_blocks.clone()))?;
         scope.register(Box::new(metrics.gaps.clone()))?;
         scope.register(Box::new(metrics.replays.clone()))?;
         scope.register(Box::new(metrics.lost_batches.clone()))?;
