@@ -97,6 +97,8 @@ struct State {
 struct Booked {
     prefill_blocks: u64,
     decode_blocks: u64,
+    /// Requests behind those blocks.
+    requests: u64,
 }
 
 impl Plan {
@@ -193,6 +195,7 @@ impl KvRouting {
         let booked = Booked {
             prefill_blocks: plan.request_blocks.saturating_sub(overlap),
             decode_blocks: plan.request_blocks,
+            requests: 1,
         };
         let now = Instant::now();
         {
@@ -204,6 +207,7 @@ impl KvRouting {
             let entry = state.booked.entry(instance).or_default();
             entry.prefill_blocks += booked.prefill_blocks;
             entry.decode_blocks += booked.decode_blocks;
+            entry.requests += booked.requests;
         }
         if plan.request_blocks > 0 {
             let rate = overlap as f64 / plan.request_blocks as f64;
@@ -218,11 +222,12 @@ impl KvRouting {
         }
     }
 
-    fn release(&self, instance: u64, prefill: u64, decode: u64) {
+    fn release(&self, instance: u64, prefill: u64, decode: u64, requests: u64) {
         let mut state = self.lock();
         if let Some(entry) = state.booked.get_mut(&instance) {
             entry.prefill_blocks = entry.prefill_blocks.saturating_sub(prefill);
             entry.decode_blocks = entry.decode_blocks.saturating_sub(decode);
+            entry.requests = entry.requests.saturating_sub(requests);
             if *entry == Booked::default() {
                 state.booked.remove(&instance);
             }
@@ -413,11 +418,14 @@ impl Policy for KvPolicy<'_> {
                 let worker = WorkerId::from(i.instance_id);
                 let booked = state.booked.get(&i.instance_id).copied().unwrap_or_default();
                 let excluded = state.index.is_excluded(worker);
+                // Requests the worker reports beyond this router's (other
+                // frontends' traffic), each counted as one like this one.
+                let others = loads.load(i.instance_id).saturating_sub(booked.requests);
                 Candidate {
                     worker,
                     overlap_blocks: if excluded { 0 } else { self.plan.overlaps.get(worker) },
                     active_prefill_blocks: booked.prefill_blocks,
-                    active_decode_blocks: booked.decode_blocks,
+                    active_decode_blocks: booked.decode_blocks + others * self.plan.request_blocks,
                     cached_blocks: state.index.worker_blocks(worker) as u64,
                 }
             })
@@ -452,7 +460,7 @@ impl Booking {
     pub fn first_token(&mut self) {
         let prefill = std::mem::take(&mut self.prefill_pending);
         if prefill > 0 {
-            self.routing.release(self.instance, prefill, 0);
+            self.routing.release(self.instance, prefill, 0, 0);
         }
     }
 }
@@ -460,7 +468,7 @@ impl Booking {
 impl Drop for Booking {
     fn drop(&mut self) {
         self.routing
-            .release(self.instance, self.prefill_pending, self.decode_pending);
+            .release(self.instance, self.prefill_pending, self.decode_pending, 1);
     }
 }
 
@@ -489,7 +497,33 @@ pub struct KvMetrics {
 }
 
 impl KvMetrics {
+    /// The metrics, registered in `scope`.
     pub fn register(scope: &Metrics) -> Result<Self, MetricsError> {
+        let metrics = Self::create()?;
+        for collector in metrics.collectors() {
+            scope.register(collector)?;
+        }
+        Ok(metrics)
+    }
+
+    fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
+            Box::new(self.hit_rate.clone()),
+            Box::new(self.overlap_blocks.clone()),
+            Box::new(self.indexer_seconds.clone()),
+            Box::new(self.events.clone()),
+            Box::new(self.refused_events.clone()),
+            Box::new(self.indexed_blocks.clone()),
+            Box::new(self.worker_blocks.clone()),
+            Box::new(self.gaps.clone()),
+            Box::new(self.replays.clone()),
+            Box::new(self.lost_batches.clone()),
+            Box::new(self.event_lag_seconds.clone()),
+        ]
+    }
+
+    /// The metrics, not registered anywhere yet.
+    fn create() -> Result<Self, MetricsError> {
         let fractions = vec![0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
         let blocks = vec![0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
         let micros = vec![1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 1e-2];
@@ -554,17 +588,78 @@ impl KvMetrics {
                 lag,
             )?,
         };
-        scope.register(Box::new(metrics.hit_rate.clone()))?;
-        scope.register(Box::new(metrics.overlap_blocks.clone()))?;
-        scope.register(Box::new(metrics.indexer_seconds.clone()))?;
-        scope.register(Box::new(metrics.events.clone()))?;
-        scope.register(Box::new(metrics.refused_events.clone()))?;
-        scope.register(Box::new(metrics.indexed_blocks.clone()))?;
-        scope.register(Box::new(metrics.worker_blocks.clone()))?;
-        scope.register(Box::new(metrics.gaps.clone()))?;
-        scope.register(Box::new(metrics.replays.clone()))?;
-        scope.register(Box::new(metrics.lost_batches.clone()))?;
-        scope.register(Box::new(metrics.event_lag_seconds.clone()))?;
         Ok(metrics)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchyard_runtime::request_plane::Transport;
+
+    fn instance(id: u64) -> Instance {
+        Instance {
+            namespace: "ns".into(),
+            component: "c".into(),
+            endpoint: "e".into(),
+            instance_id: id,
+            transport: Transport::Tcp(format!("127.0.0.1:{}", 1000 + id)),
+        }
+    }
+
+    /// Requests in flight per instance, as the router's occupancy sees them
+    /// (the larger of its own count and the worker's report).
+    struct Reported(Vec<u64>);
+
+    impl LoadView for Reported {
+        fn load(&self, id: u64) -> u64 {
+            self.0[id as usize]
+        }
+        fn available(&self, _: u64) -> bool {
+            true
+        }
+        fn least_loaded(&self, _: &dyn Fn(u64) -> bool) -> Option<u64> {
+            None
+        }
+    }
+
+    fn routing() -> Arc<KvRouting> {
+        let metrics = KvMetrics::create().unwrap();
+        let settings = KvSettings {
+            cost: CostConfig::default(),
+            block_size: 4,
+            use_events: false,
+        };
+        Arc::new(KvRouting::new("m", settings, 4, metrics).unwrap())
+    }
+
+    #[test]
+    fn load_other_routers_put_on_a_worker_counts_against_it() {
+        let routing = routing();
+        let instances = [instance(0), instance(1)];
+        let plan = routing.plan(&[1, 2, 3, 4, 5, 6, 7, 8], true);
+        // Worker 0 reports three requests this router did not send.
+        let policy = routing.policy(&plan);
+        assert_eq!(policy.select(&instances, &Reported(vec![3, 0])), Some(1));
+        let choice = policy.choice().unwrap();
+        assert_eq!(choice.runner_up.unwrap().cost, 2.0 + 2.0 + 3.0 * 2.0, "{choice}");
+
+        // Once this router has booked them itself, they are not counted twice.
+        let bookings: Vec<Booking> = (0..3).map(|_| routing.book(&plan, 0)).collect();
+        let plan = routing.plan(&[9, 9, 9, 9], true);
+        let policy = routing.policy(&plan);
+        policy.select(&instances, &Reported(vec![3, 0]));
+        let choice = policy.choice().unwrap();
+        let zero = [Some(choice.chosen), choice.runner_up]
+            .into_iter()
+            .flatten()
+            .find(|s| s.worker.instance == 0)
+            .unwrap();
+        assert_eq!(
+            zero.cost,
+            6.0 + 1.0 + 6.0 + 1.0,
+            "booked prefill and decode only: {choice}"
+        );
+        drop(bookings);
     }
 }
