@@ -377,7 +377,13 @@ pub enum EventError {
     Zmq {
         action: &'static str,
         #[source]
-        source: ::zeromq::ZmqError,
+        source: ::zmq::Error,
+    },
+    #[error("cannot start the {name} thread")]
+    Thread {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
     },
     #[error("nats publish failed")]
     NatsPublish {

@@ -5,7 +5,6 @@
 
 use super::{DEADLINE, process, unreachable_nats_url, wait_until};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use switchyard_runtime::config::EventPlaneKind;
 use switchyard_runtime::discovery::mem::MemRegistry;
 use switchyard_runtime::discovery::{Bucket, Key, Query, Registration};
@@ -13,6 +12,7 @@ use switchyard_runtime::distributed::DistributedRuntime;
 use switchyard_runtime::error::Report;
 use switchyard_runtime::event_plane::{EventChannel, EventPublisher, EventSubscriber, EventTransport};
 use switchyard_test_support::nats_server::NatsServer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A load report, as workers will publish them.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -205,7 +205,10 @@ async fn a_peer_declaring_a_huge_frame_to_a_zmq_publisher_is_cut_off_and_events_
     let disconnects = || async { event_disconnects(&worker).await };
     let deadline = tokio::time::Instant::now() + DEADLINE;
     while disconnects().await < 1.0 {
-        assert!(tokio::time::Instant::now() < deadline, "the cut connection was not counted");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the cut connection was not counted"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -224,7 +227,9 @@ async fn a_rogue_publisher_declaring_a_huge_frame_is_cut_off_and_real_publishers
     let counter = served.clone();
     let rogue_task = tokio::spawn(async move {
         loop {
-            let Ok((mut stream, _)) = rogue.accept().await else { return };
+            let Ok((mut stream, _)) = rogue.accept().await else {
+                return;
+            };
             counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tokio::spawn(async move {
                 let _ = stream.write_all(&zmtp_hello("PUB", true)).await;
@@ -268,7 +273,10 @@ async fn a_rogue_publisher_declaring_a_huge_frame_is_cut_off_and_real_publishers
     assert_eq!(events.gaps(), 0);
     let deadline = tokio::time::Instant::now() + DEADLINE;
     while event_disconnects(&listener).await < 1.0 {
-        assert!(tokio::time::Instant::now() < deadline, "the cut connection was not counted");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the cut connection was not counted"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     rogue_task.abort();
