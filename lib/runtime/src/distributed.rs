@@ -298,7 +298,8 @@ impl DistributedRuntime {
                 let plane: Arc<dyn EventPlane> = match self.event_plane_kind() {
                     EventPlaneKind::Zmq => {
                         let host = runtime.config().tcp().host().clone();
-                        Arc::new(ZmqEventPlane::new(self.discovery().clone(), host, runtime))
+                        let disconnects = self.metrics().event_disconnects.clone();
+                        Arc::new(ZmqEventPlane::new(self.discovery().clone(), host, runtime, disconnects))
                     }
                     EventPlaneKind::Nats => Arc::new(NatsEventPlane::new(self.nats().await?, runtime)),
                 };

@@ -6,9 +6,9 @@
 //! [`crate::component::Component`] or [`crate::component::Namespace`].
 //!
 //! How the bytes travel is one small trait, [`EventPlane`], with a backend
-//! per transport ([`crate::config::EventPlaneKind`]): `zmq` (each publisher
-//! binds a PUB socket and registers it under `v1/event_channels/…`;
-//! subscribers follow discovery) and `nats` (core subjects
+//! per transport ([`crate::config::EventPlaneKind`]): `zmq` (libzmq, frames
+//! capped at 16 MiB; each publisher binds a PUB socket and registers it
+//! under `v1/event_channels/…`; subscribers follow discovery) and `nats` (core subjects
 //! `namespace.{ns}[.component.{comp}].{topic}`). The process builds its
 //! backend once (`distributed.rs`). Delivery is at most once: a slow
 //! subscriber loses events rather than slowing the publisher, and the loss
@@ -377,7 +377,13 @@ pub enum EventError {
     Zmq {
         action: &'static str,
         #[source]
-        source: ::zeromq::ZmqError,
+        source: ::zmq::Error,
+    },
+    #[error("cannot start the {name} thread")]
+    Thread {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
     },
     #[error("nats publish failed")]
     NatsPublish {

@@ -197,6 +197,9 @@ pub(crate) struct ProcessMetrics {
     pub(crate) uptime: Gauge,
     pub(crate) transport: TransportMetrics,
     pub(crate) event_gaps: IntCounter,
+    /// ZMQ event-plane peer connections that ended (a peer left, or was cut
+    /// off for breaking the protocol, e.g. declaring a frame over the cap).
+    pub(crate) event_disconnects: IntCounter,
     /// Instances this process's routers ejected after transport failures.
     pub(crate) router_ejections: IntCounter,
     /// Requests this process's routers re-sent to another instance.
@@ -240,6 +243,12 @@ impl ProcessMetrics {
                 "Events known lost: missing sequence numbers seen by this process's subscribers",
             )
             .expect("fresh registry");
+        let event_disconnects = root
+            .create_counter(
+                "dynamo_event_plane_disconnects_total",
+                "ZMQ event-plane connections that ended: the peer left, or was cut off for breaking the protocol (a frame over the size cap)",
+            )
+            .expect("fresh registry");
         let router_ejections = root
             .create_counter(
                 "dynamo_router_ejections_total",
@@ -257,6 +266,7 @@ impl ProcessMetrics {
             router_ejections,
             router_retries,
             event_gaps,
+            event_disconnects,
             worker_id: format!("{instance_id:x}"),
             endpoints: Arc::default(),
             uptime,

@@ -124,7 +124,7 @@ async fn shutdown_signal() -> &'static str {
 /// config), logging to stderr so stdout stays the application's. A
 /// subscriber installed earlier by the application wins.
 fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::new(with_quiet_dependencies(filter));
+    let filter = tracing_subscriber::EnvFilter::new(filter);
     // Colours only on a terminal: log files and collectors get plain text.
     let colours = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
@@ -132,21 +132,6 @@ fn init_logging(filter: &str) {
         .with_writer(std::io::stderr)
         .with_ansi(colours)
         .try_init();
-}
-
-/// Dependencies that log routine events at `info` (the zeromq crate logs
-/// every subscriber that disconnects): kept at `warn` unless the filter
-/// names them itself.
-const QUIET_DEPENDENCIES: &[&str] = &["zeromq"];
-
-fn with_quiet_dependencies(filter: &str) -> String {
-    let mut directives = filter.to_string();
-    for target in QUIET_DEPENDENCIES {
-        if !filter.contains(target) {
-            directives.push_str(&format!(",{target}=warn"));
-        }
-    }
-    directives
 }
 
 /// Why a worker could not run, or how its application failed.
@@ -162,18 +147,4 @@ pub enum WorkerError {
     AppPanicked(String),
     #[error("application did not return within {0:?} after the runtime stopped")]
     AppDidNotStop(Duration),
-}
-
-#[cfg(test)]
-mod tests {
-    use super::with_quiet_dependencies;
-
-    #[test]
-    fn chatty_dependencies_are_kept_at_warn_unless_the_filter_names_them() {
-        assert_eq!(with_quiet_dependencies("info"), "info,zeromq=warn");
-        assert_eq!(with_quiet_dependencies("debug,zeromq=debug"), "debug,zeromq=debug");
-        assert!(
-            tracing_subscriber::EnvFilter::try_new(with_quiet_dependencies("switchyard_runtime=debug,info")).is_ok()
-        );
-    }
 }

@@ -1,44 +1,122 @@
-//! The ZMQ event transport (pure-Rust `zeromq`, no C library): a publisher
-//! binds a PUB socket on an ephemeral port and registers it under
+//! The ZMQ event transport, on libzmq (the `zmq` crate; ADR 0011): a
+//! publisher binds a PUB socket on an ephemeral port and registers it under
 //! `v1/event_channels/{ns}/{comp}/{topic}/{instance_id:x}`; a subscriber
-//! follows those registrations and keeps one SUB connection per publisher,
+//! follows those registrations and keeps one SUB socket per publisher,
 //! opened when the publisher appears and closed when it goes.
 //!
 //! Messages are two frames: the topic, then the msgpack envelope.
+//!
+//! libzmq sockets are synchronous, so each publisher and each subscription
+//! owns one named std thread that alone touches its sockets and talks to
+//! tokio through bounded queues. Must not trust a peer: every socket caps
+//! frames at [`MAX_MESSAGE_SIZE`], so a peer declaring a huge frame is cut
+//! off before anything is allocated (logged, and counted on
+//! `dynamo_event_plane_disconnects_total`).
 
 use super::{Channel, EventChannel, EventError, EventPlane, EventSink, EventTransport, Subscription};
 use crate::discovery::{Bucket, Discovery, Key, Query, Registration, WatchEvent};
 use crate::runtime::Runtime;
 use bytes::Bytes;
 use futures::StreamExt;
+use futures::future::{Either, select};
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use tokio::sync::mpsc;
+use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
 
-/// Envelopes queued for the socket task before `publish` waits.
+/// Envelopes queued for the socket thread before `publish` waits.
 const PUBLISH_QUEUE: usize = 65_536;
 
+/// libzmq's `ZMQ_MAXMSGSIZE` on every socket. Envelopes are load reports
+/// and KV events, a few KiB at most; 16 MiB (the KV event subscriber's cap
+/// too) only stops what is not an envelope, before libzmq allocates it.
+pub(crate) const MAX_MESSAGE_SIZE: i64 = 16 * 1024 * 1024;
+
+/// Messages queued per subscriber in the PUB socket, and per publisher in
+/// the SUB socket, before libzmq drops (which shows as gaps). libzmq's
+/// default of 1,000 loses events in a burst that the subscriber's own
+/// 65,536-event buffer would absorb; 100,000 is what the `zeromq` crate
+/// used before (ADR 0003).
+const HIGH_WATER_MARK: i32 = 100_000;
+
+/// How long a thread waits on its sockets or queue before it looks at its
+/// stop signal again: stopping takes at most this long, and an idle thread
+/// wakes ten times a second, which costs nothing measurable.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Messages read in a row before a thread looks at its stop signal and its
+/// other sockets again, so one flooding peer cannot starve the rest.
+const BURST: usize = 1_024;
+
+/// The least time between two SUB sockets for one publisher. libzmq does
+/// not reconnect after a protocol error (a frame over the cap is one), so a
+/// subscriber opens a fresh socket after any disconnection; this bounds how
+/// often a peer that keeps breaking the protocol is reconnected to.
+const REOPEN_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Numbers the monitors' `inproc://` addresses, unique per context.
+static MONITORS: AtomicU64 = AtomicU64::new(0);
+
 /// The ZMQ event plane of one process.
-#[derive(Debug)]
 pub(crate) struct ZmqEventPlane {
     /// Where publishers are registered and found.
     discovery: Arc<dyn Discovery>,
     /// The address publishers bind their PUB sockets on (port 0: any free one).
     bind_host: String,
-    /// Owns the socket tasks, so they stop with the process.
+    /// Owns the watch tasks, and a task per thread that ends with it, so
+    /// shutdown waits for the threads too.
     runtime: Runtime,
+    /// libzmq's I/O threads, shared by every socket of the process.
+    context: zmq::Context,
+    /// Connections cut or lost, on either side.
+    disconnects: prometheus::IntCounter,
+}
+
+impl std::fmt::Debug for ZmqEventPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZmqEventPlane")
+            .field("bind_host", &self.bind_host)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ZmqEventPlane {
-    pub(crate) fn new(discovery: Arc<dyn Discovery>, bind_host: String, runtime: Runtime) -> Self {
+    pub(crate) fn new(
+        discovery: Arc<dyn Discovery>,
+        bind_host: String,
+        runtime: Runtime,
+        disconnects: prometheus::IntCounter,
+    ) -> Self {
         Self {
             discovery,
             bind_host,
             runtime,
+            context: zmq::Context::new(),
+            disconnects,
         }
+    }
+
+    /// Starts `body` on a thread named `name`, tracked by the runtime: its
+    /// shutdown waits for the thread (which stops on the root token) to end.
+    fn thread(&self, name: &'static str, body: impl FnOnce() + Send + 'static) -> Result<(), EventError> {
+        let (ended, finished) = oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                body();
+                drop(ended);
+            })
+            .map_err(|source| EventError::Thread { name, source })?;
+        self.runtime.spawn(async move {
+            let _ = finished.await;
+        });
+        Ok(())
     }
 }
 
@@ -46,17 +124,24 @@ impl ZmqEventPlane {
 impl EventPlane for ZmqEventPlane {
     /// Binds a PUB socket and registers it under `v1/event_channels/…`.
     async fn publisher(&self, channel: &Channel) -> Result<Box<dyn EventSink>, EventError> {
-        let mut socket = zeromq::PubSocket::new();
-        let endpoint = socket
+        let zmq_error = |action| move |source| EventError::Zmq { action, source };
+        let socket = self.context.socket(zmq::PUB).map_err(zmq_error("socket"))?;
+        configure(&socket).map_err(zmq_error("configure"))?;
+        socket.set_sndhwm(HIGH_WATER_MARK).map_err(zmq_error("configure"))?;
+        socket
             .bind(&format!("tcp://{}:0", self.bind_host))
-            .await
-            .map_err(|source| EventError::Zmq { action: "bind", source })?;
+            .map_err(zmq_error("bind"))?;
+        let endpoint = match socket.get_last_endpoint().map_err(zmq_error("bind"))? {
+            Ok(endpoint) => endpoint,
+            Err(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        };
+        let monitor = Monitor::open(&self.context, &socket).map_err(zmq_error("monitor"))?;
         let record = EventChannel {
             namespace: channel.namespace.clone(),
             component: channel.key_component().to_string(),
             topic: channel.topic.clone(),
             instance_id: self.discovery.instance_id(),
-            transport: EventTransport::Zmq(endpoint.to_string()),
+            transport: EventTransport::Zmq(endpoint.clone()),
         };
         let key = Key {
             bucket: Bucket::EventChannels,
@@ -72,30 +157,23 @@ impl EventPlane for ZmqEventPlane {
                 value,
             })
             .await?;
-        let (frames, mut queue) = mpsc::channel::<Bytes>(PUBLISH_QUEUE);
-        let topic = Bytes::from(channel.topic.clone());
-        let stopped = self.runtime.root_token().clone();
-        self.runtime.spawn(async move {
-            loop {
-                let envelope = tokio::select! {
-                    _ = stopped.cancelled() => return,
-                    envelope = queue.recv() => match envelope {
-                        Some(envelope) => envelope,
-                        None => return,
-                    },
-                };
-                let mut message = ZmqMessage::from(topic.clone());
-                message.push_back(envelope);
-                // PUB never blocks on a slow subscriber: it drops for that
-                // subscriber, which shows there as a gap.
-                if let Err(error) = socket.send(message).await {
-                    tracing::warn!(%error, "zmq publish failed");
-                }
-            }
-        });
+        let (frames, queue) = std_mpsc::sync_channel::<Bytes>(PUBLISH_QUEUE);
+        let room = Arc::new(Semaphore::new(PUBLISH_QUEUE));
+        let sender = PublisherThread {
+            socket,
+            monitor,
+            topic: channel.topic.clone().into_bytes(),
+            queue,
+            room: room.clone(),
+            stop: self.runtime.root_token().clone(),
+            endpoint: endpoint.clone(),
+            disconnects: self.disconnects.clone(),
+        };
+        self.thread("event-pub", move || sender.run())?;
         tracing::debug!(%endpoint, topic = %channel.topic, "zmq event publisher bound");
         Ok(Box::new(ZmqPublisher {
             frames,
+            room,
             registration: key,
             discovery: self.discovery.clone(),
             runtime: self.runtime.clone(),
@@ -116,11 +194,22 @@ impl EventPlane for ZmqEventPlane {
             .name(&channel.topic);
         let mut watch = self.discovery.watch(&query).await?;
         let connected = Arc::new(AtomicU64::new(0));
-        let count = connected.clone();
-        let runtime = self.runtime.clone();
+        // A few discovery changes at a time: the thread takes them every
+        // poll interval, and the watch waits meanwhile.
+        let (commands, received) = mpsc::channel::<Command>(64);
+        let receiver = SubscriberThread {
+            context: self.context.clone(),
+            links: HashMap::new(),
+            commands: received,
+            events,
+            stop: stop.clone(),
+            connected: connected.clone(),
+            disconnects: self.disconnects.clone(),
+        };
+        self.thread("event-sub", move || receiver.run())?;
         self.runtime.spawn(async move {
-            // One connection task per publisher, stopped when it leaves discovery.
-            let mut publishers: HashMap<Key, (String, CancellationToken)> = HashMap::new();
+            // The endpoint followed per publisher, as told to the thread.
+            let mut publishers: HashMap<Key, String> = HashMap::new();
             loop {
                 let event = tokio::select! {
                     _ = stop.cancelled() => break,
@@ -132,39 +221,42 @@ impl EventPlane for ZmqEventPlane {
                     break;
                 };
                 let mut wanted: Vec<(Key, String)> = vec![];
+                let mut gone: Vec<Key> = vec![];
                 match event {
                     WatchEvent::Snapshot(all) => {
                         let endpoints: Vec<(Key, String)> = all.iter().filter_map(endpoint_of).collect();
-                        publishers.retain(|key, (_, token)| {
-                            let keep = endpoints.iter().any(|(k, _)| k == key);
-                            if !keep {
-                                token.cancel();
-                            }
-                            keep
-                        });
+                        gone.extend(
+                            publishers
+                                .keys()
+                                .filter(|key| !endpoints.iter().any(|(k, _)| k == *key))
+                                .cloned(),
+                        );
                         wanted = endpoints;
                     }
                     WatchEvent::Put(registration) => wanted.extend(endpoint_of(&registration)),
-                    WatchEvent::Delete(key) => {
-                        if let Some((_, token)) = publishers.remove(&key) {
-                            token.cancel();
-                        }
+                    WatchEvent::Delete(key) => gone.push(key),
+                }
+                let mut changes = vec![];
+                for key in gone {
+                    if publishers.remove(&key).is_some() {
+                        changes.push(Command::Leave(key));
                     }
                 }
                 for (key, endpoint) in wanted {
-                    if publishers.get(&key).is_some_and(|(current, _)| *current == endpoint) {
-                        continue;
+                    if publishers.get(&key) != Some(&endpoint) {
+                        publishers.insert(key.clone(), endpoint.clone());
+                        changes.push(Command::Follow(key, endpoint));
                     }
-                    if let Some((_, old)) = publishers.remove(&key) {
-                        old.cancel();
-                    }
-                    let token = stop.child_token();
-                    publishers.insert(key, (endpoint.clone(), token.clone()));
-                    runtime.spawn(follow_publisher(endpoint, events.clone(), token, count.clone()));
                 }
-            }
-            for (_, (_, token)) in publishers {
-                token.cancel();
+                for change in changes {
+                    let sent = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        sent = commands.send(change) => sent,
+                    };
+                    if sent.is_err() {
+                        return; // the thread stopped: the subscriber is gone
+                    }
+                }
             }
         });
         Ok(Subscription {
@@ -173,11 +265,22 @@ impl EventPlane for ZmqEventPlane {
     }
 }
 
-/// The sending half of a ZMQ publisher; dropping it unbinds the socket and
-/// removes the registration.
+/// What every socket gets: no lingering on close (what a peer did not get,
+/// it sees as a gap) and the frame size cap.
+fn configure(socket: &zmq::Socket) -> Result<(), zmq::Error> {
+    socket.set_linger(0)?;
+    socket.set_maxmsgsize(MAX_MESSAGE_SIZE)
+}
+
+/// The sending half of a ZMQ publisher; dropping it stops the thread (which
+/// closes the socket) and removes the registration.
 #[derive(Debug)]
 struct ZmqPublisher {
-    frames: mpsc::Sender<Bytes>,
+    /// To the publisher thread; never full, thanks to `room`.
+    frames: std_mpsc::SyncSender<Bytes>,
+    /// One permit per free place in `frames`, so `send` can wait for room
+    /// without blocking tokio; closed when the thread stops.
+    room: Arc<Semaphore>,
     registration: Key,
     discovery: Arc<dyn Discovery>,
     runtime: Runtime,
@@ -186,7 +289,10 @@ struct ZmqPublisher {
 #[async_trait::async_trait]
 impl EventSink for ZmqPublisher {
     async fn send(&self, envelope: Bytes) -> Result<(), EventError> {
-        self.frames.send(envelope).await.map_err(|_| EventError::Closed)
+        let permit = self.room.acquire().await.map_err(|_| EventError::Closed)?;
+        // The thread gives the permit back when it takes the envelope.
+        permit.forget();
+        self.frames.try_send(envelope).map_err(|_| EventError::Closed)
     }
 }
 
@@ -214,47 +320,342 @@ fn endpoint_of(registration: &Registration) -> Option<(Key, String)> {
     }
 }
 
-/// One SUB connection to one publisher.
-async fn follow_publisher(
+/// A PAIR socket receiving a socket's connection events from libzmq.
+struct Monitor {
+    socket: zmq::Socket,
+}
+
+/// What a monitor reported.
+enum Seen {
+    Connected,
+    Disconnected { peer: String },
+}
+
+impl Monitor {
+    /// Watches `socket`'s handshakes and disconnections.
+    fn open(context: &zmq::Context, socket: &zmq::Socket) -> Result<Self, zmq::Error> {
+        let address = format!(
+            "inproc://event-plane-monitor-{}",
+            MONITORS.fetch_add(1, Ordering::Relaxed)
+        );
+        let events = zmq::SocketEvent::HANDSHAKE_SUCCEEDED as i32 | zmq::SocketEvent::DISCONNECTED as i32;
+        socket.monitor(&address, events)?;
+        let monitor = context.socket(zmq::PAIR)?;
+        monitor.set_linger(0)?;
+        monitor.connect(&address)?;
+        Ok(Self { socket: monitor })
+    }
+
+    /// The next event already reported, without waiting.
+    fn next(&self) -> Option<Seen> {
+        // Two frames: event id (u16) and value (u32), native-endian; then the peer.
+        let frames = self.socket.recv_multipart(zmq::DONTWAIT).ok()?;
+        let id = frames
+            .first()
+            .filter(|f| f.len() >= 2)
+            .map(|f| u16::from_ne_bytes([f[0], f[1]]))?;
+        let peer = frames
+            .get(1)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .unwrap_or_default();
+        match zmq::SocketEvent::from_raw(id) {
+            zmq::SocketEvent::HANDSHAKE_SUCCEEDED => Some(Seen::Connected),
+            zmq::SocketEvent::DISCONNECTED => Some(Seen::Disconnected { peer }),
+            // Not asked for; read past it.
+            _ => self.next(),
+        }
+    }
+}
+
+/// One publisher's thread: it alone touches the PUB socket.
+struct PublisherThread {
+    socket: zmq::Socket,
+    monitor: Monitor,
+    topic: Vec<u8>,
+    queue: std_mpsc::Receiver<Bytes>,
+    room: Arc<Semaphore>,
+    stop: CancellationToken,
+    /// For the logs.
     endpoint: String,
+    disconnects: prometheus::IntCounter,
+}
+
+impl PublisherThread {
+    fn run(self) {
+        // Ends when the sink is dropped (the queue disconnects) or the process stops.
+        while !self.stop.is_cancelled() {
+            match self.queue.recv_timeout(POLL_INTERVAL) {
+                Ok(envelope) => {
+                    self.send(envelope);
+                    for _ in 1..BURST {
+                        let Ok(envelope) = self.queue.try_recv() else { break };
+                        self.send(envelope);
+                    }
+                }
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+            while let Some(seen) = self.monitor.next() {
+                if let Seen::Disconnected { peer } = seen {
+                    self.disconnects.inc();
+                    tracing::warn!(endpoint = %self.endpoint, %peer, "event subscriber disconnected (it left, or broke the protocol, e.g. declared a frame over the size cap)");
+                }
+            }
+        }
+        // Senders waiting for room learn that the publisher is gone.
+        self.room.close();
+        tracing::debug!(endpoint = %self.endpoint, "zmq event publisher stopped");
+    }
+
+    fn send(&self, envelope: Bytes) {
+        self.room.add_permits(1);
+        // PUB never blocks on a slow subscriber: it drops for that
+        // subscriber, which shows there as a gap.
+        if let Err(error) = self
+            .socket
+            .send_multipart([&self.topic[..], &envelope[..]], zmq::DONTWAIT)
+        {
+            tracing::warn!(endpoint = %self.endpoint, %error, "zmq publish failed");
+        }
+    }
+}
+
+/// A change of the publishers a subscription follows.
+enum Command {
+    Follow(Key, String),
+    Leave(Key),
+}
+
+/// One publisher a subscription follows.
+struct Link {
+    endpoint: String,
+    /// `None` between a disconnection and the reopening (or after a failed open).
+    live: Option<Live>,
+    /// When a fresh SUB socket may be opened.
+    reopen_at: Option<Instant>,
+}
+
+/// A SUB socket connected to one publisher, and its monitor.
+struct Live {
+    sub: zmq::Socket,
+    monitor: Monitor,
+    opened: Instant,
+    /// The handshake succeeded and no disconnection followed.
+    connected: bool,
+}
+
+impl Live {
+    fn open(context: &zmq::Context, endpoint: &str) -> Result<Self, zmq::Error> {
+        let sub = context.socket(zmq::SUB)?;
+        configure(&sub)?;
+        sub.set_rcvhwm(HIGH_WATER_MARK)?;
+        sub.set_subscribe(b"")?;
+        let monitor = Monitor::open(context, &sub)?;
+        sub.connect(endpoint)?;
+        Ok(Self {
+            sub,
+            monitor,
+            opened: Instant::now(),
+            connected: false,
+        })
+    }
+}
+
+/// One subscription's thread: it alone touches the SUB sockets.
+struct SubscriberThread {
+    context: zmq::Context,
+    links: HashMap<Key, Link>,
+    commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<Bytes>,
     stop: CancellationToken,
     connected: Arc<AtomicU64>,
-) {
-    let mut socket = zeromq::SubSocket::new();
-    if let Err(error) = socket.subscribe("").await {
-        tracing::warn!(%endpoint, %error, "zmq subscribe failed");
-        return;
-    }
-    let connect = tokio::select! {
-        _ = stop.cancelled() => return,
-        connect = socket.connect(&endpoint) => connect,
-    };
-    if let Err(error) = connect {
-        tracing::warn!(%endpoint, %error, "cannot connect to event publisher");
-        return;
-    }
-    connected.fetch_add(1, Ordering::AcqRel);
-    loop {
-        let message = tokio::select! {
-            _ = stop.cancelled() => break,
-            message = socket.recv() => message,
-        };
-        match message {
-            Ok(message) => {
-                let Some(envelope) = message.get(1).cloned() else {
-                    tracing::debug!(%endpoint, "ignoring a zmq message without an envelope frame");
-                    continue;
-                };
-                if events.send(envelope).await.is_err() {
-                    break;
-                }
-            }
-            Err(error) => {
-                tracing::debug!(%endpoint, %error, "event publisher connection ended");
-                break;
+    disconnects: prometheus::IntCounter,
+}
+
+/// The thread stops: cancelled, or the subscriber dropped its receiver.
+struct Stopped;
+
+impl SubscriberThread {
+    fn run(mut self) {
+        let _ = self.serve();
+        for (_, link) in self.links.drain() {
+            if link.live.is_some_and(|live| live.connected) {
+                self.connected.fetch_sub(1, Ordering::AcqRel);
             }
         }
     }
-    connected.fetch_sub(1, Ordering::AcqRel);
+
+    fn serve(&mut self) -> Result<(), Stopped> {
+        loop {
+            if self.stop.is_cancelled() || self.events.is_closed() {
+                return Err(Stopped);
+            }
+            loop {
+                match self.commands.try_recv() {
+                    Ok(command) => self.apply(command),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return Err(Stopped),
+                }
+            }
+            self.reopen_due();
+            let keys: Vec<Key> = self
+                .links
+                .iter()
+                .filter(|(_, link)| link.live.is_some())
+                .map(|(key, _)| key.clone())
+                .collect();
+            let ready: Vec<(bool, bool)> = {
+                let mut items = Vec::with_capacity(keys.len() * 2);
+                for key in &keys {
+                    let live = self.links[key].live.as_ref().expect("only live links");
+                    items.push(live.sub.as_poll_item(zmq::POLLIN));
+                    items.push(live.monitor.socket.as_poll_item(zmq::POLLIN));
+                }
+                // With no socket, this only sleeps the interval.
+                match zmq::poll(&mut items, POLL_INTERVAL.as_millis() as i64) {
+                    Ok(_) | Err(zmq::Error::EINTR) => {}
+                    Err(error) => {
+                        tracing::error!(%error, "zmq event subscriber stops: polling its sockets failed");
+                        return Err(Stopped);
+                    }
+                }
+                items
+                    .chunks(2)
+                    .map(|pair| (pair[0].is_readable(), pair[1].is_readable()))
+                    .collect()
+            };
+            for (key, (live, monitor)) in keys.iter().zip(ready) {
+                if live {
+                    self.read(key)?;
+                }
+                if monitor {
+                    self.watch(key)?;
+                }
+            }
+        }
+    }
+
+    fn apply(&mut self, command: Command) {
+        match command {
+            Command::Follow(key, endpoint) => {
+                self.leave(&key);
+                let mut link = Link {
+                    endpoint,
+                    live: None,
+                    reopen_at: None,
+                };
+                self.open(&mut link);
+                self.links.insert(key, link);
+            }
+            Command::Leave(key) => self.leave(&key),
+        }
+    }
+
+    fn leave(&mut self, key: &Key) {
+        if let Some(link) = self.links.remove(key)
+            && link.live.is_some_and(|live| live.connected)
+        {
+            self.connected.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    fn open(&self, link: &mut Link) {
+        link.reopen_at = None;
+        match Live::open(&self.context, &link.endpoint) {
+            Ok(live) => link.live = Some(live),
+            // A malformed endpoint in discovery: wait for the registration to change.
+            Err(error) => tracing::warn!(endpoint = %link.endpoint, %error, "cannot connect to event publisher"),
+        }
+    }
+
+    fn reopen_due(&mut self) {
+        let now = Instant::now();
+        let due: Vec<Key> = self
+            .links
+            .iter()
+            .filter(|(_, link)| link.reopen_at.is_some_and(|at| at <= now))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in due {
+            let mut link = self.links.remove(&key).expect("listed above");
+            self.open(&mut link);
+            self.links.insert(key, link);
+        }
+    }
+
+    /// Forwards what the publisher's socket holds (a burst at most).
+    fn read(&mut self, key: &Key) -> Result<(), Stopped> {
+        for _ in 0..BURST {
+            let Some(live) = self.links.get(key).and_then(|link| link.live.as_ref()) else {
+                return Ok(());
+            };
+            let Ok(mut frames) = live.sub.recv_multipart(zmq::DONTWAIT) else {
+                return Ok(());
+            };
+            if frames.len() != 2 {
+                tracing::debug!(
+                    frames = frames.len(),
+                    "ignoring a zmq message that is not topic + envelope"
+                );
+                continue;
+            }
+            let envelope = Bytes::from(frames.pop().expect("two frames"));
+            deliver(&self.stop, self.events.send(envelope))?;
+        }
+        Ok(())
+    }
+
+    /// Follows a publisher's handshakes and disconnections. After a
+    /// disconnection the socket is replaced (not before
+    /// [`REOPEN_INTERVAL`] after it was opened): libzmq reconnects by
+    /// itself after the peer went away, but not after a protocol error.
+    fn watch(&mut self, key: &Key) -> Result<(), Stopped> {
+        let Some(link) = self.links.get_mut(key) else {
+            return Ok(());
+        };
+        let Some(live) = link.live.as_mut() else {
+            return Ok(());
+        };
+        let mut disconnected = false;
+        while let Some(seen) = live.monitor.next() {
+            match seen {
+                Seen::Connected if !live.connected => {
+                    live.connected = true;
+                    self.connected.fetch_add(1, Ordering::AcqRel);
+                }
+                Seen::Connected => {}
+                Seen::Disconnected { peer } => {
+                    disconnected = true;
+                    self.disconnects.inc();
+                    tracing::warn!(endpoint = %link.endpoint, %peer, "event publisher disconnected (it went away, or broke the protocol, e.g. declared a frame over the size cap); reconnecting");
+                }
+            }
+        }
+        if !disconnected {
+            return Ok(());
+        }
+        // What arrived before the cut is still good.
+        self.read(key)?;
+        let link = self.links.get_mut(key).expect("still followed");
+        let live = link.live.take().expect("still live");
+        if live.connected {
+            self.connected.fetch_sub(1, Ordering::AcqRel);
+        }
+        link.reopen_at = Some(live.opened + REOPEN_INTERVAL);
+        Ok(())
+    }
+}
+
+/// Runs `send` on this (non-tokio) thread until there is room for the
+/// envelope; fails when `stop` is cancelled or the subscriber is gone.
+fn deliver<F, E>(stop: &CancellationToken, send: F) -> Result<(), Stopped>
+where
+    F: Future<Output = Result<(), E>>,
+{
+    let stopped = pin!(stop.cancelled());
+    let send = pin!(send);
+    match futures::executor::block_on(select(stopped, send)) {
+        Either::Right((Ok(()), _)) => Ok(()),
+        Either::Left(_) | Either::Right((Err(_), _)) => Err(Stopped),
+    }
 }

@@ -7,10 +7,12 @@ use super::{DEADLINE, process, unreachable_nats_url, wait_until};
 use std::time::Duration;
 use switchyard_runtime::config::EventPlaneKind;
 use switchyard_runtime::discovery::mem::MemRegistry;
+use switchyard_runtime::discovery::{Bucket, Key, Query, Registration};
 use switchyard_runtime::distributed::DistributedRuntime;
 use switchyard_runtime::error::Report;
-use switchyard_runtime::event_plane::{EventPublisher, EventSubscriber};
+use switchyard_runtime::event_plane::{EventChannel, EventPublisher, EventSubscriber, EventTransport};
 use switchyard_test_support::nats_server::NatsServer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A load report, as workers will publish them.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -129,6 +131,155 @@ async fn a_million_zmq_events_arrive_without_gaps() {
         events.gaps()
     );
     assert_eq!(events.gaps(), 0);
+}
+
+/// A ZMTP 3.1 greeting for the NULL mechanism (64 bytes), then a READY
+/// command announcing `socket_type`: what any libzmq peer sends first.
+fn zmtp_hello(socket_type: &str, as_server: bool) -> Vec<u8> {
+    let mut out = vec![0xFF, 0, 0, 0, 0, 0, 0, 0, 0, 0x7F, 3, 1];
+    let mut mechanism = b"NULL".to_vec();
+    mechanism.resize(20, 0);
+    out.extend(mechanism);
+    out.push(u8::from(as_server));
+    out.extend([0; 31]);
+    assert_eq!(out.len(), 64);
+    let mut body = vec![5];
+    body.extend(b"READY");
+    body.push(11);
+    body.extend(b"Socket-Type");
+    body.extend((socket_type.len() as u32).to_be_bytes());
+    body.extend(socket_type.as_bytes());
+    out.extend([0x04, body.len() as u8]);
+    out.extend(body);
+    out
+}
+
+/// The attack: the header of a long frame declaring 2^60 bytes, which a
+/// reader that trusts declared lengths tries to allocate.
+fn huge_frame_header() -> Vec<u8> {
+    let mut out = vec![0x02];
+    out.extend((1u64 << 60).to_be_bytes());
+    out
+}
+
+/// The `tcp://host:port` a process's publisher of `demo/backend/load` registered.
+async fn registered_endpoint(drt: &DistributedRuntime) -> String {
+    let query = Query::bucket(Bucket::EventChannels).namespace("demo");
+    let registrations = drt.discovery().list(&query).await.unwrap();
+    let channel: EventChannel = serde_json::from_slice(&registrations[0].value).unwrap();
+    let EventTransport::Zmq(endpoint) = channel.transport;
+    endpoint
+}
+
+async fn event_disconnects(drt: &DistributedRuntime) -> f64 {
+    let (_, text) = super::get_metrics(drt).await;
+    super::metric_line_value(&text, "dynamo_event_plane_disconnects_total")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_declaring_a_huge_frame_to_a_zmq_publisher_is_cut_off_and_events_keep_flowing() {
+    let registry = MemRegistry::new();
+    let listener = process(&registry, &[]);
+    let mut events = subscriber(&listener).await;
+    let worker = process(&registry, &[]);
+    let load = publisher(&worker).await;
+    wait_until("connected", || events.connected_publishers() == Some(1)).await;
+    until_connected(&load, &mut events).await;
+
+    let endpoint = registered_endpoint(&worker).await;
+    let address = endpoint.trim_start_matches("tcp://").replace("0.0.0.0", "127.0.0.1");
+    let mut attacker = tokio::net::TcpStream::connect(&address).await.unwrap();
+    attacker.write_all(&zmtp_hello("SUB", false)).await.unwrap();
+    attacker.write_all(&huge_frame_header()).await.unwrap();
+    // The publisher hangs up on the attacker rather than allocating.
+    let mut sink = vec![0; 4096];
+    let closed = tokio::time::timeout(DEADLINE, async {
+        while attacker.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+    })
+    .await;
+    assert!(closed.is_ok(), "the publisher kept the attacker's connection open");
+
+    // The process lives on, and the legitimate subscriber still gets everything.
+    exchange(&load, &mut events, 1_000).await;
+    assert_eq!(events.gaps(), 0);
+    let disconnects = || async { event_disconnects(&worker).await };
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while disconnects().await < 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the cut connection was not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rogue_publisher_declaring_a_huge_frame_is_cut_off_and_real_publishers_keep_flowing() {
+    let registry = MemRegistry::new();
+    let listener = process(&registry, &[]);
+    let mut events = subscriber(&listener).await;
+
+    // A "publisher" listed in discovery that answers every connection with a
+    // greeting and a 2^60-byte frame header.
+    let rogue = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let rogue_address = rogue.local_addr().unwrap();
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = served.clone();
+    let rogue_task = tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = rogue.accept().await else {
+                return;
+            };
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tokio::spawn(async move {
+                let _ = stream.write_all(&zmtp_hello("PUB", true)).await;
+                let _ = stream.write_all(&huge_frame_header()).await;
+                let mut sink = vec![0; 4096];
+                while stream.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+            });
+        }
+    });
+    let liar = process(&registry, &[]);
+    let record = EventChannel {
+        namespace: "demo".into(),
+        component: "backend".into(),
+        topic: "load".into(),
+        instance_id: liar.instance_id(),
+        transport: EventTransport::Zmq(format!("tcp://{rogue_address}")),
+    };
+    liar.discovery()
+        .register(Registration {
+            key: Key {
+                bucket: Bucket::EventChannels,
+                namespace: "demo".into(),
+                component: "backend".into(),
+                name: "load".into(),
+                instance_id: liar.instance_id(),
+            },
+            value: serde_json::to_vec(&record).unwrap().into(),
+        })
+        .await
+        .unwrap();
+    wait_until("the subscriber reached the rogue publisher", || {
+        served.load(std::sync::atomic::Ordering::Relaxed) > 0
+    })
+    .await;
+
+    // The subscriber's process lives on and still follows real publishers.
+    let worker = process(&registry, &[]);
+    let load = publisher(&worker).await;
+    until_connected(&load, &mut events).await;
+    exchange(&load, &mut events, 1_000).await;
+    assert_eq!(events.gaps(), 0);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while event_disconnects(&listener).await < 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the cut connection was not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    rogue_task.abort();
 }
 
 fn nats_vars(server: &NatsServer) -> [(&'static str, String); 2] {
