@@ -37,7 +37,10 @@ async fn metric(http: &reqwest::Client, url: &str, name: &str) -> f64 {
 async fn until(what: &str, mut check: impl AsyncFnMut() -> bool) {
     let started = Instant::now();
     while !check().await {
-        assert!(started.elapsed() < Duration::from_secs(10), "timed out waiting for {what}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -54,7 +57,10 @@ async fn kv_routing_follows_the_engines_events_across_processes() {
     ];
     let workers: Vec<WorkerProcess> = (0..2).map(|_| start_mocker(&["--speedup-ratio", "0"], &env)).collect();
     let (frontend, url) = start_frontend(&["--router-mode", "kv"], &env);
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
     until("both workers' KV event subscriptions", async || {
         frontend.log().matches("following KV events").count() == 2
     })
@@ -87,7 +93,10 @@ async fn kv_routing_follows_the_engines_events_across_processes() {
     assert!(metric(&http, &url, "dynamo_frontend_kv_events_total").await >= 1.0);
 
     let second = post(ask("two")).await;
-    assert_eq!(second["worker"], first["worker"], "the warm worker holds the prefix: {second:?}");
+    assert_eq!(
+        second["worker"], first["worker"],
+        "the warm worker holds the prefix: {second:?}"
+    );
     assert!(second["overlap"].parse::<f64>().unwrap() >= blocks - 1.0, "{second:?}");
     assert_eq!(second["runner_up_overlap"], "0");
 

@@ -9,9 +9,9 @@
 //! `switchyard` package (see its Cargo.toml for why).
 
 mod faults;
-mod kv;
 #[cfg(feature = "kubernetes")]
 mod kubernetes;
+mod kv;
 
 use futures::StreamExt;
 use serde_json::{Value, json};
