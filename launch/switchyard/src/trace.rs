@@ -224,7 +224,7 @@ pub(crate) fn generate(args: &TraceArgs) -> Result<Vec<TraceRequest>, String> {
     Ok(trace)
 }
 
-/// One trace line, in Mooncake's field order.
+/// One trace line (fields in alphabetical order; order does not matter to readers).
 pub(crate) fn to_line(request: &TraceRequest) -> String {
     serde_json::json!({
         "timestamp": request.timestamp_ms as u64,
