@@ -38,18 +38,20 @@ pub(crate) struct QualityArgs {
     #[arg(long, default_value_t = 1.0)]
     pub(crate) speedup: f64,
     /// Requests in each trace.
-    #[arg(long, default_value_t = 960)]
+    #[arg(long, default_value_t = 2400)]
     pub(crate) requests: usize,
     /// Poisson arrivals per second of simulated time.
-    #[arg(long, default_value_t = 16.0)]
+    #[arg(long, default_value_t = 48.0)]
     pub(crate) rate: f64,
     /// Seed of the traces.
     #[arg(long, default_value_t = 42)]
     pub(crate) seed: u64,
 }
 
-/// The trace shape: `switchyard trace`'s defaults (16 groups of a 12-block
-/// prefix, 2–3 unique blocks, 32–96 output tokens, blocks of 512).
+/// The trace shape: `switchyard trace`'s defaults, after llm-d's published
+/// shared-prefix benchmark scaled down (150 groups of a 12-block, 6k-token
+/// prefix, 2–3 unique blocks ≈ its 1.2k-token queries, 32–96 output
+/// tokens, blocks of 512).
 fn trace_args(args: &QualityArgs, no_shared_prefix: bool) -> TraceArgs {
     #[derive(clap::Parser)]
     struct Defaults {

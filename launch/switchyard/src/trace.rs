@@ -149,13 +149,13 @@ pub(crate) struct TraceArgs {
     #[arg(long, default_value = "-")]
     pub(crate) out: PathBuf,
     /// Requests in the trace.
-    #[arg(long, default_value_t = 960)]
+    #[arg(long, default_value_t = 2400)]
     pub(crate) requests: usize,
     /// Poisson arrivals per second.
-    #[arg(long, default_value_t = 16.0)]
+    #[arg(long, default_value_t = 48.0)]
     pub(crate) rate: f64,
     /// Prefix groups: each has its own shared prefix (a system prompt or document).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 150)]
     pub(crate) groups: u32,
     /// Blocks in each group's shared prefix.
     #[arg(long, default_value_t = 12)]
