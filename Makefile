@@ -7,7 +7,7 @@ CARGO ?= cargo
 # The official `openai` Python client, for the frontend compatibility test.
 TEST_VENV := target/test-venv
 
-.PHONY: run build-deps test test-deps lint bench perf hello
+.PHONY: run build-deps test test-deps lint bench perf kv-quality hello
 
 ## The main job: an OpenAI-compatible API on port 8000 with a mock model,
 ## frontend and worker in one process (see README.md).
@@ -84,6 +84,15 @@ perf:
 	$(CARGO) bench -p switchyard --bench startup 2>&1 | tee $(PERF)/startup.txt
 	$(CARGO) run --release -q -p switchyard -- model --plot docs/perf | tee $(PERF)/model.md
 	$(CARGO) run --release -q -p switchyard -- sweep --plot docs/perf | tee $(PERF)/sweep.md
+
+## KV-aware routing against the load-only modes on one generated trace
+## (docs/routing.md, "Quality"): each mode on its own cluster of 8 mocker
+## worker processes and a frontend, about 1 minute per run, 6 runs. Results
+## in target/kv-quality/ (table, per-run JSON, traces, chart). Not in `test`:
+## it measures, it asserts nothing.
+kv-quality: build-deps
+	$(CARGO) build --release -q -p switchyard
+	$(or $(CARGO_TARGET_DIR),target)/release/switchyard kv-quality --out target/kv-quality
 
 ## Hello world, server and client in one process.
 hello:

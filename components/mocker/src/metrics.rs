@@ -20,6 +20,9 @@ pub struct EngineMetrics {
     kv_usage: prometheus::GaugeVec,
     cancelled: IntCounterVec,
     completed: IntCounterVec,
+    /// vLLM's names and unit (tokens), so a benchmark reads the hit rate as it would from vLLM.
+    prefix_queries: IntCounterVec,
+    prefix_hits: IntCounterVec,
 }
 
 impl EngineMetrics {
@@ -52,12 +55,25 @@ impl EngineMetrics {
                 ),
                 labels,
             )?,
+            prefix_queries: IntCounterVec::new(
+                Opts::new(
+                    "vllm:prefix_cache_queries_total",
+                    "Tokens looked up in the prefix cache when a request was admitted",
+                ),
+                labels,
+            )?,
+            prefix_hits: IntCounterVec::new(
+                Opts::new("vllm:prefix_cache_hits_total", "Tokens found in the prefix cache"),
+                labels,
+            )?,
         };
         scope.register(Box::new(metrics.running.clone()))?;
         scope.register(Box::new(metrics.waiting.clone()))?;
         scope.register(Box::new(metrics.kv_usage.clone()))?;
         scope.register(Box::new(metrics.cancelled.clone()))?;
         scope.register(Box::new(metrics.completed.clone()))?;
+        scope.register(Box::new(metrics.prefix_queries.clone()))?;
+        scope.register(Box::new(metrics.prefix_hits.clone()))?;
         Ok(metrics)
     }
 
@@ -74,6 +90,10 @@ impl EngineMetrics {
             cancelled.inc_by(stats.cancelled.saturating_sub(cancelled.get()));
             let completed = self.completed.with_label_values(&labels);
             completed.inc_by(stats.completed.saturating_sub(completed.get()));
+            let queries = self.prefix_queries.with_label_values(&labels);
+            queries.inc_by(stats.prefix_query_tokens.saturating_sub(queries.get()));
+            let hits = self.prefix_hits.with_label_values(&labels);
+            hits.inc_by(stats.prefix_hit_tokens.saturating_sub(hits.get()));
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = engine.load_changed() => {}

@@ -8,6 +8,9 @@
 //! - `switchyard instances`: what discovery holds.
 //! - `switchyard bench`, `model`, `sweep`: load generation, the M/M/c
 //!   model, and the real stack measured beside it.
+//! - `switchyard trace`: writes a shared-prefix trace for `bench --trace`.
+//! - `switchyard kv-quality`: the routing modes side by side on one trace,
+//!   each on its own cluster of separate processes.
 //! - `switchyard mocker-vllm serve`: the mocker behind vLLM's own HTTP API, a
 //!   stand-in for `vllm serve` to test the vLLM worker without a GPU.
 //!
@@ -21,10 +24,12 @@ mod flag_tests;
 mod instances;
 mod mocker_vllm;
 mod model;
+mod quality;
 mod svg;
 mod sweep;
 #[cfg(test)]
 mod tests;
+mod trace;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -70,6 +75,10 @@ enum Command {
     Model(model::ModelArgs),
     /// Run the real stack at several loads and worker counts beside the queueing model.
     Sweep(sweep::SweepArgs),
+    /// Write a shared-prefix request trace (Mooncake's format) for `bench --trace`.
+    Trace(trace::TraceArgs),
+    /// Replay one trace through each routing mode, each on its own local cluster, side by side.
+    KvQuality(quality::QualityArgs),
     /// List what discovery holds: endpoint instances, their addresses and models.
     Instances(instances::InstancesArgs),
     /// A stand-in for vLLM's OpenAI server, backed by the mocker (for tests without a GPU).
@@ -134,6 +143,8 @@ fn execute(command: Command) -> Result<(), AppError> {
         Command::Model(args) => return model::main(args),
         Command::Bench(args) => return measuring_runtime()?.block_on(bench::main(args)),
         Command::Sweep(args) => return measuring_runtime()?.block_on(sweep::main(args)),
+        Command::Trace(args) => return trace::main(args),
+        Command::KvQuality(args) => return measuring_runtime()?.block_on(quality::main(args)),
         _ => {}
     }
     let mut config = RuntimeConfig::from_settings()?;
@@ -173,7 +184,7 @@ fn execute(command: Command) -> Result<(), AppError> {
                 run_all(runtime, frontend, mocker, kv_events, false).await
             }
             Command::Instances(args) => instances::list(runtime.clone(), args).await,
-            Command::Model(_) | Command::Bench(_) | Command::Sweep(_) => {
+            Command::Model(_) | Command::Bench(_) | Command::Sweep(_) | Command::Trace(_) | Command::KvQuality(_) => {
                 unreachable!("handled before the mesh runtime starts")
             }
             Command::Worker(WorkerKind::Vllm(args)) => {

@@ -116,6 +116,11 @@ fn load(url: &str, rate: Option<f64>, concurrency: usize, requests: usize) -> Be
         markdown: None,
         plot: None,
         quiet: true,
+        trace: None,
+        trace_block_size: 512,
+        trace_speedup: 1.0,
+        max_in_flight: 4096,
+        worker_metrics: Vec::new(),
     }
 }
 

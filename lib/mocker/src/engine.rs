@@ -82,6 +82,9 @@ pub struct EngineStats {
     pub preempted: u64,
     /// Prompt tokens served from the prefix cache instead of being prefilled.
     pub prefix_hit_tokens: u64,
+    /// Tokens looked up in the prefix cache at admission (again after a preemption): the
+    /// denominator of the hit rate, as vLLM's `prefix_cache_queries` counts.
+    pub prefix_query_tokens: u64,
     /// Prompt tokens of accepted requests.
     pub prompt_tokens: u64,
     /// Tokens generated (including those of requests later cancelled).
@@ -330,6 +333,7 @@ impl Shared {
         stats.completed += outcome.finished.len() as u64;
         stats.preempted += outcome.preempted.len() as u64;
         stats.prefix_hit_tokens += outcome.prefix_hit_tokens as u64;
+        stats.prefix_query_tokens += outcome.prefix_query_tokens as u64;
         self.publish_load(&state);
         Some((outcome, kv_events))
     }

@@ -35,6 +35,9 @@ pub struct StepOutcome {
     pub batched_tokens: usize,
     /// Tokens found in the prefix cache by sequences admitted this step.
     pub prefix_hit_tokens: usize,
+    /// Tokens looked up in the prefix cache by sequences admitted this step (a preempted sequence
+    /// looks all its tokens up again), so hits / queries is vLLM's prefix-cache hit rate.
+    pub prefix_query_tokens: usize,
     /// Simulated time the step takes.
     pub duration: Duration,
 }
@@ -194,6 +197,7 @@ impl Scheduler {
             // At least one token is always computed, so a fully cached prompt still samples.
             let cached = (alloc.cached_blocks * self.kv.block_size()).min(seq.tokens.len() - 1);
             out.prefix_hit_tokens += cached;
+            out.prefix_query_tokens += seq.tokens.len();
             seq.blocks = alloc.blocks;
             seq.registered = alloc.cached_blocks;
             seq.computed = cached;

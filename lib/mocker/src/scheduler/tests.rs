@@ -136,6 +136,7 @@ fn a_shared_prefix_is_not_prefilled_twice() {
     scheduler.add(second, 1);
     let out = scheduler.step().expect("work");
     assert_eq!(out.prefix_hit_tokens, 8, "two full blocks of 4 are reused");
+    assert_eq!(out.prefix_query_tokens, 11, "the whole prompt was looked up");
     assert_eq!(out.prefill_tokens, 3);
 }
 
