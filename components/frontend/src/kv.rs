@@ -36,6 +36,13 @@ use switchyard_runtime::routing::{LoadView, Policy};
 use switchyard_runtime::runtime::Runtime;
 use tokio::time::Instant;
 
+/// Output tokens a request is expected to generate when it sets no limit.
+pub const EXPECTED_OUTPUT_TOKENS: u32 = 256;
+
+/// Output counted per request at most, whatever its limit (limits are
+/// often set far above what answers use).
+pub const EXPECTED_OUTPUT_TOKENS_CAP: u32 = 1024;
+
 /// Event deliveries waiting to be applied, per engine; when full, the
 /// subscriber waits (and the engine's PUB socket buffers, then drops, which
 /// shows up as a gap).
@@ -57,6 +64,8 @@ pub struct KvSettings {
 pub struct Plan {
     /// Blocks of the prompt, counting a trailing partial one.
     pub request_blocks: u64,
+    /// Blocks the answer may grow (from `max_tokens`).
+    pub output_blocks: u64,
     /// The full blocks' sequence hashes (for the TTL indexes).
     sequence: Vec<SequenceHash>,
     /// Per worker, leading blocks of the prompt it holds.
@@ -87,6 +96,11 @@ struct State {
     approximate: TtlIndex,
     predicted: TtlIndex,
     booked: HashMap<u64, Booked>,
+    /// Per worker, the full blocks of the requests booked on it, each with
+    /// the number of those requests that hold it: requests sharing a prefix
+    /// on one worker share its blocks, so they count once (Dynamo's
+    /// active-block accounting).
+    active: HashMap<u64, HashMap<SequenceHash, u32>>,
     /// Instances whose engine events are followed (and not lost since), so
     /// the approximate index does not stand in for them.
     with_events: HashSet<u64>,
@@ -96,6 +110,9 @@ struct State {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Booked {
     prefill_blocks: u64,
+    /// Private blocks: a request's partial trailing prompt block and the
+    /// blocks its answer may grow (its full prompt blocks, which requests
+    /// can share, are in `State::active`).
     decode_blocks: u64,
     /// Requests behind those blocks.
     requests: u64,
@@ -128,6 +145,7 @@ impl KvRouting {
                 approximate: TtlIndex::approximate(),
                 predicted: TtlIndex::predicted(),
                 booked: HashMap::new(),
+                active: HashMap::new(),
                 with_events: HashSet::new(),
             }),
             metrics,
@@ -151,7 +169,12 @@ impl KvRouting {
     /// Looks the prompt `tokens` up in the indexes. When the tokens are not
     /// `exact` (the engine's tokenizer is not known here), the engines' own
     /// events cannot match them, so only what this router sent counts.
-    pub fn plan(&self, tokens: &[u32], exact: bool) -> Plan {
+    ///
+    /// `max_tokens` is the client's output limit: the blocks the answer
+    /// may grow count as the request's own load on its worker (Dynamo's
+    /// output-block tracking), which is what spreads one hot prefix over
+    /// several workers. Without a limit, [`EXPECTED_OUTPUT_TOKENS`].
+    pub fn plan(&self, tokens: &[u32], exact: bool, max_tokens: Option<u32>) -> Plan {
         let started = Instant::now();
         let locals: Vec<LocalBlockHash> = self.hasher.local_hashes(tokens);
         let sequence = sequence_hashes(&locals);
@@ -170,6 +193,12 @@ impl KvRouting {
         self.metrics.indexer_seconds.observe(started.elapsed().as_secs_f64());
         Plan {
             request_blocks: tokens.len().div_ceil(self.block_size() as usize) as u64,
+            output_blocks: u64::from(
+                max_tokens
+                    .unwrap_or(EXPECTED_OUTPUT_TOKENS)
+                    .min(EXPECTED_OUTPUT_TOKENS_CAP),
+            )
+            .div_ceil(u64::from(self.block_size())),
             sequence,
             overlaps,
             approximate: approximate_used,
@@ -194,7 +223,7 @@ impl KvRouting {
         let overlap = u64::from(plan.overlaps.get(worker));
         let booked = Booked {
             prefill_blocks: plan.request_blocks.saturating_sub(overlap),
-            decode_blocks: plan.request_blocks,
+            decode_blocks: plan.request_blocks - plan.sequence.len() as u64 + plan.output_blocks,
             requests: 1,
         };
         let now = Instant::now();
@@ -208,6 +237,10 @@ impl KvRouting {
             entry.prefill_blocks += booked.prefill_blocks;
             entry.decode_blocks += booked.decode_blocks;
             entry.requests += booked.requests;
+            let active = state.active.entry(instance).or_default();
+            for block in &plan.sequence {
+                *active.entry(*block).or_default() += 1;
+            }
         }
         if plan.request_blocks > 0 {
             let rate = overlap as f64 / plan.request_blocks as f64;
@@ -219,17 +252,32 @@ impl KvRouting {
             instance,
             prefill_pending: booked.prefill_blocks,
             decode_pending: booked.decode_blocks,
+            blocks: plan.sequence.clone(),
         }
     }
 
-    fn release(&self, instance: u64, prefill: u64, decode: u64, requests: u64) {
+    fn release(&self, instance: u64, prefill: u64, decode: u64, requests: u64, blocks: &[SequenceHash]) {
         let mut state = self.lock();
+        if let Some(active) = state.active.get_mut(&instance) {
+            for block in blocks {
+                if let Some(refs) = active.get_mut(block) {
+                    *refs -= 1;
+                    if *refs == 0 {
+                        active.remove(block);
+                    }
+                }
+            }
+            if active.is_empty() {
+                state.active.remove(&instance);
+            }
+        }
         if let Some(entry) = state.booked.get_mut(&instance) {
             entry.prefill_blocks = entry.prefill_blocks.saturating_sub(prefill);
             entry.decode_blocks = entry.decode_blocks.saturating_sub(decode);
             entry.requests = entry.requests.saturating_sub(requests);
             if *entry == Booked::default() {
                 state.booked.remove(&instance);
+                state.active.remove(&instance);
             }
         }
     }
@@ -357,6 +405,7 @@ impl KvRouting {
         state.predicted.remove_worker(worker);
         state.with_events.remove(&instance);
         state.booked.remove(&instance);
+        state.active.remove(&instance);
         self.count_blocks(&state, instance);
         let worker = format!("{instance:x}");
         let _ = self.metrics.worker_blocks.remove_label_values(&[&self.model, &worker]);
@@ -419,13 +468,25 @@ impl Policy for KvPolicy<'_> {
                 let booked = state.booked.get(&i.instance_id).copied().unwrap_or_default();
                 let excluded = state.index.is_excluded(worker);
                 // Requests the worker reports beyond this router's (other
-                // frontends' traffic), each counted as one like this one.
+                // frontends' traffic, or a report not yet caught up), each
+                // counted as one more answer growing: its prompt may well be
+                // shared, and a stale report must not outweigh a cached prefix.
                 let others = loads.load(i.instance_id).saturating_sub(booked.requests);
+                // Its active blocks, and how many leading blocks of this
+                // request are among them (those add no decode work).
+                let (active, already) = match state.active.get(&i.instance_id) {
+                    None => (0, 0),
+                    Some(active) => (
+                        active.len() as u64,
+                        self.plan.sequence.iter().take_while(|b| active.contains_key(b)).count() as u64,
+                    ),
+                };
                 Candidate {
                     worker,
                     overlap_blocks: if excluded { 0 } else { self.plan.overlaps.get(worker) },
                     active_prefill_blocks: booked.prefill_blocks,
-                    active_decode_blocks: booked.decode_blocks + others * self.plan.request_blocks,
+                    active_decode_blocks: (active + booked.decode_blocks + others * self.plan.output_blocks)
+                        .saturating_sub(already),
                     cached_blocks: state.index.worker_blocks(worker) as u64,
                 }
             })
@@ -453,6 +514,8 @@ pub struct Booking {
     instance: u64,
     prefill_pending: u64,
     decode_pending: u64,
+    /// The request's full blocks, counted in the worker's active blocks.
+    blocks: Vec<SequenceHash>,
 }
 
 impl Booking {
@@ -460,15 +523,20 @@ impl Booking {
     pub fn first_token(&mut self) {
         let prefill = std::mem::take(&mut self.prefill_pending);
         if prefill > 0 {
-            self.routing.release(self.instance, prefill, 0, 0);
+            self.routing.release(self.instance, prefill, 0, 0, &[]);
         }
     }
 }
 
 impl Drop for Booking {
     fn drop(&mut self) {
-        self.routing
-            .release(self.instance, self.prefill_pending, self.decode_pending, 1);
+        self.routing.release(
+            self.instance,
+            self.prefill_pending,
+            self.decode_pending,
+            1,
+            &self.blocks,
+        );
     }
 }
 
@@ -637,16 +705,17 @@ mod tests {
     fn load_other_routers_put_on_a_worker_counts_against_it() {
         let routing = routing();
         let instances = [instance(0), instance(1)];
-        let plan = routing.plan(&[1, 2, 3, 4, 5, 6, 7, 8], true);
+        let plan = routing.plan(&[1, 2, 3, 4, 5, 6, 7, 8], true, Some(4));
         // Worker 0 reports three requests this router did not send.
         let policy = routing.policy(&plan);
         assert_eq!(policy.select(&instances, &Reported(vec![3, 0])), Some(1));
         let choice = policy.choice().unwrap();
-        assert_eq!(choice.runner_up.unwrap().cost, 2.0 + 2.0 + 3.0 * 2.0, "{choice}");
+        // Each of the three counts as one more answer growing (1 output block).
+        assert_eq!(choice.runner_up.unwrap().cost, 2.0 + 2.0 + 3.0 * 1.0, "{choice}");
 
         // Once this router has booked them itself, they are not counted twice.
         let bookings: Vec<Booking> = (0..3).map(|_| routing.book(&plan, 0)).collect();
-        let plan = routing.plan(&[9, 9, 9, 9], true);
+        let plan = routing.plan(&[9, 9, 9, 9], true, Some(4));
         let policy = routing.policy(&plan);
         policy.select(&instances, &Reported(vec![3, 0]));
         let choice = policy.choice().unwrap();
@@ -657,8 +726,8 @@ mod tests {
             .unwrap();
         assert_eq!(
             zero.cost,
-            6.0 + 1.0 + 6.0 + 1.0,
-            "booked prefill and decode only: {choice}"
+            7.0 + (2.0 + 3.0 + 1.0),
+            "prefill: 3 × 2 booked + 1; decode: the 2 shared blocks, 3 output blocks, this request's 1: {choice}"
         );
         drop(bookings);
     }

@@ -156,7 +156,7 @@ impl Model {
             return Ok((self.router.generate_routed(request).await?, None));
         };
         let (tokens, exact) = self.prompt_tokens(request.data());
-        let plan = kv.plan(&tokens, exact);
+        let plan = kv.plan(&tokens, exact, request.data().max_tokens());
         let policy = kv.policy(&plan);
         let routed = self.router.generate_routed_with(&policy, request).await?;
         let booking = kv.book(&plan, routed.instance_id);
