@@ -236,3 +236,30 @@ fn every_rust_block_of_the_worker_tutorial_is_in_the_compiled_example() {
         );
     }
 }
+
+/// A merge that left its conflict markers in prose would still build.
+#[test]
+fn no_page_of_the_docs_holds_merge_conflict_markers() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut pages = vec![root.join("README.md")];
+    for dir in ["docs", "docs/adr"] {
+        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "md") {
+                pages.push(path);
+            }
+        }
+    }
+    let marked: Vec<String> = pages
+        .iter()
+        .flat_map(|page| {
+            let text = std::fs::read_to_string(page).unwrap();
+            text.lines()
+                .enumerate()
+                .filter(|(_, line)| line.starts_with("<<<<<<< ") || line.starts_with(">>>>>>> ") || *line == "=======")
+                .map(|(n, _)| format!("{}:{}", page.display(), n + 1))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(marked.is_empty(), "conflict markers at {marked:?}");
+}
