@@ -157,10 +157,6 @@ impl KvRouting {
         self.hasher.block_size()
     }
 
-    pub fn settings(&self) -> &KvSettings {
-        &self.settings
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // Every update leaves the indexes consistent, so a poisoned lock is usable.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -178,7 +174,8 @@ impl KvRouting {
         let started = Instant::now();
         let locals: Vec<LocalBlockHash> = self.hasher.local_hashes(tokens);
         let sequence = sequence_hashes(&locals);
-        let now = Instant::now();
+        // Hashing takes microseconds; the TTL indexes count in seconds.
+        let now = started;
         let mut state = self.lock();
         let from_events = if exact {
             state.index.find_matches(&locals)
