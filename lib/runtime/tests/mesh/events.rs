@@ -26,6 +26,21 @@ async fn publisher(drt: &DistributedRuntime) -> EventPublisher {
     component.event_publisher("load").await.unwrap()
 }
 
+/// A subscriber process and a publisher process on `registry`, connected
+/// and exchanging events: (subscriber's runtime, subscriber, publisher's
+/// runtime, publisher).
+async fn connected_pair(
+    registry: &MemRegistry,
+) -> (DistributedRuntime, EventSubscriber, DistributedRuntime, EventPublisher) {
+    let listener = process(registry, &[]);
+    let mut events = subscriber(&listener).await;
+    let worker = process(registry, &[]);
+    let load = publisher(&worker).await;
+    wait_until("connected", || events.connected_publishers() == Some(1)).await;
+    until_connected(&load, &mut events).await;
+    (listener, events, worker, load)
+}
+
 async fn subscriber(drt: &DistributedRuntime) -> EventSubscriber {
     let component = drt.namespace("demo").unwrap().component("backend").unwrap();
     component.event_subscriber("load").await.unwrap()
@@ -117,12 +132,7 @@ async fn zmq_events_reach_subscribers_that_follow_publishers_through_discovery()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_million_zmq_events_arrive_without_gaps() {
     let registry = MemRegistry::new();
-    let listener = process(&registry, &[]);
-    let mut events = subscriber(&listener).await;
-    let worker = process(&registry, &[]);
-    let load = publisher(&worker).await;
-    wait_until("connected", || events.connected_publishers() == Some(1)).await;
-    until_connected(&load, &mut events).await;
+    let (_listener, mut events, _worker, load) = connected_pair(&registry).await;
     let started = tokio::time::Instant::now();
     exchange(&load, &mut events, 1_000_000).await;
     println!(
@@ -179,12 +189,7 @@ async fn event_disconnects(drt: &DistributedRuntime) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_declaring_a_huge_frame_to_a_zmq_publisher_is_cut_off_and_events_keep_flowing() {
     let registry = MemRegistry::new();
-    let listener = process(&registry, &[]);
-    let mut events = subscriber(&listener).await;
-    let worker = process(&registry, &[]);
-    let load = publisher(&worker).await;
-    wait_until("connected", || events.connected_publishers() == Some(1)).await;
-    until_connected(&load, &mut events).await;
+    let (_listener, mut events, worker, load) = connected_pair(&registry).await;
 
     let endpoint = registered_endpoint(&worker).await;
     let address = endpoint.trim_start_matches("tcp://").replace("0.0.0.0", "127.0.0.1");
