@@ -4,7 +4,7 @@
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use switchyard_llm::openai::{ErrorBody, ErrorResponse, InvalidRequest};
-use switchyard_runtime::error::{ErrorKind, RequestError};
+use switchyard_runtime::error::{ErrorKind, Report, RequestError};
 
 /// Seconds a client told "all workers busy" should wait before retrying.
 const RETRY_AFTER_SECS: u64 = 1;
@@ -19,6 +19,8 @@ pub struct ApiError {
     pub kind: &'static str,
     pub param: Option<String>,
     pub code: &'static str,
+    /// Seconds for the `Retry-After` header of a 429 or 503 (1 when unset).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -29,21 +31,20 @@ impl ApiError {
             kind: "invalid_request_error",
             param: error.field,
             code: "invalid_request",
+            retry_after: None,
         }
     }
 
-    pub fn model_not_found(model: &str, known: &[String]) -> Self {
-        let known = if known.is_empty() {
-            "no model is being served right now".to_string()
-        } else {
-            format!("models served: {}", known.join(", "))
-        };
+    /// Names the model asked for, not the ones served: a caller sees those
+    /// with `GET /v1/models`, which the API key (if any) guards.
+    pub fn model_not_found(model: &str) -> Self {
         Self {
             status: StatusCode::NOT_FOUND,
-            message: format!("the model {model:?} does not exist; {known}"),
+            message: format!("the model {model:?} does not exist; GET /v1/models lists the models served"),
             kind: "invalid_request_error",
             param: Some("model".into()),
             code: "model_not_found",
+            retry_after: None,
         }
     }
 
@@ -54,6 +55,7 @@ impl ApiError {
             kind: "invalid_request_error",
             param: Some("model".into()),
             code: "model_not_found",
+            retry_after: None,
         }
     }
 
@@ -64,6 +66,7 @@ impl ApiError {
             kind: "invalid_request_error",
             param: None,
             code: "request_too_large",
+            retry_after: None,
         }
     }
 
@@ -74,6 +77,7 @@ impl ApiError {
             kind: "invalid_request_error",
             param: None,
             code: "request_timeout",
+            retry_after: None,
         }
     }
 
@@ -84,6 +88,56 @@ impl ApiError {
             kind: "invalid_request_error",
             param: None,
             code: "unsupported_media_type",
+            retry_after: None,
+        }
+    }
+
+    /// OpenAI's answer to a missing or wrong API key.
+    pub fn unauthorized(message: &str) -> Self {
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            message: message.to_string(),
+            kind: "invalid_request_error",
+            param: None,
+            code: "invalid_api_key",
+            retry_after: None,
+        }
+    }
+
+    /// `/metrics` on the OpenAI port is turned off (`--http-metrics off`).
+    pub fn not_found(message: &str) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            message: message.to_string(),
+            kind: "invalid_request_error",
+            param: None,
+            code: "not_found",
+            retry_after: None,
+        }
+    }
+
+    /// The frontend is full: `why` says which limit, `retry_after` when to
+    /// come back.
+    pub fn overloaded(why: String, retry_after: u64) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: why,
+            kind: "server_error",
+            param: None,
+            code: "overloaded",
+            retry_after: Some(retry_after),
+        }
+    }
+
+    /// The caller's key used up its share (`--rate-limit-*`).
+    pub fn rate_limited(why: String, retry_after: u64) -> Self {
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: why,
+            kind: "rate_limit_error",
+            param: None,
+            code: "rate_limit_exceeded",
+            retry_after: Some(retry_after),
         }
     }
 
@@ -97,6 +151,7 @@ impl ApiError {
             ErrorKind::Invalid | ErrorKind::TooLarge => {
                 (StatusCode::BAD_REQUEST, "invalid_request_error", "invalid_request")
             }
+            ErrorKind::TimedOut => (StatusCode::GATEWAY_TIMEOUT, "server_error", "timeout"),
             ErrorKind::Cancelled => (
                 StatusCode::from_u16(499).expect("valid status"),
                 "cancelled",
@@ -104,22 +159,34 @@ impl ApiError {
             ),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal_error"),
         };
+        // Only what the client's own request did wrong is passed on word for
+        // word; the rest can carry worker addresses or engine internals, so
+        // it goes to the log and the client gets the kind of failure.
         let message = match error.kind() {
+            // A deadline's message names the deadline and its flag.
+            ErrorKind::Invalid | ErrorKind::TooLarge | ErrorKind::Cancelled | ErrorKind::TimedOut => error.detail(),
             ErrorKind::Overloaded => format!("all workers of model {model:?} are busy; retry later"),
             ErrorKind::NotFound | ErrorKind::Unreachable | ErrorKind::ShuttingDown => {
-                format!(
-                    "no worker of model {model:?} could take the request: {}",
-                    error.detail()
-                )
+                format!("no worker of model {model:?} could take the request; retry later")
             }
-            _ => error.detail(),
+            ErrorKind::Disconnected => format!("the worker serving model {model:?} was lost mid-answer"),
+            _ => {
+                format!("the worker serving model {model:?} failed; the frontend's log has the details")
+            }
         };
+        if !matches!(
+            error.kind(),
+            ErrorKind::Invalid | ErrorKind::TooLarge | ErrorKind::Cancelled | ErrorKind::Overloaded
+        ) {
+            tracing::warn!(model, error = %Report(error), "request failed");
+        }
         Self {
             status,
             message,
             kind,
             param: None,
             code,
+            retry_after: None,
         }
     }
 
@@ -138,10 +205,16 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, axum::Json(self.body())).into_response();
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        let headers = response.headers_mut();
+        if matches!(
+            self.status,
+            StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
+        ) {
+            let seconds = self.retry_after.unwrap_or(RETRY_AFTER_SECS);
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }

@@ -2,6 +2,8 @@
 //! and the status routes. Handlers read and check the request, pick the
 //! model's router, and hand the worker's stream to [`crate::respond`].
 
+use crate::admission::{Admission, Admitted};
+use crate::auth::{ApiKeys, MetricsAccess};
 use crate::error::ApiError;
 use crate::kv::{Booking, KvMetrics};
 use crate::metrics::FrontendMetrics;
@@ -58,6 +60,14 @@ pub struct FrontendState {
     pub stall_timeout: Option<std::time::Duration>,
     /// Longest a client may take to send a request (headers, then body).
     pub idle_timeout: std::time::Duration,
+    /// Longest a streaming client may leave a ready event unread.
+    pub write_timeout: std::time::Duration,
+    /// The API keys (none: open).
+    pub keys: ApiKeys,
+    /// Who may read `/metrics` here.
+    pub metrics_access: MetricsAccess,
+    /// The in-flight cap, its queue and the per-key rates.
+    pub admission: Admission,
 }
 
 impl FrontendState {
@@ -68,7 +78,7 @@ impl FrontendState {
             return Err(FrontendError::DirectMode);
         }
         // The flag's parser refuses 0; this catches arguments built in code.
-        if args.http_idle_timeout.is_zero() {
+        if args.http_idle_timeout.is_zero() || args.http_write_timeout.is_zero() {
             return Err(FrontendError::IdleTimeout);
         }
         let kv = match args.kv_settings()? {
@@ -83,9 +93,12 @@ impl FrontendState {
                 busy_threshold: args.busy_threshold,
                 max_wait: args.router_max_wait,
                 max_queued: args.router_max_queued,
+                first_token_timeout: (!args.first_token_timeout.is_zero()).then_some(args.first_token_timeout),
             },
             kv,
         );
+        let keys = ApiKeys::load(&args.api_keys, args.api_key_file.as_deref())?;
+        let admission = Admission::new(args.admission_settings(), keys.ids(), drt.process_metrics())?;
         models.watch(runtime.root_token().child_token()).await?;
         Ok(Self {
             models,
@@ -96,6 +109,10 @@ impl FrontendState {
             migration_limit: args.migration_limit,
             stall_timeout: (!args.stream_stall_timeout.is_zero()).then_some(args.stream_stall_timeout),
             idle_timeout: args.http_idle_timeout,
+            write_timeout: args.http_write_timeout,
+            keys,
+            metrics_access: args.http_metrics,
+            admission,
         })
     }
 }
@@ -116,7 +133,10 @@ fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-async fn list_models(State(state): State<FrontendState>) -> Response {
+async fn list_models(State(state): State<FrontendState>, headers: HeaderMap) -> Response {
+    if let Err(error) = state.keys.check(&headers) {
+        return error.into_response();
+    }
     let created = now_secs();
     let data = state
         .models
@@ -181,7 +201,21 @@ async fn live(State(state): State<FrontendState>) -> Response {
     }
 }
 
-async fn metrics(State(state): State<FrontendState>) -> Response {
+async fn metrics(State(state): State<FrontendState>, headers: HeaderMap) -> Response {
+    match state.metrics_access {
+        MetricsAccess::Open => {}
+        MetricsAccess::Key => {
+            if let Err(error) = state.keys.check(&headers) {
+                return error.into_response();
+            }
+        }
+        MetricsAccess::Off => {
+            return ApiError::not_found(
+                "/metrics is not served on the API port (--http-metrics off); scrape the status port",
+            )
+            .into_response();
+        }
+    }
     switchyard_runtime::status::metrics(State(state.status)).await
 }
 
@@ -254,6 +288,14 @@ async fn admit(
     id: &str,
 ) -> Result<Response, Refusal> {
     let refuse = |model: &str, stream: bool, error| (model.to_string(), stream, error);
+    let key = state.keys.check(headers).map_err(|e| refuse(UNKNOWN_MODEL, false, e))?;
+    // A place before the body is read, so the cap bounds the memory that
+    // bodies take too.
+    let admitted = state
+        .admission
+        .admit(key)
+        .await
+        .map_err(|e| refuse(UNKNOWN_MODEL, false, e))?;
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -271,11 +313,10 @@ async fn admit(
     .map_err(|e| refuse(UNKNOWN_MODEL, false, ApiError::invalid(e)))?;
     let stream = respond::is_streaming(&request);
     let Some(model) = state.models.get(request.model()) else {
-        let known: Vec<String> = state.models.list().into_iter().map(|m| m.name).collect();
         return Err(refuse(
             UNKNOWN_MODEL,
             stream,
-            ApiError::model_not_found(request.model(), &known),
+            ApiError::model_not_found(request.model()),
         ));
     };
     let kind = match route {
@@ -336,9 +377,9 @@ async fn admit(
         exchange.refused();
         return Err(refuse(&model.name, stream, ApiError::from_request(&model.name, error)));
     }
-    let responses: ResponseStream<LlmOutput> = Box::pin(futures::stream::iter(first).chain(responses));
+    let responses = charged(Box::pin(futures::stream::iter(first).chain(responses)), admitted);
     let mut response = if stream {
-        respond::stream(exchange, responses, now_secs())
+        respond::stream(exchange, responses, now_secs(), state.write_timeout)
     } else {
         respond::unary(exchange, responses, now_secs()).await
     };
@@ -359,6 +400,19 @@ fn booked(responses: ResponseStream<LlmOutput>, booking: Option<Booking>) -> Res
         return responses;
     };
     Box::pin(responses.inspect(move |_| booking.first_token()))
+}
+
+/// `responses`, holding the request's place under the in-flight cap until
+/// it is dropped, and charging its tokens to the caller's key.
+fn charged(responses: ResponseStream<LlmOutput>, admitted: Admitted) -> ResponseStream<LlmOutput> {
+    Box::pin(responses.inspect(move |piece| {
+        if let Ok(piece) = piece {
+            admitted.charge(piece.tokens);
+            if let Some(usage) = &piece.usage {
+                admitted.charge(usage.prompt_tokens);
+            }
+        }
+    }))
 }
 
 /// The body, up to `limit` bytes (413 beyond), within `deadline` (408 after).

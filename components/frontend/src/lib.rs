@@ -8,6 +8,8 @@
 //! that disconnects cancels its request on the worker ([`respond`]).
 #![forbid(unsafe_code)]
 
+pub mod admission;
+pub mod auth;
 pub mod error;
 pub mod http;
 pub mod kv;
@@ -15,6 +17,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod models;
 pub mod respond;
+pub mod tls;
 
 #[cfg(test)]
 mod tests;
@@ -98,9 +101,72 @@ pub struct FrontendArgs {
     /// being streamed are not limited.
     #[arg(long = "http-idle-timeout-secs", env = "DYN_HTTP_IDLE_TIMEOUT_SECS", default_value = "30", value_parser = args::seconds().positive(), value_name = "DURATION")]
     pub http_idle_timeout: Duration,
+    /// An API key clients must send as `Authorization: Bearer <key>`
+    /// (repeatable; the variable takes a comma-separated list). With no key
+    /// and no key file, the API is open.
+    #[arg(
+        long = "api-key",
+        env = "DYN_HTTP_API_KEY",
+        value_delimiter = ',',
+        hide_env_values = true,
+        value_name = "KEY"
+    )]
+    pub api_keys: Vec<String>,
+    /// A file of API keys, one per line (`#` starts a comment), read at start.
+    #[arg(long, env = "DYN_HTTP_API_KEY_FILE", value_name = "PATH")]
+    pub api_key_file: Option<std::path::PathBuf>,
+    /// Who may read `/metrics` on the API port: open, key (callers with an
+    /// API key; anyone when no keys are set) or off (scrape the status port,
+    /// DYN_SYSTEM_PORT, instead).
+    #[arg(long, env = "DYN_HTTP_METRICS", value_enum, default_value = "key")]
+    pub http_metrics: auth::MetricsAccess,
+    /// Requests in flight at once across all models (0: no cap); more wait
+    /// in the queue below.
+    #[arg(long, env = "DYN_HTTP_MAX_INFLIGHT_REQUESTS", default_value_t = 1024)]
+    pub max_inflight_requests: usize,
+    /// Requests that may wait for a place at once; more get 503 at once.
+    #[arg(long, env = "DYN_HTTP_MAX_QUEUED_REQUESTS", default_value_t = 256)]
+    pub max_queued_requests: usize,
+    /// Longest a request waits for a place before it gets 503 (`2s`,
+    /// `500ms`; a plain number is milliseconds).
+    #[arg(long = "http-queue-timeout-ms", env = "DYN_HTTP_QUEUE_TIMEOUT_MS", default_value = "2000", value_parser = args::milliseconds(), value_name = "DURATION")]
+    pub http_queue_timeout: Duration,
+    /// Requests per second per API key (one shared budget without keys);
+    /// past it, 429 with Retry-After. Unset: no limit.
+    #[arg(long, env = "DYN_HTTP_RATE_LIMIT_REQUESTS_PER_SECOND", value_name = "RATE")]
+    pub rate_limit_requests_per_second: Option<f64>,
+    /// Prompt plus generated tokens per second per API key; past it, 429.
+    #[arg(long, env = "DYN_HTTP_RATE_LIMIT_TOKENS_PER_SECOND", value_name = "RATE")]
+    pub rate_limit_tokens_per_second: Option<f64>,
+    /// Longest wait for a request's first token from a worker; past it the
+    /// request moves to another worker (within --migration-limit) or ends
+    /// with 504. `2m`, `90s`; a plain number is seconds; 0 waits for ever.
+    #[arg(long = "first-token-timeout-secs", env = "DYN_HTTP_FIRST_TOKEN_TIMEOUT_SECS", default_value = "120", value_parser = args::seconds(), value_name = "DURATION")]
+    pub first_token_timeout: Duration,
+    /// Longest a streaming client may leave a ready event unread; past it
+    /// the request is cancelled (the engine frees its KV cache).
+    #[arg(long = "http-write-timeout-secs", env = "DYN_HTTP_WRITE_TIMEOUT_SECS", default_value = "30", value_parser = args::seconds().positive(), value_name = "DURATION")]
+    pub http_write_timeout: Duration,
+    /// TLS certificate chain (PEM) for the API port; with --tls-key-path.
+    #[arg(long, env = "DYN_TLS_CERT_PATH", value_name = "PATH", requires = "tls_key_path")]
+    pub tls_cert_path: Option<std::path::PathBuf>,
+    /// TLS private key (PEM) for the API port; with --tls-cert-path.
+    #[arg(long, env = "DYN_TLS_KEY_PATH", value_name = "PATH", requires = "tls_cert_path")]
+    pub tls_key_path: Option<std::path::PathBuf>,
 }
 
 impl FrontendArgs {
+    /// The edge limits of `--max-inflight-requests` and its neighbours.
+    pub fn admission_settings(&self) -> admission::AdmissionSettings {
+        admission::AdmissionSettings {
+            max_inflight: (self.max_inflight_requests > 0).then_some(self.max_inflight_requests),
+            max_queued: self.max_queued_requests,
+            queue_timeout: self.http_queue_timeout,
+            requests_per_second: self.rate_limit_requests_per_second,
+            tokens_per_second: self.rate_limit_tokens_per_second,
+        }
+    }
+
     /// The KV router's settings, checked; `None` outside KV mode.
     pub fn kv_settings(&self) -> Result<Option<kv::KvSettings>, FrontendError> {
         if self.router_mode != RouterMode::Kv {
@@ -142,8 +208,16 @@ pub enum FrontendError {
     DirectMode,
     #[error("invalid KV router setting (--kv-overlap-score-weight, --router-temperature)")]
     KvSettings(#[source] switchyard_kv_router::select::InvalidCostConfig),
-    #[error("--http-idle-timeout-secs must be above 0")]
+    #[error("--http-idle-timeout-secs and --http-write-timeout-secs must be above 0")]
     IdleTimeout,
+    #[error(transparent)]
+    ApiKeys(#[from] auth::KeyError),
+    #[error(transparent)]
+    Admission(#[from] admission::AdmissionError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("--tls-cert-path and --tls-key-path go together; give both or neither")]
+    TlsHalf,
     #[error("cannot listen on {address} (--http-host/--http-port)")]
     Bind {
         address: String,
@@ -179,13 +253,28 @@ pub async fn start(drt: &DistributedRuntime, args: &FrontendArgs) -> Result<Fron
     let draining = runtime.endpoint_token().clone();
     let idle_timeout = state.idle_timeout;
     let app = http::router(state);
-    runtime.spawn_drain(switchyard_runtime::http_server::serve(
-        listener,
-        app,
-        idle_timeout,
-        draining,
-    ));
-    tracing::info!(address = %bound, "frontend listening");
+    let tls = match (&args.tls_cert_path, &args.tls_key_path) {
+        (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
+        (None, None) => None,
+        _ => return Err(FrontendError::TlsHalf),
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    match tls {
+        None => runtime.spawn_drain(switchyard_runtime::http_server::serve(
+            listener,
+            app,
+            idle_timeout,
+            draining,
+        )),
+        Some(tls) => runtime.spawn_drain(switchyard_runtime::http_server::serve_tls(
+            listener,
+            app,
+            idle_timeout,
+            draining,
+            tls,
+        )),
+    };
+    tracing::info!(address = %bound, scheme, "frontend listening");
     Ok(Frontend { address: bound, models })
 }
 

@@ -19,11 +19,12 @@ use switchyard_runtime::error::{ErrorKind, RequestError};
 use switchyard_runtime::routing::push_router::Routed;
 
 /// Errors after which another worker can take over: the worker went away
-/// (connection broken or refused) or is shutting down.
+/// (connection broken or refused), is shutting down, or went silent past a
+/// deadline.
 pub fn is_migratable(kind: ErrorKind) -> bool {
     matches!(
         kind,
-        ErrorKind::Disconnected | ErrorKind::Unreachable | ErrorKind::ShuttingDown
+        ErrorKind::Disconnected | ErrorKind::Unreachable | ErrorKind::ShuttingDown | ErrorKind::TimedOut
     )
 }
 
@@ -93,7 +94,7 @@ impl State {
                 Some(limit) => match tokio::time::timeout(limit, self.current.next()).await {
                     Ok(next) => next,
                     Err(_) => Some(Err(RequestError::new(
-                        ErrorKind::Disconnected,
+                        ErrorKind::TimedOut,
                         format!("the worker sent nothing for {limit:?} (--stream-stall-timeout-secs)"),
                     ))),
                 },

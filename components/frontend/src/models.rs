@@ -43,6 +43,9 @@ pub struct RouterSettings {
     /// How long, and how many, requests may wait while all are busy (none when zero).
     pub max_wait: Duration,
     pub max_queued: usize,
+    /// Longest wait for a worker's first piece before the request tries
+    /// another (`--first-token-timeout-secs`).
+    pub first_token_timeout: Option<Duration>,
 }
 
 /// One model: its cards (one per worker) and the router over its endpoint.
@@ -365,6 +368,9 @@ impl ModelManager {
                     LlmRouter::from_client(client, self.settings.mode).await?
                 }
             };
+        }
+        if let Some(limit) = self.settings.first_token_timeout {
+            router = router.with_first_item_timeout(limit, "--first-token-timeout-secs");
         }
         if let Some(limit) = self.settings.busy_threshold {
             router = router.with_busy_threshold(limit);

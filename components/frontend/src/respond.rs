@@ -8,9 +8,10 @@ use crate::error::ApiError;
 use crate::metrics::FrontendMetrics;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use prometheus::{Histogram, IntGauge};
 use std::convert::Infallible;
+use std::time::Duration;
 use switchyard_llm::openai::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta,
     CompletionChoice, CompletionResponse, Role, Usage,
@@ -18,6 +19,7 @@ use switchyard_llm::openai::{
 use switchyard_llm::protocol::{LlmOutput, LlmRequest};
 use switchyard_runtime::engine::ResponseStream;
 use switchyard_runtime::error::RequestError;
+use tokio::sync::mpsc::error::SendTimeoutError;
 use tokio::time::Instant;
 
 /// Which OpenAI route a request came in on.
@@ -201,8 +203,14 @@ struct Streaming {
     done: bool,
 }
 
-/// An SSE response over the worker's stream.
-pub fn stream(exchange: Exchange, responses: ResponseStream<LlmOutput>, created: u64) -> Response {
+/// An SSE response over the worker's stream. An event the client leaves
+/// unread for `write_timeout` ends the request (see [`write_deadline`]).
+pub fn stream(
+    exchange: Exchange,
+    responses: ResponseStream<LlmOutput>,
+    created: u64,
+    write_timeout: Duration,
+) -> Response {
     let state = Streaming {
         exchange,
         responses,
@@ -234,7 +242,43 @@ pub fn stream(exchange: Exchange, responses: ResponseStream<LlmOutput>, created:
         };
         Some((Ok(event), state))
     });
-    Sse::new(events).into_response()
+    Sse::new(write_deadline(events, write_timeout)).into_response()
+}
+
+/// Events as the client reads them: a task moves each event on as soon as
+/// the client has taken the previous one. A client that leaves one unread
+/// for `limit` (it stopped reading, and the socket's buffers are full) has
+/// its request dropped — which cancels it on the worker, freeing the
+/// engine's KV cache — rather than held open for as long as it keeps the
+/// connection. A client that goes away drops it at once.
+fn write_deadline<S>(events: S, limit: Duration) -> impl Stream<Item = Result<Event, Infallible>> + Send
+where
+    S: Stream<Item = Result<Event, Infallible>> + Send + 'static,
+{
+    let (sender, receiver) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        let mut events = std::pin::pin!(events);
+        loop {
+            let event = tokio::select! {
+                event = events.next() => event,
+                _ = sender.closed() => return,
+            };
+            let Some(event) = event else { return };
+            match sender.send_timeout(event, limit).await {
+                Ok(()) => {}
+                Err(SendTimeoutError::Timeout(_)) => {
+                    tracing::info!(
+                        ?limit,
+                        "client left the answer unread past --http-write-timeout-secs; request cancelled"
+                    );
+                    return;
+                }
+                Err(SendTimeoutError::Closed(_)) => return,
+            }
+        }
+    });
+    let mut receiver = receiver;
+    futures::stream::poll_fn(move |cx| receiver.poll_recv(cx))
 }
 
 impl Streaming {

@@ -17,6 +17,7 @@ use switchyard_runtime::distributed::DistributedRuntime;
 use switchyard_runtime::runtime::Runtime;
 use tower::ServiceExt;
 
+mod edge;
 mod kv;
 
 /// A frontend and (optionally) one mocker worker sharing a private registry.
@@ -266,7 +267,7 @@ async fn bad_requests_get_openai_shaped_errors_naming_the_problem() {
         (
             r#"{"model":"gpt-9","messages":[{"role":"user","content":"x"}]}"#,
             StatusCode::NOT_FOUND,
-            "mock-model",
+            "gpt-9",
             Some("model"),
         ),
     ];

@@ -312,28 +312,38 @@ impl InvalidRequest {
 /// Parses a request body: JSON syntax first, then the typed fields (an error
 /// names the field by its path), then [`Validate`]'s range checks.
 pub fn parse_request<T: DeserializeOwned + Validate>(body: &[u8]) -> Result<T, InvalidRequest> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| InvalidRequest {
-        field: None,
-        message: format!("the request body is not valid JSON: {e}"),
-    })?;
-    if !value.is_object() {
-        return Err(InvalidRequest {
-            field: None,
-            message: "the request body must be a JSON object".to_string(),
-        });
-    }
-    let request: T = serde_path_to_error::deserialize(value).map_err(|e| {
+    // Straight into `T`: no `Value` of the whole body on the way, which for
+    // a body of numbers would take many times the body's size.
+    let mut reader = serde_json::Deserializer::from_slice(body);
+    let request: T = serde_path_to_error::deserialize(&mut reader).map_err(|e| {
         let path = e.path().to_string();
-        let inner = e.into_inner().to_string();
-        if path == "." {
-            // A missing field: serde names it in the message itself.
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
             InvalidRequest {
-                field: inner.split('`').nth(1).map(str::to_string),
-                message: inner,
+                field: None,
+                message: format!("the request body is not valid JSON: {inner}"),
+            }
+        } else if path == "." {
+            let inner = inner.to_string();
+            if inner.starts_with("invalid type") {
+                InvalidRequest {
+                    field: None,
+                    message: format!("the request body must be a JSON object: {inner}"),
+                }
+            } else {
+                // A missing field: serde names it in the message itself.
+                InvalidRequest {
+                    field: inner.split('`').nth(1).map(str::to_string),
+                    message: inner,
+                }
             }
         } else {
-            InvalidRequest::field(&path, inner)
+            InvalidRequest::field(&path, inner.to_string())
         }
+    })?;
+    reader.end().map_err(|e| InvalidRequest {
+        field: None,
+        message: format!("the request body is not valid JSON: {e}"),
     })?;
     request.validate()?;
     Ok(request)

@@ -32,6 +32,8 @@ pub enum ErrorKind {
     Unreachable,
     /// The peer broke the wire protocol (corrupt frame, unknown message).
     Protocol,
+    /// The worker sent nothing within a deadline (first token, stall).
+    TimedOut,
 }
 
 impl ErrorKind {
@@ -61,6 +63,7 @@ impl ErrorKind {
             ErrorKind::TooLarge => "too_large",
             ErrorKind::Unreachable => "unreachable",
             ErrorKind::Protocol => "protocol",
+            ErrorKind::TimedOut => "timed_out",
         }
     }
 }
@@ -78,6 +81,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::TooLarge => "message too large",
             ErrorKind::Unreachable => "unreachable",
             ErrorKind::Protocol => "protocol error",
+            ErrorKind::TimedOut => "timed out",
         };
         f.write_str(name)
     }

@@ -12,6 +12,8 @@
 //! - Bodies are read by the handlers, under a deadline of their own (the
 //!   frontend answers 408).
 //! - Answers being streamed have no deadline here.
+//! - With TLS ([`serve_tls`]) the handshake must finish within the idle
+//!   timeout too; ALPN picks HTTP/2 or HTTP/1.1.
 
 use axum::Router;
 use axum::body::Body;
@@ -22,6 +24,7 @@ use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -32,6 +35,27 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// Serves `app` on `listener` until `draining` is cancelled; then stops
 /// accepting and waits for every open connection to finish its answers.
 pub async fn serve(listener: TcpListener, app: Router, idle_timeout: Duration, draining: CancellationToken) {
+    serve_with(listener, app, idle_timeout, draining, None).await;
+}
+
+/// [`serve`] over TLS: every connection is a TLS session made by `tls`.
+pub async fn serve_tls(
+    listener: TcpListener,
+    app: Router,
+    idle_timeout: Duration,
+    draining: CancellationToken,
+    tls: TlsAcceptor,
+) {
+    serve_with(listener, app, idle_timeout, draining, Some(tls)).await;
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    app: Router,
+    idle_timeout: Duration,
+    draining: CancellationToken,
+    tls: Option<TlsAcceptor>,
+) {
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -56,7 +80,7 @@ pub async fn serve(listener: TcpListener, app: Router, idle_timeout: Duration, d
             },
         };
         let _ = socket.set_nodelay(true);
-        let (builder, app, draining) = (builder.clone(), app.clone(), draining.clone());
+        let (builder, app, draining, tls) = (builder.clone(), app.clone(), draining.clone(), tls.clone());
         connections.spawn(async move {
             // hyper first reads to tell HTTP/1 from HTTP/2, with no deadline;
             // a client that sends nothing at all is dropped here.
@@ -69,15 +93,24 @@ pub async fn serve(listener: TcpListener, app: Router, idle_timeout: Duration, d
                     }
                 }
             }
-            let service = app.map_request(|request: Request<Incoming>| request.map(Body::new));
-            let connection =
-                builder.serve_connection_with_upgrades(TokioIo::new(socket), TowerToHyperService::new(service));
-            let mut connection = std::pin::pin!(connection);
-            let ended = tokio::select! {
-                ended = connection.as_mut() => ended,
-                _ = draining.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
+            let ended = match tls {
+                None => serve_connection(&builder, app, socket, &draining).await,
+                Some(tls) => {
+                    let handshake = tokio::select! {
+                        _ = draining.cancelled() => return,
+                        done = tokio::time::timeout(idle_timeout, tls.accept(socket)) => done,
+                    };
+                    match handshake {
+                        Ok(Ok(session)) => serve_connection(&builder, app, session, &draining).await,
+                        Ok(Err(error)) => {
+                            tracing::debug!(%peer, %error, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake did not finish within the idle timeout");
+                            return;
+                        }
+                    }
                 }
             };
             if let Err(error) = ended {
@@ -88,6 +121,29 @@ pub async fn serve(listener: TcpListener, app: Router, idle_timeout: Duration, d
     drop(listener);
     connections.close();
     connections.wait().await;
+}
+
+/// Serves one connection until it ends, or finishes its answers once
+/// `draining` is cancelled.
+async fn serve_connection<S>(
+    builder: &Builder<TokioExecutor>,
+    app: Router,
+    io: S,
+    draining: &CancellationToken,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = app.map_request(|request: Request<Incoming>| request.map(Body::new));
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(service));
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        ended = connection.as_mut() => ended,
+        _ = draining.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    }
 }
 
 #[cfg(test)]

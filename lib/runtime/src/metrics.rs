@@ -36,8 +36,9 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
-    /// The process level (no labels) over `registry`.
-    pub(crate) fn root(registry: Registry) -> Self {
+    /// The process level (no labels) over `registry`; outside the runtime,
+    /// a scope of its own for tests and tools.
+    pub fn root(registry: Registry) -> Self {
         Self {
             registry,
             labels: Vec::new(),

@@ -41,6 +41,9 @@ pub struct PushRouter<Req, Resp> {
     busy_threshold: Option<u64>,
     /// Where requests wait while every instance is busy, when configured.
     wait_queue: Option<WaitQueue>,
+    /// Longest wait for an instance's first item, and the setting that says
+    /// so (named in the error).
+    first_item_timeout: Option<(Duration, &'static str)>,
     /// The instance snapshot the occupancy table was last synced with
     /// (compared by address: a new snapshot means discovery changed).
     synced: std::sync::Mutex<usize>,
@@ -103,6 +106,7 @@ where
             occupancy: Occupancy::new(),
             busy_threshold: None,
             wait_queue: None,
+            first_item_timeout: None,
             synced: std::sync::Mutex::new(0),
             _load_reports: None,
             types: PhantomData,
@@ -150,6 +154,15 @@ where
             max_queued,
             waiting: Arc::new(AtomicUsize::new(0)),
         });
+        self
+    }
+
+    /// An instance that sends no first item within `limit` counts as failed:
+    /// it is ejected for a backoff, its request is dropped there (which
+    /// cancels it) and tried once on another instance; the caller gets
+    /// `TimedOut` naming `setting` when that one is silent too.
+    pub fn with_first_item_timeout(mut self, limit: Duration, setting: &'static str) -> Self {
+        self.first_item_timeout = Some((limit, setting));
         self
     }
 
@@ -248,9 +261,14 @@ where
     async fn route(&self, policy: &dyn Policy, request: Context<Req>) -> Result<Routed<Resp>, RequestError> {
         let (body, controller) = encode(request)?;
         let mut exclude = None;
+        let mut failed = None;
         for attempt in 0..2 {
             let (instances, chosen) = self.choose_or_wait(policy, exclude, &controller).await?;
             let Some(chosen) = chosen else {
+                // No other instance to retry on: the first one's failure stands.
+                if let Some(error) = failed {
+                    return Err(error);
+                }
                 break;
             };
             let instance = &instances[chosen];
@@ -262,7 +280,10 @@ where
                     });
                 }
                 Attempt::Failed(error, first_item_stream) => {
-                    let transport = matches!(error.kind(), ErrorKind::Unreachable | ErrorKind::Disconnected);
+                    let transport = matches!(
+                        error.kind(),
+                        ErrorKind::Unreachable | ErrorKind::Disconnected | ErrorKind::TimedOut
+                    );
                     let metrics = self.client.endpoint().drt().metrics();
                     if transport {
                         metrics.router_ejections.inc();
@@ -281,6 +302,7 @@ where
                     }
                     metrics.router_retries.inc();
                     exclude = Some(instance.instance_id);
+                    failed = Some(error);
                 }
             }
         }
@@ -407,7 +429,16 @@ where
             Ok(responses) => responses,
             Err(error) => return Attempt::Failed(error, None),
         };
-        let first = responses.next().await;
+        let first = match self.first_item_timeout {
+            None => responses.next().await,
+            Some((limit, setting)) => match tokio::time::timeout(limit, responses.next()).await {
+                Ok(first) => first,
+                Err(_) => {
+                    let message = format!("the worker sent nothing for {limit:?} ({setting})");
+                    return Attempt::Failed(RequestError::new(ErrorKind::TimedOut, message), None);
+                }
+            },
+        };
         match first {
             Some(Err(error)) => {
                 let stream = decoded(futures::stream::iter([Err(error.clone_kind())]), guard);
