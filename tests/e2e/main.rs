@@ -300,6 +300,52 @@ async fn the_official_openai_python_client_works_against_the_frontend() {
     assert!(log.contains("all openai client checks passed"), "{log}");
 }
 
+/// The same client over TLS (a throw-away CA) with an API key, against
+/// `switchyard run` (frontend and mocker in one process).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_openai_python_client_works_over_tls_with_an_api_key() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let python = root.join("target/test-venv/bin/python");
+    assert!(python.exists(), "{} is missing: run `make test`", python.display());
+    let certificates = switchyard_test_support::etcd_server::TestCertificates::generate();
+    let port = free_port().to_string();
+    let key = "sk-e2e-0123456789abcdef";
+    let (cert, server_key) = (
+        certificates.server_cert.to_str().unwrap(),
+        certificates.server_key.to_str().unwrap(),
+    );
+    let args = [
+        "run",
+        "--http-host",
+        "127.0.0.1",
+        "--http-port",
+        &port,
+        "--api-key",
+        key,
+        "--tls-cert-path",
+        cert,
+        "--tls-key-path",
+        server_key,
+    ];
+    let _run = WorkerProcess::start(switchyard::binary(), &args, &[], "frontend listening", START_DEADLINE);
+    let output = tokio::process::Command::new(&python)
+        .arg(root.join("tests/e2e/openai_client.py"))
+        .arg(format!("https://127.0.0.1:{port}/v1"))
+        .arg(key)
+        .arg(&certificates.ca)
+        .output()
+        .await
+        .unwrap();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "the openai client script failed:\n{log}");
+    assert!(log.contains("all openai client checks passed"), "{log}");
+    let _ = std::fs::remove_dir_all(&certificates.dir);
+}
+
 // ---- The vLLM worker, against the mocker standing in for `vllm serve` ----
 
 /// A directory with an executable `vllm` script holding `body`, to put first on PATH.

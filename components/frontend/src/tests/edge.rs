@@ -359,3 +359,94 @@ impl Stack {
         read_text(self.call(get("/metrics")).await).await
     }
 }
+
+/// A TLS session to `address` offering only `alpn`, trusting `ca`.
+async fn tls_session(
+    address: std::net::SocketAddr,
+    ca: &std::path::Path,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_file(ca).unwrap()).unwrap();
+    let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let mut config = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    connector.connect(name, tcp).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serves_http2_and_http1_by_alpn_and_plain_http_is_refused() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let certificates = switchyard_test_support::etcd_server::TestCertificates::generate();
+    let runtime = Runtime::new(RuntimeConfig::local());
+    let args = FrontendArgs {
+        http_host: "127.0.0.1".into(),
+        http_port: 0,
+        tls_cert_path: Some(certificates.server_cert.clone()),
+        tls_key_path: Some(certificates.server_key.clone()),
+        ..FrontendArgs::default()
+    };
+    let frontend = crate::start(&drt(&runtime, &MemRegistry::new()), &args).await.unwrap();
+    let live = || {
+        Request::get("/live")
+            .header(header::HOST, "127.0.0.1")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+
+    let session = tls_session(frontend.address, &certificates.ca, b"h2").await;
+    assert_eq!(session.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut h2, connection) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(session))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let response = h2.send_request(live()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.version(), axum::http::Version::HTTP_2);
+
+    let session = tls_session(frontend.address, &certificates.ca, b"http/1.1").await;
+    assert_eq!(session.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let (mut h1, connection) = hyper::client::conn::http1::handshake(TokioIo::new(session))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let response = h1.send_request(live()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.version(), axum::http::Version::HTTP_11);
+
+    // Plain HTTP on the TLS port gets no HTTP answer.
+    let status = super::raw_exchange(frontend.address, b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(status, None);
+    runtime.shutdown().await;
+    let _ = std::fs::remove_dir_all(&certificates.dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_certificate_or_key_stops_start_up_naming_the_file() {
+    let runtime = Runtime::new(RuntimeConfig::local());
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.pem");
+    std::fs::write(&junk, "not a pem file").unwrap();
+    let args = FrontendArgs {
+        http_host: "127.0.0.1".into(),
+        http_port: 0,
+        tls_cert_path: Some(junk.clone()),
+        tls_key_path: Some(junk.clone()),
+        ..FrontendArgs::default()
+    };
+    let error = crate::start(&drt(&runtime, &MemRegistry::new()), &args)
+        .await
+        .unwrap_err();
+    let text = switchyard_runtime::error::Report(&error).to_string();
+    assert!(text.contains("junk.pem") && text.contains("--tls-cert-path"), "{text}");
+    runtime.shutdown().await;
+}
