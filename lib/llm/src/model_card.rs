@@ -57,6 +57,54 @@ pub struct KvEventsSource {
     pub topic: String,
 }
 
+/// What the engine behind a worker offers, as the worker found out by
+/// asking it (never assumed from a flag): how its liveness is probed, where
+/// its load comes from, and — what frontends read — how a request it was
+/// answering can continue on another worker after this one is lost.
+/// Switchyard's own engines (the mocker) register no such facts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineFeatures {
+    /// The server, as far as its routes and metrics tell: `vllm`, `sglang`,
+    /// `llama.cpp`, or `openai-compatible` when nothing tells.
+    pub server: String,
+    /// The route polled for liveness: `/health`, or `/v1/models` for
+    /// servers without a health route (llama-cpp-python).
+    pub health_route: String,
+    /// Where the instance's load comes from.
+    pub load: LoadGauges,
+    /// `/v1/completions` takes a prompt of token ids and reports the ids
+    /// it generates (vLLM's `return_token_ids`).
+    pub token_ids: bool,
+    /// Chat continues a final assistant message instead of starting a new
+    /// one (vLLM's and SGLang's `continue_final_message`).
+    pub continues_message: bool,
+}
+
+/// Which load gauges an engine's `/metrics` carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadGauges {
+    /// `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`.
+    Vllm,
+    /// `sglang:num_queue_reqs`, `sglang:token_usage`.
+    Sglang,
+    /// `llamacpp:requests_deferred`, `llamacpp:kv_cache_usage_ratio`.
+    LlamaCpp,
+    /// None: the load is the worker's own count of requests in flight.
+    InFlight,
+}
+
+impl LoadGauges {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoadGauges::Vllm => "vllm",
+            LoadGauges::Sglang => "sglang",
+            LoadGauges::LlamaCpp => "llama.cpp",
+            LoadGauges::InFlight => "in-flight count",
+        }
+    }
+}
+
 /// One worker's advertisement of one model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelCard {
@@ -78,6 +126,10 @@ pub struct ModelCard {
     /// Where the engine's KV events can be subscribed to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_events: Option<KvEventsSource>,
+    /// What the engine offers, for a worker in front of an external engine
+    /// (`switchyard worker vllm`); `None` for Switchyard's own engines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<EngineFeatures>,
 }
 
 impl ModelCard {
@@ -94,6 +146,7 @@ impl ModelCard {
             instance_id: endpoint.drt().instance_id(),
             tokenizer: None,
             kv_events: None,
+            engine: None,
         }
     }
 
