@@ -18,6 +18,7 @@ use switchyard_runtime::runtime::Runtime;
 use tower::ServiceExt;
 
 mod kv;
+mod migration;
 
 /// A frontend and (optionally) one mocker worker sharing a private registry.
 struct Stack {

@@ -80,6 +80,24 @@ pub struct EngineFeatures {
     pub continues_message: bool,
 }
 
+impl EngineFeatures {
+    /// One line for people (`switchyard instances`): the server, its
+    /// liveness route, where load comes from, and how answers migrate.
+    pub fn describe(&self) -> String {
+        let migration = match (self.token_ids, self.continues_message) {
+            (true, _) => "token ids",
+            (false, true) => "chat message",
+            (false, false) => "off",
+        };
+        format!(
+            "{} health={} load={} mid-answer-migration={migration}",
+            self.server,
+            self.health_route,
+            self.load.as_str()
+        )
+    }
+}
+
 /// Which load gauges an engine's `/metrics` carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -100,7 +118,7 @@ impl LoadGauges {
             LoadGauges::Vllm => "vllm",
             LoadGauges::Sglang => "sglang",
             LoadGauges::LlamaCpp => "llama.cpp",
-            LoadGauges::InFlight => "in-flight count",
+            LoadGauges::InFlight => "in-flight",
         }
     }
 }
