@@ -9,6 +9,9 @@
 use crate::check::snippet;
 use futures::StreamExt;
 use serde_json::Value;
+use std::sync::Arc;
+use switchyard_llm::model_card::EngineFeatures;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use switchyard_llm::openai::Usage;
 use switchyard_llm::protocol::{FinishReason, LlmOutput, LlmRequest};
 use switchyard_runtime::engine::{AsyncEngine, Context, Controller, ResponseStream};
@@ -22,14 +25,18 @@ pub struct VllmForwarder {
     /// The server reports token ids when asked (`return_token_ids`), which
     /// migration continues from.
     token_ids: bool,
+    /// For a server that cuts its running answer short when another request
+    /// arrives (llama-cpp-python): one turn, held until the answer ends.
+    turn: Option<Arc<Semaphore>>,
 }
 
 impl VllmForwarder {
-    pub fn new(http: reqwest::Client, base_url: impl Into<String>, token_ids: bool) -> Self {
+    pub fn new(http: reqwest::Client, base_url: impl Into<String>, features: &EngineFeatures) -> Self {
         Self {
             http,
             base_url: base_url.into(),
-            token_ids,
+            token_ids: features.token_ids,
+            turn: features.one_at_a_time.then(|| Arc::new(Semaphore::new(1))),
         }
     }
 }
@@ -69,6 +76,13 @@ impl AsyncEngine<LlmRequest, LlmOutput> for VllmForwarder {
         let (request, controller) = request.into_parts();
         let (path, body) = upstream_body(&request, self.token_ids)?;
         let url = format!("{}{path}", self.base_url);
+        let turn = match &self.turn {
+            None => None,
+            Some(turn) => tokio::select! {
+                permit = turn.clone().acquire_owned() => permit.ok(),
+                _ = controller.stopped() => return Err(RequestError::new(ErrorKind::Cancelled, "cancelled while waiting for the engine")),
+            },
+        };
         let sent = tokio::select! {
             sent = self.http.post(&url).json(&body).send() => sent,
             _ = controller.stopped() => return Err(RequestError::new(ErrorKind::Cancelled, "cancelled before vLLM answered")),
@@ -104,6 +118,7 @@ impl AsyncEngine<LlmRequest, LlmOutput> for VllmForwarder {
             tokens: 0,
             done: false,
             controller,
+            _turn: turn,
         };
         Ok(Box::pin(futures::stream::unfold(state, Upstream::next)))
     }
@@ -121,6 +136,8 @@ struct Upstream {
     tokens: u32,
     done: bool,
     controller: Controller,
+    /// This answer's turn at a one-at-a-time server, released with the stream.
+    _turn: Option<OwnedSemaphorePermit>,
 }
 
 /// What one SSE `data:` line means.
@@ -142,6 +159,7 @@ impl Upstream {
         }
         loop {
             if let Some(line) = self.take_line() {
+                tracing::trace!(%line, "from the engine");
                 match parse_line(&line) {
                     Event::Piece(piece) if piece.finish_reason.is_some() => {
                         self.finish = piece.finish_reason;
@@ -157,6 +175,16 @@ impl Upstream {
                         return Some((Ok(piece), self));
                     }
                     Event::Usage(usage) => return Some((Ok(self.last(Some(usage))), self)),
+                    Event::Done if self.finish.is_none() => {
+                        // llama-cpp-python ends an answer it interrupts this
+                        // way: that is no `stop`.
+                        self.done = true;
+                        let error = RequestError::new(
+                            ErrorKind::Disconnected,
+                            "the engine ended the answer without a finish reason",
+                        );
+                        return Some((Err(error), self));
+                    }
                     Event::Done => return Some((Ok(self.last(None)), self)),
                     Event::Error(message) => {
                         self.done = true;
@@ -341,6 +369,39 @@ mod tests {
             panic!("a piece")
         };
         assert_eq!((piece.text.as_str(), piece.tokens), ("", 1));
+    }
+
+    /// What an upstream answer made of `chunks` yields.
+    async fn read(chunks: &[&str]) -> Vec<Result<LlmOutput, RequestError>> {
+        let bytes: Vec<reqwest::Result<bytes::Bytes>> =
+            chunks.iter().map(|c| Ok(bytes::Bytes::from(c.to_string()))).collect();
+        let state = Upstream {
+            bytes: Box::pin(futures::stream::iter(bytes)),
+            buffer: Vec::new(),
+            finish: None,
+            tokens: 0,
+            done: false,
+            controller: Controller::with_id("test"),
+            _turn: None,
+        };
+        futures::stream::unfold(state, Upstream::next).collect().await
+    }
+
+    #[tokio::test]
+    async fn an_answer_ended_without_a_finish_reason_is_an_error_not_a_stop() {
+        // What llama-cpp-python sends when another request interrupts it.
+        let role = "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\"},\"finish_reason\":null}]}\n\n";
+        let items = read(&[role, "data: [DONE]\n\n"]).await;
+        assert_eq!(items.len(), 2);
+        let error = items[1].as_ref().unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Disconnected);
+        assert!(error.message().contains("without a finish reason"), "{error}");
+
+        // With a finish reason, [DONE] ends it normally.
+        let finish = "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n";
+        let items = read(&[role, finish, "data: [DONE]\n\n"]).await;
+        let last = items.last().unwrap().as_ref().unwrap();
+        assert_eq!(last.finish_reason, Some(FinishReason::Stop));
     }
 
     #[test]

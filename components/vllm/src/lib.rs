@@ -276,8 +276,9 @@ async fn serve_all(
         tracing::info!(
             url = %server.url,
             server = %features.server,
-            health = %features.health_route,
-            load = features.load.as_str(),
+            liveness = %features.liveness.as_str(),
+            one_at_a_time = features.one_at_a_time,
+            load = %features.load.as_str(),
             token_ids = features.token_ids,
             continues_message = features.continues_message,
             "engine features: {}",

@@ -57,7 +57,7 @@ impl Backend {
         let serving = self
             .endpoint
             .endpoint_builder()
-            .handler(VllmForwarder::new(self.http.clone(), &self.base_url, self.features.token_ids))
+            .handler(VllmForwarder::new(self.http.clone(), &self.base_url, &self.features))
             .publish_load_with(move || *load.lock().unwrap_or_else(|p| p.into_inner()))
             .spawn()
             .await?;
@@ -82,10 +82,9 @@ impl Backend {
         Ok((serving, card))
     }
 
-    /// The server answers its liveness route (`/health`, or `/v1/models`).
+    /// The server is alive, as its features' liveness says.
     async fn healthy(&self) -> bool {
-        let url = format!("{}{}", self.base_url, self.features.health_route);
-        probe::answers(&self.http, &url, self.check_timeout).await
+        probe::alive(&self.http, &self.base_url, self.features.liveness, self.check_timeout).await
     }
 
     /// Serves this server's instance until the runtime drains, following the
@@ -106,7 +105,8 @@ impl Backend {
         }
 
         let mut current = Some(self.serve(load.clone()).await?);
-        tracing::info!(url = %self.base_url, model = %self.model, "vllm worker serving");
+        let instance = format!("{:x}", self.drt.instance_id());
+        tracing::info!(url = %self.base_url, model = %self.model, %instance, "vllm worker serving");
         let mut failures = 0;
         loop {
             tokio::select! {
@@ -130,7 +130,7 @@ impl Backend {
                 if failures >= FAILURES_TO_LEAVE
                     && let Some((serving, card)) = current.take()
                 {
-                    tracing::warn!(url = %self.base_url, route = %self.features.health_route, "the server stopped answering its health route; leaving discovery");
+                    tracing::warn!(url = %self.base_url, liveness = self.features.liveness.as_str(), "the server stopped answering its health checks; leaving discovery");
                     leave(&self.endpoint, serving, card).await;
                 }
             }

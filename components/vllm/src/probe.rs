@@ -10,7 +10,7 @@
 
 use serde_json::{Value, json};
 use std::time::Duration;
-use switchyard_llm::model_card::{EngineFeatures, LoadGauges};
+use switchyard_llm::model_card::{EngineFeatures, Liveness, LoadGauges};
 use switchyard_runtime::component::load::EngineLoad;
 
 /// The token id the token-prompt question sends: any id is a valid prompt,
@@ -19,24 +19,28 @@ const PROBE_TOKEN: u32 = 1;
 
 /// Asks the server at `base_url` what it offers for `model`.
 pub async fn discover(http: &reqwest::Client, base_url: &str, model: &str, timeout: Duration) -> EngineFeatures {
-    let health_route = if answers(http, &format!("{base_url}/health"), timeout).await {
-        "/health"
-    } else {
-        // llama-cpp-python has no /health (it answers 404); the model list
-        // that the check already read is the liveness probe then.
-        "/v1/models"
+    let liveness = match health_status(http, base_url, timeout).await {
+        Some(status) if (200..300).contains(&status) => Liveness::Health,
+        // No health route (llama-cpp-python answers 404). Its /v1/models
+        // would do, but takes the model's lock: with llama-cpp-python's
+        // default `interrupt_requests`, every probe that waits for the lock
+        // cuts the running answer short. Any answer shows the server is up.
+        _ => Liveness::AnyAnswer,
     };
     let metrics = read_metrics(http, base_url, timeout).await.unwrap_or_default();
     let load = gauges_in(&metrics);
+    let llama_cpp_python = load == LoadGauges::InFlight && is_llama_cpp_python(http, base_url, timeout).await;
     let server = match load {
         LoadGauges::Vllm => "vllm",
         LoadGauges::Sglang => "sglang",
         LoadGauges::LlamaCpp => "llama.cpp",
+        LoadGauges::InFlight if llama_cpp_python => "llama-cpp-python",
         LoadGauges::InFlight => "openai-compatible",
     };
     EngineFeatures {
         server: server.to_string(),
-        health_route: health_route.to_string(),
+        liveness,
+        one_at_a_time: llama_cpp_python,
         load,
         token_ids: takes_token_ids(http, base_url, model, timeout).await,
         // Asked, a server that ignores unknown fields answers 200 and starts
@@ -46,12 +50,36 @@ pub async fn discover(http: &reqwest::Client, base_url: &str, model: &str, timeo
     }
 }
 
-/// `GET url` answers 2xx within `timeout`.
-pub async fn answers(http: &reqwest::Client, url: &str, timeout: Duration) -> bool {
-    matches!(
-        tokio::time::timeout(timeout, http.get(url).send()).await,
-        Ok(Ok(response)) if response.status().is_success()
-    )
+/// The status `GET /health` answers with within `timeout`, if any.
+async fn health_status(http: &reqwest::Client, base_url: &str, timeout: Duration) -> Option<u16> {
+    match tokio::time::timeout(timeout, http.get(format!("{base_url}/health")).send()).await {
+        Ok(Ok(response)) => Some(response.status().as_u16()),
+        _ => None,
+    }
+}
+
+/// The server is alive as `liveness` understands it, within `timeout`.
+pub async fn alive(http: &reqwest::Client, base_url: &str, liveness: Liveness, timeout: Duration) -> bool {
+    match (health_status(http, base_url, timeout).await, liveness) {
+        (Some(status), Liveness::Health) => (200..300).contains(&status),
+        (Some(status), Liveness::AnyAnswer) => status < 500,
+        (None, _) => false,
+    }
+}
+
+/// llama-cpp-python's server: its OpenAPI document (FastAPI's, which takes
+/// no model lock) lists the `/extras/tokenize` route that only it has.
+async fn is_llama_cpp_python(http: &reqwest::Client, base_url: &str, timeout: Duration) -> bool {
+    let read = async {
+        let response = http.get(format!("{base_url}/openapi.json")).send().await.ok()?;
+        response.status().is_success().then_some(())?;
+        response.text().await.ok()
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .ok()
+        .flatten()
+        .is_some_and(|doc| doc.contains("\"/extras/tokenize\""))
 }
 
 /// The server's `/metrics` text, when it has one.

@@ -65,11 +65,16 @@ pub struct KvEventsSource {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EngineFeatures {
     /// The server, as far as its routes and metrics tell: `vllm`, `sglang`,
-    /// `llama.cpp`, or `openai-compatible` when nothing tells.
+    /// `llama.cpp`, `llama-cpp-python`, or `openai-compatible` when nothing
+    /// tells.
     pub server: String,
-    /// The route polled for liveness: `/health`, or `/v1/models` for
-    /// servers without a health route (llama-cpp-python).
-    pub health_route: String,
+    /// How the worker tells that the server is alive.
+    pub liveness: Liveness,
+    /// The server runs one request at a time and cuts the running one short
+    /// when another arrives (llama-cpp-python's `interrupt_requests`), so
+    /// the worker sends it one request at a time.
+    #[serde(default)]
+    pub one_at_a_time: bool,
     /// Where the instance's load comes from.
     pub load: LoadGauges,
     /// `/v1/completions` takes a prompt of token ids and reports the ids
@@ -90,11 +95,33 @@ impl EngineFeatures {
             (false, false) => "off",
         };
         format!(
-            "{} health={} load={} mid-answer-migration={migration}",
+            "{} liveness={} load={}{} mid-answer-migration={migration}",
             self.server,
-            self.health_route,
-            self.load.as_str()
+            self.liveness.as_str(),
+            self.load.as_str(),
+            if self.one_at_a_time { " one-at-a-time" } else { "" }
         )
+    }
+}
+
+/// How a worker polls an engine's liveness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Liveness {
+    /// `GET /health` answers 2xx (vLLM, SGLang, llama.cpp's server, TGI).
+    Health,
+    /// `GET /health` answers at all, below 500: a server without a health
+    /// route (404), whose other routes may take the model's lock — on
+    /// llama-cpp-python a `/v1/models` probe cuts the running answer short.
+    AnyAnswer,
+}
+
+impl Liveness {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Liveness::Health => "/health",
+            Liveness::AnyAnswer => "any-answer",
+        }
     }
 }
 

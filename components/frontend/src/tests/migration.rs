@@ -11,7 +11,7 @@ use axum::http::StatusCode;
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use std::sync::{Arc, Mutex};
-use switchyard_llm::model_card::{EngineFeatures, LoadGauges, ModelCard, ModelKind};
+use switchyard_llm::model_card::{EngineFeatures, Liveness, LoadGauges, ModelCard, ModelKind};
 use switchyard_llm::openai::{Prompt, Usage};
 use switchyard_llm::protocol::{FinishReason, LlmOutput, LlmRequest};
 use switchyard_runtime::config::RuntimeConfig;
@@ -88,7 +88,8 @@ fn three_tokens() -> Vec<LlmOutput> {
 fn features(token_ids: bool, continues_message: bool) -> EngineFeatures {
     EngineFeatures {
         server: "scripted".into(),
-        health_route: "/health".into(),
+        liveness: Liveness::Health,
+        one_at_a_time: false,
         load: LoadGauges::InFlight,
         token_ids,
         continues_message,

@@ -1,5 +1,5 @@
 use super::*;
-use crate::model_card::{EngineFeatures, LoadGauges};
+use crate::model_card::{EngineFeatures, Liveness, LoadGauges};
 use crate::openai::{ChatCompletionRequest, CompletionRequest, parse_request};
 
 fn chat(body: &str) -> LlmRequest {
@@ -159,7 +159,8 @@ fn card(engine: Option<EngineFeatures>) -> ModelCard {
 fn engine(token_ids: bool, continues_message: bool) -> Option<EngineFeatures> {
     Some(EngineFeatures {
         server: "test".into(),
-        health_route: "/health".into(),
+        liveness: Liveness::Health,
+        one_at_a_time: false,
         load: LoadGauges::InFlight,
         token_ids,
         continues_message,
