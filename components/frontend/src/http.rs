@@ -320,7 +320,11 @@ async fn admit(
         Some(original) => {
             let policy = MigrationPolicy {
                 target: model.clone(),
-                limit: if migrate::opted_out(headers) { 0 } else { state.migration_limit },
+                limit: if migrate::opted_out(headers) {
+                    0
+                } else {
+                    state.migration_limit
+                },
                 request_id: id.to_string(),
                 counter: state.metrics.migrations.clone(),
                 stall_timeout: state.stall_timeout,

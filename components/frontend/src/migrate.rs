@@ -184,7 +184,7 @@ impl State {
                 return Err(RequestError::new(
                     cause.kind(),
                     format!(
-                        "the answer was cut off after {} tokens: the worker serving it was lost, and {cannot}",
+                        "the answer was cut off after {} tokens: its worker or engine broke off, and {cannot}",
                         self.progress.tokens
                     ),
                 ));

@@ -11,11 +11,11 @@ use futures::StreamExt;
 use serde_json::Value;
 use std::sync::Arc;
 use switchyard_llm::model_card::EngineFeatures;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use switchyard_llm::openai::Usage;
 use switchyard_llm::protocol::{FinishReason, LlmOutput, LlmRequest};
 use switchyard_runtime::engine::{AsyncEngine, Context, Controller, ResponseStream};
 use switchyard_runtime::error::{ErrorKind, RequestError};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Serves requests by forwarding them to one vLLM server.
 #[derive(Debug, Clone)]
@@ -351,7 +351,10 @@ mod tests {
         assert_eq!(body["top_k"], 3);
         assert_eq!(body["stream"], true);
         assert_eq!(body["stream_options"]["include_usage"], true);
-        assert!(body.get("return_token_ids").is_none(), "only asked of servers that know it");
+        assert!(
+            body.get("return_token_ids").is_none(),
+            "only asked of servers that know it"
+        );
         assert_eq!(upstream_body(&request, true).unwrap().1["return_token_ids"], true);
     }
 

@@ -6,9 +6,9 @@
 
 use crate::check::check_model;
 use crate::forward::VllmForwarder;
+use crate::probe;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use crate::probe;
 use switchyard_llm::model_card::{
     Capacity, EngineFeatures, KvEventsSource, LoadGauges, ModelCard, ModelKind, TokenizerSpec,
 };

@@ -177,9 +177,7 @@ fn reports_token_ids(answer: &Value) -> bool {
 pub fn migration_summary(features: &EngineFeatures) -> &'static str {
     match (features.token_ids, features.continues_message) {
         (true, _) => "mid-answer migration continues from token ids",
-        (false, true) => {
-            "mid-answer migration continues chats as an assistant message; completions end with an error"
-        }
+        (false, true) => "mid-answer migration continues chats as an assistant message; completions end with an error",
         (false, false) => {
             "mid-answer migration is off (no token-id prompts, no assistant-message continuation): a request cut off mid-answer ends with an error"
         }
@@ -218,11 +216,11 @@ mod tests {
 
     #[test]
     fn only_an_answer_listing_generated_ids_counts_as_taking_token_ids() {
-        assert!(reports_token_ids(
-            &json!({"choices":[{"text":" a","token_ids":[264]}]})
-        ));
+        assert!(reports_token_ids(&json!({"choices":[{"text":" a","token_ids":[264]}]})));
         assert!(!reports_token_ids(&json!({"choices":[{"text":" a"}]})));
         assert!(!reports_token_ids(&json!({"choices":[{"token_ids":["a"]}]})));
-        assert!(!reports_token_ids(&json!({"detail":"prompt: Input should be a valid string"})));
+        assert!(!reports_token_ids(
+            &json!({"detail":"prompt: Input should be a valid string"})
+        ));
     }
 }

@@ -42,8 +42,18 @@ pub(crate) async fn list(
             Err(error) => eprintln!("skipping {}: {}", registration.key, Report(&error)),
         }
     }
-    let mut rows =
-        vec![["NAMESPACE", "COMPONENT", "ENDPOINT", "INSTANCE", "ADDRESS", "MODEL", "ENGINE"].map(String::from)];
+    let mut rows = vec![
+        [
+            "NAMESPACE",
+            "COMPONENT",
+            "ENDPOINT",
+            "INSTANCE",
+            "ADDRESS",
+            "MODEL",
+            "ENGINE",
+        ]
+        .map(String::from),
+    ];
     for registration in drt.discovery().list(&narrow(Query::bucket(Bucket::Instances))).await? {
         let instance = match Instance::from_registration(&registration) {
             Ok(instance) => instance,

@@ -117,9 +117,7 @@ impl Progress {
 /// (after the part it already has) instead of a spliced answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CannotContinue {
-    #[error(
-        "the request uses {field:?}, whose grammar or parser state cannot be carried to another engine mid-answer"
-    )]
+    #[error("the request uses {field:?}, whose grammar or parser state cannot be carried to another engine mid-answer")]
     Structured { field: String },
     #[error(
         "the engine behind this model can neither take token ids nor continue an assistant message, so another engine would start a new answer instead of continuing this one"

@@ -118,7 +118,12 @@ impl Stack {
                 .component("backend")
                 .unwrap()
                 .endpoint("generate");
-            let serving = endpoint.endpoint_builder().handler(Shared(engine.clone())).spawn().await.unwrap();
+            let serving = endpoint
+                .endpoint_builder()
+                .handler(Shared(engine.clone()))
+                .spawn()
+                .await
+                .unwrap();
             std::mem::forget(serving); // lives as long as its runtime
             let mut card = ModelCard::new("m", &endpoint, vec![ModelKind::Chat, ModelKind::Completions], 1000);
             card.engine = Some(features.clone());
@@ -130,7 +135,9 @@ impl Stack {
             migration_limit,
             ..FrontendArgs::default()
         };
-        let state = FrontendState::new(&drt(&frontend_runtime, &registry), &args).await.unwrap();
+        let state = FrontendState::new(&drt(&frontend_runtime, &registry), &args)
+            .await
+            .unwrap();
         eventually("both workers known", || {
             state.models.get("m").is_some_and(|m| m.cards.len() == 2)
         })
@@ -201,7 +208,11 @@ async fn a_completion_cut_off_mid_answer_continues_from_the_same_token_ids() {
         panic!("a completion: {:?}", requests[1])
     };
     assert_eq!(next.prompt, Prompt::Tokens(vec![1, 2, 10, 11, 12]));
-    assert_eq!(next.max_tokens, Some(7), "three tokens in two chunks: counted as tokens");
+    assert_eq!(
+        next.max_tokens,
+        Some(7),
+        "three tokens in two chunks: counted as tokens"
+    );
     assert_eq!(next.extra["min_tokens"], 1, "min_tokens shrinks like max_tokens");
     assert_eq!(next.extra["echo"], false, "the prompt is not echoed again");
     assert_eq!(stack.ongoing_migrations(), 1);
@@ -264,7 +275,13 @@ async fn structured_output_is_not_spliced_mid_answer() {
     let (text, last, done) = stack.stream("/v1/chat/completions", body, None).await;
     assert!(!done);
     assert_eq!(text, " Once upon a");
-    assert!(last["error"]["message"].as_str().unwrap_or_default().contains("response_format"), "{last}");
+    assert!(
+        last["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("response_format"),
+        "{last}"
+    );
     assert_eq!(stack.engine.requests().len(), 1);
     stack.shutdown().await;
 }

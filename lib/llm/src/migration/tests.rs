@@ -72,7 +72,8 @@ fn without_every_generated_id_token_ids_are_not_used() {
 
 #[test]
 fn a_chat_continues_its_partial_assistant_message() {
-    let request = chat(r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_completion_tokens":5,"min_tokens":2}"#);
+    let request =
+        chat(r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_completion_tokens":5,"min_tokens":2}"#);
     let done = Progress {
         text: " Hello there".into(),
         tokens: 2,
@@ -104,7 +105,10 @@ fn switchyard_engines_continue_from_prompt_plus_generated_text() {
 #[test]
 fn nothing_is_left_when_the_limit_was_reached() {
     let request = chat(r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":3}"#);
-    assert_eq!(continue_request(&request, &three_tokens(), &[Continuation::TokenIds]), Ok(None));
+    assert_eq!(
+        continue_request(&request, &three_tokens(), &[Continuation::TokenIds]),
+        Ok(None)
+    );
 }
 
 #[test]
@@ -112,7 +116,10 @@ fn before_the_first_token_any_request_starts_over_unchanged() {
     let request = chat(
         r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"response_format":{"type":"json_object"},"max_tokens":3}"#,
     );
-    assert_eq!(continue_request(&request, &Progress::default(), &[]), Ok(Some(request.clone())));
+    assert_eq!(
+        continue_request(&request, &Progress::default(), &[]),
+        Ok(Some(request.clone()))
+    );
 }
 
 #[test]
@@ -126,10 +133,19 @@ fn structured_output_and_tools_are_not_continued_mid_answer() {
             r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],{extra}}}"#
         ));
         let result = continue_request(&request, &three_tokens(), &[Continuation::TokenIds]);
-        assert!(matches!(result, Err(CannotContinue::Structured { .. })), "{extra}: {result:?}");
+        assert!(
+            matches!(result, Err(CannotContinue::Structured { .. })),
+            "{extra}: {result:?}"
+        );
     }
-    let plain = chat(r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"response_format":{"type":"text"},"tools":[]}"#);
-    assert_eq!(structured_field(&plain), None, "plain text and no tools constrain nothing");
+    let plain = chat(
+        r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"response_format":{"type":"text"},"tools":[]}"#,
+    );
+    assert_eq!(
+        structured_field(&plain),
+        None,
+        "plain text and no tools constrain nothing"
+    );
 }
 
 #[test]
@@ -174,9 +190,15 @@ fn the_ways_are_those_every_worker_of_the_model_offers() {
     let llama = card(engine(false, false));
     let mocker = card(None);
     use Continuation::*;
-    assert_eq!(Continuation::common([&vllm], ModelKind::Chat), vec![TokenIds, AssistantMessage]);
+    assert_eq!(
+        Continuation::common([&vllm], ModelKind::Chat),
+        vec![TokenIds, AssistantMessage]
+    );
     assert_eq!(Continuation::common([&vllm], ModelKind::Completions), vec![TokenIds]);
-    assert_eq!(Continuation::common([&vllm, &old_vllm], ModelKind::Chat), vec![AssistantMessage]);
+    assert_eq!(
+        Continuation::common([&vllm, &old_vllm], ModelKind::Chat),
+        vec![AssistantMessage]
+    );
     assert_eq!(Continuation::common([&vllm, &old_vllm], ModelKind::Completions), vec![]);
     assert_eq!(Continuation::common([&vllm, &llama], ModelKind::Chat), vec![]);
     assert_eq!(Continuation::common([&mocker], ModelKind::Completions), vec![Text]);

@@ -127,7 +127,9 @@ fn a_migrated_chat_request_tokenizes_as_its_open_assistant_message() {
         ..Default::default()
     };
     let ways = [crate::migration::Continuation::AssistantMessage];
-    let migrated = crate::migration::continue_request(&first, &done, &ways).unwrap().unwrap();
+    let migrated = crate::migration::continue_request(&first, &done, &ways)
+        .unwrap()
+        .unwrap();
     assert_eq!(
         tokenizer.prompt_tokens(&migrated).unwrap(),
         ids(&[
