@@ -18,7 +18,7 @@
 
 use futures::StreamExt;
 use serde_json::{Value, json};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 use switchyard_test_support::free_port;
@@ -40,6 +40,8 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 /// The engine's Python, installing it when missing; `None` (after a loud
 /// message) only when it cannot be installed.
 fn engine_python() -> Option<PathBuf> {
+    // A test's own setting, not the runtime's: read here, once.
+    #[allow(clippy::disallowed_methods)]
     let venv = std::env::var_os("SWITCHYARD_ENGINE_VENV")
         .map(PathBuf::from)
         .or_else(|| {
@@ -87,7 +89,7 @@ fn engine_python() -> Option<PathBuf> {
 
 /// The GGUF path, from the package's location (importing it would need
 /// its own dependencies, which are not installed).
-fn gguf(python: &PathBuf) -> String {
+fn gguf(python: &Path) -> String {
     let out = Command::new(python)
         .args([
             "-c",
@@ -100,7 +102,7 @@ fn gguf(python: &PathBuf) -> String {
 }
 
 /// One llama.cpp server on a free loopback port, ready.
-fn start_engine(python: &PathBuf, model: &str) -> (WorkerProcess, String) {
+fn start_engine(python: &Path, model: &str) -> (WorkerProcess, String) {
     let port = free_port().to_string();
     let args = [
         "-m",
@@ -119,7 +121,7 @@ fn start_engine(python: &PathBuf, model: &str) -> (WorkerProcess, String) {
         "--n_threads",
         "1",
     ];
-    let engine = WorkerProcess::start(python.clone(), &args, &[], "Uvicorn running on", ENGINE_START);
+    let engine = WorkerProcess::start(python.to_path_buf(), &args, &[], "Uvicorn running on", ENGINE_START);
     (engine, format!("http://127.0.0.1:{port}"))
 }
 
@@ -136,7 +138,7 @@ struct Stack {
 }
 
 impl Stack {
-    async fn start(python: &PathBuf, engines: usize) -> Self {
+    async fn start(python: &Path, engines: usize) -> Self {
         let model = gguf(python);
         let dir = std::env::temp_dir().join(format!("switchyard-engines-{:016x}", rand::random::<u64>()));
         let env = vec![
