@@ -10,6 +10,11 @@
 //! as load, and turn mid-answer migration off: an answer whose worker is
 //! SIGKILLed mid-way ends with a clear error, never a spliced answer.
 //!
+//! The same model behind `token_engine.py`, which speaks vLLM's token
+//! dialect (token-id prompts, `return_token_ids`), shows the other side: an
+//! answer cut off the same way continues from the very same tokens and
+//! equals, byte for byte, the answer without a fault.
+//!
 //! The engine is installed by `make engine-deps` (part of `make test-deps`)
 //! into a virtualenv outside the clone, `SWITCHYARD_ENGINE_VENV` or
 //! `~/.cache/switchyard/llama-cpp-python-0.3.36`. When it is missing, the
@@ -101,26 +106,41 @@ fn gguf(python: &Path) -> String {
     format!("{dir}/{GGUF}")
 }
 
-/// One llama.cpp server on a free loopback port, ready.
-fn start_engine(python: &Path, model: &str) -> (WorkerProcess, String) {
+/// Which server runs the model.
+#[derive(Debug, Clone, Copy)]
+enum Server {
+    /// llama-cpp-python's own server (`python -m llama_cpp.server`).
+    LlamaCppPython,
+    /// `tests/e2e/token_engine.py`: the same model in vLLM's token dialect
+    /// (token-id prompts, `return_token_ids`).
+    TokenDialect,
+}
+
+/// One server on a free loopback port, ready.
+fn start_engine(python: &Path, model: &str, server: Server) -> (WorkerProcess, String) {
     let port = free_port().to_string();
-    let args = [
-        "-m",
-        "llama_cpp.server",
-        "--model",
-        model,
-        "--model_alias",
-        MODEL,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        &port,
-        "--n_ctx",
-        "2048",
-        // Two servers share two cores (and the tests' own processes).
-        "--n_threads",
-        "1",
-    ];
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/e2e/token_engine.py");
+    let script = script.to_str().expect("a UTF-8 path");
+    let args: Vec<&str> = match server {
+        Server::LlamaCppPython => vec![
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            model,
+            "--model_alias",
+            MODEL,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "--n_ctx",
+            "2048",
+            // Two servers share two cores (and the tests' own processes).
+            "--n_threads",
+            "1",
+        ],
+        Server::TokenDialect => vec![script, "--model", model, "--alias", MODEL, "--port", &port],
+    };
     let engine = WorkerProcess::start(python.to_path_buf(), &args, &[], "Uvicorn running on", ENGINE_START);
     (engine, format!("http://127.0.0.1:{port}"))
 }
@@ -138,7 +158,7 @@ struct Stack {
 }
 
 impl Stack {
-    async fn start(python: &Path, engines: usize) -> Self {
+    async fn start(python: &Path, engines: usize, server: Server) -> Self {
         let model = gguf(python);
         let dir = std::env::temp_dir().join(format!("switchyard-engines-{:016x}", rand::random::<u64>()));
         let env = vec![
@@ -146,7 +166,7 @@ impl Stack {
             ("DYN_FILE_KV".to_string(), dir.to_str().unwrap().to_string()),
             ("DYN_LOG".to_string(), "info".to_string()),
         ];
-        let engines: Vec<_> = (0..engines).map(|_| start_engine(python, &model)).collect();
+        let engines: Vec<_> = (0..engines).map(|_| start_engine(python, &model, server)).collect();
         let (frontend, url) = start_frontend(&["--migration-limit", "3"], &pairs(&env));
         let mut stack = Stack {
             engines,
@@ -307,7 +327,7 @@ fn pairs(env: &[(String, String)]) -> Vec<(&str, &str)> {
 async fn llama_cpp_servers_attach_with_discovered_features_stream_and_stay_listed() {
     let Some(python) = engine_python() else { return };
     let _one = ONE_AT_A_TIME.lock().await;
-    let stack = Stack::start(&python, 2).await;
+    let stack = Stack::start(&python, 2, Server::LlamaCppPython).await;
 
     // Found out and said once, at attach.
     for worker in stack.workers.iter().flatten() {
@@ -367,7 +387,7 @@ async fn llama_cpp_servers_attach_with_discovered_features_stream_and_stay_liste
 async fn llama_cpp_answers_cut_off_by_a_worker_sigkill_end_with_a_clear_error_not_a_splice() {
     let Some(python) = engine_python() else { return };
     let _one = ONE_AT_A_TIME.lock().await;
-    let mut stack = Stack::start(&python, 2).await;
+    let mut stack = Stack::start(&python, 2, Server::LlamaCppPython).await;
     let completion = json!({"model": MODEL, "prompt": "The railway switchyard", "max_tokens": 160,
                             "temperature": 0, "stream": true});
     let chat = json!({"model": MODEL, "max_tokens": 160, "temperature": 0, "stream": true,
@@ -393,7 +413,7 @@ async fn llama_cpp_answers_cut_off_by_a_worker_sigkill_end_with_a_clear_error_no
 async fn llama_cpp_a_client_disconnect_cancels_the_engines_generation() {
     let Some(python) = engine_python() else { return };
     let _one = ONE_AT_A_TIME.lock().await;
-    let stack = Stack::start(&python, 1).await;
+    let stack = Stack::start(&python, 1, Server::LlamaCppPython).await;
     // 1800 tokens, the end-of-text ids 0 and 2 banned: about 25 s here.
     let long = json!({"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 1800,
                       "temperature": 0, "stream": true, "logit_bias": {"0": -100, "2": -100}});
@@ -427,4 +447,52 @@ async fn llama_cpp_a_client_disconnect_cancels_the_engines_generation() {
         waited < Duration::from_secs(10),
         "the engine was still generating the abandoned answer: a one-token request waited {waited:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_id_engines_continue_answers_cut_off_by_a_worker_sigkill_byte_for_byte() {
+    let Some(python) = engine_python() else { return };
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut stack = Stack::start(&python, 2, Server::TokenDialect).await;
+    for worker in stack.workers.iter().flatten() {
+        assert!(
+            worker.log().contains("mid-answer migration continues from token ids"),
+            "{}",
+            worker.log()
+        );
+    }
+    let completion = json!({"model": MODEL, "prompt": "The railway switchyard", "max_tokens": 160,
+                            "temperature": 0, "stream": true});
+    let chat = json!({"model": MODEL, "max_tokens": 160, "temperature": 0, "stream": true,
+                      "messages": [{"role": "user", "content": "Tell me about railway switchyards."}]});
+    for (path, body) in [("/v1/completions", &completion), ("/v1/chat/completions", &chat)] {
+        let (calm, last) = stack.stream(path, body, None).await;
+        assert_eq!(last, "[DONE]", "{path}: the answer without a fault ends normally");
+        let (migrated, last) = stack.stream(path, body, Some(5)).await;
+        assert_eq!(
+            last, "[DONE]",
+            "{path}: the migrated answer ends normally, after {migrated:?}"
+        );
+        assert_eq!(
+            migrated, calm,
+            "{path}: the migrated answer is the one without a fault, byte for byte"
+        );
+        stack.restore().await;
+    }
+    // Both answers did move (not merely finish before the kill).
+    let metrics = stack
+        .http
+        .get(format!("{}/metrics", stack.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let moved: f64 = metrics
+        .lines()
+        .find(|line| line.starts_with("dynamo_frontend_model_migration_total") && line.contains("ongoing_request"))
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0);
+    assert_eq!(moved, 2.0, "{metrics}");
 }
