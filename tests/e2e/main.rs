@@ -8,6 +8,7 @@
 //! only `tests/idle.rs` has a binary of its own. Both are test targets of the
 //! `switchyard` package (see its Cargo.toml for why).
 
+mod engines;
 mod faults;
 #[cfg(feature = "kubernetes")]
 mod kubernetes;

@@ -7,7 +7,7 @@ use crate::auth::{ApiKeys, MetricsAccess};
 use crate::error::ApiError;
 use crate::kv::{Booking, KvMetrics};
 use crate::metrics::FrontendMetrics;
-use crate::migrate::{MigrationPolicy, migrating};
+use crate::migrate::{self, MigrationPolicy, migrating};
 use crate::models::{KvRoute, ModelManager, RouterSettings};
 use crate::respond::{self, Exchange, Route};
 use crate::{FrontendArgs, FrontendError};
@@ -361,7 +361,11 @@ async fn admit(
         Some(original) => {
             let policy = MigrationPolicy {
                 target: model.clone(),
-                limit: state.migration_limit,
+                limit: if migrate::opted_out(headers) {
+                    0
+                } else {
+                    state.migration_limit
+                },
                 request_id: id.to_string(),
                 counter: state.metrics.migrations.clone(),
                 stall_timeout: state.stall_timeout,

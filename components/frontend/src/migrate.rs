@@ -6,12 +6,20 @@
 //! A stall is a worker that sends nothing for the stall timeout (a process
 //! stopped or wedged without closing its connection): its stream is dropped
 //! (which kills the request there) and treated like a broken connection.
+//!
+//! How the answer continues is what every worker of the model can do
+//! ([`Continuation::common`] over the model cards' engine facts). When they
+//! cannot continue it exactly, the client gets a clear error after the part
+//! it has, never a spliced answer. A client can turn migration off for one
+//! request with `x-switchyard-migration: off` ([`opted_out`]). A request
+//! goes to at most `1 + --migration-limit` workers.
 
 use crate::kv::Booking;
 use crate::models::Model;
 use futures::StreamExt;
 use prometheus::IntCounterVec;
-use switchyard_llm::migration::continue_request;
+use switchyard_llm::migration::{Continuation, Progress, continue_request};
+use switchyard_llm::model_card::ModelKind;
 use switchyard_llm::openai::Usage;
 use switchyard_llm::protocol::{LlmOutput, LlmRequest};
 use switchyard_runtime::engine::{Context, Controller, ResponseStream};
@@ -26,6 +34,18 @@ pub fn is_migratable(kind: ErrorKind) -> bool {
         kind,
         ErrorKind::Disconnected | ErrorKind::Unreachable | ErrorKind::ShuttingDown | ErrorKind::TimedOut
     )
+}
+
+/// The request header with which a client turns migration off for its
+/// request (`off`); any other value leaves it on.
+pub const MIGRATION_HEADER: &str = "x-switchyard-migration";
+
+/// Whether the client asked for no migration (`x-switchyard-migration: off`).
+pub fn opted_out(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(MIGRATION_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.trim().eq_ignore_ascii_case("off"))
 }
 
 /// What a migration needs besides the stream.
@@ -44,13 +64,16 @@ pub struct MigrationPolicy {
 
 struct State {
     policy: MigrationPolicy,
-    request: LlmRequest,
+    /// The client's request: every continuation is built from it and `progress`.
+    original: LlmRequest,
     current: ResponseStream<LlmOutput>,
     /// The instance `current` comes from.
     instance: u64,
-    /// Text and tokens generated since `request` was last (re)issued.
-    generated: String,
-    tokens: u32,
+    /// Whether `current` answers `original` itself (it reports the
+    /// original prompt's token ids) rather than a continuation.
+    current_is_original: bool,
+    /// Everything generated so far, over all workers.
+    progress: Progress,
     /// Tokens generated before the last migration (for the final usage).
     tokens_before: u32,
     migrations: u32,
@@ -70,11 +93,11 @@ pub fn migrating(
 ) -> ResponseStream<LlmOutput> {
     let state = State {
         policy,
-        request,
+        original: request,
         current: routed.stream,
         instance: routed.instance_id,
-        generated: String::new(),
-        tokens: 0,
+        current_is_original: true,
+        progress: Progress::default(),
         tokens_before: 0,
         migrations: 0,
         done: false,
@@ -104,8 +127,7 @@ impl State {
                     if let Some(booking) = &mut self.booking {
                         booking.first_token();
                     }
-                    self.generated.push_str(&piece.text);
-                    self.tokens += piece.tokens;
+                    self.progress.record(&piece, self.current_is_original);
                     if let Some(usage) = piece.usage.as_mut() {
                         // The last worker counted the continued prompt; the
                         // client asked for the original one.
@@ -144,11 +166,33 @@ impl State {
 
     /// Re-issues the rest of the request; on success `current` is the new stream.
     async fn migrate(&mut self, cause: &RequestError) -> Result<(), RequestError> {
-        let Some(next) = continue_request(&self.request, &self.generated, self.tokens) else {
-            return Err(cause.clone_kind());
+        let kind = match self.original {
+            LlmRequest::Chat(_) => ModelKind::Chat,
+            LlmRequest::Completion(_) => ModelKind::Completions,
+        };
+        let ways = Continuation::common(self.policy.target.cards.values(), kind);
+        let next = match continue_request(&self.original, &self.progress, &ways) {
+            Ok(Some(next)) => next,
+            Ok(None) => return Err(cause.clone_kind()),
+            Err(cannot) => {
+                tracing::warn!(
+                    request_id = %self.policy.request_id,
+                    generated_tokens = self.progress.tokens,
+                    %cause,
+                    reason = %cannot,
+                    "worker lost mid-answer; the answer cannot continue on another worker"
+                );
+                return Err(RequestError::new(
+                    cause.kind(),
+                    format!(
+                        "the answer was cut off after {} tokens: its worker or engine broke off, and {cannot}",
+                        self.progress.tokens
+                    ),
+                ));
+            }
         };
         self.migrations += 1;
-        let kind = if self.tokens_before + self.tokens == 0 {
+        let kind = if self.progress.is_empty() {
             "new_request"
         } else {
             "ongoing_request"
@@ -160,7 +204,7 @@ impl State {
         tracing::info!(
             request_id = %self.policy.request_id,
             migration = self.migrations,
-            generated_tokens = self.tokens_before + self.tokens,
+            generated_tokens = self.progress.tokens,
             %cause,
             "worker lost mid-answer; migrating the request"
         );
@@ -176,10 +220,8 @@ impl State {
             tracing::debug!(request_id = %self.policy.request_id, route = %route.explanation, "KV route of the migrated request");
             self.booking = Some(route.booking);
         }
-        self.request = next;
-        self.tokens_before += self.tokens;
-        self.tokens = 0;
-        self.generated.clear();
+        self.current_is_original = next == self.original;
+        self.tokens_before = self.progress.tokens;
         self.current = routed.stream;
         self.instance = routed.instance_id;
         Ok(())

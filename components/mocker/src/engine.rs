@@ -122,7 +122,7 @@ impl Generation {
                 text,
                 tokens,
                 finish_reason: finish,
-                usage: None,
+                ..LlmOutput::default()
             };
             if finish.is_some() {
                 piece.usage = Some(Usage::new(self.prompt_len, self.generated));

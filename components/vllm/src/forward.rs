@@ -9,29 +9,41 @@
 use crate::check::snippet;
 use futures::StreamExt;
 use serde_json::Value;
+use std::sync::Arc;
+use switchyard_llm::model_card::EngineFeatures;
 use switchyard_llm::openai::Usage;
 use switchyard_llm::protocol::{FinishReason, LlmOutput, LlmRequest};
 use switchyard_runtime::engine::{AsyncEngine, Context, Controller, ResponseStream};
 use switchyard_runtime::error::{ErrorKind, RequestError};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Serves requests by forwarding them to one vLLM server.
 #[derive(Debug, Clone)]
 pub struct VllmForwarder {
     http: reqwest::Client,
     base_url: String,
+    /// The server reports token ids when asked (`return_token_ids`), which
+    /// migration continues from.
+    token_ids: bool,
+    /// For a server that cuts its running answer short when another request
+    /// arrives (llama-cpp-python): one turn, held until the answer ends.
+    turn: Option<Arc<Semaphore>>,
 }
 
 impl VllmForwarder {
-    pub fn new(http: reqwest::Client, base_url: impl Into<String>) -> Self {
+    pub fn new(http: reqwest::Client, base_url: impl Into<String>, features: &EngineFeatures) -> Self {
         Self {
             http,
             base_url: base_url.into(),
+            token_ids: features.token_ids,
+            turn: features.one_at_a_time.then(|| Arc::new(Semaphore::new(1))),
         }
     }
 }
 
-/// The body sent upstream: the client's request, streamed with usage.
-fn upstream_body(request: &LlmRequest) -> Result<(String, Value), RequestError> {
+/// The body sent upstream: the client's request, streamed with usage (and
+/// asking for token ids when the server reports them).
+fn upstream_body(request: &LlmRequest, token_ids: bool) -> Result<(String, Value), RequestError> {
     let (path, mut body) = match request {
         LlmRequest::Chat(chat) => ("/v1/chat/completions", serde_json::to_value(chat)),
         LlmRequest::Completion(completion) => ("/v1/completions", serde_json::to_value(completion)),
@@ -41,6 +53,9 @@ fn upstream_body(request: &LlmRequest) -> Result<(String, Value), RequestError> 
         .map_err(|e| RequestError::new(ErrorKind::Invalid, format!("cannot encode the request: {e}")))?;
     body["stream"] = Value::Bool(true);
     body["stream_options"] = serde_json::json!({ "include_usage": true });
+    if token_ids {
+        body["return_token_ids"] = Value::Bool(true);
+    }
     Ok((path.to_string(), body.take()))
 }
 
@@ -59,8 +74,15 @@ fn kind_for_status(status: u16) -> ErrorKind {
 impl AsyncEngine<LlmRequest, LlmOutput> for VllmForwarder {
     async fn generate(&self, request: Context<LlmRequest>) -> Result<ResponseStream<LlmOutput>, RequestError> {
         let (request, controller) = request.into_parts();
-        let (path, body) = upstream_body(&request)?;
+        let (path, body) = upstream_body(&request, self.token_ids)?;
         let url = format!("{}{path}", self.base_url);
+        let turn = match &self.turn {
+            None => None,
+            Some(turn) => tokio::select! {
+                permit = turn.clone().acquire_owned() => permit.ok(),
+                _ = controller.stopped() => return Err(RequestError::new(ErrorKind::Cancelled, "cancelled while waiting for the engine")),
+            },
+        };
         let sent = tokio::select! {
             sent = self.http.post(&url).json(&body).send() => sent,
             _ = controller.stopped() => return Err(RequestError::new(ErrorKind::Cancelled, "cancelled before vLLM answered")),
@@ -96,6 +118,7 @@ impl AsyncEngine<LlmRequest, LlmOutput> for VllmForwarder {
             tokens: 0,
             done: false,
             controller,
+            _turn: turn,
         };
         Ok(Box::pin(futures::stream::unfold(state, Upstream::next)))
     }
@@ -113,6 +136,8 @@ struct Upstream {
     tokens: u32,
     done: bool,
     controller: Controller,
+    /// This answer's turn at a one-at-a-time server, released with the stream.
+    _turn: Option<OwnedSemaphorePermit>,
 }
 
 /// What one SSE `data:` line means.
@@ -121,6 +146,9 @@ enum Event {
     Usage(Usage),
     Done,
     Error(String),
+    /// The engine gave up on the request (vLLM's `finish_reason: abort`,
+    /// on preemption or shutdown): not an answer that ended.
+    Aborted,
     Nothing,
 }
 
@@ -131,11 +159,12 @@ impl Upstream {
         }
         loop {
             if let Some(line) = self.take_line() {
+                tracing::trace!(%line, "from the engine");
                 match parse_line(&line) {
                     Event::Piece(piece) if piece.finish_reason.is_some() => {
                         self.finish = piece.finish_reason;
                         self.tokens += piece.tokens;
-                        if !piece.text.is_empty() {
+                        if !piece.text.is_empty() || !piece.token_ids.is_empty() {
                             let mut text_only = piece;
                             text_only.finish_reason = None;
                             return Some((Ok(text_only), self));
@@ -146,10 +175,26 @@ impl Upstream {
                         return Some((Ok(piece), self));
                     }
                     Event::Usage(usage) => return Some((Ok(self.last(Some(usage))), self)),
+                    Event::Done if self.finish.is_none() => {
+                        // llama-cpp-python ends an answer it interrupts this
+                        // way: that is no `stop`.
+                        self.done = true;
+                        let error = RequestError::new(
+                            ErrorKind::Disconnected,
+                            "the engine ended the answer without a finish reason",
+                        );
+                        return Some((Err(error), self));
+                    }
                     Event::Done => return Some((Ok(self.last(None)), self)),
                     Event::Error(message) => {
                         self.done = true;
                         return Some((Err(RequestError::new(ErrorKind::Engine, message)), self));
+                    }
+                    Event::Aborted => {
+                        // Another engine can take the request over (migration).
+                        self.done = true;
+                        let error = RequestError::new(ErrorKind::Disconnected, "the engine aborted the request");
+                        return Some((Err(error), self));
                     }
                     Event::Nothing => {}
                 }
@@ -187,10 +232,9 @@ impl Upstream {
     fn last(&mut self, usage: Option<Usage>) -> LlmOutput {
         self.done = true;
         LlmOutput {
-            text: String::new(),
-            tokens: 0,
             finish_reason: Some(self.finish.unwrap_or(FinishReason::Stop)),
             usage: Some(usage.unwrap_or(Usage::new(0, self.tokens))),
+            ..LlmOutput::default()
         }
     }
 
@@ -229,15 +273,38 @@ fn parse_line(line: &str) -> Event {
         .to_string();
     let finish_reason = match choice["finish_reason"].as_str() {
         Some("length") => Some(FinishReason::Length),
+        Some("abort") => return Event::Aborted,
         Some(_) => Some(FinishReason::Stop),
         None => None,
     };
+    let token_ids = ids(&choice["token_ids"]);
+    // Tokens are counted from their ids when the engine reports them (a
+    // chunk may hold several, or none while a stop string is held back);
+    // without ids, one per chunk with text is an estimate.
+    let tokens = match &token_ids {
+        Some(ids) => ids.len() as u32,
+        None => u32::from(!text.is_empty()),
+    };
     Event::Piece(LlmOutput {
-        tokens: u32::from(!text.is_empty()),
+        tokens,
         text,
         finish_reason,
         usage: None,
+        token_ids: token_ids.unwrap_or_default(),
+        // vLLM puts them in the first chunk's choice; be lenient about the level.
+        prompt_token_ids: ids(&choice["prompt_token_ids"])
+            .or_else(|| ids(&chunk["prompt_token_ids"]))
+            .unwrap_or_default(),
     })
+}
+
+/// A JSON array of token ids; `None` when absent or not all ids.
+fn ids(value: &Value) -> Option<Vec<u32>> {
+    value
+        .as_array()?
+        .iter()
+        .map(|id| id.as_u64().and_then(|id| u32::try_from(id).ok()))
+        .collect()
 }
 
 #[cfg(test)]
@@ -278,11 +345,72 @@ mod tests {
             br#"{"model":"m","messages":[{"role":"user","content":"x"}],"top_k":3,"stream":false}"#,
         )
         .unwrap();
-        let (path, body) = upstream_body(&LlmRequest::Chat(chat)).unwrap();
+        let request = LlmRequest::Chat(chat);
+        let (path, body) = upstream_body(&request, false).unwrap();
         assert_eq!(path, "/v1/chat/completions");
         assert_eq!(body["top_k"], 3);
         assert_eq!(body["stream"], true);
         assert_eq!(body["stream_options"]["include_usage"], true);
+        assert!(
+            body.get("return_token_ids").is_none(),
+            "only asked of servers that know it"
+        );
+        assert_eq!(upstream_body(&request, true).unwrap().1["return_token_ids"], true);
+    }
+
+    #[test]
+    fn tokens_are_counted_from_their_ids_not_from_chunks() {
+        let first = r#"data: {"choices":[{"index":0,"text":" upon a","token_ids":[11,12],"prompt_token_ids":[1,2]}]}"#;
+        let Event::Piece(piece) = parse_line(first) else {
+            panic!("a piece")
+        };
+        assert_eq!(piece.tokens, 2, "one chunk, two tokens");
+        assert_eq!(piece.token_ids, vec![11, 12]);
+        assert_eq!(piece.prompt_token_ids, vec![1, 2]);
+        // A held-back stop string: ids, no text yet.
+        let Event::Piece(piece) = parse_line(r#"data: {"choices":[{"index":0,"text":"","token_ids":[13]}]}"#) else {
+            panic!("a piece")
+        };
+        assert_eq!((piece.text.as_str(), piece.tokens), ("", 1));
+    }
+
+    /// What an upstream answer made of `chunks` yields.
+    async fn read(chunks: &[&str]) -> Vec<Result<LlmOutput, RequestError>> {
+        let bytes: Vec<reqwest::Result<bytes::Bytes>> =
+            chunks.iter().map(|c| Ok(bytes::Bytes::from(c.to_string()))).collect();
+        let state = Upstream {
+            bytes: Box::pin(futures::stream::iter(bytes)),
+            buffer: Vec::new(),
+            finish: None,
+            tokens: 0,
+            done: false,
+            controller: Controller::with_id("test"),
+            _turn: None,
+        };
+        futures::stream::unfold(state, Upstream::next).collect().await
+    }
+
+    #[tokio::test]
+    async fn an_answer_ended_without_a_finish_reason_is_an_error_not_a_stop() {
+        // What llama-cpp-python sends when another request interrupts it.
+        let role = "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\"},\"finish_reason\":null}]}\n\n";
+        let items = read(&[role, "data: [DONE]\n\n"]).await;
+        assert_eq!(items.len(), 2);
+        let error = items[1].as_ref().unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Disconnected);
+        assert!(error.message().contains("without a finish reason"), "{error}");
+
+        // With a finish reason, [DONE] ends it normally.
+        let finish = "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n";
+        let items = read(&[role, finish, "data: [DONE]\n\n"]).await;
+        let last = items.last().unwrap().as_ref().unwrap();
+        assert_eq!(last.finish_reason, Some(FinishReason::Stop));
+    }
+
+    #[test]
+    fn an_engine_abort_is_an_error_not_a_stop() {
+        let line = r#"data: {"choices":[{"index":0,"text":"","finish_reason":"abort"}]}"#;
+        assert!(matches!(parse_line(line), Event::Aborted));
     }
 
     #[test]

@@ -7,9 +7,11 @@
 //!   started on free ports ([`managed`]), awaited until healthy, then
 //!   attached; they are stopped when the worker stops.
 //!
-//! Either way each instance forwards requests ([`forward`]), publishes the
-//! server's `vllm:*` gauges as its load, and follows the server's health
-//! ([`monitor`]). Its model card tells KV-aware routers where the engine
+//! Either way what each server offers is found out before it registers
+//! ([`probe`]: liveness route, load gauges, token ids, message
+//! continuation) and goes into its model card. Each instance forwards
+//! requests ([`forward`]), publishes the server's gauges as its load (or
+//! its in-flight count), and follows the server's health ([`monitor`]). Its model card tells KV-aware routers where the engine
 //! publishes its KV events, its block size and its tokenizer ([`kv`]).
 #![forbid(unsafe_code)]
 
@@ -18,6 +20,7 @@ pub mod forward;
 pub mod kv;
 pub mod managed;
 pub mod monitor;
+pub mod probe;
 
 use crate::check::{CheckError, check_model};
 use crate::kv::{EventPorts, KvError};
@@ -268,11 +271,24 @@ async fn serve_all(
 ) -> Result<(), VllmError> {
     let mut checked = Vec::new();
     for server in servers {
-        checked.push(check_model(http, &server.url, &args.model, check_timeout).await?);
+        let served = check_model(http, &server.url, &args.model, check_timeout).await?;
+        let features = probe::discover(http, &server.url, &args.model, check_timeout).await;
+        tracing::info!(
+            url = %server.url,
+            server = %features.server,
+            liveness = %features.liveness.as_str(),
+            one_at_a_time = features.one_at_a_time,
+            load = %features.load.as_str(),
+            token_ids = features.token_ids,
+            continues_message = features.continues_message,
+            "engine features: {}",
+            probe::migration_summary(&features)
+        );
+        checked.push((served, features));
     }
     let base_port = *runtime.config().system().port();
     let mut supervisors = Vec::new();
-    for (index, (server, served)) in servers.iter().zip(checked).enumerate() {
+    for (index, (server, (served, features))) in servers.iter().zip(checked).enumerate() {
         let drt = DistributedRuntime::connect(runtime.clone()).await?;
         if let Some(port) = base_port {
             let port = if port == 0 {
@@ -299,6 +315,7 @@ async fn serve_all(
             http: http.clone(),
             health_interval: args.health_interval.max(MIN_HEALTH_INTERVAL),
             check_timeout,
+            features,
         };
         supervisors.push(runtime.spawn(backend.supervise()));
     }

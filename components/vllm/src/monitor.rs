@@ -1,13 +1,17 @@
 //! Keeping one vLLM server's instance true to the server: scrape its
-//! `/metrics` into the instance's load reports, poll its `/health`, take the
+//! `/metrics` gauges (whichever engine's they are) into the instance's load
+//! reports, poll its liveness route (`/health`, else `/v1/models`), take the
 //! instance out of discovery when the server stops answering, and put it
 //! back when it answers again.
 
 use crate::check::check_model;
 use crate::forward::VllmForwarder;
+use crate::probe;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use switchyard_llm::model_card::{Capacity, KvEventsSource, ModelCard, ModelKind, TokenizerSpec};
+use switchyard_llm::model_card::{
+    Capacity, EngineFeatures, KvEventsSource, LoadGauges, ModelCard, ModelKind, TokenizerSpec,
+};
 use switchyard_runtime::component::Endpoint;
 use switchyard_runtime::component::endpoint::{EndpointError, ServingEndpoint};
 use switchyard_runtime::component::load::EngineLoad;
@@ -33,6 +37,8 @@ pub struct Backend {
     pub http: reqwest::Client,
     pub health_interval: Duration,
     pub check_timeout: Duration,
+    /// What the server offers, found out before the first registration.
+    pub features: EngineFeatures,
 }
 
 /// What the card says about the engine for KV-aware routers (`crate::kv`).
@@ -45,31 +51,13 @@ pub struct EngineFacts {
     pub tokenizer: Option<TokenizerSpec>,
 }
 
-/// The vLLM gauges the load report carries.
-fn parse_metrics(text: &str) -> EngineLoad {
-    let sum = |name: &str| -> Option<f64> {
-        let values: Vec<f64> = text
-            .lines()
-            .filter(|line| !line.starts_with('#'))
-            .filter(|line| line.starts_with(name) && matches!(line.as_bytes().get(name.len()), Some(b'{' | b' ')))
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .collect();
-        (!values.is_empty()).then(|| values.iter().sum())
-    };
-    EngineLoad {
-        queued: sum("vllm:num_requests_waiting").unwrap_or(0.0) as u64,
-        kv_usage: sum("vllm:kv_cache_usage_perc").map(|v| v as f32),
-        capacity: None,
-    }
-}
-
 impl Backend {
     /// Serves the endpoint and registers the model card.
     async fn serve(&self, load: Arc<Mutex<EngineLoad>>) -> Result<(ServingEndpoint, ModelCard), EndpointError> {
         let serving = self
             .endpoint
             .endpoint_builder()
-            .handler(VllmForwarder::new(self.http.clone(), &self.base_url))
+            .handler(VllmForwarder::new(self.http.clone(), &self.base_url, &self.features))
             .publish_load_with(move || *load.lock().unwrap_or_else(|p| p.into_inner()))
             .spawn()
             .await?;
@@ -85,6 +73,7 @@ impl Backend {
         };
         card.tokenizer = self.kv.tokenizer.clone();
         card.kv_events = self.kv.events.clone();
+        card.engine = Some(self.features.clone());
         if let Err(error) = card.register(&self.endpoint).await {
             serving.stop();
             serving.wait().await;
@@ -93,12 +82,9 @@ impl Backend {
         Ok((serving, card))
     }
 
+    /// The server is alive, as its features' liveness says.
     async fn healthy(&self) -> bool {
-        let url = format!("{}/health", self.base_url);
-        matches!(
-            tokio::time::timeout(self.check_timeout, self.http.get(&url).send()).await,
-            Ok(Ok(response)) if response.status().is_success()
-        )
+        probe::alive(&self.http, &self.base_url, self.features.liveness, self.check_timeout).await
     }
 
     /// Serves this server's instance until the runtime drains, following the
@@ -107,15 +93,20 @@ impl Backend {
         let runtime = self.drt.runtime().clone();
         let draining = runtime.endpoint_token().clone();
         let load = Arc::new(Mutex::new(EngineLoad::default()));
-        runtime.spawn(scrape(
-            self.http.clone(),
-            self.base_url.clone(),
-            load.clone(),
-            draining.clone(),
-        ));
+        // Without gauges the load is the in-flight count the runtime adds.
+        if self.features.load != LoadGauges::InFlight {
+            runtime.spawn(scrape(
+                self.http.clone(),
+                self.base_url.clone(),
+                self.features.load,
+                load.clone(),
+                draining.clone(),
+            ));
+        }
 
         let mut current = Some(self.serve(load.clone()).await?);
-        tracing::info!(url = %self.base_url, model = %self.model, "vllm worker serving");
+        let instance = format!("{:x}", self.drt.instance_id());
+        tracing::info!(url = %self.base_url, model = %self.model, %instance, "vllm worker serving");
         let mut failures = 0;
         loop {
             tokio::select! {
@@ -139,7 +130,7 @@ impl Backend {
                 if failures >= FAILURES_TO_LEAVE
                     && let Some((serving, card)) = current.take()
                 {
-                    tracing::warn!(url = %self.base_url, "vLLM stopped answering /health; leaving discovery");
+                    tracing::warn!(url = %self.base_url, liveness = self.features.liveness.as_str(), "the server stopped answering its health checks; leaving discovery");
                     leave(&self.endpoint, serving, card).await;
                 }
             }
@@ -166,40 +157,21 @@ async fn leave(endpoint: &Endpoint, serving: ServingEndpoint, card: ModelCard) {
     serving.wait().await;
 }
 
-/// Reads the server's `/metrics` into `load` every [`SCRAPE_INTERVAL`].
+/// Reads the server's `/metrics` gauges into `load` every [`SCRAPE_INTERVAL`].
 async fn scrape(
     http: reqwest::Client,
     base_url: String,
+    gauges: LoadGauges,
     load: Arc<Mutex<EngineLoad>>,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let url = format!("{base_url}/metrics");
     loop {
-        let read = async { http.get(&url).send().await?.text().await };
-        if let Ok(Ok(text)) = tokio::time::timeout(SCRAPE_INTERVAL, read).await {
-            *load.lock().unwrap_or_else(|p| p.into_inner()) = parse_metrics(&text);
+        if let Some(text) = probe::read_metrics(&http, &base_url, SCRAPE_INTERVAL).await {
+            *load.lock().unwrap_or_else(|p| p.into_inner()) = probe::load_from(&text, gauges);
         }
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(SCRAPE_INTERVAL) => {}
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_metrics;
-
-    #[test]
-    fn vllm_gauges_are_summed_over_their_label_sets() {
-        let text = "# HELP vllm:num_requests_waiting x\n\
-                    vllm:num_requests_waiting{engine=\"0\",model_name=\"m\"} 3.0\n\
-                    vllm:num_requests_waiting{engine=\"1\",model_name=\"m\"} 2\n\
-                    vllm:num_requests_waiting_total 99\n\
-                    vllm:kv_cache_usage_perc{model_name=\"m\"} 0.25\n";
-        let load = parse_metrics(text);
-        assert_eq!(load.queued, 5);
-        assert_eq!(load.kv_usage, Some(0.25));
-        assert_eq!(parse_metrics("").kv_usage, None);
     }
 }

@@ -1,5 +1,6 @@
 //! `switchyard instances`: what discovery holds, as a table — every
-//! registered endpoint instance with its address and the model it serves.
+//! registered endpoint instance with its address, the model it serves, and
+//! what its engine offers (for workers in front of external engines).
 
 use std::collections::BTreeMap;
 use switchyard_llm::model_card::ModelCard;
@@ -29,18 +30,30 @@ pub(crate) async fn list(
         None => query,
     };
     // The model served by each endpoint instance, keyed like its instance.
-    let mut models = BTreeMap::<Key, String>::new();
+    let mut models = BTreeMap::<Key, (String, String)>::new();
     for registration in drt.discovery().list(&narrow(Query::bucket(Bucket::Models))).await? {
         match ModelCard::from_registration(&registration) {
             Ok(card) => {
                 let mut key = card.key();
                 key.bucket = Bucket::Instances;
-                models.insert(key, card.name);
+                let engine = card.engine.as_ref().map_or_else(|| "-".to_string(), |e| e.describe());
+                models.insert(key, (card.name, engine));
             }
             Err(error) => eprintln!("skipping {}: {}", registration.key, Report(&error)),
         }
     }
-    let mut rows = vec![["NAMESPACE", "COMPONENT", "ENDPOINT", "INSTANCE", "ADDRESS", "MODEL"].map(String::from)];
+    let mut rows = vec![
+        [
+            "NAMESPACE",
+            "COMPONENT",
+            "ENDPOINT",
+            "INSTANCE",
+            "ADDRESS",
+            "MODEL",
+            "ENGINE",
+        ]
+        .map(String::from),
+    ];
     for registration in drt.discovery().list(&narrow(Query::bucket(Bucket::Instances))).await? {
         let instance = match Instance::from_registration(&registration) {
             Ok(instance) => instance,
@@ -54,7 +67,10 @@ pub(crate) async fn list(
             Transport::Http(base) => base.clone(),
             Transport::Nats(subject) => format!("nats:{subject}"),
         };
-        let model = models.get(&instance.key()).cloned().unwrap_or_else(|| "-".into());
+        let (model, engine) = models
+            .get(&instance.key())
+            .cloned()
+            .unwrap_or_else(|| ("-".into(), "-".into()));
         rows.push([
             instance.namespace.clone(),
             instance.component.clone(),
@@ -62,14 +78,15 @@ pub(crate) async fn list(
             format!("{:x}", instance.instance_id),
             address,
             model,
+            engine,
         ]);
     }
     print_table(&rows);
     Ok(())
 }
 
-fn print_table(rows: &[[String; 6]]) {
-    let widths: Vec<usize> = (0..6)
+fn print_table(rows: &[[String; 7]]) {
+    let widths: Vec<usize> = (0..7)
         .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
         .collect();
     for row in rows {

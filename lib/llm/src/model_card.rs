@@ -57,6 +57,99 @@ pub struct KvEventsSource {
     pub topic: String,
 }
 
+/// What the engine behind a worker offers, as the worker found out by
+/// asking it (never assumed from a flag): how its liveness is probed, where
+/// its load comes from, and — what frontends read — how a request it was
+/// answering can continue on another worker after this one is lost.
+/// Switchyard's own engines (the mocker) register no such facts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineFeatures {
+    /// The server, as far as its routes and metrics tell: `vllm`, `sglang`,
+    /// `llama.cpp`, `llama-cpp-python`, or `openai-compatible` when nothing
+    /// tells.
+    pub server: String,
+    /// How the worker tells that the server is alive.
+    pub liveness: Liveness,
+    /// The server runs one request at a time and cuts the running one short
+    /// when another arrives (llama-cpp-python's `interrupt_requests`), so
+    /// the worker sends it one request at a time.
+    #[serde(default)]
+    pub one_at_a_time: bool,
+    /// Where the instance's load comes from.
+    pub load: LoadGauges,
+    /// `/v1/completions` takes a prompt of token ids and reports the ids
+    /// it generates (vLLM's `return_token_ids`).
+    pub token_ids: bool,
+    /// Chat continues a final assistant message instead of starting a new
+    /// one (vLLM's and SGLang's `continue_final_message`).
+    pub continues_message: bool,
+}
+
+impl EngineFeatures {
+    /// One line for people (`switchyard instances`): the server, its
+    /// liveness route, where load comes from, and how answers migrate.
+    pub fn describe(&self) -> String {
+        let migration = match (self.token_ids, self.continues_message) {
+            (true, _) => "token ids",
+            (false, true) => "chat message",
+            (false, false) => "off",
+        };
+        format!(
+            "{} liveness={} load={}{} mid-answer-migration={migration}",
+            self.server,
+            self.liveness.as_str(),
+            self.load.as_str(),
+            if self.one_at_a_time { " one-at-a-time" } else { "" }
+        )
+    }
+}
+
+/// How a worker polls an engine's liveness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Liveness {
+    /// `GET /health` answers 2xx (vLLM, SGLang, llama.cpp's server, TGI).
+    Health,
+    /// `GET /health` answers at all, below 500: a server without a health
+    /// route (404), whose other routes may take the model's lock — on
+    /// llama-cpp-python a `/v1/models` probe cuts the running answer short.
+    AnyAnswer,
+}
+
+impl Liveness {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Liveness::Health => "/health",
+            Liveness::AnyAnswer => "any-answer",
+        }
+    }
+}
+
+/// Which load gauges an engine's `/metrics` carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadGauges {
+    /// `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`.
+    Vllm,
+    /// `sglang:num_queue_reqs`, `sglang:token_usage`.
+    Sglang,
+    /// `llamacpp:requests_deferred`, `llamacpp:kv_cache_usage_ratio`.
+    LlamaCpp,
+    /// None: the load is the worker's own count of requests in flight.
+    InFlight,
+}
+
+impl LoadGauges {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoadGauges::Vllm => "vllm",
+            LoadGauges::Sglang => "sglang",
+            LoadGauges::LlamaCpp => "llama.cpp",
+            LoadGauges::InFlight => "in-flight",
+        }
+    }
+}
+
 /// One worker's advertisement of one model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelCard {
@@ -78,6 +171,10 @@ pub struct ModelCard {
     /// Where the engine's KV events can be subscribed to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_events: Option<KvEventsSource>,
+    /// What the engine offers, for a worker in front of an external engine
+    /// (`switchyard worker vllm`); `None` for Switchyard's own engines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<EngineFeatures>,
 }
 
 impl ModelCard {
@@ -94,6 +191,7 @@ impl ModelCard {
             instance_id: endpoint.drt().instance_id(),
             tokenizer: None,
             kv_events: None,
+            engine: None,
         }
     }
 

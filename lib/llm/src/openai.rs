@@ -139,6 +139,10 @@ impl MessageContent {
 pub enum Prompt {
     Text(String),
     Batch(Vec<String>),
+    /// Token ids, as vLLM and SGLang take them. What a migrated request
+    /// carries when its engine accepts ids (`crate::migration`); the
+    /// mocker reads it as an empty prompt.
+    Tokens(Vec<u32>),
 }
 
 /// `stop`: one sequence or up to four.
@@ -457,11 +461,13 @@ impl ChatCompletionRequest {
 }
 
 impl CompletionRequest {
-    /// The prompt text (a batch holds exactly one, checked by validation).
+    /// The prompt text (a batch holds exactly one, checked by validation);
+    /// empty for a prompt of token ids.
     pub fn prompt_text(&self) -> &str {
         match &self.prompt {
             Prompt::Text(text) => text,
             Prompt::Batch(batch) => batch.first().map_or("", String::as_str),
+            Prompt::Tokens(_) => "",
         }
     }
 

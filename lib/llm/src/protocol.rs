@@ -77,6 +77,15 @@ pub struct LlmOutput {
     pub finish_reason: Option<FinishReason>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// The ids of this piece's tokens, when the engine reports them (vLLM's
+    /// `return_token_ids`): what lets a migrated answer continue from the
+    /// very same tokens (`crate::migration`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub token_ids: Vec<u32>,
+    /// The prompt's token ids as the engine saw them (chat template
+    /// applied), on the first piece, when the engine reports them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prompt_token_ids: Vec<u32>,
 }
 
 /// Why generation ended, in OpenAI's words.

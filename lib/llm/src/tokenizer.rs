@@ -11,7 +11,7 @@
 
 mod template;
 
-use crate::openai::{ChatCompletionRequest, ChatMessage, MessageContent};
+use crate::openai::{ChatCompletionRequest, ChatMessage, MessageContent, Prompt};
 use crate::protocol::LlmRequest;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -239,10 +239,12 @@ impl HfTokenizer {
 
     /// The prompt's token ids: a chat is rendered, then encoded without
     /// special tokens (the template writes BOS itself); a completion's
-    /// prompt is encoded with them, as vLLM does.
+    /// prompt is encoded with them, as vLLM does; a prompt of ids (a
+    /// migrated request) is its ids.
     pub fn prompt_tokens(&self, request: &LlmRequest) -> Result<Vec<u32>, TokenizerError> {
         match request {
             LlmRequest::Chat(chat) => self.encode(&self.render_chat(chat)?, false),
+            LlmRequest::Completion(completion) if let Prompt::Tokens(ids) = &completion.prompt => Ok(ids.clone()),
             LlmRequest::Completion(completion) => self.encode(completion.prompt_text(), true),
         }
     }

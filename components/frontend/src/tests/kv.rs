@@ -226,6 +226,7 @@ async fn a_model_whose_cards_name_a_hugging_face_directory_is_tokenized_exactly_
         instance_id,
         tokenizer,
         kv_events: None,
+        engine: None,
     };
     let hf = Some(TokenizerSpec::HfDir {
         path: dir.path().to_str().unwrap().into(),

@@ -121,7 +121,15 @@ fn continue_final_message_keeps_trailing_space_only_when_the_template_kept_it() 
 fn a_migrated_chat_request_tokenizes_as_its_open_assistant_message() {
     let (_dir, tokenizer) = model(Some(CHATML_TEMPLATE));
     let first = LlmRequest::Chat(chat(r#"{"model":"m","messages":[{"role":"user","content":"hello"}]}"#));
-    let migrated = crate::migration::continue_request(&first, "I am", 2).unwrap();
+    let done = crate::migration::Progress {
+        text: "I am".into(),
+        tokens: 2,
+        ..Default::default()
+    };
+    let ways = [crate::migration::Continuation::AssistantMessage];
+    let migrated = crate::migration::continue_request(&first, &done, &ways)
+        .unwrap()
+        .unwrap();
     assert_eq!(
         tokenizer.prompt_tokens(&migrated).unwrap(),
         ids(&[

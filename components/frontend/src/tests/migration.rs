@@ -1,0 +1,315 @@
+//! Migration keeps the client's contract: over two workers whose engine is
+//! a script (some pieces, then the connection breaks), the frontend either
+//! continues the answer in a way the cards say the engines can, or ends it
+//! with a clear error — never a spliced answer.
+
+use super::{drt, eventually, post, sse_events};
+use crate::FrontendArgs;
+use crate::http::{FrontendState, router};
+use axum::Router;
+use axum::http::StatusCode;
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use std::sync::{Arc, Mutex};
+use switchyard_llm::model_card::{EngineFeatures, Liveness, LoadGauges, ModelCard, ModelKind};
+use switchyard_llm::openai::{Prompt, Usage};
+use switchyard_llm::protocol::{FinishReason, LlmOutput, LlmRequest};
+use switchyard_runtime::config::RuntimeConfig;
+use switchyard_runtime::discovery::mem::MemRegistry;
+use switchyard_runtime::engine::{AsyncEngine, Context, ResponseStream};
+use switchyard_runtime::error::{ErrorKind, RequestError};
+use switchyard_runtime::runtime::Runtime;
+use tower::ServiceExt;
+
+/// An engine shared by both workers: its first `dying` calls send
+/// `pieces` and then break off; later calls finish with " end".
+struct Scripted {
+    requests: Mutex<Vec<LlmRequest>>,
+    dying: usize,
+    pieces: Vec<LlmOutput>,
+}
+
+/// The handler each worker serves: the one shared script.
+struct Shared(Arc<Scripted>);
+
+#[async_trait::async_trait]
+impl AsyncEngine<LlmRequest, LlmOutput> for Shared {
+    async fn generate(&self, request: Context<LlmRequest>) -> Result<ResponseStream<LlmOutput>, RequestError> {
+        let script = &self.0;
+        let (request, _controller) = request.into_parts();
+        let call = {
+            let mut requests = script.requests.lock().unwrap();
+            requests.push(request);
+            requests.len()
+        };
+        let items: Vec<Result<LlmOutput, RequestError>> = if call <= script.dying {
+            let broken = RequestError::new(ErrorKind::Disconnected, "the engine broke off the answer");
+            script.pieces.iter().cloned().map(Ok).chain([Err(broken)]).collect()
+        } else {
+            vec![Ok(LlmOutput {
+                text: " end".into(),
+                tokens: 1,
+                finish_reason: Some(FinishReason::Stop),
+                usage: Some(Usage::new(7, 1)),
+                token_ids: vec![99],
+                ..LlmOutput::default()
+            })]
+        };
+        Ok(Box::pin(futures::stream::iter(items)))
+    }
+}
+
+impl Scripted {
+    fn requests(&self) -> Vec<LlmRequest> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+/// " Once upon" in one chunk of two tokens (ids 10, 11) after a prompt of
+/// ids 1, 2; then " a" (id 12).
+fn three_tokens() -> Vec<LlmOutput> {
+    vec![
+        LlmOutput {
+            text: " Once upon".into(),
+            tokens: 2,
+            token_ids: vec![10, 11],
+            prompt_token_ids: vec![1, 2],
+            ..LlmOutput::default()
+        },
+        LlmOutput {
+            text: " a".into(),
+            tokens: 1,
+            token_ids: vec![12],
+            ..LlmOutput::default()
+        },
+    ]
+}
+
+fn features(token_ids: bool, continues_message: bool) -> EngineFeatures {
+    EngineFeatures {
+        server: "scripted".into(),
+        liveness: Liveness::Health,
+        one_at_a_time: false,
+        load: LoadGauges::InFlight,
+        token_ids,
+        continues_message,
+    }
+}
+
+struct Stack {
+    app: Router,
+    state: FrontendState,
+    engine: Arc<Scripted>,
+    runtimes: Vec<Runtime>,
+}
+
+impl Stack {
+    /// Two workers of model `m` over one `engine`, behind a frontend.
+    async fn start(engine: Scripted, features: EngineFeatures, migration_limit: u32) -> Self {
+        let engine = Arc::new(engine);
+        let registry = MemRegistry::new();
+        let mut runtimes = Vec::new();
+        for _ in 0..2 {
+            let runtime = Runtime::new(RuntimeConfig::local());
+            let drt = drt(&runtime, &registry);
+            let endpoint = drt
+                .namespace("dynamo")
+                .unwrap()
+                .component("backend")
+                .unwrap()
+                .endpoint("generate");
+            let serving = endpoint
+                .endpoint_builder()
+                .handler(Shared(engine.clone()))
+                .spawn()
+                .await
+                .unwrap();
+            std::mem::forget(serving); // lives as long as its runtime
+            let mut card = ModelCard::new("m", &endpoint, vec![ModelKind::Chat, ModelKind::Completions], 1000);
+            card.engine = Some(features.clone());
+            card.register(&endpoint).await.unwrap();
+            runtimes.push(runtime);
+        }
+        let frontend_runtime = Runtime::new(RuntimeConfig::local());
+        let args = FrontendArgs {
+            migration_limit,
+            ..FrontendArgs::default()
+        };
+        let state = FrontendState::new(&drt(&frontend_runtime, &registry), &args)
+            .await
+            .unwrap();
+        eventually("both workers known", || {
+            state.models.get("m").is_some_and(|m| m.cards.len() == 2)
+        })
+        .await;
+        runtimes.push(frontend_runtime);
+        Stack {
+            app: router(state.clone()),
+            state,
+            engine,
+            runtimes,
+        }
+    }
+
+    /// A streamed request: the text received, the last event, and whether `[DONE]` came.
+    async fn stream(&self, path: &str, body: Value, header: Option<(&'static str, &str)>) -> (String, Value, bool) {
+        let mut request = post(path, body.to_string());
+        if let Some((name, value)) = header {
+            request.headers_mut().insert(name, value.parse().unwrap());
+        }
+        let response = self.app.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let (events, done) = sse_events(std::str::from_utf8(&bytes).unwrap());
+        let text = events
+            .iter()
+            .filter_map(|e| {
+                let choice = &e["choices"][0];
+                choice["text"].as_str().or_else(|| choice["delta"]["content"].as_str())
+            })
+            .collect();
+        (text, events.last().cloned().unwrap_or_default(), done)
+    }
+
+    fn ongoing_migrations(&self) -> u64 {
+        self.state
+            .metrics
+            .migrations
+            .with_label_values(&["m", "ongoing_request"])
+            .get()
+    }
+
+    async fn shutdown(self) {
+        for runtime in self.runtimes {
+            runtime.shutdown().await;
+        }
+    }
+}
+
+fn scripted(dying: usize) -> Scripted {
+    Scripted {
+        requests: Mutex::default(),
+        dying,
+        pieces: three_tokens(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_cut_off_mid_answer_continues_from_the_same_token_ids() {
+    let stack = Stack::start(scripted(1), features(true, false), 3).await;
+    let body = json!({"model": "m", "prompt": "Tell", "max_tokens": 10, "min_tokens": 4, "echo": true, "stream": true});
+    let (text, last, done) = stack.stream("/v1/completions", body, None).await;
+    assert!(done);
+    assert_eq!(text, " Once upon a end", "nothing lost, nothing repeated");
+    assert_eq!(last["choices"][0]["finish_reason"], "stop");
+    let requests = stack.engine.requests();
+    assert_eq!(requests.len(), 2);
+    let LlmRequest::Completion(next) = &requests[1] else {
+        panic!("a completion: {:?}", requests[1])
+    };
+    assert_eq!(next.prompt, Prompt::Tokens(vec![1, 2, 10, 11, 12]));
+    assert_eq!(
+        next.max_tokens,
+        Some(7),
+        "three tokens in two chunks: counted as tokens"
+    );
+    assert_eq!(next.extra["min_tokens"], 1, "min_tokens shrinks like max_tokens");
+    assert_eq!(next.extra["echo"], false, "the prompt is not echoed again");
+    assert_eq!(stack.ongoing_migrations(), 1);
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_cut_off_mid_answer_continues_as_a_completion_over_token_ids() {
+    let stack = Stack::start(scripted(1), features(true, true), 3).await;
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": true});
+    let (text, _, done) = stack.stream("/v1/chat/completions", body, None).await;
+    assert!(done);
+    assert_eq!(text, " Once upon a end");
+    let requests = stack.engine.requests();
+    assert!(
+        matches!(&requests[1], LlmRequest::Completion(next) if next.prompt == Prompt::Tokens(vec![1, 2, 10, 11, 12])),
+        "{:?}",
+        requests[1]
+    );
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_that_cannot_continue_ends_the_answer_with_a_clear_error_not_a_splice() {
+    let stack = Stack::start(scripted(1), features(false, false), 3).await;
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": true});
+    let (text, last, done) = stack.stream("/v1/chat/completions", body, None).await;
+    assert!(!done, "the answer did not end normally");
+    assert_eq!(text, " Once upon a", "what was sent stays, nothing is added");
+    let message = last["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("cut off after 3 tokens"), "{last}");
+    assert!(message.contains("start a new answer"), "{last}");
+    assert_eq!(stack.engine.requests().len(), 1, "no second engine was asked");
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn before_the_first_token_a_request_starts_over_even_where_engines_cannot_continue() {
+    let engine = Scripted {
+        requests: Mutex::default(),
+        dying: 1,
+        pieces: Vec::new(),
+    };
+    let stack = Stack::start(engine, features(false, false), 3).await;
+    let body = json!({"model": "m", "prompt": "Tell", "stream": true});
+    let (text, _, done) = stack.stream("/v1/completions", body, None).await;
+    assert!(done);
+    assert_eq!(text, " end");
+    let requests = stack.engine.requests();
+    assert_eq!(requests.len(), 2);
+    assert_eq!(requests[0], requests[1], "the same request, from scratch");
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn structured_output_is_not_spliced_mid_answer() {
+    let stack = Stack::start(scripted(1), features(true, true), 3).await;
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": true,
+                      "response_format": {"type": "json_object"}});
+    let (text, last, done) = stack.stream("/v1/chat/completions", body, None).await;
+    assert!(!done);
+    assert_eq!(text, " Once upon a");
+    assert!(
+        last["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("response_format"),
+        "{last}"
+    );
+    assert_eq!(stack.engine.requests().len(), 1);
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_can_turn_migration_off_with_a_header() {
+    let stack = Stack::start(scripted(1), features(true, true), 3).await;
+    let body = json!({"model": "m", "prompt": "Tell", "stream": true});
+    let (text, last, done) = stack
+        .stream("/v1/completions", body, Some(("x-switchyard-migration", "off")))
+        .await;
+    assert!(!done);
+    assert_eq!(text, " Once upon a");
+    assert!(last["error"].is_object(), "{last}");
+    assert_eq!(stack.engine.requests().len(), 1, "not migrated");
+    assert_eq!(stack.ongoing_migrations(), 0);
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_goes_to_at_most_one_plus_the_migration_limit_workers() {
+    // Every call dies after its pieces.
+    let stack = Stack::start(scripted(usize::MAX), features(true, false), 2).await;
+    let body = json!({"model": "m", "prompt": "Tell", "max_tokens": 100, "stream": true});
+    let (_, last, done) = stack.stream("/v1/completions", body, None).await;
+    assert!(!done);
+    assert!(last["error"].is_object(), "{last}");
+    assert_eq!(stack.engine.requests().len(), 3, "the first worker and two migrations");
+    assert_eq!(stack.ongoing_migrations(), 2);
+    stack.shutdown().await;
+}
