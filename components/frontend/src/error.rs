@@ -9,6 +9,18 @@ use switchyard_runtime::error::{ErrorKind, Report, RequestError};
 /// Seconds a client told "all workers busy" should wait before retrying.
 const RETRY_AFTER_SECS: u64 = 1;
 
+/// Marks a [`RequestError`] whose message the frontend itself wrote for the
+/// client (it names no worker or address): [`ApiError::from_request`]
+/// passes such a message on as it is, whatever the error's kind.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("written for the client")]
+pub struct ForClient;
+
+/// An error of `kind` whose `message` is meant for the client as it is.
+pub fn for_client(kind: ErrorKind, message: String) -> RequestError {
+    RequestError::new(kind, message).with_source(ForClient)
+}
+
 /// A request the frontend answers with an error status.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{status}: {message}")]
@@ -162,7 +174,9 @@ impl ApiError {
         // Only what the client's own request did wrong is passed on word for
         // word; the rest can carry worker addresses or engine internals, so
         // it goes to the log and the client gets the kind of failure.
+        let written_for_client = std::error::Error::source(error).is_some_and(|source| source.is::<ForClient>());
         let message = match error.kind() {
+            _ if written_for_client => error.message().to_string(),
             // A deadline's message names the deadline and its flag.
             ErrorKind::Invalid | ErrorKind::TooLarge | ErrorKind::Cancelled | ErrorKind::TimedOut => error.detail(),
             ErrorKind::Overloaded => format!("all workers of model {model:?} are busy; retry later"),
@@ -174,10 +188,12 @@ impl ApiError {
                 format!("the worker serving model {model:?} failed; the frontend's log has the details")
             }
         };
-        if !matches!(
-            error.kind(),
-            ErrorKind::Invalid | ErrorKind::TooLarge | ErrorKind::Cancelled | ErrorKind::Overloaded
-        ) {
+        if !written_for_client
+            && !matches!(
+                error.kind(),
+                ErrorKind::Invalid | ErrorKind::TooLarge | ErrorKind::Cancelled | ErrorKind::Overloaded
+            )
+        {
             tracing::warn!(model, error = %Report(error), "request failed");
         }
         Self {

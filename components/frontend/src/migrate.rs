@@ -182,7 +182,7 @@ impl State {
                     reason = %cannot,
                     "worker lost mid-answer; the answer cannot continue on another worker"
                 );
-                return Err(RequestError::new(
+                return Err(crate::error::for_client(
                     cause.kind(),
                     format!(
                         "the answer was cut off after {} tokens: its worker or engine broke off, and {cannot}",
