@@ -88,11 +88,12 @@ impl AsyncEngine<LlmRequest, LlmOutput> for VllmForwarder {
             _ = controller.stopped() => return Err(RequestError::new(ErrorKind::Cancelled, "cancelled before vLLM answered")),
         };
         let response = sent.map_err(|e| {
-            RequestError::new(
-                ErrorKind::Unreachable,
-                format!("vLLM at {} is unreachable", self.base_url),
-            )
-            .with_source(e)
+            let (kind, what) = if e.is_timeout() && !e.is_connect() {
+                (ErrorKind::TimedOut, "sent no answer within --engine-read-timeout-secs")
+            } else {
+                (ErrorKind::Unreachable, "is unreachable")
+            };
+            RequestError::new(kind, format!("vLLM at {} {what}", self.base_url)).with_source(e)
         })?;
         let status = response.status().as_u16();
         if !(200..300).contains(&status) {
@@ -211,9 +212,15 @@ impl Upstream {
                 Some(Ok(bytes)) => self.buffer.extend_from_slice(&bytes),
                 Some(Err(error)) => {
                     self.done = true;
-                    let error =
-                        RequestError::new(ErrorKind::Disconnected, "vLLM broke off the answer").with_source(error);
-                    return Some((Err(error), self));
+                    let (kind, message) = if error.is_timeout() {
+                        (
+                            ErrorKind::TimedOut,
+                            "vLLM sent nothing more within --engine-read-timeout-secs",
+                        )
+                    } else {
+                        (ErrorKind::Disconnected, "vLLM broke off the answer")
+                    };
+                    return Some((Err(RequestError::new(kind, message).with_source(error)), self));
                 }
                 None => {
                     // Ended without [DONE]: complete if a finish was seen.
@@ -310,6 +317,7 @@ fn ids(value: &Value) -> Option<Vec<u32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn chat_and_completion_chunks_become_pieces() {
@@ -388,6 +396,65 @@ mod tests {
             _turn: None,
         };
         futures::stream::unfold(state, Upstream::next).collect().await
+    }
+
+    /// A server on loopback that reads each request, writes `answer`
+    /// (nothing when empty), then holds the connection open without a word.
+    async fn wedged_server(answer: &'static str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut request = [0u8; 4096];
+                    let _ = socket.read(&mut request).await;
+                    let _ = socket.write_all(answer.as_bytes()).await;
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                });
+            }
+        });
+        format!("http://{address}")
+    }
+
+    fn plain_server() -> EngineFeatures {
+        EngineFeatures {
+            server: "openai-compatible".into(),
+            liveness: switchyard_llm::model_card::Liveness::Health,
+            one_at_a_time: false,
+            load: switchyard_llm::model_card::LoadGauges::InFlight,
+            token_ids: false,
+            continues_message: false,
+        }
+    }
+
+    fn completion() -> Context<LlmRequest> {
+        let request: switchyard_llm::openai::CompletionRequest =
+            switchyard_llm::openai::parse_request(br#"{"model":"m","prompt":"hi"}"#).unwrap();
+        Context::new(LlmRequest::Completion(request))
+    }
+
+    #[tokio::test]
+    async fn a_server_that_never_answers_or_stalls_mid_answer_times_out() {
+        let client = crate::engine_client(Duration::from_secs(1), Duration::from_millis(300)).unwrap();
+        // No headers at all.
+        let silent = VllmForwarder::new(client.clone(), wedged_server("").await, &plain_server());
+        let started = tokio::time::Instant::now();
+        let error = silent.generate(completion()).await.err().expect("a timeout");
+        assert_eq!(error.kind(), ErrorKind::TimedOut, "{error}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // Headers and one piece, then silence.
+        let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n\
+                    2d\r\ndata: {\"choices\":[{\"index\":0,\"text\":\" a\"}]}\n\n\r\n";
+        let stalled = VllmForwarder::new(client, wedged_server(head).await, &plain_server());
+        let mut stream = stalled.generate(completion()).await.unwrap();
+        assert_eq!(stream.next().await.unwrap().unwrap().text, " a");
+        let error = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("the stall ends within the read timeout")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::TimedOut, "{error}");
     }
 
     #[tokio::test]

@@ -76,6 +76,15 @@ pub struct VllmArgs {
     /// Bound on each check of a server (model list, health); a plain number is seconds.
     #[arg(long = "check-timeout-secs", env = "DYN_VLLM_CHECK_TIMEOUT_SECS", default_value = "5", value_parser = args::seconds(), value_name = "DURATION")]
     pub check_timeout: Duration,
+    /// Longest wait to open a connection to a server; a plain number is
+    /// seconds.
+    #[arg(long = "engine-connect-timeout-secs", env = "DYN_VLLM_CONNECT_TIMEOUT_SECS", default_value = "5", value_parser = args::seconds().positive(), value_name = "DURATION")]
+    pub engine_connect_timeout: Duration,
+    /// Longest a server may send nothing while it owes an answer (its
+    /// headers, or the next piece of a stream, the first token included);
+    /// past it the request fails as timed out and the frontend may move it.
+    #[arg(long = "engine-read-timeout-secs", env = "DYN_VLLM_READ_TIMEOUT_SECS", default_value = "120", value_parser = args::seconds().positive(), value_name = "DURATION")]
+    pub engine_read_timeout: Duration,
     /// How often each server's /health is polled (10 ms at the shortest); a
     /// plain number is milliseconds.
     #[arg(long = "health-interval-ms", env = "DYN_VLLM_HEALTH_INTERVAL_MS", default_value = "1000", value_parser = args::milliseconds(), value_name = "DURATION")]
@@ -119,6 +128,8 @@ pub enum VllmError {
     NoReplicas,
     #[error("{url:?} is not an http:// base URL (--attach; https is not supported yet)")]
     BadUrl { url: String },
+    #[error("cannot build the HTTP client for the servers")]
+    HttpClient(#[source] reqwest::Error),
     #[error(transparent)]
     Check(#[from] CheckError),
     #[error(transparent)]
@@ -133,11 +144,20 @@ pub enum VllmError {
     Endpoint(#[from] EndpointError),
 }
 
+/// The HTTP client for the servers: no wait on them is unbounded.
+pub fn engine_client(connect: Duration, read: Duration) -> Result<reqwest::Client, VllmError> {
+    reqwest::Client::builder()
+        .connect_timeout(connect)
+        .read_timeout(read)
+        .build()
+        .map_err(VllmError::HttpClient)
+}
+
 /// Runs the worker until the runtime shuts down: checks (or starts) the
 /// servers, serves one instance per server, and on shutdown drains them,
 /// then stops any children.
 pub async fn run(runtime: Runtime, args: VllmArgs) -> Result<(), VllmError> {
-    let http = reqwest::Client::new();
+    let http = engine_client(args.engine_connect_timeout, args.engine_read_timeout)?;
     let check_timeout = args.check_timeout;
     let tokenizer = kv::tokenizer(args.tokenizer_dir.as_deref())?;
     if !args.kv_events && !args.kv_events_endpoint.is_empty() {
