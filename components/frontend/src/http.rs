@@ -19,6 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
 use futures::StreamExt;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 use switchyard_llm::model_card::ModelKind;
 use switchyard_llm::openai::{ChatCompletionRequest, CompletionRequest, ModelList, ModelObject, parse_request};
@@ -333,7 +334,8 @@ async fn admit(
 
     let exchange = Exchange::begin(state.metrics.clone(), &model.name, route, stream, &request);
     let controller = Controller::with_id(id);
-    let original = (state.migration_limit > 0 || state.stall_timeout.is_some()).then(|| request.clone());
+    let request = Arc::new(request);
+    let original = (state.migration_limit > 0 || state.stall_timeout.is_some()).then(|| Arc::clone(&request));
     let context = Context::with_controller(request, controller);
     let (routed, kv_route) = match model.route(context).await {
         Ok(routed) => routed,

@@ -18,6 +18,7 @@ use crate::kv::Booking;
 use crate::models::Model;
 use futures::StreamExt;
 use prometheus::IntCounterVec;
+use std::sync::Arc;
 use switchyard_llm::migration::{Continuation, Progress, continue_request};
 use switchyard_llm::model_card::ModelKind;
 use switchyard_llm::openai::Usage;
@@ -65,7 +66,7 @@ pub struct MigrationPolicy {
 struct State {
     policy: MigrationPolicy,
     /// The client's request: every continuation is built from it and `progress`.
-    original: LlmRequest,
+    original: Arc<LlmRequest>,
     current: ResponseStream<LlmOutput>,
     /// The instance `current` comes from.
     instance: u64,
@@ -87,7 +88,7 @@ struct State {
 /// the answer progresses, and replaced when the request moves.
 pub fn migrating(
     policy: MigrationPolicy,
-    request: LlmRequest,
+    request: Arc<LlmRequest>,
     routed: Routed<LlmOutput>,
     booking: Option<Booking>,
 ) -> ResponseStream<LlmOutput> {
@@ -166,13 +167,13 @@ impl State {
 
     /// Re-issues the rest of the request; on success `current` is the new stream.
     async fn migrate(&mut self, cause: &RequestError) -> Result<(), RequestError> {
-        let kind = match self.original {
+        let kind = match *self.original {
             LlmRequest::Chat(_) => ModelKind::Chat,
             LlmRequest::Completion(_) => ModelKind::Completions,
         };
         let ways = Continuation::common(self.policy.target.cards.values(), kind);
         let next = match continue_request(&self.original, &self.progress, &ways) {
-            Ok(Some(next)) => next,
+            Ok(Some(next)) => Arc::new(next),
             Ok(None) => return Err(cause.clone_kind()),
             Err(cannot) => {
                 tracing::warn!(
@@ -214,13 +215,13 @@ impl State {
         let (routed, kv_route) = self
             .policy
             .target
-            .route(Context::with_controller(next.clone(), controller))
+            .route(Context::with_controller(Arc::clone(&next), controller))
             .await?;
         if let Some(route) = kv_route {
             tracing::debug!(request_id = %self.policy.request_id, route = %route.explanation, "KV route of the migrated request");
             self.booking = Some(route.booking);
         }
-        self.current_is_original = next == self.original;
+        self.current_is_original = *next == *self.original;
         self.tokens_before = self.progress.tokens;
         self.current = routed.stream;
         self.instance = routed.instance_id;

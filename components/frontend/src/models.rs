@@ -29,7 +29,9 @@ use switchyard_runtime::routing::push_router::Routed;
 use tokio_util::sync::CancellationToken;
 
 /// The router type every model uses.
-pub type LlmRouter = PushRouter<LlmRequest, LlmOutput>;
+/// Requests go to the router behind an `Arc`: it serializes them for the
+/// wire, and migration keeps the same one, so a large prompt is held once.
+pub type LlmRouter = PushRouter<Arc<LlmRequest>, LlmOutput>;
 
 /// Pause before re-opening a failed watch of `v1/models`.
 const REWATCH_PAUSE: Duration = Duration::from_millis(500);
@@ -153,7 +155,7 @@ impl Model {
     /// else by the router's mode.
     pub async fn route(
         &self,
-        request: Context<LlmRequest>,
+        request: Context<Arc<LlmRequest>>,
     ) -> Result<(Routed<LlmOutput>, Option<KvRoute>), RequestError> {
         let Some(kv) = &self.kv else {
             return Ok((self.router.generate_routed(request).await?, None));

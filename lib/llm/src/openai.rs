@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 pub type Extra = Map<String, Value>;
 
 /// `POST /v1/chat/completions`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChatCompletionRequest {
     pub model: String,
     pub messages: Vec<ChatMessage>,
@@ -42,7 +42,7 @@ pub struct ChatCompletionRequest {
 }
 
 /// `POST /v1/completions`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CompletionRequest {
     pub model: String,
     pub prompt: Prompt,
@@ -66,8 +66,90 @@ pub struct CompletionRequest {
     pub extra: Extra,
 }
 
+/// `Deserialize` for a type with typed fields plus an `extra` map of every
+/// other field, visiting the object once. (serde's `flatten` would first
+/// buffer the whole object in an intermediate form many times its size: a
+/// 32 MiB body of numbers took over 500 MiB.) `required` fields must be
+/// present; `optional` ones take their `Default` when absent.
+macro_rules! deserialize_with_extra {
+    ($ty:ident { required: [$($required:ident),*], optional: [$($optional:ident),*] }) => {
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                struct Fields;
+                impl<'de> serde::de::Visitor<'de> for Fields {
+                    type Value = $ty;
+
+                    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                        f.write_str("a JSON object")
+                    }
+
+                    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<$ty, A::Error> {
+                        use serde::de::Error;
+                        $(let mut $required = None;)*
+                        $(let mut $optional = None;)*
+                        let mut extra = Extra::new();
+                        while let Some(key) = map.next_key::<String>()? {
+                            match key.as_str() {
+                                $(stringify!($required) => {
+                                    if $required.is_some() {
+                                        return Err(A::Error::duplicate_field(stringify!($required)));
+                                    }
+                                    $required = Some(map.next_value()?);
+                                })*
+                                $(stringify!($optional) => {
+                                    if $optional.is_some() {
+                                        return Err(A::Error::duplicate_field(stringify!($optional)));
+                                    }
+                                    $optional = Some(map.next_value()?);
+                                })*
+                                _ => {
+                                    let value = map.next_value()?;
+                                    if extra.insert(key.clone(), value).is_some() {
+                                        return Err(A::Error::custom(format_args!("duplicate field `{key}`")));
+                                    }
+                                }
+                            }
+                        }
+                        Ok($ty {
+                            $($required: $required.ok_or_else(|| A::Error::missing_field(stringify!($required)))?,)*
+                            $($optional: $optional.unwrap_or_default(),)*
+                            extra,
+                        })
+                    }
+                }
+                deserializer.deserialize_map(Fields)
+            }
+        }
+    };
+}
+
+deserialize_with_extra!(ChatCompletionRequest {
+    required: [model, messages],
+    optional: [
+        max_tokens,
+        max_completion_tokens,
+        stream,
+        stream_options,
+        stop,
+        temperature,
+        top_p,
+        n,
+        seed
+    ]
+});
+
+deserialize_with_extra!(CompletionRequest {
+    required: [model, prompt],
+    optional: [max_tokens, stream, stream_options, stop, temperature, top_p, n, seed]
+});
+
+deserialize_with_extra!(ChatMessage {
+    required: [role],
+    optional: [content]
+});
+
 /// One message of a chat.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChatMessage {
     pub role: Role,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -127,3 +127,31 @@ proptest::proptest! {
         let _ = parse_request::<CompletionRequest>(&bytes);
     }
 }
+
+#[test]
+fn duplicate_and_missing_fields_and_non_objects_are_named() {
+    let twice = chat(r#"{"model":"m","model":"n","messages":[]}"#).unwrap_err();
+    assert!(twice.message.contains("duplicate field `model`"), "{}", twice.message);
+    let extra_twice = chat(r#"{"model":"m","messages":[],"user":"a","user":"b"}"#).unwrap_err();
+    assert!(
+        extra_twice.message.contains("duplicate field `user`"),
+        "{}",
+        extra_twice.message
+    );
+    let missing = chat(r#"{"messages":[]}"#).unwrap_err();
+    assert_eq!(missing.field.as_deref(), Some("model"), "{}", missing.message);
+    let array = chat("[1,2]").unwrap_err();
+    assert!(array.message.contains("must be a JSON object"), "{}", array.message);
+    let trailing = chat(r#"{"model":"m","messages":[]} x"#).unwrap_err();
+    assert!(trailing.message.contains("not valid JSON"), "{}", trailing.message);
+}
+
+#[test]
+fn requests_survive_the_request_plane_s_msgpack_with_their_unknown_fields() {
+    let request =
+        chat(r#"{"model":"m","messages":[{"role":"user","content":"hi","name":"ann"}],"top_k":3,"stream":true}"#)
+            .unwrap();
+    let bytes = rmp_serde::to_vec(&request).unwrap();
+    let back: ChatCompletionRequest = rmp_serde::from_slice(&bytes).unwrap();
+    assert_eq!(back, request);
+}
