@@ -63,10 +63,12 @@ pub struct FrontendArgs {
     /// leaves mid-answer (0 turns migration off).
     #[arg(long, env = "DYN_MIGRATION_LIMIT", default_value_t = 3)]
     pub migration_limit: u32,
-    /// How long a worker may send nothing on a stream before the stream
-    /// counts as broken (and migrates): `30s`, `1m`; a plain number is
-    /// seconds. 0 waits for ever. Dynamo's name.
-    #[arg(long = "stream-stall-timeout-secs", env = "DYN_HTTP_BACKEND_STREAM_TIMEOUT_SECS", default_value = "0", value_parser = args::seconds(), value_name = "DURATION")]
+    /// How long a worker may send nothing on a stream after its first
+    /// piece before the stream counts as broken (and migrates): `30s`,
+    /// `1m`; a plain number is seconds. 0 waits for ever (Dynamo's default;
+    /// ours is 60 s so that a frozen worker cannot hold a request for ever).
+    /// Dynamo's name.
+    #[arg(long = "stream-stall-timeout-secs", env = "DYN_HTTP_BACKEND_STREAM_TIMEOUT_SECS", default_value = "60", value_parser = args::seconds(), value_name = "DURATION")]
     pub stream_stall_timeout: Duration,
     /// KV mode: weight of a worker's prefill work (the prompt blocks it does
     /// not hold yet) against its decode work in the cost. 0 routes on load

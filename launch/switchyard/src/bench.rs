@@ -81,6 +81,9 @@ pub(crate) struct BenchArgs {
     /// Most requests in flight in an open loop (--rate, --trace); one due at the cap waits.
     #[arg(long, default_value_t = 1024)]
     pub(crate) max_in_flight: usize,
+    /// API key sent as `Authorization: Bearer` (the frontend's --api-key).
+    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
+    pub(crate) api_key: Option<String>,
     /// Workers' metrics URLs (comma separated): report the run's prefix-cache hit rate from them.
     #[arg(long, value_delimiter = ',')]
     pub(crate) worker_metrics: Vec<String>,
@@ -187,6 +190,9 @@ pub(crate) struct Report {
     pub(crate) ttft_ms: Quantiles,
     pub(crate) itl_ms: Quantiles,
     pub(crate) e2e_ms: Quantiles,
+    /// How long the failed requests took to fail (a refusal at the edge
+    /// should take milliseconds).
+    pub(crate) refused_ms: Quantiles,
     /// Open loop: requests sent late because `--max-in-flight` were out.
     pub(crate) waited_for_cap: usize,
     /// Prompt tokens the workers found cached ÷ tokens they looked up, over
@@ -202,11 +208,13 @@ impl Report {
         let errors = if self.errors.is_empty() {
             "none".to_string()
         } else {
-            self.errors
+            let counts = self
+                .errors
                 .iter()
                 .map(|(k, v)| format!("{k}: {v}"))
                 .collect::<Vec<_>>()
-                .join(", ")
+                .join(", ");
+            format!("{counts} (in {} ms)", q(&self.refused_ms))
         };
         let hits = self
             .prefix_cache_hit_rate
@@ -370,8 +378,15 @@ pub(crate) async fn run(args: &BenchArgs) -> Result<Report, String> {
         Some(path) => Some(for_each_trace_line(path, args.trace_block_size, |_| {})?),
         None => None,
     };
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(key) = &args.api_key {
+        let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
+            .map_err(|_| "--api-key holds characters a header cannot carry".to_string())?;
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(1024)
+        .default_headers(headers)
         .build()
         .map_err(|e| e.to_string())?;
     let total = trace_len.unwrap_or(args.requests);
@@ -671,6 +686,7 @@ fn summarize(args: &BenchArgs, samples: &[Sample], duration: f64) -> Report {
         ttft_ms: Quantiles::of(ok.iter().filter_map(|s| s.ttft).collect()),
         itl_ms: Quantiles::of(ok.iter().flat_map(|s| s.gaps.iter().copied()).collect()),
         e2e_ms: Quantiles::of(ok.iter().map(|s| s.e2e).collect()),
+        refused_ms: Quantiles::of(samples.iter().filter(|s| s.error.is_some()).map(|s| s.e2e).collect()),
         waited_for_cap: samples.iter().filter(|s| s.waited_for_cap).count(),
         prefix_cache_hit_rate: None,
         ttft_curve_ms: percentile_curve(ok.iter().filter_map(|s| s.ttft).collect()),

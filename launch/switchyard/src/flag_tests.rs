@@ -107,7 +107,11 @@ fn defaults_are_unchanged_and_default_impls_agree_with_the_flags() {
         let parsed = frontend(&[]);
         let default = FrontendArgs::default();
         assert_eq!(format!("{parsed:?}"), format!("{default:?}"));
-        assert_eq!(default.stream_stall_timeout, Duration::ZERO, "off");
+        assert_eq!(default.stream_stall_timeout, Duration::from_secs(60));
+        assert_eq!(default.first_token_timeout, Duration::from_secs(120));
+        assert_eq!(default.http_write_timeout, Duration::from_secs(30));
+        assert_eq!(default.max_inflight_requests, 1024);
+        assert!(default.api_keys.is_empty(), "open unless keys are given");
         assert_eq!(default.http_idle_timeout, Duration::from_secs(30));
         assert_eq!(default.router_max_wait, Duration::ZERO);
         assert_eq!(default.http_port, 8000);

@@ -278,6 +278,7 @@ fn bench_args(url: &str, trace: &Path, speedup: f64, worker_metrics: Vec<String>
         trace_block_size: 512,
         trace_speedup: speedup,
         max_in_flight: 4096,
+        api_key: None,
         worker_metrics,
     }
 }

@@ -120,6 +120,7 @@ fn load(url: &str, rate: Option<f64>, concurrency: usize, requests: usize) -> Be
         trace_block_size: 512,
         trace_speedup: 1.0,
         max_in_flight: 4096,
+        api_key: None,
         worker_metrics: Vec::new(),
     }
 }
