@@ -44,7 +44,7 @@ fn mocker(args: &[&str]) -> MockerArgs {
 
 fn vllm(args: &[&str]) -> VllmArgs {
     match parse(&[&["worker", "vllm", "--model", "m", "--managed"], args].concat()).unwrap() {
-        Command::Worker(WorkerKind::Vllm(args)) => args,
+        Command::Worker(WorkerKind::Vllm(args)) => *args,
         other => panic!("not the vLLM worker: {other:?}"),
     }
 }

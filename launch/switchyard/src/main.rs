@@ -121,7 +121,7 @@ enum WorkerKind {
     /// A simulated vLLM engine (no GPU).
     Mocker(MockerArgs),
     /// In front of vLLM OpenAI servers: attach to running ones or start them.
-    Vllm(switchyard_vllm::VllmArgs),
+    Vllm(Box<switchyard_vllm::VllmArgs>),
 }
 
 type AppError = Box<dyn std::error::Error + Send + Sync>;
@@ -188,7 +188,7 @@ fn execute(command: Command) -> Result<(), AppError> {
                 unreachable!("handled before the mesh runtime starts")
             }
             Command::Worker(WorkerKind::Vllm(args)) => {
-                switchyard_vllm::run(runtime, args).await.map_err(AppError::from)
+                switchyard_vllm::run(runtime, *args).await.map_err(AppError::from)
             }
             Command::Frontend(args) => switchyard_frontend::run(runtime, args).await.map_err(AppError::from),
             Command::Worker(WorkerKind::Mocker(args)) => switchyard_mocker_worker::run(runtime, args)
