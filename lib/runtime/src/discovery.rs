@@ -245,6 +245,11 @@ pub enum DiscoveryError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "file discovery: will not use {path}: {problem}; anyone who can write there can register \
+         models and take their traffic. Use a directory of this user's own (DYN_FILE_KV), mode 0700"
+    )]
+    FileUntrusted { path: std::path::PathBuf, problem: String },
     #[error("etcd {operation} failed")]
     Etcd {
         operation: &'static str,

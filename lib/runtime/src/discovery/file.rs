@@ -7,6 +7,12 @@
 //! `[A-Za-z0-9_-]` of each segment percent-encoded, so any key round-trips.
 //! Files are written atomically (temp file `.tmp_*`, then rename).
 //!
+//! Trust: the directories are created 0700, and a root or bucket directory
+//! owned by another user, or writable by group or others, is refused at
+//! open — whoever can write there can register models. Entries that are
+//! not regular files (a FIFO would block a reader), cannot be read, or are
+//! larger than [`MAX_ENTRY_BYTES`] are skipped with a warning, never fatal.
+//!
 //! Liveness: a process touches its files every `DYN_LEASE_TTL / 3`. A file
 //! whose modification time is older than the TTL belongs to a dead process:
 //! readers ignore it and delete it. Watches rescan on every inotify event and
@@ -31,6 +37,56 @@ use tokio_util::task::TaskTracker;
 const RESCAN_EVERY: Duration = Duration::from_millis(500);
 
 const BUCKETS: [Bucket; 3] = [Bucket::Instances, Bucket::Models, Bucket::EventChannels];
+
+/// Largest registration file read; real ones are a few hundred bytes.
+const MAX_ENTRY_BYTES: u64 = 1024 * 1024;
+
+/// Paths already warned about (bounded), so a bad entry is reported once,
+/// not on every scan.
+static WARNED: Mutex<Option<std::collections::HashSet<PathBuf>>> = Mutex::new(None);
+const MAX_WARNED: usize = 1024;
+
+fn warn_once(path: &Path, why: &str) {
+    let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+    let warned = warned.get_or_insert_with(Default::default);
+    if warned.len() < MAX_WARNED && warned.insert(path.to_path_buf()) {
+        tracing::warn!(file = %path.display(), why, "file discovery: skipping an entry");
+    }
+}
+
+/// Creates `dir` (and its parents) 0700 when missing.
+fn create_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
+/// Refuses `dir` unless `uid` owns it and only its owner may write to it.
+fn check_trusted(dir: &Path, uid: u32) -> Result<(), DiscoveryError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| file_error("inspect", dir, e))?;
+    let problem = if meta.file_type().is_symlink() {
+        Some("it is a symbolic link".to_string())
+    } else if meta.uid() != uid {
+        Some(format!(
+            "it is owned by uid {}, not by this process's uid {uid}",
+            meta.uid()
+        ))
+    } else if meta.mode() & 0o022 != 0 {
+        Some(format!(
+            "group or others may write to it (mode {:o})",
+            meta.mode() & 0o777
+        ))
+    } else {
+        None
+    };
+    match problem {
+        Some(problem) => Err(DiscoveryError::FileUntrusted {
+            path: dir.to_path_buf(),
+            problem,
+        }),
+        None => Ok(()),
+    }
+}
 
 /// One process's handle on a shared discovery directory.
 #[derive(Debug)]
@@ -66,15 +122,22 @@ impl FileDiscovery {
     ) -> Result<Self, DiscoveryError> {
         let dirs: Vec<PathBuf> = BUCKETS.iter().map(|b| root.join(b.as_str())).collect();
         blocking({
-            let dirs = dirs.clone();
+            let (dirs, root) = (dirs.clone(), root.clone());
             move || {
+                use std::os::unix::fs::MetadataExt;
                 for dir in &dirs {
-                    std::fs::create_dir_all(dir).map_err(|e| file_error("create", dir, e))?;
+                    create_private_dir(dir).map_err(|e| file_error("create", dir, e))?;
                 }
-                // Fail at start-up, not at the first registration, when the directory is read-only.
+                // Fail at start-up, not at the first registration, when the
+                // directory is read-only; the probe also says who we are.
                 let probe = dirs[0].join(format!(".tmp_probe_{:016x}", rand::random::<u64>()));
                 std::fs::write(&probe, b"").map_err(|e| file_error("write to", &dirs[0], e))?;
+                let uid = std::fs::metadata(&probe).map(|m| m.uid());
                 let _ = std::fs::remove_file(&probe);
+                let uid = uid.map_err(|e| file_error("inspect", &probe, e))?;
+                for dir in std::iter::once(&root).chain(&dirs) {
+                    check_trusted(dir, uid)?;
+                }
                 Ok(())
             }
         })
@@ -275,7 +338,19 @@ fn scan(root: &Path, ttl: Duration, query: &Query) -> Result<BTreeMap<Key, Bytes
             continue;
         }
         let path = entry.path();
-        let Ok(modified) = entry.metadata().and_then(|m| m.modified()) else {
+        // Not followed: a symbolic link, FIFO or device is skipped, never opened.
+        let Ok(meta) = entry.metadata() else {
+            continue;
+        };
+        if !meta.file_type().is_file() {
+            warn_once(&path, "not a regular file");
+            continue;
+        }
+        if meta.len() > MAX_ENTRY_BYTES {
+            warn_once(&path, "larger than 1 MiB: not a registration");
+            continue;
+        }
+        let Ok(modified) = meta.modified() else {
             continue;
         };
         // A modification time in the future (clock skew) counts as fresh.
@@ -290,7 +365,7 @@ fn scan(root: &Path, ttl: Duration, query: &Query) -> Result<BTreeMap<Key, Bytes
             }
             // Removed between listing and reading: it is gone.
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(file_error("read", &path, e)),
+            Err(e) => warn_once(&path, &format!("cannot be read: {e}")),
         }
     }
     Ok(view)
@@ -504,6 +579,77 @@ mod tests {
         );
         assert!(!dead.inner.path(&key).exists(), "the expired file was not reaped");
         live_stop.cancel();
+        let _ = std::fs::remove_dir_all(root);
+    }
+
+    async fn open_at(root: &Path) -> Result<FileDiscovery, DiscoveryError> {
+        FileDiscovery::open(
+            root.to_path_buf(),
+            Duration::from_secs(10),
+            TaskTracker::new(),
+            CancellationToken::new(),
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn directories_are_created_private_and_shared_or_foreign_ones_are_refused() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let root = temp_root();
+        drop(open_at(&root).await.unwrap());
+        for dir in [root.clone(), root.join("models")] {
+            assert_eq!(
+                std::fs::metadata(&dir).unwrap().mode() & 0o777,
+                0o700,
+                "{}",
+                dir.display()
+            );
+        }
+        // Writable by everyone, as a directory another user made in /tmp could be.
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let error = open_at(&root).await.err().expect("refused");
+        assert!(matches!(error, DiscoveryError::FileUntrusted { .. }), "{error}");
+        assert!(error.to_string().contains("mode 777"), "{error}");
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700)).unwrap();
+        // Owned by another user (only root can hand a directory over).
+        if std::os::unix::fs::chown(root.join("models"), Some(65534), None).is_ok() {
+            let error = open_at(&root).await.err().expect("refused");
+            assert!(error.to_string().contains("owned by uid 65534"), "{error}");
+        }
+        let _ = std::fs::remove_dir_all(root);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fifo_or_an_oversized_entry_is_skipped_and_real_registrations_are_seen() {
+        let root = temp_root();
+        let backend = open_at(&root).await.unwrap();
+        let key = Key {
+            bucket: Bucket::Instances,
+            namespace: "ns".into(),
+            component: "c".into(),
+            name: "e".into(),
+            instance_id: backend.instance_id(),
+        };
+        backend
+            .register(Registration {
+                key: key.clone(),
+                value: Bytes::from_static(b"{}"),
+            })
+            .await
+            .unwrap();
+        // Registration-like names: a FIFO (opening it would block for ever)
+        // and a 2 MiB file.
+        let fifo = root.join("instances").join("ns.c.e.1");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(made.success(), "mkfifo");
+        let huge = std::fs::File::create(root.join("instances").join("ns.c.e.2")).unwrap();
+        huge.set_len(2 * 1024 * 1024).unwrap();
+        let listed = tokio::time::timeout(Duration::from_secs(5), backend.list(&Query::endpoint("ns", "c", "e")))
+            .await
+            .expect("the FIFO is not opened")
+            .unwrap();
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(listed[0].key, key);
         let _ = std::fs::remove_dir_all(root);
     }
 
