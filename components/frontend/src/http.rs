@@ -6,6 +6,8 @@ use crate::admission::{Admission, Admitted};
 use crate::auth::{ApiKeys, MetricsAccess};
 use crate::error::ApiError;
 use crate::kv::{Booking, KvMetrics};
+use crate::mesh::decisions::Decisions;
+use crate::mesh::{self, MeshPage, MeshState};
 use crate::metrics::FrontendMetrics;
 use crate::migrate::{self, MigrationPolicy, migrating};
 use crate::models::{KvRoute, ModelManager, RouterSettings};
@@ -68,6 +70,10 @@ pub struct FrontendState {
     pub metrics_access: MetricsAccess,
     /// The in-flight cap, its queue and the per-key rates.
     pub admission: Admission,
+    /// The mesh page's own state: recent routing decisions and the like.
+    pub mesh: MeshState,
+    /// Whether `/` and `/api/mesh` are served (`--mesh-page`).
+    pub mesh_page: MeshPage,
 }
 
 impl FrontendState {
@@ -113,6 +119,13 @@ impl FrontendState {
             keys,
             metrics_access: args.http_metrics,
             admission,
+            mesh: MeshState {
+                decisions: Decisions::default(),
+                instance_id: drt.instance_id(),
+                router_mode: args.router_mode,
+                health: drt.health().clone(),
+            },
+            mesh_page: args.mesh_page,
         })
     }
 }
@@ -120,6 +133,7 @@ impl FrontendState {
 /// All routes of the frontend over `state`.
 pub fn router(state: FrontendState) -> Router {
     Router::new()
+        .merge(mesh::routes(state.mesh_page))
         .route("/v1/models", get(list_models))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
@@ -346,14 +360,15 @@ async fn admit(
             return Err(refuse(&model.name, stream, api));
         }
     };
+    let worker = routed.instance_id;
+    mesh::record(&state.mesh.decisions, id, &model, worker, kv_route.as_ref());
     let (booking, route_header) = match kv_route {
-        Some(KvRoute { booking, explanation }) => {
+        Some(KvRoute { booking, explanation, .. }) => {
             tracing::debug!(model = %model.name, request_id = %id, route = %explanation, "KV route");
             (Some(booking), Some(explanation))
         }
         None => (None, None),
     };
-    let worker = routed.instance_id;
     // Migration (and the stall deadline) wrap the worker's stream first, so
     // a worker lost before its first piece is replaced too.
     let mut responses = match original {
