@@ -7,6 +7,7 @@ use crate::auth::{ApiKeys, MetricsAccess};
 use crate::error::ApiError;
 use crate::kv::{Booking, KvMetrics};
 use crate::mesh::decisions::Decisions;
+use crate::mesh::history::LoadHistory;
 use crate::mesh::{self, MeshPage, MeshState};
 use crate::metrics::FrontendMetrics;
 use crate::migrate::{self, MigrationPolicy, migrating};
@@ -106,6 +107,10 @@ impl FrontendState {
         let keys = ApiKeys::load(&args.api_keys, args.api_key_file.as_deref())?;
         let admission = Admission::new(args.admission_settings(), keys.ids(), drt.process_metrics())?;
         models.watch(runtime.root_token().child_token()).await?;
+        let history = LoadHistory::default();
+        if args.mesh_page == MeshPage::On {
+            history.follow(models.clone(), &runtime, runtime.root_token().child_token());
+        }
         Ok(Self {
             models,
             metrics: FrontendMetrics::register(drt.process_metrics())?,
@@ -124,6 +129,7 @@ impl FrontendState {
                 instance_id: drt.instance_id(),
                 router_mode: args.router_mode,
                 health: drt.health().clone(),
+                history,
             },
             mesh_page: args.mesh_page,
         })

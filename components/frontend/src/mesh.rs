@@ -10,6 +10,7 @@
 //! `sessionStorage`). `--mesh-page off` leaves all of it out.
 
 pub mod decisions;
+pub mod history;
 
 use crate::http::FrontendState;
 use crate::kv::KvMetrics;
@@ -20,6 +21,7 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use decisions::{Decision, Decisions};
+use history::LoadHistory;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -46,6 +48,8 @@ pub struct MeshState {
     pub router_mode: switchyard_runtime::routing::RouterMode,
     /// For the uptime.
     pub health: std::sync::Arc<switchyard_runtime::status::SystemHealth>,
+    /// Load per worker over the last minutes (sampled only while the page is on).
+    pub history: LoadHistory,
 }
 
 /// Decisions shown on the page and in `/api/mesh` (the ring keeps more, for
@@ -66,6 +70,7 @@ pub fn routes(page: MeshPage) -> Router<FrontendState> {
             .route("/mesh.js", get(|| async { asset("text/javascript; charset=utf-8", MESH_JS) }))
             .route("/mesh.css", get(|| async { asset("text/css; charset=utf-8", MESH_CSS) }))
             .route("/api/mesh", get(mesh))
+            .route("/api/mesh/history", get(load_history))
             .route("/api/mesh/decisions/{request_id}", get(decision)),
     }
 }
@@ -93,6 +98,35 @@ async fn mesh(State(state): State<FrontendState>, headers: HeaderMap) -> Respons
         return error.into_response();
     }
     axum::Json(view(&state)).into_response()
+}
+
+/// `GET /api/mesh/history[?since=<at_ms>]`: the load samples, or only
+/// those after the last one the caller has (what the page asks each second).
+async fn load_history(State(state): State<FrontendState>, headers: HeaderMap, uri: axum::http::Uri) -> Response {
+    if let Err(error) = state.keys.check(&headers) {
+        return error.into_response();
+    }
+    // One optional number: parsed by hand rather than with a query
+    // extractor (axum's `query` feature) for one parameter.
+    let since = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("since="));
+    let since = match since.map(str::parse::<u64>) {
+        None => None,
+        Some(Ok(since)) => Some(since),
+        Some(Err(_)) => {
+            return crate::error::ApiError::invalid(switchyard_llm::openai::InvalidRequest {
+                field: Some("since".into()),
+                message: "`since` must be a time in milliseconds since the Unix epoch".into(),
+            })
+            .into_response();
+        }
+    };
+    let step_ms = u64::try_from(history::STEP.as_millis()).unwrap_or(u64::MAX);
+    let samples = state.mesh.history.since(since);
+    axum::Json(serde_json::json!({ "step_ms": step_ms, "samples": samples })).into_response()
 }
 
 async fn decision(State(state): State<FrontendState>, headers: HeaderMap, Path(request_id): Path<String>) -> Response {

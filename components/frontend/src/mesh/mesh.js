@@ -6,13 +6,14 @@
 const POLL_MS = 1000;
 // A poll that takes longer than this is abandoned (nothing waits for ever).
 const POLL_TIMEOUT_MS = 3000;
-// Load history kept for the chart: 5 minutes at one sample a second.
+// Load samples kept for the chart: 5 minutes at one a second (as the server).
 const HISTORY = 300;
 const KEY_STORAGE = "switchyard-api-key";
 const COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"];
 
-// Per worker id, its last HISTORY loads (oldest first; null while absent).
-const history = new Map();
+// The server's load samples ({at_ms, loads: {id: load}}), oldest first,
+// fetched a few at a time (only those newer than the last one we have).
+let samples = [];
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -27,7 +28,7 @@ function el(tag, attrs, ...children) {
 }
 
 function percent(x) {
-  return x == null ? "–" : (100 * x).toFixed(0) + " %";
+  return x == null ? "–" : (100 * x).toFixed(x < 0.1 ? 1 : 0) + " %";
 }
 
 function time(ms) {
@@ -59,6 +60,7 @@ async function poll() {
     }
     const mesh = await response.json();
     document.getElementById("key-form").hidden = true;
+    await fetchHistory(headers, abort.signal);
     render(mesh);
     setStatus("live · " + time(mesh.at_ms), "live");
   } catch (error) {
@@ -69,10 +71,16 @@ async function poll() {
   }
 }
 
+async function fetchHistory(headers, signal) {
+  const last = samples.length ? "?since=" + samples[samples.length - 1].at_ms : "";
+  const response = await fetch("api/mesh/history" + last, { headers, signal, cache: "no-store" });
+  if (!response.ok) return;
+  samples = samples.concat((await response.json()).samples).slice(-HISTORY);
+}
+
 function render(mesh) {
   renderFacts(mesh);
   renderModels(mesh.models);
-  record(mesh.models);
   renderChart();
   renderDecisions(mesh.decisions);
 }
@@ -140,56 +148,46 @@ function color(id) {
   return colorOf.get(id);
 }
 
-// Appends one sample per known worker: its load (in flight here, or its own
-// report when higher), or null when it is gone; forgets workers gone for the
-// whole window.
-function record(models) {
-  const now = new Map();
-  for (const model of models) {
-    for (const i of model.instances) now.set(i.id, Math.max(i.inflight, i.reported_load || 0));
-  }
-  for (const id of now.keys()) if (!history.has(id)) history.set(id, []);
-  for (const [id, samples] of history) {
-    samples.push(now.has(id) ? now.get(id) : null);
-    if (samples.length > HISTORY) samples.shift();
-    if (samples.every((s) => s === null)) { history.delete(id); colorOf.delete(id); }
-  }
-}
-
+// One line per worker over the samples' time span (the right edge is the
+// newest sample), broken where the worker was absent.
 function renderChart() {
   const svg = document.getElementById("load-chart");
   const ns = "http://www.w3.org/2000/svg";
   const width = 800, height = 160, pad = 4;
+  const workers = [];
   let max = 1;
-  for (const samples of history.values()) for (const s of samples) if (s !== null && s > max) max = s;
-  const x = (index) => width - (HISTORY - 1 - index) * (width / (HISTORY - 1));
+  for (const sample of samples) {
+    for (const [id, load] of Object.entries(sample.loads)) {
+      if (!workers.includes(id)) workers.push(id);
+      if (load > max) max = load;
+    }
+  }
+  for (const id of colorOf.keys()) if (!workers.includes(id)) colorOf.delete(id);
+  // The span grows with the samples, from half a minute up to all of them.
+  const newest = samples.length ? samples[samples.length - 1].at_ms : 0;
+  const span = Math.max(30000, newest - (samples.length ? samples[0].at_ms : 0));
+  const x = (at) => width - ((newest - at) / span) * width;
   const y = (load) => height - pad - (load / max) * (height - 2 * pad);
-  const lines = [];
-  for (const [id, samples] of history) {
-    const offset = HISTORY - samples.length;
-    // One path, broken where the worker was absent.
+  const lines = workers.map((id) => {
     let d = "", pen = "M";
-    samples.forEach((s, k) => {
-      if (s === null) { pen = "M"; return; }
-      d += pen + x(offset + k).toFixed(1) + " " + y(s).toFixed(1) + " ";
+    for (const sample of samples) {
+      const load = sample.loads[id];
+      if (load === undefined) { pen = "M"; continue; }
+      d += pen + x(sample.at_ms).toFixed(1) + " " + y(load).toFixed(1) + " ";
       pen = "L";
-    });
+    }
     const path = document.createElementNS(ns, "path");
     path.setAttribute("d", d.trim());
     path.setAttribute("fill", "none");
     path.setAttribute("stroke", color(id));
     path.setAttribute("stroke-width", "2");
     path.setAttribute("vector-effect", "non-scaling-stroke");
-    lines.push(path);
-  }
-  const label = document.createElementNS(ns, "text");
-  label.setAttribute("x", "6");
-  label.setAttribute("y", "14");
-  label.setAttribute("font-size", "12");
-  label.textContent = "max " + max;
-  svg.replaceChildren(...lines, label);
-  document.getElementById("load-legend").replaceChildren(...[...history.keys()].map((id) =>
-    el("span", {}, swatch(id), id)));
+    return path;
+  });
+  // The scale is said in the legend: text inside the stretched SVG would be distorted.
+  svg.replaceChildren(...lines);
+  document.getElementById("load-legend").replaceChildren(el("span", {}, "last " + Math.round(span / 1000) + " s; top: " + max),
+    ...workers.map((id) => el("span", {}, swatch(id), id)));
 }
 
 function renderDecisions(decisions) {

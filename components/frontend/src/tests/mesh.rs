@@ -140,7 +140,7 @@ async fn with_api_keys_the_json_needs_the_key_and_the_page_files_do_not() {
     let stack = stack(args, None).await;
     let (status, _, _) = fetch(&stack, "/", None).await;
     assert_eq!(status, StatusCode::OK, "the page itself holds no data");
-    for path in ["/api/mesh", "/api/mesh/decisions/anything"] {
+    for path in ["/api/mesh", "/api/mesh/history", "/api/mesh/decisions/anything"] {
         let (status, _, body) = fetch(&stack, path, None).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}: {body}");
         let (status, _, _) = fetch(&stack, path, Some("sk-wrong")).await;
@@ -158,9 +158,43 @@ async fn mesh_page_off_serves_none_of_it() {
         ..FrontendArgs::default()
     };
     let stack = stack(args, None).await;
-    for path in ["/", "/mesh.js", "/api/mesh", "/api/mesh/decisions/x"] {
+    for path in ["/", "/mesh.js", "/api/mesh", "/api/mesh/history", "/api/mesh/decisions/x"] {
         let (status, _, _) = fetch(&stack, path, None).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
     }
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_history_is_sampled_each_second_and_read_incrementally() {
+    let stack = stack(FrontendArgs::default(), Some(0.0)).await;
+    let worker = stack.state.models.get("mock-model").unwrap().router.client().instance_ids()[0];
+    let history = |since: Option<u64>| {
+        let path = since.map_or("/api/mesh/history".to_string(), |s| format!("/api/mesh/history?since={s}"));
+        let stack = &stack;
+        async move {
+            let (status, _, body) = fetch(stack, &path, None).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            serde_json::from_str::<Value>(&body).unwrap()
+        }
+    };
+    // The first sample is taken at start, the next a second later.
+    let mut all = history(None).await;
+    for _ in 0..40 {
+        if all["samples"].as_array().unwrap().len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        all = history(None).await;
+    }
+    let samples = all["samples"].as_array().unwrap();
+    assert!(samples.len() >= 2, "{all}");
+    assert_eq!(all["step_ms"], 1000);
+    assert_eq!(samples[0]["loads"][format!("{worker:x}")], 0, "{all}");
+    let first = samples[0]["at_ms"].as_u64().unwrap();
+    let newer = history(Some(first)).await;
+    assert_eq!(newer["samples"].as_array().unwrap().len(), samples.len() - 1, "only those after `since`");
+    let (status, _, body) = fetch(&stack, "/api/mesh/history?since=yesterday", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     stack.shutdown().await;
 }

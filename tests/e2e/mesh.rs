@@ -1,0 +1,172 @@
+//! The mesh page in a real browser: headless Chromium (Debian `chromium`,
+//! installed by `make test-deps`) driven by `tests/e2e/mesh_page.py` over
+//! the DevTools protocol. The page must render without console errors, show
+//! the model and every instance id that `/api/mesh` lists, and drop a
+//! worker whose process is killed within seconds.
+
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+use switchyard_test_support::free_port;
+use switchyard_test_support::switchyard::{self, START_DEADLINE, start_frontend, start_mocker};
+use switchyard_test_support::worker_process::WorkerProcess;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::time::{Instant, timeout};
+
+/// Longest the browser script may run in all (its own waits are shorter).
+const SCRIPT_DEADLINE: Duration = Duration::from_secs(60);
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/e2e/mesh_page.py")
+}
+
+/// The model and sorted instance ids `/api/mesh` lists at `url`, once it
+/// lists `count` of them (within 10 s).
+async fn instances(url: &str, count: usize) -> (String, Vec<String>) {
+    let started = Instant::now();
+    loop {
+        if let Ok(response) = reqwest::get(format!("{url}/api/mesh")).await
+            && let Ok(mesh) = response.json::<Value>().await
+            && let Some(model) = mesh["models"].get(0)
+            && model["instances"].as_array().is_some_and(|i| i.len() == count)
+        {
+            let mut ids: Vec<String> = model["instances"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i["id"].as_str().unwrap().to_string())
+                .collect();
+            ids.sort_unstable();
+            return (model["name"].as_str().unwrap().to_string(), ids);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "/api/mesh never listed {count} instances"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The browser script, started on `url`; read its lines with [`Browser::line`].
+struct Browser {
+    child: Child,
+    stdin: ChildStdin,
+    lines: tokio::io::Lines<BufReader<ChildStdout>>,
+    /// Everything it printed so far, for failure messages.
+    log: String,
+}
+
+impl Browser {
+    fn start(url: &str, model: &str, ids: &[String], extra: &[&str]) -> Self {
+        let mut child = Command::new("python3")
+            .arg(script())
+            .arg(url)
+            .args(["--model", model, "--ids", &ids.join(",")])
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("python3 runs the browser script");
+        let stdin = child.stdin.take().unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        Self {
+            child,
+            stdin,
+            lines,
+            log: String::new(),
+        }
+    }
+
+    /// Its next line of output; fails the test when it ends or stalls.
+    async fn line(&mut self) -> String {
+        let next = timeout(SCRIPT_DEADLINE, self.lines.next_line()).await;
+        match next {
+            Ok(Ok(Some(line))) => {
+                self.log.push_str(&line);
+                self.log.push('\n');
+                line
+            }
+            _ => panic!("the browser script ended or stalled; it said:\n{}", self.log),
+        }
+    }
+
+    /// Reads until the script's closing line and asserts it passed.
+    async fn passes(mut self) {
+        loop {
+            let line = self.line().await;
+            assert!(!line.starts_with("FAIL"), "{}", self.log);
+            if line == "mesh page checks passed" {
+                break;
+            }
+        }
+        let status = timeout(SCRIPT_DEADLINE, self.child.wait()).await.unwrap().unwrap();
+        assert!(status.success(), "{}", self.log);
+    }
+}
+
+/// `switchyard run --num-workers 3`: the page shows the model and all three
+/// instances, with no console error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mesh_page_shows_switchyard_runs_model_and_three_workers_in_chromium() {
+    let port = free_port().to_string();
+    let args = ["run", "--num-workers", "3", "--http-host", "127.0.0.1", "--http-port", &port];
+    let _run = WorkerProcess::start(switchyard::binary(), &args, &[], "frontend listening", START_DEADLINE);
+    let url = format!("http://127.0.0.1:{port}");
+    let (model, ids) = instances(&url, 3).await;
+    assert_eq!(model, "mock-model");
+    let mut browser = Browser::start(&format!("{url}/"), &model, &ids, &[]);
+    assert_eq!(browser.line().await, "shown", "{}", browser.log);
+    browser.passes().await;
+}
+
+/// A frontend and three worker processes on file discovery: the page drops
+/// the worker that is SIGKILLed within a few seconds (its lease is 1 s), and
+/// keeps the other two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mesh_page_drops_a_killed_worker_within_seconds() {
+    let dir = std::env::temp_dir().join(format!("switchyard-mesh-{:016x}", rand::random::<u64>()));
+    let dir_text = dir.to_str().unwrap().to_string();
+    let mut workers = Vec::new();
+    let mut worker_ids = Vec::new();
+    for _ in 0..3 {
+        let status_port = free_port().to_string();
+        let env = [
+            ("DYN_DISCOVERY_BACKEND", "file"),
+            ("DYN_FILE_KV", dir_text.as_str()),
+            ("DYN_LEASE_TTL", "1s"),
+            ("DYN_SYSTEM_PORT", status_port.as_str()),
+        ];
+        workers.push(start_mocker(&["--speedup-ratio", "0"], &env));
+        let metadata: Value = reqwest::get(format!("http://127.0.0.1:{status_port}/metadata"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        worker_ids.push(metadata["instance_id"].as_str().unwrap().to_string());
+    }
+    let env = [
+        ("DYN_DISCOVERY_BACKEND", "file"),
+        ("DYN_FILE_KV", dir_text.as_str()),
+        ("DYN_LEASE_TTL", "1s"),
+    ];
+    let (_frontend, url) = start_frontend(&[], &env);
+    let (model, ids) = instances(&url, 3).await;
+    let mut expected = worker_ids.clone();
+    expected.sort_unstable();
+    assert_eq!(ids, expected, "/api/mesh lists the three worker processes");
+
+    let mut browser = Browser::start(&format!("{url}/"), &model, &ids, &["--wait-gone"]);
+    assert_eq!(browser.line().await, "shown", "{}", browser.log);
+    workers[1].signal("-KILL");
+    let line = format!("gone {}\n", worker_ids[1]);
+    browser.stdin.write_all(line.as_bytes()).await.unwrap();
+    browser.stdin.flush().await.unwrap();
+    let dropped = browser.line().await;
+    assert!(dropped.starts_with("dropped after"), "{}", browser.log);
+    browser.passes().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
