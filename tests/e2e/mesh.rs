@@ -17,6 +17,10 @@ use tokio::time::{Instant, timeout};
 
 /// Longest the browser script may run in all (its own waits are shorter).
 const SCRIPT_DEADLINE: Duration = Duration::from_secs(60);
+/// How soon the page must show a worker leaving (lease 1 s, the discovery
+/// directory rescanned every 0.5 s, the page polling every second) or
+/// joining: "within a few seconds", with room for a loaded CI machine.
+const CHANGE_DEADLINE: Duration = Duration::from_secs(5);
 
 fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/e2e/mesh_page.py")
@@ -93,6 +97,24 @@ impl Browser {
         }
     }
 
+    async fn send(&mut self, line: &str) {
+        self.stdin.write_all(format!("{line}\n").as_bytes()).await.unwrap();
+        self.stdin.flush().await.unwrap();
+    }
+
+    /// Tells the script which ids the page should now show; asserts it saw
+    /// them within [`CHANGE_DEADLINE`].
+    async fn expect(&mut self, ids: &[String]) {
+        self.send(&format!("expect {}", ids.join(","))).await;
+        let line = self.line().await;
+        let seconds: Option<f64> = line
+            .strip_prefix("changed after ")
+            .and_then(|rest| rest.strip_suffix(" s"))
+            .and_then(|n| n.parse().ok());
+        let seconds = seconds.unwrap_or_else(|| panic!("the page did not show {ids:?}:\n{}", self.log));
+        assert!(seconds <= CHANGE_DEADLINE.as_secs_f64(), "{}", self.log);
+    }
+
     /// Reads until the script's closing line and asserts it passed.
     async fn passes(mut self) {
         loop {
@@ -104,6 +126,8 @@ impl Browser {
         }
         let status = timeout(SCRIPT_DEADLINE, self.child.wait()).await.unwrap().unwrap();
         assert!(status.success(), "{}", self.log);
+        // Shown with --nocapture: how long each change took.
+        eprintln!("browser script:\n{}", self.log);
     }
 }
 
@@ -123,50 +147,54 @@ async fn the_mesh_page_shows_switchyard_runs_model_and_three_workers_in_chromium
 }
 
 /// A frontend and three worker processes on file discovery: the page drops
-/// the worker that is SIGKILLed within a few seconds (its lease is 1 s), and
-/// keeps the other two.
+/// the worker that is SIGKILLed within a few seconds (its lease is 1 s),
+/// keeps the other two, and shows a new worker once it registers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_mesh_page_drops_a_killed_worker_within_seconds() {
+async fn the_mesh_page_drops_a_killed_worker_and_shows_a_new_one_within_seconds() {
     let dir = std::env::temp_dir().join(format!("switchyard-mesh-{:016x}", rand::random::<u64>()));
     let dir_text = dir.to_str().unwrap().to_string();
-    let mut workers = Vec::new();
-    let mut worker_ids = Vec::new();
-    for _ in 0..3 {
+    let env = [
+        ("DYN_DISCOVERY_BACKEND", "file"),
+        ("DYN_FILE_KV", dir_text.as_str()),
+        ("DYN_LEASE_TTL", "1s"),
+    ];
+    // A worker process and its instance id (from its status server).
+    let worker = || async {
         let status_port = free_port().to_string();
-        let env = [
-            ("DYN_DISCOVERY_BACKEND", "file"),
-            ("DYN_FILE_KV", dir_text.as_str()),
-            ("DYN_LEASE_TTL", "1s"),
-            ("DYN_SYSTEM_PORT", status_port.as_str()),
-        ];
-        workers.push(start_mocker(&["--speedup-ratio", "0"], &env));
+        let mut env = env.to_vec();
+        env.push(("DYN_SYSTEM_PORT", status_port.as_str()));
+        let process = start_mocker(&["--speedup-ratio", "0"], &env);
         let metadata: Value = reqwest::get(format!("http://127.0.0.1:{status_port}/metadata"))
             .await
             .unwrap()
             .json()
             .await
             .unwrap();
-        worker_ids.push(metadata["instance_id"].as_str().unwrap().to_string());
+        (process, metadata["instance_id"].as_str().unwrap().to_string())
+    };
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        workers.push(worker().await);
     }
-    let env = [
-        ("DYN_DISCOVERY_BACKEND", "file"),
-        ("DYN_FILE_KV", dir_text.as_str()),
-        ("DYN_LEASE_TTL", "1s"),
-    ];
     let (_frontend, url) = start_frontend(&[], &env);
     let (model, ids) = instances(&url, 3).await;
-    let mut expected = worker_ids.clone();
+    let mut expected: Vec<String> = workers.iter().map(|(_, id)| id.clone()).collect();
     expected.sort_unstable();
     assert_eq!(ids, expected, "/api/mesh lists the three worker processes");
 
-    let mut browser = Browser::start(&format!("{url}/"), &model, &ids, &["--wait-gone"]);
+    let mut browser = Browser::start(&format!("{url}/"), &model, &ids, &["--follow"]);
     assert_eq!(browser.line().await, "shown", "{}", browser.log);
-    workers[1].signal("-KILL");
-    let line = format!("gone {}\n", worker_ids[1]);
-    browser.stdin.write_all(line.as_bytes()).await.unwrap();
-    browser.stdin.flush().await.unwrap();
-    let dropped = browser.line().await;
-    assert!(dropped.starts_with("dropped after"), "{}", browser.log);
+    let (killed, gone) = workers.remove(1);
+    killed.signal("-KILL");
+    let mut left: Vec<String> = workers.iter().map(|(_, id)| id.clone()).collect();
+    browser.expect(&left).await;
+    assert!(!left.contains(&gone));
+
+    let joined = worker().await;
+    left.push(joined.1.clone());
+    browser.expect(&left).await;
+    browser.send("done").await;
     browser.passes().await;
+    drop(killed);
     let _ = std::fs::remove_dir_all(&dir);
 }

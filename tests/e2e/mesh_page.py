@@ -5,13 +5,13 @@ Standard library only: Chromium speaks the protocol on a pipe
 (`--remote-debugging-pipe`: it reads commands on fd 3 and writes on fd 4,
 each message JSON ending in a NUL byte), so no websocket client is needed.
 
-    mesh_page.py URL --model NAME --ids ID,ID,... [--wait-gone] [--screenshot PNG]
+    mesh_page.py URL --model NAME --ids ID,ID,... [--follow] [--screenshot PNG]
 
 Opens URL, waits until the page shows exactly the model and instance ids
-given, and prints `shown`. With --wait-gone it then reads one line from
-stdin, `gone ID`, and waits until the page shows the other ids without that
-one, printing `dropped after N.N s`. With --screenshot it writes a PNG of
-the whole page. Fails (exit 1, the reason on stdout) on a timeout, or if the
+given, and prints `shown`. With --follow it then reads lines from stdin,
+`expect ID,ID,...` (the ids the page should now show, after a worker left
+or joined), waits for each, and prints `changed after N.N s`, until `done`.
+With --screenshot it writes a PNG of the whole page. Fails (exit 1, the reason on stdout) on a timeout, or if the
 page logged any console error or threw. Every wait has a deadline.
 """
 
@@ -30,7 +30,7 @@ import time
 # How long the page may take to show what is expected (first load, or a
 # worker leaving: discovery notices within a lease, the page polls each second).
 SHOW_DEADLINE = 15.0
-GONE_DEADLINE = 8.0
+CHANGE_DEADLINE = 8.0
 # Longest wait for one answer from Chromium.
 COMMAND_DEADLINE = 10.0
 
@@ -182,7 +182,7 @@ def main():
     parser.add_argument("url")
     parser.add_argument("--model", required=True)
     parser.add_argument("--ids", required=True, help="comma-separated instance ids, hex")
-    parser.add_argument("--wait-gone", action="store_true")
+    parser.add_argument("--follow", action="store_true")
     parser.add_argument("--screenshot")
     parser.add_argument("--settle", type=float, default=0.0, help="seconds to wait before the screenshot")
     args = parser.parse_args()
@@ -199,15 +199,16 @@ def main():
             SHOW_DEADLINE,
         )
         print("shown", flush=True)
-        if args.wait_gone:
+        while args.follow:
             line = sys.stdin.readline().split()
-            if len(line) != 2 or line[0] != "gone":
-                fail(f"expected `gone ID` on stdin, got {line}")
-            gone = line[1]
-            rest = [i for i in ids if i != gone]
+            if line == ["done"]:
+                break
+            if len(line) != 2 or line[0] != "expect":
+                fail(f"expected `expect ID,ID,...` or `done` on stdin, got {line}")
+            now = sorted(line[1].split(","))
             started = time.monotonic()
-            browser.wait_for(f"instance {gone} to leave the page", lambda shown: shown["ids"] == rest, GONE_DEADLINE)
-            print(f"dropped after {time.monotonic() - started:.1f} s", flush=True)
+            browser.wait_for(f"the page to show instances {now}", lambda shown: shown["ids"] == now, CHANGE_DEADLINE)
+            print(f"changed after {time.monotonic() - started:.1f} s", flush=True)
         if args.screenshot:
             time.sleep(args.settle)
             browser.page()  # collects any event logged meanwhile
