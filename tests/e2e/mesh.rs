@@ -136,7 +136,15 @@ impl Browser {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mesh_page_shows_switchyard_runs_model_and_three_workers_in_chromium() {
     let port = free_port().to_string();
-    let args = ["run", "--num-workers", "3", "--http-host", "127.0.0.1", "--http-port", &port];
+    let args = [
+        "run",
+        "--num-workers",
+        "3",
+        "--http-host",
+        "127.0.0.1",
+        "--http-port",
+        &port,
+    ];
     let _run = WorkerProcess::start(switchyard::binary(), &args, &[], "frontend listening", START_DEADLINE);
     let url = format!("http://127.0.0.1:{port}");
     let (model, ids) = instances(&url, 3).await;
@@ -204,7 +212,15 @@ async fn the_mesh_page_drops_a_killed_worker_and_shows_a_new_one_within_seconds(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchyard_instances_lists_a_frontends_workers_from_its_mesh_json() {
     let port = free_port().to_string();
-    let args = ["run", "--num-workers", "2", "--http-host", "127.0.0.1", "--http-port", &port];
+    let args = [
+        "run",
+        "--num-workers",
+        "2",
+        "--http-host",
+        "127.0.0.1",
+        "--http-port",
+        &port,
+    ];
     let _run = WorkerProcess::start(switchyard::binary(), &args, &[], "frontend listening", START_DEADLINE);
     let url = format!("http://127.0.0.1:{port}");
     let (_, ids) = instances(&url, 2).await;
@@ -214,12 +230,22 @@ async fn switchyard_instances_lists_a_frontends_workers_from_its_mesh_json() {
         .await
         .unwrap();
     let table = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{table}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let lines: Vec<&str> = table.lines().collect();
-    assert!(lines[0].starts_with("MODEL") && lines[0].contains("INFLIGHT"), "{table}");
+    assert!(
+        lines[0].starts_with("MODEL") && lines[0].contains("INFLIGHT"),
+        "{table}"
+    );
     assert_eq!(lines.len(), 3, "a header and one row per worker: {table}");
     for id in &ids {
         let row = lines.iter().find(|line| line.contains(id.as_str())).expect(id);
-        assert!(row.starts_with("mock-model") && row.contains("tcp://127.0.0.1:") && row.contains(" ok"), "{row}");
+        assert!(
+            row.starts_with("mock-model") && row.contains("tcp://127.0.0.1:") && row.contains(" ok"),
+            "{row}"
+        );
     }
 }

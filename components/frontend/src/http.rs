@@ -369,7 +369,9 @@ async fn admit(
     let worker = routed.instance_id;
     mesh::record(&state.mesh.decisions, id, &model, worker, kv_route.as_ref());
     let (booking, route_header) = match kv_route {
-        Some(KvRoute { booking, explanation, .. }) => {
+        Some(KvRoute {
+            booking, explanation, ..
+        }) => {
             tracing::debug!(model = %model.name, request_id = %id, route = %explanation, "KV route");
             (Some(booking), Some(explanation))
         }

@@ -67,8 +67,14 @@ pub fn routes(page: MeshPage) -> Router<FrontendState> {
         MeshPage::Off => Router::new(),
         MeshPage::On => Router::new()
             .route("/", get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }))
-            .route("/mesh.js", get(|| async { asset("text/javascript; charset=utf-8", MESH_JS) }))
-            .route("/mesh.css", get(|| async { asset("text/css; charset=utf-8", MESH_CSS) }))
+            .route(
+                "/mesh.js",
+                get(|| async { asset("text/javascript; charset=utf-8", MESH_JS) }),
+            )
+            .route(
+                "/mesh.css",
+                get(|| async { asset("text/css; charset=utf-8", MESH_CSS) }),
+            )
             .route("/api/mesh", get(mesh))
             .route("/api/mesh/history", get(load_history))
             .route("/api/mesh/decisions/{request_id}", get(decision)),
@@ -355,7 +361,13 @@ fn model_view(model: &Model, hits: &HashMap<(String, String), (u64, u64)>) -> Mo
 /// Records why the request `request_id` went to `worker`: the KV route's
 /// facts in KV mode, else the loads of the chosen worker and the least
 /// loaded other one just after the choice.
-pub fn record(decisions: &Decisions, request_id: &str, model: &Model, worker: u64, kv: Option<&crate::models::KvRoute>) {
+pub fn record(
+    decisions: &Decisions,
+    request_id: &str,
+    model: &Model,
+    worker: u64,
+    kv: Option<&crate::models::KvRoute>,
+) {
     let mut decision = Decision {
         request_id: request_id.to_string(),
         model: model.name.clone(),

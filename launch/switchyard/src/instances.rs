@@ -131,7 +131,15 @@ async fn from_frontend(
     };
     let mut rows = vec![
         [
-            "MODEL", "NAMESPACE", "COMPONENT", "ENDPOINT", "INSTANCE", "ADDRESS", "INFLIGHT", "REPORTED", "STATE",
+            "MODEL",
+            "NAMESPACE",
+            "COMPONENT",
+            "ENDPOINT",
+            "INSTANCE",
+            "ADDRESS",
+            "INFLIGHT",
+            "REPORTED",
+            "STATE",
             "LAST_ERROR",
         ]
         .into_iter()

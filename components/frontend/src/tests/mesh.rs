@@ -51,7 +51,11 @@ async fn routed(stack: &Stack, request_id: &str) -> axum::http::HeaderMap {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_and_its_files_come_from_the_binary_and_load_nothing_from_elsewhere() {
     let stack = stack(FrontendArgs::default(), None).await;
-    for (path, kind) in [("/", "text/html"), ("/mesh.js", "text/javascript"), ("/mesh.css", "text/css")] {
+    for (path, kind) in [
+        ("/", "text/html"),
+        ("/mesh.js", "text/javascript"),
+        ("/mesh.css", "text/css"),
+    ] {
         let (status, content_type, body) = fetch(&stack, path, None).await;
         assert_eq!(status, StatusCode::OK, "{path}");
         assert!(content_type.starts_with(kind), "{path}: {content_type}");
@@ -87,7 +91,10 @@ async fn the_json_lists_every_worker_and_a_kv_decision_is_found_by_request_id() 
     let instance = &model["instances"][0];
     assert_eq!(instance["request_plane"], "tcp");
     assert_eq!(instance["ejected"], false);
-    assert!(instance["inflight"].is_u64() && instance["kv_blocks"].is_u64(), "{instance}");
+    assert!(
+        instance["inflight"].is_u64() && instance["kv_blocks"].is_u64(),
+        "{instance}"
+    );
     assert_eq!(mesh["decisions"][0]["request_id"], "mesh-kv-1");
 
     let (status, _, body) = fetch(&stack, "/api/mesh/decisions/mesh-kv-1", None).await;
@@ -98,7 +105,10 @@ async fn the_json_lists_every_worker_and_a_kv_decision_is_found_by_request_id() 
     assert_eq!(decision["worker"], headers[WORKER_ID].to_str().unwrap());
     assert_eq!(decision["explanation"], headers[ROUTE].to_str().unwrap());
     assert!(decision["blocks"].is_u64() && decision["cost"].is_f64(), "{decision}");
-    assert!(decision["runner_up"]["worker"].is_string(), "two workers, so a runner-up: {decision}");
+    assert!(
+        decision["runner_up"]["worker"].is_string(),
+        "two workers, so a runner-up: {decision}"
+    );
 
     let (status, _, body) = fetch(&stack, "/api/mesh/decisions/never-sent", None).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
@@ -118,7 +128,12 @@ async fn a_load_based_decision_gives_the_load_and_an_ejection_shows_with_its_rea
     assert_eq!(decision["mode"], "least_loaded");
     assert_eq!(decision["worker"], headers[WORKER_ID].to_str().unwrap());
     assert_eq!(decision["load"], 1, "its own request counts: {decision}");
-    assert!(decision["explanation"].as_str().unwrap().starts_with("mode=least_loaded;worker="));
+    assert!(
+        decision["explanation"]
+            .as_str()
+            .unwrap()
+            .starts_with("mode=least_loaded;worker=")
+    );
 
     let model = stack.state.models.get("mock-model").unwrap();
     let worker = model.router.client().instance_ids()[0];
@@ -158,7 +173,13 @@ async fn mesh_page_off_serves_none_of_it() {
         ..FrontendArgs::default()
     };
     let stack = stack(args, None).await;
-    for path in ["/", "/mesh.js", "/api/mesh", "/api/mesh/history", "/api/mesh/decisions/x"] {
+    for path in [
+        "/",
+        "/mesh.js",
+        "/api/mesh",
+        "/api/mesh/history",
+        "/api/mesh/decisions/x",
+    ] {
         let (status, _, _) = fetch(&stack, path, None).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
     }
@@ -168,9 +189,18 @@ async fn mesh_page_off_serves_none_of_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_load_history_is_sampled_each_second_and_read_incrementally() {
     let stack = stack(FrontendArgs::default(), Some(0.0)).await;
-    let worker = stack.state.models.get("mock-model").unwrap().router.client().instance_ids()[0];
+    let worker = stack
+        .state
+        .models
+        .get("mock-model")
+        .unwrap()
+        .router
+        .client()
+        .instance_ids()[0];
     let history = |since: Option<u64>| {
-        let path = since.map_or("/api/mesh/history".to_string(), |s| format!("/api/mesh/history?since={s}"));
+        let path = since.map_or("/api/mesh/history".to_string(), |s| {
+            format!("/api/mesh/history?since={s}")
+        });
         let stack = &stack;
         async move {
             let (status, _, body) = fetch(stack, &path, None).await;
@@ -193,7 +223,11 @@ async fn the_load_history_is_sampled_each_second_and_read_incrementally() {
     assert_eq!(samples[0]["loads"][format!("{worker:x}")], 0, "{all}");
     let first = samples[0]["at_ms"].as_u64().unwrap();
     let newer = history(Some(first)).await;
-    assert_eq!(newer["samples"].as_array().unwrap().len(), samples.len() - 1, "only those after `since`");
+    assert_eq!(
+        newer["samples"].as_array().unwrap().len(),
+        samples.len() - 1,
+        "only those after `since`"
+    );
     let (status, _, body) = fetch(&stack, "/api/mesh/history?since=yesterday", None).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     stack.shutdown().await;

@@ -217,8 +217,14 @@ impl Occupancy {
         let entry = state.instances.get(&id)?;
         Some(InstanceState {
             inflight: entry.inflight,
-            reported: entry.reported.filter(|(_, expires)| *expires > now).map(|(load, _)| load),
-            ejected_for: entry.ejected_until.filter(|until| *until > now).map(|until| until - now),
+            reported: entry
+                .reported
+                .filter(|(_, expires)| *expires > now)
+                .map(|(load, _)| load),
+            ejected_for: entry
+                .ejected_until
+                .filter(|until| *until > now)
+                .map(|until| until - now),
             consecutive_failures: entry.consecutive_failures,
             last_error: entry.last_error.clone(),
         })
