@@ -367,7 +367,7 @@ async fn admit(
         }
     };
     let worker = routed.instance_id;
-    mesh::record(&state.mesh.decisions, id, &model, worker, kv_route.as_ref());
+    mesh::record(&state.mesh.decisions, id, &model, worker, kv_route.as_ref(), 0);
     let (booking, route_header) = match kv_route {
         Some(KvRoute {
             booking, explanation, ..
@@ -392,6 +392,7 @@ async fn admit(
                 request_id: id.to_string(),
                 counter: state.metrics.migrations.clone(),
                 stall_timeout: state.stall_timeout,
+                decisions: state.mesh.decisions.clone(),
             };
             migrating(policy, original, routed, booking)
         }

@@ -360,13 +360,15 @@ fn model_view(model: &Model, hits: &HashMap<(String, String), (u64, u64)>) -> Mo
 
 /// Records why the request `request_id` went to `worker`: the KV route's
 /// facts in KV mode, else the loads of the chosen worker and the least
-/// loaded other one just after the choice.
+/// loaded other one just after the choice. `migration` is 0 for the first
+/// choice, then how many times the request has moved.
 pub fn record(
     decisions: &Decisions,
     request_id: &str,
     model: &Model,
     worker: u64,
     kv: Option<&crate::models::KvRoute>,
+    migration: u32,
 ) {
     let mut decision = Decision {
         request_id: request_id.to_string(),
@@ -374,6 +376,7 @@ pub fn record(
         at_ms: unix_ms(SystemTime::now()),
         mode: model.router.mode().as_str(),
         worker: format!("{worker:x}"),
+        migration,
         explanation: String::new(),
         blocks: None,
         index: None,

@@ -23,6 +23,10 @@ pub struct Decision {
     pub mode: &'static str,
     /// The chosen worker's instance id, hex (as in discovery keys).
     pub worker: String,
+    /// 0 when the request was first routed; n when this choice moved it
+    /// for the n-th time, after its worker failed mid-answer.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub migration: u32,
     /// One line, `key=value;...`: in KV mode the `x-switchyard-route` header.
     pub explanation: String,
     /// KV mode: blocks of the prompt, and where the index came from
@@ -43,6 +47,10 @@ pub struct Decision {
     /// The best worker not chosen, when there was another.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub runner_up: Option<RunnerUp>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// The best other worker of a decision, in the same terms as the chosen one.
@@ -96,8 +104,9 @@ impl Decisions {
         ring.push_back(decision);
     }
 
-    /// The newest decision for `request_id`. Clients choose their ids, so
-    /// several requests may share one: the latest wins.
+    /// The newest decision for `request_id`: after a migration, the choice
+    /// that moved it. Clients choose their ids, so several requests may
+    /// share one: the latest wins.
     pub fn find(&self, request_id: &str) -> Option<Decision> {
         self.lock().iter().rev().find(|d| d.request_id == request_id).cloned()
     }
@@ -124,6 +133,7 @@ mod tests {
             at_ms: 0,
             mode: "round_robin",
             worker: worker.into(),
+            migration: 0,
             explanation: String::new(),
             blocks: None,
             index: None,

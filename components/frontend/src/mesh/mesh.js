@@ -204,7 +204,7 @@ function renderDecisions(decisions) {
       el("td", {}, time(d.at_ms)),
       el("td", {}, el("code", {}, d.request_id)),
       el("td", {}, d.model),
-      el("td", {}, d.mode + (d.index ? " (" + d.index + ")" : "")),
+      el("td", {}, d.mode + (d.index ? " (" + d.index + ")" : "") + (d.migration ? ", moved #" + d.migration : "")),
       el("td", {}, el("code", {}, d.worker)),
       el("td", { class: "num" }, d.overlap == null ? "–" : d.overlap + " / " + d.blocks),
       el("td", { class: "num" }, d.cost == null ? "–" : d.cost.toFixed(1)),
