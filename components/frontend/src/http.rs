@@ -125,7 +125,10 @@ impl FrontendState {
             metrics_access: args.http_metrics,
             admission,
             mesh: MeshState {
-                decisions: Decisions::default(),
+                decisions: match args.mesh_page {
+                    MeshPage::On => Decisions::default(),
+                    MeshPage::Off => Decisions::with_capacity(0),
+                },
                 instance_id: drt.instance_id(),
                 router_mode: args.router_mode,
                 health: drt.health().clone(),

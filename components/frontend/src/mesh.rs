@@ -89,6 +89,7 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
         [
             (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
             (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+            (header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")),
             (
                 header::CONTENT_SECURITY_POLICY,
                 HeaderValue::from_static("default-src 'self'; img-src 'self' data:; frame-ancestors 'none'"),
@@ -250,8 +251,7 @@ pub fn view(state: &FrontendState) -> MeshView {
     let config = state.runtime.config();
     let recent = state.mesh.decisions.all();
     let hits = prefix_hits(&recent);
-    let mut decisions: Vec<Decision> = recent.into_iter().rev().take(RECENT_DECISIONS).collect();
-    decisions.shrink_to_fit();
+    let decisions: Vec<Decision> = recent.into_iter().rev().take(RECENT_DECISIONS).collect();
     MeshView {
         at_ms: unix_ms(SystemTime::now()),
         frontend: FrontendView {
@@ -370,6 +370,9 @@ pub fn record(
     kv: Option<&crate::models::KvRoute>,
     migration: u32,
 ) {
+    if !decisions.is_kept() {
+        return;
+    }
     let mut decision = Decision {
         request_id: request_id.to_string(),
         model: model.name.clone(),

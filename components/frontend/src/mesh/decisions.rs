@@ -81,9 +81,9 @@ impl Default for Decisions {
 }
 
 impl Decisions {
-    /// A ring keeping the last `capacity` decisions (at least one).
+    /// A ring keeping the last `capacity` decisions; 0 keeps none (the
+    /// page is off, so nobody could read them).
     pub fn with_capacity(capacity: usize) -> Self {
-        let capacity = capacity.max(1);
         Self {
             ring: Arc::new(Mutex::new(VecDeque::with_capacity(capacity))),
             capacity,
@@ -95,8 +95,17 @@ impl Decisions {
         self.ring.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// False when this ring keeps nothing, so callers can skip building
+    /// decisions.
+    pub fn is_kept(&self) -> bool {
+        self.capacity > 0
+    }
+
     /// Keeps `decision`, forgetting the oldest when full.
     pub fn record(&self, decision: Decision) {
+        if !self.is_kept() {
+            return;
+        }
         let mut ring = self.lock();
         if ring.len() == self.capacity {
             ring.pop_front();
@@ -156,5 +165,9 @@ mod tests {
         assert_eq!(ring.find("b"), None, "gone with the oldest");
         let newest: Vec<String> = ring.recent(2).into_iter().map(|d| d.request_id).collect();
         assert_eq!(newest, ["d", "c"]);
+
+        let off = Decisions::with_capacity(0);
+        off.record(decision("a", "1"));
+        assert_eq!(off.find("a"), None, "a ring of 0 keeps nothing");
     }
 }
