@@ -43,11 +43,10 @@ pub enum MeshPage {
 pub struct MeshState {
     /// Recent routing decisions, recorded by every routed request.
     pub decisions: Decisions,
-    /// This frontend's own instance id and router mode, for the header.
-    pub instance_id: u64,
+    /// This frontend's router mode, for the header.
     pub router_mode: switchyard_runtime::routing::RouterMode,
-    /// For the uptime.
-    pub health: std::sync::Arc<switchyard_runtime::status::SystemHealth>,
+    /// This frontend's runtime: its id, planes, uptime and their counters.
+    pub drt: switchyard_runtime::distributed::DistributedRuntime,
     /// Load per worker over the last minutes (sampled only while the page is on).
     pub history: LoadHistory,
 }
@@ -173,6 +172,14 @@ pub struct FrontendView {
     pub request_plane: &'static str,
     pub event_plane: &'static str,
     pub uptime_seconds: f64,
+    /// Since start, over all of this process's subscriptions (load reports,
+    /// KV events): events known lost, and event-plane connections that ended.
+    pub event_gaps: u64,
+    pub event_disconnects: u64,
+    /// Since start: instances this frontend's routers ejected, and requests
+    /// they re-sent to another instance before any answer.
+    pub router_ejections: u64,
+    pub router_retries: u64,
 }
 
 /// The event plane as the KV router sees it, counted since start.
@@ -248,19 +255,25 @@ fn unix_ms(at: SystemTime) -> u64 {
 
 /// The view of the mesh from `state`, now.
 pub fn view(state: &FrontendState) -> MeshView {
-    let config = state.runtime.config();
+    let drt = &state.mesh.drt;
+    let config = drt.runtime().config();
+    let counts = drt.plane_counts();
     let recent = state.mesh.decisions.all();
     let hits = prefix_hits(&recent);
     let decisions: Vec<Decision> = recent.into_iter().rev().take(RECENT_DECISIONS).collect();
     MeshView {
         at_ms: unix_ms(SystemTime::now()),
         frontend: FrontendView {
-            instance_id: format!("{:x}", state.mesh.instance_id),
+            instance_id: format!("{:x}", drt.instance_id()),
             router_mode: state.mesh.router_mode.as_str(),
             discovery: config.discovery_backend().as_str(),
             request_plane: config.request_plane().as_str(),
             event_plane: config.event_plane().as_str(),
-            uptime_seconds: state.mesh.health.uptime_seconds(),
+            uptime_seconds: drt.health().uptime_seconds(),
+            event_gaps: counts.event_gaps,
+            event_disconnects: counts.event_disconnects,
+            router_ejections: counts.router_ejections,
+            router_retries: counts.router_retries,
         },
         kv_events: state.models.kv_metrics().map(kv_events),
         models: state.models.list().iter().map(|m| model_view(m, &hits)).collect(),

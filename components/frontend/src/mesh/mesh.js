@@ -94,10 +94,14 @@ function renderFacts(mesh) {
     ["request plane", f.request_plane],
     ["event plane", f.event_plane],
     ["up", Math.round(f.uptime_seconds) + " s"],
+    ["event gaps", f.event_gaps],
+    ["event disconnects", f.event_disconnects],
+    ["ejections", f.router_ejections],
+    ["retries", f.router_retries],
   ];
   const kv = mesh.kv_events;
   if (kv) {
-    facts.push(["KV events", kv.events], ["refused", kv.refused], ["gaps", kv.gaps],
+    facts.push(["KV events", kv.events], ["refused", kv.refused], ["KV gaps", kv.gaps],
       ["replays", kv.replays], ["lost batches", kv.lost_batches],
       ["mean lag", kv.mean_lag_seconds == null ? "–" : (1000 * kv.mean_lag_seconds).toFixed(1) + " ms"]);
   }

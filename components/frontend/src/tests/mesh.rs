@@ -143,6 +143,8 @@ async fn a_load_based_decision_gives_the_load_and_an_ejection_shows_with_its_rea
     assert_eq!(instance["id"], format!("{worker:x}"));
     assert_eq!(instance["ejected"], true, "{instance}");
     assert_eq!(instance["last_error"]["message"], "test: stream broke");
+    assert_eq!(mesh["frontend"]["router_ejections"], 1, "{mesh}");
+    assert_eq!(mesh["frontend"]["event_gaps"], 0);
     stack.shutdown().await;
 }
 
