@@ -27,11 +27,16 @@ fn script() -> PathBuf {
 }
 
 /// The model and sorted instance ids `/api/mesh` lists at `url`, once it
-/// lists `count` of them (within 10 s).
-async fn instances(url: &str, count: usize) -> (String, Vec<String>) {
+/// lists `count` of them (within 10 s); `key` when the frontend needs one.
+async fn instances(url: &str, count: usize, key: Option<&str>) -> (String, Vec<String>) {
     let started = Instant::now();
+    let http = reqwest::Client::new();
     loop {
-        if let Ok(response) = reqwest::get(format!("{url}/api/mesh")).await
+        let mut request = http.get(format!("{url}/api/mesh")).timeout(Duration::from_secs(5));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        if let Ok(response) = request.send().await
             && let Ok(mesh) = response.json::<Value>().await
             && let Some(model) = mesh["models"].get(0)
             && model["instances"].as_array().is_some_and(|i| i.len() == count)
@@ -147,9 +152,37 @@ async fn the_mesh_page_shows_switchyard_runs_model_and_three_workers_in_chromium
     ];
     let _run = WorkerProcess::start(switchyard::binary(), &args, &[], "frontend listening", START_DEADLINE);
     let url = format!("http://127.0.0.1:{port}");
-    let (model, ids) = instances(&url, 3).await;
+    let (model, ids) = instances(&url, 3, None).await;
     assert_eq!(model, "mock-model");
     let mut browser = Browser::start(&format!("{url}/"), &model, &ids, &[]);
+    assert_eq!(browser.line().await, "shown", "{}", browser.log);
+    browser.passes().await;
+}
+
+/// With an API key set, the page asks for it, and once it is typed in
+/// shows the workers (the refused polls before are the only errors).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_api_key_the_mesh_page_asks_for_it_then_shows_the_workers() {
+    let port = free_port().to_string();
+    let key = "sk-mesh-e2e-0123456789";
+    let args = [
+        "run",
+        "--num-workers",
+        "2",
+        "--http-host",
+        "127.0.0.1",
+        "--http-port",
+        &port,
+        "--api-key",
+        key,
+    ];
+    let _run = WorkerProcess::start(switchyard::binary(), &args, &[], "frontend listening", START_DEADLINE);
+    let url = format!("http://127.0.0.1:{port}");
+    let refused = reqwest::get(format!("{url}/api/mesh")).await.unwrap().status();
+    assert_eq!(refused.as_u16(), 401, "the JSON needs the key");
+    let (model, ids) = instances(&url, 2, Some(key)).await;
+    let mut browser = Browser::start(&format!("{url}/"), &model, &ids, &["--key", key]);
+    assert_eq!(browser.line().await, "key given", "{}", browser.log);
     assert_eq!(browser.line().await, "shown", "{}", browser.log);
     browser.passes().await;
 }
@@ -185,7 +218,7 @@ async fn the_mesh_page_drops_a_killed_worker_and_shows_a_new_one_within_seconds(
         workers.push(worker().await);
     }
     let (_frontend, url) = start_frontend(&[], &env);
-    let (model, ids) = instances(&url, 3).await;
+    let (model, ids) = instances(&url, 3, None).await;
     let mut expected: Vec<String> = workers.iter().map(|(_, id)| id.clone()).collect();
     expected.sort_unstable();
     assert_eq!(ids, expected, "/api/mesh lists the three worker processes");
@@ -223,7 +256,7 @@ async fn switchyard_instances_lists_a_frontends_workers_from_its_mesh_json() {
     ];
     let _run = WorkerProcess::start(switchyard::binary(), &args, &[], "frontend listening", START_DEADLINE);
     let url = format!("http://127.0.0.1:{port}");
-    let (_, ids) = instances(&url, 2).await;
+    let (_, ids) = instances(&url, 2, None).await;
     let output = Command::new(switchyard::binary())
         .args(["instances", "--frontend", &url])
         .output()
