@@ -41,7 +41,23 @@ function setStatus(text, kind) {
   status.className = "status " + kind;
 }
 
+// One round: fetch, then draw. Drawing is outside the fetch's error
+// handling on purpose: a bug in it must surface as an uncaught error in the
+// console (the browser test fails on one), not pass for a network problem.
 async function poll() {
+  try {
+    const mesh = await load();
+    if (mesh) {
+      render(mesh);
+      setStatus("live · " + time(mesh.at_ms), "live");
+    }
+  } finally {
+    setTimeout(poll, POLL_MS);
+  }
+}
+
+// The mesh and the new load samples, or null (the status says why).
+async function load() {
   const headers = {};
   const key = sessionStorage.getItem(KEY_STORAGE);
   if (key) headers.Authorization = "Bearer " + key;
@@ -52,22 +68,21 @@ async function poll() {
     if (response.status === 401) {
       document.getElementById("key-form").hidden = false;
       setStatus(key ? "the API key was refused" : "an API key is needed", "error");
-      return;
+      return null;
     }
     if (!response.ok) {
       setStatus("/api/mesh answered " + response.status, "error");
-      return;
+      return null;
     }
     const mesh = await response.json();
     document.getElementById("key-form").hidden = true;
     await fetchHistory(headers, abort.signal);
-    render(mesh);
-    setStatus("live · " + time(mesh.at_ms), "live");
+    return mesh;
   } catch (error) {
     setStatus("frontend unreachable (" + error.name + ")", "error");
+    return null;
   } finally {
     clearTimeout(timer);
-    setTimeout(poll, POLL_MS);
   }
 }
 
