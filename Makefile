@@ -7,7 +7,7 @@ CARGO ?= cargo
 # The official `openai` Python client, for the frontend compatibility test.
 TEST_VENV := target/test-venv
 
-.PHONY: run build-deps test test-deps engine-deps lint bench perf kv-quality hello
+.PHONY: run build-deps test test-deps engine-deps lint bench perf kv-quality hello mesh-screenshot
 
 ## The main job: an OpenAI-compatible API on port 8000 with a mock model,
 ## frontend and worker in one process (see README.md).
@@ -44,6 +44,7 @@ test-deps: build-deps engine-deps
 	command -v etcd >/dev/null 2>&1 || missing="$$missing etcd-server"; \
 	command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || missing="$$missing nats-server"; \
 	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing test dependencies:$$missing"; \
 		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
@@ -118,6 +119,13 @@ perf:
 kv-quality: build-deps
 	$(CARGO) build --release -q -p switchyard
 	$(or $(CARGO_TARGET_DIR),target)/release/switchyard kv-quality --out target/kv-quality
+
+## The mesh page's screenshot in docs/observability.md, taken again:
+## `switchyard run` (three workers, KV mode) with a few requests, in
+## headless Chromium (needs `chromium`, see test-deps).
+mesh-screenshot: build-deps
+	$(CARGO) build -q -p switchyard
+	tests/e2e/mesh_screenshot.sh $(or $(CARGO_TARGET_DIR),target)/debug/switchyard docs/mesh-page.png
 
 ## Hello world, server and client in one process.
 hello:

@@ -13,6 +13,7 @@ mod faults;
 #[cfg(feature = "kubernetes")]
 mod kubernetes;
 mod kv;
+mod mesh;
 mod vllm_kv;
 
 use futures::StreamExt;

@@ -6,6 +6,9 @@ use crate::admission::{Admission, Admitted};
 use crate::auth::{ApiKeys, MetricsAccess};
 use crate::error::ApiError;
 use crate::kv::{Booking, KvMetrics};
+use crate::mesh::decisions::Decisions;
+use crate::mesh::history::LoadHistory;
+use crate::mesh::{self, MeshPage, MeshState};
 use crate::metrics::FrontendMetrics;
 use crate::migrate::{self, MigrationPolicy, migrating};
 use crate::models::{KvRoute, ModelManager, RouterSettings};
@@ -69,6 +72,10 @@ pub struct FrontendState {
     pub metrics_access: MetricsAccess,
     /// The in-flight cap, its queue and the per-key rates.
     pub admission: Admission,
+    /// The mesh page's own state: recent routing decisions and the like.
+    pub mesh: MeshState,
+    /// Whether `/` and `/api/mesh` are served (`--mesh-page`).
+    pub mesh_page: MeshPage,
 }
 
 impl FrontendState {
@@ -101,6 +108,10 @@ impl FrontendState {
         let keys = ApiKeys::load(&args.api_keys, args.api_key_file.as_deref())?;
         let admission = Admission::new(args.admission_settings(), keys.ids(), drt.process_metrics())?;
         models.watch(runtime.root_token().child_token()).await?;
+        let history = LoadHistory::default();
+        if args.mesh_page == MeshPage::On {
+            history.follow(models.clone(), &runtime, runtime.root_token().child_token());
+        }
         Ok(Self {
             models,
             metrics: FrontendMetrics::register(drt.process_metrics())?,
@@ -114,6 +125,16 @@ impl FrontendState {
             keys,
             metrics_access: args.http_metrics,
             admission,
+            mesh: MeshState {
+                decisions: match args.mesh_page {
+                    MeshPage::On => Decisions::default(),
+                    MeshPage::Off => Decisions::with_capacity(0),
+                },
+                router_mode: args.router_mode,
+                drt: drt.clone(),
+                history,
+            },
+            mesh_page: args.mesh_page,
         })
     }
 }
@@ -121,6 +142,7 @@ impl FrontendState {
 /// All routes of the frontend over `state`.
 pub fn router(state: FrontendState) -> Router {
     Router::new()
+        .merge(mesh::routes(state.mesh_page))
         .route("/v1/models", get(list_models))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
@@ -348,14 +370,17 @@ async fn admit(
             return Err(refuse(&model.name, stream, api));
         }
     };
+    let worker = routed.instance_id;
+    mesh::record(&state.mesh.decisions, id, &model, worker, kv_route.as_ref(), 0);
     let (booking, route_header) = match kv_route {
-        Some(KvRoute { booking, explanation }) => {
+        Some(KvRoute {
+            booking, explanation, ..
+        }) => {
             tracing::debug!(model = %model.name, request_id = %id, route = %explanation, "KV route");
             (Some(booking), Some(explanation))
         }
         None => (None, None),
     };
-    let worker = routed.instance_id;
     // Migration (and the stall deadline) wrap the worker's stream first, so
     // a worker lost before its first piece is replaced too.
     let mut responses = match original {
@@ -371,6 +396,7 @@ async fn admit(
                 request_id: id.to_string(),
                 counter: state.metrics.migrations.clone(),
                 stall_timeout: state.stall_timeout,
+                decisions: state.mesh.decisions.clone(),
             };
             migrating(policy, original, routed, booking)
         }

@@ -13,6 +13,7 @@ pub mod auth;
 pub mod error;
 pub mod http;
 pub mod kv;
+pub mod mesh;
 pub mod metrics;
 pub mod migrate;
 pub mod models;
@@ -155,6 +156,10 @@ pub struct FrontendArgs {
     /// TLS private key (PEM) for the API port; with --tls-cert-path.
     #[arg(long, env = "DYN_TLS_KEY_PATH", value_name = "PATH", requires = "tls_cert_path")]
     pub tls_key_path: Option<std::path::PathBuf>,
+    /// The mesh page at `/` and its JSON at `/api/mesh` (read-only; the
+    /// JSON needs the API key when keys are set): on or off.
+    #[arg(long, env = "DYN_HTTP_MESH_PAGE", value_enum, default_value = "on")]
+    pub mesh_page: mesh::MeshPage,
 }
 
 impl FrontendArgs {

@@ -61,6 +61,8 @@ pub struct MigrationPolicy {
     pub counter: IntCounterVec,
     /// Longest silence from a worker before its stream counts as broken.
     pub stall_timeout: Option<std::time::Duration>,
+    /// Where each new worker choice is recorded (the mesh page's decisions).
+    pub decisions: crate::mesh::decisions::Decisions,
 }
 
 struct State {
@@ -217,6 +219,14 @@ impl State {
             .target
             .route(Context::with_controller(Arc::clone(&next), controller))
             .await?;
+        crate::mesh::record(
+            &self.policy.decisions,
+            &self.policy.request_id,
+            &self.policy.target,
+            routed.instance_id,
+            kv_route.as_ref(),
+            self.migrations,
+        );
         if let Some(route) = kv_route {
             tracing::debug!(request_id = %self.policy.request_id, route = %route.explanation, "KV route of the migrated request");
             self.booking = Some(route.booking);

@@ -13,6 +13,7 @@ use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
+use switchyard_kv_router::select::Choice;
 use switchyard_llm::model_card::{ModelCard, ModelKind, TokenizerSpec};
 use switchyard_llm::protocol::{LlmOutput, LlmRequest};
 use switchyard_llm::tokenizer::HfTokenizer;
@@ -63,12 +64,19 @@ pub struct Model {
     pub tokenizer: ModelTokenizer,
 }
 
-/// How a KV-routed request was routed: its booking on the worker, and the
-/// `x-switchyard-route` explanation.
+/// How a KV-routed request was routed: its booking on the worker, the
+/// `x-switchyard-route` explanation, and the facts behind it (for the mesh
+/// page's decision log).
 #[derive(Debug)]
 pub struct KvRoute {
     pub booking: Booking,
     pub explanation: String,
+    /// The chosen worker and the runner-up, with their overlaps and costs.
+    pub choice: Option<Choice>,
+    /// Blocks of the prompt.
+    pub request_blocks: u64,
+    /// Scored from what this router sent rather than the engines' events.
+    pub approximate: bool,
 }
 
 /// The tokenizer a model's first card named, loaded when it is a Hugging
@@ -165,8 +173,18 @@ impl Model {
         let policy = kv.policy(&plan);
         let routed = self.router.generate_routed_with(&policy, request).await?;
         let booking = kv.book(&plan, routed.instance_id);
-        let explanation = plan.explain(policy.choice());
-        Ok((routed, Some(KvRoute { booking, explanation })))
+        let choice = policy.choice();
+        let explanation = plan.explain(choice);
+        Ok((
+            routed,
+            Some(KvRoute {
+                booking,
+                explanation,
+                choice,
+                request_blocks: plan.request_blocks,
+                approximate: plan.approximate,
+            }),
+        ))
     }
 
     /// True when at least one of its workers is in discovery right now.
@@ -197,6 +215,11 @@ impl ModelManager {
             models: Arc::default(),
             cards: Arc::default(),
         }
+    }
+
+    /// The KV router's metrics, in KV mode (the mesh page reads them).
+    pub fn kv_metrics(&self) -> Option<&KvMetrics> {
+        self.kv.as_ref().map(|(_, metrics)| metrics)
     }
 
     pub fn get(&self, name: &str) -> Option<Model> {

@@ -19,6 +19,7 @@ use tower::ServiceExt;
 
 mod edge;
 mod kv;
+mod mesh;
 mod migration;
 
 /// A frontend and (optionally) one mocker worker sharing a private registry.

@@ -245,15 +245,18 @@ async fn run_all(
     if !banner {
         tracing::info!(%url, model = %mocker.model_name, "mocker ready behind the vLLM API");
     }
-    banner.then(|| {
+    if banner {
         println!(
             "Switchyard is ready: OpenAI API at {url}/v1 serving model {:?} on {} mocker worker(s).\n\
          Try:\n  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n    \
-         -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}],\"max_tokens\":20}}'\n\
-         Press Ctrl-C to stop.",
+         -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}],\"max_tokens\":20}}'",
             mocker.model_name, mocker.num_workers, mocker.model_name
-        )
-    });
+        );
+        if frontend.mesh_page == switchyard_frontend::mesh::MeshPage::On {
+            println!("The mesh (workers, load, routing decisions): open {url}/ in a browser, or GET {url}/api/mesh");
+        }
+        println!("Press Ctrl-C to stop.");
+    }
     for worker in workers {
         worker.serving.wait().await;
     }

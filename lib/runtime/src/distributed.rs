@@ -216,6 +216,18 @@ impl DistributedRuntime {
         &self.inner.metrics
     }
 
+    /// What this process's event plane and routers have counted since it
+    /// started (the same numbers as their `/metrics` counters), for display.
+    pub fn plane_counts(&self) -> PlaneCounts {
+        let metrics = &self.inner.metrics;
+        PlaneCounts {
+            event_gaps: metrics.event_gaps.get(),
+            event_disconnects: metrics.event_disconnects.get(),
+            router_ejections: metrics.router_ejections.get(),
+            router_retries: metrics.router_retries.get(),
+        }
+    }
+
     /// The process level of the metrics hierarchy (no labels), served on
     /// this process's `/metrics`; register process-wide metrics here.
     pub fn process_metrics(&self) -> &Metrics {
@@ -427,4 +439,19 @@ pub enum DistributedError {
     },
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
+}
+
+/// Counts of one process's event plane and routers, since it started: a
+/// copy of `dynamo_event_plane_gaps_total`, `dynamo_event_plane_disconnects_total`,
+/// `dynamo_router_ejections_total` and `dynamo_router_retries_total`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PlaneCounts {
+    /// Events known lost (missing sequence numbers), over all subscriptions.
+    pub event_gaps: u64,
+    /// ZMQ event-plane peer connections that ended.
+    pub event_disconnects: u64,
+    /// Instances ejected after transport failures.
+    pub router_ejections: u64,
+    /// Requests re-sent to another instance before any response item.
+    pub router_retries: u64,
 }

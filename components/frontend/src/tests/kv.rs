@@ -14,7 +14,11 @@ use switchyard_runtime::runtime::Runtime;
 
 /// A KV-mode frontend over `workers` mocker workers (each its own runtime,
 /// so its own instance), on a private registry.
-async fn kv_stack(workers: usize, speedup_ratio: f64, frontend: FrontendArgs) -> (Stack, Vec<(Runtime, u64)>) {
+pub(super) async fn kv_stack(
+    workers: usize,
+    speedup_ratio: f64,
+    frontend: FrontendArgs,
+) -> (Stack, Vec<(Runtime, u64)>) {
     let registry = MemRegistry::new();
     let mut runtimes = Vec::new();
     for _ in 0..workers {

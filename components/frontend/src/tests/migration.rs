@@ -220,6 +220,30 @@ async fn a_completion_cut_off_mid_answer_continues_from_the_same_token_ids() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migrated_request_leaves_a_second_decision_naming_its_new_worker() {
+    let stack = Stack::start(scripted(1), features(true, false), 3).await;
+    let body = json!({"model": "m", "prompt": "Tell", "max_tokens": 10, "stream": true});
+    let (_, _, done) = stack
+        .stream("/v1/completions", body, Some(("x-request-id", "moved-1")))
+        .await;
+    assert!(done);
+    let decisions: Vec<_> = stack
+        .state
+        .mesh
+        .decisions
+        .all()
+        .into_iter()
+        .filter(|d| d.request_id == "moved-1")
+        .collect();
+    assert_eq!(decisions.len(), 2, "{decisions:?}");
+    assert_eq!((decisions[0].migration, decisions[1].migration), (0, 1));
+    assert_ne!(decisions[0].worker, decisions[1].worker, "moved off the failed worker");
+    let found = stack.state.mesh.decisions.find("moved-1").unwrap();
+    assert_eq!(found, decisions[1], "a lookup gives where the request is now");
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chat_cut_off_mid_answer_continues_as_a_completion_over_token_ids() {
     let stack = Stack::start(scripted(1), features(true, true), 3).await;
     let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": true});

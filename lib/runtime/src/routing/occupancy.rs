@@ -48,6 +48,34 @@ struct InstanceLoad {
     indexed: u64,
     ejected_until: Option<Instant>,
     consecutive_failures: u32,
+    /// The last failure seen on it, for people (the mesh page); kept after
+    /// the instance recovers, so "why was it ejected?" can still be read.
+    last_error: Option<LastError>,
+}
+
+/// Longest error text kept per instance: bounds the table's memory
+/// whatever a failing worker sends.
+const MAX_ERROR_LEN: usize = 300;
+
+/// A failure seen on an instance, and when (wall clock, for display).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastError {
+    pub message: String,
+    pub at: std::time::SystemTime,
+}
+
+/// What one router knows of one instance right now: a copy for display
+/// (the mesh page), never used to route.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InstanceState {
+    /// Requests this router has in flight there.
+    pub inflight: u64,
+    /// The worker's own last report, while it is fresh.
+    pub reported: Option<u64>,
+    /// How much longer it stays ejected, while it is.
+    pub ejected_for: Option<Duration>,
+    pub consecutive_failures: u32,
+    pub last_error: Option<LastError>,
 }
 
 impl InstanceLoad {
@@ -167,6 +195,41 @@ impl Occupancy {
         backoff
     }
 
+    /// Keeps `message` as the last failure seen on `id` (cut to a bounded
+    /// length), for people to read; routing does not look at it.
+    pub fn record_error(&self, id: u64, message: &str) {
+        let mut cut = MAX_ERROR_LEN.min(message.len());
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let mut state = self.lock();
+        if let Some(entry) = state.instances.get_mut(&id) {
+            entry.last_error = Some(LastError {
+                message: message[..cut].to_string(),
+                at: std::time::SystemTime::now(),
+            });
+        }
+    }
+
+    /// A copy of what this table holds for `id`, if it tracks it.
+    pub fn state(&self, id: u64, now: Instant) -> Option<InstanceState> {
+        let state = self.lock();
+        let entry = state.instances.get(&id)?;
+        Some(InstanceState {
+            inflight: entry.inflight,
+            reported: entry
+                .reported
+                .filter(|(_, expires)| *expires > now)
+                .map(|(load, _)| load),
+            ejected_for: entry
+                .ejected_until
+                .filter(|until| *until > now)
+                .map(|until| until - now),
+            consecutive_failures: entry.consecutive_failures,
+            last_error: entry.last_error.clone(),
+        })
+    }
+
     /// A successful response from `id`: its failure streak ends.
     pub fn record_success(&self, id: u64) {
         let mut state = self.lock();
@@ -248,6 +311,27 @@ impl Drop for InflightGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_shows_ejection_and_keeps_a_bounded_last_error() {
+        let occupancy = Occupancy::new();
+        let _guard = occupancy.acquire(7);
+        let now = Instant::now();
+        assert_eq!(occupancy.state(7, now).map(|s| s.inflight), Some(1));
+        assert_eq!(occupancy.state(8, now), None, "an untracked instance has no state");
+        occupancy.record_failure(7, now);
+        occupancy.record_error(7, &"é".repeat(1000));
+        let state = occupancy.state(7, now).unwrap();
+        assert_eq!(state.ejected_for, Some(BASE_EJECTION));
+        assert_eq!(state.consecutive_failures, 1);
+        let message = state.last_error.unwrap().message;
+        assert!(message.len() <= MAX_ERROR_LEN && message.starts_with('é'), "{message}");
+        // Recovered: no longer ejected, but the last error is still there to read.
+        occupancy.record_success(7);
+        let state = occupancy.state(7, now).unwrap();
+        assert_eq!(state.ejected_for, None);
+        assert!(state.last_error.is_some());
+    }
 
     #[test]
     fn guards_count_until_dropped() {

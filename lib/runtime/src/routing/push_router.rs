@@ -221,6 +221,7 @@ where
     pub fn eject(&self, instance_id: u64, why: &str) {
         self.client.endpoint().drt().metrics().router_ejections.inc();
         let backoff = self.occupancy.record_failure(instance_id, Instant::now());
+        self.occupancy.record_error(instance_id, why);
         tracing::warn!(instance = format!("{instance_id:x}"), why, ?backoff, "instance ejected");
     }
 
@@ -288,6 +289,8 @@ where
                     if transport {
                         metrics.router_ejections.inc();
                         let backoff = self.occupancy.record_failure(instance.instance_id, Instant::now());
+                        self.occupancy
+                            .record_error(instance.instance_id, &crate::error::Report(&error).to_string());
                         tracing::warn!(instance = %instance, %error, ?backoff, "instance ejected after a transport failure");
                     }
                     let retryable = transport || error.kind() == ErrorKind::ShuttingDown;
