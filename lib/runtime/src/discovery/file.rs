@@ -607,13 +607,13 @@ mod tests {
         }
         // Writable by everyone, as a directory another user made in /tmp could be.
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let error = open_at(&root).await.err().expect("refused");
+        let error = open_at(&root).await.expect_err("refused");
         assert!(matches!(error, DiscoveryError::FileUntrusted { .. }), "{error}");
         assert!(error.to_string().contains("mode 777"), "{error}");
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700)).unwrap();
         // Owned by another user (only root can hand a directory over).
         if std::os::unix::fs::chown(root.join("models"), Some(65534), None).is_ok() {
-            let error = open_at(&root).await.err().expect("refused");
+            let error = open_at(&root).await.expect_err("refused");
             assert!(error.to_string().contains("owned by uid 65534"), "{error}");
         }
         let _ = std::fs::remove_dir_all(root);
