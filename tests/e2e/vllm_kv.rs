@@ -117,11 +117,13 @@ async fn vllm_managed_children_publish_kv_events_where_their_cards_say() {
     let started = Instant::now();
     let stored = loop {
         // PUB drops what is sent before the subscription is connected: ask
-        // again (a fresh prompt each time) until a store is seen.
+        // again until a store is seen, with a fresh prompt each time — fresh
+        // at its start, or its blocks would already be cached and stored
+        // no more (a loaded machine can lose the first request's events).
         let answer = reqwest::Client::new()
             .post(format!("http://127.0.0.1:{child}/v1/completions"))
             .json(
-                &json!({"model": "m", "prompt": format!("{prompt}{}", started.elapsed().as_nanos()), "max_tokens": 2}),
+                &json!({"model": "m", "prompt": format!("{} {prompt}", started.elapsed().as_nanos()), "max_tokens": 2}),
             )
             .send()
             .await
