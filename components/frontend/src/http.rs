@@ -104,7 +104,8 @@ impl FrontendState {
                 first_token_timeout: (!args.first_token_timeout.is_zero()).then_some(args.first_token_timeout),
             },
             kv,
-        );
+            args.model_namespace.clone(),
+        )?;
         let keys = ApiKeys::load(&args.api_keys, args.api_key_file.as_deref())?;
         let admission = Admission::new(args.admission_settings(), keys.ids(), drt.process_metrics())?;
         models.watch(runtime.root_token().child_token()).await?;
@@ -211,6 +212,11 @@ async fn health(State(state): State<FrontendState>) -> Response {
         .collect();
     if !excluded.is_empty() {
         body["kv_excluded"] = serde_json::Value::Array(excluded);
+    }
+    // Models claimed by more than one endpoint (`ModelManager::put`).
+    let conflicts = state.models.conflicts();
+    if !conflicts.is_empty() {
+        body["model_conflicts"] = serde_json::to_value(conflicts).unwrap_or_default();
     }
     (code, axum::Json(body)).into_response()
 }

@@ -95,6 +95,10 @@ pub struct FrontendArgs {
     pub router_kv_events: bool,
     #[arg(long = "no-router-kv-events", hide = true, action = clap::ArgAction::SetTrue)]
     pub no_router_kv_events: bool,
+    /// Serve only models whose workers register in this namespace (unset:
+    /// every namespace). Dynamo's `--namespace`; it reads the same variable.
+    #[arg(long, env = "DYN_NAMESPACE", value_name = "NAMESPACE")]
+    pub model_namespace: Option<String>,
     /// Largest request body accepted, in MiB (413 beyond).
     #[arg(long, env = "DYN_HTTP_BODY_LIMIT_MB", default_value_t = 45)]
     pub body_limit_mb: usize,

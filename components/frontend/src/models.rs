@@ -204,17 +204,68 @@ pub struct ModelManager {
     models: Arc<RwLock<BTreeMap<String, Model>>>,
     /// Which model each card key belongs to, to apply deletes.
     cards: Arc<RwLock<BTreeMap<Key, String>>>,
+    /// Serve only cards registered in this namespace (`--model-namespace`).
+    namespace: Option<String>,
+    /// Cards that claim a model served on another endpoint: kept, so the
+    /// choice between endpoints depends only on what discovery holds (see
+    /// [`ModelManager::put`]), and counted in `conflicts`.
+    waiting: Arc<RwLock<BTreeMap<Key, ModelCard>>>,
+    /// `dynamo_frontend_model_conflicts`: cards waiting that way.
+    conflicts: prometheus::IntGauge,
+}
+
+/// A model claimed by more than one endpoint: the one serving it and the others.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Conflict {
+    pub model: String,
+    pub serving: String,
+    pub claimed_by: Vec<String>,
 }
 
 impl ModelManager {
-    pub fn new(drt: DistributedRuntime, settings: RouterSettings, kv: Option<(KvSettings, KvMetrics)>) -> Self {
-        Self {
+    /// The manager of `drt`'s models; `namespace` limits them to cards
+    /// registered there.
+    pub fn new(
+        drt: DistributedRuntime,
+        settings: RouterSettings,
+        kv: Option<(KvSettings, KvMetrics)>,
+        namespace: Option<String>,
+    ) -> Result<Self, switchyard_runtime::metrics::MetricsError> {
+        let conflicts = prometheus::IntGauge::new(
+            "dynamo_frontend_model_conflicts",
+            "Model cards ignored because another endpoint serves their model (see /health)",
+        )?;
+        drt.process_metrics().register(Box::new(conflicts.clone()))?;
+        Ok(Self {
             drt,
             settings,
             kv,
             models: Arc::default(),
             cards: Arc::default(),
+            namespace,
+            waiting: Arc::default(),
+            conflicts,
+        })
+    }
+
+    /// Models claimed by more than one endpoint, for `/health`.
+    pub fn conflicts(&self) -> Vec<Conflict> {
+        let models = self.models.read().expect("models lock");
+        let mut by_model: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+        for card in self.waiting.read().expect("waiting lock").values() {
+            by_model
+                .entry(card.name.clone())
+                .or_default()
+                .insert(card.endpoint_path());
         }
+        by_model
+            .into_iter()
+            .map(|(model, claimed)| Conflict {
+                serving: models.get(&model).map(|m| m.endpoint_path.clone()).unwrap_or_default(),
+                model,
+                claimed_by: claimed.into_iter().collect(),
+            })
+            .collect()
     }
 
     /// The KV router's metrics, in KV mode (the mesh page reads them).
@@ -278,18 +329,27 @@ impl ModelManager {
             WatchEvent::Snapshot(registrations) => {
                 let known: Vec<Key> = self.cards.read().expect("cards lock").keys().cloned().collect();
                 let incoming: Vec<Key> = registrations.iter().map(|r| r.key.clone()).collect();
-                for key in known.iter().filter(|k| !incoming.contains(k)) {
-                    self.remove(key);
+                let waiting: Vec<Key> = self.waiting.read().expect("waiting lock").keys().cloned().collect();
+                for key in known.iter().chain(&waiting).filter(|k| !incoming.contains(k)) {
+                    self.remove(key).await;
                 }
                 for registration in registrations {
                     self.put(&registration).await;
                 }
             }
             WatchEvent::Put(registration) => self.put(&registration).await,
-            WatchEvent::Delete(key) => self.remove(&key),
+            WatchEvent::Delete(key) => self.remove(&key).await,
         }
     }
 
+    /// Adds a worker's card. A model is served from one endpoint. When
+    /// cards of one model name come from several endpoints (a namespace set
+    /// up twice — or someone with write access to discovery trying to take
+    /// a model's traffic), the endpoint whose path sorts first serves it,
+    /// whatever the order the cards arrived in, so a restart makes the same
+    /// choice; the others' cards wait, are logged as a conflict and counted
+    /// in `dynamo_frontend_model_conflicts`, and `/health` lists them.
+    /// `--model-namespace` keeps other namespaces out altogether.
     async fn put(&self, registration: &switchyard_runtime::discovery::Registration) {
         let card = match ModelCard::from_registration(registration) {
             Ok(card) => card,
@@ -298,18 +358,71 @@ impl ModelManager {
                 return;
             }
         };
-        let existing = self.get(&card.name);
-        if let Some(model) = &existing
-            && model.endpoint_path != card.endpoint_path()
+        if let Some(namespace) = &self.namespace
+            && registration.key.namespace != *namespace
         {
-            tracing::warn!(
-                model = %card.name,
-                serving = %model.endpoint_path,
-                refused = %card.endpoint_path(),
-                "model already served on another endpoint; ignoring this worker's card"
-            );
+            tracing::debug!(model = %card.name, endpoint = %card.endpoint_path(), "ignoring a card outside --model-namespace");
             return;
         }
+        if let Some(model) = self.get(&card.name)
+            && model.endpoint_path != card.endpoint_path()
+        {
+            let claimant = card.endpoint_path();
+            if claimant > model.endpoint_path {
+                tracing::error!(
+                    model = %card.name,
+                    serving = %model.endpoint_path,
+                    ignored = %claimant,
+                    "two endpoints claim one model: serving the one whose path sorts first; set --model-namespace, and find who registered the other"
+                );
+                self.wait(registration.key.clone(), card);
+                return;
+            }
+            tracing::error!(
+                model = %card.name,
+                was_serving = %model.endpoint_path,
+                now_serving = %claimant,
+                "two endpoints claim one model: the new one's path sorts first, so it serves the model now; set --model-namespace, and find who registered the other"
+            );
+            self.demote(&card.name);
+        }
+        self.serve(registration.key.clone(), card).await;
+    }
+
+    /// Sets `card` aside: its model is served on another endpoint.
+    fn wait(&self, key: Key, card: ModelCard) {
+        let mut waiting = self.waiting.write().expect("waiting lock");
+        waiting.insert(key, card);
+        self.conflicts.set(waiting.len() as i64);
+    }
+
+    /// Moves every card of `name` to the waiting set and drops the model.
+    fn demote(&self, name: &str) {
+        let Some(model) = self.models.write().expect("models lock").remove(name) else {
+            return;
+        };
+        let keys: Vec<Key> = {
+            let mut cards = self.cards.write().expect("cards lock");
+            let keys: Vec<Key> = cards
+                .iter()
+                .filter(|(_, m)| *m == name)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for key in &keys {
+                cards.remove(key);
+            }
+            keys
+        };
+        for key in keys {
+            if let Some(card) = model.cards.get(&key.instance_id) {
+                self.wait(key, card.clone());
+            }
+        }
+    }
+
+    /// Serves `card` on its model (created with its router when new).
+    async fn serve(&self, key: Key, card: ModelCard) {
+        let existing = self.get(&card.name);
         let (router, kv, tokenizer) = match existing {
             Some(model) => (model.router, model.kv, model.tokenizer),
             None => match self.build_router(&card).await {
@@ -330,7 +443,6 @@ impl ModelManager {
         if let (Some(kv), Some(source)) = (&kv, &card.kv_events) {
             kv.follow(card.instance_id, source, self.drt.runtime());
         }
-        let key = registration.key.clone();
         let name = card.name.clone();
         {
             let mut models = self.models.write().expect("models lock");
@@ -355,20 +467,68 @@ impl ModelManager {
         }
     }
 
-    fn remove(&self, key: &Key) {
+    async fn remove(&self, key: &Key) {
+        {
+            let mut waiting = self.waiting.write().expect("waiting lock");
+            if waiting.remove(key).is_some() {
+                self.conflicts.set(waiting.len() as i64);
+                return;
+            }
+        }
         let Some(name) = self.cards.write().expect("cards lock").remove(key) else {
             return;
         };
-        let mut models = self.models.write().expect("models lock");
-        if let Some(model) = models.get_mut(&name) {
+        let gone = {
+            let mut models = self.models.write().expect("models lock");
+            let Some(model) = models.get_mut(&name) else {
+                return;
+            };
             model.cards.remove(&key.instance_id);
             if let Some(kv) = &model.kv {
                 kv.remove(key.instance_id);
             }
-            if model.cards.is_empty() {
+            let gone = model.cards.is_empty();
+            if gone {
                 models.remove(&name);
                 tracing::info!(model = %name, "model removed: its last worker left");
             }
+            gone
+        };
+        if gone {
+            self.promote(&name).await;
+        }
+    }
+
+    /// After `name`'s serving endpoint left: the waiting endpoint whose path
+    /// sorts first serves it now.
+    async fn promote(&self, name: &str) {
+        let next: Vec<(Key, ModelCard)> = {
+            let mut waiting = self.waiting.write().expect("waiting lock");
+            let Some(endpoint) = waiting
+                .values()
+                .filter(|card| card.name == name)
+                .map(ModelCard::endpoint_path)
+                .min()
+            else {
+                return;
+            };
+            let keys: Vec<Key> = waiting
+                .iter()
+                .filter(|(_, card)| card.name == name && card.endpoint_path() == endpoint)
+                .map(|(key, _)| key.clone())
+                .collect();
+            let next = keys
+                .into_iter()
+                .filter_map(|key| waiting.remove(&key).map(|card| (key, card)))
+                .collect();
+            self.conflicts.set(waiting.len() as i64);
+            next
+        };
+        if let Some((_, card)) = next.first() {
+            tracing::warn!(model = %name, now_serving = %card.endpoint_path(), "the model's endpoint left; another that claims it serves it now");
+        }
+        for (key, card) in next {
+            self.serve(key, card).await;
         }
     }
 

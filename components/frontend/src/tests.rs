@@ -17,6 +17,7 @@ use switchyard_runtime::distributed::DistributedRuntime;
 use switchyard_runtime::runtime::Runtime;
 use tower::ServiceExt;
 
+mod claims;
 mod edge;
 mod kv;
 mod mesh;
