@@ -150,10 +150,49 @@ impl std::fmt::Debug for NatsAuth {
 }
 
 /// How to reach NATS.
-#[derive(Debug, Clone, Getters)]
+#[derive(Clone, Getters)]
 pub struct NatsConfig {
     servers: Vec<String>,
     auth: NatsAuth,
+}
+
+impl std::fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsConfig")
+            .field("servers", &redact_urls(&self.servers))
+            .field("auth", &self.auth)
+            .finish()
+    }
+}
+
+/// `url` with any `user:password@` replaced by `***@`, for logs and errors:
+/// `nats://alice:secret@host:4222` → `nats://***@host:4222`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://***{}", &rest[at..]),
+        None => url.to_string(),
+    }
+}
+
+/// [`redact_url`] over a list, joined with commas.
+pub fn redact_urls(urls: &[String]) -> String {
+    urls.iter().map(|url| redact_url(url)).collect::<Vec<_>>().join(",")
+}
+
+/// Whether `url`'s host is a loopback address or `localhost`.
+fn is_loopback_url(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    let host = match host_port.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host_port.rsplit_once(':').map_or(host_port, |(host, _)| host),
+    };
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The status server and the canary health checks.
@@ -188,7 +227,7 @@ impl std::fmt::Debug for EtcdConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the password.
         f.debug_struct("EtcdConfig")
-            .field("endpoints", &self.endpoints)
+            .field("endpoints", &redact_urls(&self.endpoints))
             .field("user", &self.credentials.as_ref().map(|(user, _)| user))
             .field("ca", &self.ca)
             .field("identity", &self.identity)
@@ -564,7 +603,7 @@ impl Settings {
         if servers.is_empty() || !servers.iter().all(valid) {
             return Err(self.invalid(
                 NATS_SERVER,
-                &text,
+                &redact_urls(&servers),
                 "a comma-separated list of nats://host:port or tls://host:port URLs",
             ));
         }
@@ -608,7 +647,7 @@ impl Settings {
         if endpoints.is_empty() || !endpoints.iter().all(valid) {
             return Err(self.invalid(
                 ETCD_ENDPOINTS,
-                &text,
+                &redact_urls(&endpoints),
                 "a comma-separated list of http://host:port or https://host:port URLs",
             ));
         }
@@ -638,6 +677,17 @@ impl Settings {
                 });
             }
         };
+        // A password sent in the clear to another machine is as good as
+        // published; loopback (development) is allowed.
+        if credentials.is_some()
+            && let Some(plain) = endpoints
+                .iter()
+                .find(|e| e.starts_with("http://") && !is_loopback_url(e))
+        {
+            return Err(ConfigError::PlainTextPassword {
+                endpoint: redact_url(plain),
+            });
+        }
         Ok(EtcdConfig {
             endpoints,
             credentials,
@@ -757,6 +807,11 @@ pub enum ConfigError {
     MissingFile { path: PathBuf },
     #[error("{set} is set; {needed} must be")]
     Incomplete { set: &'static str, needed: &'static str },
+    #[error(
+        "ETCD_AUTH_PASSWORD would travel in the clear to {endpoint} (plain http:// to another host); \
+         use https:// endpoints in ETCD_ENDPOINTS (with ETCD_AUTH_CA when the CA is private)"
+    )]
+    PlainTextPassword { endpoint: String },
     #[error("unknown configuration variable {name:?}; see docs/configuration.md for the list")]
     UnknownVariable { name: String },
     #[error(

@@ -12,7 +12,8 @@ pub(crate) const NATS_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Connects to the servers of `config` (`NATS_SERVER`) with its credentials.
 pub(crate) async fn connect(config: &NatsConfig) -> Result<async_nats::Client, NatsConnectError> {
-    let servers = config.servers().join(",");
+    // For logs and errors: no credentials a URL may carry.
+    let servers = crate::config::redact_urls(config.servers());
     let mut options = async_nats::ConnectOptions::new().connection_timeout(NATS_CONNECT_TIMEOUT);
     options = match config.auth() {
         NatsAuth::None => options,

@@ -91,6 +91,37 @@ fn etcd_settings_are_checked() {
 }
 
 #[test]
+fn credentials_in_urls_never_reach_debug_or_errors_and_etcd_passwords_need_tls_off_loopback() {
+    assert_eq!(redact_url("nats://alice:s3cret@nats:4222"), "nats://***@nats:4222");
+    assert_eq!(redact_url("http://u:p@[::1]:2379/x@y"), "http://***@[::1]:2379/x@y");
+    assert_eq!(redact_url("https://etcd:2379"), "https://etcd:2379");
+    let config = RuntimeConfig::from_vars([(NATS_SERVER, "nats://alice:s3cret@nats:4222")]).unwrap();
+    assert!(!format!("{config:?}").contains("s3cret"), "{config:?}");
+    let err = RuntimeConfig::from_vars([(NATS_SERVER, "nats://alice:s3cret@, bad")]).unwrap_err();
+    assert!(!err.to_string().contains("s3cret"), "{err}");
+    let err = RuntimeConfig::from_vars([(ETCD_ENDPOINTS, "http://root:s3cret@etcd:2379, nope")]).unwrap_err();
+    assert!(
+        !err.to_string().contains("s3cret") && err.to_string().contains("ETCD_ENDPOINTS"),
+        "{err}"
+    );
+
+    let password = [(ETCD_AUTH_USERNAME, "root"), (ETCD_AUTH_PASSWORD, "s3cret")];
+    let remote =
+        RuntimeConfig::from_vars([(ETCD_ENDPOINTS, "http://10.0.0.1:2379")].into_iter().chain(password)).unwrap_err();
+    assert!(
+        remote.to_string().contains("in the clear to http://10.0.0.1:2379"),
+        "{remote}"
+    );
+    for fine in [
+        "https://10.0.0.1:2379",
+        "http://127.0.0.1:2379",
+        "http://localhost:2379",
+    ] {
+        RuntimeConfig::from_vars([(ETCD_ENDPOINTS, fine)].into_iter().chain(password)).unwrap();
+    }
+}
+
+#[test]
 fn status_server_settings_are_checked() {
     let config = RuntimeConfig::default();
     assert_eq!(config.system.port, None);

@@ -84,7 +84,8 @@ impl EtcdDiscovery {
         tracker: TaskTracker,
         stop: CancellationToken,
     ) -> Result<Self, DiscoveryError> {
-        let endpoints = config.endpoints().join(",");
+        // For logs and errors: no credentials a URL may carry.
+        let endpoints = crate::config::redact_urls(config.endpoints());
         let unreachable = |source| DiscoveryError::EtcdUnreachable {
             endpoints: endpoints.clone(),
             timeout: CONNECT_TIMEOUT,
