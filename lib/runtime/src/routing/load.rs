@@ -39,7 +39,12 @@ pub(crate) async fn follow(
                     let now = tokio::time::Instant::now();
                     // `active` counts every request open on the endpoint, including
                     // those queued inside the engine: `queued` is already in it.
-                    occupancy.report(report.instance_id, report.active, now + lifetime);
+                    if !occupancy.report(report.instance_id, report.active, now + lifetime) {
+                        tracing::trace!(
+                            instance = format!("{:x}", report.instance_id),
+                            "load report from an instance not in discovery; dropped"
+                        );
+                    }
                     occupancy.expire_reports(now);
                 }
                 Some(Ok(_)) => {}

@@ -139,17 +139,24 @@ impl Occupancy {
         self.lock().instances.get(&id).map_or(0, |i| i.score(now))
     }
 
-    /// The worker `id` reports `load` (requests open on its endpoint), valid until `expires`.
-    pub fn report(&self, id: u64, load: u64, expires: Instant) {
+    /// The worker `id` reports `load` (requests open on its endpoint), valid
+    /// until `expires`. Only instances this table already tracks (synced
+    /// from discovery, or chosen from it) are taken: a report naming any
+    /// other id — a worker not registered yet, or a forged one on the event
+    /// plane — is dropped, so forged ids cannot pile up here. Returns
+    /// whether the report was taken.
+    pub fn report(&self, id: u64, load: u64, expires: Instant) -> bool {
         let mut state = self.lock();
-        // An instance not known yet is added; the next sync with discovery
-        // drops it again if it is not registered.
-        let before = state.instances.get(&id).map(|i| i.indexed);
+        let Some(before) = state.instances.get(&id).map(|i| i.indexed) else {
+            return false;
+        };
+        let before = Some(before);
         state.entry(id).reported = Some((load, expires));
         state.reindex(id, Instant::now());
         if before.is_some_and(|before| state.instances[&id].indexed < before) {
             self.lighter.notify_waiters();
         }
+        true
     }
 
     /// A future that resolves at the next drop in some instance's load.
@@ -403,10 +410,14 @@ mod tests {
         // Once the report expires only the local count (0) is left.
         occupancy.expire_reports(now + Duration::from_secs(4));
         assert_eq!(occupancy.least_loaded(|_, _| true, now), Some(1));
-        // Reports for instances not in discovery go at the next sync.
-        occupancy.report(9, 1, now + Duration::from_secs(3));
-        occupancy.sync(&[1, 2]);
+        // Reports for instances not in discovery are not taken at all:
+        // forged ids cannot grow the table.
+        assert!(!occupancy.report(9, 1, now + Duration::from_secs(3)));
         assert_eq!(occupancy.load(9), 0);
+        for forged in 100..10_100 {
+            occupancy.report(forged, 1_000, now + Duration::from_secs(3));
+        }
+        assert_eq!(occupancy.lock().instances.len(), 2, "only the synced instances");
     }
 
     #[test]
