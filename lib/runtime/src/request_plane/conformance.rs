@@ -338,6 +338,30 @@ pub(crate) async fn caller_stop_reaches_the_handler_which_ends_gracefully(kit: &
     .await;
 }
 
+/// Request ids are the callers' to choose, so two requests may share one: a
+/// stop of one must not reach the other (finding 5 of issue #21).
+pub(crate) async fn two_requests_sharing_a_request_id_are_stopped_apart(kit: &dyn PlaneKit) {
+    let pair = Pair::start(kit).await;
+    let (first, second) = (Controller::with_id("shared-id"), Controller::with_id("shared-id"));
+    let mut one = pair.call_with("count", "1000000,20", first.clone()).await.unwrap();
+    let mut two = pair.call_with("count", "1000000,20", second.clone()).await.unwrap();
+    assert_eq!(one.next().await.unwrap().unwrap(), "0");
+    assert_eq!(two.next().await.unwrap().unwrap(), "0");
+    first.stop();
+    let (_, error) = tokio::time::timeout(DEADLINE, collect(one))
+        .await
+        .expect("the stopped request ends, though another shares its id");
+    assert!(error.is_none(), "{error:?}");
+    // The other one is still streaming.
+    for _ in 0..3 {
+        assert!(two.next().await.unwrap().is_ok());
+    }
+    second.stop();
+    tokio::time::timeout(DEADLINE, collect(two))
+        .await
+        .expect("and it can be stopped in turn");
+}
+
 pub(crate) async fn caller_kill_ends_the_stream_and_reaches_the_handler(kit: &dyn PlaneKit) {
     let pair = Pair::start(kit).await;
     let controller = Controller::new();
@@ -502,6 +526,10 @@ macro_rules! conformance_tests {
         #[tokio::test]
         async fn caller_stop_reaches_the_handler_which_ends_gracefully() {
             $crate::request_plane::conformance::caller_stop_reaches_the_handler_which_ends_gracefully(&$kit).await;
+        }
+        #[tokio::test]
+        async fn two_requests_sharing_a_request_id_are_stopped_apart() {
+            $crate::request_plane::conformance::two_requests_sharing_a_request_id_are_stopped_apart(&$kit).await;
         }
         #[tokio::test]
         async fn caller_kill_ends_the_stream_and_reaches_the_handler() {

@@ -5,7 +5,8 @@
 //! `0x13`, as on TCP). HTTP/2 gives each request its own stream with its own
 //! flow control; dropping the response resets the stream, which kills the
 //! request on the worker; a graceful stop is a POST to
-//! `/v1/rpc-cancel/{request_id}`.
+//! `/v1/rpc-cancel/{stream}`, where `stream` is the token the worker sent
+//! in the `x-switchyard-stream` header (never the caller-chosen request id).
 
 use super::handlers::Handlers;
 use super::pump::{CallerGone, Next, Pump, ResponseSink};
@@ -32,6 +33,10 @@ use tokio_util::task::TaskTracker;
 
 const INSTANCE_HEADER: &str = "x-switchyard-instance";
 const REQUEST_ID_HEADER: &str = "x-request-id";
+/// The response header naming the stream for `/v1/rpc-cancel/{stream}`: a
+/// token the worker makes per call, so a request id two callers share (it
+/// is theirs to choose) cannot reach the other's request.
+const STREAM_HEADER: &str = "x-switchyard-stream";
 /// Frames a request's task may queue before the response body is read.
 const BODY_QUEUE: usize = 64;
 /// Per-stream HTTP/2 window: how much one unread response may buffer.
@@ -124,20 +129,23 @@ async fn rpc(
         .get(REQUEST_ID_HEADER)
         .and_then(|v| v.to_str().ok())
         .map_or_else(|| Controller::new().id().to_string(), str::to_string);
-    let controller = Controller::with_parent(request_id.clone(), &state.shutdown);
-    state.running().insert(request_id.clone(), controller.clone());
+    let controller = Controller::with_parent(request_id, &state.shutdown);
+    let stream_token = format!("{:032x}", rand::random::<u128>());
+    let token_for_header = stream_token.clone();
+    state.running().insert(stream_token.clone(), controller.clone());
     let (frames, body_frames) = mpsc::channel::<Result<Bytes, std::convert::Infallible>>(BODY_QUEUE);
     let task_state = state.clone();
     state.tracker.spawn(async move {
         let request = Context::with_controller(body, controller);
         let sink = BodySink { frames };
         task_state.pump.run(&endpoint, instance_id, request, sink).await;
-        task_state.running().remove(&request_id);
+        task_state.running().remove(&stream_token);
     });
     let stream = futures::stream::unfold(body_frames, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
     Response::builder()
         .status(StatusCode::OK)
         .header("content-type", "application/x-switchyard-stream")
+        .header(STREAM_HEADER, token_for_header)
         .body(Body::from_stream(stream))
         .expect("a valid response")
 }
@@ -176,8 +184,8 @@ impl ResponseSink for BodySink {
     }
 }
 
-async fn cancel(State(state): State<ServerState>, Path(request_id): Path<String>, body: Bytes) -> StatusCode {
-    let Some(controller) = state.running().get(&request_id).cloned() else {
+async fn cancel(State(state): State<ServerState>, Path(stream): Path<String>, body: Bytes) -> StatusCode {
+    let Some(controller) = state.running().get(&stream).cloned() else {
         return StatusCode::NOT_FOUND;
     };
     match &body[..] {
@@ -286,7 +294,18 @@ impl RequestClient for HttpClient {
                 ));
             }
         }
-        let cancel_url = format!("{base}/v1/rpc-cancel/{}", controller.id());
+        let Some(stream) = response
+            .headers()
+            .get(STREAM_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+        else {
+            return Err(RequestError::new(
+                ErrorKind::Protocol,
+                format!("{base} answered without the {STREAM_HEADER} header"),
+            ));
+        };
+        let cancel_url = format!("{base}/v1/rpc-cancel/{stream}");
         let state = ResponseState {
             body: response.into_body(),
             buf: BytesMut::new(),

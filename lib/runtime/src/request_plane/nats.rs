@@ -52,11 +52,13 @@ fn frame(kind: u8, payload: &[u8]) -> Bytes {
     buf.freeze()
 }
 
-/// A control message: `id_len:u8 id kind:u8 data`.
-fn control(request_id: &str, kind: u8, data: &[u8]) -> Bytes {
-    let mut buf = BytesMut::with_capacity(2 + request_id.len() + data.len());
-    buf.put_u8(request_id.len() as u8);
-    buf.put_slice(request_id.as_bytes());
+/// A control message: `id_len:u8 id kind:u8 data`. The id is the stream's
+/// reply inbox — unique per call and known only to the caller and the
+/// worker — not the caller-chosen request id, which two requests may share.
+fn control(stream: &str, kind: u8, data: &[u8]) -> Bytes {
+    let mut buf = BytesMut::with_capacity(2 + stream.len() + data.len());
+    buf.put_u8(stream.len() as u8);
+    buf.put_slice(stream.as_bytes());
     buf.put_u8(kind);
     buf.put_slice(data);
     buf.freeze()
@@ -188,13 +190,12 @@ async fn run_stream(shared: Arc<Shared>, reply: String, head: RequestHead) {
     let credit = Arc::new(Semaphore::new((head.window as usize).clamp(1, Semaphore::MAX_PERMITS)));
     shared
         .running()
-        .insert(head.request_id.clone(), (controller.clone(), credit.clone()));
+        .insert(reply.clone(), (controller.clone(), credit.clone()));
     shared.send(&reply, frame(HEARTBEAT_KIND, &[])).await;
     let request = Context::with_controller(head.body, controller);
     let sink = ReplySink {
         shared: shared.clone(),
         reply,
-        request_id: head.request_id,
         credit,
         heartbeat: None,
     };
@@ -205,8 +206,8 @@ async fn run_stream(shared: Arc<Shared>, reply: String, head: RequestHead) {
 /// waits for the handler or for credit.
 struct ReplySink {
     shared: Arc<Shared>,
+    /// The caller's inbox; also the key of this stream's controls.
     reply: String,
-    request_id: String,
     /// Items the caller still takes; refilled by its credit messages.
     credit: Arc<Semaphore>,
     /// Started once the handler's stream exists: while the handler is
@@ -255,7 +256,7 @@ impl ResponseSink for ReplySink {
             Ok(()) => frame(FrameType::End as u8, &[]),
             Err(error) => frame(FrameType::Error as u8, &super::encode_error(&error)),
         };
-        self.shared.running().remove(&self.request_id);
+        self.shared.running().remove(&self.reply);
         self.shared.send(&self.reply, last).await;
     }
 }
@@ -320,7 +321,7 @@ impl RequestClient for NatsRequestClient {
             body,
         };
         self.client
-            .publish_with_reply(subject.clone(), inbox, head.encode())
+            .publish_with_reply(subject.clone(), inbox.clone(), head.encode())
             .await
             .map_err(|e| RequestError::new(ErrorKind::Unreachable, format!("cannot publish to {subject}: {e}")))?;
         // The worker answers at once with a heartbeat; silence means nobody serves the subject.
@@ -332,6 +333,7 @@ impl RequestClient for NatsRequestClient {
             ));
         };
         let state = NatsResponse {
+            inbox,
             responses,
             pending: Some(first.payload),
             controller,
@@ -351,6 +353,8 @@ impl RequestClient for NatsRequestClient {
 }
 
 struct NatsResponse {
+    /// This call's reply inbox, which names the stream in control messages.
+    inbox: String,
     responses: async_nats::Subscriber,
     /// A message read ahead (the first heartbeat).
     pending: Option<Bytes>,
@@ -368,7 +372,7 @@ impl NatsResponse {
     async fn send_control(&self, kind: u8, data: &[u8]) {
         let _ = self
             .client
-            .publish(self.control.clone(), control(self.controller.id(), kind, data))
+            .publish(self.control.clone(), control(&self.inbox, kind, data))
             .await;
     }
 
@@ -458,7 +462,7 @@ impl Drop for NatsResponse {
         if !self.done {
             // Dropped early: kill the request on the worker.
             let (client, subject) = (self.client.clone(), self.control.clone());
-            let message = control(self.controller.id(), CANCEL_KIND, &CancelMode::Kill.encode());
+            let message = control(&self.inbox, CANCEL_KIND, &CancelMode::Kill.encode());
             if let Ok(handle) = tokio::runtime::Handle::try_current() {
                 handle.spawn(async move {
                     let _ = client.publish(subject, message).await;
