@@ -35,6 +35,13 @@ fn drt(runtime: &Runtime, registry: &MemRegistry) -> DistributedRuntime {
     DistributedRuntime::with_discovery(runtime.clone(), Arc::new(MemDiscovery::new(registry.clone()))).unwrap()
 }
 
+/// A frontend over `registry` on its own runtime (workers are added by the caller).
+async fn frontend(registry: &MemRegistry, args: FrontendArgs) -> (Runtime, FrontendState) {
+    let runtime = Runtime::new(RuntimeConfig::local());
+    let state = FrontendState::new(&drt(&runtime, registry), &args).await.unwrap();
+    (runtime, state)
+}
+
 /// A fast worker (no simulated delay) unless `speedup` says otherwise.
 async fn stack(frontend: FrontendArgs, speedup: Option<f64>) -> Stack {
     let registry = MemRegistry::new();

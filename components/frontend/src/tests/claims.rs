@@ -2,7 +2,7 @@
 //! decided by what discovery holds and not by the order cards arrive in,
 //! and kept out altogether by `--model-namespace`.
 
-use super::{chat, drt, eventually, post};
+use super::{chat, drt, eventually, frontend, post};
 use crate::FrontendArgs;
 use crate::http::{FrontendState, router};
 use axum::http::StatusCode;
@@ -31,12 +31,6 @@ async fn worker_in(registry: &MemRegistry, namespace: &str) -> (Runtime, MockerW
         .await
         .unwrap();
     (runtime, worker)
-}
-
-async fn frontend(registry: &MemRegistry, args: FrontendArgs) -> (Runtime, FrontendState) {
-    let runtime = Runtime::new(RuntimeConfig::local());
-    let state = FrontendState::new(&drt(&runtime, registry), &args).await.unwrap();
-    (runtime, state)
 }
 
 async fn health(state: &FrontendState) -> Value {

@@ -1,10 +1,10 @@
 //! The edge: API keys, admission control, the deadlines that bound every
 //! wait on a worker or a client, and what error bodies may say.
 
-use super::{Stack, chat, drt, eventually, post, stack};
+use super::{Stack, chat, drt, eventually, frontend, post, stack};
 use crate::FrontendArgs;
 use crate::auth::MetricsAccess;
-use crate::http::{FrontendState, router};
+use crate::http::router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use http_body_util::BodyExt;
@@ -214,13 +214,6 @@ async fn silent_worker(registry: &MemRegistry) -> Runtime {
     card.register(&endpoint).await.unwrap();
     std::mem::forget(serving);
     runtime
-}
-
-/// A frontend over `registry` (workers are added by the caller).
-async fn frontend(registry: &MemRegistry, args: FrontendArgs) -> (Runtime, FrontendState) {
-    let runtime = Runtime::new(RuntimeConfig::local());
-    let state = FrontendState::new(&drt(&runtime, registry), &args).await.unwrap();
-    (runtime, state)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
