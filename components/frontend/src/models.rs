@@ -172,8 +172,8 @@ impl Model {
         let plan = kv.plan(&tokens, exact, request.data().max_tokens());
         let policy = kv.policy(&plan);
         let routed = self.router.generate_routed_with(&policy, request).await?;
-        let booking = kv.book(&plan, routed.instance_id);
         let choice = policy.choice();
+        let booking = policy.into_booking(routed.instance_id);
         let explanation = plan.explain(choice);
         Ok((
             routed,
