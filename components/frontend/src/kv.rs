@@ -522,11 +522,7 @@ impl Policy for KvPolicy<'_> {
         *self.choice.lock().unwrap_or_else(|p| p.into_inner()) = Some(choice);
         let booking = self.routing.book(self.plan, choice.chosen.worker.instance);
         // An earlier attempt's booking (a retry) is released outside the lock.
-        let earlier = self
-            .booking
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .replace(booking);
+        let earlier = self.booking.lock().unwrap_or_else(|p| p.into_inner()).replace(booking);
         drop(earlier);
         instances
             .iter()
