@@ -130,6 +130,22 @@ async fn zmq_events_reach_subscribers_that_follow_publishers_through_discovery()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_lost_on_the_way_are_counted_as_gaps() {
+    let registry = MemRegistry::new();
+    let (listener, mut events, _worker, load) = connected_pair(&registry).await;
+    exchange(&load, &mut events, 10).await;
+    assert_eq!(events.gaps(), 0);
+    // Three events lost between two that arrive, then seven more lost.
+    load.withhold(3);
+    exchange(&load, &mut events, 10).await;
+    load.withhold(7);
+    exchange(&load, &mut events, 1).await;
+    assert_eq!(events.gaps(), 10);
+    // The same count as `dynamo_event_plane_gaps_total` on /metrics.
+    assert_eq!(listener.plane_counts().event_gaps, 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_million_zmq_events_arrive_without_gaps() {
     let registry = MemRegistry::new();
     let (_listener, mut events, _worker, load) = connected_pair(&registry).await;
