@@ -819,3 +819,74 @@ fn checker_fails_a_request_sent_to_a_worker_long_gone() {
     late.sent_at = left + TTL * 2;
     check("late", &[late], 0, Some(&presence));
 }
+
+/// Start order does not matter for the event plane: a worker and a frontend
+/// started on etcd while their NATS event plane is down serve at once,
+/// say so in `/health`, and start exchanging load reports when NATS comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_started_before_their_nats_event_plane_serve_and_catch_up() {
+    let etcd = EtcdServer::start();
+    let mut nats = NatsServer::start();
+    nats.stop();
+    let (etcd_url, nats_url) = (etcd.url(), nats.url());
+    let status_port = free_port().to_string();
+    let env = [
+        ("DYN_DISCOVERY_BACKEND", "etcd"),
+        ("ETCD_ENDPOINTS", etcd_url.as_str()),
+        ("NATS_SERVER", nats_url.as_str()),
+        ("DYN_EVENT_PLANE", "nats"),
+    ];
+    let mut worker_env = env.to_vec();
+    worker_env.push(("DYN_SYSTEM_PORT", status_port.as_str()));
+    let worker = start_mocker(&["--speedup-ratio", "0"], &worker_env);
+    let (frontend, url) = start_frontend(&[], &env);
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let health = async || -> serde_json::Value {
+        let response = http.get(format!("http://127.0.0.1:{status_port}/health")).send().await;
+        match response {
+            Ok(response) => response.json().await.unwrap_or_default(),
+            Err(_) => serde_json::Value::Null,
+        }
+    };
+    let chat = json!({"model": "mock-model", "max_tokens": 3,
+                      "messages": [{"role": "user", "content": "hello"}]});
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let response = http.post(format!("{url}/v1/chat/completions")).json(&chat).send().await;
+        if response.is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no answer without NATS: {}", frontend.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = health().await;
+    assert_eq!(before["event_plane"], "connecting", "{before}");
+    assert_eq!(before["status"], "ready", "it serves without its event plane: {before}");
+    assert!(
+        worker.log().contains("NATS event plane is unreachable"),
+        "{}",
+        worker.log()
+    );
+
+    nats.restart();
+    let reported = async || -> bool {
+        let Ok(response) = http.get(format!("{url}/api/mesh")).send().await else {
+            return false;
+        };
+        let mesh: serde_json::Value = response.json().await.unwrap_or_default();
+        mesh["models"][0]["instances"][0]["reported_load"].is_u64()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while health().await["event_plane"] != "connected" || !reported().await {
+        assert!(
+            Instant::now() < deadline,
+            "NATS came up but the load reports did not flow: {}\n{}",
+            health().await,
+            worker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
