@@ -431,14 +431,15 @@ async fn wait_until_gone(pids: &[u32]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failure_prints_each_of_its_causes_exactly_once() {
-    // The worker's load reports go over NATS, and nothing listens there: the
-    // error is nested four deep (endpoint → event plane → NATS → socket).
+    // The worker's requests come over NATS, and nothing listens there: the
+    // error is nested several deep (endpoint → request plane → NATS → socket).
+    // (Without NATS for the event plane alone, a process serves anyway.)
     let nats = format!("nats://127.0.0.1:{}", free_port());
     let (ok, stderr) = run_to_end(
         &["worker", "mocker"],
         &[
             ("DYN_DISCOVERY_BACKEND", "mem"),
-            ("DYN_EVENT_PLANE", "nats"),
+            ("DYN_REQUEST_PLANE", "nats"),
             ("NATS_SERVER", &nats),
         ],
     )
