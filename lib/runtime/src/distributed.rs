@@ -328,7 +328,7 @@ impl DistributedRuntime {
     async fn nats_for_events(&self) -> Result<async_nats::Client, NatsConnectError> {
         let client = match self.nats().await {
             Ok(client) => client,
-            Err(error @ (NatsConnectError::Timeout { .. } | NatsConnectError::Unreachable { .. })) => {
+            Err(error) if error.is_unreachable() => {
                 tracing::warn!(
                     error = %crate::error::Report(&error),
                     "the NATS event plane is unreachable; serving without load reports and events, \

@@ -62,6 +62,24 @@ async fn options(config: &NatsConfig) -> Result<async_nats::ConnectOptions, Nats
     Ok(options)
 }
 
+impl NatsConnectError {
+    /// True when no server answered (down, not there yet, not resolvable):
+    /// what waiting may cure. Refused credentials and bad settings are not.
+    pub fn is_unreachable(&self) -> bool {
+        use async_nats::ConnectErrorKind as Kind;
+        match self {
+            NatsConnectError::Timeout { .. } => true,
+            NatsConnectError::Unreachable { source, .. } => {
+                matches!(
+                    source.kind(),
+                    Kind::Io | Kind::TimedOut | Kind::Dns | Kind::MaxReconnects
+                )
+            }
+            NatsConnectError::CredentialsFile { .. } => false,
+        }
+    }
+}
+
 /// Why no NATS connection could be opened.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
