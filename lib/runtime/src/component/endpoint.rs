@@ -62,8 +62,10 @@ impl EndpointBuilder {
     /// (`dynamo_component_requests_total` and the rest), e.g. the model
     /// name. Do not repeat a label the hierarchy sets (`dynamo_namespace`,
     /// `dynamo_component`, `dynamo_endpoint`, `worker_id`): it would replace
-    /// it. An invalid label name makes [`EndpointBuilder::spawn`] fail with
-    /// a metrics error.
+    /// it. Prometheus allows one set of label names per metric name, so
+    /// every endpoint of a process must add the same label names (values
+    /// may differ); otherwise, and for an invalid label name,
+    /// [`EndpointBuilder::spawn`] fails with a metrics error.
     pub fn metrics_label(mut self, label: impl Into<String>, value: impl Into<String>) -> Self {
         self.metrics_labels.push((label.into(), value.into()));
         self
