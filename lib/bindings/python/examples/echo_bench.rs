@@ -11,12 +11,13 @@
 //! Measures; asserts nothing.
 
 use futures::StreamExt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use switchyard_runtime::distributed::DistributedRuntime;
 use switchyard_runtime::routing::RouterMode;
 use switchyard_runtime::routing::push_router::PushRouter;
 use switchyard_runtime::runtime::Runtime;
 use switchyard_runtime::worker::Worker;
+use tokio::time::Instant;
 
 /// Requests before measuring: connections, caches and the worker's code paths warm up.
 const WARM_UP: usize = 500;
@@ -34,9 +35,15 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         return Err(format!("{path:?} is not NAMESPACE/COMPONENT/ENDPOINT").into());
     };
     let (namespace, component, endpoint) = (namespace.clone(), component.clone(), endpoint.clone());
+    let path = path.clone();
     Worker::from_settings()?.execute(move |runtime: Runtime| async move {
         let drt = DistributedRuntime::from_settings(runtime).await?;
-        let client = drt.namespace(namespace)?.component(component)?.endpoint(endpoint).client().await?;
+        let client = drt
+            .namespace(namespace)?
+            .component(component)?
+            .endpoint(endpoint)
+            .client()
+            .await?;
         tokio::time::timeout(WAIT_FOR_WORKER, client.wait_for_instances())
             .await
             .map_err(|_| format!("no instance of {path} within {WAIT_FOR_WORKER:?}"))??;

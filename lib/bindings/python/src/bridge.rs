@@ -210,7 +210,9 @@ impl Ready {
 
     fn __next__(&mut self, py: Python<'_>) -> PyResult<()> {
         match self.0.take() {
-            Some(Ok(value)) => Err(pyo3::exceptions::PyStopIteration::new_err(PyTuple::new(py, [value])?.unbind())),
+            Some(Ok(value)) => Err(pyo3::exceptions::PyStopIteration::new_err(
+                PyTuple::new(py, [value])?.unbind(),
+            )),
             Some(Err(error)) => Err(error),
             None => Err(pyo3::exceptions::PyStopIteration::new_err(())),
         }

@@ -85,7 +85,11 @@ impl PyClient {
         let limit = match timeout {
             Some(seconds) => Some(
                 Duration::try_from_secs_f64(seconds)
-                    .map_err(|_| Error::invalid(format!("timeout must be a non-negative number of seconds (got {seconds})")))
+                    .map_err(|_| {
+                        Error::invalid(format!(
+                            "timeout must be a non-negative number of seconds (got {seconds})"
+                        ))
+                    })
                     .py_err(py)?,
             ),
             None => None,
@@ -109,21 +113,36 @@ impl PyClient {
 
     /// Sends to the instance the client's router mode picks.
     fn generate<'py>(&self, py: Python<'py>, request: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
-        self.call(py, request, |router, context| async move { router.generate(context).await })
+        self.call(
+            py,
+            request,
+            |router, context| async move { router.generate(context).await },
+        )
     }
 
     /// Sends to the next instance in turn.
     fn round_robin<'py>(&self, py: Python<'py>, request: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
-        self.call(py, request, |router, context| async move { router.round_robin(context).await })
+        self.call(py, request, |router, context| async move {
+            router.round_robin(context).await
+        })
     }
 
     /// Sends to a random instance.
     fn random<'py>(&self, py: Python<'py>, request: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
-        self.call(py, request, |router, context| async move { router.random(context).await })
+        self.call(
+            py,
+            request,
+            |router, context| async move { router.random(context).await },
+        )
     }
 
     /// Sends to the instance `instance_id` (no retry elsewhere).
-    fn direct<'py>(&self, py: Python<'py>, request: &Bound<'py, PyAny>, instance_id: u64) -> PyResult<Bound<'py, PyAny>> {
+    fn direct<'py>(
+        &self,
+        py: Python<'py>,
+        request: &Bound<'py, PyAny>,
+        instance_id: u64,
+    ) -> PyResult<Bound<'py, PyAny>> {
         self.call(py, request, move |router, context| async move {
             router.direct(context, instance_id).await
         })
@@ -178,7 +197,9 @@ impl PyResponseStream {
             let _runtime = tokio().enter();
             match stream.next().now_or_never() {
                 Some(Some(Ok(value))) => {
-                    let item = pythonize::pythonize(py, &value).map(|v| v.unbind()).map_err(PyErr::from);
+                    let item = pythonize::pythonize(py, &value)
+                        .map(|v| v.unbind())
+                        .map_err(PyErr::from);
                     return Bound::new(py, Ready::new(item)).map(Bound::into_any);
                 }
                 Some(Some(Err(error))) => {

@@ -192,7 +192,10 @@ impl PyComponent {
     }
 
     fn __repr__(&self) -> String {
-        format!("Component({:?})", format!("{}/{}", self.component.namespace(), self.component.name()))
+        format!(
+            "Component({:?})",
+            format!("{}/{}", self.component.namespace(), self.component.name())
+        )
     }
 }
 
