@@ -6,7 +6,8 @@ another worker began (a migrated request): the words already generated
 arrive at the end of the completion prompt, or as the final assistant
 message of a chat, and it carries on from the next number.
 
-FAIL_AFTER=N makes it raise EngineShutdown after N words (the frontend
+PIECE_DELAY=S waits S seconds before each piece (0.005 by default);
+LOAD_REPORTS=1 serves with load reports on. FAIL_AFTER=N makes it raise EngineShutdown after N words (the frontend
 then migrates the request); OVERLOADED=1 makes it refuse every request.
 Each failure appends a line to the file FAILURES names.
 """
@@ -58,7 +59,7 @@ async def generate(request, context):
         if fail_after and n == fail_after:
             note_failure()
             raise EngineShutdown("this test engine leaves mid-answer")
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(float(os.environ.get("PIECE_DELAY", "0.005")))
         piece = {"text": f"w{start + n} ", "tokens": 1}
         if n == left - 1:
             piece["finish_reason"] = "length"
@@ -73,7 +74,10 @@ async def generate(request, context):
 @switchyard_worker()
 async def main(runtime: DistributedRuntime) -> None:
     endpoint = runtime.namespace("dynamo").component("backend").endpoint("generate")
-    serving = asyncio.ensure_future(endpoint.serve_endpoint(generate))
+    reports = bool(os.environ.get("LOAD_REPORTS"))
+    serving = asyncio.ensure_future(endpoint.serve_endpoint(generate, load_reports=reports))
+    if reports:
+        endpoint.report_load(queued=0, kv_usage=0.25, capacity=4)
     await register_model(endpoint, "py-model", context_length=4096)
     print("ready", flush=True)
     await serving

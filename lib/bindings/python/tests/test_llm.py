@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import json
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import openai
@@ -12,7 +15,10 @@ from conftest import Mesh, binary, free_port
 
 
 def frontend(mesh: Mesh, *flags: str) -> openai.OpenAI:
-    port = free_port()
+    return frontend_at(mesh, free_port(), *flags)
+
+
+def frontend_at(mesh: Mesh, port: int, *flags: str) -> openai.OpenAI:
     mesh.start([str(binary("switchyard")), "frontend", "--http-host", "127.0.0.1", "--http-port", str(port), *flags])
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30)
     deadline = time.monotonic() + 30
@@ -78,3 +84,27 @@ def test_the_frontend_migrates_when_a_python_worker_raises_engine_shutdown_mid_a
         whole = client.completions.create(model="py-model", prompt="count", max_tokens=8)
         assert whole.choices[0].text == expected(8), whole
     assert failures.exists(), "no request ever reached the failing worker"
+
+
+def test_a_python_workers_load_reports_reach_the_frontends_router(mesh: Mesh) -> None:
+    mesh.wait_line(mesh.python("llm_worker.py", LOAD_REPORTS="1", PIECE_DELAY="0.3"), "ready")
+    port = free_port()
+    client = frontend_at(mesh, port)
+
+    def mesh_view() -> list[dict]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/mesh", timeout=5) as response:
+            return [i for m in json.load(response)["models"] for i in m["instances"]]
+
+    assert [i["reported_load"] for i in mesh_view()] in ([None], [0]), "nothing in flight yet"
+    answer = threading.Thread(
+        target=lambda: client.chat.completions.create(
+            model="py-model", messages=[{"role": "user", "content": "slowly"}], max_tokens=10
+        )
+    )
+    answer.start()
+    deadline, seen = time.monotonic() + 2.5, None
+    while time.monotonic() < deadline and seen != 1:
+        seen = mesh_view()[0]["reported_load"]
+        time.sleep(0.05)
+    answer.join(timeout=30)
+    assert seen == 1, "the worker's own report of one request in flight never reached the frontend"
