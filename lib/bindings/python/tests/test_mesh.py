@@ -79,7 +79,13 @@ def test_each_python_exception_reaches_the_caller_as_its_kind(mesh: Mesh) -> Non
     cases = [{"mode": "raise", "class": raised} for raised, _, _ in RAISED]
     cases.append({"mode": "unserializable"})
     out = mesh.run_python("errors_caller.py", json.dumps(cases))
-    seen = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    seen = [line for line in lines if "runtime" not in line]
+    raised_by_runtime = {line["runtime"]: (line["class"], line.get("kind")) for line in lines if "runtime" in line}
+    assert raised_by_runtime == {
+        "direct to an unknown instance": ("NotFound", "not_found"),
+        "nobody serves": ("TimedOut", "timed_out"),
+    }
     expected = [{"class": cls, "kind": kind, "items": ["first"]} for _, cls, kind in RAISED]
     expected.append({"class": "EngineError", "kind": "engine", "items": []})
     assert [{k: s[k] for k in ("class", "kind", "items")} for s in seen] == expected
