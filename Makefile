@@ -94,7 +94,7 @@ engine-deps:
 ## mode and installed into $(PYTHON_VENV): `. target/python-venv/bin/activate`,
 ## then `import switchyard`. See docs/python.md.
 python: build-deps python-venv
-	cd lib/bindings/python && VIRTUAL_ENV=$(abspath $(PYTHON_VENV)) $(abspath $(PYTHON_VENV))/bin/maturin develop --release -q
+	cd lib/bindings/python && VIRTUAL_ENV=$(abspath $(PYTHON_VENV)) PATH=$(abspath $(PYTHON_VENV))/bin:$$PATH maturin develop --release -q
 
 ## The virtualenv, with maturin (the build), pytest and the `openai` client
 ## (the suite) from PyPI; created when missing.
@@ -114,7 +114,7 @@ python-venv:
 ## (the frontend, the Rust hello_world example), then pytest.
 python-test: build-deps python-venv
 	$(CARGO) build -q -p switchyard -p switchyard-runtime --example hello_world
-	cd lib/bindings/python && VIRTUAL_ENV=$(abspath $(PYTHON_VENV)) $(abspath $(PYTHON_VENV))/bin/maturin develop -q
+	cd lib/bindings/python && VIRTUAL_ENV=$(abspath $(PYTHON_VENV)) PATH=$(abspath $(PYTHON_VENV))/bin:$$PATH maturin develop -q
 	cd lib/bindings/python && $(abspath $(PYTHON_VENV))/bin/python -m pytest -q
 
 ## Python echo worker against the Rust one, cross-process (docs/performance.md,

@@ -8,6 +8,13 @@
 //! and hands each item to the [`ResponseSink`]; when the channel is full the
 //! driver awaits room, so the generator is suspended (backpressure).
 //!
+//! Items cross in batches: the sink collects what the handler yields while
+//! it runs and hands the batch to tokio when the handler next gives the
+//! loop a turn (a `call_soon` callback), when the batch is full, or when
+//! the handler ends. So a burst of items costs one thread wake-up, not one
+//! each, and an item the handler yields before awaiting its next piece of
+//! work leaves at once.
+//!
 //! Cancellation: when the request plane drops the response stream (the
 //! caller went away, or the request was killed) a job cancels the task,
 //! and the handler sees `asyncio.CancelledError` at its next `await`.
@@ -27,11 +34,13 @@ use switchyard_runtime::error::{ErrorKind, RequestError};
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-/// Items a handler may produce ahead of the wire. The generator is still
-/// asked for one item at a time; this only lets it run a few items ahead
-/// of the transport instead of paying a thread hand-off per item (a
-/// buffer of 1 halves the streamed rate, docs/performance.md).
-const RESPONSE_BUFFER: usize = 16;
+/// Batches that may wait between the handler and the wire. The generator
+/// is still asked for one item at a time; this only lets it run a little
+/// ahead of the transport instead of paying a thread hand-off per item.
+const RESPONSE_BUFFER: usize = 4;
+/// Items per batch: at most `RESPONSE_BUFFER * BATCH` items wait (bounded
+/// memory for a slow caller), and a long burst still crosses in chunks.
+const BATCH: usize = 64;
 
 /// What `serve_endpoint` was asked for besides the handler.
 #[derive(Debug)]
@@ -123,12 +132,14 @@ struct Task {
 }
 
 type Item = Result<Value, RequestError>;
+/// What crosses the channel: a batch of items (an error is always last).
+type Batch = Vec<Item>;
 
 #[async_trait::async_trait]
 impl AsyncEngine<Value, Value> for PyEngine {
     async fn generate(&self, request: Context<Value>) -> Result<ResponseStream<Value>, RequestError> {
         let (data, controller) = request.into_parts();
-        let (sender, receiver) = mpsc::channel::<Item>(RESPONSE_BUFFER);
+        let (sender, receiver) = mpsc::channel::<Batch>(RESPONSE_BUFFER);
         let task = Arc::new(Task::default());
         let (callables, bridge) = (self.callables.clone(), self.bridge.clone());
         let started = task.clone();
@@ -136,11 +147,12 @@ impl AsyncEngine<Value, Value> for PyEngine {
             if let Err(error) = start(py, &callables, &bridge, data, controller, sender.clone(), &started) {
                 // Cannot fail for want of room: nothing was sent yet.
                 let message = format!("cannot start the Python handler: {error}");
-                let _ = sender.try_send(Err(RequestError::engine(message)));
+                let _ = sender.try_send(vec![Err(RequestError::engine(message))]);
             }
         }));
         Ok(Box::pin(Responses {
             receiver,
+            batch: std::collections::VecDeque::new(),
             task,
             bridge: self.bridge.clone(),
             draining: self
@@ -158,7 +170,7 @@ fn start(
     bridge: &Bridge,
     data: Value,
     controller: Controller,
-    sender: mpsc::Sender<Item>,
+    sender: mpsc::Sender<Batch>,
     task: &Arc<Task>,
 ) -> PyResult<()> {
     let request = pythonize::pythonize(py, &data)?;
@@ -167,7 +179,11 @@ fn start(
         bridge: bridge.clone(),
     };
     let sink = ResponseSink {
-        sender: Mutex::new(Some(sender)),
+        state: Arc::new(Mutex::new(SinkState {
+            sender: Some(sender),
+            pending: Vec::new(),
+            flush_scheduled: false,
+        })),
         task: task.clone(),
         bridge: bridge.clone(),
     };
@@ -182,7 +198,9 @@ fn start(
 
 /// The response stream the request plane polls.
 struct Responses {
-    receiver: mpsc::Receiver<Item>,
+    receiver: mpsc::Receiver<Batch>,
+    /// The rest of the batch being handed out.
+    batch: std::collections::VecDeque<Item>,
     task: Arc<Task>,
     bridge: Bridge,
     /// Fires when the worker starts draining, for endpoints served with
@@ -204,7 +222,16 @@ impl Stream for Responses {
                 "the worker is shutting down and its endpoint does not drain (graceful_shutdown=False)",
             ))));
         }
-        self.receiver.poll_recv(cx)
+        loop {
+            if let Some(item) = self.batch.pop_front() {
+                return Poll::Ready(Some(item));
+            }
+            match self.receiver.poll_recv(cx) {
+                Poll::Ready(Some(batch)) => self.batch = batch.into(),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }
 
@@ -229,26 +256,75 @@ impl Drop for Responses {
 #[pyclass(module = "switchyard._core", frozen)]
 #[derive(Debug)]
 pub(crate) struct ResponseSink {
-    /// `None` once the handler ended (`finish` or `fail`).
-    sender: Mutex<Option<mpsc::Sender<Item>>>,
+    /// Shared with the tokio task that waits for room when the way is full.
+    state: Arc<Mutex<SinkState>>,
     task: Arc<Task>,
     bridge: Bridge,
 }
 
+#[derive(Debug)]
+struct SinkState {
+    /// `None` once the handler ended (`finish` or `fail`).
+    sender: Option<mpsc::Sender<Batch>>,
+    /// Items yielded and not yet handed to tokio, in order.
+    pending: Batch,
+    /// A `flush` callback is queued on the loop.
+    flush_scheduled: bool,
+}
+
+impl SinkState {
+    /// Hands `pending` to tokio if there is room. False when the channel is
+    /// full (the items stay pending) or closed (they are dropped: nobody reads).
+    fn try_flush(&mut self) -> bool {
+        let Some(sender) = &self.sender else { return true };
+        if self.pending.is_empty() {
+            return true;
+        }
+        match sender.try_send(std::mem::take(&mut self.pending)) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => true,
+            Err(mpsc::error::TrySendError::Full(batch)) => {
+                self.pending = batch;
+                false
+            }
+        }
+    }
+}
+
 impl ResponseSink {
-    fn take(&self) -> Option<mpsc::Sender<Item>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SinkState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ends the stream with `last` after whatever is pending: at once when
+    /// there is room, else from a tokio task that waits for room.
+    fn end(&self, last: Option<RequestError>) {
         self.task.finished.store(true, Ordering::Release);
-        self.sender.lock().unwrap_or_else(|p| p.into_inner()).take()
+        let (sender, mut batch) = {
+            let mut state = self.lock();
+            let Some(sender) = state.sender.take() else { return };
+            (sender, std::mem::take(&mut state.pending))
+        };
+        batch.extend(last.map(Err));
+        if batch.is_empty() {
+            return;
+        }
+        if let Err(mpsc::error::TrySendError::Full(batch)) = sender.try_send(batch) {
+            tokio().spawn(async move {
+                // Fails only when nobody reads the response any more.
+                let _ = sender.send(batch).await;
+            });
+        }
     }
 }
 
 #[pymethods]
 impl ResponseSink {
-    /// Sends one item. Returns None when it was queued, or an awaitable to
-    /// await before producing the next item when the queue is full. Raises
-    /// `Cancelled` when nobody reads the response any more, and `EngineError`
-    /// when the item is not JSON-like.
-    fn send<'py>(&self, py: Python<'py>, item: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
+    /// Sends one item. Returns None when it was taken, or an awaitable to
+    /// await before producing the next item when the way to the wire is
+    /// full. Raises `Cancelled` when nobody reads the response any more,
+    /// and `EngineError` when the item is not JSON-like.
+    fn send<'py>(slf: &Bound<'py, Self>, item: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let py = slf.py();
         let value: Value = pythonize::depythonize(item)
             .map_err(|e| {
                 Error::from(RequestError::engine(format!(
@@ -257,42 +333,63 @@ impl ResponseSink {
                 )))
             })
             .py_err(py)?;
-        let sender = self.sender.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let Some(sender) = sender else {
+        let this = slf.get();
+        let mut state = this.lock();
+        let Some(sender) = state.sender.clone() else {
             return Err(Error::cancelled("the request has already ended").into_pyerr(py));
         };
-        match sender.try_send(Ok(value)) {
-            Ok(()) => Ok(None),
-            Err(mpsc::error::TrySendError::Full(item)) => self
-                .bridge
-                .awaitable(py, async move {
-                    sender
-                        .send(item)
-                        .await
-                        .map_err(|_| Error::cancelled("the caller stopped reading the response"))
-                })
-                .map(Some),
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                Err(Error::cancelled("the caller stopped reading the response").into_pyerr(py))
-            }
+        if sender.is_closed() {
+            return Err(Error::cancelled("the caller stopped reading the response").into_pyerr(py));
         }
+        state.pending.push(Ok(value));
+        if state.pending.len() < BATCH {
+            if !state.flush_scheduled {
+                state.flush_scheduled = true;
+                drop(state);
+                this.bridge
+                    .event_loop(py)
+                    .call_method1("call_soon", (slf.getattr("flush")?,))?;
+            }
+            return Ok(None);
+        }
+        if state.try_flush() {
+            return Ok(None);
+        }
+        // Full: wait for room, then hand over what is pending by then.
+        drop(state);
+        let state = this.state.clone();
+        this.bridge
+            .awaitable(py, async move {
+                let permit = sender
+                    .reserve()
+                    .await
+                    .map_err(|_| Error::cancelled("the caller stopped reading the response"))?;
+                let batch = std::mem::take(&mut state.lock().unwrap_or_else(|p| p.into_inner()).pending);
+                permit.send(batch);
+                Ok(())
+            })
+            .map(Some)
+    }
+
+    /// Hands pending items to tokio (queued with `call_soon` by `send`, so
+    /// it runs when the handler gives the loop a turn).
+    fn flush(&self) {
+        let mut state = self.lock();
+        state.flush_scheduled = false;
+        // When full, the items stay pending: the next `send` (or the end)
+        // waits for room and takes them along.
+        state.try_flush();
     }
 
     /// The handler ended normally.
     fn finish(&self) {
-        self.take();
+        self.end(None);
     }
 
     /// The handler raised: `kind` is an error kind's label (`invalid`,
     /// `shutting_down`, …; see `switchyard.errors`), sent as the last item.
     fn fail(&self, kind: &str, message: String) {
-        if let Some(sender) = self.take() {
-            let error = request_error(kind, message);
-            tokio().spawn(async move {
-                // Fails only when nobody reads the response any more.
-                let _ = sender.send(Err(error)).await;
-            });
-        }
+        self.end(Some(request_error(kind, message)));
     }
 }
 

@@ -136,3 +136,13 @@ def test_sigterm_drains_in_flight_requests_then_exits(mesh: Mesh) -> None:
     # It left discovery: a new caller finds no instance.
     listed = mesh.run([str(binary("switchyard")), "instances"])
     assert "demo/backend/test" not in listed.stdout, listed.stdout
+
+
+def test_a_caller_that_stops_reading_suspends_the_python_generator(mesh: Mesh, tmp_path: Path) -> None:
+    start_worker(mesh)
+    out = mesh.run_python("backpressure_caller.py", str(tmp_path / "produced"))
+    produced = int(out.stdout.split()[-1])
+    # Ahead of the reader: the transport's window (DYN_TCP_STREAM_WINDOW,
+    # 256 items) plus the bindings' bounded queue (4 batches of 64, and one
+    # batch being filled): about 600 items, not 100,000.
+    assert 0 < produced <= 1000, f"the handler ran {produced} items ahead of a caller that stopped reading"

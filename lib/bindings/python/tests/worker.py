@@ -28,6 +28,12 @@ async def test_handler(request, context):
     if mode == "count":
         for i in range(request["n"]):
             yield i
+    elif mode == "count_marked":
+        for i in range(request["n"]):
+            with open(request["marker"] + ".tmp", "w") as marker:
+                marker.write(str(i + 1))
+            os.replace(request["marker"] + ".tmp", request["marker"])  # never read half-written
+            yield i
     elif mode == "raise":
         yield "first"
         exception = getattr(errors, request["class"], None) or getattr(builtins, request["class"])
