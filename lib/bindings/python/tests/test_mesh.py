@@ -122,6 +122,14 @@ def test_metrics_labels_and_custom_metrics_reach_the_status_server(mesh: Mesh) -
     assert code == 200
     requests = [line for line in body.splitlines() if line.startswith("dynamo_component_requests_total{")]
     assert any('model="test-model"' in line and 'dynamo_endpoint="test"' in line for line in requests), requests
+    custom = [line for line in body.splitlines() if line.startswith("dynamo_component_handled_total{")]
+    assert len(custom) == 1 and 'dynamo_endpoint="test"' in custom[0] and custom[0].endswith(" 1"), custom
+
+
+def test_a_callers_stop_reaches_the_handlers_context(mesh: Mesh) -> None:
+    start_worker(mesh)
+    out = mesh.run_python("stop_caller.py")
+    assert json.loads(out.stdout.splitlines()[-1]) == ["started", {"stopped": True, "killed": False}]
 
 
 def test_sigterm_drains_in_flight_requests_then_exits(mesh: Mesh) -> None:

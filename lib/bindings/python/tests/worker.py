@@ -23,7 +23,11 @@ async def generate(request, context):
         yield ch
 
 
+HANDLED = None  # a custom counter on the test endpoint, set in main
+
+
 async def test_handler(request, context):
+    HANDLED.inc()
     mode = request["mode"]
     if mode == "count":
         for i in range(request["n"]):
@@ -52,6 +56,10 @@ async def test_handler(request, context):
     elif mode == "block_loop":
         time.sleep(request["seconds"])  # blocks the event loop on purpose
         yield "unblocked"
+    elif mode == "wait_for_stop":
+        yield "started"
+        await asyncio.wait_for(context.async_killed_or_stopped(), timeout=10)
+        yield {"stopped": context.is_stopped(), "killed": context.is_killed()}
     elif mode == "context":
         yield {"id": context.id(), "stopped": context.is_stopped(), "killed": context.is_killed()}
     elif mode == "slow_ok":
@@ -70,7 +78,9 @@ def blocking(request, context):
 
 @switchyard_worker()
 async def main(runtime: DistributedRuntime) -> None:
+    global HANDLED
     component = runtime.namespace("demo").component("backend")
+    HANDLED = component.endpoint("test").metrics.create_counter("handled_total", "Requests the test handler took")
     served = [
         # Prometheus wants one set of label names per metric name, so every
         # endpoint of a process gives the same label names.
