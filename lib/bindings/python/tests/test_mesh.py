@@ -154,3 +154,15 @@ def test_a_caller_that_stops_reading_suspends_the_python_generator(mesh: Mesh, t
     # 256 items) plus the bindings' bounded queue (4 batches of 64, and one
     # batch being filled): about 600 items, not 100,000.
     assert 0 < produced <= 1000, f"the handler ran {produced} items ahead of a caller that stopped reading"
+
+
+def test_without_graceful_shutdown_sigterm_ends_requests_in_flight_as_engine_shutdown(mesh: Mesh) -> None:
+    worker, _ = start_worker(mesh)
+    caller = mesh.python("caller.py", "abrupt", json.dumps({"mode": "slow_ok", "seconds": 20}))
+    time.sleep(0.7)  # the request is in flight
+    signalled = time.monotonic()
+    worker.send_signal(signal.SIGTERM)
+    out, err = caller.communicate(timeout=30)
+    assert out.startswith("error EngineShutdown shutting_down"), out + err
+    assert time.monotonic() - signalled < 5, "the request waited for the drain instead of ending at once"
+    assert worker.wait(timeout=30) == 0

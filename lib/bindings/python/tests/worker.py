@@ -3,7 +3,8 @@
 - `generate`: a string in, its characters out, one item each (the same
   contract as the Rust hello_world example, so either side can call it);
 - `test`: a dict in, whose "mode" says what to do (see `test_handler`);
-- `blocking`: a plain generator that sleeps (blocks) for `request` seconds.
+- `blocking`: a plain generator that sleeps (blocks) for `request` seconds;
+- `abrupt`: `test`'s handler, served with graceful_shutdown=False.
 
 Prints "ready <instance id>" once serving.
 """
@@ -89,6 +90,9 @@ async def main(runtime: DistributedRuntime) -> None:
             test_handler, metrics_labels=[("model", "test-model")], load_reports=True
         ),
         component.endpoint("blocking").serve_endpoint(blocking, metrics_labels=[("model", "sleepy")]),
+        component.endpoint("abrupt").serve_endpoint(
+            test_handler, graceful_shutdown=False, metrics_labels=[("model", "abrupt")]
+        ),
     ]
     tasks = [asyncio.ensure_future(s) for s in served]
     client = await component.endpoint("test").client()
