@@ -166,3 +166,27 @@ def test_without_graceful_shutdown_sigterm_ends_requests_in_flight_as_engine_shu
     assert out.startswith("error EngineShutdown shutting_down"), out + err
     assert time.monotonic() - signalled < 5, "the request waited for the drain instead of ending at once"
     assert worker.wait(timeout=30) == 0
+
+
+def test_a_bad_setting_fails_with_an_error_that_names_it(mesh: Mesh) -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import asyncio\n"
+        "from switchyard.runtime import DistributedRuntime\n"
+        "async def main():\n"
+        "    DistributedRuntime.detached()\n"
+        "asyncio.run(main())\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**mesh.env, "DYN_DISCOVERY_BACKEND": "zookeeper"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("switchyard.errors.SetupError"), result.stderr
+    assert "DYN_DISCOVERY_BACKEND" in last and "zookeeper" in last and "etcd" in last, last
