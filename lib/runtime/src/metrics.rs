@@ -45,8 +45,9 @@ impl Metrics {
         }
     }
 
-    /// The level below this one, adding `label=value`.
-    pub(crate) fn child(&self, label: &str, value: &str) -> Self {
+    /// The level below this one, adding `label=value` to every metric
+    /// created from it.
+    pub fn child(&self, label: &str, value: &str) -> Self {
         let mut labels = self.labels.clone();
         labels.push((label.to_string(), value.to_string()));
         Self {

@@ -34,6 +34,8 @@ pub struct EndpointBuilder {
     /// Publish load reports on the event plane while serving, with the
     /// engine's own figures when it gives a source.
     publish_load: Option<Option<LoadSource>>,
+    /// Labels added to the endpoint's standard metrics (Dynamo's `metrics_labels`).
+    metrics_labels: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for EndpointBuilder {
@@ -52,7 +54,21 @@ impl EndpointBuilder {
             handler: None,
             health_check: None,
             publish_load: None,
+            metrics_labels: Vec::new(),
         }
+    }
+
+    /// Adds `label=value` to the endpoint's standard metrics
+    /// (`dynamo_component_requests_total` and the rest), e.g. the model
+    /// name. Do not repeat a label the hierarchy sets (`dynamo_namespace`,
+    /// `dynamo_component`, `dynamo_endpoint`, `worker_id`): it would replace
+    /// it. Prometheus allows one set of label names per metric name, so
+    /// every endpoint of a process must add the same label names (values
+    /// may differ); otherwise, and for an invalid label name,
+    /// [`EndpointBuilder::spawn`] fails with a metrics error.
+    pub fn metrics_label(mut self, label: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metrics_labels.push((label.into(), value.into()));
+        self
     }
 
     /// Publishes this endpoint's load (requests in flight) on the component's
@@ -121,8 +137,12 @@ impl EndpointBuilder {
             .map_err(|source| EndpointError::HealthCheckPayload { source })?;
         let server = drt.request_server().await?;
         let path = endpoint.path();
+        let scope = self
+            .metrics_labels
+            .iter()
+            .fold(endpoint.metrics(), |scope, (label, value)| scope.child(label, value));
         let observers = EndpointObservers {
-            metrics: drt.metrics().endpoint(&endpoint.metrics(), &path)?,
+            metrics: drt.metrics().endpoint(&scope, &path)?,
             activity: Arc::new(Activity::new()),
         };
         drt.handlers()
