@@ -363,6 +363,7 @@ impl DistributedRuntime {
                     let server = HttpServer::bind(
                         http,
                         *tcp.max_message_size(),
+                        tcp.tls().as_ref(),
                         self.inner.handlers.clone(),
                         stop,
                         tracker,

@@ -2,11 +2,13 @@
 //! address, shared by every request to that worker, each request a stream.
 
 use super::frame::{self, CancelMode, Decoded, Frame, FrameDecoder, FrameType, RequestHead};
-use super::sink::FrameSink;
+use super::handshake::{self, Reader};
+use super::sink::{FrameSink, SinkLimits};
 use super::{ReadError, read_frame, tune_socket};
 use crate::config::TcpConfig;
 use crate::engine::{Context, Controller};
 use crate::error::{ErrorKind, RequestError, WireError};
+use crate::metrics::TransportMetrics;
 use crate::request_plane::{ByteStream, RequestClient, Target, Transport};
 use bytes::{Bytes, BytesMut};
 use futures::Stream;
@@ -19,6 +21,7 @@ use std::task::Poll;
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::{OnceCell, mpsc};
+use tokio_rustls::rustls::ClientConfig;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 
@@ -28,6 +31,9 @@ pub struct TcpClient {
     max_message_size: usize,
     connect_timeout: Duration,
     window: u32,
+    /// Mutual TLS; `None` is plaintext.
+    tls: Option<Arc<ClientConfig>>,
+    sink_limits: SinkLimits,
     /// Connections by worker address, shared with the reader tasks so a dead
     /// connection removes itself.
     pool: Arc<Pool>,
@@ -42,6 +48,12 @@ impl TcpClient {
             max_message_size: *config.max_message_size(),
             connect_timeout: *config.connect_timeout(),
             window: *config.stream_window(),
+            tls: config.tls().as_ref().map(|tls| tls.client_config()),
+            sink_limits: SinkLimits {
+                max_queue: *config.max_send_queue(),
+                write_timeout: *config.write_timeout(),
+                metrics: TransportMetrics::unregistered(),
+            },
             pool: Arc::default(),
             shutdown,
             tracker,
@@ -81,11 +93,23 @@ impl TcpClient {
             .map_err(|_| unreachable(format!("no answer within {:?}", self.connect_timeout)))?
             .map_err(|e| unreachable(e.to_string()).with_source(e))?;
         tune_socket(&socket);
-        let (reader, writer) = socket.into_split();
+        let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
+        let opened = handshake::connect(socket, host, self.tls.as_ref(), self.connect_timeout)
+            .await
+            .map_err(|e| {
+                RequestError::new(
+                    e.kind(),
+                    format!("cannot open a request-plane connection to {address}: {}", e.chain()),
+                )
+            })?;
+        if let Some(identity) = &opened.peer {
+            tracing::debug!(%address, %identity, "request-plane worker authenticated");
+        }
+        let (reader, buf) = (opened.reader, opened.buf);
         let closed = self.shutdown.child_token();
         let conn = Arc::new(Connection {
             address: address.to_string(),
-            sink: FrameSink::new(writer, &self.tracker, closed.clone()),
+            sink: FrameSink::new(opened.writer, self.sink_limits.clone(), &self.tracker, closed.clone()),
             streams: Mutex::new(HashMap::new()),
             next_stream_id: AtomicU64::new(1),
             closed,
@@ -94,7 +118,7 @@ impl TcpClient {
         let pool = self.pool.clone();
         let reader_conn = conn.clone();
         self.tracker.spawn(async move {
-            read_responses(reader, &reader_conn, decoder).await;
+            read_responses(reader, buf, &reader_conn, decoder).await;
             pool.forget(&reader_conn.address, &reader_conn);
         });
         Ok(conn)
@@ -235,11 +259,11 @@ impl Connection {
 
 /// Routes the worker's frames to their streams until the connection ends,
 /// then fails every stream still open with `Disconnected`.
-async fn read_responses(mut reader: tokio::net::tcp::OwnedReadHalf, conn: &Connection, mut decoder: FrameDecoder) {
-    let mut buf = BytesMut::with_capacity(64 * 1024);
+async fn read_responses(mut reader: Reader, mut buf: BytesMut, conn: &Connection, mut decoder: FrameDecoder) {
     let reason = loop {
         let decoded = tokio::select! {
             _ = conn.closed.cancelled() => break "the connection was closed".to_string(),
+            _ = conn.sink.dead().cancelled() => break "the worker stopped reading (DYN_TCP_WRITE_TIMEOUT)".to_string(),
             decoded = read_frame(&mut reader, &mut buf, &mut decoder) => decoded,
         };
         match decoded {
@@ -302,7 +326,7 @@ fn on_frame(conn: &Connection, frame: Frame) -> Result<(), String> {
                 let _ = events.send(StreamEvent::Failed(error));
             }
         }
-        FrameType::Request | FrameType::Cancel | FrameType::Credit => {
+        FrameType::Hello | FrameType::Request | FrameType::Cancel | FrameType::Credit => {
             return Err(format!(
                 "worker sent a {:?} frame, which only callers send",
                 frame.frame_type
