@@ -88,6 +88,18 @@ pub(crate) async fn a_worker_with_a_certificate_from_another_ca_is_refused(kit: 
 
 pub(crate) async fn a_caller_without_a_certificate_is_refused(kit: &dyn PlaneKit) {
     let worker = server(kit, mesh_config()).await;
+    // It speaks TLS and trusts the mesh CA, but has no certificate to show.
+    let anonymous = RuntimeConfig::default()
+        .with_request_plane_tls(Some(super::conformance::test_mesh_tls().without_client_certificate()));
+    let anonymous = kit.client(anonymous).await;
+    let error = count(&*anonymous, &*worker).await.unwrap_err();
+    assert!(refused(&error), "{error}");
+    let member = kit.client(mesh_config()).await;
+    assert_eq!(count(&*member, &*worker).await.unwrap(), numbers(3));
+}
+
+pub(crate) async fn a_plaintext_caller_is_refused(kit: &dyn PlaneKit) {
+    let worker = server(kit, mesh_config()).await;
     let plaintext = kit.client(RuntimeConfig::default()).await;
     let error = count(&*plaintext, &*worker).await.unwrap_err();
     assert!(refused(&error), "{error}");
@@ -116,6 +128,10 @@ macro_rules! mutual_tls_tests {
         #[tokio::test]
         async fn a_caller_without_a_certificate_is_refused() {
             $crate::request_plane::tls_suite::a_caller_without_a_certificate_is_refused(&$kit).await;
+        }
+        #[tokio::test]
+        async fn a_plaintext_caller_is_refused() {
+            $crate::request_plane::tls_suite::a_plaintext_caller_is_refused(&$kit).await;
         }
         #[tokio::test]
         async fn a_caller_with_tls_does_not_fall_back_to_a_plaintext_worker() {
