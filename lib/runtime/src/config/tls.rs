@@ -18,8 +18,6 @@ use tokio_rustls::rustls::{ClientConfig, RootCertStore, ServerConfig};
 pub struct RequestPlaneTls {
     ca: PathBuf,
     cert: PathBuf,
-    /// The CA certificates, kept for [`Self::without_client_certificate`].
-    roots: Arc<RootCertStore>,
     /// Accepts only callers with a certificate from the CA.
     server: Arc<ServerConfig>,
     /// Presents this process's certificate; accepts only workers whose
@@ -97,13 +95,12 @@ impl RequestPlaneTls {
         let client = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(mismatch)?
-            .with_root_certificates(roots.clone())
+            .with_root_certificates(roots)
             .with_client_auth_cert(chain, key_der)
             .map_err(mismatch)?;
         Ok(Self {
             ca: ca.to_path_buf(),
             cert: cert.to_path_buf(),
-            roots,
             server: Arc::new(server),
             client: Arc::new(client),
         })
@@ -123,11 +120,15 @@ impl RequestPlaneTls {
     /// TLS client outside the mesh looks like (tests attack with it).
     #[cfg(test)]
     pub(crate) fn without_client_certificate(&self) -> Self {
+        let mut roots = RootCertStore::empty();
+        for anchor in CertificateDer::pem_file_iter(&self.ca).expect("the CA was read once already") {
+            roots.add(anchor.expect("a valid CA")).expect("a usable CA");
+        }
         let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
         let client = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .expect("ring supports the default versions")
-            .with_root_certificates(self.roots.clone())
+            .with_root_certificates(roots)
             .with_no_client_auth();
         Self {
             client: Arc::new(client),
