@@ -15,7 +15,7 @@ use futures::Stream;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
@@ -195,6 +195,16 @@ enum StreamEvent {
     Failed(RequestError),
 }
 
+/// The reader's side of one open stream.
+#[derive(Debug)]
+struct OpenStream {
+    events: mpsc::UnboundedSender<StreamEvent>,
+    /// Items the worker may still send: the window, plus the credit returned,
+    /// minus the items received. A worker that goes below zero ignores flow
+    /// control, and would fill this process's memory: the connection is cut.
+    allowance: Arc<AtomicI64>,
+}
+
 /// One connection to a worker, shared by all requests to it.
 #[derive(Debug)]
 struct Connection {
@@ -203,7 +213,7 @@ struct Connection {
     /// (requests) and the streams (cancel and credit frames).
     sink: FrameSink,
     /// Open streams and where their events go.
-    streams: Mutex<HashMap<u64, mpsc::UnboundedSender<StreamEvent>>>,
+    streams: Mutex<HashMap<u64, OpenStream>>,
     next_stream_id: AtomicU64,
     /// Cancelled once the connection is unusable (either side closed it, a
     /// frame was corrupt, or the runtime stops). Checked under the `streams`
@@ -212,7 +222,7 @@ struct Connection {
 }
 
 impl Connection {
-    fn streams(&self) -> std::sync::MutexGuard<'_, HashMap<u64, mpsc::UnboundedSender<StreamEvent>>> {
+    fn streams(&self) -> std::sync::MutexGuard<'_, HashMap<u64, OpenStream>> {
         // Updates are single insert/remove calls: a poisoned map is still consistent.
         self.streams.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -232,6 +242,7 @@ impl Connection {
     ) -> Result<ClientStream, RequestError> {
         let stream_id = self.next_stream_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
+        let allowance = Arc::new(AtomicI64::new(i64::from(window)));
         {
             let mut streams = self.streams();
             if self.closed.is_cancelled() {
@@ -240,7 +251,13 @@ impl Connection {
                     format!("connection to {} closed", self.address),
                 ));
             }
-            streams.insert(stream_id, tx);
+            streams.insert(
+                stream_id,
+                OpenStream {
+                    events: tx,
+                    allowance: allowance.clone(),
+                },
+            );
         }
         self.send(Frame::new(FrameType::Request, stream_id, head));
         let watch = Box::pin(controller.stop_token().clone().cancelled_owned());
@@ -252,6 +269,7 @@ impl Connection {
             cancel_watch: Some(watch),
             consumed: 0,
             credit_batch: (window / 2).max(1),
+            allowance,
             finished: false,
         })
     }
@@ -278,7 +296,7 @@ async fn read_responses(mut reader: Reader, mut buf: BytesMut, conn: &Connection
                 stream_id,
                 length,
             }) => {
-                if let Some(events) = conn.streams().remove(&stream_id) {
+                if let Some(OpenStream { events, .. }) = conn.streams().remove(&stream_id) {
                     let error = crate::request_plane::too_large("response item", length, decoder.max_payload());
                     let _ = events.send(StreamEvent::Failed(error));
                 }
@@ -291,7 +309,7 @@ async fn read_responses(mut reader: Reader, mut buf: BytesMut, conn: &Connection
     };
     conn.closed.cancel();
     let open = std::mem::take(&mut *conn.streams());
-    for (_, events) in open {
+    for (_, OpenStream { events, .. }) in open {
         let error = RequestError::new(
             ErrorKind::Disconnected,
             format!(
@@ -308,12 +326,18 @@ fn on_frame(conn: &Connection, frame: Frame) -> Result<(), String> {
     // Frames for unknown ids belong to streams the caller already dropped.
     match frame.frame_type {
         FrameType::Data => {
-            if let Some(events) = conn.streams().get(&frame.stream_id) {
-                let _ = events.send(StreamEvent::Item(frame.payload));
+            if let Some(stream) = conn.streams().get(&frame.stream_id) {
+                if stream.allowance.fetch_sub(1, Ordering::AcqRel) <= 0 {
+                    return Err(format!(
+                        "worker sent more items on stream {} than its window and the credit returned",
+                        frame.stream_id
+                    ));
+                }
+                let _ = stream.events.send(StreamEvent::Item(frame.payload));
             }
         }
         FrameType::End => {
-            if let Some(events) = conn.streams().remove(&frame.stream_id) {
+            if let Some(OpenStream { events, .. }) = conn.streams().remove(&frame.stream_id) {
                 let _ = events.send(StreamEvent::End);
             }
         }
@@ -322,7 +346,7 @@ fn on_frame(conn: &Connection, frame: Frame) -> Result<(), String> {
                 Ok(wire) => RequestError::from(wire),
                 Err(e) => RequestError::new(ErrorKind::Protocol, format!("undecodable error frame: {e}")),
             };
-            if let Some(events) = conn.streams().remove(&frame.stream_id) {
+            if let Some(OpenStream { events, .. }) = conn.streams().remove(&frame.stream_id) {
                 let _ = events.send(StreamEvent::Failed(error));
             }
         }
@@ -351,6 +375,8 @@ struct ClientStream {
     consumed: u32,
     /// Return credit in batches of this many items (half the window).
     credit_batch: u32,
+    /// Shared with the reader: credit returned raises what the worker may send.
+    allowance: Arc<AtomicI64>,
     finished: bool,
 }
 
@@ -394,6 +420,9 @@ impl Stream for ClientStream {
             Poll::Ready(Some(StreamEvent::Item(bytes))) => {
                 this.consumed += 1;
                 if this.consumed >= this.credit_batch {
+                    // Raised before the Credit leaves, so the items it allows
+                    // can never arrive before the reader knows they are allowed.
+                    this.allowance.fetch_add(i64::from(this.consumed), Ordering::AcqRel);
                     this.conn.send(Frame::new(
                         FrameType::Credit,
                         this.stream_id,

@@ -423,3 +423,39 @@ async fn a_caller_that_never_reads_is_cut_off_while_others_are_served() {
     assert_eq!(collect(answer.unwrap()).await.0, numbers(3));
     drop(rogue);
 }
+
+#[tokio::test]
+async fn a_worker_that_ignores_the_window_is_cut_off() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    // A rogue worker: a correct Hello, then 1,000 items on stream 1 at once,
+    // never waiting for credit.
+    let rogue = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        socket.write_all(&hello(frame::PROTOCOL_VERSION)).await.unwrap();
+        let mut flood = vec![];
+        for i in 0..1000u32 {
+            flood.extend(encoded(Frame::new(FrameType::Data, 1, Bytes::from(i.to_string()))));
+        }
+        let _ = socket.write_all(&flood).await;
+        let mut rest = vec![];
+        let _ = socket.read_to_end(&mut rest).await;
+    });
+    let config = RuntimeConfig::from_vars([("DYN_TCP_STREAM_WINDOW", "8")]).unwrap();
+    let client = TcpClient::new(config.tcp(), CancellationToken::new(), TaskTracker::new());
+    let target = Target {
+        transport: Transport::Tcp(address),
+        endpoint: "ns/c/echo".into(),
+        instance_id: INSTANCE,
+    };
+    let stream = client.call(&target, Context::new(Bytes::new())).await.unwrap();
+    let (items, error) = collect(stream).await;
+    // The window (and at most one batch of credit returned meanwhile) is
+    // delivered; the rest is refused with the connection.
+    assert!(items.len() <= 8 + 4, "{} items", items.len());
+    let error = error.expect("the stream fails");
+    assert_eq!(error.kind(), ErrorKind::Disconnected);
+    assert!(error.to_string().contains("window"), "{error}");
+    drop(client);
+    rogue.abort();
+}
