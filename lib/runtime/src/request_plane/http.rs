@@ -64,6 +64,7 @@ impl HttpServer {
         config: &HttpConfig,
         max_message_size: usize,
         tls: Option<&RequestPlaneTls>,
+        limits: crate::http_server::Limits,
         handlers: Arc<Handlers>,
         shutdown: CancellationToken,
         tracker: TaskTracker,
@@ -92,17 +93,25 @@ impl HttpServer {
                 let mut server = (*tls.server_config()).clone();
                 server.alpn_protocols = vec![b"h2".to_vec()];
                 let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
-                tracker.spawn(crate::http_server::serve_tls(
+                tracker.spawn(crate::http_server::serve_with(
                     listener,
                     router,
                     IDLE_DEADLINE,
                     shutdown,
-                    acceptor,
+                    Some(acceptor),
+                    limits,
                 ));
                 tracing::info!(address = %base, "request plane listening (http/2, mutual TLS)");
             }
             None => {
-                tracker.spawn(crate::http_server::serve(listener, router, IDLE_DEADLINE, shutdown));
+                tracker.spawn(crate::http_server::serve_with(
+                    listener,
+                    router,
+                    IDLE_DEADLINE,
+                    shutdown,
+                    None,
+                    limits,
+                ));
                 tracing::info!(address = %base, "request plane listening (http/2)");
                 super::tcp::warn_if_exposed(local, "DYN_HTTP_RPC_HOST");
             }
@@ -492,6 +501,7 @@ mod tests {
                     config.http(),
                     *config.tcp().max_message_size(),
                     config.tcp().tls().as_ref(),
+                    crate::http_server::Limits::default(),
                     handlers,
                     stop,
                     TaskTracker::new(),
@@ -509,6 +519,49 @@ mod tests {
     }
 
     conformance_tests!(Http);
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_over_the_cap_are_closed_while_open_ones_keep_working() {
+        use crate::request_plane::conformance::{Fixtures, INSTANCE, collect, eventually, numbers};
+        let refused = prometheus::IntCounter::new("refused", "test").unwrap();
+        let limits = crate::http_server::Limits {
+            max_connections: Some(5),
+            max_streams_per_connection: Some(64),
+            on_refused: Some(refused.clone()),
+        };
+        let config = RuntimeConfig::default();
+        let server = HttpServer::bind(
+            config.http(),
+            *config.tcp().max_message_size(),
+            None,
+            limits,
+            Fixtures::default().handlers(),
+            CancellationToken::new(),
+            TaskTracker::new(),
+        )
+        .await
+        .unwrap();
+        let client = HttpClient::new(&config);
+        let target = Target {
+            transport: server.transport(),
+            endpoint: "ns/c/count".into(),
+            instance_id: INSTANCE,
+        };
+        let first = client.call(&target, Context::new(Bytes::from_static(b"1"))).await;
+        assert_eq!(collect(first.unwrap()).await.0, numbers(1));
+        let Transport::Http(base) = server.transport() else {
+            unreachable!("an HTTP server")
+        };
+        let address = base.trim_start_matches("http://").to_string();
+        let mut rogue = vec![];
+        for _ in 0..100 {
+            rogue.push(tokio::net::TcpStream::connect(&address).await.unwrap());
+        }
+        eventually("the cap refuses the rogue connections", || refused.get() >= 96).await;
+        let answer = client.call(&target, Context::new(Bytes::from_static(b"5"))).await;
+        assert_eq!(collect(answer.unwrap()).await.0, numbers(5));
+        drop(rogue);
+    }
 
     /// The same suite, and the attacks on TLS, with mutual TLS on both sides.
     mod over_mutual_tls {
