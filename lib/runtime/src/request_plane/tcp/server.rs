@@ -62,6 +62,7 @@ impl TcpServer {
             connections_accepted: AtomicU64::new(0),
             tls,
             connection_slots: Arc::new(Semaphore::new(*config.max_connections())),
+            pending: Mutex::default(),
             max_streams: *config.max_streams_per_connection(),
             max_window: *config.stream_window(),
             sink_limits: SinkLimits {
@@ -128,11 +129,45 @@ struct Shared {
     tls: Option<Arc<ServerConfig>>,
     /// One permit per open connection (`DYN_TCP_MAX_CONNECTIONS`).
     connection_slots: Arc<Semaphore>,
+    /// Connections still in their handshake, oldest first: when the cap is
+    /// reached, the oldest is cut off to make room. A caller finishes its
+    /// handshake at once; a connection that sits there is not a caller, and
+    /// a flood of them must not keep new callers out.
+    pending: Mutex<Pending>,
     /// Streams one connection may have open (`DYN_TCP_MAX_STREAMS_PER_CONNECTION`).
     max_streams: usize,
     /// The largest credit window a caller may ask for: ours (`DYN_TCP_STREAM_WINDOW`).
     max_window: u32,
     sink_limits: SinkLimits,
+}
+
+/// Connections in their handshake, each with the token that cuts it off.
+#[derive(Debug, Default)]
+struct Pending {
+    next_id: u64,
+    queue: std::collections::VecDeque<(u64, CancellationToken)>,
+}
+
+/// How long a new connection waits for the slot of the handshake it evicted.
+const EVICTION_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Shared {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        // Single push/pop/retain updates: a poisoned queue is still consistent.
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Cuts off the connection that has been in its handshake longest;
+    /// false when every connection has finished its handshake.
+    fn evict_oldest_pending(&self) -> bool {
+        match self.pending().queue.pop_front() {
+            Some((_, token)) => {
+                token.cancel();
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
@@ -143,13 +178,15 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         };
         match accepted {
             Ok((socket, peer)) => {
-                let Ok(slot) = shared.connection_slots.clone().try_acquire_owned() else {
-                    // Closed at once: the legitimate callers keep their connections.
+                let slot = shared.connection_slots.clone().try_acquire_owned().ok();
+                if slot.is_none() && !shared.evict_oldest_pending() {
+                    // Every slot is a working connection: closed at once,
+                    // the callers keep theirs.
                     shared.metrics.refused("connections");
                     tracing::debug!(%peer, "refusing a request-plane connection over DYN_TCP_MAX_CONNECTIONS");
                     drop(socket);
                     continue;
-                };
+                }
                 shared.connections_accepted.fetch_add(1, Ordering::Relaxed);
                 shared.metrics.connections.inc();
                 shared
@@ -195,14 +232,43 @@ impl Connection {
 
 /// TLS and the Hello exchange, then the connection's requests. `slot` is
 /// its place under `DYN_TCP_MAX_CONNECTIONS`, released when it closes.
-async fn open_connection(socket: TcpStream, peer: SocketAddr, slot: OwnedSemaphorePermit, shared: Arc<Shared>) {
+async fn open_connection(socket: TcpStream, peer: SocketAddr, slot: Option<OwnedSemaphorePermit>, shared: Arc<Shared>) {
+    // Without a slot, one was freed by evicting a handshake: wait for it.
+    let slot = match slot {
+        Some(slot) => slot,
+        None => match tokio::time::timeout(EVICTION_WAIT, shared.connection_slots.clone().acquire_owned()).await {
+            Ok(Ok(slot)) => slot,
+            _ => {
+                shared.metrics.refused("connections");
+                return;
+            }
+        },
+    };
     tune_socket(&socket);
+    let (id, evicted) = {
+        let mut pending = shared.pending();
+        let id = pending.next_id;
+        pending.next_id += 1;
+        let token = CancellationToken::new();
+        pending.queue.push_back((id, token.clone()));
+        (id, token)
+    };
     // A connection that does not finish the handshake in time is not a caller
     // (a port scan, a client stuck before its first request, a plaintext
-    // caller at a TLS worker): closed at the deadline.
+    // caller at a TLS worker): closed at the deadline, or earlier when the
+    // cap is reached and it is the oldest.
     let opened = tokio::select! {
-        _ = shared.shutdown.cancelled() => return,
-        opened = handshake::accept(socket, shared.tls.as_ref(), shared.first_request_deadline) => opened,
+        _ = shared.shutdown.cancelled() => None,
+        _ = evicted.cancelled() => {
+            shared.metrics.refused("connections");
+            tracing::debug!(%peer, "cut off a request-plane connection still in its handshake to make room (DYN_TCP_MAX_CONNECTIONS)");
+            None
+        }
+        opened = handshake::accept(socket, shared.tls.as_ref(), shared.first_request_deadline) => Some(opened),
+    };
+    shared.pending().queue.retain(|(other, _)| *other != id);
+    let Some(opened) = opened else {
+        return;
     };
     match opened {
         Ok(opened) => {

@@ -322,7 +322,7 @@ async fn a_worker_speaking_another_protocol_version_is_refused_with_both_version
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_over_the_cap_are_closed_while_open_ones_keep_working() {
+async fn a_flood_of_silent_connections_keeps_neither_open_nor_new_callers_out() {
     let (server, metrics) = worker_with(&[("DYN_TCP_MAX_CONNECTIONS", "20")]).await;
     let client = TcpClient::new(
         RuntimeConfig::default().tcp(),
@@ -339,17 +339,56 @@ async fn connections_over_the_cap_are_closed_while_open_ones_keep_working() {
     for _ in 0..300 {
         rogue.push(tokio::net::TcpStream::connect(address(&server)).await.unwrap());
     }
-    crate::request_plane::conformance::eventually("the cap refuses the rogue connections", || {
+    // The cap holds: all but the 19 newest silent ones are cut off.
+    crate::request_plane::conformance::eventually("the cap cuts off the rogue connections", || {
         refusals(&metrics, "connections") >= 281
     })
     .await;
-    // The legitimate caller's connection holds its slot and is still served.
+    // The open connection is still served...
     let answer = client
         .call(&target(&server, "count"), Context::new(Bytes::from_static(b"5")))
         .await;
     assert_eq!(collect(answer.unwrap()).await.0, numbers(5));
-    assert_eq!(server.connections_accepted(), 20);
+    // ...and so is a new caller: its connection takes the place of the
+    // oldest one still silent in its handshake.
+    let newcomer = TcpClient::new(
+        RuntimeConfig::default().tcp(),
+        CancellationToken::new(),
+        TaskTracker::new(),
+    );
+    let answer = newcomer
+        .call(&target(&server, "count"), Context::new(Bytes::from_static(b"3")))
+        .await;
+    assert_eq!(collect(answer.unwrap()).await.0, numbers(3));
     drop(rogue);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_slot_is_a_working_connection_a_new_one_is_refused() {
+    let (server, metrics) = worker_with(&[("DYN_TCP_MAX_CONNECTIONS", "1")]).await;
+    let client = TcpClient::new(
+        RuntimeConfig::default().tcp(),
+        CancellationToken::new(),
+        TaskTracker::new(),
+    );
+    let first = client
+        .call(&target(&server, "count"), Context::new(Bytes::from_static(b"1")))
+        .await;
+    assert_eq!(collect(first.unwrap()).await.0, numbers(1));
+    let other = TcpClient::new(
+        RuntimeConfig::default().tcp(),
+        CancellationToken::new(),
+        TaskTracker::new(),
+    );
+    let refused = other
+        .call(&target(&server, "count"), Context::new(Bytes::from_static(b"1")))
+        .await;
+    assert_eq!(refused.err().unwrap().kind(), ErrorKind::Unreachable);
+    assert_eq!(refusals(&metrics, "connections"), 1);
+    let answer = client
+        .call(&target(&server, "count"), Context::new(Bytes::from_static(b"2")))
+        .await;
+    assert_eq!(collect(answer.unwrap()).await.0, numbers(2));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
