@@ -76,6 +76,11 @@ impl HandshakeError {
         text
     }
 
+    /// Whether the peer just went quiet or away, rather than being refused.
+    pub(crate) fn is_silence(&self) -> bool {
+        matches!(self, Self::Timeout(_) | Self::Closed | Self::Io(_))
+    }
+
     /// The error a caller reports for a failed connect.
     pub(crate) fn kind(&self) -> ErrorKind {
         match self {

@@ -279,7 +279,14 @@ async fn open_connection(socket: TcpStream, peer: SocketAddr, slot: Option<Owned
         }
         Err(error) => {
             shared.metrics.refused("handshake");
-            tracing::info!(%peer, error = %error.chain(), "refused a request-plane connection");
+            // A silent or vanished peer (a port scan) is routine and would
+            // flood the log under attack; a peer that spoke and was refused
+            // (wrong version, certificate) is what an operator must see.
+            if error.is_silence() {
+                tracing::debug!(%peer, error = %error.chain(), "closed a request-plane connection that did not finish its handshake");
+            } else {
+                tracing::info!(%peer, error = %error.chain(), "refused a request-plane connection");
+            }
         }
     }
     drop(slot);
