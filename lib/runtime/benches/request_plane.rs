@@ -6,6 +6,9 @@
 //!   request plane → echo engine, until the stream ends;
 //! - `streaming/{plane}_items_per_second`: one stream of 100,000 small items.
 //!
+//! `tcp+mtls` and `http+mtls` are the same planes with mutual TLS on both
+//! sides (a throw-away CA made with `openssl`), for the TLS on/off ratio.
+//!
 //! NATS runs on a local `nats-server` started by the bench.
 //!
 //! After criterion, a percentile pass prints p50/p90/p99 of both round trips
@@ -223,10 +226,26 @@ fn main() {
     let rt = tokio_runtime();
     let nats = switchyard_test_support::nats_server::NatsServer::start();
     let url = nats.url();
+    let certs = switchyard_test_support::etcd_server::TestCertificates::generate();
+    let (ca, cert, key) = (
+        certs.ca.display().to_string(),
+        certs.server_cert.display().to_string(),
+        certs.server_key.display().to_string(),
+    );
+    let tls = [
+        ("DYN_REQUEST_PLANE_TLS_CA_PATH", ca.as_str()),
+        ("DYN_REQUEST_PLANE_TLS_CERT_PATH", cert.as_str()),
+        ("DYN_REQUEST_PLANE_TLS_KEY_PATH", key.as_str()),
+    ];
     let planes = rt.block_on(async {
         vec![
             ("tcp", start_mesh(&[]).await),
+            ("tcp+mtls", start_mesh(&tls).await),
             ("http", start_mesh(&[("DYN_REQUEST_PLANE", "http")]).await),
+            (
+                "http+mtls",
+                start_mesh(&[&tls[..], &[("DYN_REQUEST_PLANE", "http")]].concat()).await,
+            ),
             (
                 "nats",
                 start_mesh(&[("DYN_REQUEST_PLANE", "nats"), ("NATS_SERVER", &url)]).await,

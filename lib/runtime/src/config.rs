@@ -12,12 +12,14 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::value::Value;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 #[cfg(feature = "cli")]
 pub mod args;
+mod tls;
 mod variables;
+pub use tls::{RequestPlaneTls, peer_identity};
 use variables::*;
 pub use variables::{VARIABLES, Variable};
 
@@ -99,6 +101,25 @@ pub struct TcpConfig {
     connect_timeout: Duration,
     /// Per-stream flow-control window, in response items.
     stream_window: u32,
+    /// Connections one listener holds at once.
+    max_connections: usize,
+    /// Streams one caller connection may have open at once.
+    max_streams_per_connection: usize,
+    /// Bytes a connection may have queued for writing before it is closed.
+    max_send_queue: usize,
+    /// How long a write may make no progress before the connection is closed.
+    write_timeout: Duration,
+    /// Mutual TLS on the TCP and HTTP/2 planes; `None` is plaintext.
+    tls: Option<RequestPlaneTls>,
+}
+
+impl TcpConfig {
+    /// The same settings with mutual TLS on (or off), for tests and embedders
+    /// that build their TLS identity themselves.
+    pub fn with_tls(mut self, tls: Option<RequestPlaneTls>) -> Self {
+        self.tls = tls;
+        self
+    }
 }
 
 /// How events travel between processes.
@@ -376,7 +397,30 @@ impl RuntimeConfig {
             connect_timeout: settings.duration(TCP_CONNECT_TIMEOUT)?,
             stream_window: settings.number(TCP_STREAM_WINDOW, 1, 1 << 20, "a number of items between 1 and 1048576")?
                 as u32,
+            max_connections: settings.number(TCP_MAX_CONNECTIONS, 1, 1 << 20, "a number between 1 and 1048576")?
+                as usize,
+            max_streams_per_connection: settings.number(
+                TCP_MAX_STREAMS_PER_CONNECTION,
+                1,
+                1 << 20,
+                "a number between 1 and 1048576",
+            )? as usize,
+            max_send_queue: settings.number(
+                TCP_MAX_SEND_QUEUE,
+                64 * 1024,
+                1 << 40,
+                "a size in bytes between 65536 and 1099511627776",
+            )? as usize,
+            write_timeout: settings.duration(TCP_WRITE_TIMEOUT)?,
+            tls: settings.request_plane_tls()?,
         };
+        if tcp.write_timeout.is_zero() {
+            return Err(settings.invalid(
+                TCP_WRITE_TIMEOUT,
+                &settings.text(TCP_WRITE_TIMEOUT)?,
+                "a duration above 0",
+            ));
+        }
         let worker_threads = match settings.optional_text(WORKER_THREADS)? {
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
             Some(_) => settings.number(WORKER_THREADS, 1, 1024, "a thread count between 1 and 1024")? as usize,
@@ -445,6 +489,13 @@ impl RuntimeConfig {
             self.pod_identity()?;
         }
         Ok(self)
+    }
+
+    /// The same settings with mutual TLS on the request planes on (or off),
+    /// for tests and embedders that load their TLS identity themselves.
+    pub fn with_request_plane_tls(mut self, tls: Option<RequestPlaneTls>) -> Self {
+        self.tcp = self.tcp.with_tls(tls);
+        self
     }
 
     /// The same settings with another discovery backend (used by the
@@ -696,6 +747,30 @@ impl Settings {
         })
     }
 
+    /// Mutual TLS for the request planes: all three paths, or none.
+    fn request_plane_tls(&self) -> Result<Option<RequestPlaneTls>, ConfigError> {
+        let names = [
+            REQUEST_PLANE_TLS_CA_PATH,
+            REQUEST_PLANE_TLS_CERT_PATH,
+            REQUEST_PLANE_TLS_KEY_PATH,
+        ];
+        let [ca, cert, key] = [
+            self.optional_text(names[0])?,
+            self.optional_text(names[1])?,
+            self.optional_text(names[2])?,
+        ];
+        match (ca, cert, key) {
+            (None, None, None) => Ok(None),
+            (Some(ca), Some(cert), Some(key)) => {
+                RequestPlaneTls::load(names, Path::new(&ca), Path::new(&cert), Path::new(&key)).map(Some)
+            }
+            _ => Err(ConfigError::Incomplete {
+                set: "only some of DYN_REQUEST_PLANE_TLS_CA_PATH, _CERT_PATH and _KEY_PATH",
+                needed: "all three, or none",
+            }),
+        }
+    }
+
     /// The downward-API identity, or the names of the variables that are unset.
     fn pod(&self) -> Result<Result<PodIdentity, Vec<&'static str>>, ConfigError> {
         let mut missing = vec![];
@@ -812,6 +887,12 @@ pub enum ConfigError {
          use https:// endpoints in ETCD_ENDPOINTS (with ETCD_AUTH_CA when the CA is private)"
     )]
     PlainTextPassword { endpoint: String },
+    #[error("{variable}={path:?} cannot be used: {reason}")]
+    TlsFile {
+        variable: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("unknown configuration variable {name:?}; see docs/configuration.md for the list")]
     UnknownVariable { name: String },
     #[error(

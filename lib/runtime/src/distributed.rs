@@ -388,9 +388,24 @@ impl DistributedRuntime {
                         })?;
                     Arc::new(server)
                 } else if *config.request_plane() == RequestPlaneKind::Http {
+                    let limits = crate::http_server::Limits {
+                        max_connections: Some(*tcp.max_connections()),
+                        max_streams_per_connection: Some(
+                            u32::try_from(*tcp.max_streams_per_connection()).unwrap_or(u32::MAX),
+                        ),
+                        on_refused: Some(
+                            self.inner
+                                .metrics
+                                .transport
+                                .limit_refusals
+                                .with_label_values(&["connections"]),
+                        ),
+                    };
                     let server = HttpServer::bind(
                         http,
                         *tcp.max_message_size(),
+                        tcp.tls().as_ref(),
+                        limits,
                         self.inner.handlers.clone(),
                         stop,
                         tracker,

@@ -35,7 +35,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// Serves `app` on `listener` until `draining` is cancelled; then stops
 /// accepting and waits for every open connection to finish its answers.
 pub async fn serve(listener: TcpListener, app: Router, idle_timeout: Duration, draining: CancellationToken) {
-    serve_with(listener, app, idle_timeout, draining, None).await;
+    serve_with(listener, app, idle_timeout, draining, None, Limits::default()).await;
 }
 
 /// [`serve`] over TLS: every connection is a TLS session made by `tls`.
@@ -46,15 +46,29 @@ pub async fn serve_tls(
     draining: CancellationToken,
     tls: TlsAcceptor,
 ) {
-    serve_with(listener, app, idle_timeout, draining, Some(tls)).await;
+    serve_with(listener, app, idle_timeout, draining, Some(tls), Limits::default()).await;
 }
 
-async fn serve_with(
+/// Caps on what one server holds; `None` leaves hyper's defaults.
+#[derive(Debug, Clone, Default)]
+pub struct Limits {
+    /// Connections open at once; one over the cap is closed at accept, and
+    /// `on_refused` is called.
+    pub max_connections: Option<usize>,
+    /// HTTP/2 streams one connection may have open (SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_streams_per_connection: Option<u32>,
+    /// Counts a refused connection.
+    pub on_refused: Option<prometheus::IntCounter>,
+}
+
+/// [`serve`] (or [`serve_tls`]) with [`Limits`].
+pub(crate) async fn serve_with(
     listener: TcpListener,
     app: Router,
     idle_timeout: Duration,
     draining: CancellationToken,
     tls: Option<TlsAcceptor>,
+    limits: Limits,
 ) {
     let mut builder = Builder::new(TokioExecutor::new());
     builder
@@ -65,7 +79,11 @@ async fn serve_with(
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(idle_timeout)
-        .keep_alive_timeout(idle_timeout);
+        .keep_alive_timeout(idle_timeout)
+        .max_concurrent_streams(limits.max_streams_per_connection);
+    let slots = limits
+        .max_connections
+        .map(|n| std::sync::Arc::new(tokio::sync::Semaphore::new(n)));
     let connections = TaskTracker::new();
     loop {
         let (socket, peer) = tokio::select! {
@@ -79,9 +97,24 @@ async fn serve_with(
                 }
             },
         };
+        let slot = match &slots {
+            None => None,
+            Some(slots) => match slots.clone().try_acquire_owned() {
+                Ok(slot) => Some(slot),
+                Err(_) => {
+                    // Closed at once: the open connections keep working.
+                    if let Some(refused) = &limits.on_refused {
+                        refused.inc();
+                    }
+                    tracing::debug!(%peer, "refusing a connection over the server's connection cap");
+                    continue;
+                }
+            },
+        };
         let _ = socket.set_nodelay(true);
         let (builder, app, draining, tls) = (builder.clone(), app.clone(), draining.clone(), tls.clone());
         connections.spawn(async move {
+            let _slot = slot;
             // hyper first reads to tell HTTP/1 from HTTP/2, with no deadline;
             // a client that sends nothing at all is dropped here.
             let mut first = [0u8; 1];

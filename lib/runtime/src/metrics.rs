@@ -177,6 +177,16 @@ impl EndpointMetrics {
 pub struct TransportMetrics {
     pub connections: IntCounter,
     pub protocol_errors: IntCounter,
+    /// Connections, streams or writes cut off by a limit, by `limit`:
+    /// `connections`, `streams`, `send_queue`, `write_timeout`, `handshake`.
+    pub limit_refusals: IntCounterVec,
+}
+
+impl TransportMetrics {
+    /// Counts one refusal by `limit` (one of the labels above).
+    pub fn refused(&self, limit: &str) {
+        self.limit_refusals.with_label_values(&[limit]).inc();
+    }
 }
 
 impl TransportMetrics {
@@ -185,6 +195,8 @@ impl TransportMetrics {
         Self {
             connections: IntCounter::new("connections", "unregistered").expect("valid name"),
             protocol_errors: IntCounter::new("protocol_errors", "unregistered").expect("valid name"),
+            limit_refusals: IntCounterVec::new(Opts::new("limit_refusals", "unregistered"), &["limit"])
+                .expect("valid name"),
         }
     }
 }
@@ -239,6 +251,13 @@ impl ProcessMetrics {
                 "Request-plane connections closed because the peer broke the wire format",
             )
             .expect("fresh registry");
+        let limit_refusals = root
+            .create_counter_vec(
+                "dynamo_request_plane_limit_refusals_total",
+                "Request-plane connections, streams or writes cut off by a limit (label `limit`: connections, streams, send_queue, write_timeout, handshake)",
+                &["limit"],
+            )
+            .expect("fresh registry");
         let event_gaps = root
             .create_counter(
                 "dynamo_event_plane_gaps_total",
@@ -275,6 +294,7 @@ impl ProcessMetrics {
             transport: TransportMetrics {
                 connections,
                 protocol_errors,
+                limit_refusals,
             },
         }
     }

@@ -22,6 +22,8 @@ pub mod http;
 pub mod nats;
 pub(crate) mod pump;
 pub mod tcp;
+#[cfg(test)]
+pub(crate) mod tls_suite;
 
 use crate::engine::{Context, ResponseStream};
 use crate::error::RequestError;

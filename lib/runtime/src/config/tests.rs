@@ -309,3 +309,96 @@ fn printing_the_settings_never_shows_a_secret() {
         RuntimeConfig::from_vars([(NATS_AUTH_USERNAME, "app"), (NATS_AUTH_PASSWORD, "nats-secret-3")]).unwrap();
     assert!(!format!("{config:?}").contains("nats-secret-3"));
 }
+
+#[test]
+fn request_plane_tls_needs_all_three_paths() {
+    let err = RuntimeConfig::from_vars([(REQUEST_PLANE_TLS_CA_PATH, "/etc/ca.pem")]).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("DYN_REQUEST_PLANE_TLS_CA_PATH") && text.contains("all three"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_missing_or_unreadable_tls_file_names_its_variable_and_path() {
+    let dir = std::env::temp_dir().join(format!("switchyard-tls-config-{:x}", rand::random::<u64>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let garbage = dir.join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate").unwrap();
+    let missing = dir.join("missing.pem");
+    let (garbage, missing) = (garbage.to_str().unwrap(), missing.to_str().unwrap());
+    for (variable, vars) in [
+        (
+            REQUEST_PLANE_TLS_CA_PATH,
+            [
+                (REQUEST_PLANE_TLS_CA_PATH, missing),
+                (REQUEST_PLANE_TLS_CERT_PATH, garbage),
+                (REQUEST_PLANE_TLS_KEY_PATH, garbage),
+            ],
+        ),
+        (
+            REQUEST_PLANE_TLS_CA_PATH,
+            [
+                (REQUEST_PLANE_TLS_CA_PATH, garbage),
+                (REQUEST_PLANE_TLS_CERT_PATH, garbage),
+                (REQUEST_PLANE_TLS_KEY_PATH, garbage),
+            ],
+        ),
+    ] {
+        let err = RuntimeConfig::from_vars(vars).unwrap_err();
+        let text = err.to_string();
+        let path = vars[0].1;
+        assert!(text.contains(variable) && text.contains(path), "{text}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_tls_key_that_is_not_a_key_names_the_key_variable() {
+    let mesh = switchyard_test_support::etcd_server::TestCertificates::generate();
+    let (ca, cert) = (mesh.ca.to_str().unwrap(), mesh.server_cert.to_str().unwrap());
+    let err = RuntimeConfig::from_vars([
+        (REQUEST_PLANE_TLS_CA_PATH, ca),
+        (REQUEST_PLANE_TLS_CERT_PATH, cert),
+        // A certificate where the key should be.
+        (REQUEST_PLANE_TLS_KEY_PATH, cert),
+    ])
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("DYN_REQUEST_PLANE_TLS_KEY_PATH") && text.contains(cert),
+        "{text}"
+    );
+    // Another certificate's key does not match this one.
+    let other = mesh.client_key.to_str().unwrap();
+    let err = RuntimeConfig::from_vars([
+        (REQUEST_PLANE_TLS_CA_PATH, ca),
+        (REQUEST_PLANE_TLS_CERT_PATH, cert),
+        (REQUEST_PLANE_TLS_KEY_PATH, other),
+    ])
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("DYN_REQUEST_PLANE_TLS_KEY_PATH"), "{text}");
+    let ok = RuntimeConfig::from_vars([
+        (REQUEST_PLANE_TLS_CA_PATH, ca),
+        (REQUEST_PLANE_TLS_CERT_PATH, cert),
+        (REQUEST_PLANE_TLS_KEY_PATH, mesh.server_key.to_str().unwrap()),
+    ])
+    .unwrap();
+    assert!(ok.tcp().tls().is_some());
+    std::fs::remove_dir_all(&mesh.dir).unwrap();
+}
+
+#[test]
+fn out_of_range_request_plane_limits_name_the_variable() {
+    for (variable, value) in [
+        (TCP_MAX_CONNECTIONS, "0"),
+        (TCP_MAX_STREAMS_PER_CONNECTION, "-3"),
+        (TCP_MAX_SEND_QUEUE, "10"),
+        (TCP_WRITE_TIMEOUT, "0s"),
+    ] {
+        let err = RuntimeConfig::from_vars([(variable, value)]).unwrap_err();
+        assert!(err.to_string().contains(variable), "{err}");
+    }
+}

@@ -34,6 +34,13 @@ pub(super) const TCP_RPC_PORT: &str = "DYN_TCP_RPC_PORT";
 pub(super) const TCP_MAX_MESSAGE_SIZE: &str = "DYN_TCP_MAX_MESSAGE_SIZE";
 pub(super) const TCP_CONNECT_TIMEOUT: &str = "DYN_TCP_CONNECT_TIMEOUT";
 pub(super) const TCP_STREAM_WINDOW: &str = "DYN_TCP_STREAM_WINDOW";
+pub(super) const REQUEST_PLANE_TLS_CA_PATH: &str = "DYN_REQUEST_PLANE_TLS_CA_PATH";
+pub(super) const REQUEST_PLANE_TLS_CERT_PATH: &str = "DYN_REQUEST_PLANE_TLS_CERT_PATH";
+pub(super) const REQUEST_PLANE_TLS_KEY_PATH: &str = "DYN_REQUEST_PLANE_TLS_KEY_PATH";
+pub(super) const TCP_MAX_CONNECTIONS: &str = "DYN_TCP_MAX_CONNECTIONS";
+pub(super) const TCP_MAX_STREAMS_PER_CONNECTION: &str = "DYN_TCP_MAX_STREAMS_PER_CONNECTION";
+pub(super) const TCP_MAX_SEND_QUEUE: &str = "DYN_TCP_MAX_SEND_QUEUE";
+pub(super) const TCP_WRITE_TIMEOUT: &str = "DYN_TCP_WRITE_TIMEOUT";
 pub(super) const HTTP_RPC_HOST: &str = "DYN_HTTP_RPC_HOST";
 pub(super) const HTTP_RPC_PORT: &str = "DYN_HTTP_RPC_PORT";
 pub(super) const SYSTEM_PORT: &str = "DYN_SYSTEM_PORT";
@@ -139,6 +146,41 @@ pub const VARIABLES: &[Variable] = &[
         name: TCP_STREAM_WINDOW,
         default: "256",
         help: "response items a worker may send on one stream before the caller has consumed them (per-stream flow control)",
+    },
+    Variable {
+        name: TCP_MAX_CONNECTIONS,
+        default: "4096",
+        help: "connections one TCP request-plane listener holds at once; a connection over the cap is closed as it is accepted",
+    },
+    Variable {
+        name: TCP_MAX_STREAMS_PER_CONNECTION,
+        default: "4096",
+        help: "streams one caller connection may have open at once on a worker; a request over the cap fails with Overloaded",
+    },
+    Variable {
+        name: TCP_MAX_SEND_QUEUE,
+        default: "67108864",
+        help: "bytes a connection may have waiting to be written (a peer that does not read); over it the connection is closed",
+    },
+    Variable {
+        name: TCP_WRITE_TIMEOUT,
+        default: "30s",
+        help: "how long a write to a request-plane peer may make no progress before the connection is closed",
+    },
+    Variable {
+        name: REQUEST_PLANE_TLS_CA_PATH,
+        default: "",
+        help: "PEM CA certificate(s) that sign every request-plane peer; with the cert and key, turns on mutual TLS (tcp and http planes)",
+    },
+    Variable {
+        name: REQUEST_PLANE_TLS_CERT_PATH,
+        default: "",
+        help: "PEM certificate chain this process presents on the request plane, as worker and as caller; needs the CA and key",
+    },
+    Variable {
+        name: REQUEST_PLANE_TLS_KEY_PATH,
+        default: "",
+        help: "PEM private key of DYN_REQUEST_PLANE_TLS_CERT_PATH",
     },
     Variable {
         name: EVENT_PLANE,

@@ -186,6 +186,56 @@ pub(crate) trait PlaneKit: Send + Sync {
     fn client(&self, vars: RuntimeConfig) -> BoxFuture<'static, Arc<dyn RequestClient>>;
 }
 
+/// Any transport with mutual TLS on both sides, every peer's certificate
+/// from [`test_mesh`]'s CA: the suite run over TLS.
+pub(crate) struct MutualTls<K>(pub(crate) K);
+
+impl<K: PlaneKit> PlaneKit for MutualTls<K> {
+    fn server(
+        &self,
+        config: RuntimeConfig,
+        handlers: Arc<Handlers>,
+        stop: CancellationToken,
+    ) -> BoxFuture<'static, Arc<dyn RequestServer>> {
+        let config = config.with_request_plane_tls(Some(test_mesh_tls()));
+        self.0.server(config, handlers, stop)
+    }
+
+    fn client(&self, config: RuntimeConfig) -> BoxFuture<'static, Arc<dyn RequestClient>> {
+        self.0.client(config.with_request_plane_tls(Some(test_mesh_tls())))
+    }
+}
+
+/// One throw-away CA and certificates for the whole test binary (made with
+/// the `openssl` command, as the etcd TLS tests do).
+pub(crate) fn test_mesh() -> &'static switchyard_test_support::etcd_server::TestCertificates {
+    static MESH: std::sync::OnceLock<switchyard_test_support::etcd_server::TestCertificates> =
+        std::sync::OnceLock::new();
+    MESH.get_or_init(switchyard_test_support::etcd_server::TestCertificates::generate)
+}
+
+/// The settings turning mutual TLS on with `ca`, `cert` and `key`.
+pub(crate) fn tls_vars(
+    ca: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Vec<(&'static str, String)> {
+    vec![
+        ("DYN_REQUEST_PLANE_TLS_CA_PATH", ca.display().to_string()),
+        ("DYN_REQUEST_PLANE_TLS_CERT_PATH", cert.display().to_string()),
+        ("DYN_REQUEST_PLANE_TLS_KEY_PATH", key.display().to_string()),
+    ]
+}
+
+/// The test mesh's identity, as a worker and caller with `server.pem`
+/// (which carries both serverAuth and clientAuth, and 127.0.0.1).
+pub(crate) fn test_mesh_tls() -> crate::config::RequestPlaneTls {
+    let mesh = test_mesh();
+    let vars = tls_vars(&mesh.ca, &mesh.server_cert, &mesh.server_key);
+    let config = RuntimeConfig::from_vars(vars.iter().map(|(k, v)| (*k, v.as_str()))).unwrap();
+    config.tcp().tls().clone().expect("TLS settings given")
+}
+
 /// The worker side of a [`Pair`].
 pub(crate) struct ServerSide {
     pub(crate) server: Arc<dyn RequestServer>,
@@ -282,7 +332,7 @@ pub(crate) fn numbers(n: u64) -> Vec<String> {
     (0..n).map(|i| i.to_string()).collect()
 }
 
-async fn eventually(what: &str, condition: impl Fn() -> bool) {
+pub(crate) async fn eventually(what: &str, condition: impl Fn() -> bool) {
     let start = tokio::time::Instant::now();
     while !condition() {
         assert!(start.elapsed() < DEADLINE, "timed out waiting until {what}");

@@ -8,11 +8,13 @@
 //! `/v1/rpc-cancel/{stream}`, where `stream` is the token the worker sent
 //! in the `x-switchyard-stream` header (never the caller-chosen request id).
 
+mod connector;
+
 use super::handlers::Handlers;
 use super::pump::{CallerGone, Next, Pump, ResponseSink};
 use super::tcp::frame::FrameType;
 use super::{ByteStream, RequestClient, RequestServer, Target, Transport};
-use crate::config::{HttpConfig, RuntimeConfig};
+use crate::config::{HttpConfig, RequestPlaneTls, RuntimeConfig};
 use crate::engine::{Context, Controller};
 use crate::error::{ErrorKind, RequestError, WireError};
 use axum::Router;
@@ -55,16 +57,23 @@ pub struct HttpServer {
 }
 
 impl HttpServer {
+    /// Binds `DYN_HTTP_RPC_HOST:DYN_HTTP_RPC_PORT`; with `tls`, every caller
+    /// must present a certificate from the mesh CA (and the address
+    /// advertised is `https://`).
     pub async fn bind(
         config: &HttpConfig,
         max_message_size: usize,
+        tls: Option<&RequestPlaneTls>,
+        limits: crate::http_server::Limits,
         handlers: Arc<Handlers>,
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) -> std::io::Result<Self> {
         let listener = tokio::net::TcpListener::bind((config.host().as_str(), *config.port())).await?;
-        let port = listener.local_addr()?.port();
-        let base = format!("http://{}:{port}", config.host());
+        let local = listener.local_addr()?;
+        let port = local.port();
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let base = format!("{scheme}://{}:{port}", config.host());
         let state = ServerState {
             pump: Pump::new(handlers, shutdown.clone(), max_message_size),
             shutdown: shutdown.clone(),
@@ -79,8 +88,34 @@ impl HttpServer {
         // The serve loop sets TCP_NODELAY (without it a small response waits
         // out Nagle and delayed ACKs, ~40 ms), drops connections that send
         // nothing, and pings idle HTTP/2 connections.
-        tracker.spawn(crate::http_server::serve(listener, router, IDLE_DEADLINE, shutdown));
-        tracing::info!(address = %base, "request plane listening (http/2)");
+        match tls {
+            Some(tls) => {
+                let mut server = (*tls.server_config()).clone();
+                server.alpn_protocols = vec![b"h2".to_vec()];
+                let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+                tracker.spawn(crate::http_server::serve_with(
+                    listener,
+                    router,
+                    IDLE_DEADLINE,
+                    shutdown,
+                    Some(acceptor),
+                    limits,
+                ));
+                tracing::info!(address = %base, "request plane listening (http/2, mutual TLS)");
+            }
+            None => {
+                tracker.spawn(crate::http_server::serve_with(
+                    listener,
+                    router,
+                    IDLE_DEADLINE,
+                    shutdown,
+                    None,
+                    limits,
+                ));
+                tracing::info!(address = %base, "request plane listening (http/2)");
+                super::tcp::warn_if_exposed(local, "DYN_HTTP_RPC_HOST");
+            }
+        }
         Ok(Self { base })
     }
 }
@@ -208,7 +243,7 @@ fn error_frame(error: &RequestError) -> Bytes {
     frame(FrameType::Error, &super::encode_error(error))
 }
 
-type HyperClient = hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+type HyperClient = hyper_util::client::legacy::Client<connector::MeshConnector, Full<Bytes>>;
 
 /// Calls workers over HTTP/2, one pooled connection per worker.
 #[derive(Debug, Clone)]
@@ -223,6 +258,12 @@ impl HttpClient {
         let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(*config.tcp().connect_timeout()));
+        let tls = config.tcp().tls().as_ref().map(|tls| {
+            let mut client = (*tls.client_config()).clone();
+            client.alpn_protocols = vec![b"h2".to_vec()];
+            tokio_rustls::TlsConnector::from(Arc::new(client))
+        });
+        let connector = connector::MeshConnector::new(connector, tls);
         let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .http2_only(true)
             .http2_initial_stream_window_size(STREAM_WINDOW)
@@ -459,6 +500,8 @@ mod tests {
                 let server = HttpServer::bind(
                     config.http(),
                     *config.tcp().max_message_size(),
+                    config.tcp().tls().as_ref(),
+                    crate::http_server::Limits::default(),
                     handlers,
                     stop,
                     TaskTracker::new(),
@@ -476,4 +519,57 @@ mod tests {
     }
 
     conformance_tests!(Http);
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_over_the_cap_are_closed_while_open_ones_keep_working() {
+        use crate::request_plane::conformance::{Fixtures, INSTANCE, collect, eventually, numbers};
+        let refused = prometheus::IntCounter::new("refused", "test").unwrap();
+        let limits = crate::http_server::Limits {
+            max_connections: Some(5),
+            max_streams_per_connection: Some(64),
+            on_refused: Some(refused.clone()),
+        };
+        let config = RuntimeConfig::default();
+        let server = HttpServer::bind(
+            config.http(),
+            *config.tcp().max_message_size(),
+            None,
+            limits,
+            Fixtures::default().handlers(),
+            CancellationToken::new(),
+            TaskTracker::new(),
+        )
+        .await
+        .unwrap();
+        let client = HttpClient::new(&config);
+        let target = Target {
+            transport: server.transport(),
+            endpoint: "ns/c/count".into(),
+            instance_id: INSTANCE,
+        };
+        let first = client.call(&target, Context::new(Bytes::from_static(b"1"))).await;
+        assert_eq!(collect(first.unwrap()).await.0, numbers(1));
+        let Transport::Http(base) = server.transport() else {
+            unreachable!("an HTTP server")
+        };
+        let address = base.trim_start_matches("http://").to_string();
+        let mut rogue = vec![];
+        for _ in 0..100 {
+            rogue.push(tokio::net::TcpStream::connect(&address).await.unwrap());
+        }
+        eventually("the cap refuses the rogue connections", || refused.get() >= 96).await;
+        let answer = client.call(&target, Context::new(Bytes::from_static(b"5"))).await;
+        assert_eq!(collect(answer.unwrap()).await.0, numbers(5));
+        drop(rogue);
+    }
+
+    /// The same suite, and the attacks on TLS, with mutual TLS on both sides.
+    mod over_mutual_tls {
+        use super::Http;
+        use crate::request_plane::conformance::{MutualTls, conformance_tests};
+        use crate::request_plane::tls_suite::mutual_tls_tests;
+
+        conformance_tests!(MutualTls(Http));
+        mutual_tls_tests!(Http);
+    }
 }

@@ -11,6 +11,7 @@
 
 mod client;
 pub(crate) mod frame;
+mod handshake;
 mod server;
 mod sink;
 #[cfg(test)]
@@ -18,14 +19,14 @@ mod tests;
 
 pub use client::TcpClient;
 pub use server::TcpServer;
+pub(crate) use server::warn_if_exposed;
 
 use bytes::BytesMut;
 use frame::{Decoded, FrameDecoder, FrameError};
 use std::io;
 use std::time::Duration;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedReadHalf;
 
 /// TCP keep-alive probes: a peer that vanished without closing the
 /// connection (host lost, network partition) is noticed within about
@@ -62,8 +63,8 @@ enum ReadError {
 }
 
 /// Reads the next frame (or oversized-frame notice) from `socket`.
-async fn read_frame(
-    socket: &mut OwnedReadHalf,
+async fn read_frame<R: AsyncRead + Unpin + ?Sized>(
+    socket: &mut R,
     buf: &mut BytesMut,
     decoder: &mut FrameDecoder,
 ) -> Result<Decoded, ReadError> {

@@ -2,23 +2,26 @@
 //! address, shared by every request to that worker, each request a stream.
 
 use super::frame::{self, CancelMode, Decoded, Frame, FrameDecoder, FrameType, RequestHead};
-use super::sink::FrameSink;
+use super::handshake::{self, Reader};
+use super::sink::{FrameSink, SinkLimits};
 use super::{ReadError, read_frame, tune_socket};
 use crate::config::TcpConfig;
 use crate::engine::{Context, Controller};
 use crate::error::{ErrorKind, RequestError, WireError};
+use crate::metrics::TransportMetrics;
 use crate::request_plane::{ByteStream, RequestClient, Target, Transport};
 use bytes::{Bytes, BytesMut};
 use futures::Stream;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::{OnceCell, mpsc};
+use tokio_rustls::rustls::ClientConfig;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 
@@ -28,6 +31,9 @@ pub struct TcpClient {
     max_message_size: usize,
     connect_timeout: Duration,
     window: u32,
+    /// Mutual TLS; `None` is plaintext.
+    tls: Option<Arc<ClientConfig>>,
+    sink_limits: SinkLimits,
     /// Connections by worker address, shared with the reader tasks so a dead
     /// connection removes itself.
     pool: Arc<Pool>,
@@ -42,6 +48,12 @@ impl TcpClient {
             max_message_size: *config.max_message_size(),
             connect_timeout: *config.connect_timeout(),
             window: *config.stream_window(),
+            tls: config.tls().as_ref().map(|tls| tls.client_config()),
+            sink_limits: SinkLimits {
+                max_queue: *config.max_send_queue(),
+                write_timeout: *config.write_timeout(),
+                metrics: TransportMetrics::unregistered(),
+            },
             pool: Arc::default(),
             shutdown,
             tracker,
@@ -81,11 +93,23 @@ impl TcpClient {
             .map_err(|_| unreachable(format!("no answer within {:?}", self.connect_timeout)))?
             .map_err(|e| unreachable(e.to_string()).with_source(e))?;
         tune_socket(&socket);
-        let (reader, writer) = socket.into_split();
+        let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
+        let opened = handshake::connect(socket, host, self.tls.as_ref(), self.connect_timeout)
+            .await
+            .map_err(|e| {
+                RequestError::new(
+                    e.kind(),
+                    format!("cannot open a request-plane connection to {address}: {}", e.chain()),
+                )
+            })?;
+        if let Some(identity) = &opened.peer {
+            tracing::debug!(%address, %identity, "request-plane worker authenticated");
+        }
+        let (reader, buf) = (opened.reader, opened.buf);
         let closed = self.shutdown.child_token();
         let conn = Arc::new(Connection {
             address: address.to_string(),
-            sink: FrameSink::new(writer, &self.tracker, closed.clone()),
+            sink: FrameSink::new(opened.writer, self.sink_limits.clone(), &self.tracker, closed.clone()),
             streams: Mutex::new(HashMap::new()),
             next_stream_id: AtomicU64::new(1),
             closed,
@@ -94,7 +118,7 @@ impl TcpClient {
         let pool = self.pool.clone();
         let reader_conn = conn.clone();
         self.tracker.spawn(async move {
-            read_responses(reader, &reader_conn, decoder).await;
+            read_responses(reader, buf, &reader_conn, decoder).await;
             pool.forget(&reader_conn.address, &reader_conn);
         });
         Ok(conn)
@@ -171,6 +195,16 @@ enum StreamEvent {
     Failed(RequestError),
 }
 
+/// The reader's side of one open stream.
+#[derive(Debug)]
+struct OpenStream {
+    events: mpsc::UnboundedSender<StreamEvent>,
+    /// Items the worker may still send: the window, plus the credit returned,
+    /// minus the items received. A worker that goes below zero ignores flow
+    /// control, and would fill this process's memory: the connection is cut.
+    allowance: Arc<AtomicI64>,
+}
+
 /// One connection to a worker, shared by all requests to it.
 #[derive(Debug)]
 struct Connection {
@@ -179,7 +213,7 @@ struct Connection {
     /// (requests) and the streams (cancel and credit frames).
     sink: FrameSink,
     /// Open streams and where their events go.
-    streams: Mutex<HashMap<u64, mpsc::UnboundedSender<StreamEvent>>>,
+    streams: Mutex<HashMap<u64, OpenStream>>,
     next_stream_id: AtomicU64,
     /// Cancelled once the connection is unusable (either side closed it, a
     /// frame was corrupt, or the runtime stops). Checked under the `streams`
@@ -188,7 +222,7 @@ struct Connection {
 }
 
 impl Connection {
-    fn streams(&self) -> std::sync::MutexGuard<'_, HashMap<u64, mpsc::UnboundedSender<StreamEvent>>> {
+    fn streams(&self) -> std::sync::MutexGuard<'_, HashMap<u64, OpenStream>> {
         // Updates are single insert/remove calls: a poisoned map is still consistent.
         self.streams.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -208,6 +242,7 @@ impl Connection {
     ) -> Result<ClientStream, RequestError> {
         let stream_id = self.next_stream_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
+        let allowance = Arc::new(AtomicI64::new(i64::from(window)));
         {
             let mut streams = self.streams();
             if self.closed.is_cancelled() {
@@ -216,7 +251,13 @@ impl Connection {
                     format!("connection to {} closed", self.address),
                 ));
             }
-            streams.insert(stream_id, tx);
+            streams.insert(
+                stream_id,
+                OpenStream {
+                    events: tx,
+                    allowance: allowance.clone(),
+                },
+            );
         }
         self.send(Frame::new(FrameType::Request, stream_id, head));
         let watch = Box::pin(controller.stop_token().clone().cancelled_owned());
@@ -228,6 +269,7 @@ impl Connection {
             cancel_watch: Some(watch),
             consumed: 0,
             credit_batch: (window / 2).max(1),
+            allowance,
             finished: false,
         })
     }
@@ -235,11 +277,11 @@ impl Connection {
 
 /// Routes the worker's frames to their streams until the connection ends,
 /// then fails every stream still open with `Disconnected`.
-async fn read_responses(mut reader: tokio::net::tcp::OwnedReadHalf, conn: &Connection, mut decoder: FrameDecoder) {
-    let mut buf = BytesMut::with_capacity(64 * 1024);
+async fn read_responses(mut reader: Reader, mut buf: BytesMut, conn: &Connection, mut decoder: FrameDecoder) {
     let reason = loop {
         let decoded = tokio::select! {
             _ = conn.closed.cancelled() => break "the connection was closed".to_string(),
+            _ = conn.sink.dead().cancelled() => break "the worker stopped reading (DYN_TCP_WRITE_TIMEOUT)".to_string(),
             decoded = read_frame(&mut reader, &mut buf, &mut decoder) => decoded,
         };
         match decoded {
@@ -254,7 +296,7 @@ async fn read_responses(mut reader: tokio::net::tcp::OwnedReadHalf, conn: &Conne
                 stream_id,
                 length,
             }) => {
-                if let Some(events) = conn.streams().remove(&stream_id) {
+                if let Some(OpenStream { events, .. }) = conn.streams().remove(&stream_id) {
                     let error = crate::request_plane::too_large("response item", length, decoder.max_payload());
                     let _ = events.send(StreamEvent::Failed(error));
                 }
@@ -267,7 +309,7 @@ async fn read_responses(mut reader: tokio::net::tcp::OwnedReadHalf, conn: &Conne
     };
     conn.closed.cancel();
     let open = std::mem::take(&mut *conn.streams());
-    for (_, events) in open {
+    for (_, OpenStream { events, .. }) in open {
         let error = RequestError::new(
             ErrorKind::Disconnected,
             format!(
@@ -284,12 +326,18 @@ fn on_frame(conn: &Connection, frame: Frame) -> Result<(), String> {
     // Frames for unknown ids belong to streams the caller already dropped.
     match frame.frame_type {
         FrameType::Data => {
-            if let Some(events) = conn.streams().get(&frame.stream_id) {
-                let _ = events.send(StreamEvent::Item(frame.payload));
+            if let Some(stream) = conn.streams().get(&frame.stream_id) {
+                if stream.allowance.fetch_sub(1, Ordering::AcqRel) <= 0 {
+                    return Err(format!(
+                        "worker sent more items on stream {} than its window and the credit returned",
+                        frame.stream_id
+                    ));
+                }
+                let _ = stream.events.send(StreamEvent::Item(frame.payload));
             }
         }
         FrameType::End => {
-            if let Some(events) = conn.streams().remove(&frame.stream_id) {
+            if let Some(OpenStream { events, .. }) = conn.streams().remove(&frame.stream_id) {
                 let _ = events.send(StreamEvent::End);
             }
         }
@@ -298,11 +346,11 @@ fn on_frame(conn: &Connection, frame: Frame) -> Result<(), String> {
                 Ok(wire) => RequestError::from(wire),
                 Err(e) => RequestError::new(ErrorKind::Protocol, format!("undecodable error frame: {e}")),
             };
-            if let Some(events) = conn.streams().remove(&frame.stream_id) {
+            if let Some(OpenStream { events, .. }) = conn.streams().remove(&frame.stream_id) {
                 let _ = events.send(StreamEvent::Failed(error));
             }
         }
-        FrameType::Request | FrameType::Cancel | FrameType::Credit => {
+        FrameType::Hello | FrameType::Request | FrameType::Cancel | FrameType::Credit => {
             return Err(format!(
                 "worker sent a {:?} frame, which only callers send",
                 frame.frame_type
@@ -327,6 +375,8 @@ struct ClientStream {
     consumed: u32,
     /// Return credit in batches of this many items (half the window).
     credit_batch: u32,
+    /// Shared with the reader: credit returned raises what the worker may send.
+    allowance: Arc<AtomicI64>,
     finished: bool,
 }
 
@@ -370,6 +420,9 @@ impl Stream for ClientStream {
             Poll::Ready(Some(StreamEvent::Item(bytes))) => {
                 this.consumed += 1;
                 if this.consumed >= this.credit_batch {
+                    // Raised before the Credit leaves, so the items it allows
+                    // can never arrive before the reader knows they are allowed.
+                    this.allowance.fetch_add(i64::from(this.consumed), Ordering::AcqRel);
                     this.conn.send(Frame::new(
                         FrameType::Credit,
                         this.stream_id,

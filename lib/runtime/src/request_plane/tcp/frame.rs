@@ -15,6 +15,8 @@ pub(crate) const HEADER_LEN: usize = 13;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub(crate) enum FrameType {
+    /// Both ways, first on a connection: the sender's protocol version.
+    Hello = 0x00,
     /// Caller → worker: open a stream with a request.
     Request = 0x01,
     /// Caller → worker: stop (graceful) or kill (now) the stream's request.
@@ -32,6 +34,7 @@ pub(crate) enum FrameType {
 impl FrameType {
     fn from_u8(byte: u8) -> Option<Self> {
         Some(match byte {
+            0x00 => Self::Hello,
             0x01 => Self::Request,
             0x02 => Self::Cancel,
             0x03 => Self::Credit,
@@ -249,6 +252,33 @@ impl CancelMode {
     }
 }
 
+/// The version of this wire format, carried by each side's Hello frame. A
+/// change that an older peer would misread gets a new number.
+pub(crate) const PROTOCOL_VERSION: u16 = 1;
+
+/// The first bytes of a Hello payload: marks the peer as a Switchyard request plane.
+const HELLO_MAGIC: &[u8; 4] = b"SWYD";
+
+/// The payload of a [`FrameType::Hello`] frame: magic, then the version.
+pub(crate) fn encode_hello(version: u16) -> Bytes {
+    let mut buf = BytesMut::with_capacity(6);
+    buf.put_slice(HELLO_MAGIC);
+    buf.put_u16(version);
+    buf.freeze()
+}
+
+/// The version in a Hello payload. Bytes after the version are ignored, so a
+/// later version may add fields.
+pub(crate) fn decode_hello(payload: &[u8]) -> Result<u16, FrameError> {
+    match payload {
+        [m0, m1, m2, m3, hi, lo, ..] if [*m0, *m1, *m2, *m3] == *HELLO_MAGIC => Ok(u16::from_be_bytes([*hi, *lo])),
+        _ => Err(FrameError::BadPayload {
+            frame_type: FrameType::Hello,
+            reason: "expected `SWYD` and a 2-byte version",
+        }),
+    }
+}
+
 /// The payload of a [`FrameType::Credit`] frame: items the caller consumed.
 pub(crate) fn encode_credit(items: u32) -> Bytes {
     Bytes::copy_from_slice(&items.to_be_bytes())
@@ -271,6 +301,7 @@ mod tests {
 
     fn frame_type() -> impl Strategy<Value = FrameType> {
         prop_oneof![
+            Just(FrameType::Hello),
             Just(FrameType::Request),
             Just(FrameType::Cancel),
             Just(FrameType::Credit),

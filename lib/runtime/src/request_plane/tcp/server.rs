@@ -3,7 +3,8 @@
 //! within the stream's flow-control credit.
 
 use super::frame::{self, CancelMode, Decoded, Frame, FrameDecoder, FrameType, RequestHead};
-use super::sink::FrameSink;
+use super::handshake::{self, Opened};
+use super::sink::{FrameSink, SinkLimits};
 use super::{ReadError, read_frame, tune_socket};
 use crate::config::TcpConfig;
 use crate::engine::{Context, Controller};
@@ -19,7 +20,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::rustls::ServerConfig;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -44,7 +46,13 @@ impl TcpServer {
         let listener = TcpListener::bind((config.host().as_str(), *config.port())).await?;
         let local = listener.local_addr()?;
         let advertised = advertised_address(config.host(), local);
-        tracing::info!(address = %advertised, "request plane listening (tcp)");
+        let tls = config.tls().as_ref().map(|tls| tls.server_config());
+        if tls.is_some() {
+            tracing::info!(address = %advertised, "request plane listening (tcp, mutual TLS)");
+        } else {
+            tracing::info!(address = %advertised, "request plane listening (tcp)");
+            warn_if_exposed(local, "DYN_TCP_RPC_HOST");
+        }
         let shared = Arc::new(Shared {
             pump: Pump::new(handlers, shutdown.clone(), *config.max_message_size()),
             shutdown,
@@ -52,6 +60,16 @@ impl TcpServer {
             max_message_size: *config.max_message_size(),
             first_request_deadline: *config.connect_timeout(),
             connections_accepted: AtomicU64::new(0),
+            tls,
+            connection_slots: Arc::new(Semaphore::new(*config.max_connections())),
+            pending: Mutex::default(),
+            max_streams: *config.max_streams_per_connection(),
+            max_window: *config.stream_window(),
+            sink_limits: SinkLimits {
+                max_queue: *config.max_send_queue(),
+                write_timeout: *config.write_timeout(),
+                metrics: metrics.clone(),
+            },
             metrics,
         });
         tracker.spawn(accept_loop(listener, shared.clone()));
@@ -67,6 +85,19 @@ impl TcpServer {
 impl RequestServer for TcpServer {
     fn transport(&self) -> Transport {
         Transport::Tcp(self.advertised.clone())
+    }
+}
+
+/// Logs a warning when a plaintext listener is reachable from other machines:
+/// anyone there can send it requests and read its answers.
+pub(crate) fn warn_if_exposed(local: SocketAddr, variable: &str) {
+    if !local.ip().is_loopback() {
+        tracing::warn!(
+            address = %local,
+            "the request plane listens on a non-loopback address without TLS: any host that reaches it can call \
+             every endpoint and read the traffic; set DYN_REQUEST_PLANE_TLS_CA_PATH/_CERT_PATH/_KEY_PATH, or bind \
+             {variable} to a private network (see docs/security.md)"
+        );
     }
 }
 
@@ -94,6 +125,49 @@ struct Shared {
     first_request_deadline: std::time::Duration,
     connections_accepted: AtomicU64,
     metrics: TransportMetrics,
+    /// Mutual TLS; `None` is plaintext.
+    tls: Option<Arc<ServerConfig>>,
+    /// One permit per open connection (`DYN_TCP_MAX_CONNECTIONS`).
+    connection_slots: Arc<Semaphore>,
+    /// Connections still in their handshake, oldest first: when the cap is
+    /// reached, the oldest is cut off to make room. A caller finishes its
+    /// handshake at once; a connection that sits there is not a caller, and
+    /// a flood of them must not keep new callers out.
+    pending: Mutex<Pending>,
+    /// Streams one connection may have open (`DYN_TCP_MAX_STREAMS_PER_CONNECTION`).
+    max_streams: usize,
+    /// The largest credit window a caller may ask for: ours (`DYN_TCP_STREAM_WINDOW`).
+    max_window: u32,
+    sink_limits: SinkLimits,
+}
+
+/// Connections in their handshake, each with the token that cuts it off.
+#[derive(Debug, Default)]
+struct Pending {
+    next_id: u64,
+    queue: std::collections::VecDeque<(u64, CancellationToken)>,
+}
+
+/// How long a new connection waits for the slot of the handshake it evicted.
+const EVICTION_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Shared {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        // Single push/pop/retain updates: a poisoned queue is still consistent.
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Cuts off the connection that has been in its handshake longest;
+    /// false when every connection has finished its handshake.
+    fn evict_oldest_pending(&self) -> bool {
+        match self.pending().queue.pop_front() {
+            Some((_, token)) => {
+                token.cancel();
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
@@ -104,9 +178,20 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         };
         match accepted {
             Ok((socket, peer)) => {
+                let slot = shared.connection_slots.clone().try_acquire_owned().ok();
+                if slot.is_none() && !shared.evict_oldest_pending() {
+                    // Every slot is a working connection: closed at once,
+                    // the callers keep theirs.
+                    shared.metrics.refused("connections");
+                    tracing::debug!(%peer, "refusing a request-plane connection over DYN_TCP_MAX_CONNECTIONS");
+                    drop(socket);
+                    continue;
+                }
                 shared.connections_accepted.fetch_add(1, Ordering::Relaxed);
                 shared.metrics.connections.inc();
-                shared.tracker.spawn(serve_connection(socket, peer, shared.clone()));
+                shared
+                    .tracker
+                    .spawn(open_connection(socket, peer, slot, shared.clone()));
             }
             Err(error) => {
                 // Usually out of file descriptors; back off instead of spinning.
@@ -145,39 +230,97 @@ impl Connection {
     }
 }
 
-async fn serve_connection(socket: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+/// TLS and the Hello exchange, then the connection's requests. `slot` is
+/// its place under `DYN_TCP_MAX_CONNECTIONS`, released when it closes.
+async fn open_connection(socket: TcpStream, peer: SocketAddr, slot: Option<OwnedSemaphorePermit>, shared: Arc<Shared>) {
+    // Without a slot, one was freed by evicting a handshake: wait for it.
+    let slot = match slot {
+        Some(slot) => slot,
+        None => match tokio::time::timeout(EVICTION_WAIT, shared.connection_slots.clone().acquire_owned()).await {
+            Ok(Ok(slot)) => slot,
+            _ => {
+                shared.metrics.refused("connections");
+                return;
+            }
+        },
+    };
     tune_socket(&socket);
-    let (mut reader, writer) = socket.into_split();
+    let (id, evicted) = {
+        let mut pending = shared.pending();
+        let id = pending.next_id;
+        pending.next_id += 1;
+        let token = CancellationToken::new();
+        pending.queue.push_back((id, token.clone()));
+        (id, token)
+    };
+    // A connection that does not finish the handshake in time is not a caller
+    // (a port scan, a client stuck before its first request, a plaintext
+    // caller at a TLS worker): closed at the deadline, or earlier when the
+    // cap is reached and it is the oldest.
+    let opened = tokio::select! {
+        _ = shared.shutdown.cancelled() => None,
+        _ = evicted.cancelled() => {
+            shared.metrics.refused("connections");
+            tracing::debug!(%peer, "cut off a request-plane connection still in its handshake to make room (DYN_TCP_MAX_CONNECTIONS)");
+            None
+        }
+        opened = handshake::accept(socket, shared.tls.as_ref(), shared.first_request_deadline) => Some(opened),
+    };
+    shared.pending().queue.retain(|(other, _)| *other != id);
+    let Some(opened) = opened else {
+        return;
+    };
+    match opened {
+        Ok(opened) => {
+            if let Some(identity) = &opened.peer {
+                tracing::debug!(%peer, %identity, "request-plane caller authenticated");
+            }
+            serve_connection(opened, peer, shared).await;
+        }
+        Err(error) => {
+            shared.metrics.refused("handshake");
+            // A silent or vanished peer (a port scan) is routine and would
+            // flood the log under attack; a peer that spoke and was refused
+            // (wrong version, certificate) is what an operator must see.
+            if error.is_silence() {
+                tracing::debug!(%peer, error = %error.chain(), "closed a request-plane connection that did not finish its handshake");
+            } else {
+                tracing::info!(%peer, error = %error.chain(), "refused a request-plane connection");
+            }
+        }
+    }
+    drop(slot);
+}
+
+async fn serve_connection(opened: Opened, peer: SocketAddr, shared: Arc<Shared>) {
+    let Opened {
+        mut reader,
+        writer,
+        mut buf,
+        peer: identity,
+    } = opened;
     // The writer ends when every stream of the connection has sent its last
     // frame (the sink is dropped with the connection), not at shutdown, so
     // final errors get out.
     let conn = Arc::new(Connection {
-        sink: FrameSink::new(writer, &shared.tracker, CancellationToken::new()),
+        sink: FrameSink::new(
+            writer,
+            shared.sink_limits.clone(),
+            &shared.tracker,
+            CancellationToken::new(),
+        ),
         streams: Mutex::new(HashMap::new()),
     });
-
-    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let identity = identity.unwrap_or_default();
     let mut decoder = FrameDecoder::new(shared.max_message_size);
-    // A connection that sends nothing at all is not a caller (a port scan, a
-    // client stuck before its first request): closed at the deadline. Once
-    // bytes have arrived, only TCP keepalive watches the connection.
-    let silence = tokio::time::sleep(shared.first_request_deadline);
-    tokio::pin!(silence);
-    let mut heard = false;
+    let dead = conn.sink.dead().clone();
     loop {
         let decoded = tokio::select! {
             _ = shared.shutdown.cancelled() => break,
-            _ = &mut silence, if !heard => {
-                if buf.is_empty() {
-                    tracing::debug!(%peer, "closing a request-plane connection that sent nothing");
-                    break;
-                }
-                heard = true;
-                continue;
-            }
+            // The caller stopped reading (send queue or write deadline): cut it off.
+            _ = dead.cancelled() => break,
             decoded = read_frame(&mut reader, &mut buf, &mut decoder) => decoded,
         };
-        heard = true;
         let result = match decoded {
             Ok(Decoded::Frame(frame)) => on_frame(&conn, &shared, frame),
             Ok(Decoded::Oversized {
@@ -199,7 +342,7 @@ async fn serve_connection(socket: TcpStream, peer: SocketAddr, shared: Arc<Share
         };
         if let Err(reason) = result {
             shared.metrics.protocol_errors.inc();
-            tracing::warn!(%peer, %reason, "closing request-plane connection");
+            tracing::warn!(%peer, %identity, %reason, "closing request-plane connection");
             break;
         }
     }
@@ -217,8 +360,24 @@ fn on_frame(conn: &Arc<Connection>, shared: &Arc<Shared>, frame: Frame) -> Resul
             if conn.streams().contains_key(&frame.stream_id) {
                 return Err(format!("stream id {} reused while still open", frame.stream_id));
             }
+            if conn.streams().len() >= shared.max_streams {
+                // Only this request fails; the connection's other streams go on.
+                shared.metrics.refused("streams");
+                let error = RequestError::new(
+                    crate::error::ErrorKind::Overloaded,
+                    format!(
+                        "this connection already has {} streams open, the most the worker allows (DYN_TCP_MAX_STREAMS_PER_CONNECTION)",
+                        shared.max_streams
+                    ),
+                );
+                conn.send(error_frame(frame.stream_id, &error));
+                return Ok(());
+            }
             let controller = Controller::with_parent(head.request_id.clone(), &shared.shutdown);
-            let credit = Arc::new(Semaphore::new((head.window as usize).clamp(1, Semaphore::MAX_PERMITS)));
+            // The caller picks its window, up to ours: what one stream may
+            // queue is bounded by the worker, not by the caller.
+            let window = head.window.clamp(1, shared.max_window) as usize;
+            let credit = Arc::new(Semaphore::new(window));
             let control = StreamControl {
                 controller: controller.clone(),
                 credit: credit.clone(),
@@ -250,12 +409,13 @@ fn on_frame(conn: &Arc<Connection>, shared: &Arc<Shared>, frame: Frame) -> Resul
             if let Some(stream) = conn.streams().get(&frame.stream_id) {
                 // Only this task adds permits, so this cap keeps the semaphore
                 // below its maximum even against a misbehaving caller.
-                let room = Semaphore::MAX_PERMITS - stream.credit.available_permits();
+                // Credit beyond the window is refused the same way.
+                let room = (shared.max_window as usize).saturating_sub(stream.credit.available_permits());
                 stream.credit.add_permits(items.min(room));
             }
             Ok(())
         }
-        FrameType::Data | FrameType::End | FrameType::Error => Err(format!(
+        FrameType::Hello | FrameType::Data | FrameType::End | FrameType::Error => Err(format!(
             "caller sent a {:?} frame, which only workers send",
             frame.frame_type
         )),
