@@ -29,8 +29,12 @@ async fn ten_thousand_idle_connections_do_not_starve_a_worker() {
     // for DYN_TCP_CONNECT_TIMEOUT (tested in the runtime), so give it longer
     // here and have all 10,000 open at once.
     worker_env.push(("DYN_TCP_CONNECT_TIMEOUT", "120s"));
+    // Above the 10,000: this is about idle connections under the cap. (At
+    // the default cap of 4,096, a flood this size still gets a new caller
+    // refused now and then in a debug build: see docs/security.md.)
+    worker_env.push(("DYN_TCP_MAX_CONNECTIONS", "12000"));
     let worker = start_mocker(&["--speedup-ratio", "0"], &worker_env);
-    let (_frontend, frontend) = start_frontend(&[], &env);
+    let (frontend_process, frontend) = start_frontend(&[], &env);
     let opening = Instant::now();
     let idle = tokio::task::spawn_blocking(move || {
         (0..IDLE)
@@ -61,7 +65,13 @@ async fn ten_thousand_idle_connections_do_not_starve_a_worker() {
         .json()
         .await
         .unwrap();
-    assert_eq!(answer["usage"]["completion_tokens"], 5, "{answer}");
+    assert_eq!(
+        answer["usage"]["completion_tokens"],
+        5,
+        "{answer}\nworker:\n{}\nfrontend:\n{}",
+        worker.log(),
+        frontend_process.log()
+    );
     println!(
         "with {IDLE} idle connections open, a request took {:?}",
         started.elapsed()
