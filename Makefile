@@ -7,7 +7,7 @@ CARGO ?= cargo
 # The official `openai` Python client, for the frontend compatibility test.
 TEST_VENV := target/test-venv
 
-.PHONY: run build-deps test test-deps engine-deps lint bench perf kv-quality hello mesh-screenshot
+.PHONY: run build-deps test test-deps engine-deps lint bench perf kv-quality hello mesh-screenshot deploy-test
 
 ## The main job: an OpenAI-compatible API on port 8000 with a mock model,
 ## frontend and worker in one process (see README.md).
@@ -126,6 +126,17 @@ kv-quality: build-deps
 mesh-screenshot: build-deps
 	$(CARGO) build -q -p switchyard
 	tests/e2e/mesh_screenshot.sh $(or $(CARGO_TARGET_DIR),target)/debug/switchyard docs/mesh-page.png
+
+## The image, the compose stack and the Kubernetes manifests, run for real on
+## podman (deploy/README.md, "Tested on podman"): builds the image with
+## deploy/docker/Dockerfile and stand-ins for etcd, NATS and Prometheus from
+## Debian packages, brings the stack up, checks it with the openai client,
+## Prometheus and the Grafana dashboard, plays the manifests' containers,
+## and takes everything down again, also on failure. Needs root; installs
+## podman, runc, debootstrap and podman-compose when missing. Base images are
+## cached in /var/cache/switchyard-deploy (SWITCHYARD_DEPLOY_CACHE).
+deploy-test: build-deps
+	CARGO_TARGET_DIR=$(or $(CARGO_TARGET_DIR),$(CURDIR)/target) deploy/test/deploy-test.sh
 
 ## Hello world, server and client in one process.
 hello:

@@ -42,7 +42,8 @@ leaf() {
         -extfile "$1.ext" -out "$1.pem" 2>/dev/null
     rm -f "$1.csr" "$1.ext"
 }
-leaf etcd-server etcd "subjectAltName=DNS:etcd,DNS:localhost,IP:127.0.0.1
+# The compose service name, and the Kubernetes names of deploy/k8s/etcd.yaml.
+leaf etcd-server etcd "subjectAltName=DNS:etcd,DNS:localhost,IP:127.0.0.1,DNS:etcd.switchyard,DNS:etcd.switchyard.svc,DNS:etcd.switchyard.svc.cluster.local,DNS:etcd-0.etcd
 extendedKeyUsage=serverAuth,clientAuth"
 leaf etcd-client switchyard "extendedKeyUsage=clientAuth"
 

@@ -1,0 +1,277 @@
+#!/usr/bin/env python3
+"""The Kubernetes manifests, checked as far as a machine without a cluster allows.
+
+    check_k8s.py schema DIR [EXTRA.yaml ...]
+        Every document of DIR/*.yaml (and EXTRA files, e.g. the Secrets that
+        make-secrets.sh prints) against the Kubernetes 1.33 OpenAPI schema
+        (k8s-openapi's `v1_33`, what the kube crate is built for here), in
+        strict mode: unknown fields fail. Schemas come from the PyPI package
+        kubernetes-validate 1.33.1, offline. Kinds with no schema there (the
+        Prometheus Operator's ServiceMonitor/PodMonitor) are named as not
+        checked. Then proves it can fail: a Deployment with a misspelled
+        field must be refused.
+
+    check_k8s.py play DIR OUT.yaml --secrets SECRETS_DIR
+        Writes a `podman kube play` file running the manifests' NATS, frontend
+        and worker containers (one Pod per Deployment, replicas ignored) with
+        their command, args, ports, probes, security context and environment
+        as written, except what podman 4.3 or the missing API server cannot
+        give, each substitution printed:
+          - fieldRef status.podIP / metadata.namespace (podman refuses them):
+            the Pod's name (which resolves on the podman network) / switchyard;
+          - secretKeyRef switchyard-nats: the values of SECRETS_DIR/switchyard.env;
+          - Secret volume switchyard-etcd-client: a hostPath with its three files;
+          - DYN_DISCOVERY_BACKEND=kubernetes (needs an API server): the etcd
+            switch exactly as etcd.yaml's header documents it, against the
+            compose stack's etcd.
+
+    check_k8s.py verify OUT.yaml
+        With those Pods running (on the compose network): every container
+        runs; every httpGet probe answers inside its container; the
+        Switchyard containers run as uid 10001 on a read-only root
+        filesystem; the worker is registered and serves a chat completion
+        sent to the frontend Pod; the NATS Pod refuses a client without
+        credentials.
+"""
+
+import copy
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import yaml
+
+K8S_VERSION = "1.33.0"
+PREFIX = "kube-"
+
+
+def documents(paths):
+    for path in paths:
+        with open(path) as f:
+            for doc in yaml.safe_load_all(f):
+                if doc:
+                    yield path, doc
+
+
+def schema(args):
+    import kubernetes_validate
+
+    directory, extra = args[0], args[1:]
+    paths = sorted(glob.glob(os.path.join(directory, "*.yaml"))) + extra
+    failures, unchecked, checked = [], [], 0
+    deployment = None
+    for path, doc in documents(paths):
+        name = f"{path}: {doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+            checked += 1
+        except kubernetes_validate.SchemaNotFoundError:
+            unchecked.append(f"{name} ({doc.get('apiVersion')}: no schema offline)")
+        except kubernetes_validate.ValidationError as error:
+            failures.append(f"{name}: {error.message} at {'.'.join(str(p) for p in error.path)}")
+        if doc.get("kind") == "Deployment" and deployment is None:
+            deployment = doc
+    print(f"schema {K8S_VERSION} (strict): {checked} objects valid")
+    for item in unchecked:
+        print(f"  not checked: {item}")
+    # The checker can fail: a misspelled field in a real Deployment.
+    broken = copy.deepcopy(deployment)
+    broken["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {}
+    try:
+        kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
+        failures.append("a Deployment with the misspelled field livenesProbe passed the schema check")
+    except kubernetes_validate.ValidationError as error:
+        print(f"  a misspelled field is refused, as it should be: {error.message}")
+    for failure in failures:
+        print(f"FAIL: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def etcd_switch(directory):
+    """The variables etcd.yaml's header says to set for the etcd backend."""
+    with open(os.path.join(directory, "etcd.yaml")) as f:
+        header = f.read().split("apiVersion:")[0]
+    switch = dict(re.findall(r"^#\s+((?:DYN_DISCOVERY_BACKEND|ETCD_[A-Z_]+))=(\S+)\s*$", header, re.M))
+    if switch.get("DYN_DISCOVERY_BACKEND") != "etcd" or "ETCD_ENDPOINTS" not in switch:
+        raise SystemExit(f"etcd.yaml's header no longer documents the etcd switch: {switch}")
+    return switch
+
+
+def play(args):
+    directory, out = args[0], args[1]
+    secrets = args[args.index("--secrets") + 1]
+    env_file = dict(
+        line.split("=", 1) for line in open(os.path.join(secrets, "switchyard.env")).read().split() if "=" in line
+    )
+    nats_secret = {"username": env_file["NATS_AUTH_USERNAME"], "password": env_file["NATS_AUTH_PASSWORD"]}
+    switch = etcd_switch(directory)
+    tls_dir = os.path.join(os.path.dirname(os.path.abspath(out)), "etcd-client-tls")
+    os.makedirs(tls_dir, exist_ok=True)
+    for name in ["ca.pem", "etcd-client.pem", "etcd-client-key.pem"]:
+        shutil.copy(os.path.join(secrets, name), tls_dir)
+        os.chmod(os.path.join(tls_dir, name), 0o644)
+
+    objects = []
+    notes = []
+    for path, doc in documents(sorted(glob.glob(os.path.join(directory, "*.yaml")))):
+        kind = doc.get("kind")
+        if kind == "ConfigMap":
+            cm = copy.deepcopy(doc)
+            cm["metadata"].pop("namespace", None)
+            objects.append(cm)
+        if kind != "Deployment":
+            continue
+        pod_name = PREFIX + doc["metadata"]["name"]
+        template = copy.deepcopy(doc["spec"]["template"])
+        metadata = template.get("metadata", {})
+        metadata["name"] = pod_name
+        spec = template["spec"]
+        spec.pop("serviceAccountName", None)
+        for container in spec["containers"]:
+            env = []
+            discovery_switched = False
+            for var in container.get("env", []):
+                source = var.get("valueFrom", {})
+                field = source.get("fieldRef", {}).get("fieldPath")
+                secret = source.get("secretKeyRef")
+                if field == "status.podIP":
+                    env.append({"name": var["name"], "value": pod_name})
+                    notes.append(f"{pod_name}: {var['name']} from status.podIP -> {pod_name} (the Pod's name)")
+                elif field == "metadata.namespace":
+                    env.append({"name": var["name"], "value": "switchyard"})
+                    notes.append(f"{pod_name}: {var['name']} from metadata.namespace -> switchyard")
+                elif secret:
+                    if secret["name"] != "switchyard-nats":
+                        raise SystemExit(f"{path}: unknown Secret {secret['name']}")
+                    env.append({"name": var["name"], "value": nats_secret[secret["key"]]})
+                    notes.append(f"{pod_name}: {var['name']} from Secret switchyard-nats/{secret['key']} -> its value")
+                elif var["name"] == "DYN_DISCOVERY_BACKEND" and var.get("value") == "kubernetes":
+                    discovery_switched = True
+                    for key, value in switch.items():
+                        env.append({"name": key, "value": value})
+                    notes.append(f"{pod_name}: DYN_DISCOVERY_BACKEND=kubernetes -> etcd.yaml's switch {switch}")
+                else:
+                    env.append(var)
+            if discovery_switched:
+                # Names etcd.yaml's switch sets must not be given twice.
+                names = [v["name"] for v in env]
+                assert len(names) == len(set(names)), names
+            container["env"] = env
+        for volume in spec.get("volumes", []):
+            if volume.get("secret", {}).get("secretName") == "switchyard-etcd-client":
+                volume.pop("secret")
+                volume["hostPath"] = {"path": tls_dir, "type": "Directory"}
+                notes.append(f"{pod_name}: Secret volume switchyard-etcd-client -> hostPath with its three files")
+        objects.append({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec})
+    with open(out, "w") as f:
+        yaml.safe_dump_all(objects, f, sort_keys=False)
+    for note in notes:
+        print(f"  substituted: {note}")
+    print(f"wrote {out}: {', '.join(o['metadata']['name'] for o in objects)}")
+    return 0
+
+
+def podman(*args, check=True, timeout=30):
+    result = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"podman {' '.join(args)}: {result.stderr.strip() or result.stdout.strip()}")
+    return result
+
+
+def eventually(what, seconds, attempt):
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return attempt()
+        except Exception as error:  # noqa: BLE001 - reported with the deadline
+            if time.monotonic() > deadline:
+                raise SystemExit(f"FAIL: {what}: not within {seconds}s: {error}")
+            time.sleep(1)
+
+
+def http_in(container, url):
+    """GET url from inside container (curl, or wget in the NATS image)."""
+    script = f"if command -v curl >/dev/null; then curl -fsS --max-time 5 '{url}'; else wget -q -T 5 -O- '{url}'; fi"
+    return podman("exec", container, "sh", "-c", script).stdout
+
+
+def verify(args):
+    with open(args[0]) as f:
+        pods = [o for o in yaml.safe_load_all(f) if o and o["kind"] == "Pod"]
+    by_role = {}
+    for pod in pods:
+        for container in pod["spec"]["containers"]:
+            name = f"{pod['metadata']['name']}-{container['name']}"
+            by_role[container["name"]] = name
+
+            def running(name=name):
+                state = podman("inspect", "-f", "{{.State.Status}}", name).stdout.strip()
+                assert state == "running", f"{name} is {state}; logs: {podman('logs', '--tail', '20', name, check=False).stderr}"
+
+            eventually(f"{name} running", 60, running)
+            ports = {p.get("name"): p["containerPort"] for p in container.get("ports", [])}
+            for probe in ["livenessProbe", "readinessProbe"]:
+                get = container.get(probe, {}).get("httpGet")
+                if not get:
+                    continue
+                port = ports.get(get["port"], get["port"])
+                url = f"http://127.0.0.1:{port}{get['path']}"
+                eventually(f"{name} {probe} {url}", 60, lambda: http_in(name, url))
+                print(f"{name}: {probe} {get['path']} on port {get['port']} ({port}) answers")
+            security = container.get("securityContext", {})
+            if "switchyard" in container["image"]:
+                uid = podman("exec", name, "id", "-u").stdout.strip()
+                want = str(pod["spec"].get("securityContext", {}).get("runAsUser"))
+                assert uid == want, f"{name} runs as uid {uid}, the manifest says {want}"
+                if security.get("readOnlyRootFilesystem"):
+                    wrote = podman("exec", name, "sh", "-c", "touch /probe-write", check=False)
+                    assert wrote.returncode != 0, f"{name}: the root filesystem is writable"
+                    podman("exec", name, "sh", "-c", "touch /tmp/probe-write")  # the emptyDir is
+                print(f"{name}: uid {uid}, read-only root filesystem, writable /tmp")
+
+    frontend, worker, nats = by_role["frontend"], by_role["worker"], by_role["nats"]
+    worker_pod = worker.rsplit("-", 1)[0]
+
+    def registered():
+        out = podman("exec", frontend, "switchyard", "instances").stdout
+        assert worker_pod in out, out
+        return out
+
+    print(eventually(f"{worker_pod} in discovery", 60, registered))
+    body = json.dumps({"model": "mock-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+    for _ in range(12):
+        answer = podman("exec", frontend, "curl", "-fsS", "--max-time", "10", "-H", "Content-Type: application/json",
+                        "-d", body, "http://127.0.0.1:8000/v1/chat/completions").stdout
+        assert json.loads(answer)["choices"][0]["message"]["content"], answer
+    print(f"{frontend}: 12 chat completions answered")
+
+    def served():
+        metrics = http_in(worker, "http://127.0.0.1:9090/metrics")
+        total = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                    if line.startswith("dynamo_component_requests_total"))
+        assert total > 0, "the worker Pod served no request"
+        return total
+
+    print(f"{worker}: served {eventually('requests on the worker Pod', 20, served):.0f} requests (its /metrics)")
+    probe = ('exec 3<>/dev/tcp/127.0.0.1/4222; read -r -t 5 info <&3; '
+             'printf "CONNECT {\\"verbose\\":false}\\r\\nPING\\r\\n" >&3; read -r -t 5 reply <&3; echo "$reply"')
+    reply = podman("exec", nats, "bash", "-c", probe).stdout.strip()
+    assert "Authorization Violation" in reply, f"the NATS Pod accepted a client without credentials: {reply}"
+    print(f"{nats}: refuses a client without credentials ({reply})")
+    return 0
+
+
+def main():
+    if len(sys.argv) < 3 or sys.argv[1] not in {"schema", "play", "verify"}:
+        raise SystemExit(__doc__)
+    command = {"schema": schema, "play": play, "verify": verify}[sys.argv[1]]
+    sys.exit(command(sys.argv[2:]))
+
+
+if __name__ == "__main__":
+    main()

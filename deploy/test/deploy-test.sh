@@ -1,0 +1,339 @@
+#!/usr/bin/env bash
+# `make deploy-test`: the image, the compose stack and the Kubernetes
+# manifests, run for real on podman (deploy/README.md, "Tested on podman").
+#
+#   deploy/test/deploy-test.sh            # everything (about 2 min warm)
+#   KEEP_STACK=1 deploy/test/deploy-test.sh   # leave the stack up to look at it
+#
+# 1. Images: Debian bookworm bases built with debootstrap and `podman import`
+#    (cached, see build_base), stand-ins for etcd, NATS and Prometheus built
+#    from Debian packages under the names the compose file uses, and
+#    switchyard:local from deploy/docker/Dockerfile (target `prebuilt`: the
+#    runtime stage with the binary built on the host by cargo).
+# 2. The compose stack (podman-compose), minus Grafana (no package here).
+# 3. Against it: authentication on etcd and NATS; every health check; both
+#    workers registered (`switchyard instances` in the frontend container);
+#    the official openai client through the published port; Prometheus's
+#    targets all up and dynamo_frontend_requests_total answered; the Grafana
+#    dashboard's queries against what Prometheus serves (and the checker
+#    failing on a broken dashboard).
+# 4. The Kubernetes manifests: schema-checked (kubernetes-validate, 1.33) and
+#    the frontend and worker containers run by `podman kube play`.
+# 5. `compose down`, and nothing of the project left running — also when a
+#    step fails (trap).
+#
+# Every wait has a deadline; a failure names the step and dumps the logs.
+# Needs root (rootful podman) and Debian packages it installs when missing.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$ROOT"
+HERE=$ROOT/deploy/test
+COMPOSE_DIR=$ROOT/deploy/compose
+PROJECT=switchyard
+# Outside the git tree, kept between runs so reruns skip debootstrap.
+CACHE=${SWITCHYARD_DEPLOY_CACHE:-/var/cache/switchyard-deploy}
+BASE_IMAGE=localhost/switchyard-deploy/debian:bookworm
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+VENV=${DEPLOY_TEST_VENV:-$ROOT/target/deploy-test-venv}
+WORK=$(mktemp -d /tmp/switchyard-deploy-test.XXXXXX)
+export CONTAINERS_CONF=$HERE/containers.conf
+# Ports published on the host: free ones, so the test never collides with a
+# stack or a `switchyard run` already there.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+export SWITCHYARD_HTTP_PORT=${SWITCHYARD_HTTP_PORT:-$(free_port)}
+export SWITCHYARD_PROMETHEUS_PORT=${SWITCHYARD_PROMETHEUS_PORT:-$(free_port)}
+export SWITCHYARD_GRAFANA_PORT=${SWITCHYARD_GRAFANA_PORT:-$(free_port)}
+API=http://127.0.0.1:$SWITCHYARD_HTTP_PORT
+PROM=http://127.0.0.1:$SWITCHYARD_PROMETHEUS_PORT
+# Grafana is not started (no Debian package, no registry): everything else is.
+SERVICES=(etcd nats frontend worker-1 worker-2 prometheus)
+# The Pods `podman kube play` makes from deploy/k8s (check_k8s.py play).
+KUBE_PODS="kube-nats|kube-frontend|kube-worker-mocker"
+
+START=$(date +%s)
+STEP="start"
+step() { STEP=$*; printf '\n== [%4ss] %s\n' "$(( $(date +%s) - START ))" "$*"; }
+fail() { echo "deploy-test: FAILED in step '$STEP': $*" >&2; exit 1; }
+
+# wait_for SECONDS WHAT COMMAND...: runs COMMAND every second until it
+# succeeds; after SECONDS, fails naming WHAT and showing the last output.
+wait_for() {
+    local seconds=$1 what=$2; shift 2
+    local deadline=$(( $(date +%s) + seconds )) out
+    while true; do
+        if out=$("$@" 2>&1); then return 0; fi
+        if (( $(date +%s) >= deadline )); then
+            fail "$what: not within ${seconds}s; last output: $out"
+        fi
+        sleep 1
+    done
+}
+
+compose() { (cd "$COMPOSE_DIR" && timeout 300 podman-compose -p "$PROJECT" "$@"); }
+container() { echo "${PROJECT}_$1_1"; }
+
+leftovers() {
+    podman ps -a --filter "label=io.podman.compose.project=$PROJECT" --format '{{.Names}}'
+    podman pod ps --filter "name=pod_$PROJECT" --format '{{.Name}}'
+    podman pod ps --format '{{.Name}}' | grep -E "^($KUBE_PODS)\$" || true
+    podman volume ls --filter "label=io.podman.compose.project=$PROJECT" --format '{{.Name}}'
+    podman network ls --format '{{.Name}}' | grep -x "${PROJECT}_switchyard" || true
+}
+
+down() {
+    local pod
+    for pod in $(podman pod ps --format '{{.Name}}' | grep -E "^($KUBE_PODS)\$" || true); do
+        podman pod rm -f -t 5 "$pod" >/dev/null 2>&1 || true
+    done
+    compose down -v -t 10 >"$WORK/down.log" 2>&1 || true
+    podman network rm -f "${PROJECT}_switchyard" >/dev/null 2>&1 || true
+}
+
+on_exit() {
+    local status=$?
+    if (( status != 0 )) && podman ps -a --filter "label=io.podman.compose.project=$PROJECT" -q 2>/dev/null | grep -q .; then
+        echo "---- container logs (last 30 lines each) ----" >&2
+        for s in "${SERVICES[@]}"; do
+            echo "-- $s" >&2; podman logs --tail 30 "$(container "$s")" >&2 2>&1 || true
+        done
+    fi
+    if [ -n "${KEEP_STACK:-}" ] && (( status == 0 )); then
+        echo "KEEP_STACK set: the stack stays up (API $API, Prometheus $PROM);"
+        echo "stop it with: cd deploy/compose && CONTAINERS_CONF=$CONTAINERS_CONF podman-compose -p $PROJECT down -v"
+    else
+        down
+        local left; left=$(leftovers)
+        if [ -n "$left" ]; then
+            echo "deploy-test: compose down left these behind: $left" >&2
+            status=1
+        fi
+    fi
+    rm -rf "$WORK"
+    (( status == 0 )) && printf '\ndeploy-test: PASSED in %ss\n' "$(( $(date +%s) - START ))"
+    exit $status
+}
+trap on_exit EXIT
+trap 'exit 130' INT TERM
+
+###########################################################################
+step "prerequisites"
+[ "$(id -u)" = 0 ] || fail "run as root: the test uses rootful podman (rootless was not tried)"
+missing=""
+for pair in podman:podman runc:runc debootstrap:debootstrap podman-compose:podman-compose \
+            openssl:openssl python3:python3; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || missing="$missing ${pair#*:}"
+done
+python3 -c 'import yaml' 2>/dev/null || missing="$missing python3-yaml"
+python3 -c 'import venv, ensurepip' 2>/dev/null || missing="$missing python3-venv"
+if [ -n "$missing" ]; then
+    echo "installing:$missing"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+fi
+if ! "$VENV/bin/python" -c 'import openai, kubernetes_validate' >/dev/null 2>&1; then
+    echo "creating $VENV with openai and kubernetes-validate 1.33.1 (PyPI)"
+    rm -rf "$VENV"; python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q --disable-pip-version-check openai 'kubernetes-validate==1.33.1' pyyaml
+fi
+podman --version; podman-compose version 2>/dev/null | grep -i compose || true
+
+###########################################################################
+step "clean up what an interrupted run may have left"
+down
+[ -z "$(leftovers)" ] || fail "old containers of project $PROJECT remain: $(leftovers)"
+
+###########################################################################
+step "base image $BASE_IMAGE (debootstrap, cached in $CACHE)"
+# Debian bookworm minbase, the stand-in for debian:bookworm-slim. The rootfs
+# tarball is kept, so a pruned image store is refilled in seconds; delete
+# $CACHE to rebuild from the Debian mirror (about 1.5 min).
+if ! podman image exists "$BASE_IMAGE"; then
+    mkdir -p "$CACHE"
+    if [ ! -s "$CACHE/bookworm-minbase.tar" ]; then
+        rootfs=$CACHE/rootfs.tmp
+        rm -rf "$rootfs"
+        timeout 900 debootstrap --variant=minbase --include=ca-certificates bookworm "$rootfs" \
+            http://deb.debian.org/debian >"$CACHE/debootstrap.log" 2>&1 \
+            || fail "debootstrap failed, see $CACHE/debootstrap.log"
+        # The same suites debian:bookworm-slim uses.
+        cat >"$rootfs/etc/apt/sources.list" <<'EOF'
+deb http://deb.debian.org/debian bookworm main
+deb http://deb.debian.org/debian bookworm-updates main
+deb http://deb.debian.org/debian-security bookworm-security main
+EOF
+        rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+        tar -C "$rootfs" -cf "$CACHE/bookworm-minbase.tar.tmp" .
+        mv "$CACHE/bookworm-minbase.tar.tmp" "$CACHE/bookworm-minbase.tar"
+        rm -rf "$rootfs"
+    fi
+    podman import --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+        --change 'CMD ["/bin/bash"]' "$CACHE/bookworm-minbase.tar" "$BASE_IMAGE" >/dev/null
+fi
+
+###########################################################################
+step "stand-in images for etcd, NATS and Prometheus (Debian packages)"
+# The names the compose file uses, so `podman-compose up` finds them locally
+# and never tries a registry.
+build_standin() {
+    local file=$1 name=$2
+    timeout 600 podman build -q --build-arg "BASE_IMAGE=$BASE_IMAGE" -f "$HERE/standins/$file" \
+        -t "$name" "$HERE/standins" >"$WORK/build-$file.log" 2>&1 \
+        || { cat "$WORK/build-$file.log" >&2; fail "building $name failed"; }
+}
+build_standin etcd.Containerfile quay.io/coreos/etcd:v3.5.17
+build_standin nats.Containerfile docker.io/library/nats:2.10-alpine
+build_standin prometheus.Containerfile docker.io/prom/prometheus:v2.55.1
+
+###########################################################################
+step "switchyard:local from deploy/docker/Dockerfile (target prebuilt)"
+# The runtime stage of the real Dockerfile, on the same base the `runtime`
+# target uses, with the binary cargo builds here (no registry or crates.io
+# from inside a build container). RUNTIME_IMAGE points at the local base.
+if [ -z "${SWITCHYARD_BIN:-}" ]; then
+    timeout 1800 "${CARGO:-cargo}" build --release -q -p switchyard || fail "cargo build failed"
+    SWITCHYARD_BIN=$TARGET_DIR/release/switchyard
+fi
+[ -x "$SWITCHYARD_BIN" ] || fail "no binary at $SWITCHYARD_BIN"
+mkdir -p "$WORK/bin" && cp "$SWITCHYARD_BIN" "$WORK/bin/switchyard"
+timeout 600 podman build -q -f deploy/docker/Dockerfile --target prebuilt \
+    --ignorefile deploy/docker/Dockerfile.dockerignore \
+    --build-arg "RUNTIME_IMAGE=$BASE_IMAGE" \
+    --build-context "switchyard-bin=$WORK/bin" \
+    -t localhost/switchyard:local . >"$WORK/build-switchyard.log" 2>&1 \
+    || { cat "$WORK/build-switchyard.log" >&2; fail "building switchyard:local failed"; }
+podman run --rm localhost/switchyard:local --version \
+    || fail "the image's binary does not run"
+
+###########################################################################
+step "secrets (deploy/compose/make-secrets.sh) and the stack up"
+"$COMPOSE_DIR/make-secrets.sh" >/dev/null
+compose up -d --no-build "${SERVICES[@]}" >"$WORK/up.log" 2>&1 \
+    || { cat "$WORK/up.log" >&2; fail "podman-compose up failed"; }
+podman ps --filter "label=io.podman.compose.project=$PROJECT" --format '{{.Names}}  {{.Image}}  {{.Status}}'
+
+###########################################################################
+step "every service's health check passes (podman healthcheck run)"
+# podman runs health checks from systemd timers, which this machine (no
+# systemd as PID 1) does not have; `podman healthcheck run` runs the
+# compose-defined check once, exactly as the engine would.
+for s in "${SERVICES[@]}"; do
+    c=$(container "$s")
+    [ "$(podman inspect -f '{{if .Config.Healthcheck}}yes{{end}}' "$c")" = yes ] \
+        || fail "$c has no health check (podman-compose did not pass it on)"
+    wait_for 90 "health check of $s" podman healthcheck run "$c"
+    echo "healthy: $s ($(podman inspect -f '{{join .Config.Healthcheck.Test " "}}' "$c" | cut -c1-90))"
+done
+
+###########################################################################
+step "etcd and NATS refuse clients without credentials"
+# From inside the frontend's container: a process on the stack's network.
+fe=$(container frontend)
+podman exec "$fe" curl -fsS --max-time 5 --cacert /etc/switchyard/tls/ca.pem \
+    --cert /etc/switchyard/tls/etcd-client.pem --key /etc/switchyard/tls/etcd-client-key.pem \
+    https://etcd:2379/health | grep -q '"health":"true"' || fail "etcd does not answer with the client certificate"
+if podman exec "$fe" curl -fsS --max-time 5 --cacert /etc/switchyard/tls/ca.pem https://etcd:2379/health >/dev/null 2>&1; then
+    fail "etcd answered a client without a certificate"
+fi
+if podman exec "$fe" curl -fsS --max-time 5 http://etcd:2379/health >/dev/null 2>&1; then
+    fail "etcd answered plain http"
+fi
+out=$(podman exec "$(container etcd)" etcdctl --endpoints=https://127.0.0.1:2379 \
+    --cacert=/etc/etcd/tls/ca.pem --command-timeout=5s get --prefix "" 2>&1) \
+    && fail "etcdctl without a client certificate read etcd: $out"
+echo "etcd: refused without a client certificate ($(echo "$out" | tail -1 | cut -c1-100))"
+# NATS: the protocol by hand (INFO, CONNECT, PING), as any client would.
+nats_probe='exec 3<>/dev/tcp/nats/4222; read -r -t 5 info <&3; printf "CONNECT %s\r\nPING\r\n" "$1" >&3; read -r -t 5 reply <&3; echo "$reply"'
+reply=$(podman exec "$fe" bash -c "$nats_probe" probe '{"verbose":false}' | tr -d '\r')
+[[ $reply == *"Authorization Violation"* ]] || fail "NATS accepted a client without credentials: $reply"
+echo "nats: refused without credentials ($reply)"
+creds=$(podman exec "$fe" bash -c 'printf "{\"verbose\":false,\"user\":\"%s\",\"pass\":\"%s\"}" "$NATS_AUTH_USERNAME" "$NATS_AUTH_PASSWORD"')
+reply=$(podman exec "$fe" bash -c "$nats_probe" probe "$creds" | tr -d '\r')
+[ "$reply" = PONG ] || fail "NATS refused the stack's own credentials: $reply"
+echo "nats: the stack's credentials are accepted"
+
+###########################################################################
+step "both workers are registered (switchyard instances, inside the stack)"
+instances() { podman exec "$fe" switchyard instances; }
+count_workers() {
+    local out; out=$(instances) || return 1
+    echo "$out"
+    [ "$(grep -c -E 'worker-[12]' <<<"$out")" -ge 2 ] && grep -q worker-1 <<<"$out" && grep -q worker-2 <<<"$out"
+}
+wait_for 60 "two workers in discovery" count_workers
+instances
+
+###########################################################################
+step "the official openai client through the published port $API"
+wait_for 60 "the frontend's /health" curl -fsS --max-time 3 "$API/health"
+curl -fsS --max-time 3 "$API/live" >/dev/null || fail "/live"
+timeout 120 "$VENV/bin/python" tests/e2e/openai_client.py "$API/v1" || fail "openai client checks"
+timeout 120 "$VENV/bin/python" "$HERE/traffic.py" "$API/v1" 20 || fail "traffic"
+
+###########################################################################
+step "Prometheus: every target up, dynamo_frontend_requests_total answered"
+targets_up() {
+    curl -fsS --max-time 5 "$PROM/api/v1/targets" | python3 -c '
+import json, sys
+targets = json.load(sys.stdin)["data"]["activeTargets"]
+for t in targets:
+    print(t["labels"]["job"], t["scrapeUrl"], t["health"], t.get("lastError", ""))
+assert len(targets) == 4, f"{len(targets)} targets, expected 4"
+assert all(t["health"] == "up" for t in targets)'
+}
+wait_for 60 "all Prometheus targets up" targets_up
+targets_up
+query() { curl -fsS --max-time 5 "$PROM/api/v1/query" --data-urlencode "query=$1"; }
+has_data() { query "$1" | python3 -c 'import json,sys; r=json.load(sys.stdin)["data"]["result"]; print(r); assert r'; }
+wait_for 30 "dynamo_frontend_requests_total in Prometheus" has_data 'dynamo_frontend_requests_total{model="mock-model"}'
+has_data 'sum by (model, status) (dynamo_frontend_requests_total)'
+# Both workers served requests: the per-worker counter is non-zero on each.
+wait_for 30 "requests on both workers" has_data \
+    'count(sum by (instance) (dynamo_component_requests_total) > 0) == 2'
+wait_for 30 "the abandoned stream counted" has_data 'dynamo_frontend_model_cancellation_total'
+
+###########################################################################
+step "Grafana dashboard and provisioning against what Prometheus serves"
+# Labelled counters with no series until their first event, which a healthy
+# stack does not produce: every worker busy, a worker error.
+NO_SERIES_YET=(dynamo_frontend_model_rejection_total dynamo_component_errors_total)
+python3 "$HERE/check_dashboard.py" --prometheus "$PROM" --no-series-yet "${NO_SERIES_YET[@]}" \
+    || fail "the dashboard asks for what Prometheus does not serve"
+# The checker must be able to fail: the same dashboard with one panel asking
+# for a metric nobody serves, and one expression Prometheus cannot parse.
+python3 - "$ROOT/deploy/grafana/switchyard.json" "$WORK/bad-dashboard.json" <<'EOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+d["panels"].append({"type": "timeseries", "title": "broken on purpose",
+    "datasource": {"type": "prometheus", "uid": "${datasource}"},
+    "targets": [{"expr": "rate(dynamo_frontend_no_such_metric_total[1m])"}, {"expr": "sum(rate("}]})
+json.dump(d, open(sys.argv[2], "w"))
+EOF
+if python3 "$HERE/check_dashboard.py" --prometheus "$PROM" --dashboard "$WORK/bad-dashboard.json" \
+        --no-series-yet "${NO_SERIES_YET[@]}" >"$WORK/bad.log" 2>&1; then
+    fail "the checker passed a dashboard with a missing metric"
+fi
+grep -q dynamo_frontend_no_such_metric_total "$WORK/bad.log" || fail "the checker failed without naming the missing metric"
+grep -q "refuses 'sum(rate('" "$WORK/bad.log" || fail "the checker did not catch the unparseable query"
+echo "checker on a broken dashboard: fails as it should:"; sed 's/^/    /' "$WORK/bad.log" | grep FAIL
+
+###########################################################################
+step "Kubernetes manifests: schema (1.33) and containers under podman kube play"
+deploy/k8s/make-secrets.sh "$WORK/k8s-secrets" >"$WORK/k8s-secrets.yaml" 2>/dev/null || fail "deploy/k8s/make-secrets.sh"
+"$VENV/bin/python" "$HERE/check_k8s.py" schema deploy/k8s "$WORK/k8s-secrets.yaml" || fail "manifest schema check"
+"$VENV/bin/python" "$HERE/check_k8s.py" play deploy/k8s "$WORK/kube-play.yaml" \
+    --secrets "$COMPOSE_DIR/secrets" || fail "making the kube play pods"
+timeout 120 podman kube play --network "${PROJECT}_switchyard" "$WORK/kube-play.yaml" >"$WORK/kube-play.log" 2>&1 \
+    || { cat "$WORK/kube-play.log" >&2; fail "podman kube play"; }
+timeout 300 "$VENV/bin/python" "$HERE/check_k8s.py" verify "$WORK/kube-play.yaml" \
+    || fail "the manifests' containers under podman"
+podman kube down "$WORK/kube-play.yaml" >/dev/null
+
+###########################################################################
+step "compose down leaves nothing running"
+if [ -z "${KEEP_STACK:-}" ]; then
+    down
+    left=$(leftovers)
+    [ -z "$left" ] || fail "left behind after compose down: $left"
+    echo "nothing of project $PROJECT left (containers, pods, volumes, network)"
+fi
