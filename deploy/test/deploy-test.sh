@@ -168,7 +168,8 @@ EOF
         rm -rf "$rootfs"
     fi
     podman import --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
-        --change 'CMD ["/bin/bash"]' "$CACHE/bookworm-minbase.tar" "$BASE_IMAGE" >/dev/null
+        --change 'CMD ["/bin/bash"]' "$CACHE/bookworm-minbase.tar" "$BASE_IMAGE" >/dev/null 2>&1 \
+        || fail "podman import of $CACHE/bookworm-minbase.tar failed"
 fi
 
 ###########################################################################
