@@ -47,7 +47,11 @@ import time
 import yaml
 
 K8S_VERSION = "1.33.0"
-PREFIX = "kube-"
+# Pods and volumes of the play are named with this prefix: podman 4.3 makes
+# each emptyDir and ConfigMap volume a named volume under the volume's own
+# name, shared by every Pod that uses the name, and left behind by
+# `podman kube down`; the prefix keeps them apart and lets the test remove them.
+PREFIX = "sy-kube-"
 
 
 def documents(paths):
@@ -123,6 +127,7 @@ def play(args):
         if kind == "ConfigMap":
             cm = copy.deepcopy(doc)
             cm["metadata"].pop("namespace", None)
+            cm["metadata"]["name"] = PREFIX + cm["metadata"]["name"]
             objects.append(cm)
         if kind != "Deployment":
             continue
@@ -162,6 +167,17 @@ def play(args):
                 names = [v["name"] for v in env]
                 assert len(names) == len(set(names)), names
             container["env"] = env
+        renamed = {}
+        for volume in spec.get("volumes", []):
+            renamed[volume["name"]] = f"{pod_name}-{volume['name']}"
+            volume["name"] = renamed[volume["name"]]
+            if "configMap" in volume:
+                volume["configMap"]["name"] = PREFIX + volume["configMap"]["name"]
+        for container in spec["containers"]:
+            for mount in container.get("volumeMounts", []):
+                mount["name"] = renamed[mount["name"]]
+        if renamed:
+            notes.append(f"{pod_name}: volumes renamed {pod_name}-NAME, ConfigMaps {PREFIX}NAME (podman names volumes after them)")
         for volume in spec.get("volumes", []):
             if volume.get("secret", {}).get("secretName") == "switchyard-etcd-client":
                 volume.pop("secret")
