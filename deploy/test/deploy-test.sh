@@ -122,6 +122,15 @@ on_exit() {
     (( status == 0 )) && printf '\ndeploy-test: PASSED in %ss\n' "$(( $(date +%s) - START ))"
     exit $status
 }
+# One run at a time on a machine: two runs would share the project name, the
+# image tags and the stand-ins, and the second's clean-up would stop the
+# first's stack.
+exec 9>/var/lock/switchyard-deploy-test.lock 2>/dev/null || exec 9>/tmp/switchyard-deploy-test.lock
+if ! flock -n 9; then
+    echo "deploy-test: another run holds /var/lock/switchyard-deploy-test.lock; waiting up to 15 min"
+    flock -w 900 9 || { rm -rf "$WORK"; echo "deploy-test: gave up waiting for the other run" >&2; exit 1; }
+fi
+# Only the run holding the lock may clean up.
 trap on_exit EXIT
 trap 'exit 130' INT TERM
 
@@ -200,18 +209,31 @@ step "switchyard:local from deploy/docker/Dockerfile (target prebuilt)"
 # The runtime stage of the real Dockerfile, on the same base the `runtime`
 # target uses, with the binary cargo builds here (no registry or crates.io
 # from inside a build container). RUNTIME_IMAGE points at the local base.
+# SWITCHYARD_PROFILE=debug (what `make test` uses) takes the debug binary
+# `cargo test` has just built instead of a release build: the same code and
+# the same image, in a fraction of the build time.
 if [ -z "${SWITCHYARD_BIN:-}" ]; then
-    timeout 1800 "${CARGO:-cargo}" build --release -q -p switchyard || fail "cargo build failed"
-    SWITCHYARD_BIN=$TARGET_DIR/release/switchyard
+    case ${SWITCHYARD_PROFILE:-release} in
+        release) profile_flag=--release; profile_dir=release ;;
+        debug) profile_flag=; profile_dir=debug ;;
+        *) fail "SWITCHYARD_PROFILE must be release or debug, not ${SWITCHYARD_PROFILE}" ;;
+    esac
+    timeout 1800 "${CARGO:-cargo}" build $profile_flag -q -p switchyard || fail "cargo build failed"
+    SWITCHYARD_BIN=$TARGET_DIR/$profile_dir/switchyard
 fi
 [ -x "$SWITCHYARD_BIN" ] || fail "no binary at $SWITCHYARD_BIN"
 mkdir -p "$WORK/bin" && cp "$SWITCHYARD_BIN" "$WORK/bin/switchyard"
+previous=$(podman image inspect -f '{{.Id}}' localhost/switchyard:local 2>/dev/null || true)
 timeout 600 podman build -q -f deploy/docker/Dockerfile --target prebuilt \
     --ignorefile deploy/docker/Dockerfile.dockerignore \
     --build-arg "RUNTIME_IMAGE=$BASE_IMAGE" \
     --build-context "switchyard-bin=$WORK/bin" \
     -t localhost/switchyard:local . >"$WORK/build-switchyard.log" 2>&1 \
     || { cat "$WORK/build-switchyard.log" >&2; fail "building switchyard:local failed"; }
+# The image it replaces would stay behind untagged, one per run.
+if [ -n "$previous" ] && [ "$previous" != "$(podman image inspect -f '{{.Id}}' localhost/switchyard:local)" ]; then
+    podman rmi "$previous" >/dev/null 2>&1 || true
+fi
 podman run --rm localhost/switchyard:local --version \
     || fail "the image's binary does not run"
 
