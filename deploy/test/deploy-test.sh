@@ -35,7 +35,9 @@ PROJECT=switchyard
 CACHE=${SWITCHYARD_DEPLOY_CACHE:-/var/cache/switchyard-deploy}
 BASE_IMAGE=localhost/switchyard-deploy/debian:bookworm
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-VENV=${DEPLOY_TEST_VENV:-$ROOT/target/deploy-test-venv}
+# The openai client and kubernetes-validate, outside the clone: shared by
+# every clone and run on the machine, and root-owned files stay out of target/.
+VENV=${DEPLOY_TEST_VENV:-$CACHE/venv}
 WORK=$(mktemp -d /tmp/switchyard-deploy-test.XXXXXX)
 export CONTAINERS_CONF=$HERE/containers.conf
 # Ports published on the host: free ones, so the test never collides with a
@@ -139,10 +141,9 @@ step "prerequisites"
 [ "$(id -u)" = 0 ] || fail "run as root: the test uses rootful podman (rootless was not tried)"
 missing=""
 for pair in podman:podman runc:runc debootstrap:debootstrap podman-compose:podman-compose \
-            openssl:openssl python3:python3; do
+            openssl:openssl python3:python3 curl:curl flock:util-linux; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || missing="$missing ${pair#*:}"
 done
-python3 -c 'import yaml' 2>/dev/null || missing="$missing python3-yaml"
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing="$missing python3-venv"
 if [ -n "$missing" ]; then
     echo "installing:$missing"
@@ -151,8 +152,9 @@ if [ -n "$missing" ]; then
 fi
 if ! "$VENV/bin/python" -c 'import openai, kubernetes_validate' >/dev/null 2>&1; then
     echo "creating $VENV with openai and kubernetes-validate 1.33.1 (PyPI)"
-    rm -rf "$VENV"; python3 -m venv "$VENV"
-    "$VENV/bin/pip" install -q --disable-pip-version-check openai 'kubernetes-validate==1.33.1' pyyaml
+    rm -rf "$VENV"; mkdir -p "$(dirname "$VENV")"; python3 -m venv "$VENV"
+    timeout 600 "$VENV/bin/pip" install -q --disable-pip-version-check openai 'kubernetes-validate==1.33.1' pyyaml \
+        || { rm -rf "$VENV"; fail "pip install of openai and kubernetes-validate into $VENV failed"; }
 fi
 podman --version; podman-compose version 2>/dev/null | grep -i compose || true
 
@@ -375,7 +377,7 @@ step "Grafana dashboard and provisioning against what Prometheus serves"
 # Labelled counters with no series until their first event, which a healthy
 # stack does not produce: every worker busy, a worker error.
 NO_SERIES_YET=(dynamo_frontend_model_rejection_total dynamo_component_errors_total)
-python3 "$HERE/check_dashboard.py" --prometheus "$PROM" --no-series-yet "${NO_SERIES_YET[@]}" \
+"$VENV/bin/python" "$HERE/check_dashboard.py" --prometheus "$PROM" --no-series-yet "${NO_SERIES_YET[@]}" \
     || fail "the dashboard asks for what Prometheus does not serve"
 # The checker must be able to fail: the same dashboard with one panel asking
 # for a metric nobody serves, and one expression Prometheus cannot parse.
@@ -387,7 +389,7 @@ d["panels"].append({"type": "timeseries", "title": "broken on purpose",
     "targets": [{"expr": "rate(dynamo_frontend_no_such_metric_total[1m])"}, {"expr": "sum(rate("}]})
 json.dump(d, open(sys.argv[2], "w"))
 EOF
-if python3 "$HERE/check_dashboard.py" --prometheus "$PROM" --dashboard "$WORK/bad-dashboard.json" \
+if "$VENV/bin/python" "$HERE/check_dashboard.py" --prometheus "$PROM" --dashboard "$WORK/bad-dashboard.json" \
         --no-series-yet "${NO_SERIES_YET[@]}" >"$WORK/bad.log" 2>&1; then
     fail "the checker passed a dashboard with a missing metric"
 fi
