@@ -192,7 +192,9 @@ pub enum MockerError {
     Metrics(#[from] MetricsError),
     #[error("cannot publish KV events (--kv-events)")]
     KvEvents(#[from] KvEventsError),
-    #[error("cannot publish KV events (--kv-events): the request plane's host {host:?} (DYN_TCP_RPC_HOST) does not resolve")]
+    #[error(
+        "cannot publish KV events (--kv-events): the request plane's host {host:?} (DYN_TCP_RPC_HOST) does not resolve"
+    )]
     KvEventsHost {
         host: String,
         #[source]
@@ -354,12 +356,19 @@ mod tests {
         let config = ephemeral_publisher("localhost").await.unwrap();
         assert_eq!(config.endpoint, "tcp://127.0.0.1:0");
         let publisher = Publisher::bind(config).unwrap();
-        assert!(publisher.endpoint().starts_with("tcp://127.0.0.1:"), "{}", publisher.endpoint());
+        assert!(
+            publisher.endpoint().starts_with("tcp://127.0.0.1:"),
+            "{}",
+            publisher.endpoint()
+        );
     }
 
     #[tokio::test]
     async fn kv_events_bind_to_an_address_as_given() {
-        assert_eq!(ephemeral_publisher("127.0.0.1").await.unwrap().endpoint, "tcp://127.0.0.1:0");
+        assert_eq!(
+            ephemeral_publisher("127.0.0.1").await.unwrap().endpoint,
+            "tcp://127.0.0.1:0"
+        );
         assert_eq!(ephemeral_publisher("::1").await.unwrap().endpoint, "tcp://[::1]:0");
         let error = ephemeral_publisher("no-such-host.invalid").await.unwrap_err();
         assert!(error.to_string().contains("DYN_TCP_RPC_HOST"), "{error}");
