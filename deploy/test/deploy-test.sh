@@ -150,13 +150,18 @@ if [ -n "$missing" ]; then
     DEBIAN_FRONTEND=noninteractive apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
 fi
-if ! "$VENV/bin/python" -c 'import openai, kubernetes_validate' >/dev/null 2>&1; then
-    echo "creating $VENV with openai and kubernetes-validate 1.33.1 (PyPI)"
+if ! "$VENV/bin/python" -c 'import openai, kubernetes_validate, check_jsonschema' >/dev/null 2>&1; then
+    echo "creating $VENV with openai, kubernetes-validate 1.33.1 and check-jsonschema (PyPI)"
     rm -rf "$VENV"; mkdir -p "$(dirname "$VENV")"; python3 -m venv "$VENV"
-    timeout 600 "$VENV/bin/pip" install -q --disable-pip-version-check openai 'kubernetes-validate==1.33.1' pyyaml \
+    timeout 600 "$VENV/bin/pip" install -q --disable-pip-version-check openai 'kubernetes-validate==1.33.1' pyyaml check-jsonschema \
         || { rm -rf "$VENV"; fail "pip install of openai and kubernetes-validate into $VENV failed"; }
 fi
 podman --version; podman-compose version 2>/dev/null | grep -i compose || true
+
+###########################################################################
+step "the compose file against the Compose Specification schema"
+"$VENV/bin/check-jsonschema" --builtin-schema vendor.compose-spec "$COMPOSE_DIR/docker-compose.yml" \
+    || fail "docker-compose.yml does not follow the Compose Specification"
 
 ###########################################################################
 step "clean up what an interrupted run may have left"
