@@ -12,26 +12,29 @@
         field must be refused.
 
     check_k8s.py play DIR OUT.yaml --secrets SECRETS_DIR
-        Writes a `podman kube play` file running the manifests' NATS, frontend
-        and worker containers (one Pod per Deployment, replicas ignored) with
+        Writes a `podman kube play` file running the manifests' etcd, NATS,
+        frontend and worker containers (one Pod per Deployment or
+        StatefulSet, replicas ignored) with
         their command, args, ports, probes, security context and environment
         as written, except what podman 4.3 or the missing API server cannot
         give, each substitution printed:
           - fieldRef status.podIP / metadata.namespace (podman refuses them):
             the Pod's name (which resolves on the podman network) / switchyard;
           - secretKeyRef switchyard-nats: the values of SECRETS_DIR/switchyard.env;
-          - Secret volume switchyard-etcd-client: a hostPath with its three files;
+          - Secret volumes: a hostPath with the Secret's files;
           - DYN_DISCOVERY_BACKEND=kubernetes (needs an API server): the etcd
             switch exactly as etcd.yaml's header documents it, against the
             compose stack's etcd.
 
-    check_k8s.py verify OUT.yaml
+    check_k8s.py verify OUT.yaml --prober CONTAINER
         With those Pods running (on the compose network): every container
-        runs; every httpGet probe answers inside its container; the
+        runs; every httpGet probe answers, asked from CONTAINER (curl, same
+        network) at the Pod's name as the kubelet would at its IP; the
         Switchyard containers run as uid 10001 on a read-only root
         filesystem; the worker is registered and serves a chat completion
         sent to the frontend Pod; the NATS Pod refuses a client without
-        credentials.
+        credentials; the etcd Pod refuses a client without a certificate and
+        accepts one its CA signed.
 """
 
 import copy
@@ -52,6 +55,12 @@ K8S_VERSION = "1.33.0"
 # name, shared by every Pod that uses the name, and left behind by
 # `podman kube down`; the prefix keeps them apart and lets the test remove them.
 PREFIX = "sy-kube-"
+
+# The files of each Secret the manifests mount, as make-secrets.sh names them.
+SECRET_FILES = {
+    "switchyard-etcd-client": ["ca.pem", "etcd-client.pem", "etcd-client-key.pem"],
+    "switchyard-etcd-tls": ["ca.pem", "etcd-server.pem", "etcd-server-key.pem"],
+}
 
 
 def documents(paths):
@@ -114,11 +123,15 @@ def play(args):
     )
     nats_secret = {"username": env_file["NATS_AUTH_USERNAME"], "password": env_file["NATS_AUTH_PASSWORD"]}
     switch = etcd_switch(directory)
-    tls_dir = os.path.join(os.path.dirname(os.path.abspath(out)), "etcd-client-tls")
-    os.makedirs(tls_dir, exist_ok=True)
-    for name in ["ca.pem", "etcd-client.pem", "etcd-client-key.pem"]:
-        shutil.copy(os.path.join(secrets, name), tls_dir)
-        os.chmod(os.path.join(tls_dir, name), 0o644)
+    # Each Secret volume becomes a directory with the Secret's files (the
+    # keys deploy/k8s/make-secrets.sh gives it), copied from SECRETS_DIR.
+    secret_dirs = {}
+    for secret, files in SECRET_FILES.items():
+        secret_dirs[secret] = os.path.join(os.path.dirname(os.path.abspath(out)), secret)
+        os.makedirs(secret_dirs[secret], exist_ok=True)
+        for name in files:
+            shutil.copy(os.path.join(secrets, name), secret_dirs[secret])
+            os.chmod(os.path.join(secret_dirs[secret], name), 0o644)
 
     objects = []
     notes = []
@@ -129,7 +142,7 @@ def play(args):
             cm["metadata"].pop("namespace", None)
             cm["metadata"]["name"] = PREFIX + cm["metadata"]["name"]
             objects.append(cm)
-        if kind != "Deployment":
+        if kind not in ("Deployment", "StatefulSet"):
             continue
         pod_name = PREFIX + doc["metadata"]["name"]
         template = copy.deepcopy(doc["spec"]["template"])
@@ -179,10 +192,13 @@ def play(args):
         if renamed:
             notes.append(f"{pod_name}: volumes renamed {pod_name}-NAME, ConfigMaps {PREFIX}NAME (podman names volumes after them)")
         for volume in spec.get("volumes", []):
-            if volume.get("secret", {}).get("secretName") == "switchyard-etcd-client":
+            secret = volume.get("secret", {}).get("secretName")
+            if secret:
+                if secret not in secret_dirs:
+                    raise SystemExit(f"{path}: unknown Secret volume {secret}")
                 volume.pop("secret")
-                volume["hostPath"] = {"path": tls_dir, "type": "Directory"}
-                notes.append(f"{pod_name}: Secret volume switchyard-etcd-client -> hostPath with its three files")
+                volume["hostPath"] = {"path": secret_dirs[secret], "type": "Directory"}
+                notes.append(f"{pod_name}: Secret volume {secret} -> hostPath with its files")
         objects.append({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec})
     with open(out, "w") as f:
         yaml.safe_dump_all(objects, f, sort_keys=False)
@@ -217,6 +233,8 @@ def http_in(container, url):
 
 
 def verify(args):
+    # A container with curl on the same network, to probe from.
+    prober = args[args.index("--prober") + 1]
     with open(args[0]) as f:
         pods = [o for o in yaml.safe_load_all(f) if o and o["kind"] == "Pod"]
     by_role = {}
@@ -236,9 +254,11 @@ def verify(args):
                 if not get:
                     continue
                 port = ports.get(get["port"], get["port"])
-                url = f"http://127.0.0.1:{port}{get['path']}"
-                eventually(f"{name} {probe} {url}", 60, lambda: http_in(name, url))
-                print(f"{name}: {probe} {get['path']} on port {get['port']} ({port}) answers")
+                # From another container, as the kubelet probes from outside
+                # the Pod: the port must listen on the Pod's address.
+                url = f"http://{pod['metadata']['name']}:{port}{get['path']}"
+                eventually(f"{name} {probe} {url}", 60, lambda url=url: http_in(prober, url))
+                print(f"{name}: {probe} {get['path']} on port {get['port']} ({port}) answers from outside the Pod")
             security = container.get("securityContext", {})
             if "switchyard" in container["image"]:
                 uid = podman("exec", name, "id", "-u").stdout.strip()
@@ -250,7 +270,7 @@ def verify(args):
                     podman("exec", name, "sh", "-c", "touch /tmp/probe-write")  # the emptyDir is
                 print(f"{name}: uid {uid}, read-only root filesystem, writable /tmp")
 
-    frontend, worker, nats = by_role["frontend"], by_role["worker"], by_role["nats"]
+    frontend, worker, nats, etcd = by_role["frontend"], by_role["worker"], by_role["nats"], by_role["etcd"]
     worker_pod = worker.rsplit("-", 1)[0]
 
     def registered():
@@ -279,6 +299,17 @@ def verify(args):
     reply = podman("exec", nats, "bash", "-c", probe).stdout.strip()
     assert "Authorization Violation" in reply, f"the NATS Pod accepted a client without credentials: {reply}"
     print(f"{nats}: refuses a client without credentials ({reply})")
+
+    # etcd.yaml: TLS with client certificates on 2379 (the probes above used
+    # the plain metrics listener on 2381).
+    etcdctl = ["exec", etcd, "etcdctl", "--endpoints=https://127.0.0.1:2379", "--cacert=/etc/etcd/tls/ca.pem",
+               "--command-timeout=5s"]
+    refused = podman(*etcdctl, "get", "--prefix", "", check=False, timeout=20)
+    assert refused.returncode != 0, f"the etcd Pod answered a client without a certificate: {refused.stdout}"
+    keyed = podman(*etcdctl, "--cert=/etc/etcd/tls/etcd-server.pem", "--key=/etc/etcd/tls/etcd-server-key.pem",
+                   "endpoint", "health", check=False, timeout=20)
+    assert keyed.returncode == 0, f"the etcd Pod refused a certificate from its CA: {keyed.stderr}"
+    print(f"{etcd}: TLS on 2379 refuses a client without a certificate, accepts one from its CA")
     return 0
 
 

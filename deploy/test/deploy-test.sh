@@ -51,7 +51,7 @@ PROM=http://127.0.0.1:$SWITCHYARD_PROMETHEUS_PORT
 # Grafana is not started (no Debian package, no registry): everything else is.
 SERVICES=(etcd nats frontend worker-1 worker-2 prometheus)
 # The Pods `podman kube play` makes from deploy/k8s (check_k8s.py play).
-KUBE_PODS="sy-kube-nats|sy-kube-frontend|sy-kube-worker-mocker"
+KUBE_PODS="sy-kube-etcd|sy-kube-nats|sy-kube-frontend|sy-kube-worker-mocker"
 
 START=$(date +%s)
 STEP="start"
@@ -105,7 +105,8 @@ on_exit() {
     if (( status != 0 )) && podman ps -a --filter "label=io.podman.compose.project=$PROJECT" -q 2>/dev/null | grep -q .; then
         echo "---- container logs (last 30 lines each) ----" >&2
         for s in "${SERVICES[@]}"; do
-            echo "-- $s" >&2; podman logs --tail 30 "$(container "$s")" >&2 2>&1 || true
+            # (podman 4.3's `logs --tail` printed nothing for some containers.)
+            echo "-- $s" >&2; podman logs "$(container "$s")" 2>&1 | tail -30 >&2 || true
         done
     fi
     if [ -n "${KEEP_STACK:-}" ] && (( status == 0 )); then
@@ -127,9 +128,11 @@ on_exit() {
 # One run at a time on a machine: two runs would share the project name, the
 # image tags and the stand-ins, and the second's clean-up would stop the
 # first's stack.
-exec 9>/var/lock/switchyard-deploy-test.lock 2>/dev/null || exec 9>/tmp/switchyard-deploy-test.lock
+LOCK=/var/lock/switchyard-deploy-test.lock
+[ -w "$(dirname "$LOCK")" ] || LOCK=/tmp/switchyard-deploy-test.lock
+exec 9>"$LOCK"
 if ! flock -n 9; then
-    echo "deploy-test: another run holds /var/lock/switchyard-deploy-test.lock; waiting up to 15 min"
+    echo "deploy-test: another run holds $LOCK; waiting up to 15 min"
     flock -w 900 9 || { rm -rf "$WORK"; echo "deploy-test: gave up waiting for the other run" >&2; exit 1; }
 fi
 # Only the run holding the lock may clean up.
@@ -413,7 +416,7 @@ timeout 120 podman kube play --network "${PROJECT}_switchyard" "$WORK/kube-play.
 # Starting the Pods can break name resolution of containers already running
 # (above): all of them are checked again.
 EXTRA_NAMES=${KUBE_PODS//|/ } ensure_dns $(all_containers) $(podman ps --format '{{.Names}}' | grep -E "^($KUBE_PODS)-" | grep -v infra)
-timeout 300 "$VENV/bin/python" "$HERE/check_k8s.py" verify "$WORK/kube-play.yaml" \
+timeout 300 "$VENV/bin/python" "$HERE/check_k8s.py" verify "$WORK/kube-play.yaml" --prober "$fe" \
     || fail "the manifests' containers under podman"
 # podman kube down leaves the Pods' volumes (and, without systemd, logs
 # errors about health-check timers it cannot remove): down() removes them.
