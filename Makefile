@@ -138,7 +138,7 @@ mesh-screenshot: build-deps
 ## needed: rootful podman); installs podman, runc, debootstrap and
 ## podman-compose when missing. Base images and the test's virtualenv are
 ## cached in /var/cache/switchyard-deploy (SWITCHYARD_DEPLOY_CACHE). About
-## 50 s warm, 5.5 min cold plus the release build.
+## 1-1.5 min warm, 5.5 min cold plus the release build.
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 deploy-test: build-deps
 	$(CARGO) build --release -q -p switchyard

@@ -219,7 +219,7 @@ step "switchyard:local from deploy/docker/Dockerfile (target prebuilt)"
 # The runtime stage of the real Dockerfile, on the same base the `runtime`
 # target uses, with the binary cargo builds here (no registry or crates.io
 # from inside a build container). RUNTIME_IMAGE points at the local base.
-# SWITCHYARD_PROFILE=debug (what `make test` uses) takes the debug binary
+# SWITCHYARD_PROFILE=debug (run directly, without make) takes the debug binary
 # `cargo test` has just built instead of a release build: the same code and
 # the same image, in a fraction of the build time.
 if [ -z "${SWITCHYARD_BIN:-}" ]; then
