@@ -147,7 +147,8 @@ deploy-test: build-deps
 
 ## The same run with the debug binary `cargo test --workspace` has just
 ## built (the e2e tests run it): no release build, so it fits the CI budget
-## (about 1.5 min warm, 7 min on a fresh machine, most of it debootstrap).
+## (1.5 min warm; 8 min with nothing cached, most of it debootstrap, pip and
+## the stand-ins, plus about a minute to install podman on a fresh machine).
 ## It takes target/debug/switchyard as it is, building it only when missing:
 ## a separate `cargo build` could rebuild crates whose features differ from
 ## the test build's. SKIP_DEPLOY_TEST=1 skips it.
