@@ -87,17 +87,17 @@ leftovers() {
 kube_down() {
     local pod volume
     for pod in $(podman pod ps --format '{{.Name}}' | grep -E "^($KUBE_PODS)\$" || true); do
-        podman pod rm -f -t 5 "$pod" >/dev/null 2>&1 || true
+        timeout 60 podman pod rm -f -t 5 "$pod" >/dev/null 2>&1 || true
     done
     for volume in $(podman volume ls --format '{{.Name}}' | grep -E '^sy-kube-' || true); do
-        podman volume rm -f "$volume" >/dev/null 2>&1 || true
+        timeout 60 podman volume rm -f "$volume" >/dev/null 2>&1 || true
     done
 }
 
 down() {
     kube_down
     compose down -v -t 10 >"$WORK/down.log" 2>&1 || true
-    podman network rm -f "${PROJECT}_switchyard" >/dev/null 2>&1 || true
+    timeout 60 podman network rm -f "${PROJECT}_switchyard" >/dev/null 2>&1 || true
 }
 
 on_exit() {
@@ -106,7 +106,7 @@ on_exit() {
         echo "---- container logs (last 30 lines each) ----" >&2
         for s in "${SERVICES[@]}"; do
             # (podman 4.3's `logs --tail` printed nothing for some containers.)
-            echo "-- $s" >&2; podman logs "$(container "$s")" 2>&1 | tail -30 >&2 || true
+            echo "-- $s" >&2; timeout 30 podman logs "$(container "$s")" 2>&1 | tail -30 >&2 || true
         done
     fi
     if [ -n "${KEEP_STACK:-}" ] && (( status == 0 )); then
@@ -195,7 +195,7 @@ EOF
         mv "$CACHE/bookworm-minbase.tar.tmp" "$CACHE/bookworm-minbase.tar"
         rm -rf "$rootfs"
     fi
-    podman import --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    timeout 300 podman import --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
         --change 'CMD ["/bin/bash"]' "$CACHE/bookworm-minbase.tar" "$BASE_IMAGE" >/dev/null 2>&1 \
         || fail "podman import of $CACHE/bookworm-minbase.tar failed"
 fi
@@ -244,7 +244,7 @@ timeout 600 podman build -q -f deploy/docker/Dockerfile --target prebuilt \
 if [ -n "$previous" ] && [ "$previous" != "$(podman image inspect -f '{{.Id}}' localhost/switchyard:local)" ]; then
     podman rmi "$previous" >/dev/null 2>&1 || true
 fi
-podman run --rm localhost/switchyard:local --version \
+timeout 60 podman run --rm localhost/switchyard:local --version \
     || fail "the image's binary does not run"
 
 ###########################################################################
@@ -257,25 +257,35 @@ podman ps --filter "label=io.podman.compose.project=$PROJECT" --format '{{.Names
 ###########################################################################
 step "name resolution on the stack's network (a known podman fault, worked around)"
 # With Debian bookworm's podman 4.3 (netavark and aardvark-dns 1.4), a
-# container on a compose network sometimes loses name resolution when the
-# next containers start: its lookups of every name, even external ones, time
-# out until it is restarted (seen in about one run in two; a SIGHUP to
-# aardvark-dns does not help, a restart of the container does). Switchyard
-# then cannot reach NATS or etcd by name. Each container is checked and, if
-# needed, restarted, and the test says so: this is the engine's fault, not
-# the stack's, and it must not hide a real failure, so it is tried at most
-# three times per container.
-ensure_dns() {  # CONTAINER... ; every one must resolve every compose service (and EXTRA_NAMES)
-    local c n attempt
+# container on a compose network sometimes gets no DNS answers at all: its
+# queries reach the host (conntrack shows them unreplied) but aardvark-dns
+# never answers that container's address, even after a SIGHUP or a restart
+# of aardvark-dns, while the other containers resolve fine. It happened in
+# about one run in two, to the frontend or a worker, which then cannot reach
+# NATS or etcd by name. Restarting the container (it gets a new address)
+# cures it. So each container that looks names up is checked by resolving
+# `etcd`, which exists from the start; one that cannot is restarted (a
+# container of a Pod: its Pod), at most three times, with a warning. Names
+# that may not exist yet (the Pods') are then waited for, never "cured".
+ensure_dns() {  # CONTAINER... ; every one must resolve etcd, then every name
+    local c n attempt pod
     for c in "$@"; do
         for attempt in 1 2 3 4; do
-            if podman exec "$c" sh -c "for n in ${SERVICES[*]} ${EXTRA_NAMES:-}; do timeout 3 getent hosts \$n >/dev/null || exit 1; done" 2>/dev/null; then
+            if timeout 20 podman exec "$c" timeout 8 getent hosts etcd >/dev/null 2>&1; then
                 break
             fi
-            (( attempt < 4 )) || fail "$c cannot resolve the stack's names after 3 restarts"
-            echo "WARNING: $c cannot resolve the stack's names (podman/aardvark-dns fault); restarting it ($attempt/3)"
-            podman restart -t 5 "$c" >/dev/null
+            (( attempt < 4 )) || fail "$c gets no DNS answers after 3 restarts"
+            pod=$(podman inspect -f '{{.PodName}}' "$c" 2>/dev/null || true)
+            echo "WARNING: $c gets no DNS answers (podman/aardvark-dns fault); restarting ${pod:-it} ($attempt/3)"
+            if [ -n "$pod" ]; then
+                timeout 60 podman pod restart "$pod" >/dev/null
+            else
+                timeout 60 podman restart -t 5 "$c" >/dev/null
+            fi
             sleep 1
+        done
+        for n in "${SERVICES[@]}" ${EXTRA_NAMES:-}; do
+            wait_for 30 "$c resolving $n" timeout 20 podman exec "$c" timeout 8 getent hosts "$n"
         done
     done
     echo "every container resolves: ${SERVICES[*]} ${EXTRA_NAMES:-}"
@@ -294,7 +304,7 @@ for s in "${SERVICES[@]}"; do
     c=$(container "$s")
     [ "$(podman inspect -f '{{if .Config.Healthcheck}}yes{{end}}' "$c")" = yes ] \
         || fail "$c has no health check (podman-compose did not pass it on)"
-    wait_for 90 "health check of $s" podman healthcheck run "$c"
+    wait_for 90 "health check of $s" timeout 30 podman healthcheck run "$c"
     echo "healthy: $s ($(podman inspect -f '{{join .Config.Healthcheck.Test " "}}' "$c" | cut -c1-90))"
 done
 
@@ -306,7 +316,7 @@ step "etcd and NATS refuse clients without credentials"
 # cannot pass for a refusal.
 fe=$(container frontend)
 tls=/etc/switchyard/tls
-etcd_health() { podman exec "$fe" curl -fsS --max-time 5 --cacert $tls/ca.pem "$@" https://etcd:2379/health; }
+etcd_health() { timeout 30 podman exec "$fe" curl -fsS --max-time 5 --cacert $tls/ca.pem "$@" https://etcd:2379/health; }
 with_cert() { etcd_health --cert $tls/etcd-client.pem --key $tls/etcd-client-key.pem | grep -q '"health":"true"'; }
 wait_for 30 "etcd over TLS with the client certificate" with_cert
 echo "etcd: answers a client with the stack's certificate"
@@ -319,19 +329,19 @@ case $code in
     6|7|28) fail "could not test etcd without a certificate (curl exit $code): $out" ;;
 esac
 echo "etcd: refused without a client certificate (curl exit $code: $out)"
-if podman exec "$fe" curl -fsS --max-time 5 http://etcd:2379/health >/dev/null 2>&1; then
+if timeout 30 podman exec "$fe" curl -fsS --max-time 5 http://etcd:2379/health >/dev/null 2>&1; then
     fail "etcd answered plain http"
 fi
 set +e
-out=$(podman exec "$(container etcd)" etcdctl --endpoints=https://127.0.0.1:2379 \
+out=$(timeout 30 podman exec "$(container etcd)" etcdctl --endpoints=https://127.0.0.1:2379 \
     --cacert=/etc/etcd/tls/ca.pem --command-timeout=5s get --prefix "" 2>&1); code=$?
 set -e
 (( code != 0 )) || fail "etcdctl without a client certificate read etcd: $out"
 echo "etcd: etcdctl without a client certificate refused ($(echo "$out" | tail -1 | cut -c1-120))"
 # NATS: the protocol by hand (INFO, CONNECT, PING), as any client would.
 nats_probe='exec 3<>/dev/tcp/nats/4222 || exit 1; read -r -t 5 info <&3; printf "CONNECT %s\r\nPING\r\n" "$1" >&3; read -r -t 5 reply <&3; echo "$reply"'
-nats_says() { podman exec "$fe" bash -c "$nats_probe" probe "$1" | tr -d '\r'; }
-creds=$(podman exec "$fe" bash -c 'printf "{\"verbose\":false,\"user\":\"%s\",\"pass\":\"%s\"}" "$NATS_AUTH_USERNAME" "$NATS_AUTH_PASSWORD"')
+nats_says() { timeout 30 podman exec "$fe" bash -c "$nats_probe" probe "$1" | tr -d '\r'; }
+creds=$(timeout 30 podman exec "$fe" bash -c 'printf "{\"verbose\":false,\"user\":\"%s\",\"pass\":\"%s\"}" "$NATS_AUTH_USERNAME" "$NATS_AUTH_PASSWORD"')
 nats_accepts() { [ "$(nats_says "$creds")" = PONG ]; }
 wait_for 30 "NATS accepting the stack's credentials" nats_accepts
 echo "nats: the stack's credentials are accepted (PONG)"
@@ -344,7 +354,7 @@ echo "nats: refused with a wrong password ($reply)"
 
 ###########################################################################
 step "both workers are registered (switchyard instances, inside the stack)"
-instances() { podman exec "$fe" switchyard instances; }
+instances() { timeout 30 podman exec "$fe" switchyard instances; }
 count_workers() {
     local out; out=$(instances) || return 1
     echo "$out"
@@ -422,7 +432,7 @@ timeout 300 "$VENV/bin/python" "$HERE/check_k8s.py" verify "$WORK/kube-play.yaml
     || fail "the manifests' containers under podman"
 # podman kube down leaves the Pods' volumes (and, without systemd, logs
 # errors about health-check timers it cannot remove): down() removes them.
-podman kube down "$WORK/kube-play.yaml" >"$WORK/kube-down.log" 2>&1 || true
+timeout 120 podman kube down "$WORK/kube-play.yaml" >"$WORK/kube-down.log" 2>&1 || true
 kube_down
 
 ###########################################################################
