@@ -4,10 +4,18 @@
 //! ended, the text it got) is checked afterwards: every request ended
 //! exactly once, none was lost, completed answers have exactly the tokens
 //! asked for (nothing repeated or dropped across a migration), failures
-//! carry a status, and no worker got a request more than one TTL after it
-//! had left discovery (a discovery watcher in the test records when each
-//! instance left and came back; the frontend names the worker it routed to
-//! in `x-switchyard-worker-id`).
+//! carry an error a client can act on, and no worker got a request more
+//! than one TTL after it had left discovery (a discovery watcher in the test
+//! records when each instance left and came back; the frontend names the
+//! worker it routed to in `x-switchyard-worker-id`, and an answer without it
+//! is itself a failure).
+//!
+//! The client reads every stream to its very end, so what it checks can
+//! fail: a stream that ends twice (two `[DONE]`s, an error event after
+//! `[DONE]`, text after the end), ends without saying how, or fails with no
+//! message is a violation, recorded beside the ending and asserted by
+//! [`check`]. The `checker_*` tests feed [`check`] bad histories and see it
+//! fail.
 
 use futures::StreamExt;
 use serde_json::json;
@@ -47,10 +55,28 @@ enum Ending {
 #[derive(Debug, Clone)]
 struct Record {
     sent_at: Instant,
+    /// The HTTP status of the answer, when one came.
+    status: Option<u16>,
     /// The worker instance the frontend routed the request to.
     worker: Option<u64>,
     first_token: bool,
     ending: Option<Ending>,
+    /// What the answer did that no answer may: ending twice, text after
+    /// the end, ending without saying how, failing without a message.
+    violations: Vec<String>,
+}
+
+impl Record {
+    fn new() -> Self {
+        Record {
+            sent_at: Instant::now(),
+            status: None,
+            worker: None,
+            first_token: false,
+            ending: None,
+            violations: Vec::new(),
+        }
+    }
 }
 
 /// Steady load: `clients` loops sending streaming chats until stopped.
@@ -72,12 +98,7 @@ impl Load {
                     while !stop.is_cancelled() {
                         let index = {
                             let mut history = history.lock().unwrap();
-                            history.push(Record {
-                                sent_at: Instant::now(),
-                                worker: None,
-                                first_token: false,
-                                ending: None,
-                            });
+                            history.push(Record::new());
                             history.len() - 1
                         };
                         let ending = tokio::time::timeout(LOST_AFTER, one(&http, &url, &history, index))
@@ -109,57 +130,132 @@ impl Load {
 async fn one(http: &reqwest::Client, url: &str, history: &Arc<Mutex<Vec<Record>>>, index: usize) -> Ending {
     let body = json!({"model": "mock-model", "max_tokens": TOKENS, "stream": true,
                       "messages": [{"role": "user", "content": "tell me about trains"}]});
+    let violation = |what: String| history.lock().unwrap()[index].violations.push(what);
     let response = match http.post(format!("{url}/v1/chat/completions")).json(&body).send().await {
         Ok(response) => response,
         Err(_) => return Ending::Failed("transport".into()),
     };
-    if !response.status().is_success() {
-        return Ending::Failed(response.status().as_u16().to_string());
+    let status = response.status();
+    history.lock().unwrap()[index].status = Some(status.as_u16());
+    if !status.is_success() {
+        // A client acts on the status and OpenAI's error body.
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        let message = body["error"]["message"].as_str().unwrap_or_default().to_string();
+        if message.is_empty() {
+            violation(format!("status {status} without an error message: {body}"));
+        }
+        return Ending::Failed(format!("{} {message}", status.as_u16()));
     }
     let worker = response
         .headers()
         .get("x-switchyard-worker-id")
         .and_then(|v| u64::from_str_radix(v.to_str().ok()?, 16).ok());
+    if worker.is_none() {
+        violation("an answer without x-switchyard-worker-id".into());
+    }
     history.lock().unwrap()[index].worker = worker;
-    let mut text = String::new();
-    let mut words = String::new();
-    let mut finished = false;
+    let mut answer = Answer::default();
+    let mut broken = false;
     let mut bytes = response.bytes_stream();
     while let Some(chunk) = bytes.next().await {
         let Ok(chunk) = chunk else {
-            return Ending::Failed("broken stream".into());
+            broken = true;
+            break;
         };
-        text.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(end) = text.find('\n') {
-            let line: String = text.drain(..=end).collect();
-            if line.starts_with("event: error") {
-                // The error's text is on the next line; wait for it.
-                let detail = match text.find('\n') {
-                    Some(end) => text[..end].trim().to_string(),
-                    None => String::new(),
-                };
-                return Ending::Failed(format!("error event {detail}"));
-            }
-            let Some(data) = line.trim_end().strip_prefix("data: ") else {
-                continue;
-            };
-            if data == "[DONE]" {
-                return Ending::Completed {
-                    words: words.split_whitespace().count(),
-                    finished,
-                };
-            }
-            let chunk: serde_json::Value = serde_json::from_str(data).unwrap_or_default();
-            if let Some(piece) = chunk["choices"][0]["delta"]["content"].as_str() {
-                words.push_str(piece);
-                if !piece.is_empty() {
-                    history.lock().unwrap()[index].first_token = true;
-                }
-            }
-            finished |= chunk["choices"][0]["finish_reason"].is_string();
+        answer.feed(&String::from_utf8_lossy(&chunk));
+        if answer.first_token {
+            history.lock().unwrap()[index].first_token = true;
         }
     }
-    Ending::Failed("stream ended without [DONE]".into())
+    let (ending, violations) = answer.finish(broken);
+    history.lock().unwrap()[index].violations.extend(violations);
+    ending
+}
+
+/// A streamed chat answer as the client reads it, to its very end: its
+/// text, and every way it said it ended (one is the contract).
+#[derive(Debug, Default)]
+struct Answer {
+    pending: String,
+    words: String,
+    finish_reasons: usize,
+    first_token: bool,
+    ends: Vec<Ending>,
+    violations: Vec<String>,
+}
+
+impl Answer {
+    /// Takes the next bytes of the SSE body.
+    fn feed(&mut self, text: &str) {
+        self.pending.push_str(text);
+        while let Some(end) = self.pending.find('\n') {
+            let line: String = self.pending.drain(..=end).collect();
+            self.line(line.trim_end());
+        }
+    }
+
+    fn line(&mut self, line: &str) {
+        if line.starts_with("event: error") {
+            self.ends.push(Ending::Failed("error event".into()));
+            return;
+        }
+        let Some(data) = line.strip_prefix("data: ") else {
+            return;
+        };
+        if let Some(Ending::Failed(why)) = self.ends.last_mut()
+            && why == "error event"
+        {
+            // The error event's own data line says what went wrong.
+            let error: serde_json::Value = serde_json::from_str(data).unwrap_or_default();
+            let message = error["error"]["message"].as_str().unwrap_or_default();
+            if message.is_empty() {
+                self.violations
+                    .push(format!("an error event without a message: {data}"));
+            }
+            *why = format!("error event {message}");
+            return;
+        }
+        if data == "[DONE]" {
+            self.ends.push(Ending::Completed {
+                words: self.words.split_whitespace().count(),
+                finished: self.finish_reasons == 1,
+            });
+            return;
+        }
+        if !self.ends.is_empty() {
+            self.violations.push(format!("data after the answer ended: {data}"));
+            return;
+        }
+        let chunk: serde_json::Value = serde_json::from_str(data).unwrap_or_default();
+        if let Some(piece) = chunk["choices"][0]["delta"]["content"].as_str() {
+            self.words.push_str(piece);
+            self.first_token |= !piece.is_empty();
+        }
+        if chunk["choices"][0]["finish_reason"].is_string() {
+            self.finish_reasons += 1;
+        }
+    }
+
+    /// How the answer ended, and what it did that no answer may.
+    fn finish(mut self, broken: bool) -> (Ending, Vec<String>) {
+        if self.ends.len() > 1 {
+            let ends = std::mem::take(&mut self.ends);
+            self.violations
+                .push(format!("the answer ended {} times: {ends:?}", ends.len()));
+            self.ends = ends;
+        }
+        let ending = match self.ends.into_iter().next() {
+            Some(ending) => ending,
+            None => {
+                // Cut off with neither an error event nor [DONE]: the client cannot tell why.
+                self.violations.push(format!(
+                    "the stream ended without [DONE] or an error event (broken: {broken})"
+                ));
+                Ending::Failed("stream ended without [DONE]".into())
+            }
+        };
+        (ending, self.violations)
+    }
 }
 
 /// Per instance: (when, present) in the order a watcher saw them.
@@ -257,7 +353,18 @@ fn check(scenario: &str, history: &[Record], migrated: u64, presence: Option<&Pr
         ..Tally::default()
     };
     for (i, record) in history.iter().enumerate() {
-        match record.ending.as_ref().expect("every request ended exactly once") {
+        assert!(
+            record.violations.is_empty(),
+            "{scenario}: request {i} broke the answer's contract: {:?}",
+            record.violations
+        );
+        if presence.is_some() && record.status == Some(200) {
+            assert!(
+                record.worker.is_some(),
+                "{scenario}: request {i} does not say which worker it went to"
+            );
+        }
+        match record.ending.as_ref().expect("the client ends every request") {
             Ending::Completed { words, finished } => {
                 assert_eq!(
                     *words, TOKENS,
@@ -574,4 +681,212 @@ async fn fault_matrix_etcd_and_nats_restarts() {
     let history = load.finish().await;
     let tally = check("NATS restarted", &history, cluster.migrations().await, None);
     assert_eq!(tally.failed, 0, "requests do not need NATS");
+}
+
+/// A chat chunk carrying `text`, and one with the finish reason.
+fn sse(text: &str) -> String {
+    format!("data: {}\n\n", json!({"choices": [{"delta": {"content": text}}]}))
+}
+
+const FINISH: &str = "data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n";
+const DONE: &str = "data: [DONE]\n\n";
+
+fn read(body: &str) -> (Ending, Vec<String>) {
+    let mut answer = Answer::default();
+    // Fed in two pieces, cut mid-line, as a network delivers it.
+    let (first, second) = body.split_at(body.len() / 2);
+    answer.feed(first);
+    answer.feed(second);
+    answer.finish(false)
+}
+
+#[test]
+fn checker_reads_a_clean_answer_and_a_clean_failure() {
+    let (ending, violations) = read(&format!("{}{}{FINISH}{DONE}", sse("all "), sse("aboard")));
+    assert_eq!(
+        ending,
+        Ending::Completed {
+            words: 2,
+            finished: true
+        }
+    );
+    assert!(violations.is_empty(), "{violations:?}");
+    let failure = "event: error\ndata: {\"error\":{\"message\":\"the worker was lost\"}}\n\n";
+    let (ending, violations) = read(&format!("{}{failure}", sse("all ")));
+    assert_eq!(ending, Ending::Failed("error event the worker was lost".into()));
+    assert!(violations.is_empty(), "{violations:?}");
+}
+
+#[test]
+fn checker_sees_an_answer_that_ends_twice_or_goes_on_after_its_end() {
+    let (_, violations) = read(&format!("{}{FINISH}{DONE}{DONE}", sse("a")));
+    assert!(violations.iter().any(|v| v.contains("ended 2 times")), "{violations:?}");
+    let error = "event: error\ndata: {\"error\":{\"message\":\"late\"}}\n\n";
+    let (_, violations) = read(&format!("{}{FINISH}{DONE}{error}", sse("a")));
+    assert!(violations.iter().any(|v| v.contains("ended 2 times")), "{violations:?}");
+    let (_, violations) = read(&format!("{}{FINISH}{DONE}{}", sse("a"), sse("more")));
+    assert!(
+        violations.iter().any(|v| v.contains("after the answer ended")),
+        "{violations:?}"
+    );
+    let (ending, _) = read(&format!("{}{FINISH}{FINISH}{DONE}", sse("a")));
+    assert_eq!(
+        ending,
+        Ending::Completed {
+            words: 1,
+            finished: false
+        },
+        "two finish reasons"
+    );
+}
+
+#[test]
+fn checker_sees_an_answer_cut_off_without_a_word_or_failing_without_a_message() {
+    let (ending, violations) = read(&sse("a"));
+    assert!(matches!(ending, Ending::Failed(_)));
+    assert!(
+        violations.iter().any(|v| v.contains("without [DONE]")),
+        "{violations:?}"
+    );
+    let (_, violations) = read("event: error\ndata: {}\n\n");
+    assert!(
+        violations.iter().any(|v| v.contains("without a message")),
+        "{violations:?}"
+    );
+}
+
+/// One request's record, as the client would leave it.
+fn record(ending: Ending, worker: Option<u64>) -> Record {
+    Record {
+        status: Some(200),
+        worker,
+        first_token: true,
+        ending: Some(ending),
+        ..Record::new()
+    }
+}
+
+fn complete() -> Ending {
+    Ending::Completed {
+        words: TOKENS,
+        finished: true,
+    }
+}
+
+#[test]
+fn checker_passes_a_clean_history() {
+    let tally = check("clean", &[record(complete(), Some(1))], 0, Some(&Presence::default()));
+    assert_eq!((tally.sent, tally.completed), (1, 1));
+}
+
+#[test]
+#[should_panic(expected = "broke the answer's contract")]
+fn checker_fails_a_history_with_a_violation() {
+    let mut bad = record(complete(), Some(1));
+    bad.violations.push("the answer ended 2 times".into());
+    check("violation", &[bad], 0, None);
+}
+
+#[test]
+#[should_panic(expected = "does not say which worker")]
+fn checker_fails_an_answer_without_its_worker_when_presence_is_checked() {
+    check("no header", &[record(complete(), None)], 0, Some(&Presence::default()));
+}
+
+#[test]
+#[should_panic(expected = "got 119 words")]
+fn checker_fails_an_answer_with_a_word_missing() {
+    let short = Ending::Completed {
+        words: TOKENS - 1,
+        finished: true,
+    };
+    check("short", &[record(short, Some(1))], 0, None);
+}
+
+#[test]
+#[should_panic(expected = "requests lost")]
+fn checker_fails_a_lost_request() {
+    check("lost", &[record(Ending::Lost, Some(1))], 0, None);
+}
+
+#[test]
+#[should_panic(expected = "after it left discovery")]
+fn checker_fails_a_request_sent_to_a_worker_long_gone() {
+    let presence = Presence::default();
+    let left = Instant::now();
+    presence.changes.lock().unwrap().insert(7, vec![(left, false)]);
+    let mut late = record(complete(), Some(7));
+    late.sent_at = left + TTL * 2;
+    check("late", &[late], 0, Some(&presence));
+}
+
+/// Start order does not matter for the event plane: a worker and a frontend
+/// started on etcd while their NATS event plane is down serve at once,
+/// say so in `/health`, and start exchanging load reports when NATS comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_started_before_their_nats_event_plane_serve_and_catch_up() {
+    let etcd = EtcdServer::start();
+    let mut nats = NatsServer::start();
+    nats.stop();
+    let (etcd_url, nats_url) = (etcd.url(), nats.url());
+    let status_port = free_port().to_string();
+    let env = [
+        ("DYN_DISCOVERY_BACKEND", "etcd"),
+        ("ETCD_ENDPOINTS", etcd_url.as_str()),
+        ("NATS_SERVER", nats_url.as_str()),
+        ("DYN_EVENT_PLANE", "nats"),
+    ];
+    let mut worker_env = env.to_vec();
+    worker_env.push(("DYN_SYSTEM_PORT", status_port.as_str()));
+    let worker = start_mocker(&["--speedup-ratio", "0"], &worker_env);
+    let (frontend, url) = start_frontend(&[], &env);
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let health = async || -> serde_json::Value {
+        let response = http.get(format!("http://127.0.0.1:{status_port}/health")).send().await;
+        match response {
+            Ok(response) => response.json().await.unwrap_or_default(),
+            Err(_) => serde_json::Value::Null,
+        }
+    };
+    let chat = json!({"model": "mock-model", "max_tokens": 3,
+                      "messages": [{"role": "user", "content": "hello"}]});
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let response = http.post(format!("{url}/v1/chat/completions")).json(&chat).send().await;
+        if response.is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no answer without NATS: {}", frontend.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = health().await;
+    assert_eq!(before["event_plane"], "connecting", "{before}");
+    assert_eq!(before["status"], "ready", "it serves without its event plane: {before}");
+    assert!(
+        worker.log().contains("NATS event plane is unreachable"),
+        "{}",
+        worker.log()
+    );
+
+    nats.restart();
+    let reported = async || -> bool {
+        let Ok(response) = http.get(format!("{url}/api/mesh")).send().await else {
+            return false;
+        };
+        let mesh: serde_json::Value = response.json().await.unwrap_or_default();
+        mesh["models"][0]["instances"][0]["reported_load"].is_u64()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while health().await["event_plane"] != "connected" || !reported().await {
+        assert!(
+            Instant::now() < deadline,
+            "NATS came up but the load reports did not flow: {}\n{}",
+            health().await,
+            worker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

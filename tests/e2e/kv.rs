@@ -123,3 +123,70 @@ async fn kv_routing_follows_the_engines_events_across_processes() {
     assert_eq!(third["overlap"], "0", "nobody holds the prefix now: {third:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_event_batch_is_seen_as_a_gap_and_recovered_by_replay_across_processes() {
+    let dir = std::env::temp_dir().join(format!("switchyard-kv-gap-{:016x}", rand::random::<u64>()));
+    let dir_text = dir.to_str().unwrap().to_string();
+    let env = [
+        ("DYN_DISCOVERY_BACKEND", "file"),
+        ("DYN_FILE_KV", dir_text.as_str()),
+        ("DYN_LOG", "info"),
+    ];
+    // Every second batch the engine publishes is kept for replay but never
+    // sent, as if the network had lost it.
+    let _worker = start_mocker(&["--speedup-ratio", "0", "--kv-events-withhold-every", "2"], &env);
+    let (frontend, url) = start_frontend(&["--router-mode", "kv"], &env);
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    until("the worker's KV event subscription", async || {
+        frontend.log().contains("following KV events")
+    })
+    .await;
+
+    let ask = |tag: &str| {
+        let prompt: String = (0..300).map(|i| format!("{tag}{i} ")).collect();
+        json!({"model": "mock-model", "max_tokens": 1, "prompt": prompt})
+    };
+    let post = async |body: Value| {
+        let response = http
+            .post(format!("{url}/v1/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        route(&response)
+    };
+    // One batch per prompt (each is prefilled in one engine step): the
+    // second prompt's batch is withheld, and the third's reveals the gap.
+    let tags = ["alpha", "bravo", "charlie", "delta"];
+    let mut blocks = HashMap::new();
+    for tag in tags {
+        let first = post(ask(tag)).await;
+        blocks.insert(tag, first["blocks"].parse::<f64>().unwrap());
+    }
+    until("a gap seen and asked of the replay socket", async || {
+        metric(&http, &url, "dynamo_frontend_kv_event_gaps_total").await >= 1.0
+            && metric(&http, &url, "dynamo_frontend_kv_event_replays_total").await >= 1.0
+    })
+    .await;
+    assert_eq!(
+        metric(&http, &url, "dynamo_frontend_kv_event_lost_batches_total").await,
+        0.0,
+        "replay covered the gap"
+    );
+    // Past the predicted index's 5 s, only the engine's events can say the
+    // prefixes are cached: every one of the first three is, the withheld
+    // one included.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    for tag in &tags[..3] {
+        let again = post(ask(tag)).await;
+        assert_eq!(again["index"], "events", "{again:?}");
+        let overlap: f64 = again["overlap"].parse().unwrap();
+        assert!(overlap >= blocks[tag] - 1.0, "{tag}: {again:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

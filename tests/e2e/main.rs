@@ -213,10 +213,15 @@ async fn frontend_and_two_mocker_processes_serve_the_openai_api() {
             .text()
             .await
             .unwrap();
-        assert!(
-            text.contains("switchyard_mocker_completed_requests_total{model_name=\"mock-model\"}"),
-            "every worker completed requests:\n{text}"
-        );
+        // The series exists from start-up at 0: its value is what counts.
+        let completed: f64 = text
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix("switchyard_mocker_completed_requests_total{model_name=\"mock-model\"} ")
+            })
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or(0.0);
+        assert!(completed >= 1.0, "every worker completed requests:\n{text}");
     }
 
     // Error statuses.
@@ -426,14 +431,15 @@ async fn wait_until_gone(pids: &[u32]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failure_prints_each_of_its_causes_exactly_once() {
-    // The worker's load reports go over NATS, and nothing listens there: the
-    // error is nested four deep (endpoint → event plane → NATS → socket).
+    // The worker's requests come over NATS, and nothing listens there: the
+    // error is nested several deep (endpoint → request plane → NATS → socket).
+    // (Without NATS for the event plane alone, a process serves anyway.)
     let nats = format!("nats://127.0.0.1:{}", free_port());
     let (ok, stderr) = run_to_end(
         &["worker", "mocker"],
         &[
             ("DYN_DISCOVERY_BACKEND", "mem"),
-            ("DYN_EVENT_PLANE", "nats"),
+            ("DYN_REQUEST_PLANE", "nats"),
             ("NATS_SERVER", &nats),
         ],
     )

@@ -202,12 +202,14 @@ impl KvRouting {
         }
     }
 
-    /// The policy that routes `plan`'s request; it remembers its choice.
-    pub fn policy<'a>(&'a self, plan: &'a Plan) -> KvPolicy<'a> {
+    /// The policy that routes `plan`'s request; it remembers its choice and
+    /// books the request on the chosen worker at once (see [`KvPolicy`]).
+    pub fn policy<'a>(self: &'a Arc<Self>, plan: &'a Plan) -> KvPolicy<'a> {
         KvPolicy {
             routing: self,
             plan,
             choice: Mutex::new(None),
+            booking: Mutex::new(None),
         }
     }
 
@@ -440,17 +442,39 @@ impl KvRouting {
 }
 
 /// Chooses for one request by cost; see [`KvRouting`].
+///
+/// The request is booked on its worker the moment it is chosen, not when
+/// the worker's first piece comes back: the router waits for that piece
+/// (to retry elsewhere on a failure before any output), and a request that
+/// sits unbooked through its queueing and prefill is invisible to the
+/// requests routed meanwhile, which then pile onto the busiest worker and
+/// miss the sibling it is about to cache. A retry moves the booking.
 #[derive(Debug)]
 pub struct KvPolicy<'a> {
-    routing: &'a KvRouting,
+    routing: &'a Arc<KvRouting>,
     plan: &'a Plan,
     choice: Mutex<Option<Choice>>,
+    booking: Mutex<Option<Booking>>,
 }
 
 impl KvPolicy<'_> {
     /// The last choice made (the one that was sent, after a retry).
     pub fn choice(&self) -> Option<Choice> {
         *self.choice.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The booking of the request on `instance`, where it was sent: the one
+    /// made when this policy chose it, or a new one when the router sent it
+    /// elsewhere (every instance ejected, so it tried one in turn).
+    pub fn into_booking(self, instance: u64) -> Booking {
+        let booking = self.booking.into_inner().unwrap_or_else(|p| p.into_inner());
+        match booking {
+            Some(booking) if booking.instance == instance => booking,
+            other => {
+                drop(other);
+                self.routing.book(self.plan, instance)
+            }
+        }
     }
 }
 
@@ -496,6 +520,10 @@ impl Policy for KvPolicy<'_> {
             rand::random::<f64>(),
         )?;
         *self.choice.lock().unwrap_or_else(|p| p.into_inner()) = Some(choice);
+        let booking = self.routing.book(self.plan, choice.chosen.worker.instance);
+        // An earlier attempt's booking (a retry) is released outside the lock.
+        let earlier = self.booking.lock().unwrap_or_else(|p| p.into_inner()).replace(booking);
+        drop(earlier);
         instances
             .iter()
             .position(|i| i.instance_id == choice.chosen.worker.instance)
@@ -727,5 +755,46 @@ mod tests {
             "prefill: 3 × 2 booked + 1; decode: the 2 shared blocks, 3 output blocks, this request's 1: {choice}"
         );
         drop(bookings);
+    }
+
+    #[test]
+    fn a_request_counts_on_its_worker_from_the_moment_it_is_chosen() {
+        let routing = routing();
+        let instances = [instance(0), instance(1)];
+        let idle = Reported(vec![0, 0]);
+        let first = routing.plan(&[1, 2, 3, 4, 5, 6, 7, 8], true, Some(4));
+        let first_policy = routing.policy(&first);
+        let chosen = first_policy.select(&instances, &idle).unwrap();
+
+        // The first request's worker has not answered yet (its stream is not
+        // back), and already an unrelated request sees its load there...
+        let other = routing.plan(&[9, 10, 11, 12], true, Some(4));
+        let policy = routing.policy(&other);
+        assert_eq!(policy.select(&instances, &idle), Some(1 - chosen));
+        let choice = policy.choice().unwrap();
+        assert!(choice.runner_up.unwrap().cost > choice.chosen.cost, "{choice}");
+        drop(policy);
+
+        // ... and a sibling sees the prefix it is about to cache there.
+        let sibling = routing.plan(&[1, 2, 3, 4, 5, 6, 7, 8, 13], true, Some(4));
+        let policy = routing.policy(&sibling);
+        policy.select(&instances, &idle);
+        let choice = policy.choice().unwrap();
+        let on_chosen = [Some(choice.chosen), choice.runner_up]
+            .into_iter()
+            .flatten()
+            .find(|s| s.worker.instance == chosen as u64)
+            .unwrap();
+        assert_eq!(on_chosen.overlap_blocks, 2, "{choice}");
+        drop(policy);
+
+        // Sent where it was chosen, the booking is handed over as it is;
+        // sent elsewhere, it moves there.
+        let kept = first_policy.into_booking(chosen as u64);
+        assert_eq!(kept.instance, chosen as u64);
+        let plan = routing.plan(&[20, 21, 22, 23], true, Some(4));
+        let policy = routing.policy(&plan);
+        let picked = policy.select(&instances, &idle).unwrap();
+        assert_eq!(policy.into_booking(1 - picked as u64).instance, 1 - picked as u64);
     }
 }

@@ -14,7 +14,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use switchyard_kv_router::select::Choice;
+use switchyard_llm::migration::with_prompt_tokens;
 use switchyard_llm::model_card::{ModelCard, ModelKind, TokenizerSpec};
+use switchyard_llm::openai::Prompt;
 use switchyard_llm::protocol::{LlmOutput, LlmRequest};
 use switchyard_llm::tokenizer::HfTokenizer;
 use switchyard_runtime::component::client::ClientError;
@@ -22,7 +24,7 @@ use switchyard_runtime::discovery::DiscoveryError;
 use switchyard_runtime::discovery::{Bucket, Key, Query, WatchEvent};
 use switchyard_runtime::distributed::DistributedRuntime;
 use switchyard_runtime::engine::Context;
-use switchyard_runtime::error::{Report, RequestError};
+use switchyard_runtime::error::{ErrorKind, Report, RequestError};
 use switchyard_runtime::names::NameError;
 use switchyard_runtime::routing::RouterMode;
 use switchyard_runtime::routing::push_router::PushRouter;
@@ -169,11 +171,17 @@ impl Model {
             return Ok((self.router.generate_routed(request).await?, None));
         };
         let (tokens, exact) = self.prompt_tokens(request.data());
+        let request = if exact {
+            self.check_context(tokens.len(), request.data().max_tokens())?;
+            self.tokens_in(request, &tokens)
+        } else {
+            request
+        };
         let plan = kv.plan(&tokens, exact, request.data().max_tokens());
         let policy = kv.policy(&plan);
         let routed = self.router.generate_routed_with(&policy, request).await?;
-        let booking = kv.book(&plan, routed.instance_id);
         let choice = policy.choice();
+        let booking = policy.into_booking(routed.instance_id);
         let explanation = plan.explain(choice);
         Ok((
             routed,
@@ -185,6 +193,57 @@ impl Model {
                 approximate: plan.approximate,
             }),
         ))
+    }
+
+    /// With the prompt's exact token count, a prompt that cannot fit is
+    /// refused here, naming the numbers, before any worker is asked.
+    fn check_context(&self, prompt_tokens: usize, max_tokens: Option<u32>) -> Result<(), RequestError> {
+        let Some(limit) = self.context_length() else {
+            return Ok(());
+        };
+        let output = max_tokens.unwrap_or(0);
+        let needed = prompt_tokens as u64 + u64::from(output);
+        if needed <= u64::from(limit) {
+            return Ok(());
+        }
+        let message = match max_tokens {
+            Some(max) => format!(
+                "the prompt is {prompt_tokens} tokens and max_tokens is {max}: together more than \
+                 model {:?}'s context length of {limit} tokens",
+                self.name
+            ),
+            None => format!(
+                "the prompt is {prompt_tokens} tokens: more than model {:?}'s context length of {limit} tokens",
+                self.name
+            ),
+        };
+        Err(crate::error::for_client(ErrorKind::Invalid, message))
+    }
+
+    /// "Tokens in": when every worker of the model takes prompts as token
+    /// ids (its card says so) and the frontend's tokens are exact, the
+    /// request goes as those ids, so engine and router see the very same
+    /// tokens and the engine does not tokenize again. A chat carrying
+    /// fields a completion cannot (tools, structured output, …) goes as it
+    /// came.
+    fn tokens_in(&self, request: Context<Arc<LlmRequest>>, tokens: &[u32]) -> Context<Arc<LlmRequest>> {
+        let all_take_ids = !self.cards.is_empty()
+            && self
+                .cards
+                .values()
+                .all(|card| card.engine.as_ref().is_some_and(|engine| engine.token_ids));
+        let already_ids =
+            matches!(request.data().as_ref(), LlmRequest::Completion(c) if matches!(c.prompt, Prompt::Tokens(_)));
+        if !all_take_ids || already_ids {
+            return request;
+        }
+        match with_prompt_tokens(request.data(), tokens.to_vec()) {
+            Some(as_ids) => {
+                let (_, controller) = request.into_parts();
+                Context::with_controller(Arc::new(as_ids), controller)
+            }
+            None => request,
+        }
     }
 
     /// True when at least one of its workers is in discovery right now.

@@ -59,6 +59,11 @@ pub struct MockerArgs {
     /// named in the model card), for KV-aware routers.
     #[arg(long, env = "DYN_MOCKER_KV_EVENTS", default_value_t = true, action = clap::ArgAction::Set)]
     pub kv_events: bool,
+    /// Fault injection: every Nth KV event batch is numbered and kept for
+    /// replay but not sent, as if lost on the network, so routers must see
+    /// the gap and recover it by replay. 0 (the default) sends every batch.
+    #[arg(long, env = "DYN_MOCKER_KV_EVENTS_WITHHOLD_EVERY", default_value_t = 0)]
+    pub kv_events_withhold_every: u64,
     /// Workers in this process, each its own instance in discovery.
     #[arg(long, env = "DYN_MOCKER_NUM_WORKERS", default_value_t = 1)]
     pub num_workers: usize,
@@ -146,6 +151,7 @@ fn publish_kv_events(
     runtime: &Runtime,
     config: PublisherConfig,
     mut batches: tokio::sync::mpsc::Receiver<switchyard_kv_router::events::EventBatch>,
+    withhold_every: u64,
 ) -> Result<KvEventsSource, KvEventsError> {
     let topic = config.topic.clone();
     let publisher = Publisher::bind(config)?;
@@ -156,8 +162,15 @@ fn publish_kv_events(
     };
     tracing::info!(endpoint = %source.endpoint, replay_endpoint = ?source.replay_endpoint, "publishing KV events");
     runtime.spawn(async move {
+        let mut count = 0u64;
         while let Some(batch) = batches.recv().await {
-            publisher.publish(&batch);
+            count += 1;
+            if withhold_every > 0 && count.is_multiple_of(withhold_every) {
+                tracing::warn!(batch = count, "KV event batch withheld (--kv-events-withhold-every)");
+                publisher.publish_withheld(&batch);
+            } else {
+                publisher.publish(&batch);
+            }
         }
     });
     Ok(source)
@@ -238,7 +251,7 @@ pub async fn serve_with(
             KvEventsBind::Ephemeral => ephemeral_publisher(runtime.config().tcp().host()).await?,
             KvEventsBind::At(config) => config.clone(),
         };
-        let source = publish_kv_events(runtime, config, received)?;
+        let source = publish_kv_events(runtime, config, received, args.kv_events_withhold_every)?;
         (engine, Some(source))
     } else {
         (

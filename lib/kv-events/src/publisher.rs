@@ -191,15 +191,28 @@ impl Publisher {
     /// subscribers see a gap and learn it is lost instead of silently
     /// missing its events.
     pub fn publish(&self, batch: &EventBatch) {
+        self.hand_off(batch, false);
+    }
+
+    /// Fault injection: numbers `batch` and keeps it for replay like
+    /// [`Publisher::publish`], but does not send it on the PUB socket, as if
+    /// the network had lost it. Subscribers see a gap at the next batch and
+    /// must recover this one by replay (`--kv-events-withhold-every`).
+    pub fn publish_withheld(&self, batch: &EventBatch) {
+        self.hand_off(batch, true);
+    }
+
+    fn hand_off(&self, batch: &EventBatch, withheld: bool) {
         let payload = encode_batch(batch);
         // A panic elsewhere while holding the lock leaves the socket and the
         // counter consistent (both are updated by single calls), so keep going.
         let mut handoff = self.handoff.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let seq = handoff.next_seq;
         handoff.next_seq += 1;
-        let sent = handoff
-            .socket
-            .send_multipart([&seq.to_be_bytes()[..], &payload[..]], zmq::DONTWAIT);
+        let sent = handoff.socket.send_multipart(
+            [&seq.to_be_bytes()[..], &payload[..], &[u8::from(withheld)][..]],
+            zmq::DONTWAIT,
+        );
         drop(handoff);
         if let Err(error) = sent {
             let dropped = self.counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
@@ -310,13 +323,16 @@ impl Worker {
     /// Sends what `publish` handed over, until the pipe is empty.
     fn forward(&mut self) {
         while let Ok(frames) = self.handoff.recv_multipart(zmq::DONTWAIT) {
-            let [seq, payload] = <[Vec<u8>; 2]>::try_from(frames).expect("publish sends two frames");
+            let [seq, payload, withheld] = <[Vec<u8>; 3]>::try_from(frames).expect("hand_off sends three frames");
             // PUB never blocks: a subscriber whose queue is full misses the
             // batch and sees a gap.
-            if let Err(error) = self
-                .publish
-                .send_multipart([&self.topic[..], &seq[..], &payload[..]], zmq::DONTWAIT)
-            {
+            let sent = match withheld[..] {
+                [0] => self
+                    .publish
+                    .send_multipart([&self.topic[..], &seq[..], &payload[..]], zmq::DONTWAIT),
+                _ => Ok(()),
+            };
+            if let Err(error) = sent {
                 tracing::warn!(%error, "KV event batch not sent on the PUB socket");
             }
             self.counters.published.fetch_add(1, Ordering::Relaxed);

@@ -24,12 +24,19 @@ pub const APPROXIMATE_TTL: Duration = Duration::from_secs(120);
 /// wrong guess (the engine evicted or never stored) fades quickly.
 pub const PREDICTED_TTL: Duration = Duration::from_secs(5);
 
+/// Most (prefix block, worker) records an index keeps, expired or not: at
+/// about 130 bytes each, 130 MB at worst. The routing rate times the TTL
+/// stays far below it in normal use (48 requests/s of 116 blocks for 120 s
+/// is 0.67 M); past it, the oldest records are forgotten early.
+pub const MAX_RECORDS: usize = 1_000_000;
+
 /// Prefixes routed to workers, each forgotten `ttl` after it was last recorded.
-/// Memory is bounded by the routing rate times the TTL; [`TtlIndex::record`]
-/// drops what expired.
+/// Memory is bounded by the routing rate times the TTL, and never above
+/// [`MAX_RECORDS`] records; [`TtlIndex::record`] drops what expired.
 #[derive(Debug)]
 pub struct TtlIndex {
     ttl: Duration,
+    max_records: usize,
     /// Per prefix, who was sent it and until when it counts.
     entries: HashMap<SequenceHash, Vec<(WorkerId, Instant)>>,
     /// Expiry times in recording order, which is expiry order because the
@@ -40,8 +47,14 @@ pub struct TtlIndex {
 
 impl TtlIndex {
     pub fn new(ttl: Duration) -> Self {
+        Self::with_max_records(ttl, MAX_RECORDS)
+    }
+
+    /// An index that keeps at most `max_records` records (at least one).
+    pub fn with_max_records(ttl: Duration, max_records: usize) -> Self {
         TtlIndex {
             ttl,
+            max_records: max_records.max(1),
             entries: HashMap::new(),
             expiries: VecDeque::new(),
         }
@@ -69,6 +82,23 @@ impl TtlIndex {
                 None => holders.push((worker, until)),
             }
             self.expiries.push_back((until, *block, worker));
+        }
+        while self.expiries.len() > self.max_records {
+            // The oldest record goes early, unless it was recorded again since.
+            let Some((until, block, worker)) = self.expiries.pop_front() else {
+                break;
+            };
+            self.forget(block, worker, |u| u == until);
+        }
+    }
+
+    /// Removes `worker`'s entry for `block` when its expiry passes `matches`.
+    fn forget(&mut self, block: SequenceHash, worker: WorkerId, matches: impl Fn(Instant) -> bool) {
+        if let Some(holders) = self.entries.get_mut(&block) {
+            holders.retain(|(w, u)| !(*w == worker && matches(*u)));
+            if holders.is_empty() {
+                self.entries.remove(&block);
+            }
         }
     }
 
@@ -112,12 +142,7 @@ impl TtlIndex {
                 break;
             }
             self.expiries.pop_front();
-            if let Some(holders) = self.entries.get_mut(&block) {
-                holders.retain(|(w, u)| !(*w == worker && *u <= now));
-                if holders.is_empty() {
-                    self.entries.remove(&block);
-                }
-            }
+            self.forget(block, worker, |u| u <= now);
         }
     }
 
@@ -200,6 +225,23 @@ mod tests {
             .find_matches(&request, later)
             .max(&side.find_matches(&request, later));
         assert_eq!(scored.get(w(1)), 1, "the prediction expired");
+    }
+
+    #[test]
+    fn past_its_record_cap_the_index_forgets_the_oldest_first() {
+        let t0 = Instant::now();
+        let mut index = TtlIndex::with_max_records(APPROXIMATE_TTL, 4);
+        let old = blocks(&[1, 2, 3, 4]);
+        let new = blocks(&[5, 6, 7, 8]);
+        index.record(w(1), &old, t0);
+        index.record(w(2), &new, t0 + Duration::from_secs(1));
+        let later = t0 + Duration::from_secs(2);
+        assert_eq!(index.len(), 4);
+        assert_eq!(index.find_matches(&new, later).get(w(2)), 2);
+        index.record(w(3), &blocks(&[9, 9]), later);
+        assert_eq!(index.len(), 4, "never above the cap");
+        assert_eq!(index.find_matches(&old, later).get(w(1)), 0, "the oldest went first");
+        assert_eq!(index.find_matches(&new, later).get(w(2)), 2);
     }
 
     #[test]

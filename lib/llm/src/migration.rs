@@ -221,15 +221,54 @@ pub fn continue_request(
     })
 }
 
+/// Chat fields the frontend's template rendering has already applied, so a
+/// chat sent as its token ids loses nothing by dropping them.
+const TEMPLATE_FIELDS: &[&str] = &[
+    "add_generation_prompt",
+    "continue_final_message",
+    "chat_template_kwargs",
+];
+
+/// `request` with its prompt given as `ids`, the prompt's tokens as the
+/// engine would make them ("tokens in"): a completion keeps every field; a
+/// chat becomes a completion over its rendered ids. `None` for a chat that
+/// carries something a completion cannot (tools, a structured output, log
+/// probabilities, any field not known to be plain sampling), which must go
+/// as a chat.
+pub fn with_prompt_tokens(request: &LlmRequest, ids: Vec<u32>) -> Option<LlmRequest> {
+    if let LlmRequest::Chat(chat) = request {
+        let carries_more = chat
+            .extra
+            .keys()
+            .any(|key| !SAMPLING_FIELDS.contains(&key.as_str()) && !TEMPLATE_FIELDS.contains(&key.as_str()));
+        if carries_more || structured_field(request).is_some() {
+            return None;
+        }
+    }
+    let mut next = as_completion(request);
+    next.prompt = Prompt::Tokens(ids);
+    Some(LlmRequest::Completion(next))
+}
+
 /// A completion whose prompt is the original prompt's ids and the generated ids.
 fn by_token_ids(original: &LlmRequest, done: &Progress, left: Option<u32>) -> LlmRequest {
     let ids: Vec<u32> = done.prompt_token_ids.iter().chain(&done.token_ids).copied().collect();
-    let mut next = match original {
+    let mut next = as_completion(original);
+    next.prompt = Prompt::Tokens(ids);
+    next.max_tokens = left;
+    after(&mut next.extra, done);
+    LlmRequest::Completion(next)
+}
+
+/// `request` as a completion (a chat keeps its output limit and sampling
+/// fields); the caller sets the prompt.
+fn as_completion(request: &LlmRequest) -> CompletionRequest {
+    match request {
         LlmRequest::Completion(completion) => completion.clone(),
         LlmRequest::Chat(chat) => CompletionRequest {
             model: chat.model.clone(),
             prompt: Prompt::Tokens(Vec::new()),
-            max_tokens: None,
+            max_tokens: request.max_tokens(),
             stream: chat.stream,
             stream_options: chat.stream_options,
             stop: chat.stop.clone(),
@@ -242,11 +281,7 @@ fn by_token_ids(original: &LlmRequest, done: &Progress, left: Option<u32>) -> Ll
                 .filter_map(|field| Some((field.to_string(), chat.extra.get(*field)?.clone())))
                 .collect(),
         },
-    };
-    next.prompt = Prompt::Tokens(ids);
-    next.max_tokens = left;
-    after(&mut next.extra, done);
-    LlmRequest::Completion(next)
+    }
 }
 
 /// The chat with the generated text as a final assistant message to continue.

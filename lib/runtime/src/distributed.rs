@@ -313,11 +313,39 @@ impl DistributedRuntime {
                         let disconnects = self.metrics().event_disconnects.clone();
                         Arc::new(ZmqEventPlane::new(self.discovery().clone(), host, runtime, disconnects))
                     }
-                    EventPlaneKind::Nats => Arc::new(NatsEventPlane::new(self.nats().await?, runtime)),
+                    EventPlaneKind::Nats => Arc::new(NatsEventPlane::new(self.nats_for_events().await?, runtime)),
                 };
                 Ok(plane)
             })
             .await
+    }
+
+    /// The NATS connection the event plane uses: the process's own when NATS
+    /// answers; when it does not, one that keeps trying in the background,
+    /// so the process serves meanwhile (without load reports and events),
+    /// says so in its log and in `/health` (`event_plane: connecting`), and
+    /// starts publishing once NATS is up. Settings errors still fail.
+    async fn nats_for_events(&self) -> Result<async_nats::Client, NatsConnectError> {
+        let client = match self.nats().await {
+            Ok(client) => client,
+            Err(error) if error.is_unreachable() => {
+                tracing::warn!(
+                    error = %crate::error::Report(&error),
+                    "the NATS event plane is unreachable; serving without load reports and events, \
+                     connecting in the background"
+                );
+                crate::nats::connect_in_background(self.runtime().config().nats()).await?
+            }
+            Err(error) => return Err(error),
+        };
+        let state = client.clone();
+        self.inner
+            .health
+            .set_event_plane(Box::new(move || match state.connection_state() {
+                async_nats::connection::State::Connected => "connected",
+                _ => "connecting",
+            }));
+        Ok(client)
     }
 
     /// The NATS connection, opened on first use (bounded by

@@ -249,6 +249,13 @@ impl EventPublisher {
         &self.topic
     }
 
+    /// Fault injection: uses up the next `events` sequence numbers without
+    /// sending anything, as if those events had been lost on the way, so
+    /// subscribers count them as a gap (chaos and gap-detection tests).
+    pub fn withhold(&self, events: u64) {
+        self.sequence.fetch_add(events, Ordering::Relaxed);
+    }
+
     /// Sends `event` (msgpack) to every current subscriber of the topic.
     pub async fn publish<T: Serialize>(&self, event: &T) -> Result<(), EventError> {
         let payload = rmp_serde::to_vec_named(event).map_err(|source| EventError::Encode { source })?;

@@ -14,8 +14,38 @@ pub(crate) const NATS_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) async fn connect(config: &NatsConfig) -> Result<async_nats::Client, NatsConnectError> {
     // For logs and errors: no credentials a URL may carry.
     let servers = crate::config::redact_urls(config.servers());
-    let mut options = async_nats::ConnectOptions::new().connection_timeout(NATS_CONNECT_TIMEOUT);
-    options = match config.auth() {
+    let options = options(config).await?;
+    let client = tokio::time::timeout(NATS_CONNECT_TIMEOUT, options.connect(config.servers().as_slice()))
+        .await
+        .map_err(|_| NatsConnectError::Timeout {
+            servers: servers.clone(),
+            after: NATS_CONNECT_TIMEOUT,
+        })?
+        .map_err(|source| NatsConnectError::Unreachable {
+            servers: servers.clone(),
+            source,
+        })?;
+    tracing::info!(servers, "connected to NATS");
+    Ok(client)
+}
+
+/// A client of `config`'s servers that connects in the background, trying
+/// again until a server answers: for a process that serves without NATS
+/// while it is down (the event plane). Fails only on settings (an
+/// unreadable credentials file, servers that do not parse).
+pub(crate) async fn connect_in_background(config: &NatsConfig) -> Result<async_nats::Client, NatsConnectError> {
+    let servers = crate::config::redact_urls(config.servers());
+    let options = options(config).await?.retry_on_initial_connect();
+    options
+        .connect(config.servers().as_slice())
+        .await
+        .map_err(|source| NatsConnectError::Unreachable { servers, source })
+}
+
+/// The client options of `config`: its credentials, a bounded connect attempt.
+async fn options(config: &NatsConfig) -> Result<async_nats::ConnectOptions, NatsConnectError> {
+    let options = async_nats::ConnectOptions::new().connection_timeout(NATS_CONNECT_TIMEOUT);
+    let options = match config.auth() {
         NatsAuth::None => options,
         NatsAuth::UserPassword(user, password) => options.user_and_password(user.clone(), password.clone()),
         NatsAuth::Token(token) => options.token(token.clone()),
@@ -29,18 +59,25 @@ pub(crate) async fn connect(config: &NatsConfig) -> Result<async_nats::Client, N
                 })?
         }
     };
-    let client = tokio::time::timeout(NATS_CONNECT_TIMEOUT, options.connect(config.servers().as_slice()))
-        .await
-        .map_err(|_| NatsConnectError::Timeout {
-            servers: servers.clone(),
-            after: NATS_CONNECT_TIMEOUT,
-        })?
-        .map_err(|source| NatsConnectError::Unreachable {
-            servers: servers.clone(),
-            source,
-        })?;
-    tracing::info!(servers, "connected to NATS");
-    Ok(client)
+    Ok(options)
+}
+
+impl NatsConnectError {
+    /// True when no server answered (down, not there yet, not resolvable):
+    /// what waiting may cure. Refused credentials and bad settings are not.
+    pub fn is_unreachable(&self) -> bool {
+        use async_nats::ConnectErrorKind as Kind;
+        match self {
+            NatsConnectError::Timeout { .. } => true,
+            NatsConnectError::Unreachable { source, .. } => {
+                matches!(
+                    source.kind(),
+                    Kind::Io | Kind::TimedOut | Kind::Dns | Kind::MaxReconnects
+                )
+            }
+            NatsConnectError::CredentialsFile { .. } => false,
+        }
+    }
 }
 
 /// Why no NATS connection could be opened.

@@ -29,7 +29,6 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Readiness of the endpoints this process serves.
-#[derive(Debug)]
 pub struct SystemHealth {
     started: Instant,
     starting_ready: bool,
@@ -39,7 +38,12 @@ pub struct SystemHealth {
     /// any more, even once it has no endpoints left.
     draining: CancellationToken,
     endpoints: RwLock<BTreeMap<String, EndpointHealth>>,
+    /// The event plane's connection, when it has a server to be connected to (NATS).
+    event_plane: RwLock<Option<EventPlaneState>>,
 }
+
+/// Reads the event plane's connection state: `connected` or `connecting`.
+type EventPlaneState = Box<dyn Fn() -> &'static str + Send + Sync>;
 
 #[derive(Debug, Clone)]
 struct EndpointHealth {
@@ -47,6 +51,15 @@ struct EndpointHealth {
     /// Draining endpoints stay notready whatever a canary says.
     draining: bool,
     instance: Instance,
+}
+
+impl std::fmt::Debug for SystemHealth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SystemHealth")
+            .field("started", &self.started)
+            .field("endpoints", &self.read())
+            .finish_non_exhaustive()
+    }
 }
 
 impl SystemHealth {
@@ -57,7 +70,14 @@ impl SystemHealth {
             stopping,
             draining,
             endpoints: RwLock::new(BTreeMap::new()),
+            event_plane: RwLock::new(None),
         }
+    }
+
+    /// Reports the event plane's connection in `/health` from now on. It
+    /// does not make the process notready: it serves without events.
+    pub(crate) fn set_event_plane(&self, state: EventPlaneState) {
+        *self.event_plane.write().unwrap_or_else(|p| p.into_inner()) = Some(state);
     }
 
     /// Adds (or updates) a served endpoint, keyed by `namespace/component/endpoint`.
@@ -117,9 +137,16 @@ impl SystemHealth {
         } else {
             endpoints.values().all(|e| e.ready)
         };
+        let event_plane = self
+            .event_plane
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|state| state());
         HealthReport {
             status: status_word(ready),
             uptime_seconds: self.uptime_seconds(),
+            event_plane,
             endpoints: endpoints
                 .iter()
                 .map(|(path, e)| (path.clone(), status_word(e.ready)))
@@ -150,6 +177,9 @@ fn status_word(ready: bool) -> &'static str {
 struct HealthReport {
     status: &'static str,
     uptime_seconds: f64,
+    /// `connected` or `connecting`, for an event plane with a server (NATS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event_plane: Option<&'static str>,
     endpoints: BTreeMap<String, &'static str>,
 }
 

@@ -11,7 +11,7 @@ use axum::http::StatusCode;
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use std::sync::{Arc, Mutex};
-use switchyard_llm::model_card::{EngineFeatures, Liveness, LoadGauges, ModelCard, ModelKind};
+use switchyard_llm::model_card::{EngineFeatures, Liveness, LoadGauges, ModelCard, ModelKind, TokenizerSpec};
 use switchyard_llm::openai::{Prompt, Usage};
 use switchyard_llm::protocol::{FinishReason, LlmOutput, LlmRequest};
 use switchyard_runtime::config::RuntimeConfig;
@@ -106,6 +106,21 @@ struct Stack {
 impl Stack {
     /// Two workers of model `m` over one `engine`, behind a frontend.
     async fn start(engine: Scripted, features: EngineFeatures, migration_limit: u32) -> Self {
+        let args = FrontendArgs {
+            migration_limit,
+            ..FrontendArgs::default()
+        };
+        Self::start_with(engine, features, args, None).await
+    }
+
+    /// Like [`Stack::start`], with the frontend's `args` and the cards
+    /// naming `tokenizer`.
+    async fn start_with(
+        engine: Scripted,
+        features: EngineFeatures,
+        args: FrontendArgs,
+        tokenizer: Option<TokenizerSpec>,
+    ) -> Self {
         let engine = Arc::new(engine);
         let registry = MemRegistry::new();
         let mut runtimes = Vec::new();
@@ -127,19 +142,20 @@ impl Stack {
             std::mem::forget(serving); // lives as long as its runtime
             let mut card = ModelCard::new("m", &endpoint, vec![ModelKind::Chat, ModelKind::Completions], 1000);
             card.engine = Some(features.clone());
+            card.tokenizer = tokenizer.clone();
             card.register(&endpoint).await.unwrap();
             runtimes.push(runtime);
         }
         let frontend_runtime = Runtime::new(RuntimeConfig::local());
-        let args = FrontendArgs {
-            migration_limit,
-            ..FrontendArgs::default()
-        };
         let state = FrontendState::new(&drt(&frontend_runtime, &registry), &args)
             .await
             .unwrap();
+        let tokenizer_loaded = |m: &crate::models::Model| tokenizer.is_none() || m.tokenizer.hf.is_some();
         eventually("both workers known", || {
-            state.models.get("m").is_some_and(|m| m.cards.len() == 2)
+            state
+                .models
+                .get("m")
+                .is_some_and(|m| m.cards.len() == 2 && tokenizer_loaded(&m))
         })
         .await;
         runtimes.push(frontend_runtime);
@@ -335,5 +351,108 @@ async fn a_request_goes_to_at_most_one_plus_the_migration_limit_workers() {
     assert!(last["error"].is_object(), "{last}");
     assert_eq!(stack.engine.requests().len(), 3, "the first worker and two migrations");
     assert_eq!(stack.ongoing_migrations(), 2);
+    stack.shutdown().await;
+}
+
+/// "Tokens in": in KV mode with the model's own tokenizer files, a request
+/// reaches engines that take token ids as the very ids the router scored.
+#[tokio::test]
+async fn with_exact_tokens_requests_reach_token_id_engines_as_the_routers_ids() {
+    use switchyard_llm::testing::{CHATML_TEMPLATE, token_id, write_model_dir};
+    let dir = tempfile::tempdir().unwrap();
+    write_model_dir(dir.path(), Some(CHATML_TEMPLATE)).unwrap();
+    let hf = switchyard_llm::tokenizer::HfTokenizer::from_dir(dir.path()).unwrap();
+    let spec = TokenizerSpec::HfDir {
+        path: dir.path().to_str().unwrap().into(),
+    };
+    let args = FrontendArgs {
+        router_mode: switchyard_runtime::routing::RouterMode::Kv,
+        ..FrontendArgs::default()
+    };
+    let stack = Stack::start_with(scripted(0), features(true, false), args, Some(spec)).await;
+
+    let (text, _, done) = stack
+        .stream(
+            "/v1/completions",
+            json!({"model": "m", "prompt": "hello world", "max_tokens": 5, "stream": true}),
+            None,
+        )
+        .await;
+    assert_eq!((text.as_str(), done), (" end", true));
+    let chat = json!({"model": "m", "messages": [{"role": "user", "content": "hello world"}], "stream": true});
+    let (text, last, _) = stack.stream("/v1/chat/completions", chat, None).await;
+    assert_eq!(text, " end");
+    assert_eq!(
+        last["object"], "chat.completion.chunk",
+        "the client still gets a chat: {last}"
+    );
+    // A chat with tools cannot become a completion: it goes as it came.
+    let tools = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
+    let with_tools =
+        json!({"model": "m", "messages": [{"role": "user", "content": "hello"}], "tools": tools, "stream": true});
+    stack.stream("/v1/chat/completions", with_tools, None).await;
+
+    let requests = stack.engine.requests();
+    let LlmRequest::Completion(completion) = &requests[0] else {
+        panic!("{:?}", requests[0])
+    };
+    assert_eq!(
+        completion.prompt,
+        Prompt::Tokens(hf.encode("hello world", true).unwrap())
+    );
+    assert_eq!(completion.max_tokens, Some(5));
+    let LlmRequest::Completion(from_chat) = &requests[1] else {
+        panic!("{:?}", requests[1])
+    };
+    let im_start = token_id("<|im_start|>");
+    let Prompt::Tokens(ids) = &from_chat.prompt else {
+        panic!("{from_chat:?}")
+    };
+    assert_eq!(
+        ids[..4],
+        [im_start, token_id("user"), token_id("hello"), token_id("world")]
+    );
+    assert!(matches!(&requests[2], LlmRequest::Chat(_)), "{:?}", requests[2]);
+
+    // The exact count also checks the context (1000 tokens) before any worker is asked.
+    let long = "hello ".repeat(990);
+    let request = post(
+        "/v1/completions",
+        json!({"model": "m", "prompt": long, "max_tokens": 20}).to_string(),
+    );
+    let response = stack.app.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        body.contains("is 991 tokens and max_tokens is 20") && body.contains("context length of 1000"),
+        "{body}"
+    );
+    assert_eq!(stack.engine.requests().len(), 3, "no worker was asked");
+    stack.shutdown().await;
+}
+
+/// Engines that take only text get text, tokens or not.
+#[tokio::test]
+async fn engines_without_token_ids_get_the_prompt_as_text() {
+    use switchyard_llm::testing::{CHATML_TEMPLATE, write_model_dir};
+    let dir = tempfile::tempdir().unwrap();
+    write_model_dir(dir.path(), Some(CHATML_TEMPLATE)).unwrap();
+    let spec = TokenizerSpec::HfDir {
+        path: dir.path().to_str().unwrap().into(),
+    };
+    let args = FrontendArgs {
+        router_mode: switchyard_runtime::routing::RouterMode::Kv,
+        ..FrontendArgs::default()
+    };
+    let stack = Stack::start_with(scripted(0), features(false, true), args, Some(spec)).await;
+    let body = json!({"model": "m", "prompt": "hello world", "max_tokens": 5, "stream": true});
+    stack.stream("/v1/completions", body, None).await;
+    let requests = stack.engine.requests();
+    assert!(
+        matches!(&requests[0], LlmRequest::Completion(c) if c.prompt == Prompt::Text("hello world".into())),
+        "{:?}",
+        requests[0]
+    );
     stack.shutdown().await;
 }

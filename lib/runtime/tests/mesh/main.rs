@@ -493,11 +493,6 @@ async fn whoami_workers(n: usize, mode: RouterMode) -> (Vec<DistributedRuntime>,
     (workers, router)
 }
 
-/// A NATS URL where nothing listens.
-fn unreachable_nats_url() -> String {
-    format!("nats://127.0.0.1:{}", switchyard_test_support::free_port())
-}
-
 #[tokio::test]
 async fn the_explicit_round_robin_call_takes_turns_whatever_the_router_mode() {
     let (workers, router) = whoami_workers(3, RouterMode::Random).await;
@@ -518,8 +513,10 @@ async fn the_explicit_round_robin_call_takes_turns_whatever_the_router_mode() {
 
 #[tokio::test]
 async fn an_endpoint_whose_load_reports_cannot_start_is_not_left_in_discovery() {
-    // The event plane is NATS, and nothing listens where NATS should be.
-    let url = unreachable_nats_url();
+    // The event plane is NATS, and it refuses this process's (missing)
+    // token: a settings error, which fails, unlike a server that is down.
+    let nats = switchyard_test_support::nats_server::NatsServer::start_with_token("s3cret");
+    let url = nats.url();
     let registry = MemRegistry::new();
     let worker = process(&registry, &[("DYN_EVENT_PLANE", "nats"), ("NATS_SERVER", &url)]);
     let endpoint = worker
