@@ -72,6 +72,15 @@ wait_for() {
     done
 }
 
+# wait_quietly SECONDS COMMAND...: like wait_for, but returns 1 at the deadline.
+wait_quietly() {
+    local deadline=$(( $(date +%s) + $1 )); shift
+    until "$@" >/dev/null 2>&1; do
+        (( $(date +%s) < deadline )) || return 1
+        sleep 1
+    done
+}
+
 compose() { (cd "$COMPOSE_DIR" && timeout 300 podman-compose -p "$PROJECT" "$@"); }
 container() { echo "${PROJECT}_$1_1"; }
 
@@ -271,16 +280,18 @@ ensure_dns() {  # CONTAINER... ; every one must resolve etcd, then every name
     local c n attempt pod
     for c in "$@"; do
         for attempt in 1 2 3 4; do
-            if timeout 20 podman exec "$c" timeout 8 getent hosts etcd >/dev/null 2>&1; then
+            # A container that just joined may need a few seconds: give it 20.
+            if wait_quietly 20 timeout 20 podman exec "$c" timeout 8 getent hosts etcd; then
                 break
             fi
             (( attempt < 4 )) || fail "$c gets no DNS answers after 3 restarts"
             pod=$(podman inspect -f '{{.PodName}}' "$c" 2>/dev/null || true)
             echo "WARNING: $c gets no DNS answers (podman/aardvark-dns fault); restarting ${pod:-it} ($attempt/3)"
             if [ -n "$pod" ]; then
-                timeout 60 podman pod restart "$pod" >/dev/null
+                { timeout 60 podman pod stop -t 5 "$pod" && timeout 60 podman pod start "$pod"; } >/dev/null \
+                    || fail "restarting Pod $pod failed"
             else
-                timeout 60 podman restart -t 5 "$c" >/dev/null
+                timeout 60 podman restart -t 5 "$c" >/dev/null || fail "restarting $c failed"
             fi
             sleep 1
         done
