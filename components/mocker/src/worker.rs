@@ -4,7 +4,7 @@
 
 use crate::engine::MockerLlm;
 use crate::metrics::EngineMetrics;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use switchyard_kv_events::{DEFAULT_BUFFER_STEPS, KvEventsError, Publisher, PublisherConfig};
 use switchyard_llm::model_card::{Capacity, KvEventsSource, ModelCard, ModelKind, TokenizerSpec};
 use switchyard_mocker::config::{ConfigError, MockerConfig};
@@ -104,31 +104,55 @@ pub enum KvEventsBind {
     At(PublisherConfig),
 }
 
+/// Where `--kv-events` publishes: the request plane's host, ports chosen by
+/// the OS. libzmq binds only to an address or an interface name, never to a
+/// host name, so a name (`DYN_TCP_RPC_HOST=worker-1` in the compose stack)
+/// is resolved first; the card then names that address, which subscribers
+/// reach as they would the name.
+async fn ephemeral_publisher(host: &str) -> Result<PublisherConfig, MockerError> {
+    let address = match host.parse::<IpAddr>() {
+        Ok(address) => address,
+        Err(_) => {
+            let resolved = tokio::net::lookup_host((host, 0))
+                .await
+                .map_err(|source| MockerError::KvEventsHost {
+                    host: host.to_string(),
+                    source,
+                })?
+                .map(|a| a.ip())
+                .collect::<Vec<_>>();
+            // IPv4 first, as the request plane's listener resolves it.
+            resolved
+                .iter()
+                .find(|a| a.is_ipv4())
+                .or(resolved.first())
+                .copied()
+                .ok_or_else(|| MockerError::KvEventsHost {
+                    host: host.to_string(),
+                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+                })?
+        }
+    };
+    let host = match address {
+        IpAddr::V6(v6) => format!("[{v6}]"),
+        IpAddr::V4(v4) => v4.to_string(),
+    };
+    Ok(PublisherConfig {
+        endpoint: format!("tcp://{host}:0"),
+        replay_endpoint: Some(format!("tcp://{host}:0")),
+        topic: KV_EVENTS_TOPIC.to_string(),
+        buffer_steps: DEFAULT_BUFFER_STEPS,
+    })
+}
+
 /// Binds a vLLM-style KV event publisher and forwards the engine's batches
 /// to it until the engine stops.
 fn publish_kv_events(
     runtime: &Runtime,
-    bind: &KvEventsBind,
+    config: PublisherConfig,
     mut batches: tokio::sync::mpsc::Receiver<switchyard_kv_router::events::EventBatch>,
     withhold_every: u64,
 ) -> Result<KvEventsSource, KvEventsError> {
-    let config = match bind {
-        KvEventsBind::Ephemeral => {
-            let host = runtime.config().tcp().host();
-            let host = if host.contains(':') {
-                format!("[{host}]")
-            } else {
-                host.clone()
-            };
-            PublisherConfig {
-                endpoint: format!("tcp://{host}:0"),
-                replay_endpoint: Some(format!("tcp://{host}:0")),
-                topic: KV_EVENTS_TOPIC.to_string(),
-                buffer_steps: DEFAULT_BUFFER_STEPS,
-            }
-        }
-        KvEventsBind::At(config) => config.clone(),
-    };
     let topic = config.topic.clone();
     let publisher = Publisher::bind(config)?;
     let source = KvEventsSource {
@@ -181,6 +205,14 @@ pub enum MockerError {
     Metrics(#[from] MetricsError),
     #[error("cannot publish KV events (--kv-events)")]
     KvEvents(#[from] KvEventsError),
+    #[error(
+        "cannot publish KV events (--kv-events): the request plane's host {host:?} (DYN_TCP_RPC_HOST) does not resolve"
+    )]
+    KvEventsHost {
+        host: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// One running mocker worker.
@@ -215,7 +247,11 @@ pub async fn serve_with(
     let (engine, kv_events) = if let Some(bind) = &kv_events {
         let (batches, received) = tokio::sync::mpsc::channel(KV_EVENT_QUEUE);
         let engine = MockerEngine::start_with_kv_events(config.clone(), runtime.root_token().child_token(), batches)?;
-        let source = publish_kv_events(runtime, bind, received, args.kv_events_withhold_every)?;
+        let config = match bind {
+            KvEventsBind::Ephemeral => ephemeral_publisher(runtime.config().tcp().host()).await?,
+            KvEventsBind::At(config) => config.clone(),
+        };
+        let source = publish_kv_events(runtime, config, received, args.kv_events_withhold_every)?;
         (engine, Some(source))
     } else {
         (
@@ -319,4 +355,35 @@ pub async fn run(runtime: Runtime, args: MockerArgs) -> Result<(), MockerError> 
         worker.serving.wait().await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by running the compose stack, where DYN_TCP_RPC_HOST is a
+    /// service name: libzmq refused `tcp://worker-1:0` ("No such device")
+    /// and every mocker worker exited at start-up.
+    #[tokio::test]
+    async fn kv_events_bind_where_a_host_name_resolves() {
+        let config = ephemeral_publisher("localhost").await.unwrap();
+        assert_eq!(config.endpoint, "tcp://127.0.0.1:0");
+        let publisher = Publisher::bind(config).unwrap();
+        assert!(
+            publisher.endpoint().starts_with("tcp://127.0.0.1:"),
+            "{}",
+            publisher.endpoint()
+        );
+    }
+
+    #[tokio::test]
+    async fn kv_events_bind_to_an_address_as_given() {
+        assert_eq!(
+            ephemeral_publisher("127.0.0.1").await.unwrap().endpoint,
+            "tcp://127.0.0.1:0"
+        );
+        assert_eq!(ephemeral_publisher("::1").await.unwrap().endpoint, "tcp://[::1]:0");
+        let error = ephemeral_publisher("no-such-host.invalid").await.unwrap_err();
+        assert!(error.to_string().contains("DYN_TCP_RPC_HOST"), "{error}");
+    }
 }
