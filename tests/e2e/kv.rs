@@ -23,6 +23,13 @@ fn route(response: &reqwest::Response) -> HashMap<String, String> {
         .collect()
 }
 
+/// POSTs `body` to `url`, expects 200, and returns its route's fields.
+async fn routed(http: &reqwest::Client, url: &str, body: Value) -> HashMap<String, String> {
+    let response = http.post(url).json(&body).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    route(&response)
+}
+
 /// A frontend metric's value (the first sample named `name`).
 async fn metric(http: &reqwest::Client, url: &str, name: &str) -> f64 {
     let Ok(response) = http.get(format!("{url}/metrics")).send().await else {
@@ -78,16 +85,7 @@ async fn kv_routing_follows_the_engines_events_across_processes() {
         json!({"model": "mock-model", "max_tokens": 2,
                "messages": [{"role": "user", "content": format!("{prompt}{suffix}")}]})
     };
-    let post = async |body: Value| {
-        let response = http
-            .post(format!("{url}/v1/chat/completions"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-        route(&response)
-    };
+    let post = async |body: Value| routed(&http, &format!("{url}/v1/chat/completions"), body).await;
 
     let first = post(ask("one")).await;
     assert_eq!(first["index"], "events", "{first:?}");
@@ -150,16 +148,7 @@ async fn a_lost_event_batch_is_seen_as_a_gap_and_recovered_by_replay_across_proc
         let prompt: String = (0..300).map(|i| format!("{tag}{i} ")).collect();
         json!({"model": "mock-model", "max_tokens": 1, "prompt": prompt})
     };
-    let post = async |body: Value| {
-        let response = http
-            .post(format!("{url}/v1/completions"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-        route(&response)
-    };
+    let post = async |body: Value| routed(&http, &format!("{url}/v1/completions"), body).await;
     // One batch per prompt (each is prefilled in one engine step): the
     // second prompt's batch is withheld, and the third's reveals the gap.
     let tags = ["alpha", "bravo", "charlie", "delta"];

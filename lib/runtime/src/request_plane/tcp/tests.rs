@@ -79,11 +79,7 @@ async fn every_request_to_a_worker_shares_one_connection_even_after_failures() {
     )
     .await
     .unwrap();
-    let client = TcpClient::new(
-        RuntimeConfig::default().tcp(),
-        CancellationToken::new(),
-        TaskTracker::new(),
-    );
+    let client = default_client();
     let target = |endpoint: &str| Target {
         transport: server.transport(),
         endpoint: format!("ns/c/{endpoint}"),
@@ -193,6 +189,15 @@ async fn worker_with(vars: &[(&str, &str)]) -> (TcpServer, TransportMetrics) {
     (server, metrics)
 }
 
+/// A caller with the default settings, on its own token and tracker.
+fn default_client() -> TcpClient {
+    TcpClient::new(
+        RuntimeConfig::default().tcp(),
+        CancellationToken::new(),
+        TaskTracker::new(),
+    )
+}
+
 fn address(server: &TcpServer) -> String {
     let Transport::Tcp(address) = server.transport() else {
         unreachable!("a TCP server")
@@ -270,11 +275,7 @@ async fn a_caller_speaking_another_protocol_version_is_refused_with_both_version
     assert_eq!(refusals(&metrics, "handshake"), 1);
 
     // The request sent after the wrong Hello never ran; a current caller is served.
-    let client = TcpClient::new(
-        RuntimeConfig::default().tcp(),
-        CancellationToken::new(),
-        TaskTracker::new(),
-    );
+    let client = default_client();
     let answer = client
         .call(&target(&server, "count"), Context::new(Bytes::from_static(b"2")))
         .await;
@@ -303,11 +304,7 @@ async fn a_worker_speaking_another_protocol_version_is_refused_with_both_version
         let mut rest = vec![];
         let _ = socket.read_to_end(&mut rest).await;
     });
-    let client = TcpClient::new(
-        RuntimeConfig::default().tcp(),
-        CancellationToken::new(),
-        TaskTracker::new(),
-    );
+    let client = default_client();
     let target = Target {
         transport: Transport::Tcp(address),
         endpoint: "ns/c/echo".into(),
@@ -324,11 +321,7 @@ async fn a_worker_speaking_another_protocol_version_is_refused_with_both_version
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_silent_connections_keeps_neither_open_nor_new_callers_out() {
     let (server, metrics) = worker_with(&[("DYN_TCP_MAX_CONNECTIONS", "20")]).await;
-    let client = TcpClient::new(
-        RuntimeConfig::default().tcp(),
-        CancellationToken::new(),
-        TaskTracker::new(),
-    );
+    let client = default_client();
     let first = client
         .call(&target(&server, "count"), Context::new(Bytes::from_static(b"1")))
         .await;
@@ -351,11 +344,7 @@ async fn a_flood_of_silent_connections_keeps_neither_open_nor_new_callers_out() 
     assert_eq!(collect(answer.unwrap()).await.0, numbers(5));
     // ...and so is a new caller: its connection takes the place of the
     // oldest one still silent in its handshake.
-    let newcomer = TcpClient::new(
-        RuntimeConfig::default().tcp(),
-        CancellationToken::new(),
-        TaskTracker::new(),
-    );
+    let newcomer = default_client();
     let answer = newcomer
         .call(&target(&server, "count"), Context::new(Bytes::from_static(b"3")))
         .await;
@@ -366,20 +355,12 @@ async fn a_flood_of_silent_connections_keeps_neither_open_nor_new_callers_out() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_every_slot_is_a_working_connection_a_new_one_is_refused() {
     let (server, metrics) = worker_with(&[("DYN_TCP_MAX_CONNECTIONS", "1")]).await;
-    let client = TcpClient::new(
-        RuntimeConfig::default().tcp(),
-        CancellationToken::new(),
-        TaskTracker::new(),
-    );
+    let client = default_client();
     let first = client
         .call(&target(&server, "count"), Context::new(Bytes::from_static(b"1")))
         .await;
     assert_eq!(collect(first.unwrap()).await.0, numbers(1));
-    let other = TcpClient::new(
-        RuntimeConfig::default().tcp(),
-        CancellationToken::new(),
-        TaskTracker::new(),
-    );
+    let other = default_client();
     let refused = other
         .call(&target(&server, "count"), Context::new(Bytes::from_static(b"1")))
         .await;
@@ -394,11 +375,7 @@ async fn when_every_slot_is_a_working_connection_a_new_one_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_over_the_cap_fail_as_overloaded_while_other_callers_are_served() {
     let (server, metrics) = worker_with(&[("DYN_TCP_MAX_STREAMS_PER_CONNECTION", "16")]).await;
-    let rogue = TcpClient::new(
-        RuntimeConfig::default().tcp(),
-        CancellationToken::new(),
-        TaskTracker::new(),
-    );
+    let rogue = default_client();
     let mut hanging = vec![];
     let mut overloaded = 0;
     for _ in 0..200 {
@@ -426,11 +403,7 @@ async fn streams_over_the_cap_fail_as_overloaded_while_other_callers_are_served(
     assert_eq!((hanging.len(), overloaded), (16, 184));
     assert_eq!(refusals(&metrics, "streams"), 184);
     // Another caller (its own connection) is served meanwhile.
-    let other = TcpClient::new(
-        RuntimeConfig::default().tcp(),
-        CancellationToken::new(),
-        TaskTracker::new(),
-    );
+    let other = default_client();
     let answer = other
         .call(&target(&server, "count"), Context::new(Bytes::from_static(b"3")))
         .await;
@@ -451,11 +424,7 @@ async fn a_caller_that_never_reads_is_cut_off_while_others_are_served() {
         refusals(&metrics, "send_queue") + refusals(&metrics, "write_timeout") > 0
     })
     .await;
-    let client = TcpClient::new(
-        RuntimeConfig::default().tcp(),
-        CancellationToken::new(),
-        TaskTracker::new(),
-    );
+    let client = default_client();
     let answer = client
         .call(&target(&server, "count"), Context::new(Bytes::from_static(b"3")))
         .await;
