@@ -69,7 +69,7 @@ impl HttpServer {
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) -> std::io::Result<Self> {
-        let listener = tokio::net::TcpListener::bind((config.host().as_str(), *config.port())).await?;
+        let listener = super::tcp::listen(config.host(), *config.port()).await?;
         let local = listener.local_addr()?;
         let port = local.port();
         let scheme = if tls.is_some() { "https" } else { "http" };

@@ -26,7 +26,7 @@ use frame::{Decoded, FrameDecoder, FrameError};
 use std::io;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// TCP keep-alive probes: a peer that vanished without closing the
 /// connection (host lost, network partition) is noticed within about
@@ -35,6 +35,36 @@ use tokio::net::TcpStream;
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 const KEEPALIVE_RETRIES: u32 = 3;
+
+/// Listen-queue length of the request-plane listeners: connections the
+/// kernel has completed and the accept loop not yet taken. Under a flood of
+/// connects tokio's default (1024) overflows, and the kernel then drops new
+/// SYNs, a legitimate caller's among them, each costing its sender a 1 s
+/// retransmission (`tests/flood.rs` saw it). 4096 is Linux's default
+/// `net.core.somaxconn`, which caps the queue anyway.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listener on `host:port` (the first address `host` resolves to that can
+/// be bound) with [`LISTEN_BACKLOG`], for the TCP and HTTP/2 planes.
+pub(crate) async fn listen(host: &str, port: u16) -> io::Result<TcpListener> {
+    let mut last_error = None;
+    for address in tokio::net::lookup_host((host, port)).await? {
+        let socket = if address.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        // As tokio's own `TcpListener::bind` does: a restarted worker can
+        // take its port back while old connections linger in TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        match socket.bind(address) {
+            Ok(()) => return socket.listen(LISTEN_BACKLOG),
+            Err(error) => last_error = Some(error),
+        }
+    }
+    Err(last_error
+        .unwrap_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{host} resolves to no address"))))
+}
 
 /// Sets the options every request-plane socket needs: no Nagle delay (we
 /// batch writes ourselves) and keep-alive probes.

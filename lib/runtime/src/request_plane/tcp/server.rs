@@ -15,7 +15,7 @@ use crate::request_plane::pump::{CallerGone, Next, Pump, ResponseSink};
 use crate::request_plane::{ByteStream, RequestServer, Transport, encode_error};
 use bytes::{Bytes, BytesMut};
 use futures::{FutureExt, StreamExt};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -43,7 +43,7 @@ impl TcpServer {
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) -> std::io::Result<Self> {
-        let listener = TcpListener::bind((config.host().as_str(), *config.port())).await?;
+        let listener = super::listen(config.host(), *config.port()).await?;
         let local = listener.local_addr()?;
         let advertised = advertised_address(config.host(), local);
         let tls = config.tls().as_ref().map(|tls| tls.server_config());
@@ -129,10 +129,11 @@ struct Shared {
     tls: Option<Arc<ServerConfig>>,
     /// One permit per open connection (`DYN_TCP_MAX_CONNECTIONS`).
     connection_slots: Arc<Semaphore>,
-    /// Connections still in their handshake, oldest first: when the cap is
-    /// reached, the oldest is cut off to make room. A caller finishes its
-    /// handshake at once; a connection that sits there is not a caller, and
-    /// a flood of them must not keep new callers out.
+    /// Connections still in their handshake, oldest first, each holding its
+    /// slot: when the cap is reached, the oldest is cut off and its slot
+    /// handed to the newcomer. A caller finishes its handshake at once; a
+    /// connection that sits there is not a caller, and a flood of them must
+    /// not keep new callers out.
     pending: Mutex<Pending>,
     /// Streams one connection may have open (`DYN_TCP_MAX_STREAMS_PER_CONNECTION`).
     max_streams: usize,
@@ -141,32 +142,67 @@ struct Shared {
     sink_limits: SinkLimits,
 }
 
-/// Connections in their handshake, each with the token that cuts it off.
+/// Connections in their handshake. Their slots live here, not in their
+/// tasks, so that evicting one hands its slot to the newcomer at once, in the
+/// accept loop: a slot never waits for the evicted task to run, and a
+/// connection whose handshake ends as it is evicted cannot keep a slot that
+/// was given away. (An earlier version had the newcomer wait for the evicted
+/// task to release the slot; meanwhile the accept loop could take that slot
+/// for the next connection, so under a flood of 10,000 connections waits
+/// timed out and legitimate callers were reset: `tests/flood.rs`.)
 #[derive(Debug, Default)]
 struct Pending {
     next_id: u64,
-    queue: std::collections::VecDeque<(u64, CancellationToken)>,
+    /// By id, which grows with time: the first entry is the oldest.
+    connections: BTreeMap<u64, PendingConnection>,
 }
 
-/// How long a new connection waits for the slot of the handshake it evicted.
-const EVICTION_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+#[derive(Debug)]
+struct PendingConnection {
+    /// Cancelled when the connection is evicted.
+    evicted: CancellationToken,
+    slot: OwnedSemaphorePermit,
+}
 
 impl Shared {
     fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
-        // Single push/pop/retain updates: a poisoned queue is still consistent.
+        // Single insert/remove updates: a poisoned map is still consistent.
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Cuts off the connection that has been in its handshake longest;
-    /// false when every connection has finished its handshake.
-    fn evict_oldest_pending(&self) -> bool {
-        match self.pending().queue.pop_front() {
-            Some((_, token)) => {
-                token.cancel();
-                true
-            }
-            None => false,
+    /// A slot for a new connection: a free one, else the one of the
+    /// connection that has been in its handshake longest, which is cut off;
+    /// `None` when every connection has finished its handshake.
+    fn take_slot(&self) -> Option<OwnedSemaphorePermit> {
+        if let Ok(slot) = self.connection_slots.clone().try_acquire_owned() {
+            return Some(slot);
         }
+        let (_, oldest) = self.pending().connections.pop_first()?;
+        oldest.evicted.cancel();
+        Some(oldest.slot)
+    }
+
+    /// Records a connection entering its handshake with its slot; returns
+    /// its id and the token that says it was evicted.
+    fn enter_handshake(&self, slot: OwnedSemaphorePermit) -> (u64, CancellationToken) {
+        let mut pending = self.pending();
+        let id = pending.next_id;
+        pending.next_id += 1;
+        let evicted = CancellationToken::new();
+        pending.connections.insert(
+            id,
+            PendingConnection {
+                evicted: evicted.clone(),
+                slot,
+            },
+        );
+        (id, evicted)
+    }
+
+    /// The slot of connection `id` leaving its handshake; `None` when it was
+    /// evicted (its slot is someone else's now).
+    fn leave_handshake(&self, id: u64) -> Option<OwnedSemaphorePermit> {
+        self.pending().connections.remove(&id).map(|entry| entry.slot)
     }
 }
 
@@ -178,20 +214,22 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         };
         match accepted {
             Ok((socket, peer)) => {
-                let slot = shared.connection_slots.clone().try_acquire_owned().ok();
-                if slot.is_none() && !shared.evict_oldest_pending() {
+                let Some(slot) = shared.take_slot() else {
                     // Every slot is a working connection: closed at once,
                     // the callers keep theirs.
                     shared.metrics.refused("connections");
                     tracing::debug!(%peer, "refusing a request-plane connection over DYN_TCP_MAX_CONNECTIONS");
                     drop(socket);
                     continue;
-                }
+                };
+                // Registered here, before its task runs, so that the next
+                // accept can already evict it if it stays silent.
+                let (id, evicted) = shared.enter_handshake(slot);
                 shared.connections_accepted.fetch_add(1, Ordering::Relaxed);
                 shared.metrics.connections.inc();
                 shared
                     .tracker
-                    .spawn(open_connection(socket, peer, slot, shared.clone()));
+                    .spawn(open_connection(socket, peer, id, evicted, shared.clone()));
             }
             Err(error) => {
                 // Usually out of file descriptors; back off instead of spinning.
@@ -230,43 +268,34 @@ impl Connection {
     }
 }
 
-/// TLS and the Hello exchange, then the connection's requests. `slot` is
-/// its place under `DYN_TCP_MAX_CONNECTIONS`, released when it closes.
-async fn open_connection(socket: TcpStream, peer: SocketAddr, slot: Option<OwnedSemaphorePermit>, shared: Arc<Shared>) {
-    // Without a slot, one was freed by evicting a handshake: wait for it.
-    let slot = match slot {
-        Some(slot) => slot,
-        None => match tokio::time::timeout(EVICTION_WAIT, shared.connection_slots.clone().acquire_owned()).await {
-            Ok(Ok(slot)) => slot,
-            _ => {
-                shared.metrics.refused("connections");
-                return;
-            }
-        },
-    };
+/// TLS and the Hello exchange, then the connection's requests. `id` is its
+/// entry among the connections in their handshake, which holds its place
+/// under `DYN_TCP_MAX_CONNECTIONS` until the handshake ends; `evicted` is
+/// cancelled when a newcomer takes that place.
+async fn open_connection(
+    socket: TcpStream,
+    peer: SocketAddr,
+    id: u64,
+    evicted: CancellationToken,
+    shared: Arc<Shared>,
+) {
     tune_socket(&socket);
-    let (id, evicted) = {
-        let mut pending = shared.pending();
-        let id = pending.next_id;
-        pending.next_id += 1;
-        let token = CancellationToken::new();
-        pending.queue.push_back((id, token.clone()));
-        (id, token)
-    };
     // A connection that does not finish the handshake in time is not a caller
     // (a port scan, a client stuck before its first request, a plaintext
     // caller at a TLS worker): closed at the deadline, or earlier when the
     // cap is reached and it is the oldest.
     let opened = tokio::select! {
         _ = shared.shutdown.cancelled() => None,
-        _ = evicted.cancelled() => {
-            shared.metrics.refused("connections");
-            tracing::debug!(%peer, "cut off a request-plane connection still in its handshake to make room (DYN_TCP_MAX_CONNECTIONS)");
-            None
-        }
+        _ = evicted.cancelled() => None,
         opened = handshake::accept(socket, shared.tls.as_ref(), shared.first_request_deadline) => Some(opened),
     };
-    shared.pending().queue.retain(|(other, _)| *other != id);
+    // Taking the slot back decides the race with an eviction: a connection
+    // evicted as its handshake finished is closed all the same.
+    let Some(slot) = shared.leave_handshake(id) else {
+        shared.metrics.refused("connections");
+        tracing::debug!(%peer, "cut off a request-plane connection still in its handshake to make room (DYN_TCP_MAX_CONNECTIONS)");
+        return;
+    };
     let Some(opened) = opened else {
         return;
     };
