@@ -17,9 +17,11 @@ use std::time::Duration;
 
 #[cfg(feature = "cli")]
 pub mod args;
+mod nats;
 mod tls;
 mod variables;
-pub use tls::{RequestPlaneTls, peer_identity};
+pub use nats::{NatsAuth, NatsConfig};
+pub use tls::{NatsTls, RequestPlaneTls, peer_identity};
 use variables::*;
 pub use variables::{VARIABLES, Variable};
 
@@ -146,43 +148,6 @@ impl EventPlaneKind {
             Self::Zmq => "zmq",
             Self::Nats => "nats",
         }
-    }
-}
-
-/// How to authenticate to NATS.
-#[derive(Clone)]
-pub enum NatsAuth {
-    None,
-    UserPassword(String, String),
-    Token(String),
-    CredentialsFile(PathBuf),
-}
-
-impl std::fmt::Debug for NatsAuth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never print secrets.
-        match self {
-            Self::None => f.write_str("None"),
-            Self::UserPassword(user, _) => write!(f, "UserPassword({user:?}, ***)"),
-            Self::Token(_) => f.write_str("Token(***)"),
-            Self::CredentialsFile(path) => write!(f, "CredentialsFile({path:?})"),
-        }
-    }
-}
-
-/// How to reach NATS.
-#[derive(Clone, Getters)]
-pub struct NatsConfig {
-    servers: Vec<String>,
-    auth: NatsAuth,
-}
-
-impl std::fmt::Debug for NatsConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NatsConfig")
-            .field("servers", &redact_urls(&self.servers))
-            .field("auth", &self.auth)
-            .finish()
     }
 }
 
@@ -637,50 +602,6 @@ impl Settings {
             ));
         }
         Ok(text)
-    }
-
-    fn nats(&self) -> Result<NatsConfig, ConfigError> {
-        let text = self.text(NATS_SERVER)?;
-        let servers: Vec<String> = text
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect();
-        let valid = |s: &String| {
-            s.strip_prefix("nats://")
-                .or_else(|| s.strip_prefix("tls://"))
-                .is_some_and(|rest| !rest.is_empty())
-        };
-        if servers.is_empty() || !servers.iter().all(valid) {
-            return Err(self.invalid(
-                NATS_SERVER,
-                &redact_urls(&servers),
-                "a comma-separated list of nats://host:port or tls://host:port URLs",
-            ));
-        }
-        let user = self.optional_text(NATS_AUTH_USERNAME)?;
-        let password = self.optional_text(NATS_AUTH_PASSWORD)?;
-        let token = self.optional_text(NATS_AUTH_TOKEN)?;
-        let credentials = self.optional_text(NATS_AUTH_CREDENTIALS_FILE)?;
-        let auth = match (user, password, token, credentials) {
-            (None, None, None, None) => NatsAuth::None,
-            (Some(user), Some(password), None, None) => NatsAuth::UserPassword(user, password),
-            (None, None, Some(token), None) => NatsAuth::Token(token),
-            (None, None, None, Some(path)) => NatsAuth::CredentialsFile(PathBuf::from(path)),
-            (Some(_), None, _, _) | (None, Some(_), _, _) => {
-                return Err(ConfigError::Incomplete {
-                    set: "only one of NATS_AUTH_USERNAME and NATS_AUTH_PASSWORD",
-                    needed: "both, or neither",
-                });
-            }
-            _ => {
-                return Err(ConfigError::Incomplete {
-                    set: "more than one NATS authentication method",
-                    needed: "exactly one of user+password, NATS_AUTH_TOKEN or NATS_AUTH_CREDENTIALS_FILE",
-                });
-            }
-        };
-        Ok(NatsConfig { servers, auth })
     }
 
     fn etcd(&self) -> Result<EtcdConfig, ConfigError> {

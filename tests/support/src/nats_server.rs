@@ -2,6 +2,7 @@
 //! port, stopped when dropped; a watchdog shell process kills it if the test
 //! process dies first.
 
+use crate::etcd_server::TestCertificates;
 use crate::free_port;
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
@@ -49,8 +50,22 @@ impl NatsServer {
 
     /// A server that accepts messages up to `bytes` (the default is 1 MiB).
     pub fn start_with_max_payload(bytes: usize) -> Self {
+        Self::start_with_config(&format!("max_payload: {bytes}\n"))
+    }
+
+    /// A server that speaks only TLS, with `certificates`' server certificate
+    /// (for 127.0.0.1), and requires a client certificate signed by their CA
+    /// (`verify: true`); it accepts messages up to `max_payload` bytes.
+    pub fn start_with_mutual_tls(certificates: &TestCertificates, max_payload: usize) -> Self {
+        Self::start_with_config(&format!(
+            "max_payload: {max_payload}\ntls {{\n  cert_file: {:?}\n  key_file: {:?}\n  ca_file: {:?}\n  verify: true\n  timeout: 2\n}}\n",
+            certificates.server_cert, certificates.server_key, certificates.ca,
+        ))
+    }
+
+    fn start_with_config(text: &str) -> Self {
         let config = std::env::temp_dir().join(format!("switchyard-nats-{:016x}.conf", rand::random::<u64>()));
-        std::fs::write(&config, format!("max_payload: {bytes}\n")).unwrap();
+        std::fs::write(&config, text).unwrap();
         let mut server = Self {
             child: None,
             watchdog: None,

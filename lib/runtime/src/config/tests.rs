@@ -402,3 +402,67 @@ fn out_of_range_request_plane_limits_name_the_variable() {
         assert!(err.to_string().contains(variable), "{err}");
     }
 }
+
+#[test]
+fn a_bad_nats_tls_file_names_its_variable_and_path() {
+    let mesh = switchyard_test_support::etcd_server::TestCertificates::generate();
+    let garbage = mesh.dir.join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate").unwrap();
+    let missing = mesh.dir.join("missing.pem");
+    let [ca, cert, key, garbage, missing] =
+        [&mesh.ca, &mesh.client_cert, &mesh.client_key, &garbage, &missing].map(|path| path.to_str().unwrap());
+    for (variable, path, vars) in [
+        (NATS_AUTH_CA, missing, vec![(NATS_AUTH_CA, missing)]),
+        (NATS_AUTH_CA, garbage, vec![(NATS_AUTH_CA, garbage)]),
+        (
+            NATS_AUTH_CLIENT_CERT,
+            garbage,
+            vec![
+                (NATS_AUTH_CA, ca),
+                (NATS_AUTH_CLIENT_CERT, garbage),
+                (NATS_AUTH_CLIENT_KEY, key),
+            ],
+        ),
+        (
+            NATS_AUTH_CLIENT_KEY,
+            cert,
+            // A certificate where the key should be.
+            vec![
+                (NATS_AUTH_CA, ca),
+                (NATS_AUTH_CLIENT_CERT, cert),
+                (NATS_AUTH_CLIENT_KEY, cert),
+            ],
+        ),
+    ] {
+        let err = RuntimeConfig::from_vars(vars).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains(variable) && text.contains(path), "{text}");
+    }
+    let ok = RuntimeConfig::from_vars([
+        (NATS_AUTH_CA, ca),
+        (NATS_AUTH_CLIENT_CERT, cert),
+        (NATS_AUTH_CLIENT_KEY, key),
+    ])
+    .unwrap();
+    assert!(ok.nats().tls().is_some());
+    assert!(RuntimeConfig::default().nats().tls().is_none());
+    std::fs::remove_dir_all(&mesh.dir).unwrap();
+}
+
+#[test]
+fn a_nats_client_certificate_needs_its_key_and_the_ca() {
+    for (vars, needed) in [
+        (vec![(NATS_AUTH_CLIENT_CERT, "/c.pem")], "both, or neither"),
+        (
+            vec![(NATS_AUTH_CA, "/ca.pem"), (NATS_AUTH_CLIENT_KEY, "/k.pem")],
+            "both, or neither",
+        ),
+        (
+            vec![(NATS_AUTH_CLIENT_CERT, "/c.pem"), (NATS_AUTH_CLIENT_KEY, "/k.pem")],
+            "NATS_AUTH_CA",
+        ),
+    ] {
+        let text = RuntimeConfig::from_vars(vars).unwrap_err().to_string();
+        assert!(text.contains("NATS_AUTH_CLIENT") && text.contains(needed), "{text}");
+    }
+}

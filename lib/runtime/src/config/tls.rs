@@ -1,8 +1,10 @@
-//! Mutual TLS for the request planes (`DYN_REQUEST_PLANE_TLS_CA_PATH`,
-//! `_CERT_PATH`, `_KEY_PATH`): the PEM files are read and checked once, when
-//! the settings are loaded, into one rustls server and one client
-//! configuration (ring provider). Both require the peer's certificate to be
-//! signed by the mesh CA. Nothing here does network I/O.
+//! TLS settings, read and checked once when the settings are loaded: mutual
+//! TLS for the request planes (`DYN_REQUEST_PLANE_TLS_CA_PATH`, `_CERT_PATH`,
+//! `_KEY_PATH`) into one rustls server and one client configuration, and the
+//! NATS client's TLS (`NATS_AUTH_CA`, `NATS_AUTH_CLIENT_CERT`,
+//! `NATS_AUTH_CLIENT_KEY`). All use the ring provider, named explicitly, so
+//! that no process-wide default provider is needed. Nothing here does
+//! network I/O.
 
 use super::ConfigError;
 use std::path::{Path, PathBuf};
@@ -43,35 +45,47 @@ fn bad_file(variable: &'static str, path: &Path, reason: impl std::fmt::Display)
     }
 }
 
+/// Every certificate in the PEM file `path` (at least one).
+fn read_certificates(variable: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    let chain: Vec<_> = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<_, _>>())
+        .map_err(|e| bad_file(variable, path, format!("cannot read PEM certificates: {e}")))?;
+    if chain.is_empty() {
+        return Err(bad_file(variable, path, "holds no PEM `CERTIFICATE` block"));
+    }
+    Ok(chain)
+}
+
+/// The CA certificate(s) in `path` as trust anchors.
+fn read_roots(variable: &'static str, path: &Path) -> Result<RootCertStore, ConfigError> {
+    let mut roots = RootCertStore::empty();
+    for anchor in read_certificates(variable, path)? {
+        roots
+            .add(anchor)
+            .map_err(|e| bad_file(variable, path, format!("not a usable CA certificate: {e}")))?;
+    }
+    Ok(roots)
+}
+
+/// The private key in the PEM file `path`.
+fn read_key(variable: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, ConfigError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| {
+        bad_file(
+            variable,
+            path,
+            format!("cannot read a PEM private key (PKCS#8, PKCS#1 or SEC1): {e}"),
+        )
+    })
+}
+
 impl RequestPlaneTls {
     /// Reads the CA, certificate chain and key. `variables` names the three
     /// settings in that order, for the errors.
     pub(super) fn load(variables: [&'static str; 3], ca: &Path, cert: &Path, key: &Path) -> Result<Self, ConfigError> {
         let [ca_var, cert_var, key_var] = variables;
-        let certificates = |variable, path: &Path| -> Result<Vec<CertificateDer<'static>>, ConfigError> {
-            let chain: Vec<_> = CertificateDer::pem_file_iter(path)
-                .and_then(|certs| certs.collect::<Result<_, _>>())
-                .map_err(|e| bad_file(variable, path, format!("cannot read PEM certificates: {e}")))?;
-            if chain.is_empty() {
-                return Err(bad_file(variable, path, "holds no PEM `CERTIFICATE` block"));
-            }
-            Ok(chain)
-        };
-        let mut roots = RootCertStore::empty();
-        for anchor in certificates(ca_var, ca)? {
-            roots
-                .add(anchor)
-                .map_err(|e| bad_file(ca_var, ca, format!("not a usable CA certificate: {e}")))?;
-        }
-        let roots = Arc::new(roots);
-        let chain = certificates(cert_var, cert)?;
-        let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| {
-            bad_file(
-                key_var,
-                key,
-                format!("cannot read a PEM private key (PKCS#8, PKCS#1 or SEC1): {e}"),
-            )
-        })?;
+        let roots = Arc::new(read_roots(ca_var, ca)?);
+        let chain = read_certificates(cert_var, cert)?;
+        let key_der = read_key(key_var, key)?;
         let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
         let mismatch = |e: tokio_rustls::rustls::Error| {
             bad_file(
@@ -134,6 +148,69 @@ impl RequestPlaneTls {
             client: Arc::new(client),
             ..self.clone()
         }
+    }
+}
+
+/// TLS to the NATS servers: which CA signs them, and the certificate this
+/// process presents when they ask for one (`verify: true`). Cheap to clone.
+#[derive(Clone)]
+pub struct NatsTls {
+    ca: PathBuf,
+    cert: Option<PathBuf>,
+    client: Arc<ClientConfig>,
+}
+
+impl std::fmt::Debug for NatsTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsTls")
+            .field("ca", &self.ca)
+            .field("cert", &self.cert)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NatsTls {
+    /// Reads the CA and, when given, the client certificate and key.
+    /// `variables` names the three settings (CA, certificate, key) for the errors.
+    pub(super) fn load(
+        variables: [&'static str; 3],
+        ca: &Path,
+        identity: Option<(&Path, &Path)>,
+    ) -> Result<Self, ConfigError> {
+        let [ca_var, cert_var, key_var] = variables;
+        let roots = read_roots(ca_var, ca)?;
+        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let builder = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad_file(ca_var, ca, e))?
+            .with_root_certificates(roots);
+        let client = match identity {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => {
+                let chain = read_certificates(cert_var, cert)?;
+                let key_der = read_key(key_var, key)?;
+                builder.with_client_auth_cert(chain, key_der).map_err(|e| {
+                    bad_file(
+                        key_var,
+                        key,
+                        format!(
+                            "the key and the certificate in {} do not make a usable identity: {e}",
+                            cert.display()
+                        ),
+                    )
+                })?
+            }
+        };
+        Ok(Self {
+            ca: ca.to_path_buf(),
+            cert: identity.map(|(cert, _)| cert.to_path_buf()),
+            client: Arc::new(client),
+        })
+    }
+
+    /// The client configuration for async-nats.
+    pub fn client_config(&self) -> Arc<ClientConfig> {
+        self.client.clone()
     }
 }
 

@@ -57,6 +57,9 @@ pub(super) const NATS_AUTH_USERNAME: &str = "NATS_AUTH_USERNAME";
 pub(super) const NATS_AUTH_PASSWORD: &str = "NATS_AUTH_PASSWORD";
 pub(super) const NATS_AUTH_TOKEN: &str = "NATS_AUTH_TOKEN";
 pub(super) const NATS_AUTH_CREDENTIALS_FILE: &str = "NATS_AUTH_CREDENTIALS_FILE";
+pub(super) const NATS_AUTH_CA: &str = "NATS_AUTH_CA";
+pub(super) const NATS_AUTH_CLIENT_CERT: &str = "NATS_AUTH_CLIENT_CERT";
+pub(super) const NATS_AUTH_CLIENT_KEY: &str = "NATS_AUTH_CLIENT_KEY";
 pub(super) const GRACEFUL_SHUTDOWN_TIMEOUT: &str = "DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT";
 pub(super) const LOG: &str = "DYN_LOG";
 pub(super) const WORKER_THREADS: &str = "DYN_RUNTIME_NUM_WORKER_THREADS";
@@ -211,6 +214,21 @@ pub const VARIABLES: &[Variable] = &[
         name: NATS_AUTH_CREDENTIALS_FILE,
         default: "",
         help: "path of a NATS .creds file (JWT and NKey seed)",
+    },
+    Variable {
+        name: NATS_AUTH_CA,
+        default: "",
+        help: "path of the PEM CA certificate of the NATS servers; requires TLS on every NATS connection",
+    },
+    Variable {
+        name: NATS_AUTH_CLIENT_CERT,
+        default: "",
+        help: "path of the PEM client certificate for NATS servers that verify clients; needs NATS_AUTH_CLIENT_KEY and NATS_AUTH_CA",
+    },
+    Variable {
+        name: NATS_AUTH_CLIENT_KEY,
+        default: "",
+        help: "path of the PEM private key of NATS_AUTH_CLIENT_CERT",
     },
     Variable {
         name: SYSTEM_PORT,

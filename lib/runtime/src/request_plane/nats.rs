@@ -522,4 +522,60 @@ mod tests {
     }
 
     conformance_tests!(Nats);
+
+    /// The same suite through a NATS server that speaks only TLS and
+    /// requires a client certificate from the test CA: every connection is
+    /// opened as the runtime opens it, from `NATS_AUTH_CA`,
+    /// `NATS_AUTH_CLIENT_CERT` and `NATS_AUTH_CLIENT_KEY`.
+    mod over_tls {
+        use super::*;
+        use crate::request_plane::conformance::test_mesh;
+
+        fn tls_server() -> &'static NatsProcess {
+            static SERVER: OnceLock<NatsProcess> = OnceLock::new();
+            SERVER.get_or_init(|| NatsProcess::start_with_mutual_tls(test_mesh(), 8 * 1024 * 1024))
+        }
+
+        /// A connection with the test mesh's client certificate.
+        async fn connect() -> async_nats::Client {
+            let mesh = test_mesh();
+            let url = tls_server().url();
+            let config = RuntimeConfig::from_vars([
+                ("NATS_SERVER", url.as_str()),
+                ("NATS_AUTH_CA", mesh.ca.to_str().unwrap()),
+                ("NATS_AUTH_CLIENT_CERT", mesh.client_cert.to_str().unwrap()),
+                ("NATS_AUTH_CLIENT_KEY", mesh.client_key.to_str().unwrap()),
+            ])
+            .unwrap();
+            crate::nats::connect(config.nats()).await.unwrap()
+        }
+
+        struct NatsOverTls;
+
+        impl PlaneKit for NatsOverTls {
+            fn server(
+                &self,
+                config: RuntimeConfig,
+                handlers: Arc<Handlers>,
+                stop: CancellationToken,
+            ) -> BoxFuture<'static, Arc<dyn RequestServer>> {
+                async move {
+                    let subject = format!("test.{:016x}.{:x}", rand::random::<u64>(), handlers.instance_id());
+                    let limit = *config.tcp().max_message_size();
+                    let server = NatsServer::start(connect().await, subject, handlers, limit, stop, TaskTracker::new())
+                        .await
+                        .unwrap();
+                    Arc::new(server) as Arc<dyn RequestServer>
+                }
+                .boxed()
+            }
+
+            fn client(&self, config: RuntimeConfig) -> BoxFuture<'static, Arc<dyn RequestClient>> {
+                async move { Arc::new(NatsRequestClient::new(connect().await, &config)) as Arc<dyn RequestClient> }
+                    .boxed()
+            }
+        }
+
+        conformance_tests!(NatsOverTls);
+    }
 }

@@ -407,3 +407,36 @@ async fn nats_authentication_settings_are_honoured() {
     let error = Report(&error).to_string();
     assert!(error.contains("NATS_SERVER"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_events_flow_over_mutual_tls_and_a_process_without_a_certificate_is_refused() {
+    let mesh = switchyard_test_support::etcd_server::TestCertificates::generate();
+    let server = NatsServer::start_with_mutual_tls(&mesh, 1024 * 1024);
+    let url = server.url();
+    let [ca, cert, key] = [&mesh.ca, &mesh.client_cert, &mesh.client_key].map(|p| p.to_str().unwrap());
+    let tls = [
+        ("DYN_EVENT_PLANE", "nats"),
+        ("NATS_SERVER", url.as_str()),
+        ("NATS_AUTH_CA", ca),
+        ("NATS_AUTH_CLIENT_CERT", cert),
+        ("NATS_AUTH_CLIENT_KEY", key),
+    ];
+    let registry = MemRegistry::new();
+    let listener = process(&registry, &tls);
+    let mut events = subscriber(&listener).await;
+    let worker = process(&registry, &tls);
+    let load = publisher(&worker).await;
+    until_connected(&load, &mut events).await;
+    exchange(&load, &mut events, 100).await;
+
+    // The CA but no client certificate: the server refuses it.
+    let without = process(
+        &registry,
+        &[("DYN_EVENT_PLANE", "nats"), ("NATS_SERVER", &url), ("NATS_AUTH_CA", ca)],
+    );
+    let component = without.namespace("demo").unwrap().component("backend").unwrap();
+    let error = component.event_publisher("load").await.unwrap_err();
+    let error = Report(&error).to_string();
+    assert!(error.contains("TLS with NATS"), "{error}");
+    std::fs::remove_dir_all(&mesh.dir).unwrap();
+}
