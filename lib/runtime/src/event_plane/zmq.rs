@@ -30,6 +30,31 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+/// Logs a warning when a publisher's port is reachable from other machines:
+/// the ZMQ event plane is neither encrypted nor authenticated (ADR 0013),
+/// so anyone there can read its events, and anyone who can also register in
+/// discovery can publish forged ones.
+fn warn_if_exposed(endpoint: &str) {
+    if is_exposed(endpoint) {
+        tracing::warn!(
+            %endpoint,
+            "the ZMQ event plane publishes on a non-loopback address without encryption or authentication: \
+             any host that reaches it reads the load reports; use DYN_EVENT_PLANE=nats with NATS_AUTH_* and \
+             NATS_AUTH_CA, or keep DYN_TCP_RPC_HOST on a private network (docs/security.md, ADR 0013)"
+        );
+    }
+}
+
+/// Whether a bound endpoint (`tcp://IP:port`) listens beyond loopback.
+fn is_exposed(endpoint: &str) -> bool {
+    endpoint
+        .strip_prefix("tcp://")
+        .and_then(|rest| rest.rsplit_once(':'))
+        .map(|(host, _)| host.trim_start_matches('[').trim_end_matches(']'))
+        .and_then(|host| host.parse::<std::net::IpAddr>().ok())
+        .is_some_and(|ip| !ip.is_loopback())
+}
+
 /// Envelopes queued for the socket thread before `publish` waits.
 const PUBLISH_QUEUE: usize = 65_536;
 
@@ -171,6 +196,7 @@ impl EventPlane for ZmqEventPlane {
         };
         self.thread("event-pub", move || sender.run())?;
         tracing::debug!(%endpoint, topic = %channel.topic, "zmq event publisher bound");
+        warn_if_exposed(&endpoint);
         Ok(Box::new(ZmqPublisher {
             frames,
             room,
@@ -657,5 +683,27 @@ where
     match futures::executor::block_on(select(stopped, send)) {
         Either::Right((Ok(()), _)) => Ok(()),
         Either::Left(_) | Either::Right((Err(_), _)) => Err(Stopped),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// ADR 0013 rests on this: `zmq-sys` builds its vendored libzmq without
+    /// libsodium, so CURVE is not there to turn on. A build that gains it
+    /// fails here, and the ADR's choice should be made again.
+    #[test]
+    fn the_vendored_libzmq_has_no_curve_so_the_zmq_event_plane_cannot_authenticate() {
+        assert_eq!(zmq::has("curve"), Some(false), "libzmq has CURVE now: revisit ADR 0013");
+    }
+
+    #[test]
+    fn only_a_publisher_on_a_non_loopback_address_is_exposed() {
+        // The parsing behind the warning: loopback in both families is quiet.
+        for endpoint in ["tcp://127.0.0.1:5555", "tcp://[::1]:5555", "ipc:///tmp/x"] {
+            assert!(!super::is_exposed(endpoint), "{endpoint}");
+        }
+        for endpoint in ["tcp://10.0.0.7:5555", "tcp://[fd00::7]:5555"] {
+            assert!(super::is_exposed(endpoint), "{endpoint}");
+        }
     }
 }
