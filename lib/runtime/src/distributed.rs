@@ -18,7 +18,7 @@ use crate::event_plane::zmq::ZmqEventPlane;
 use crate::metrics::{Metrics, ProcessMetrics};
 use crate::nats::NatsConnectError;
 use crate::request_plane::handlers::Handlers;
-use crate::request_plane::http::{HttpClient, HttpServer};
+use crate::request_plane::http::{HttpClient, HttpLimits, HttpServer};
 use crate::request_plane::nats::{NatsRequestClient, NatsServer, instance_subject};
 use crate::request_plane::tcp::{TcpClient, TcpServer};
 use crate::request_plane::{AnyClient, NatsConnect, RequestClient, RequestServer};
@@ -388,19 +388,7 @@ impl DistributedRuntime {
                         })?;
                     Arc::new(server)
                 } else if *config.request_plane() == RequestPlaneKind::Http {
-                    let limits = crate::http_server::Limits {
-                        max_connections: Some(*tcp.max_connections()),
-                        max_streams_per_connection: Some(
-                            u32::try_from(*tcp.max_streams_per_connection()).unwrap_or(u32::MAX),
-                        ),
-                        on_refused: Some(
-                            self.inner
-                                .metrics
-                                .transport
-                                .limit_refusals
-                                .with_label_values(&["connections"]),
-                        ),
-                    };
+                    let limits = HttpLimits::from_config(tcp, self.inner.metrics.transport.clone());
                     let server = HttpServer::bind(
                         http,
                         *tcp.max_message_size(),

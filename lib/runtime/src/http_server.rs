@@ -22,8 +22,10 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -59,6 +61,44 @@ pub struct Limits {
     pub max_streams_per_connection: Option<u32>,
     /// Counts a refused connection.
     pub on_refused: Option<prometheus::IntCounter>,
+    /// Bytes of answers one connection may hold queued for the HTTP/2 stack:
+    /// each connection gets a [`SendBudget`] of this size in the extensions
+    /// of its requests, for handlers that stream to draw on.
+    pub send_queue_bytes: Option<usize>,
+}
+
+/// One connection's budget of queued answer bytes, shared by its streams:
+/// what a caller that stops reading can make the server hold, whatever the
+/// number of its streams. Handlers that stream take from it before queueing
+/// a chunk and give back when the HTTP/2 stack takes the chunk (which it does
+/// only as the peer's flow-control window opens).
+#[derive(Debug, Clone)]
+pub struct SendBudget {
+    bytes: Arc<Semaphore>,
+    total: usize,
+}
+
+impl SendBudget {
+    fn new(total: usize) -> Self {
+        // The semaphore's own maximum is far above any configured budget
+        // (DYN_TCP_MAX_SEND_QUEUE is at most 2^40); clamp all the same.
+        let total = total.clamp(1, Semaphore::MAX_PERMITS);
+        Self {
+            bytes: Arc::new(Semaphore::new(total)),
+            total,
+        }
+    }
+
+    /// Waits until `bytes` more may be queued. A chunk larger than the whole
+    /// budget waits for all of it, so it still goes out once the queue empties.
+    pub async fn reserve(&self, bytes: usize) -> OwnedSemaphorePermit {
+        let permits = bytes.clamp(1, self.total).min(u32::MAX as usize) as u32;
+        self.bytes
+            .clone()
+            .acquire_many_owned(permits)
+            .await
+            .expect("the budget's semaphore is never closed")
+    }
 }
 
 /// [`serve`] (or [`serve_tls`]) with [`Limits`].
@@ -81,9 +121,7 @@ pub(crate) async fn serve_with(
         .keep_alive_interval(idle_timeout)
         .keep_alive_timeout(idle_timeout)
         .max_concurrent_streams(limits.max_streams_per_connection);
-    let slots = limits
-        .max_connections
-        .map(|n| std::sync::Arc::new(tokio::sync::Semaphore::new(n)));
+    let slots = limits.max_connections.map(|n| Arc::new(Semaphore::new(n)));
     let connections = TaskTracker::new();
     loop {
         let (socket, peer) = tokio::select! {
@@ -113,6 +151,7 @@ pub(crate) async fn serve_with(
         };
         let _ = socket.set_nodelay(true);
         let (builder, app, draining, tls) = (builder.clone(), app.clone(), draining.clone(), tls.clone());
+        let budget = limits.send_queue_bytes.map(SendBudget::new);
         connections.spawn(async move {
             let _slot = slot;
             // hyper first reads to tell HTTP/1 from HTTP/2, with no deadline;
@@ -127,14 +166,14 @@ pub(crate) async fn serve_with(
                 }
             }
             let ended = match tls {
-                None => serve_connection(&builder, app, socket, &draining).await,
+                None => serve_connection(&builder, app, socket, budget, &draining).await,
                 Some(tls) => {
                     let handshake = tokio::select! {
                         _ = draining.cancelled() => return,
                         done = tokio::time::timeout(idle_timeout, tls.accept(socket)) => done,
                     };
                     match handshake {
-                        Ok(Ok(session)) => serve_connection(&builder, app, session, &draining).await,
+                        Ok(Ok(session)) => serve_connection(&builder, app, session, budget, &draining).await,
                         Ok(Err(error)) => {
                             tracing::debug!(%peer, %error, "TLS handshake failed");
                             return;
@@ -157,17 +196,25 @@ pub(crate) async fn serve_with(
 }
 
 /// Serves one connection until it ends, or finishes its answers once
-/// `draining` is cancelled.
+/// `draining` is cancelled. `budget`, when given, is put in every request's
+/// extensions.
 async fn serve_connection<S>(
     builder: &Builder<TokioExecutor>,
     app: Router,
     io: S,
+    budget: Option<SendBudget>,
     draining: &CancellationToken,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let service = app.map_request(|request: Request<Incoming>| request.map(Body::new));
+    let service = app.map_request(move |request: Request<Incoming>| {
+        let mut request = request.map(Body::new);
+        if let Some(budget) = &budget {
+            request.extensions_mut().insert(budget.clone());
+        }
+        request
+    });
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(service));
     let mut connection = std::pin::pin!(connection);
     tokio::select! {
@@ -181,7 +228,7 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::serve;
+    use super::{SendBudget, serve};
     use axum::Router;
     use axum::routing::get;
     use std::time::Duration;
@@ -233,5 +280,35 @@ mod tests {
             tokio::net::TcpStream::connect(address).await.is_err(),
             "nothing listens after the drain"
         );
+    }
+
+    #[tokio::test]
+    async fn a_send_budget_holds_back_what_does_not_fit_until_room_is_made() {
+        let budget = SendBudget::new(100);
+        let first = budget.reserve(60).await;
+        let second = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.reserve(60).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!second.is_finished(), "60 + 60 bytes fit in a budget of 100");
+        drop(first);
+        let second = tokio::time::timeout(Duration::from_secs(10), second)
+            .await
+            .expect("room made, the waiting chunk goes")
+            .unwrap();
+        // A chunk larger than the whole budget waits for all of it, then goes.
+        let huge = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.reserve(1 << 30).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!huge.is_finished());
+        drop(second);
+        let all = tokio::time::timeout(Duration::from_secs(10), huge)
+            .await
+            .expect("an empty budget lets the huge chunk through")
+            .unwrap();
+        assert_eq!(all.num_permits(), 100);
     }
 }
