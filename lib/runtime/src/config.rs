@@ -332,19 +332,7 @@ impl RuntimeConfig {
         let discovery_backend =
             settings.choice(DISCOVERY_BACKEND, DiscoveryBackend::CHOICES, DiscoveryBackend::parse)?;
         let request_plane = settings.choice(REQUEST_PLANE, RequestPlaneKind::CHOICES, RequestPlaneKind::parse)?;
-        let host = settings.text(TCP_RPC_HOST)?.trim().to_string();
-        let unspecified = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_unspecified());
-        if host.is_empty() || unspecified {
-            return Err(settings.invalid(
-                TCP_RPC_HOST,
-                &host,
-                "a host or IP address callers can reach (the listener advertises it; 0.0.0.0 is not reachable)",
-            ));
-        }
+        let host = settings.reachable_host(TCP_RPC_HOST)?;
         let tcp = TcpConfig {
             host,
             port: settings.number(
@@ -359,7 +347,7 @@ impl RuntimeConfig {
                 u32::MAX as u64,
                 "a size in bytes between 1024 and 4294967295",
             )? as usize,
-            connect_timeout: settings.duration(TCP_CONNECT_TIMEOUT)?,
+            connect_timeout: settings.positive_duration(TCP_CONNECT_TIMEOUT)?,
             stream_window: settings.number(TCP_STREAM_WINDOW, 1, 1 << 20, "a number of items between 1 and 1048576")?
                 as u32,
             max_connections: settings.number(TCP_MAX_CONNECTIONS, 1, 1 << 20, "a number between 1 and 1048576")?
@@ -376,29 +364,26 @@ impl RuntimeConfig {
                 1 << 40,
                 "a size in bytes between 65536 and 1099511627776",
             )? as usize,
-            write_timeout: settings.duration(TCP_WRITE_TIMEOUT)?,
+            write_timeout: settings.positive_duration(TCP_WRITE_TIMEOUT)?,
             tls: settings.request_plane_tls()?,
         };
-        if tcp.write_timeout.is_zero() {
-            return Err(settings.invalid(
-                TCP_WRITE_TIMEOUT,
-                &settings.text(TCP_WRITE_TIMEOUT)?,
-                "a duration above 0",
-            ));
-        }
         let worker_threads = match settings.optional_text(WORKER_THREADS)? {
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
             Some(_) => settings.number(WORKER_THREADS, 1, 1024, "a thread count between 1 and 1024")? as usize,
         };
         let lease_ttl = settings.duration(LEASE_TTL)?;
         if lease_ttl < Duration::from_secs(1) {
-            return Err(settings.invalid(LEASE_TTL, &settings.text(LEASE_TTL)?, "a duration of at least 1s"));
+            return Err(settings.invalid(
+                LEASE_TTL,
+                &settings.text(LEASE_TTL)?,
+                "a duration between 1s and 365 days",
+            ));
         }
         let file_kv = settings
             .optional_text(FILE_KV)?
             .map_or_else(|| std::env::temp_dir().join("switchyard_kv"), PathBuf::from);
         let system = settings.system()?;
-        let http_host = settings.text(HTTP_RPC_HOST)?.trim().to_string();
+        let http_host = settings.reachable_host(HTTP_RPC_HOST)?;
         let http = HttpConfig {
             port: settings.number(
                 HTTP_RPC_PORT,
@@ -549,6 +534,39 @@ impl Settings {
         parse_duration(&text).ok_or_else(|| self.invalid(name, &text, BareNumber::Seconds.expected()))
     }
 
+    /// A host a listener binds and advertises: callers must be able to dial
+    /// it, so not empty and not an unspecified address (`0.0.0.0`, `::`).
+    fn reachable_host(&self, name: &'static str) -> Result<String, ConfigError> {
+        let host = self.text(name)?.trim().to_string();
+        let unspecified = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_unspecified());
+        if host.is_empty() || unspecified {
+            return Err(self.invalid(
+                name,
+                &host,
+                "a host or IP address callers can reach (the listener advertises it; 0.0.0.0 is not reachable)",
+            ));
+        }
+        Ok(host)
+    }
+
+    /// A duration that must be above zero: a deadline of zero would fail
+    /// everything it bounds, an interval of zero would spin.
+    fn positive_duration(&self, name: &'static str) -> Result<Duration, ConfigError> {
+        let duration = self.duration(name)?;
+        if duration.is_zero() {
+            return Err(self.invalid(
+                name,
+                &self.text(name)?,
+                "a duration above 0 (such as `10s` or `500ms`), at most 365 days",
+            ));
+        }
+        Ok(duration)
+    }
+
     fn system(&self) -> Result<SystemConfig, ConfigError> {
         let port = match self.optional_text(SYSTEM_PORT)? {
             None => None,
@@ -585,8 +603,8 @@ impl Settings {
             health_path,
             live_path,
             canary_enabled,
-            canary_wait: self.duration(CANARY_WAIT_TIME)?,
-            canary_timeout: self.duration(HEALTH_CHECK_REQUEST_TIMEOUT)?,
+            canary_wait: self.positive_duration(CANARY_WAIT_TIME)?,
+            canary_timeout: self.positive_duration(HEALTH_CHECK_REQUEST_TIMEOUT)?,
         })
     }
 
@@ -739,23 +757,33 @@ impl Settings {
     }
 }
 
-/// Parses `10s`, `500ms`, `1m 30s` (humantime) or plain seconds (`10`, `0.5`).
+/// The longest duration any setting takes. Deadlines are added to the
+/// clock (`Instant::now() + d`), which panics when the sum overflows, and
+/// the etcd lease TTL is a signed 64-bit count of seconds: a year is far
+/// beyond any sensible wait and far from both limits.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Parses `10s`, `500ms`, `1m 30s` (humantime) or plain seconds (`10`, `0.5`),
+/// up to [`MAX_DURATION`].
 pub fn parse_duration(text: &str) -> Option<Duration> {
     parse_duration_in(text, BareNumber::Seconds)
 }
 
 /// Parses `10s`, `500ms`, `1m 30s` (humantime), or a plain number in `bare`
-/// units. Negative, infinite and out-of-range values are `None`.
+/// units. Negative, infinite and out-of-range values, and values over
+/// [`MAX_DURATION`], are `None`.
 pub fn parse_duration_in(text: &str, bare: BareNumber) -> Option<Duration> {
     let text = text.trim();
-    if let Ok(number) = text.parse::<f64>() {
+    let duration = if let Ok(number) = text.parse::<f64>() {
         let seconds = match bare {
             BareNumber::Seconds => number,
             BareNumber::Milliseconds => number / 1000.0,
         };
-        return Duration::try_from_secs_f64(seconds).ok();
-    }
-    humantime::parse_duration(text).ok()
+        Duration::try_from_secs_f64(seconds).ok()
+    } else {
+        humantime::parse_duration(text).ok()
+    };
+    duration.filter(|duration| *duration <= MAX_DURATION)
 }
 
 /// What a duration written as a plain number counts. Runtime variables and
@@ -772,8 +800,8 @@ impl BareNumber {
     /// What a duration setting accepts, in the words of the error messages.
     pub fn expected(self) -> &'static str {
         match self {
-            Self::Seconds => "a duration such as `10s`, `500ms` or a number of seconds",
-            Self::Milliseconds => "a duration such as `10s`, `500ms` or a number of milliseconds",
+            Self::Seconds => "a duration such as `10s`, `500ms` or a number of seconds, at most 365 days",
+            Self::Milliseconds => "a duration such as `10s`, `500ms` or a number of milliseconds, at most 365 days",
         }
     }
 }

@@ -97,8 +97,12 @@ impl DurationArg {
     fn expected(&self) -> &'static str {
         match (self.positive, self.bare) {
             (false, bare) => bare.expected(),
-            (true, BareNumber::Seconds) => "a duration above 0 such as `10s`, `500ms` or a number of seconds",
-            (true, BareNumber::Milliseconds) => "a duration above 0 such as `10s`, `500ms` or a number of milliseconds",
+            (true, BareNumber::Seconds) => {
+                "a duration above 0 such as `10s`, `500ms` or a number of seconds, at most 365 days"
+            }
+            (true, BareNumber::Milliseconds) => {
+                "a duration above 0 such as `10s`, `500ms` or a number of milliseconds, at most 365 days"
+            }
         }
     }
 }

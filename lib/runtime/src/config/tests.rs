@@ -57,6 +57,8 @@ fn unreachable_bind_host_is_rejected() {
     for host in ["0.0.0.0", "::", "[::]", "::0", "0:0:0:0:0:0:0:0", " 0.0.0.0 "] {
         let err = RuntimeConfig::from_vars([(TCP_RPC_HOST, host)]).unwrap_err();
         assert!(err.to_string().contains("DYN_TCP_RPC_HOST"), "{err}");
+        let err = RuntimeConfig::from_vars([(HTTP_RPC_HOST, host)]).unwrap_err();
+        assert!(err.to_string().contains("DYN_HTTP_RPC_HOST"), "{err}");
     }
 }
 
@@ -465,4 +467,113 @@ fn a_nats_client_certificate_needs_its_key_and_the_ca() {
         let text = RuntimeConfig::from_vars(vars).unwrap_err().to_string();
         assert!(text.contains("NATS_AUTH_CLIENT") && text.contains(needed), "{text}");
     }
+}
+
+/// Every numeric and duration setting fed what it does not take: each is a
+/// configuration error naming the variable and what it allows, never a
+/// panic, and the bounds themselves are accepted.
+#[test]
+fn every_out_of_range_setting_is_an_error_naming_the_variable_and_its_range() {
+    const PORT: &str = "0-65535";
+    const DURATION: &str = "at most 365 days";
+    const ABOVE_ZERO: &str = "a duration above 0";
+    let too_long = ["366 days", "1e19", "18446744073709551615s", "inf", "NaN", "-1", "soon"];
+    let mut cases: Vec<(&str, &str, &str)> = vec![
+        (TCP_RPC_PORT, "65536", PORT),
+        (TCP_RPC_PORT, "-1", PORT),
+        (HTTP_RPC_PORT, "70000", PORT),
+        (SYSTEM_PORT, "65536", PORT),
+        (SYSTEM_PORT, "-2", PORT),
+        (TCP_MAX_MESSAGE_SIZE, "1023", "between 1024 and 4294967295"),
+        (TCP_MAX_MESSAGE_SIZE, "4294967296", "between 1024 and 4294967295"),
+        (TCP_STREAM_WINDOW, "0", "between 1 and 1048576"),
+        (TCP_STREAM_WINDOW, "1048577", "between 1 and 1048576"),
+        (TCP_MAX_CONNECTIONS, "0", "between 1 and 1048576"),
+        (TCP_MAX_CONNECTIONS, "18446744073709551616", "between 1 and 1048576"),
+        (TCP_MAX_STREAMS_PER_CONNECTION, "0", "between 1 and 1048576"),
+        (TCP_MAX_STREAMS_PER_CONNECTION, "1048577", "between 1 and 1048576"),
+        (TCP_MAX_SEND_QUEUE, "65535", "between 65536 and 1099511627776"),
+        (TCP_MAX_SEND_QUEUE, "1099511627777", "between 65536 and 1099511627776"),
+        (WORKER_THREADS, "0", "between 1 and 1024"),
+        (WORKER_THREADS, "1025", "between 1 and 1024"),
+        (LEASE_TTL, "0.5", "between 1s and 365 days"),
+        (LEASE_TTL, "366 days", DURATION),
+        (TCP_CONNECT_TIMEOUT, "0s", ABOVE_ZERO),
+        (TCP_WRITE_TIMEOUT, "0", ABOVE_ZERO),
+        (CANARY_WAIT_TIME, "0ms", ABOVE_ZERO),
+        (HEALTH_CHECK_REQUEST_TIMEOUT, "0", ABOVE_ZERO),
+    ];
+    for variable in [
+        LEASE_TTL,
+        TCP_CONNECT_TIMEOUT,
+        TCP_WRITE_TIMEOUT,
+        CANARY_WAIT_TIME,
+        HEALTH_CHECK_REQUEST_TIMEOUT,
+        GRACEFUL_SHUTDOWN_TIMEOUT,
+    ] {
+        for value in too_long {
+            cases.push((variable, value, DURATION));
+        }
+    }
+    for (variable, value, allowed) in cases {
+        let loaded = std::panic::catch_unwind(|| RuntimeConfig::from_vars([(variable, value)]))
+            .unwrap_or_else(|_| panic!("{variable}={value} panicked"));
+        let text = match loaded {
+            Ok(_) => panic!("{variable}={value} was accepted"),
+            Err(error) => error.to_string(),
+        };
+        assert!(
+            text.contains(variable) && text.contains(allowed),
+            "{variable}={value}: {text}"
+        );
+    }
+    for (variable, value) in [
+        (TCP_MAX_MESSAGE_SIZE, "4294967295"),
+        (TCP_STREAM_WINDOW, "1048576"),
+        (TCP_MAX_CONNECTIONS, "1048576"),
+        (TCP_MAX_SEND_QUEUE, "1099511627776"),
+        (WORKER_THREADS, "1024"),
+        (LEASE_TTL, "1s"),
+        (TCP_CONNECT_TIMEOUT, "365 days"),
+        (GRACEFUL_SHUTDOWN_TIMEOUT, "0"),
+        (SYSTEM_PORT, "-1"),
+    ] {
+        RuntimeConfig::from_vars([(variable, value)]).unwrap_or_else(|e| panic!("{variable}={value}: {e}"));
+    }
+}
+
+/// Whatever a variable is given, loading the settings does not panic.
+#[test]
+fn no_value_of_any_variable_makes_loading_panic() {
+    let values = [
+        "",
+        "0",
+        "-1",
+        "1e19",
+        "18446744073709551616",
+        "NaN",
+        "inf",
+        "365 days",
+        "366 days",
+        "\u{0}",
+        "🦀",
+        "/nonexistent/file.pem",
+    ];
+    for variable in VARIABLES {
+        if variable.name == CONFIG_FILE {
+            continue; // from_vars does not read the file
+        }
+        for value in values {
+            let loaded = std::panic::catch_unwind(|| RuntimeConfig::from_vars([(variable.name, value)]));
+            assert!(loaded.is_ok(), "{}={value:?} panicked", variable.name);
+        }
+    }
+}
+
+#[test]
+fn durations_over_a_year_are_refused_by_the_flags_parser_too() {
+    assert_eq!(parse_duration("365 days"), Some(MAX_DURATION));
+    assert_eq!(parse_duration("31536001"), None);
+    assert_eq!(parse_duration_in("31536000001", BareNumber::Milliseconds), None);
+    assert!(BareNumber::Milliseconds.expected().contains("365 days"));
 }
