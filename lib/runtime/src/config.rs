@@ -12,15 +12,17 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::value::Value;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 #[cfg(feature = "cli")]
 pub mod args;
 mod nats;
+mod request_plane;
 mod tls;
 mod variables;
 pub use nats::{NatsAuth, NatsConfig};
+pub use request_plane::{HttpConfig, TcpConfig};
 pub use tls::{NatsTls, RequestPlaneTls, peer_identity};
 use variables::*;
 pub use variables::{VARIABLES, Variable};
@@ -87,40 +89,6 @@ impl RequestPlaneKind {
             Self::Http => "http",
             Self::Nats => "nats",
         }
-    }
-}
-
-/// Settings of the TCP request plane (both the listener and the callers).
-#[derive(Debug, Clone, Getters)]
-pub struct TcpConfig {
-    /// Host the listener binds and advertises in discovery.
-    host: String,
-    /// Port of the listener; 0 = any free port.
-    port: u16,
-    /// Largest encoded request or response item, in bytes.
-    max_message_size: usize,
-    /// Deadline for opening a connection to a worker.
-    connect_timeout: Duration,
-    /// Per-stream flow-control window, in response items.
-    stream_window: u32,
-    /// Connections one listener holds at once.
-    max_connections: usize,
-    /// Streams one caller connection may have open at once.
-    max_streams_per_connection: usize,
-    /// Bytes a connection may have queued for writing before it is closed.
-    max_send_queue: usize,
-    /// How long a write may make no progress before the connection is closed.
-    write_timeout: Duration,
-    /// Mutual TLS on the TCP and HTTP/2 planes; `None` is plaintext.
-    tls: Option<RequestPlaneTls>,
-}
-
-impl TcpConfig {
-    /// The same settings with mutual TLS on (or off), for tests and embedders
-    /// that build their TLS identity themselves.
-    pub fn with_tls(mut self, tls: Option<RequestPlaneTls>) -> Self {
-        self.tls = tls;
-        self
     }
 }
 
@@ -241,13 +209,6 @@ impl PodIdentity {
     }
 }
 
-/// Settings of the HTTP/2 request plane's listener.
-#[derive(Debug, Clone, Getters)]
-pub struct HttpConfig {
-    host: String,
-    port: u16,
-}
-
 /// The validated settings of one process.
 #[derive(Debug, Clone, Getters)]
 pub struct RuntimeConfig {
@@ -332,41 +293,7 @@ impl RuntimeConfig {
         let discovery_backend =
             settings.choice(DISCOVERY_BACKEND, DiscoveryBackend::CHOICES, DiscoveryBackend::parse)?;
         let request_plane = settings.choice(REQUEST_PLANE, RequestPlaneKind::CHOICES, RequestPlaneKind::parse)?;
-        let host = settings.reachable_host(TCP_RPC_HOST)?;
-        let tcp = TcpConfig {
-            host,
-            port: settings.number(
-                TCP_RPC_PORT,
-                0,
-                u16::MAX as u64,
-                "a port number 0-65535 (0 picks a free port)",
-            )? as u16,
-            max_message_size: settings.number(
-                TCP_MAX_MESSAGE_SIZE,
-                1024,
-                u32::MAX as u64,
-                "a size in bytes between 1024 and 4294967295",
-            )? as usize,
-            connect_timeout: settings.positive_duration(TCP_CONNECT_TIMEOUT)?,
-            stream_window: settings.number(TCP_STREAM_WINDOW, 1, 1 << 20, "a number of items between 1 and 1048576")?
-                as u32,
-            max_connections: settings.number(TCP_MAX_CONNECTIONS, 1, 1 << 20, "a number between 1 and 1048576")?
-                as usize,
-            max_streams_per_connection: settings.number(
-                TCP_MAX_STREAMS_PER_CONNECTION,
-                1,
-                1 << 20,
-                "a number between 1 and 1048576",
-            )? as usize,
-            max_send_queue: settings.number(
-                TCP_MAX_SEND_QUEUE,
-                64 * 1024,
-                1 << 40,
-                "a size in bytes between 65536 and 1099511627776",
-            )? as usize,
-            write_timeout: settings.positive_duration(TCP_WRITE_TIMEOUT)?,
-            tls: settings.request_plane_tls()?,
-        };
+        let tcp = settings.tcp()?;
         let worker_threads = match settings.optional_text(WORKER_THREADS)? {
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
             Some(_) => settings.number(WORKER_THREADS, 1, 1024, "a thread count between 1 and 1024")? as usize,
@@ -383,16 +310,7 @@ impl RuntimeConfig {
             .optional_text(FILE_KV)?
             .map_or_else(|| std::env::temp_dir().join("switchyard_kv"), PathBuf::from);
         let system = settings.system()?;
-        let http_host = settings.reachable_host(HTTP_RPC_HOST)?;
-        let http = HttpConfig {
-            port: settings.number(
-                HTTP_RPC_PORT,
-                0,
-                u16::MAX as u64,
-                "a port number 0-65535 (0 picks a free port)",
-            )? as u16,
-            host: http_host,
-        };
+        let http = settings.http()?;
         let event_plane_chosen = settings.optional_text(EVENT_PLANE)?.is_some();
         let event_plane = match settings.optional_text(EVENT_PLANE)? {
             Some(_) => settings.choice(EVENT_PLANE, "zmq, nats", |text| {
@@ -534,25 +452,6 @@ impl Settings {
         parse_duration(&text).ok_or_else(|| self.invalid(name, &text, BareNumber::Seconds.expected()))
     }
 
-    /// A host a listener binds and advertises: callers must be able to dial
-    /// it, so not empty and not an unspecified address (`0.0.0.0`, `::`).
-    fn reachable_host(&self, name: &'static str) -> Result<String, ConfigError> {
-        let host = self.text(name)?.trim().to_string();
-        let unspecified = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_unspecified());
-        if host.is_empty() || unspecified {
-            return Err(self.invalid(
-                name,
-                &host,
-                "a host or IP address callers can reach (the listener advertises it; 0.0.0.0 is not reachable)",
-            ));
-        }
-        Ok(host)
-    }
-
     /// A duration that must be above zero: a deadline of zero would fail
     /// everything it bounds, an interval of zero would spin.
     fn positive_duration(&self, name: &'static str) -> Result<Duration, ConfigError> {
@@ -684,30 +583,6 @@ impl Settings {
             ca: self.optional_text(ETCD_AUTH_CA)?.map(PathBuf::from),
             identity,
         })
-    }
-
-    /// Mutual TLS for the request planes: all three paths, or none.
-    fn request_plane_tls(&self) -> Result<Option<RequestPlaneTls>, ConfigError> {
-        let names = [
-            REQUEST_PLANE_TLS_CA_PATH,
-            REQUEST_PLANE_TLS_CERT_PATH,
-            REQUEST_PLANE_TLS_KEY_PATH,
-        ];
-        let [ca, cert, key] = [
-            self.optional_text(names[0])?,
-            self.optional_text(names[1])?,
-            self.optional_text(names[2])?,
-        ];
-        match (ca, cert, key) {
-            (None, None, None) => Ok(None),
-            (Some(ca), Some(cert), Some(key)) => {
-                RequestPlaneTls::load(names, Path::new(&ca), Path::new(&cert), Path::new(&key)).map(Some)
-            }
-            _ => Err(ConfigError::Incomplete {
-                set: "only some of DYN_REQUEST_PLANE_TLS_CA_PATH, _CERT_PATH and _KEY_PATH",
-                needed: "all three, or none",
-            }),
-        }
     }
 
     /// The downward-API identity, or the names of the variables that are unset.

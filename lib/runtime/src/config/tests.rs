@@ -11,9 +11,9 @@ fn defaults_match_the_documented_table() {
     let config = RuntimeConfig::default();
     assert_eq!(config.discovery_backend, DiscoveryBackend::Etcd);
     assert_eq!(config.request_plane, RequestPlaneKind::Tcp);
-    assert_eq!(config.tcp.host, "127.0.0.1");
-    assert_eq!(config.tcp.port, 0);
-    assert_eq!(config.tcp.max_message_size, 32 * 1024 * 1024);
+    assert_eq!(*config.tcp.host(), "127.0.0.1");
+    assert_eq!(*config.tcp.port(), 0);
+    assert_eq!(*config.tcp.max_message_size(), 32 * 1024 * 1024);
     assert_eq!(config.graceful_shutdown_timeout, Duration::from_secs(30));
     assert!(config.worker_threads >= 1);
 }
@@ -47,7 +47,7 @@ fn choices_are_case_insensitive() {
 #[test]
 fn ports_above_i16_are_valid_and_above_u16_are_not() {
     let config = RuntimeConfig::from_vars([(TCP_RPC_PORT, "40000")]).unwrap();
-    assert_eq!(config.tcp.port, 40000);
+    assert_eq!(*config.tcp.port(), 40000);
     let err = RuntimeConfig::from_vars([(TCP_RPC_PORT, "70000")]).unwrap_err();
     assert!(err.to_string().contains("DYN_TCP_RPC_PORT"), "{err}");
 }
@@ -214,7 +214,7 @@ fn toml_file_is_overridden_by_environment() {
         jail.set_env("DYN_TCP_RPC_PORT", "9200");
         let config = RuntimeConfig::from_settings().map_err(|e| e.to_string())?;
         assert_eq!(config.discovery_backend, DiscoveryBackend::File);
-        assert_eq!(config.tcp.port, 9200);
+        assert_eq!(*config.tcp.port(), 9200);
         Ok(())
     });
 }
