@@ -22,6 +22,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -101,6 +102,86 @@ impl SendBudget {
     }
 }
 
+/// Connections under a cap that have not opened yet (first byte, TLS),
+/// each holding its slot, oldest first. The slots live here, not in the
+/// connections' tasks, so that evicting one hands its slot to the newcomer
+/// at once (the TCP request plane does the same; see its server).
+#[derive(Debug, Default)]
+struct Opening {
+    state: std::sync::Mutex<OpeningState>,
+}
+
+#[derive(Debug, Default)]
+struct OpeningState {
+    next_id: u64,
+    /// By id, which grows with time: the first entry is the oldest.
+    waiting: BTreeMap<u64, Waiting>,
+}
+
+#[derive(Debug)]
+struct Waiting {
+    /// Cancelled when the connection is evicted.
+    evicted: CancellationToken,
+    slot: OwnedSemaphorePermit,
+}
+
+impl Opening {
+    fn lock(&self) -> std::sync::MutexGuard<'_, OpeningState> {
+        // Single insert/remove updates: a poisoned map is still consistent.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a new connection with its slot.
+    fn enter(self: &Arc<Self>, slot: OwnedSemaphorePermit) -> Place {
+        let mut state = self.lock();
+        let id = state.next_id;
+        state.next_id += 1;
+        let evicted = CancellationToken::new();
+        state.waiting.insert(
+            id,
+            Waiting {
+                evicted: evicted.clone(),
+                slot,
+            },
+        );
+        Place {
+            id,
+            evicted,
+            opening: self.clone(),
+        }
+    }
+
+    /// Cuts off the connection that has waited longest and returns its slot.
+    fn evict_oldest(&self) -> Option<OwnedSemaphorePermit> {
+        let (_, oldest) = self.lock().waiting.pop_first()?;
+        oldest.evicted.cancel();
+        Some(oldest.slot)
+    }
+}
+
+/// A connection's entry in [`Opening`]; dropped before it opens, it gives
+/// its slot back.
+#[derive(Debug)]
+struct Place {
+    id: u64,
+    evicted: CancellationToken,
+    opening: Arc<Opening>,
+}
+
+impl Place {
+    /// The connection opened: its slot, or `Err` when it was evicted first.
+    fn open(self) -> Result<OwnedSemaphorePermit, ()> {
+        let waiting = self.opening.lock().waiting.remove(&self.id);
+        waiting.map(|waiting| waiting.slot).ok_or(())
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.opening.lock().waiting.remove(&self.id);
+    }
+}
+
 /// [`serve`] (or [`serve_tls`]) with [`Limits`].
 pub(crate) async fn serve_with(
     listener: TcpListener,
@@ -122,6 +203,7 @@ pub(crate) async fn serve_with(
         .keep_alive_timeout(idle_timeout)
         .max_concurrent_streams(limits.max_streams_per_connection);
     let slots = limits.max_connections.map(|n| Arc::new(Semaphore::new(n)));
+    let opening = Arc::new(Opening::default());
     let connections = TaskTracker::new();
     loop {
         let (socket, peer) = tokio::select! {
@@ -135,30 +217,47 @@ pub(crate) async fn serve_with(
                 }
             },
         };
-        let slot = match &slots {
+        // Under a cap, a new connection takes a free slot, else the slot of
+        // the connection that has waited longest without opening (sending
+        // its first byte and finishing TLS): a flood of silent connections
+        // must not keep callers out. Only when every slot is an open
+        // connection is the new one closed.
+        let place = match &slots {
             None => None,
-            Some(slots) => match slots.clone().try_acquire_owned() {
-                Ok(slot) => Some(slot),
-                Err(_) => {
+            Some(slots) => {
+                let free = slots.clone().try_acquire_owned().ok();
+                let slot = free.or_else(|| {
+                    let slot = opening.evict_oldest()?;
+                    if let Some(refused) = &limits.on_refused {
+                        refused.inc();
+                    }
+                    tracing::debug!("cut off a connection that had not opened, to make room (connection cap)");
+                    Some(slot)
+                });
+                let Some(slot) = slot else {
                     // Closed at once: the open connections keep working.
                     if let Some(refused) = &limits.on_refused {
                         refused.inc();
                     }
                     tracing::debug!(%peer, "refusing a connection over the server's connection cap");
                     continue;
-                }
-            },
+                };
+                Some(opening.enter(slot))
+            }
         };
         let _ = socket.set_nodelay(true);
         let (builder, app, draining, tls) = (builder.clone(), app.clone(), draining.clone(), tls.clone());
         let budget = limits.send_queue_bytes.map(SendBudget::new);
+        let evicted = place
+            .as_ref()
+            .map_or_else(CancellationToken::new, |place| place.evicted.clone());
         connections.spawn(async move {
-            let _slot = slot;
             // hyper first reads to tell HTTP/1 from HTTP/2, with no deadline;
             // a client that sends nothing at all is dropped here.
             let mut first = [0u8; 1];
             tokio::select! {
                 _ = draining.cancelled() => return,
+                _ = evicted.cancelled() => return,
                 sent = tokio::time::timeout(idle_timeout, socket.peek(&mut first)) => {
                     if !matches!(sent, Ok(Ok(1..))) {
                         return;
@@ -166,14 +265,26 @@ pub(crate) async fn serve_with(
                 }
             }
             let ended = match tls {
-                None => serve_connection(&builder, app, socket, budget, &draining).await,
+                None => {
+                    // Open: its slot is its own now, unless it was just evicted.
+                    let Ok(_slot) = place.map(Place::open).transpose() else {
+                        return;
+                    };
+                    serve_connection(&builder, app, socket, budget, &draining).await
+                }
                 Some(tls) => {
                     let handshake = tokio::select! {
                         _ = draining.cancelled() => return,
+                        _ = evicted.cancelled() => return,
                         done = tokio::time::timeout(idle_timeout, tls.accept(socket)) => done,
                     };
                     match handshake {
-                        Ok(Ok(session)) => serve_connection(&builder, app, session, budget, &draining).await,
+                        Ok(Ok(session)) => {
+                            let Ok(_slot) = place.map(Place::open).transpose() else {
+                                return;
+                            };
+                            serve_connection(&builder, app, session, budget, &draining).await
+                        }
                         Ok(Err(error)) => {
                             tracing::debug!(%peer, %error, "TLS handshake failed");
                             return;

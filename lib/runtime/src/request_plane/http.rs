@@ -674,6 +674,32 @@ mod tests {
         drop(rogue);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flood_of_silent_connections_keeps_no_new_caller_out() {
+        let (server, _, metrics) = plane_with(HttpLimits {
+            max_connections: Some(20),
+            ..HttpLimits::unlimited()
+        })
+        .await;
+        let Transport::Http(base) = server.transport() else {
+            unreachable!("an HTTP server")
+        };
+        // A rogue opens 300 connections and holds them, saying nothing.
+        let mut rogue = vec![];
+        for _ in 0..300 {
+            rogue.push(
+                tokio::net::TcpStream::connect(base.trim_start_matches("http://"))
+                    .await
+                    .unwrap(),
+            );
+        }
+        let refused = metrics.limit_refusals.with_label_values(&["connections"]);
+        eventually("the cap cuts off the rogue connections", || refused.get() >= 280).await;
+        // A new caller's connection takes the place of the oldest silent one.
+        a_caller_is_served(&server).await;
+        drop(rogue);
+    }
+
     /// A rogue HTTP/2 caller speaking raw frames, so that it can ignore the
     /// server's settings and flow control as an attacker would.
     struct RawH2 {
