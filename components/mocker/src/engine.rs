@@ -108,7 +108,7 @@ impl Generation {
             };
             let (text, tokens, finish) = match output {
                 EngineOutput::Token(id) => {
-                    let piece = text::detokenize(id, self.generated as usize);
+                    let piece = text::detokenize(id);
                     self.generated += 1;
                     match self.stop.push(&piece) {
                         StopStep::Continue(text) if text.is_empty() => continue,
