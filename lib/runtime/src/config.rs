@@ -95,6 +95,8 @@ pub struct TcpConfig {
     host: String,
     /// Port of the listener; 0 = any free port.
     port: u16,
+    /// `host:port` to advertise instead of `host` and the bound port.
+    advertise: Option<String>,
     /// Largest encoded request or response item, in bytes.
     max_message_size: usize,
     /// Deadline for opening a connection to a worker.
@@ -281,6 +283,8 @@ impl PodIdentity {
 pub struct HttpConfig {
     host: String,
     port: u16,
+    /// `host:port` to advertise instead of `host` and the bound port.
+    advertise: Option<String>,
 }
 
 /// The validated settings of one process.
@@ -388,6 +392,7 @@ impl RuntimeConfig {
                 u16::MAX as u64,
                 "a port number 0-65535 (0 picks a free port)",
             )? as u16,
+            advertise: settings.advertised_address(TCP_RPC_ADVERTISE)?,
             max_message_size: settings.number(
                 TCP_MAX_MESSAGE_SIZE,
                 1024,
@@ -442,6 +447,7 @@ impl RuntimeConfig {
                 "a port number 0-65535 (0 picks a free port)",
             )? as u16,
             host: http_host,
+            advertise: settings.advertised_address(HTTP_RPC_ADVERTISE)?,
         };
         let event_plane_chosen = settings.optional_text(EVENT_PLANE)?.is_some();
         let event_plane = match settings.optional_text(EVENT_PLANE)? {
@@ -533,6 +539,29 @@ struct Settings {
 impl Settings {
     /// The value as text, or `None` when unset or empty (an empty environment
     /// variable means "use the default", as in Dynamo).
+    /// A `host:port` callers can dial, or `None` when unset or empty.
+    fn advertised_address(&self, name: &'static str) -> Result<Option<String>, ConfigError> {
+        let Some(text) = self.optional_text(name)?.map(|t| t.trim().to_string()) else {
+            return Ok(None);
+        };
+        if text.is_empty() {
+            return Ok(None);
+        }
+        let valid = text.rsplit_once(':').is_some_and(|(host, port)| {
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let unspecified = host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_unspecified());
+            !host.is_empty() && !unspecified && port.parse::<u16>().is_ok_and(|port| port > 0)
+        });
+        if !valid {
+            return Err(self.invalid(
+                name,
+                &text,
+                "host:port with a reachable host (not 0.0.0.0) and a port 1-65535, e.g. 10.0.0.5:7000 or [fd00::5]:7000",
+            ));
+        }
+        Ok(Some(text))
+    }
+
     fn optional_text(&self, name: &'static str) -> Result<Option<String>, ConfigError> {
         let variable = variable(name);
         let text = match self.figment.find_value(&variable.key()) {
