@@ -64,6 +64,12 @@ pub struct MockerArgs {
     /// the gap and recover it by replay. 0 (the default) sends every batch.
     #[arg(long, env = "DYN_MOCKER_KV_EVENTS_WITHHOLD_EVERY", default_value_t = 0)]
     pub kv_events_withhold_every: u64,
+    /// Fault injection: every Nth request is accepted but the engine never
+    /// produces its first token (it hangs until the caller gives up), as an
+    /// engine that stopped would; the frontend's first-token deadline must
+    /// send it elsewhere. 0 (the default) answers every request.
+    #[arg(long, env = "DYN_MOCKER_STALL_FIRST_TOKEN_EVERY", default_value_t = 0)]
+    pub stall_first_token_every: u64,
     /// Workers in this process, each its own instance in discovery.
     #[arg(long, env = "DYN_MOCKER_NUM_WORKERS", default_value_t = 1)]
     pub num_workers: usize,
@@ -269,7 +275,8 @@ pub async fn serve_with(
         args.model_name.clone(),
         runtime.root_token().child_token(),
     ));
-    let llm = MockerLlm::new(engine.clone(), &args.model_name, args.context_length);
+    let llm = MockerLlm::new(engine.clone(), &args.model_name, args.context_length)
+        .stalling_first_token_every(args.stall_first_token_every);
     let load = engine.clone();
     let serving = endpoint
         .endpoint_builder()
