@@ -867,6 +867,11 @@ async fn run(combination: Combination, settings: &Settings) -> Report {
             _ => rng.random_range(0..WORKERS),
         };
         let from = Instant::now();
+        println!(
+            "  {name} +{:.1}s: {} (worker {worker})",
+            (from - started).as_secs_f64(),
+            fault.describe()
+        );
         mesh.inflict(fault, worker).await;
         faults.push(Struck {
             fault,
@@ -1065,23 +1070,44 @@ fn print(report: &Report) {
     println!("Schedule: {}.", schedule.join(", "));
 }
 
+/// Runs every combination (a failed one does not stop the others), then
+/// fails with what went wrong in each.
 async fn chaos(settings: Settings) {
+    use futures::FutureExt;
     println!(
         "chaos: seed {}, {} clients, {} s per combination, a fault every ≤ {:?}",
         settings.seed, settings.clients, settings.seconds, settings.fault_every
     );
+    let mut failed = Vec::new();
     for combination in &settings.combinations {
-        let report = run(*combination, &settings).await;
+        let outcome = std::panic::AssertUnwindSafe(run(*combination, &settings))
+            .catch_unwind()
+            .await;
+        let report = match outcome {
+            Ok(report) => report,
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                println!("\n### {} FAILED\n\n{message}", combination.name());
+                failed.push(message);
+                continue;
+            }
+        };
         print(&report);
         let success = report.tally.completed as f64 / report.tally.sent.max(1) as f64;
-        assert!(
-            success >= 0.9,
-            "{}: only {:.1} % of requests completed: {:?}",
-            report.name,
-            success * 100.0,
-            report.failures
-        );
+        if success < 0.9 {
+            failed.push(format!(
+                "{}: only {:.1} % of requests completed: {:?}",
+                report.name,
+                success * 100.0,
+                report.failures
+            ));
+        }
     }
+    assert!(failed.is_empty(), "chaos (seed {}): {failed:#?}", settings.seed);
 }
 
 /// The short chaos run of `make test`: every combination, a few seconds each.

@@ -339,6 +339,21 @@ impl Presence {
         changes.values().flatten().filter(|(_, present)| !present).count()
     }
 
+    /// When `instance` came (+) and went (-), as offsets from `start`.
+    fn timeline(&self, instance: u64, start: Instant) -> String {
+        let changes = self.changes.lock().unwrap();
+        let steps: Vec<String> = changes
+            .get(&instance)
+            .into_iter()
+            .flatten()
+            .map(|(when, present)| {
+                let sign = if *present { '+' } else { '-' };
+                format!("{sign}{:.2}s", when.saturating_duration_since(start).as_secs_f64())
+            })
+            .collect();
+        steps.join(" ")
+    }
+
     /// When `instance` left discovery, if it was out of it at `at`.
     fn left_before(&self, instance: u64, at: Instant) -> Option<Instant> {
         let changes = self.changes.lock().unwrap();
@@ -425,9 +440,14 @@ pub(crate) fn check(scenario: &str, history: &[Record], expected: &Expectations<
             && let Some(left) = presence.left_before(worker, record.sent_at)
         {
             let late = record.sent_at - left;
+            let start = history[0].sent_at;
             assert!(
                 late <= expected.ttl,
-                "{scenario}: request {i} went to instance {worker:x} {late:?} after it left discovery"
+                "{scenario}: request {i} went to instance {worker:x} {late:?} after it left discovery \
+                 (sent at +{:?}, ended {:?}; the instance's comings and goings: {})",
+                record.sent_at - start,
+                record.ending,
+                presence.timeline(worker, start)
             );
         }
     }
