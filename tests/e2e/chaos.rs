@@ -71,6 +71,8 @@ struct Settings {
 }
 
 impl Settings {
+    // The run's own knobs, not runtime settings: read straight from the environment.
+    #[allow(clippy::disallowed_methods)]
     fn from_env(clients: usize, seconds: u64, fault_every: Duration) -> Self {
         let number = |name: &str, default: u64| -> u64 {
             match std::env::var(name) {
@@ -315,6 +317,9 @@ impl Proxy {
     }
 }
 
+/// How to start one process: its name, arguments and environment.
+type Spec = (String, Vec<String>, Vec<(String, String)>);
+
 /// A process of the run, restarted whenever it exits, as a container
 /// orchestrator would restart it.
 struct Supervised {
@@ -413,7 +418,7 @@ impl Mesh {
         };
         let proxy = Proxy::start(proxy_port, proxy_target, stop.clone()).await;
 
-        let mut specs: Vec<(String, Vec<String>, Vec<(String, String)>)> = Vec::new();
+        let mut specs: Vec<Spec> = Vec::new();
         let worker_status_ports: Vec<u16> = (0..WORKERS).map(|_| free_port()).collect();
         for (index, status_port) in worker_status_ports.iter().enumerate() {
             let mut env = env.clone();

@@ -197,7 +197,13 @@ impl Drop for Cluster {
 /// The cluster, ready, with four clients streaming for a while already.
 async fn under_load(cluster: &mut Cluster) -> Load {
     cluster.ready().await;
-    let load = Load::start(&[cluster.url.clone()], 4, Arc::new(vec![chat()]), 0, LOST_AFTER);
+    let load = Load::start(
+        std::slice::from_ref(&cluster.url),
+        4,
+        Arc::new(vec![chat()]),
+        0,
+        LOST_AFTER,
+    );
     // Mid-way through the second round of answers (one takes ~0.9 s), not at
     // the edge between two rounds, where every stream is about to finish.
     tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -337,7 +343,13 @@ async fn fault_matrix_etcd_and_nats_restarts() {
     assert_eq!(health.status(), 200, "the model is served after etcd came back");
 
     // NATS (load reports) restarted.
-    let load = Load::start(&[cluster.url.clone()], 4, Arc::new(vec![chat()]), 0, LOST_AFTER);
+    let load = Load::start(
+        std::slice::from_ref(&cluster.url),
+        4,
+        Arc::new(vec![chat()]),
+        0,
+        LOST_AFTER,
+    );
     tokio::time::sleep(Duration::from_millis(1200)).await;
     nats.restart();
     tokio::time::sleep(Duration::from_secs(2)).await;
