@@ -773,6 +773,8 @@ struct Struck {
     worker: usize,
     from: Instant,
     to: Instant,
+    /// Migrations the frontends counted from this fault's start to the next's.
+    migrated: u64,
 }
 
 /// The figures of one combination.
@@ -859,7 +861,7 @@ async fn run(combination: Combination, settings: &Settings) -> Report {
     let end = started + Duration::from_secs(settings.seconds);
     let mut schedule = Fault::applicable(combination);
     schedule.shuffle(&mut rng);
-    let mut faults = Vec::new();
+    let mut faults: Vec<Struck> = Vec::new();
     let mut next = 0;
     while Instant::now() + Duration::from_secs(1) < end {
         let pause = settings.fault_every.mul_f64(rng.random_range(0.5..1.0));
@@ -871,6 +873,10 @@ async fn run(combination: Combination, settings: &Settings) -> Report {
             Fault::NetworkDelay | Fault::NetworkBlackhole | Fault::NetworkPartition => 0,
             _ => rng.random_range(0..WORKERS),
         };
+        let migrated_before = mesh.migrations(&http).await;
+        if let Some(last) = faults.last_mut() {
+            last.migrated = migrated_before.saturating_sub(last.migrated);
+        }
         let from = Instant::now();
         println!(
             "  {name} +{:.1}s: {} (worker {worker})",
@@ -883,10 +889,16 @@ async fn run(combination: Combination, settings: &Settings) -> Report {
             worker,
             from,
             to: Instant::now(),
+            // The count at its start, until the next fault's start is known.
+            migrated: migrated_before,
         });
     }
     tokio::time::sleep_until(end).await;
     let history = load.finish().await;
+    let migrated_at_end = mesh.migrations(&http).await;
+    if let Some(last) = faults.last_mut() {
+        last.migrated = migrated_at_end.saturating_sub(last.migrated);
+    }
 
     // The history, against the fault-free answers and who was in discovery.
     let expected = Expectations {
@@ -1044,12 +1056,14 @@ fn print(report: &Report) {
         rss.join(", "),
         fds.join(", ")
     );
-    println!("\n| fault | times | requests in flight | completed | failed | lost |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!("\n| fault | times | requests in flight | completed | migrated | failed | lost |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     for (fault, tally) in &report.per_fault {
-        let times = report.faults.iter().filter(|s| s.fault == *fault).count();
+        let struck = report.faults.iter().filter(|s| s.fault == *fault);
+        let times = struck.clone().count();
+        let migrated: u64 = struck.map(|s| s.migrated).sum();
         println!(
-            "| {} | {times} | {} | {} | {} | {} |",
+            "| {} | {times} | {} | {} | {migrated} | {} | {} |",
             fault.describe(),
             tally.sent,
             tally.completed,
