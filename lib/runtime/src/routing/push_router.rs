@@ -288,10 +288,12 @@ where
                         ErrorKind::Unreachable | ErrorKind::Disconnected | ErrorKind::TimedOut
                     );
                     // Another process answers at the instance's address (it
-                    // was restarted there): the instance is gone.
+                    // was restarted there): the instance is gone. Or it is
+                    // full: leave it alone for a backoff rather than ask again.
                     let gone = error.kind() == ErrorKind::NotFound;
+                    let full = error.kind() == ErrorKind::Overloaded;
                     let metrics = self.client.endpoint().drt().metrics();
-                    if transport || gone {
+                    if transport || gone || full {
                         metrics.router_ejections.inc();
                         let backoff = self.occupancy.record_failure(instance.instance_id, Instant::now());
                         self.occupancy

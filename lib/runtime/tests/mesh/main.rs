@@ -518,6 +518,45 @@ async fn a_request_for_an_instance_no_longer_at_its_address_goes_elsewhere() {
     assert!(!answers.contains(&departed.instance_id()));
 }
 
+/// Refuses every request: it is at capacity.
+struct Full;
+
+#[async_trait::async_trait]
+impl AsyncEngine<(), u64> for Full {
+    async fn generate(&self, _request: Context<()>) -> Result<ResponseStream<u64>, RequestError> {
+        Err(RequestError::new(ErrorKind::Overloaded, "no room for another request"))
+    }
+}
+
+/// A worker that refuses requests because it is full is skipped: the
+/// request goes to another instance, and the full one is left alone for a
+/// backoff rather than asked again at once.
+#[tokio::test]
+async fn a_worker_refusing_for_capacity_is_ejected_and_its_requests_go_elsewhere() {
+    let registry = MemRegistry::new();
+    let (full, open) = (process(&registry, &[]), process(&registry, &[]));
+    serve(&full, "whoami", Full).await;
+    serve(&open, "whoami", WhoAmI(open.instance_id())).await;
+    let caller = process(&registry, &[]);
+    let client = client(&caller, "whoami").await;
+    wait_until("the caller sees both", || client.instances().len() == 2).await;
+    let router = PushRouter::<(), u64>::from_client(client, RouterMode::RoundRobin)
+        .await
+        .unwrap();
+    let answers = who_answers(&router, 10).await;
+    assert_eq!(
+        answers,
+        vec![open.instance_id(); 10],
+        "every request answered by the open worker"
+    );
+    let (_, metrics) = get_metrics(&caller).await;
+    assert_eq!(
+        metric_line_value(&metrics, "dynamo_router_retries_total"),
+        1.0,
+        "one retry: after it, the full worker was ejected and not asked again"
+    );
+}
+
 /// `n` worker processes serving `WhoAmI` on "whoami", and a router over them
 /// from another process. The workers' runtimes are returned to keep them up.
 async fn whoami_workers(n: usize, mode: RouterMode) -> (Vec<DistributedRuntime>, PushRouter<(), u64>) {
