@@ -37,7 +37,7 @@ use switchyard_runtime::discovery::Discovery;
 use switchyard_runtime::discovery::etcd::EtcdDiscovery;
 use switchyard_runtime::discovery::file::FileDiscovery;
 use switchyard_test_support::etcd_server::EtcdServer;
-use switchyard_test_support::free_port;
+use switchyard_test_support::free_ports;
 use switchyard_test_support::nats_server::NatsServer;
 use switchyard_test_support::switchyard::binary;
 use switchyard_test_support::worker_process::WorkerProcess;
@@ -410,8 +410,12 @@ impl Mesh {
 
         // Worker 0 sits behind the proxy: on tcp and http it advertises the
         // proxy's port; on nats it reaches NATS through it.
-        let proxy_port = free_port();
-        let behind_proxy = free_port();
+        // Every fixed port of the run, distinct: a process restarted on its
+        // port must not find it taken by a sibling.
+        let mut ports = free_ports(2 + WORKERS + FRONTENDS).into_iter();
+        let mut port = move || ports.next().expect("enough ports were chosen");
+        let proxy_port = port();
+        let behind_proxy = port();
         let proxy_target = match (combination.plane, &nats) {
             ("nats", Some(nats)) => nats.url().rsplit(':').next().unwrap().parse().unwrap(),
             _ => behind_proxy,
@@ -419,7 +423,7 @@ impl Mesh {
         let proxy = Proxy::start(proxy_port, proxy_target, stop.clone()).await;
 
         let mut specs: Vec<Spec> = Vec::new();
-        let worker_status_ports: Vec<u16> = (0..WORKERS).map(|_| free_port()).collect();
+        let worker_status_ports: Vec<u16> = (0..WORKERS).map(|_| port()).collect();
         for (index, status_port) in worker_status_ports.iter().enumerate() {
             let mut env = env.clone();
             env.push(("DYN_SYSTEM_PORT".into(), status_port.to_string()));
@@ -454,13 +458,13 @@ impl Mesh {
         }
         let mut frontend_urls = Vec::new();
         for index in 0..FRONTENDS {
-            let port = free_port().to_string();
+            let http_port = port().to_string();
             let args = [
                 "frontend",
                 "--http-host",
                 "127.0.0.1",
                 "--http-port",
-                &port,
+                &http_port,
                 "--router-mode",
                 "kv",
                 "--first-token-timeout-secs",
@@ -468,7 +472,7 @@ impl Mesh {
                 "--stream-stall-timeout-secs",
                 "2",
             ];
-            frontend_urls.push(format!("http://127.0.0.1:{port}"));
+            frontend_urls.push(format!("http://127.0.0.1:{http_port}"));
             specs.push((
                 format!("frontend {index}"),
                 args.iter().map(|a| a.to_string()).collect(),
@@ -639,22 +643,20 @@ impl Mesh {
         }
     }
 
-    /// Requests running in each worker's engine.
+    /// Requests running in each worker's engine (asked of all at once, so
+    /// that a cancel is timed by the slowest answer, not their sum).
     async fn running(&self, http: &reqwest::Client) -> Vec<u64> {
-        let mut running = Vec::new();
-        for port in &self.worker_status_ports {
+        let ask = |port: u16| async move {
             let text = match http.get(format!("http://127.0.0.1:{port}/metrics")).send().await {
                 Ok(response) => response.text().await.unwrap_or_default(),
                 Err(_) => String::new(),
             };
-            let value = text
-                .lines()
+            text.lines()
                 .find(|l| l.starts_with("vllm:num_requests_running"))
                 .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .unwrap_or(0.0);
-            running.push(value as u64);
-        }
-        running
+                .unwrap_or(0.0) as u64
+        };
+        futures::future::join_all(self.worker_status_ports.iter().map(|port| ask(*port))).await
     }
 
     /// Migrations counted by the frontends.
