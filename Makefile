@@ -11,7 +11,7 @@ TEST_VENV := target/test-venv
 # `openai` client for their suite, and the `switchyard` package itself.
 PYTHON_VENV := target/python-venv
 
-.PHONY: run build-deps test test-deps engine-deps lint bench perf kv-quality hello mesh-screenshot python python-venv python-test bench-python deploy-test deploy-test-debug
+.PHONY: chaos run build-deps test test-deps engine-deps lint bench perf kv-quality hello mesh-screenshot python python-venv python-test bench-python deploy-test deploy-test-debug
 
 ## The main job: an OpenAI-compatible API on port 8000 with a mock model,
 ## frontend and worker in one process (see README.md).
@@ -164,6 +164,16 @@ perf:
 kv-quality: build-deps
 	$(CARGO) build --release -q -p switchyard
 	$(or $(CARGO_TARGET_DIR),target)/release/switchyard kv-quality --out target/kv-quality
+
+## The long chaos run (docs/reliability.md, "Chaos"): two frontends and four
+## workers under 200 streaming clients and a seeded fault schedule for 60 s
+## on each of tcp/http/nats x file/etcd, release build; about 10 minutes with
+## the build cached. `SWITCHYARD_CHAOS_SEED=N` repeats a run,
+## `SWITCHYARD_CHAOS_ONLY=tcp/file,...` narrows it. make test runs the short
+## form (chaos_short, 6 s per combination).
+chaos: test-deps
+	mkdir -p target/chaos
+	$(CARGO) test --release -p switchyard --test e2e chaos_long -- --ignored --nocapture 2>&1 | tee target/chaos/chaos.md
 
 ## The mesh page's screenshot in docs/observability.md, taken again:
 ## `switchyard run` (three workers, KV mode) with a few requests, in

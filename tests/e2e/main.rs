@@ -8,8 +8,10 @@
 //! only `tests/idle.rs` has a binary of its own. Both are test targets of the
 //! `switchyard` package (see its Cargo.toml for why).
 
+mod chaos;
 mod engines;
 mod faults;
+mod history;
 #[cfg(feature = "kubernetes")]
 mod kubernetes;
 mod kv;

@@ -364,16 +364,35 @@ async fn admit(
     let controller = Controller::with_id(id);
     let request = Arc::new(request);
     let original = (state.migration_limit > 0 || state.stall_timeout.is_some()).then(|| Arc::clone(&request));
-    let context = Context::with_controller(request, controller);
-    let (routed, kv_route) = match model.route(context).await {
-        Ok(routed) => routed,
-        Err(error) => {
-            exchange.refused();
-            let api = ApiError::from_request(&model.name, &error);
-            if error.kind() != ErrorKind::Overloaded {
-                tracing::warn!(model = %model.name, request_id = %id, %error, "request not routed");
+    let mut migration_limit = if migrate::opted_out(headers) {
+        0
+    } else {
+        state.migration_limit
+    };
+    // A request no worker has answered yet (each one the router tried broke
+    // or stayed silent) tries again, from the same migration budget as an
+    // answer cut off mid-way.
+    let (routed, kv_route) = loop {
+        let context = Context::with_controller(Arc::clone(&request), controller.clone());
+        match model.route(context).await {
+            Ok(routed) => break routed,
+            Err(error) if migrate::is_migratable(error.kind()) && migration_limit > 0 && !controller.is_stopped() => {
+                migration_limit -= 1;
+                state
+                    .metrics
+                    .migrations
+                    .with_label_values(&[&model.name, "new_request"])
+                    .inc();
+                tracing::info!(model = %model.name, request_id = %id, %error, "request not routed; trying again");
             }
-            return Err(refuse(&model.name, stream, api));
+            Err(error) => {
+                exchange.refused();
+                let api = ApiError::from_request(&model.name, &error);
+                if error.kind() != ErrorKind::Overloaded {
+                    tracing::warn!(model = %model.name, request_id = %id, %error, "request not routed");
+                }
+                return Err(refuse(&model.name, stream, api));
+            }
         }
     };
     let worker = routed.instance_id;
@@ -394,11 +413,7 @@ async fn admit(
         Some(original) => {
             let policy = MigrationPolicy {
                 target: model.clone(),
-                limit: if migrate::opted_out(headers) {
-                    0
-                } else {
-                    state.migration_limit
-                },
+                limit: migration_limit,
                 request_id: id.to_string(),
                 counter: state.metrics.migrations.clone(),
                 stall_timeout: state.stall_timeout,

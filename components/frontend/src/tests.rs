@@ -182,10 +182,10 @@ async fn a_unary_chat_returns_max_tokens_of_text_with_usage() {
     assert_eq!(text.split_whitespace().count(), 12, "one word per token: {text:?}");
     assert_eq!(answer["usage"]["completion_tokens"], 12);
     assert_eq!(
-        answer["usage"]["prompt_tokens"], 5,
-        "`user: Tell me a story` is five words"
+        answer["usage"]["prompt_tokens"], 6,
+        "`user: Tell me a story` and the generation prompt `assistant:` are six words"
     );
-    assert_eq!(answer["usage"]["total_tokens"], 17);
+    assert_eq!(answer["usage"]["total_tokens"], 18);
     stack.shutdown().await;
 }
 

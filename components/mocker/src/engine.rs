@@ -4,6 +4,8 @@
 
 use crate::stop::{StopMatcher, StopStep};
 use futures::StreamExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use switchyard_llm::openai::Usage;
 use switchyard_llm::protocol::{FinishReason, LlmOutput, LlmRequest};
 use switchyard_mocker::engine::{EngineOutput, EngineRequest, EngineStream, MockerEngine, SubmitError};
@@ -21,6 +23,9 @@ pub struct MockerLlm {
     engine: MockerEngine,
     model: String,
     context_length: u32,
+    /// Fault injection: every Nth request hangs before its first token (0: none).
+    stall_every: u64,
+    requests: Arc<AtomicU64>,
 }
 
 impl MockerLlm {
@@ -29,7 +34,17 @@ impl MockerLlm {
             engine,
             model: model.into(),
             context_length,
+            stall_every: 0,
+            requests: Arc::default(),
         }
+    }
+
+    /// Makes every `n`th request hang before its first token until the
+    /// caller stops it, as if the engine had stopped (fault injection; 0
+    /// answers every request).
+    pub fn stalling_first_token_every(mut self, n: u64) -> Self {
+        self.stall_every = n;
+        self
     }
 
     pub fn engine(&self) -> &MockerEngine {
@@ -60,6 +75,20 @@ impl AsyncEngine<LlmRequest, LlmOutput> for MockerLlm {
             ));
         }
         let max_tokens = request.max_tokens().unwrap_or(DEFAULT_MAX_TOKENS).min(room);
+        let count = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.stall_every > 0 && count.is_multiple_of(self.stall_every) {
+            tracing::warn!(
+                request = count,
+                "stalling before the first token (--stall-first-token-every)"
+            );
+            return Ok(Box::pin(futures::stream::once(async move {
+                controller.stopped().await;
+                Err(RequestError::new(
+                    ErrorKind::Cancelled,
+                    "the request was stopped before its first token",
+                ))
+            })));
+        }
         let outputs = self
             .engine
             .submit(EngineRequest {
@@ -108,7 +137,7 @@ impl Generation {
             };
             let (text, tokens, finish) = match output {
                 EngineOutput::Token(id) => {
-                    let piece = text::detokenize(id, self.generated as usize);
+                    let piece = text::detokenize(id);
                     self.generated += 1;
                     match self.stop.push(&piece) {
                         StopStep::Continue(text) if text.is_empty() => continue,
@@ -130,5 +159,53 @@ impl Generation {
             }
             return Some((Ok(piece), self));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchyard_mocker::config::MockerConfig;
+    use tokio_util::sync::CancellationToken;
+
+    fn chat(model: &str) -> LlmRequest {
+        LlmRequest::Chat(
+            serde_json::from_value(serde_json::json!({
+                "model": model, "max_tokens": 3,
+                "messages": [{"role": "user", "content": "hello"}],
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_stalling_engine_holds_every_nth_request_without_a_token_until_it_is_stopped() {
+        let config = MockerConfig {
+            speedup_ratio: 0.0,
+            ..MockerConfig::default()
+        };
+        let engine = MockerEngine::start(config, CancellationToken::new()).unwrap();
+        let llm = MockerLlm::new(engine, "m", 4096).stalling_first_token_every(2);
+
+        let answered: Vec<_> = llm.generate(Context::new(chat("m"))).await.unwrap().collect().await;
+        assert_eq!(
+            answered.len(),
+            4,
+            "the first request is answered (three tokens and the end): {answered:?}"
+        );
+
+        let controller = Controller::new();
+        let mut stalled = llm
+            .generate(Context::with_controller(chat("m"), controller.clone()))
+            .await
+            .unwrap();
+        let nothing = tokio::time::timeout(std::time::Duration::from_millis(300), stalled.next()).await;
+        assert!(nothing.is_err(), "the second request got a piece: {nothing:?}");
+        controller.stop();
+        let end = stalled.next().await.expect("the stream ends once stopped");
+        assert_eq!(end.unwrap_err().kind(), ErrorKind::Cancelled);
+
+        let third: Vec<_> = llm.generate(Context::new(chat("m"))).await.unwrap().collect().await;
+        assert_eq!(third.len(), 4, "the third request is answered again");
     }
 }

@@ -4,8 +4,8 @@
 
 use crate::engine::MockerLlm;
 use crate::metrics::EngineMetrics;
-use std::net::{IpAddr, SocketAddr};
-use switchyard_kv_events::{DEFAULT_BUFFER_STEPS, KvEventsError, Publisher, PublisherConfig};
+use std::net::SocketAddr;
+use switchyard_kv_events::{KvEventsError, Publisher, PublisherConfig};
 use switchyard_llm::model_card::{Capacity, KvEventsSource, ModelCard, ModelKind, TokenizerSpec};
 use switchyard_mocker::config::{ConfigError, MockerConfig};
 use switchyard_mocker::engine::MockerEngine;
@@ -64,6 +64,12 @@ pub struct MockerArgs {
     /// the gap and recover it by replay. 0 (the default) sends every batch.
     #[arg(long, env = "DYN_MOCKER_KV_EVENTS_WITHHOLD_EVERY", default_value_t = 0)]
     pub kv_events_withhold_every: u64,
+    /// Fault injection: every Nth request is accepted but the engine never
+    /// produces its first token (it hangs until the caller gives up), as an
+    /// engine that stopped would; the frontend's first-token deadline must
+    /// send it elsewhere. 0 (the default) answers every request.
+    #[arg(long, env = "DYN_MOCKER_STALL_FIRST_TOKEN_EVERY", default_value_t = 0)]
+    pub stall_first_token_every: u64,
     /// Workers in this process, each its own instance in discovery.
     #[arg(long, env = "DYN_MOCKER_NUM_WORKERS", default_value_t = 1)]
     pub num_workers: usize,
@@ -104,45 +110,15 @@ pub enum KvEventsBind {
     At(PublisherConfig),
 }
 
-/// Where `--kv-events` publishes: the request plane's host, ports chosen by
-/// the OS. libzmq binds only to an address or an interface name, never to a
-/// host name, so a name (`DYN_TCP_RPC_HOST=worker-1` in the compose stack)
-/// is resolved first; the card then names that address, which subscribers
-/// reach as they would the name.
+/// Where `--kv-events` publishes: the request plane's host (resolved when
+/// it is a name), ports chosen by the OS.
 async fn ephemeral_publisher(host: &str) -> Result<PublisherConfig, MockerError> {
-    let address = match host.parse::<IpAddr>() {
-        Ok(address) => address,
-        Err(_) => {
-            let resolved = tokio::net::lookup_host((host, 0))
-                .await
-                .map_err(|source| MockerError::KvEventsHost {
-                    host: host.to_string(),
-                    source,
-                })?
-                .map(|a| a.ip())
-                .collect::<Vec<_>>();
-            // IPv4 first, as the request plane's listener resolves it.
-            resolved
-                .iter()
-                .find(|a| a.is_ipv4())
-                .or(resolved.first())
-                .copied()
-                .ok_or_else(|| MockerError::KvEventsHost {
-                    host: host.to_string(),
-                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
-                })?
-        }
-    };
-    let host = match address {
-        IpAddr::V6(v6) => format!("[{v6}]"),
-        IpAddr::V4(v4) => v4.to_string(),
-    };
-    Ok(PublisherConfig {
-        endpoint: format!("tcp://{host}:0"),
-        replay_endpoint: Some(format!("tcp://{host}:0")),
-        topic: KV_EVENTS_TOPIC.to_string(),
-        buffer_steps: DEFAULT_BUFFER_STEPS,
-    })
+    PublisherConfig::on_host(host, KV_EVENTS_TOPIC)
+        .await
+        .map_err(|error| match error {
+            KvEventsError::Host { host, source } => MockerError::KvEventsHost { host, source },
+            other => MockerError::KvEvents(other),
+        })
 }
 
 /// Binds a vLLM-style KV event publisher and forwards the engine's batches
@@ -269,7 +245,8 @@ pub async fn serve_with(
         args.model_name.clone(),
         runtime.root_token().child_token(),
     ));
-    let llm = MockerLlm::new(engine.clone(), &args.model_name, args.context_length);
+    let llm = MockerLlm::new(engine.clone(), &args.model_name, args.context_length)
+        .stalling_first_token_every(args.stall_first_token_every);
     let load = engine.clone();
     let serving = endpoint
         .endpoint_builder()

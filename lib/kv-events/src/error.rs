@@ -45,6 +45,12 @@ pub enum KvEventsError {
         #[source]
         source: zmq::Error,
     },
+    #[error("the host {host:?} to publish on does not resolve to an address")]
+    Host {
+        host: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("could not start the {name} thread")]
     Thread {
         name: &'static str,

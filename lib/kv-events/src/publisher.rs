@@ -42,6 +42,48 @@ pub struct PublisherConfig {
 }
 
 impl PublisherConfig {
+    /// A PUB socket and a replay socket on `host`, ports chosen by the OS,
+    /// publishing on `topic`. libzmq binds only to an address or an
+    /// interface name, never to a host name, so a name (a compose service
+    /// name, say) is resolved first, IPv4 preferred as a listener resolves
+    /// it; subscribers reach the address as they would the name.
+    pub async fn on_host(host: &str, topic: &str) -> Result<Self, KvEventsError> {
+        let unresolved = |source| KvEventsError::Host {
+            host: host.to_string(),
+            source,
+        };
+        let address = match host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+        {
+            Ok(address) => address,
+            Err(_) => {
+                let resolved: Vec<std::net::IpAddr> = tokio::net::lookup_host((host, 0))
+                    .await
+                    .map_err(unresolved)?
+                    .map(|a| a.ip())
+                    .collect();
+                resolved
+                    .iter()
+                    .find(|a| a.is_ipv4())
+                    .or(resolved.first())
+                    .copied()
+                    .ok_or_else(|| unresolved(std::io::Error::new(std::io::ErrorKind::NotFound, "no address")))?
+            }
+        };
+        let host = match address {
+            std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+            std::net::IpAddr::V4(v4) => v4.to_string(),
+        };
+        Ok(PublisherConfig {
+            endpoint: format!("tcp://{host}:0"),
+            replay_endpoint: Some(format!("tcp://{host}:0")),
+            topic: topic.to_string(),
+            buffer_steps: DEFAULT_BUFFER_STEPS,
+        })
+    }
+
     /// `endpoint` with no replay, an empty topic and vLLM's buffer size.
     pub fn new(endpoint: impl Into<String>) -> Self {
         PublisherConfig {

@@ -7,8 +7,9 @@
 //! OpenAI framing (ids, `created`, chunk shapes) on the frontend means a
 //! worker never has to know whether the client streams.
 
-use crate::openai::{ChatCompletionRequest, CompletionRequest, Usage};
+use crate::openai::{ChatCompletionRequest, CompletionRequest, Role, Usage};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 /// One generation request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -34,21 +35,39 @@ impl LlmRequest {
         }
     }
 
-    /// The prompt as one plain text: a completion's prompt, or a chat's
-    /// messages one per line as `role: content`, so two chats sharing their
-    /// first messages share a prefix. What the mocker reads, and what a
-    /// router hashes for a worker whose tokenizer is the mocker's.
+    /// The prompt as one plain text: a completion's prompt, or a chat
+    /// rendered by the mocker's template, so two chats sharing their first
+    /// messages share a prefix. What the mocker reads, and what a router
+    /// hashes for a worker whose tokenizer is the mocker's.
+    ///
+    /// The template writes each message on its own line as `role: content`
+    /// and ends with the generation prompt `assistant:`, like a real chat
+    /// template with `add_generation_prompt`. With vLLM's
+    /// `continue_final_message: true` a final assistant message is left
+    /// open instead, so an answer continued on another engine reads exactly
+    /// as the prompt plus the text generated so far.
     pub fn flat_prompt(&self) -> String {
         match self {
             LlmRequest::Completion(completion) => completion.prompt_text().to_string(),
             LlmRequest::Chat(chat) => {
+                let flag = |name: &str, default: bool| chat.extra.get(name).and_then(Value::as_bool).unwrap_or(default);
+                let continues = flag("continue_final_message", false)
+                    && chat
+                        .messages
+                        .last()
+                        .is_some_and(|message| message.role == Role::Assistant);
                 let mut text = String::new();
-                for message in &chat.messages {
+                for (i, message) in chat.messages.iter().enumerate() {
                     let content = message.content.as_ref().map(|c| c.text()).unwrap_or_default();
                     text.push_str(message.role.as_str());
                     text.push_str(": ");
                     text.push_str(&content);
-                    text.push('\n');
+                    if !(continues && i + 1 == chat.messages.len()) {
+                        text.push('\n');
+                    }
+                }
+                if !continues && flag("add_generation_prompt", true) {
+                    text.push_str("assistant:");
                 }
                 text
             }

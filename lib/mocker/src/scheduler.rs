@@ -48,6 +48,8 @@ struct Sequence {
     /// The prompt followed by every token generated so far; after preemption all of it is prefilled again.
     tokens: Vec<u32>,
     prompt_len: usize,
+    /// The fake model's state after `tokens`: it picks the next token.
+    model: text::Greedy,
     /// Chained hashes of the prompt's full blocks; generated tokens' blocks stay private.
     prompt_hashes: Vec<BlockHash>,
     max_tokens: usize,
@@ -106,6 +108,7 @@ impl Scheduler {
             id,
             prompt_len: prompt.len(),
             prompt_hashes: block_hashes(&prompt, self.kv.block_size()),
+            model: text::Greedy::after(&prompt),
             tokens: prompt,
             max_tokens,
             blocks: Vec::new(),
@@ -224,7 +227,8 @@ impl Scheduler {
                 continue;
             }
             let seq = &mut self.running[index];
-            let token = text::generated_token(seq.id, seq.generated());
+            let token = seq.model.next();
+            seq.model.push(token);
             seq.tokens.push(token);
             seq.prefilling = false;
             out.tokens.push((seq.id, token));

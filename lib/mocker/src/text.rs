@@ -3,6 +3,8 @@
 //! It knows nothing about any real model's token ids.
 
 use crate::hash;
+use std::collections::HashMap;
+use std::sync::LazyLock;
 
 /// Words the fake model "says". Any token id maps onto one of them, so output is always readable.
 #[rustfmt::skip] // one word per line would make the list ten times longer to scroll through
@@ -26,43 +28,116 @@ const SENTENCE_EVERY: u64 = 11;
 /// Splits `text` on whitespace and maps each word to a token id by a stable hash, so identical prompt
 /// prefixes give identical token prefixes (what prefix reuse keys on). Empty text gives no tokens.
 pub fn tokenize(text: &str) -> Vec<u32> {
+    text.split_whitespace().map(word_id).collect()
+}
+
+/// The id of one whitespace-free word.
+fn word_id(word: &str) -> u32 {
     // Keep the high bits: `fnv1a`'s low bits alone are weaker.
-    text.split_whitespace()
-        .map(|word| (hash::mix(hash::fnv1a(word.as_bytes())) >> 32) as u32)
+    (hash::mix(hash::fnv1a(word.as_bytes())) >> 32) as u32
+}
+
+/// Every piece of text the fake model can generate: each of [`WORDS`] as it is, capitalised,
+/// followed by a full stop, or both. A piece's token id is the id [`tokenize`] gives its text, so
+/// generated text read back as a prompt gives the very ids that were generated.
+struct Vocabulary {
+    pieces: HashMap<u32, Piece>,
+}
+
+struct Piece {
+    text: String,
+    ends_sentence: bool,
+}
+
+static VOCABULARY: LazyLock<Vocabulary> = LazyLock::new(|| {
+    let mut pieces = HashMap::new();
+    for word in WORDS {
+        for text in [word.to_string(), capitalised(word)] {
+            let stop = format!("{text}.");
+            pieces.insert(
+                word_id(&stop),
+                Piece {
+                    text: stop,
+                    ends_sentence: true,
+                },
+            );
+            pieces.insert(
+                word_id(&text),
+                Piece {
+                    text,
+                    ends_sentence: false,
+                },
+            );
+        }
+    }
+    Vocabulary { pieces }
+});
+
+fn capitalised(word: &str) -> String {
+    let mut chars = word.chars();
+    chars
+        .next()
+        .into_iter()
+        .flat_map(char::to_uppercase)
+        .chain(chars)
         .collect()
 }
 
-/// Readable text for a generated token at generation position `position`: one word with a leading
-/// space, capitalised at the start of a sentence and followed by "." at its end.
+/// Readable text for a generated token: its word with a leading space. An id the fake model never
+/// generates (a prompt's word, say) still reads as some word.
+pub fn detokenize(token_id: u32) -> String {
+    match VOCABULARY.pieces.get(&token_id) {
+        Some(piece) => format!(" {}", piece.text),
+        None => format!(" {}", WORDS[token_id as usize % WORDS.len()]),
+    }
+}
+
+/// A greedy fake model: the next token is a pure function of every token before it (the prompt and
+/// what was generated), as a real engine's is at temperature 0. So an answer continued on another
+/// engine from prompt + generated text goes on exactly as it would have on the first.
 ///
-/// Sentence boundaries depend on the position only, so the function stays pure: whether position
-/// `p` starts a sentence does not depend on which token was emitted at `p - 1`.
-pub fn detokenize(token_id: u32, position: usize) -> String {
-    let word = WORDS[token_id as usize % WORDS.len()];
-    let starts_sentence = position == 0 || ends_sentence(position - 1);
-    let mut piece = String::with_capacity(word.len() + 2);
-    piece.push(' ');
-    let mut chars = word.chars();
-    if let (true, Some(first)) = (starts_sentence, chars.next()) {
-        piece.extend(first.to_uppercase());
-        piece.push_str(chars.as_str());
-    } else {
-        piece.push_str(word);
-    }
-    if ends_sentence(position) {
-        piece.push('.');
-    }
-    piece
+/// Costs O(1) per token: the context is kept as a running hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Greedy {
+    context: u64,
+    last: Option<u32>,
 }
 
-/// The token id the engine emits at generation `position` for a request with this `seed`.
-pub fn generated_token(seed: u64, position: usize) -> u32 {
-    (hash::combine(hash::mix(seed), position as u64) >> 32) as u32
-}
+impl Greedy {
+    /// The model after reading `tokens`.
+    pub fn after(tokens: &[u32]) -> Self {
+        let mut model = Greedy { context: 0, last: None };
+        for &token in tokens {
+            model.push(token);
+        }
+        model
+    }
 
-fn ends_sentence(position: usize) -> bool {
-    // Never end on the very first word: a one-word sentence reads badly.
-    position > 0 && hash::mix(position as u64 ^ 0x5eed).is_multiple_of(SENTENCE_EVERY)
+    /// Reads one more token.
+    pub fn push(&mut self, token: u32) {
+        self.context = hash::combine(self.context, u64::from(token));
+        self.last = Some(token);
+    }
+
+    /// The token the model emits next. A sentence starts after a full stop or after anything the model
+    /// would not say itself (the end of a prompt); it has at least two words.
+    pub fn next(&self) -> u32 {
+        let starts_sentence = self
+            .last
+            .and_then(|token| VOCABULARY.pieces.get(&token))
+            .is_none_or(|piece| piece.ends_sentence);
+        let ends_sentence = !starts_sentence && hash::mix(self.context ^ 0x5eed).is_multiple_of(SENTENCE_EVERY);
+        let word = WORDS[(hash::mix(self.context) % WORDS.len() as u64) as usize];
+        let mut text = if starts_sentence {
+            capitalised(word)
+        } else {
+            word.to_string()
+        };
+        if ends_sentence {
+            text.push('.');
+        }
+        word_id(&text)
+    }
 }
 
 #[cfg(test)]
@@ -85,35 +160,72 @@ mod tests {
         assert_eq!(tokenize("same words"), tokenize("  same   words "));
     }
 
+    /// `count` tokens the model generates after `prompt`.
+    fn generate(prompt: &str, count: usize) -> Vec<u32> {
+        let mut model = Greedy::after(&tokenize(prompt));
+        (0..count)
+            .map(|_| {
+                let token = model.next();
+                model.push(token);
+                token
+            })
+            .collect()
+    }
+
+    fn text_of(tokens: &[u32]) -> String {
+        tokens.iter().map(|&t| detokenize(t)).collect()
+    }
+
     #[test]
-    fn detokenize_is_pure_and_never_empty() {
-        for position in 0..200 {
-            let id = generated_token(42, position);
-            let piece = detokenize(id, position);
-            assert_eq!(piece, detokenize(id, position));
-            assert!(piece.starts_with(' ') && piece.trim().len() > 1, "{piece:?}");
+    fn every_piece_of_the_vocabulary_has_its_own_id() {
+        assert_eq!(VOCABULARY.pieces.len(), WORDS.len() * 4, "two pieces share an id");
+    }
+
+    #[test]
+    fn generated_text_read_back_gives_the_generated_ids() {
+        let tokens = generate("user: tell me a story\nassistant:", 200);
+        assert_eq!(tokenize(&text_of(&tokens)), tokens);
+    }
+
+    #[test]
+    fn the_answer_is_a_function_of_the_prompt_alone() {
+        assert_eq!(generate("a prompt", 50), generate("a prompt", 50));
+        assert_ne!(generate("a prompt", 50), generate("another prompt", 50));
+    }
+
+    #[test]
+    fn an_answer_continued_from_prompt_and_text_goes_on_as_the_first_would() {
+        let prompt = "user: tell me a story\nassistant:";
+        let whole = text_of(&generate(prompt, 120));
+        for cut in [1, 7, 60, 119] {
+            let first = text_of(&generate(prompt, cut));
+            let rest = text_of(&generate(&format!("{prompt}{first}"), 120 - cut));
+            assert_eq!(format!("{first}{rest}"), whole, "cut after {cut} tokens");
         }
     }
 
     #[test]
     fn generated_text_reads_like_sentences() {
-        let text: String = (0..60).map(|p| detokenize(generated_token(7, p), p)).collect();
+        let text = text_of(&generate("user: hello\nassistant:", 80));
         assert!(
             text.starts_with(' ') && text.chars().nth(1).is_some_and(char::is_uppercase),
             "{text}"
         );
         assert!(text.contains(". "), "{text}");
-        // After every full stop the next word is capitalised.
+        // After every full stop the next word is capitalised, and no sentence is one word long.
         for (i, _) in text.match_indices(". ") {
             assert!(text[i + 2..].chars().next().is_some_and(char::is_uppercase), "{text}");
+        }
+        let sentences: Vec<&str> = text.split('.').collect();
+        // The last sentence may be cut short by the end of the answer.
+        for sentence in &sentences[..sentences.len() - 1] {
+            assert!(sentence.split_whitespace().count() >= 2, "{sentence:?} in {text}");
         }
     }
 
     #[test]
-    fn generated_tokens_depend_on_seed_and_position() {
-        assert_eq!(generated_token(1, 3), generated_token(1, 3));
-        assert_ne!(generated_token(1, 3), generated_token(2, 3));
-        let distinct: std::collections::HashSet<u32> = (0..100).map(|p| generated_token(1, p)).collect();
-        assert!(distinct.len() > 90);
+    fn unknown_ids_still_read_as_a_word() {
+        let piece = detokenize(tokenize("zebra")[0]);
+        assert!(piece.starts_with(' ') && piece.trim().len() > 1, "{piece:?}");
     }
 }

@@ -86,13 +86,25 @@ impl EtcdServer {
         Self::start_with(Some(certificates.clone()))
     }
 
+    /// A server with its ports chosen but not running yet: [`EtcdServer::restart`]
+    /// starts it (so a test can start it after the processes that use it).
+    pub fn unstarted() -> Self {
+        Self::new(None)
+    }
+
     fn start_with(tls: Option<TestCertificates>) -> Self {
+        let mut server = Self::new(tls);
+        server.launch();
+        server
+    }
+
+    fn new(tls: Option<TestCertificates>) -> Self {
         let data_root = if std::path::Path::new("/dev/shm").is_dir() {
             PathBuf::from("/dev/shm")
         } else {
             std::env::temp_dir()
         };
-        let mut server = Self {
+        Self {
             child: None,
             watchdog: None,
             client_port: free_port(),
@@ -100,9 +112,7 @@ impl EtcdServer {
             metrics_port: free_port(),
             data_dir: data_root.join(format!("switchyard-etcd-{:016x}", rand::random::<u64>())),
             tls,
-        };
-        server.launch();
-        server
+        }
     }
 
     /// `http://127.0.0.1:PORT` (`https://` with TLS), for `ETCD_ENDPOINTS`.

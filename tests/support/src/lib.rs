@@ -26,9 +26,18 @@ use std::net::TcpListener;
 /// a server a test is about to start. Another process may take it in
 /// between.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("a loopback port can be bound")
-        .local_addr()
-        .expect("a bound socket has an address")
-        .port()
+    free_ports(1)[0]
+}
+
+/// `n` distinct loopback ports nothing listens on right now: all bound at
+/// once before any is released, so no two are the same (successive calls
+/// to [`free_port`] may hand out one port twice).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("a loopback port can be bound"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("a bound socket has an address").port())
+        .collect()
 }

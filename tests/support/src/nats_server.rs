@@ -24,15 +24,21 @@ pub struct NatsServer {
 
 impl NatsServer {
     pub fn start() -> Self {
-        let mut server = Self {
+        let mut server = Self::unstarted();
+        server.launch();
+        server
+    }
+
+    /// A server with its port chosen but not running yet: [`NatsServer::restart`]
+    /// starts it (so a test can start it after the processes that use it).
+    pub fn unstarted() -> Self {
+        Self {
             child: None,
             watchdog: None,
             port: free_port(),
             config: None,
             token: None,
-        };
-        server.launch();
-        server
+        }
     }
 
     /// A server that requires `token` (`--auth`).

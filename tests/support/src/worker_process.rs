@@ -31,6 +31,13 @@ impl WorkerProcess {
 
     /// Starts `binary` and waits until its log (stderr) shows `ready`.
     pub fn start(binary: PathBuf, args: &[&str], env: &[(&str, &str)], ready: &str, deadline: Duration) -> Self {
+        let mut worker = Self::spawn(binary, args, env);
+        worker.wait_for_log(ready, deadline);
+        worker
+    }
+
+    /// Starts `binary` without waiting for it (see [`WorkerProcess::read_log`]).
+    pub fn spawn(binary: PathBuf, args: &[&str], env: &[(&str, &str)]) -> Self {
         assert!(
             binary.exists(),
             "{} is missing: run the tests with `cargo test` (it builds the examples)",
@@ -53,13 +60,26 @@ impl WorkerProcess {
                 }
             }
         });
-        let mut worker = Self {
+        Self {
             child,
             lines,
             log: String::new(),
-        };
-        worker.wait_for_log(ready, deadline);
-        worker
+        }
+    }
+
+    /// Takes what the process logged since the last read, without waiting;
+    /// returns the whole log so far.
+    pub fn read_log(&mut self) -> &str {
+        while let Ok(line) = self.lines.try_recv() {
+            self.log.push_str(&line);
+            self.log.push('\n');
+        }
+        &self.log
+    }
+
+    /// The exit status, once the process has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     /// Reads the log until a line contains `text`; panics with the log so far after `deadline`.

@@ -21,10 +21,12 @@ use switchyard_runtime::error::{ErrorKind, RequestError};
 use switchyard_runtime::runtime::Runtime;
 use tower::ServiceExt;
 
-/// An engine shared by both workers: its first `dying` calls send
-/// `pieces` and then break off; later calls finish with " end".
+/// An engine shared by both workers: its first `hanging` calls never send
+/// anything, the next `dying` calls send `pieces` and then break off; later
+/// calls finish with " end".
 struct Scripted {
     requests: Mutex<Vec<LlmRequest>>,
+    hanging: usize,
     dying: usize,
     pieces: Vec<LlmOutput>,
 }
@@ -42,7 +44,10 @@ impl AsyncEngine<LlmRequest, LlmOutput> for Shared {
             requests.push(request);
             requests.len()
         };
-        let items: Vec<Result<LlmOutput, RequestError>> = if call <= script.dying {
+        if call <= script.hanging {
+            return Ok(Box::pin(futures::stream::pending()));
+        }
+        let items: Vec<Result<LlmOutput, RequestError>> = if call <= script.hanging + script.dying {
             let broken = RequestError::new(ErrorKind::Disconnected, "the engine broke off the answer");
             script.pieces.iter().cloned().map(Ok).chain([Err(broken)]).collect()
         } else {
@@ -205,6 +210,7 @@ impl Stack {
 fn scripted(dying: usize) -> Scripted {
     Scripted {
         requests: Mutex::default(),
+        hanging: 0,
         dying,
         pieces: three_tokens(),
     }
@@ -293,6 +299,7 @@ async fn an_engine_that_cannot_continue_ends_the_answer_with_a_clear_error_not_a
 async fn before_the_first_token_a_request_starts_over_even_where_engines_cannot_continue() {
     let engine = Scripted {
         requests: Mutex::default(),
+        hanging: 0,
         dying: 1,
         pieces: Vec::new(),
     };
@@ -305,6 +312,61 @@ async fn before_the_first_token_a_request_starts_over_even_where_engines_cannot_
     assert_eq!(requests.len(), 2);
     assert_eq!(requests[0], requests[1], "the same request, from scratch");
     stack.shutdown().await;
+}
+
+/// Both workers stay silent past the first-token deadline (the router
+/// tried each): the request is not answered yet, so it tries again from
+/// the migration budget instead of failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_no_worker_answered_in_time_tries_again_within_the_migration_limit() {
+    let engine = Scripted {
+        requests: Mutex::default(),
+        hanging: 2,
+        dying: 0,
+        pieces: Vec::new(),
+    };
+    let args = FrontendArgs {
+        migration_limit: 3,
+        first_token_timeout: std::time::Duration::from_millis(200),
+        ..FrontendArgs::default()
+    };
+    let stack = Stack::start_with(engine, features(false, false), args, None).await;
+    let body = json!({"model": "m", "prompt": "Tell", "stream": true});
+    let (text, _, done) = stack.stream("/v1/completions", body.clone(), None).await;
+    assert!(done);
+    assert_eq!(text, " end");
+    assert_eq!(stack.engine.requests().len(), 3, "two silent workers, then an answer");
+    let new_requests = stack
+        .state
+        .metrics
+        .migrations
+        .with_label_values(&["m", "new_request"])
+        .get();
+    assert_eq!(new_requests, 1);
+
+    // With migration off, the same silence is the client's error.
+    let engine = Scripted {
+        requests: Mutex::default(),
+        hanging: 2,
+        dying: 0,
+        pieces: Vec::new(),
+    };
+    let args = FrontendArgs {
+        migration_limit: 0,
+        first_token_timeout: std::time::Duration::from_millis(200),
+        ..FrontendArgs::default()
+    };
+    let quiet = Stack::start_with(engine, features(false, false), args, None).await;
+    let response = quiet
+        .app
+        .clone()
+        .oneshot(post("/v1/completions", body.to_string()))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(quiet.engine.requests().len(), 2);
+    stack.shutdown().await;
+    quiet.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,6 +31,9 @@ fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<metrics::Counter>()?;
     module.add_class::<metrics::Gauge>()?;
     module.add_class::<metrics::Histogram>()?;
+    module.add_class::<llm::PyKvEventPublisher>()?;
     module.add_function(wrap_pyfunction!(llm::register_model, module)?)?;
+    module.add_function(wrap_pyfunction!(llm::kv_event_publisher, module)?)?;
+    module.add_function(wrap_pyfunction!(llm::mocker_tokens, module)?)?;
     Ok(())
 }

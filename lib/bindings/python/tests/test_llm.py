@@ -108,3 +108,44 @@ def test_a_python_workers_load_reports_reach_the_frontends_router(mesh: Mesh) ->
         time.sleep(0.05)
     answer.join(timeout=30)
     assert seen == 1, "the worker's own report of one request in flight never reached the frontend"
+
+
+def test_a_python_engines_kv_events_steer_the_frontends_kv_router(mesh: Mesh) -> None:
+    for _ in range(2):
+        mesh.wait_line(mesh.python("llm_worker.py", KV_EVENTS="1"), "ready")
+    port = free_port()
+    client = frontend_at(mesh, port, "--router-mode", "kv")
+    # "user:", 100 words and "assistant:" in the mocker's tokenizer: 102
+    # tokens, six full blocks of 16 (the router counts the partial seventh).
+    prompt = " ".join(f"word{i}" for i in range(100))
+    messages = [{"role": "user", "content": prompt}]
+
+    def ask() -> tuple[str, dict[str, str]]:
+        raw = client.chat.completions.with_raw_response.create(model="py-model", messages=messages, max_tokens=2)
+        route = dict(part.split("=", 1) for part in raw.headers["x-switchyard-route"].split(";"))
+        return raw.headers["x-switchyard-worker-id"], route
+
+    first_worker, first_route = ask()
+    assert first_route["index"] == "events", first_route
+    assert first_route["overlap"] == "0", "nothing is cached before the first answer"
+    # The worker published the prompt's blocks; once the router has them,
+    # the same prompt goes back to it for its cache.
+    deadline = time.monotonic() + 10
+    while True:
+        worker, route = ask()
+        if int(route["overlap"]) > 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert (route["overlap"], route["blocks"]) == ("6", "7"), route
+    assert worker == first_worker, (worker, first_worker, route)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        metrics = response.read().decode()
+    events = sum(
+        float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith("dynamo_frontend_kv_events_total")
+    )
+    assert events >= 1, "the router counted no KV event from the Python engines"
+
+
+def test_kv_event_publisher_refuses_blocks_that_do_not_add_up(mesh: Mesh) -> None:
+    result = mesh.run_python("kv_publisher_errors.py")
+    assert result.returncode == 0, result.stdout + result.stderr

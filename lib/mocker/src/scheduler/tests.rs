@@ -21,6 +21,18 @@ fn prompt(len: usize, first: u32) -> Vec<u32> {
     (first..first + len as u32).collect()
 }
 
+/// The `count` tokens the fake model generates after `prompt`, step by step.
+fn greedy_answer(prompt: &[u32], count: usize) -> Vec<u32> {
+    let mut model = text::Greedy::after(prompt);
+    (0..count)
+        .map(|_| {
+            let token = model.next();
+            model.push(token);
+            token
+        })
+        .collect()
+}
+
 /// Steps until idle (with a safety limit), collecting every sequence's tokens and all outcomes.
 fn run_to_idle(scheduler: &mut Scheduler) -> (HashMap<SeqId, Vec<u32>>, Vec<StepOutcome>) {
     let mut tokens: HashMap<SeqId, Vec<u32>> = HashMap::new();
@@ -54,8 +66,9 @@ fn a_sequence_prefills_then_emits_exactly_max_tokens_and_frees_its_blocks() {
     );
 
     let (tokens, steps) = run_to_idle(&mut scheduler);
-    let expected: Vec<u32> = (1..5).map(|p| text::generated_token(id, p)).collect();
-    assert_eq!(tokens[&id], expected);
+    let expected = greedy_answer(&prompt(10, 1), 5);
+    assert_eq!(first.tokens, vec![(id, expected[0])]);
+    assert_eq!(tokens[&id], expected[1..]);
     assert_eq!(steps.last().map(|s| s.finished.clone()), Some(vec![id]));
     assert!(
         steps.iter().all(|s| s.prefill_tokens == 0),
@@ -144,7 +157,8 @@ fn a_shared_prefix_is_not_prefilled_twice() {
 fn memory_pressure_preempts_the_newest_and_every_sequence_still_completes() {
     // 8 blocks of 4 tokens; each sequence grows to 4 + 16 = 20 tokens (5 blocks), so three cannot coexist.
     let mut scheduler = Scheduler::new(&config(8, 4, 8, 64));
-    let ids: Vec<SeqId> = (0..3).map(|i| scheduler.add(prompt(4, 100 * i), 16)).collect();
+    let prompts: Vec<Vec<u32>> = (0..3).map(|i| prompt(4, 100 * i)).collect();
+    let ids: Vec<SeqId> = prompts.iter().map(|p| scheduler.add(p.clone(), 16)).collect();
     let (tokens, steps) = run_to_idle(&mut scheduler);
 
     let preempted: Vec<SeqId> = steps.iter().flat_map(|s| s.preempted.clone()).collect();
@@ -153,8 +167,8 @@ fn memory_pressure_preempts_the_newest_and_every_sequence_still_completes() {
         !preempted.contains(&ids[0]),
         "the oldest sequence is never the victim while others run"
     );
-    for id in &ids {
-        let expected: Vec<u32> = (0..16).map(|p| text::generated_token(*id, p)).collect();
+    for (id, prompt) in ids.iter().zip(&prompts) {
+        let expected = greedy_answer(prompt, 16);
         assert_eq!(tokens[id], expected, "sequence {id} resumes where it was preempted");
     }
     assert!(

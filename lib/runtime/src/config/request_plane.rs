@@ -16,6 +16,8 @@ pub struct TcpConfig {
     host: String,
     /// Port of the listener; 0 = any free port.
     port: u16,
+    /// `host:port` to advertise instead of `host` and the bound port.
+    advertise: Option<String>,
     /// Largest encoded request or response item, in bytes.
     max_message_size: usize,
     /// Deadline for opening a connection to a worker.
@@ -48,6 +50,8 @@ impl TcpConfig {
 pub struct HttpConfig {
     host: String,
     port: u16,
+    /// `host:port` to advertise instead of `host` and the bound port.
+    advertise: Option<String>,
 }
 
 impl Settings {
@@ -62,6 +66,7 @@ impl Settings {
                 u16::MAX as u64,
                 "a port number 0-65535 (0 picks a free port)",
             )? as u16,
+            advertise: self.advertised_address(TCP_RPC_ADVERTISE)?,
             max_message_size: self.number(
                 TCP_MAX_MESSAGE_SIZE,
                 1024,
@@ -99,6 +104,7 @@ impl Settings {
                 "a port number 0-65535 (0 picks a free port)",
             )? as u16,
             host: self.reachable_host(HTTP_RPC_HOST)?,
+            advertise: self.advertised_address(HTTP_RPC_ADVERTISE)?,
         })
     }
 
@@ -119,6 +125,29 @@ impl Settings {
             ));
         }
         Ok(host)
+    }
+
+    /// A `host:port` callers can dial, or `None` when unset or empty.
+    fn advertised_address(&self, name: &'static str) -> Result<Option<String>, ConfigError> {
+        let Some(text) = self.optional_text(name)?.map(|t| t.trim().to_string()) else {
+            return Ok(None);
+        };
+        if text.is_empty() {
+            return Ok(None);
+        }
+        let valid = text.rsplit_once(':').is_some_and(|(host, port)| {
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let unspecified = host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_unspecified());
+            !host.is_empty() && !unspecified && port.parse::<u16>().is_ok_and(|port| port > 0)
+        });
+        if !valid {
+            return Err(self.invalid(
+                name,
+                &text,
+                "host:port with a reachable host (not 0.0.0.0) and a port 1-65535, e.g. 10.0.0.5:7000 or [fd00::5]:7000",
+            ));
+        }
+        Ok(Some(text))
     }
 
     /// Mutual TLS for the request planes: all three paths, or none.

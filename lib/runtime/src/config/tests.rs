@@ -53,6 +53,39 @@ fn ports_above_i16_are_valid_and_above_u16_are_not() {
 }
 
 #[test]
+fn an_advertised_address_is_host_and_port_or_a_clear_error() {
+    let config = RuntimeConfig::from_vars([
+        (TCP_RPC_ADVERTISE, "10.0.0.5:7000"),
+        (HTTP_RPC_ADVERTISE, "[fd00::5]:7001"),
+    ])
+    .unwrap();
+    assert_eq!(config.tcp().advertise().as_deref(), Some("10.0.0.5:7000"));
+    assert_eq!(config.http().advertise().as_deref(), Some("[fd00::5]:7001"));
+    let unset = RuntimeConfig::from_vars([(TCP_RPC_ADVERTISE, "")]).unwrap();
+    assert_eq!(unset.tcp().advertise(), &None);
+    for bad in [
+        "10.0.0.5",
+        "10.0.0.5:0",
+        ":7000",
+        "0.0.0.0:7000",
+        "host:port",
+        "h:70000",
+    ] {
+        let err = RuntimeConfig::from_vars([(TCP_RPC_ADVERTISE, bad)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("DYN_TCP_RPC_ADVERTISE") && err.contains("host:port"),
+            "{bad}: {err}"
+        );
+    }
+    let err = RuntimeConfig::from_vars([(HTTP_RPC_ADVERTISE, "nowhere")])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("DYN_HTTP_RPC_ADVERTISE"), "{err}");
+}
+
+#[test]
 fn unreachable_bind_host_is_rejected() {
     for host in ["0.0.0.0", "::", "[::]", "::0", "0:0:0:0:0:0:0:0", " 0.0.0.0 "] {
         let err = RuntimeConfig::from_vars([(TCP_RPC_HOST, host)]).unwrap_err();

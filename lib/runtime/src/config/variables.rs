@@ -31,6 +31,7 @@ pub(super) const ETCD_AUTH_CLIENT_KEY: &str = "ETCD_AUTH_CLIENT_KEY";
 pub(super) const REQUEST_PLANE: &str = "DYN_REQUEST_PLANE";
 pub(super) const TCP_RPC_HOST: &str = "DYN_TCP_RPC_HOST";
 pub(super) const TCP_RPC_PORT: &str = "DYN_TCP_RPC_PORT";
+pub(super) const TCP_RPC_ADVERTISE: &str = "DYN_TCP_RPC_ADVERTISE";
 pub(super) const TCP_MAX_MESSAGE_SIZE: &str = "DYN_TCP_MAX_MESSAGE_SIZE";
 pub(super) const TCP_CONNECT_TIMEOUT: &str = "DYN_TCP_CONNECT_TIMEOUT";
 pub(super) const TCP_STREAM_WINDOW: &str = "DYN_TCP_STREAM_WINDOW";
@@ -43,6 +44,7 @@ pub(super) const TCP_MAX_SEND_QUEUE: &str = "DYN_TCP_MAX_SEND_QUEUE";
 pub(super) const TCP_WRITE_TIMEOUT: &str = "DYN_TCP_WRITE_TIMEOUT";
 pub(super) const HTTP_RPC_HOST: &str = "DYN_HTTP_RPC_HOST";
 pub(super) const HTTP_RPC_PORT: &str = "DYN_HTTP_RPC_PORT";
+pub(super) const HTTP_RPC_ADVERTISE: &str = "DYN_HTTP_RPC_ADVERTISE";
 pub(super) const SYSTEM_PORT: &str = "DYN_SYSTEM_PORT";
 pub(super) const SYSTEM_HOST: &str = "DYN_SYSTEM_HOST";
 pub(super) const SYSTEM_STARTING_HEALTH_STATUS: &str = "DYN_SYSTEM_STARTING_HEALTH_STATUS";
@@ -134,6 +136,11 @@ pub const VARIABLES: &[Variable] = &[
         name: TCP_RPC_PORT,
         default: "0",
         help: "port of the request-plane listener; 0 picks a free port",
+    },
+    Variable {
+        name: TCP_RPC_ADVERTISE,
+        default: "",
+        help: "host:port callers dial instead of the bound address, when a port forward, NAT or proxy sits in front of the listener; unset advertises DYN_TCP_RPC_HOST and the bound port",
     },
     Variable {
         name: TCP_MAX_MESSAGE_SIZE,
@@ -279,6 +286,11 @@ pub const VARIABLES: &[Variable] = &[
         name: HTTP_RPC_PORT,
         default: "0",
         help: "port of the HTTP/2 request-plane listener; 0 picks a free port",
+    },
+    Variable {
+        name: HTTP_RPC_ADVERTISE,
+        default: "",
+        help: "host:port callers dial instead of the bound address (a port forward, NAT or proxy in front); unset advertises DYN_HTTP_RPC_HOST and the bound port",
     },
     Variable {
         name: GRACEFUL_SHUTDOWN_TIMEOUT,

@@ -119,7 +119,10 @@ impl HttpServer {
         let local = listener.local_addr()?;
         let port = local.port();
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let base = format!("{scheme}://{}:{port}", config.host());
+        let base = match config.advertise() {
+            Some(address) => format!("{scheme}://{address}"),
+            None => format!("{scheme}://{}:{port}", config.host()),
+        };
         let state = ServerState {
             pump: Pump::new(handlers, shutdown.clone(), max_message_size),
             shutdown: shutdown.clone(),

@@ -257,8 +257,10 @@ where
         }
     }
 
-    /// Chooses with `policy`, sends, and retries once elsewhere after a
-    /// transport failure that happened before any item arrived.
+    /// Chooses with `policy`, sends, and retries once elsewhere when the
+    /// first try failed before any item arrived: a transport failure, or an
+    /// instance that could not take the request (gone from its address,
+    /// shutting down, at capacity).
     async fn route(&self, policy: &dyn Policy, request: Context<Req>) -> Result<Routed<Resp>, RequestError> {
         let (body, controller) = encode(request)?;
         let mut exclude = None;
@@ -285,15 +287,20 @@ where
                         error.kind(),
                         ErrorKind::Unreachable | ErrorKind::Disconnected | ErrorKind::TimedOut
                     );
+                    // Another process answers at the instance's address (it
+                    // was restarted there): the instance is gone. Or it is
+                    // full: leave it alone for a backoff rather than ask again.
+                    let gone = error.kind() == ErrorKind::NotFound;
+                    let full = error.kind() == ErrorKind::Overloaded;
                     let metrics = self.client.endpoint().drt().metrics();
-                    if transport {
+                    if transport || gone || full {
                         metrics.router_ejections.inc();
                         let backoff = self.occupancy.record_failure(instance.instance_id, Instant::now());
                         self.occupancy
                             .record_error(instance.instance_id, &crate::error::Report(&error).to_string());
-                        tracing::warn!(instance = %instance, %error, ?backoff, "instance ejected after a transport failure");
+                        tracing::warn!(instance = %instance, %error, ?backoff, "instance ejected after a transport failure or a lookup miss");
                     }
-                    let retryable = transport || error.kind() == ErrorKind::ShuttingDown;
+                    let retryable = transport || error.kind().is_retryable_elsewhere();
                     if attempt == 1 || !retryable || controller.is_stopped() {
                         return match first_item_stream {
                             Some(stream) => Ok(Routed {

@@ -13,6 +13,7 @@ use switchyard_runtime::discovery::{Bucket, Query};
 use switchyard_runtime::distributed::DistributedRuntime;
 use switchyard_runtime::engine::{AsyncEngine, Context, ResponseStream};
 use switchyard_runtime::error::{ErrorKind, RequestError};
+use switchyard_runtime::instance::Instance;
 use switchyard_runtime::routing::RouterMode;
 use switchyard_runtime::routing::push_router::PushRouter;
 use switchyard_runtime::runtime::{Runtime, ShutdownOutcome};
@@ -476,6 +477,84 @@ async fn round_robin_spreads_requests_and_follows_instances_as_they_come_and_go(
     wait_until("the client saw the new worker", || client.instances().len() == 3).await;
     let answers = who_answers(&router, 30).await;
     assert_eq!(answers.iter().filter(|id| **id == newcomer.instance_id()).count(), 10);
+}
+
+/// A worker restarted on the same address comes back as a new instance,
+/// while its old instance is still in discovery (until its lease expires):
+/// requests for the old one reach the new process, which answers that the
+/// instance is not served there. The router tries another instance instead
+/// of failing the request.
+#[tokio::test]
+async fn a_request_for_an_instance_no_longer_at_its_address_goes_elsewhere() {
+    let registry = MemRegistry::new();
+    let workers: Vec<_> = (0..2).map(|_| process(&registry, &[])).collect();
+    for worker in &workers {
+        serve(worker, "whoami", WhoAmI(worker.instance_id())).await;
+    }
+    // The departed instance: registered by a process that serves nothing,
+    // at worker 0's address.
+    let departed = process(&registry, &[]);
+    let instances = workers[0]
+        .discovery()
+        .list(&Query::bucket(Bucket::Instances))
+        .await
+        .unwrap();
+    let registration = instances
+        .iter()
+        .find(|r| r.key.instance_id == workers[0].instance_id())
+        .expect("worker 0 is registered");
+    let mut stale = Instance::from_registration(registration).unwrap();
+    stale.instance_id = departed.instance_id();
+    departed.discovery().register(stale.to_registration()).await.unwrap();
+
+    let caller = process(&registry, &[]);
+    let client = client(&caller, "whoami").await;
+    wait_until("the caller sees three instances", || client.instances().len() == 3).await;
+    let router = PushRouter::<(), u64>::from_client(client, RouterMode::RoundRobin)
+        .await
+        .unwrap();
+    let answers = who_answers(&router, 12).await;
+    assert_eq!(answers.len(), 12, "every request was answered");
+    assert!(!answers.contains(&departed.instance_id()));
+}
+
+/// Refuses every request: it is at capacity.
+struct Full;
+
+#[async_trait::async_trait]
+impl AsyncEngine<(), u64> for Full {
+    async fn generate(&self, _request: Context<()>) -> Result<ResponseStream<u64>, RequestError> {
+        Err(RequestError::new(ErrorKind::Overloaded, "no room for another request"))
+    }
+}
+
+/// A worker that refuses requests because it is full is skipped: the
+/// request goes to another instance, and the full one is left alone for a
+/// backoff rather than asked again at once.
+#[tokio::test]
+async fn a_worker_refusing_for_capacity_is_ejected_and_its_requests_go_elsewhere() {
+    let registry = MemRegistry::new();
+    let (full, open) = (process(&registry, &[]), process(&registry, &[]));
+    serve(&full, "whoami", Full).await;
+    serve(&open, "whoami", WhoAmI(open.instance_id())).await;
+    let caller = process(&registry, &[]);
+    let client = client(&caller, "whoami").await;
+    wait_until("the caller sees both", || client.instances().len() == 2).await;
+    let router = PushRouter::<(), u64>::from_client(client, RouterMode::RoundRobin)
+        .await
+        .unwrap();
+    let answers = who_answers(&router, 10).await;
+    assert_eq!(
+        answers,
+        vec![open.instance_id(); 10],
+        "every request answered by the open worker"
+    );
+    let (_, metrics) = get_metrics(&caller).await;
+    assert_eq!(
+        metric_line_value(&metrics, "dynamo_router_retries_total"),
+        1.0,
+        "one retry: after it, the full worker was ejected and not asked again"
+    );
 }
 
 /// `n` worker processes serving `WhoAmI` on "whoami", and a router over them

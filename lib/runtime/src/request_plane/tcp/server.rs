@@ -45,7 +45,10 @@ impl TcpServer {
     ) -> std::io::Result<Self> {
         let listener = super::listen(config.host(), *config.port()).await?;
         let local = listener.local_addr()?;
-        let advertised = advertised_address(config.host(), local);
+        let advertised = config
+            .advertise()
+            .clone()
+            .unwrap_or_else(|| advertised_address(config.host(), local));
         let tls = config.tls().as_ref().map(|tls| tls.server_config());
         if tls.is_some() {
             tracing::info!(address = %advertised, "request plane listening (tcp, mutual TLS)");
