@@ -149,8 +149,9 @@ bench-planes:
 	mkdir -p $(PERF)
 	$(CARGO) bench -p switchyard-runtime --bench cross_process 2>&1 | tee $(PERF)/cross_process.txt
 
-## Every figure of docs/performance.md, in one go (8.6 minutes on 2 cores
-## with release builds cached; about 5 more from cold). Each step's output goes
+## Every figure of docs/performance.md, in one go (about 10 minutes on 2
+## cores with release builds cached: 8.6 before the cross-process bench,
+## which adds about 1.5; about 5 more from cold). Each step's output goes
 ## to target/perf/; the charts go to docs/perf/.
 perf:
 	mkdir -p $(PERF) docs/perf
