@@ -23,7 +23,7 @@ const OUTPUT_TOKENS: u32 = 100;
 const REQUESTS: usize = 2000;
 const WARMUP: usize = 200;
 const LEVELS: [usize; 4] = [1, 8, 32, 128];
-/// Without `--bench` (`cargo test --benches`, from `make test`): a few
+/// Without `--bench` (`cargo test --bench '*'`, from `make test`): a few
 /// requests at two levels, so the bench cannot rot unnoticed.
 const QUICK: (usize, usize, [usize; 2]) = (20, 5, [1, 8]);
 /// Linux reports CPU time in clock ticks of 1/100 s (USER_HZ).

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 const RUNS: usize = 5;
-/// Without `--bench` (`cargo test --benches`, from `make test`): one run, so
+/// Without `--bench` (`cargo test --bench '*'`, from `make test`): one run, so
 /// the bench cannot rot unnoticed.
 const QUICK_RUNS: usize = 1;
 

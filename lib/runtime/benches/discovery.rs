@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 const SAMPLES: usize = 1_000;
-/// Without `--bench` (`cargo test --benches`, from `make test`): a moment of
+/// Without `--bench` (`cargo test --bench '*'`, from `make test`): a moment of
 /// each backend, so the bench cannot rot unnoticed.
 const QUICK_SAMPLES: usize = 20;
 const TTL: Duration = Duration::from_secs(10);

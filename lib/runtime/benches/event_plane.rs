@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 const BURST: u64 = 200_000;
 const SAMPLES: usize = 10_000;
-/// Without `--bench` (`cargo test --benches`, from `make test`): a moment of
+/// Without `--bench` (`cargo test --bench '*'`, from `make test`): a moment of
 /// each transport, so the bench cannot rot unnoticed.
 const QUICK_BURST: u64 = 2_000;
 const QUICK_SAMPLES: usize = 100;
