@@ -35,7 +35,8 @@ build-deps:
 ## builds the examples as binaries, which the multi-process tests run. Then
 ## every bench, built and run for a moment (`cargo test --bench '*'` runs
 ## them without `--bench`: each measures a little and asserts nothing on
-## time), so none rots; `--benches` would run the unit tests again. Last, the Python bindings' suite. The deploy test on podman (make deploy-test,
+## time), so none rots; `--benches` would run the unit tests again. About
+## 50 s beyond their build on the loaded 2-core machine (2026-12-07). Last, the Python bindings' suite. The deploy test on podman (make deploy-test,
 ## 1.5 min warm, 9 min on a fresh machine) is kept out: with it the suite
 ## would not fit its 20-minute CI budget on a fresh machine.
 test: test-deps lint
