@@ -579,6 +579,15 @@ async fn measure_nats_floor(url: String, sizes: Sizes) -> anyhow::Result<Figures
 
 // ------------------------------------------------------------------ driving
 
+/// The discovery directory, removed however the run ends.
+struct RemovedOnDrop(std::path::PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A child process, stopped when dropped.
 struct ChildProcess(Child);
 
@@ -735,7 +744,8 @@ fn caller() -> anyhow::Result<()> {
     let nats = switchyard_test_support::nats_server::NatsServer::start();
     let nats_url = nats.url();
     let (_floor, tcp_port, http_port) = spawn_floor(&nats_url)?;
-    let discovery = std::env::temp_dir().join(format!("switchyard-cross-process-{:016x}", rand::random::<u64>()));
+    let discovery =
+        RemovedOnDrop(std::env::temp_dir().join(format!("switchyard-cross-process-{:016x}", rand::random::<u64>())));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -760,7 +770,7 @@ fn caller() -> anyhow::Result<()> {
             _ => on_worker_thread(&rt, measure_nats_floor(nats_url.clone(), sizes))?,
         };
         // Each plane on a directory of its own: a worker that left no trace.
-        let directory = discovery.join(plane);
+        let directory = discovery.0.join(plane);
         let _worker = spawn_worker(plane, &directory, &nats_url)?;
         let directory = directory.display().to_string();
         let nats_url = nats_url.clone();
@@ -783,7 +793,6 @@ fn caller() -> anyhow::Result<()> {
             plane_figures,
         });
     }
-    let _ = std::fs::remove_dir_all(&discovery);
     print_table(&rows, sizes);
     Ok(())
 }
