@@ -11,7 +11,7 @@ TEST_VENV := target/test-venv
 # `openai` client for their suite, and the `switchyard` package itself.
 PYTHON_VENV := target/python-venv
 
-.PHONY: chaos run build-deps test test-deps engine-deps lint bench perf kv-quality hello mesh-screenshot python python-venv python-test bench-python deploy-test deploy-test-debug
+.PHONY: chaos run build-deps test test-deps engine-deps lint bench bench-planes perf kv-quality hello mesh-screenshot python python-venv python-test bench-python deploy-test deploy-test-debug
 
 ## The main job: an OpenAI-compatible API on port 8000 with a mock model,
 ## frontend and worker in one process (see README.md).
@@ -32,12 +32,16 @@ build-deps:
 	fi
 
 ## Lint, then run the whole test suite. Plain `cargo test` (not --all-targets)
-## builds the examples as binaries, which the multi-process tests run. Last,
-## the Python bindings' suite. The deploy test on podman (make deploy-test,
+## builds the examples as binaries, which the multi-process tests run. Then
+## every bench, built and run for a moment (`cargo test --bench '*'` runs
+## them without `--bench`: each measures a little and asserts nothing on
+## time), so none rots; `--benches` would run the unit tests again. About
+## 50 s beyond their build on the loaded 2-core machine (2026-12-07). Last, the Python bindings' suite. The deploy test on podman (make deploy-test,
 ## 1.5 min warm, 9 min on a fresh machine) is kept out: with it the suite
 ## would not fit its 20-minute CI budget on a fresh machine.
 test: test-deps lint
 	$(CARGO) test --workspace
+	$(CARGO) test --workspace --bench '*'
 	$(MAKE) python-test
 
 ## Install what the tests need when it is missing (Debian packages): what
@@ -139,13 +143,21 @@ lint:
 bench:
 	$(CARGO) bench -p switchyard-runtime --bench request_plane
 
-## Every figure of docs/performance.md, in one go (8.6 minutes on 2 cores
-## with release builds cached; about 5 more from cold). Each step's output goes
-## to target/perf/; the charts go to docs/perf/.
+## Every request plane across processes beside its transport's floor
+## (docs/performance.md, "Across processes"): about 1.5 minutes.
 PERF := target/perf
+bench-planes:
+	mkdir -p $(PERF)
+	$(CARGO) bench -p switchyard-runtime --bench cross_process 2>&1 | tee $(PERF)/cross_process.txt
+
+## Every figure of docs/performance.md, in one go (about 10 minutes on 2
+## cores with release builds cached: 8.6 before the cross-process bench,
+## which adds about 1.5; about 5 more from cold). Each step's output goes
+## to target/perf/; the charts go to docs/perf/.
 perf:
 	mkdir -p $(PERF) docs/perf
 	$(CARGO) bench -p switchyard-runtime --bench request_plane 2>&1 | tee $(PERF)/request_plane.txt
+	$(CARGO) bench -p switchyard-runtime --bench cross_process 2>&1 | tee $(PERF)/cross_process.txt
 	$(CARGO) bench -p switchyard-runtime --bench routing 2>&1 | tee $(PERF)/routing.txt
 	$(CARGO) bench -p switchyard-kv-router --bench kv 2>&1 | tee $(PERF)/kv.txt
 	$(CARGO) bench -p switchyard-runtime --bench discovery 2>&1 | tee $(PERF)/discovery.txt

@@ -14,6 +14,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 const RUNS: usize = 5;
+/// Without `--bench` (`cargo test --bench '*'`, from `make test`): one run, so
+/// the bench cannot rot unnoticed.
+const QUICK_RUNS: usize = 1;
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -33,7 +36,12 @@ fn main() {
     let binary = PathBuf::from(env!("CARGO_BIN_EXE_switchyard"));
     let mut registered_ms = Vec::new();
     let mut rss = Vec::new();
-    for run in 0..RUNS {
+    let runs = if std::env::args().any(|arg| arg == "--bench") {
+        RUNS
+    } else {
+        QUICK_RUNS
+    };
+    for run in 0..runs {
         let dir = std::env::temp_dir().join(format!("switchyard-startup-{}-{run}", std::process::id()));
         let instances = dir.join("instances");
         let started = Instant::now();
@@ -70,7 +78,7 @@ fn main() {
         let _ = child.wait();
         let _ = std::fs::remove_dir_all(&dir);
     }
-    println!("| measure | median of {RUNS} | all runs |");
+    println!("| measure | median of {runs} | all runs |");
     println!("|---|---:|---|");
     let list = |v: &[f64]| v.iter().map(|x| format!("{x:.1}")).collect::<Vec<_>>().join(", ");
     println!(

@@ -20,6 +20,10 @@ use tokio::time::Instant;
 
 const BURST: u64 = 200_000;
 const SAMPLES: usize = 10_000;
+/// Without `--bench` (`cargo test --bench '*'`, from `make test`): a moment of
+/// each transport, so the bench cannot rot unnoticed.
+const QUICK_BURST: u64 = 2_000;
+const QUICK_SAMPLES: usize = 100;
 
 fn process(registry: &MemRegistry, vars: &[(&str, &str)]) -> DistributedRuntime {
     let mut all = vec![("DYN_DISCOVERY_BACKEND", "mem")];
@@ -65,17 +69,17 @@ async fn pair(vars: &[(&str, &str)]) -> (EventPublisher, EventSubscriber) {
     (publisher, sub)
 }
 
-async fn measure(name: &str, vars: &[(&str, &str)]) {
+async fn measure(name: &str, vars: &[(&str, &str)], (burst, samples): (u64, usize)) {
     let (publisher, mut sub) = pair(vars).await;
     let started = Instant::now();
     let send = async {
-        for i in 0..BURST {
+        for i in 0..burst {
             publisher.publish(&i).await.unwrap();
         }
     };
     let receive = async {
         let mut n = 0;
-        while n < BURST {
+        while n < burst {
             let (_, value) = sub.next_typed::<u64>().await.unwrap().unwrap();
             if value != u64::MAX {
                 n += 1;
@@ -83,17 +87,17 @@ async fn measure(name: &str, vars: &[(&str, &str)]) {
         }
     };
     tokio::join!(send, receive);
-    let rate = BURST as f64 / started.elapsed().as_secs_f64();
+    let rate = burst as f64 / started.elapsed().as_secs_f64();
 
-    let mut times = Vec::with_capacity(SAMPLES);
-    for i in 0..SAMPLES as u64 {
+    let mut times = Vec::with_capacity(samples);
+    for i in 0..samples as u64 {
         let sent = Instant::now();
         publisher.publish(&i).await.unwrap();
         sub.next().await.unwrap();
         times.push(sent.elapsed());
     }
     times.sort();
-    let at = |p: usize| times[SAMPLES * p / 100].as_secs_f64() * 1e6;
+    let at = |p: usize| times[samples * p / 100].as_secs_f64() * 1e6;
     println!(
         "| {name} | {:.0} | {:.0} | {:.0} | {} |",
         rate,
@@ -104,9 +108,11 @@ async fn measure(name: &str, vars: &[(&str, &str)]) {
 }
 
 fn main() {
-    if !std::env::args().any(|arg| arg == "--bench") {
-        return;
-    }
+    let (burst, samples) = if std::env::args().any(|arg| arg == "--bench") {
+        (BURST, SAMPLES)
+    } else {
+        (QUICK_BURST, QUICK_SAMPLES)
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -114,14 +120,15 @@ fn main() {
         .unwrap();
     let nats = switchyard_test_support::nats_server::NatsServer::start();
     let url = nats.url();
-    println!("\nevent plane, two runtimes in one process ({BURST} events burst; {SAMPLES} one at a time)");
+    println!("\nevent plane, two runtimes in one process ({burst} events burst; {samples} one at a time)");
     println!("| transport | events/s | p50 µs | p99 µs | gaps |");
     println!("|---|---|---|---|---|");
     rt.block_on(async {
-        measure("zmq", &[]).await;
+        measure("zmq", &[], (burst, samples)).await;
         measure(
             "nats (nats-server 2.9)",
             &[("DYN_EVENT_PLANE", "nats"), ("NATS_SERVER", &url)],
+            (burst, samples),
         )
         .await;
     });

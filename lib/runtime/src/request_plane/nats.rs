@@ -3,10 +3,16 @@
 //! `….control`; a request is one message on the instance subject (payload:
 //! the TCP plane's request head) with a reply inbox. The worker answers on
 //! the inbox with frames `kind:u8 payload` — Data `0x11`, End `0x12`, Error
-//! `0x13`, Heartbeat `0x14` — sending a heartbeat at once (so a caller knows
-//! its request landed) and every [`HEARTBEAT`] while the stream is open, so a
-//! caller notices a dead worker within [`SILENCE_LIMIT`]. Cancel and credit
-//! travel on the control subject.
+//! `0x13`, Heartbeat `0x14` — and sends a heartbeat every [`HEARTBEAT`] while
+//! the stream is open, so a caller notices a dead worker within
+//! [`SILENCE_LIMIT`], and one that never answered within [`ACCEPT_TIMEOUT`].
+//! Cancel and credit travel on the control subject.
+//!
+//! Cost per request is counted in messages: each one is a write, a pass
+//! through the NATS server and a wake-up of the reader on the far side. So a
+//! unary answer is two messages (Data, End) and nothing else: no heartbeat
+//! before the first answer unless the handler takes a heartbeat period, and
+//! one reply-inbox deadline per stream rather than a timer per item.
 
 use super::handlers::Handlers;
 use super::pump::{CallerGone, Next, Pump, ResponseSink};
@@ -14,6 +20,7 @@ use super::tcp::frame::{CancelMode, FrameType, RequestHead};
 use super::{ByteStream, RequestClient, RequestServer, Target, Transport};
 use crate::engine::{Context, Controller};
 use crate::error::{ErrorKind, RequestError, WireError};
+use async_nats::Subject;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::StreamExt;
 use std::collections::HashMap;
@@ -23,7 +30,9 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// How often a worker tells the caller that a stream is still alive.
+/// How often a worker tells the caller that a stream is still alive; the
+/// first heartbeat comes one period after the request arrived, and only if
+/// the stream is still open then.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// Silence after which a caller gives the worker up (`Disconnected`):
 /// five missed heartbeats, so a worker merely slowed down (a busy machine)
@@ -107,7 +116,7 @@ impl NatsServer {
                 let Some(reply) = message.reply else { continue };
                 match RequestHead::decode(message.payload) {
                     Ok(head) => {
-                        requests_tracker.spawn(run_stream(requests_shared.clone(), reply.to_string(), head));
+                        requests_tracker.spawn(run_stream(requests_shared.clone(), reply, head));
                     }
                     Err(error) => tracing::warn!(%error, "ignoring a malformed NATS request"),
                 }
@@ -144,6 +153,8 @@ struct Shared {
     running: Mutex<HashMap<String, (Controller, Arc<Semaphore>)>>,
 }
 
+const HEARTBEAT_FRAME: Bytes = Bytes::from_static(&[HEARTBEAT_KIND]);
+
 impl Shared {
     fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Controller, Arc<Semaphore>)>> {
         // Single insert/remove updates: a poisoned map is still consistent.
@@ -179,71 +190,59 @@ impl Shared {
         }
     }
 
-    async fn send(&self, reply: &str, frame: Bytes) {
+    async fn send(&self, reply: &Subject, frame: Bytes) {
         // A failed publish means NATS is unreachable; the caller's silence limit covers it.
-        let _ = self.client.publish(reply.to_string(), frame).await;
+        let _ = self.client.publish(reply.clone(), frame).await;
     }
 }
 
-async fn run_stream(shared: Arc<Shared>, reply: String, head: RequestHead) {
+async fn run_stream(shared: Arc<Shared>, reply: Subject, head: RequestHead) {
     let controller = Controller::with_parent(head.request_id.clone(), &shared.shutdown);
     let credit = Arc::new(Semaphore::new((head.window as usize).clamp(1, Semaphore::MAX_PERMITS)));
     shared
         .running()
-        .insert(reply.clone(), (controller.clone(), credit.clone()));
-    shared.send(&reply, frame(HEARTBEAT_KIND, &[])).await;
+        .insert(reply.to_string(), (controller.clone(), credit.clone()));
     let request = Context::with_controller(head.body, controller);
     let sink = ReplySink {
         shared: shared.clone(),
-        reply,
+        reply: reply.clone(),
         credit,
-        heartbeat: None,
     };
-    shared.pump.run(&head.endpoint, head.instance_id, request, sink).await;
+    // The heartbeats run beside the whole request — while the handler is
+    // called, while it works and while the worker waits for credit — and
+    // stop with it. None before the first period: a request answered sooner
+    // costs the caller no extra message (see the module doc).
+    let heartbeats = async {
+        let mut every = tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
+        loop {
+            every.tick().await;
+            shared.send(&reply, HEARTBEAT_FRAME).await;
+        }
+    };
+    tokio::select! {
+        biased;
+        () = shared.pump.run(&head.endpoint, head.instance_id, request, sink) => {}
+        _ = heartbeats => {}
+    }
 }
 
-/// One request's replies on its inbox, with a heartbeat while the worker
-/// waits for the handler or for credit.
+/// One request's replies on its inbox.
 struct ReplySink {
     shared: Arc<Shared>,
-    /// The caller's inbox; also the key of this stream's controls.
-    reply: String,
+    /// The caller's inbox; as a string, also the key of this stream's controls.
+    reply: Subject,
     /// Items the caller still takes; refilled by its credit messages.
     credit: Arc<Semaphore>,
-    /// Started once the handler's stream exists: while the handler is
-    /// called, the first heartbeat (sent on arrival) is all the caller gets.
-    heartbeat: Option<tokio::time::Interval>,
-}
-
-/// Heartbeats every [`HEARTBEAT`] from now, the first one period away.
-fn heartbeat_interval() -> tokio::time::Interval {
-    tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT)
 }
 
 impl ResponseSink for ReplySink {
     async fn next_item(&mut self, items: &mut ByteStream) -> Result<Next, CallerGone> {
-        let heartbeat = self.heartbeat.get_or_insert_with(heartbeat_interval);
-        loop {
-            tokio::select! {
-                biased;
-                _ = heartbeat.tick() => self.shared.send(&self.reply, frame(HEARTBEAT_KIND, &[])).await,
-                item = items.next() => return Ok(item),
-            }
-        }
+        Ok(items.next().await)
     }
 
     async fn credit(&mut self) {
-        let heartbeat = self.heartbeat.get_or_insert_with(heartbeat_interval);
-        loop {
-            tokio::select! {
-                biased;
-                permit = self.credit.acquire() => {
-                    permit.expect("the credit semaphore is never closed").forget();
-                    return;
-                }
-                _ = heartbeat.tick() => self.shared.send(&self.reply, frame(HEARTBEAT_KIND, &[])).await,
-            }
-        }
+        let permit = self.credit.acquire().await;
+        permit.expect("the credit semaphore is never closed").forget();
     }
 
     async fn send(&mut self, item: Bytes) -> Result<(), CallerGone> {
@@ -256,7 +255,7 @@ impl ResponseSink for ReplySink {
             Ok(()) => frame(FrameType::End as u8, &[]),
             Err(error) => frame(FrameType::Error as u8, &super::encode_error(&error)),
         };
-        self.shared.running().remove(&self.reply);
+        self.shared.running().remove(self.reply.as_str());
         self.shared.send(&self.reply, last).await;
     }
 }
@@ -335,6 +334,8 @@ impl RequestClient for NatsRequestClient {
         let state = NatsResponse {
             inbox,
             responses,
+            silence: Box::pin(tokio::time::sleep(SILENCE_LIMIT)),
+            heard: tokio::time::Instant::now(),
             pending: Some(first.payload),
             controller,
             client: self.client.clone(),
@@ -356,7 +357,13 @@ struct NatsResponse {
     /// This call's reply inbox, which names the stream in control messages.
     inbox: String,
     responses: async_nats::Subscriber,
-    /// A message read ahead (the first heartbeat).
+    /// Fires [`SILENCE_LIMIT`] after the last message heard, or later: one
+    /// timer per stream, moved on only when it fires early (resetting a
+    /// timer for every item of a fast stream costs more than the item).
+    silence: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// When the last message arrived.
+    heard: tokio::time::Instant,
+    /// A message read ahead (the worker's first answer).
     pending: Option<Bytes>,
     controller: Controller,
     client: async_nats::Client,
@@ -395,19 +402,32 @@ impl NatsResponse {
                         self.send_control(CANCEL_KIND, &CancelMode::Stop.encode()).await;
                         continue;
                     }
-                    message = tokio::time::timeout(SILENCE_LIMIT, self.responses.next()) => match message {
-                        Ok(Some(message)) => message.payload,
-                        Ok(None) | Err(_) => {
+                    message = self.responses.next() => match message {
+                        Some(message) => {
+                            self.heard = tokio::time::Instant::now();
+                            message.payload
+                        }
+                        None => {
                             self.done = true;
-                            // The worker may only be slow (or waiting for credit): tell
-                            // it to stop, so it does not keep the request until shutdown.
+                            // The subscription ended with the connection: tell the
+                            // worker to stop, should the message get through.
                             self.send_control(CANCEL_KIND, &CancelMode::Kill.encode()).await;
-                            return Some(Err(RequestError::new(
-                                ErrorKind::Disconnected,
-                                format!("the worker fell silent for {SILENCE_LIMIT:?} before the stream completed"),
-                            )));
+                            return Some(Err(silent_worker()));
                         }
                     },
+                    // After the messages: a message already waiting is not silence.
+                    () = self.silence.as_mut() => {
+                        let quiet_until = self.heard + SILENCE_LIMIT;
+                        if quiet_until > tokio::time::Instant::now() {
+                            self.silence.as_mut().reset(quiet_until);
+                            continue;
+                        }
+                        self.done = true;
+                        // The worker may only be slow (or waiting for credit): tell
+                        // it to stop, so it does not keep the request until shutdown.
+                        self.send_control(CANCEL_KIND, &CancelMode::Kill.encode()).await;
+                        return Some(Err(silent_worker()));
+                    }
                 },
             };
             let Some((&kind, body)) = payload.split_first() else {
@@ -455,6 +475,13 @@ impl NatsResponse {
             }
         }
     }
+}
+
+fn silent_worker() -> RequestError {
+    RequestError::new(
+        ErrorKind::Disconnected,
+        format!("the worker fell silent for {SILENCE_LIMIT:?} before the stream completed"),
+    )
 }
 
 impl Drop for NatsResponse {
@@ -522,6 +549,19 @@ mod tests {
     }
 
     conformance_tests!(Nats);
+
+    /// A stream that goes quiet for longer than the silence limit stays open
+    /// while the worker lives: its heartbeats keep it, and the caller's one
+    /// silence deadline is moved on rather than firing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_quiet_stream_outlives_the_silence_limit_on_heartbeats() {
+        let pair = crate::request_plane::conformance::Pair::start(&Nats).await;
+        let mut stream = pair.call("hang", "").await.unwrap();
+        assert_eq!(&stream.next().await.unwrap().unwrap()[..], b"started");
+        let quiet = SILENCE_LIMIT + HEARTBEAT + HEARTBEAT / 2;
+        let next = tokio::time::timeout(quiet, stream.next()).await;
+        assert!(next.is_err(), "the stream ended while the worker lived: {next:?}");
+    }
 
     /// The same suite through a NATS server that speaks only TLS and
     /// requires a client certificate from the test CA: every connection is

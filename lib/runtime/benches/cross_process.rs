@@ -1,0 +1,807 @@
+//! Every request plane across processes, beside the floor of its own
+//! transport measured in the same run: a worker process and a caller process
+//! as users run them (file discovery, the public API of the README), and a
+//! floor process serving bare transports to the same caller.
+//!
+//! - tcp: the TCP plane beside a blocking-socket ping-pong (`TCP_NODELAY`,
+//!   100 bytes) and a raw stream of length-prefixed items;
+//! - http: the HTTP/2 plane beside a bare hyper h2c client and server;
+//! - nats: the NATS plane beside async-nats request-reply (and a stream of
+//!   messages to an inbox) on the same `nats-server`.
+//!
+//! For each: unary p50/p90/p99 (100 bytes, round trip until the stream
+//! ends), one stream's items per second (`u64` items), and requests per
+//! second with 32 concurrent callers (one-item requests), each with its
+//! ratio to the floor. Run with:
+//!
+//! ```text
+//! cargo bench -p switchyard-runtime --bench cross_process
+//! ```
+//!
+//! Naming planes after `--` (`-- tcp nats`) measures only those.
+//!
+//! Without `--bench` (as `cargo test --bench '*'` runs it) every measurement
+//! runs for a moment only, so the bench cannot rot unnoticed; nothing is
+//! asserted on time.
+//!
+//! The same binary is the worker and the floor process: the caller starts
+//! it again with `worker` or `floor` as its first argument.
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::future::Future;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+use switchyard_runtime::config::RuntimeConfig;
+use switchyard_runtime::distributed::DistributedRuntime;
+use switchyard_runtime::engine::{AsyncEngine, Context, ResponseStream};
+use switchyard_runtime::error::RequestError;
+use switchyard_runtime::routing::RouterMode;
+use switchyard_runtime::routing::push_router::PushRouter;
+use switchyard_runtime::runtime::Runtime;
+use switchyard_runtime::worker::Worker;
+use tokio::time::Instant;
+
+/// Request size of the unary round trips (the issue's yardstick).
+const MESSAGE: usize = 100;
+/// Concurrent callers of the throughput measure.
+const CALLERS: usize = 32;
+/// NATS subjects of the floor process's responders.
+const NATS_ECHO: &str = "floor.echo";
+const NATS_STREAM: &str = "floor.stream";
+/// How long the caller waits for a child process to be ready.
+const READY_DEADLINE: Duration = Duration::from_secs(30);
+
+/// How much to measure: the full run, or a moment of each (`cargo test`).
+#[derive(Debug, Clone, Copy)]
+struct Sizes {
+    samples: usize,
+    stream_items: u64,
+    /// Streams per measure; the median is reported.
+    stream_runs: usize,
+    callers_for: Duration,
+}
+
+impl Sizes {
+    fn from_args() -> Self {
+        if std::env::args().any(|arg| arg == "--bench") {
+            Self {
+                samples: 20_000,
+                stream_items: 100_000,
+                stream_runs: 5,
+                callers_for: Duration::from_secs(3),
+            }
+        } else {
+            Self {
+                samples: 200,
+                stream_items: 2_000,
+                stream_runs: 1,
+                callers_for: Duration::from_millis(200),
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- the worker
+
+/// Answers with the request itself.
+#[derive(Debug)]
+struct Echo;
+
+#[async_trait::async_trait]
+impl AsyncEngine<String, String> for Echo {
+    async fn generate(&self, request: Context<String>) -> Result<ResponseStream<String>, RequestError> {
+        Ok(Box::pin(futures::stream::iter([Ok(request.into_parts().0)])))
+    }
+}
+
+/// Streams `0..n`.
+#[derive(Debug)]
+struct Counter;
+
+#[async_trait::async_trait]
+impl AsyncEngine<u64, u64> for Counter {
+    async fn generate(&self, request: Context<u64>) -> Result<ResponseStream<u64>, RequestError> {
+        Ok(Box::pin(futures::stream::iter((0..*request.data()).map(Ok))))
+    }
+}
+
+/// The worker process: serves `bench/worker/{echo,counter}` on the plane
+/// its environment names, until SIGTERM.
+fn worker() -> anyhow::Result<()> {
+    Worker::from_settings()?.execute(async |rt: Runtime| {
+        let drt = DistributedRuntime::from_settings(rt).await?;
+        let component = drt.namespace("bench")?.component("worker")?;
+        let _echo = component
+            .endpoint("echo")
+            .endpoint_builder()
+            .handler(Echo)
+            .spawn()
+            .await?;
+        component
+            .endpoint("counter")
+            .endpoint_builder()
+            .handler(Counter)
+            .start()
+            .await?;
+        anyhow::Ok(())
+    })?;
+    Ok(())
+}
+
+// ----------------------------------------------------------- the floor side
+
+/// The floor process: a blocking TCP server, a bare hyper h2c server and
+/// NATS responders. Prints `tcp_port http_port` once all three listen, and
+/// exits when its standard input closes.
+fn floor(nats_url: &str) -> anyhow::Result<()> {
+    let tcp = TcpListener::bind("127.0.0.1:0")?;
+    let tcp_port = tcp.local_addr()?.port();
+    std::thread::spawn(move || {
+        for socket in tcp.incoming().flatten() {
+            std::thread::spawn(move || {
+                let _ = serve_raw(socket);
+            });
+        }
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let http_port = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        tokio::spawn(serve_hyper(listener));
+        let client = async_nats::connect(nats_url).await?;
+        serve_nats(client).await?;
+        anyhow::Ok(port)
+    })?;
+    println!("{tcp_port} {http_port}");
+    std::io::stdout().flush()?;
+    // Runs until the caller closes our standard input (or dies).
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+    Ok(())
+}
+
+/// One raw connection: the first byte picks echo (`E`: 100-byte messages
+/// back, until the peer closes) or stream (`S`: a `u64` count, then that
+/// many items, each `len:u32be` + `u64`, as the TCP plane frames them).
+fn serve_raw(mut socket: TcpStream) -> std::io::Result<()> {
+    socket.set_nodelay(true)?;
+    let mut mode = [0u8; 1];
+    socket.read_exact(&mut mode)?;
+    if mode[0] == b'E' {
+        let mut buf = [0u8; MESSAGE];
+        loop {
+            socket.read_exact(&mut buf)?;
+            socket.write_all(&buf)?;
+        }
+    }
+    let mut count = [0u8; 8];
+    loop {
+        socket.read_exact(&mut count)?;
+        let mut out = std::io::BufWriter::with_capacity(64 * 1024, &socket);
+        for i in 0..u64::from_be_bytes(count) {
+            out.write_all(&8u32.to_be_bytes())?;
+            out.write_all(&i.to_be_bytes())?;
+        }
+        out.flush()?;
+    }
+}
+
+/// Bare hyper over h2c: `/echo` answers the body; `/stream/N` streams N
+/// twelve-byte data frames.
+async fn serve_hyper(listener: tokio::net::TcpListener) {
+    while let Ok((socket, _)) = listener.accept().await {
+        let _ = socket.set_nodelay(true);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(|request: hyper::Request<hyper::body::Incoming>| async move {
+                let path = request.uri().path().to_string();
+                let body = match path.strip_prefix("/stream/").map(str::parse::<u64>) {
+                    Some(Ok(n)) => {
+                        let frames = futures::stream::iter(0..n).map(|i| {
+                            let mut item = Vec::with_capacity(12);
+                            item.extend_from_slice(&8u32.to_be_bytes());
+                            item.extend_from_slice(&i.to_be_bytes());
+                            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(item)))
+                        });
+                        BodyExt::boxed(StreamBody::new(frames))
+                    }
+                    _ => {
+                        let bytes = request.into_body().collect().await?.to_bytes();
+                        Full::new(bytes).map_err(|never| match never {}).boxed()
+                    }
+                };
+                Ok::<_, hyper::Error>(hyper::Response::new(body))
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(socket), service)
+                .await;
+        });
+    }
+}
+
+/// NATS responders: `floor.echo` answers the payload; `floor.stream` sends
+/// N messages (`u64` items) to the reply subject, then an empty one.
+async fn serve_nats(client: async_nats::Client) -> anyhow::Result<()> {
+    let mut echo = client.subscribe(NATS_ECHO).await?;
+    let mut stream = client.subscribe(NATS_STREAM).await?;
+    let (echo_client, stream_client) = (client.clone(), client.clone());
+    tokio::spawn(async move {
+        while let Some(message) = echo.next().await {
+            if let Some(reply) = message.reply {
+                let _ = echo_client.publish(reply, message.payload).await;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while let Some(message) = stream.next().await {
+            let (Some(reply), Ok(count)) = (message.reply, <[u8; 8]>::try_from(&message.payload[..])) else {
+                continue;
+            };
+            for i in 0..u64::from_be_bytes(count) {
+                let _ = stream_client
+                    .publish(reply.clone(), Bytes::copy_from_slice(&i.to_be_bytes()))
+                    .await;
+            }
+            let _ = stream_client.publish(reply, Bytes::new()).await;
+        }
+    });
+    client.flush().await?;
+    Ok(())
+}
+
+// ------------------------------------------------------------- measurements
+
+/// One plane's figures, or its floor's.
+#[derive(Debug, Clone, Copy)]
+struct Figures {
+    /// Unary round trip p50, p90, p99.
+    unary: [Duration; 3],
+    items_per_second: f64,
+    requests_per_second: f64,
+}
+
+/// p50/p90/p99 of `samples` timed runs of `op`, after a tenth as warm-up.
+///
+/// `op` makes each run's future (owning what it uses, so that the measuring
+/// task stays `Send`).
+async fn percentiles<Fut: Future<Output = ()>>(samples: usize, mut op: impl FnMut() -> Fut) -> [Duration; 3] {
+    for _ in 0..samples / 10 {
+        op().await;
+    }
+    let mut times = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let start = Instant::now();
+        op().await;
+        times.push(start.elapsed());
+    }
+    times.sort();
+    [50, 90, 99].map(|p| times[samples * p / 100])
+}
+
+/// The median of `runs` rates, each `items / time of one run of op`.
+async fn median_rate<Fut: Future<Output = ()>>(runs: usize, items: u64, mut op: impl FnMut() -> Fut) -> f64 {
+    op().await; // warm-up
+    let mut rates = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let start = Instant::now();
+        op().await;
+        rates.push(items as f64 / start.elapsed().as_secs_f64());
+    }
+    rates.sort_by(f64::total_cmp);
+    rates[runs / 2]
+}
+
+/// Requests per second of [`CALLERS`] tasks running `op` in a loop for `window`.
+async fn callers_rate<F, Fut>(window: Duration, op: F) -> f64
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let op = Arc::new(op);
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..CALLERS)
+        .map(|_| {
+            let (op, done, stop) = (op.clone(), done.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    op().await;
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(window).await;
+    stop.store(true, Ordering::Relaxed);
+    let counted = done.load(Ordering::Relaxed);
+    let elapsed = start.elapsed();
+    for task in tasks {
+        task.await.expect("a caller task panicked");
+    }
+    counted as f64 / elapsed.as_secs_f64()
+}
+
+/// One 100-byte request through the plane, until its stream ends.
+async fn unary(echo: &PushRouter<String, String>, message: &str) {
+    let mut stream = echo.generate(message.to_string().into()).await.expect("unary call");
+    while let Some(item) = stream.next().await {
+        item.expect("unary item");
+    }
+}
+
+/// A plane through the public API: a `PushRouter` to the worker process.
+async fn measure_plane(drt: &DistributedRuntime, sizes: Sizes) -> anyhow::Result<Figures> {
+    let component = drt.namespace("bench")?.component("worker")?;
+    let echo = component.endpoint("echo").client().await?;
+    let counter = component.endpoint("counter").client().await?;
+    tokio::time::timeout(READY_DEADLINE, echo.wait_for_instances()).await??;
+    tokio::time::timeout(READY_DEADLINE, counter.wait_for_instances()).await??;
+    let echo = Arc::new(PushRouter::<String, String>::from_client(echo, RouterMode::RoundRobin).await?);
+    let counter = Arc::new(PushRouter::<u64, u64>::from_client(counter, RouterMode::RoundRobin).await?);
+    let message = "x".repeat(MESSAGE);
+    let unary_times = percentiles(sizes.samples, || {
+        let (router, message) = (echo.clone(), message.clone());
+        async move { unary(&router, &message).await }
+    })
+    .await;
+    let items = sizes.stream_items;
+    let items_per_second = median_rate(sizes.stream_runs, items, || {
+        let counter = counter.clone();
+        async move {
+            let mut stream = counter.generate(items.into()).await.expect("stream call");
+            let mut n = 0;
+            while let Some(item) = stream.next().await {
+                item.expect("stream item");
+                n += 1;
+            }
+            assert_eq!(n, items, "the stream ended early");
+        }
+    })
+    .await;
+    let requests_per_second = callers_rate(sizes.callers_for, move || {
+        let (router, message) = (echo.clone(), message.clone());
+        async move { unary(&router, &message).await }
+    })
+    .await;
+    Ok(Figures {
+        unary: unary_times,
+        items_per_second,
+        requests_per_second,
+    })
+}
+
+/// The TCP floor: blocking sockets on threads, as the floor process serves them.
+fn measure_tcp_floor(address: SocketAddr, sizes: Sizes) -> std::io::Result<Figures> {
+    let connect = |mode: u8| -> std::io::Result<TcpStream> {
+        let mut socket = TcpStream::connect(address)?;
+        socket.set_nodelay(true)?;
+        socket.write_all(&[mode])?;
+        Ok(socket)
+    };
+    let round_trip = |socket: &mut TcpStream| -> std::io::Result<()> {
+        let mut buf = [7u8; MESSAGE];
+        socket.write_all(&buf)?;
+        socket.read_exact(&mut buf)
+    };
+    let mut socket = connect(b'E')?;
+    for _ in 0..sizes.samples / 10 {
+        round_trip(&mut socket)?;
+    }
+    let mut times = Vec::with_capacity(sizes.samples);
+    for _ in 0..sizes.samples {
+        let start = Instant::now();
+        round_trip(&mut socket)?;
+        times.push(start.elapsed());
+    }
+    times.sort();
+    let unary = [50, 90, 99].map(|p| times[sizes.samples * p / 100]);
+
+    let mut stream = BufReader::with_capacity(64 * 1024, connect(b'S')?);
+    let mut one_stream = || -> std::io::Result<()> {
+        stream.get_mut().write_all(&sizes.stream_items.to_be_bytes())?;
+        let mut item = [0u8; 12];
+        for i in 0..sizes.stream_items {
+            stream.read_exact(&mut item)?;
+            if item[4..] != i.to_be_bytes() {
+                return Err(std::io::Error::other("raw stream out of order"));
+            }
+        }
+        Ok(())
+    };
+    one_stream()?;
+    let mut rates = Vec::with_capacity(sizes.stream_runs);
+    for _ in 0..sizes.stream_runs {
+        let start = Instant::now();
+        one_stream()?;
+        rates.push(sizes.stream_items as f64 / start.elapsed().as_secs_f64());
+    }
+    rates.sort_by(f64::total_cmp);
+    let items_per_second = rates[sizes.stream_runs / 2];
+
+    // One connection and one thread per caller: the floor has no multiplexing.
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let threads: Vec<_> = (0..CALLERS)
+        .map(|_| {
+            let (stop, done) = (stop.clone(), done.clone());
+            let mut socket = connect(b'E');
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let socket = socket
+                    .as_mut()
+                    .map_err(|e| std::io::Error::new(e.kind(), e.to_string()))?;
+                while !stop.load(Ordering::Relaxed) {
+                    round_trip(socket)?;
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    std::thread::sleep(sizes.callers_for);
+    stop.store(true, Ordering::Relaxed);
+    let counted = done.load(Ordering::Relaxed);
+    let elapsed = start.elapsed();
+    for thread in threads {
+        thread
+            .join()
+            .map_err(|_| std::io::Error::other("a caller thread panicked"))??;
+    }
+    Ok(Figures {
+        unary,
+        items_per_second,
+        requests_per_second: counted as f64 / elapsed.as_secs_f64(),
+    })
+}
+
+/// One bare hyper request; returns the bytes of the response body.
+async fn call(sender: &hyper::client::conn::http2::SendRequest<Full<Bytes>>, uri: &str, body: Bytes) -> usize {
+    let request = hyper::Request::post(uri)
+        .body(Full::new(body))
+        .expect("a valid request");
+    let response = sender.clone().send_request(request).await.expect("hyper call");
+    let mut body = response.into_body();
+    let mut bytes = 0;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.expect("hyper body").into_data() {
+            bytes += data.len();
+        }
+    }
+    bytes
+}
+
+/// The HTTP/2 floor: one bare hyper h2c connection, as the plane keeps one per worker.
+async fn measure_http_floor(address: SocketAddr, sizes: Sizes) -> anyhow::Result<Figures> {
+    let socket = tokio::net::TcpStream::connect(address).await?;
+    socket.set_nodelay(true)?;
+    // The plane's windows (request_plane/http.rs): with h2's defaults a fast
+    // stream of small frames exhausts the receiver's small-frame budget.
+    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(1024 * 1024)
+        .initial_connection_window_size(64 * 1024 * 1024)
+        .handshake::<_, Full<Bytes>>(TokioIo::new(socket))
+        .await?;
+    tokio::spawn(connection);
+    let base = format!("http://{address}");
+    let echo_uri = format!("{base}/echo");
+    let message = Bytes::from(vec![b'x'; MESSAGE]);
+    let unary = percentiles(sizes.samples, || {
+        let (sender, uri, message) = (sender.clone(), echo_uri.clone(), message.clone());
+        async move {
+            call(&sender, &uri, message).await;
+        }
+    })
+    .await;
+    let stream_uri = format!("{base}/stream/{}", sizes.stream_items);
+    let items_per_second = median_rate(sizes.stream_runs, sizes.stream_items, || {
+        let (sender, uri) = (sender.clone(), stream_uri.clone());
+        async move {
+            let bytes = call(&sender, &uri, Bytes::new()).await;
+            assert_eq!(bytes as u64, sizes.stream_items * 12, "the hyper stream ended early");
+        }
+    })
+    .await;
+    let requests_per_second = callers_rate(sizes.callers_for, move || {
+        let (sender, uri, message) = (sender.clone(), echo_uri.clone(), message.clone());
+        async move {
+            call(&sender, &uri, message).await;
+        }
+    })
+    .await;
+    Ok(Figures {
+        unary,
+        items_per_second,
+        requests_per_second,
+    })
+}
+
+/// The NATS floor: async-nats request-reply, and a stream of messages to an inbox.
+async fn measure_nats_floor(url: String, sizes: Sizes) -> anyhow::Result<Figures> {
+    // The floor's stream has no flow control (the plane's has credit): room
+    // for a whole stream, so that NATS drops nothing for a slow reader.
+    let client = async_nats::ConnectOptions::new()
+        .subscription_capacity(2 * sizes.stream_items as usize)
+        .connect(url)
+        .await?;
+    let message = Bytes::from(vec![b'x'; MESSAGE]);
+    let unary = percentiles(sizes.samples, || {
+        let (client, message) = (client.clone(), message.clone());
+        async move {
+            client.request(NATS_ECHO, message).await.expect("nats request");
+        }
+    })
+    .await;
+    let items = sizes.stream_items;
+    let items_per_second = median_rate(sizes.stream_runs, items, || {
+        let client = client.clone();
+        async move {
+            let inbox = client.new_inbox();
+            let mut replies = client.subscribe(inbox.clone()).await.expect("subscribe");
+            client
+                .publish_with_reply(NATS_STREAM, inbox, Bytes::copy_from_slice(&items.to_be_bytes()))
+                .await
+                .expect("publish");
+            let mut n = 0;
+            while let Some(reply) = replies.next().await {
+                if reply.payload.is_empty() {
+                    break;
+                }
+                n += 1;
+            }
+            assert_eq!(n, items, "the NATS stream ended early");
+        }
+    })
+    .await;
+    let requests_per_second = callers_rate(sizes.callers_for, move || {
+        let (client, message) = (client.clone(), message.clone());
+        async move {
+            client.request(NATS_ECHO, message).await.expect("nats request");
+        }
+    })
+    .await;
+    Ok(Figures {
+        unary,
+        items_per_second,
+        requests_per_second,
+    })
+}
+
+// ------------------------------------------------------------------ driving
+
+/// The discovery directory, removed however the run ends.
+struct RemovedOnDrop(std::path::PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process, stopped when dropped.
+struct ChildProcess(Child);
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        // SIGTERM first, so a worker leaves discovery; SIGKILL if that fails.
+        let stopped = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !stopped {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_worker(plane: &str, discovery: &Path, nats_url: &str) -> std::io::Result<ChildProcess> {
+    Command::new(std::env::current_exe()?)
+        .arg("worker")
+        .env("DYN_DISCOVERY_BACKEND", "file")
+        .env("DYN_FILE_KV", discovery)
+        .env("DYN_REQUEST_PLANE", plane)
+        .env("NATS_SERVER", nats_url)
+        .env("DYN_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .map(ChildProcess)
+}
+
+/// Starts the floor process; returns it and its TCP and HTTP ports.
+fn spawn_floor(nats_url: &str) -> anyhow::Result<(ChildProcess, u16, u16)> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["floor", nats_url])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let child = ChildProcess(child);
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let ports: Vec<u16> = line.split_whitespace().map(str::parse).collect::<Result<_, _>>()?;
+    let [tcp, http] = ports[..] else {
+        anyhow::bail!("the floor process printed {line:?}, not two ports");
+    };
+    Ok((child, tcp, http))
+}
+
+struct Row {
+    plane: &'static str,
+    floor_name: &'static str,
+    floor: Figures,
+    plane_figures: Figures,
+}
+
+fn print_table(rows: &[Row], sizes: Sizes) {
+    let micros = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1e6);
+    let rate = |r: f64| {
+        if r >= 1e6 {
+            format!("{:.2} M", r / 1e6)
+        } else {
+            format!("{:.1} k", r / 1e3)
+        }
+    };
+    // Other work on the machine moves every figure (and the ratios less):
+    // say how busy it was.
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = load.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
+    println!(
+        "\ncross-process, worker and caller in separate processes on file discovery \
+         ({} unary samples, {} items per stream, median of {}, {CALLERS} callers for {:?}; \
+         load average {load})\n",
+        sizes.samples, sizes.stream_items, sizes.stream_runs, sizes.callers_for
+    );
+    println!("| plane | measure | floor | floor figure | plane figure | plane / floor |");
+    println!("|---|---|---|---|---|---:|");
+    for row in rows {
+        let (f, p) = (row.floor, row.plane_figures);
+        for (i, name) in ["unary p50 µs", "unary p90 µs", "unary p99 µs"].iter().enumerate() {
+            println!(
+                "| {} | {name} | {} | {} | {} | {:.2} |",
+                row.plane,
+                row.floor_name,
+                micros(f.unary[i]),
+                micros(p.unary[i]),
+                p.unary[i].as_secs_f64() / f.unary[i].as_secs_f64()
+            );
+        }
+        println!(
+            "| {} | one stream, items/s | {} | {} | {} | {:.2} |",
+            row.plane,
+            row.floor_name,
+            rate(f.items_per_second),
+            rate(p.items_per_second),
+            p.items_per_second / f.items_per_second
+        );
+        println!(
+            "| {} | {CALLERS} callers, requests/s | {} | {} | {} | {:.2} |",
+            row.plane,
+            row.floor_name,
+            rate(f.requests_per_second),
+            rate(p.requests_per_second),
+            p.requests_per_second / f.requests_per_second
+        );
+    }
+    let ratio = |plane: &str, i: usize| {
+        rows.iter()
+            .find(|r| r.plane == plane)
+            .map(|r| r.plane_figures.unary[i].as_secs_f64() / r.floor.unary[i].as_secs_f64())
+    };
+    let tcp = rows.iter().find(|r| r.plane == "tcp").map(|r| r.plane_figures);
+    let met = |ok: bool| if ok { "met" } else { "missed" };
+    if sizes.samples < 1_000 {
+        println!("\n(a short run, as `cargo test` makes it: the figures say only that every plane answered)");
+    }
+    println!("\n| goal (issue 24) | measured | |\n|---|---:|---|");
+    for (goal, value, limit) in [
+        ("tcp unary p50 ≤ 1.3× floor", ratio("tcp", 0), 1.3),
+        ("tcp unary p99 ≤ 1.5× floor", ratio("tcp", 2), 1.5),
+        ("nats unary p50 ≤ 1.5× request-reply", ratio("nats", 0), 1.5),
+        ("http unary p50 ≤ 3× bare hyper", ratio("http", 0), 3.0),
+    ] {
+        if let Some(value) = value {
+            println!("| {goal} | {value:.2}× | {} |", met(value <= limit));
+        }
+    }
+    if let Some(tcp) = tcp {
+        println!(
+            "| tcp one stream ≥ 1.5 M items/s | {} | {} |",
+            rate(tcp.items_per_second),
+            met(tcp.items_per_second >= 1.5e6)
+        );
+        println!(
+            "| tcp {CALLERS} callers ≥ 100 k requests/s | {} | {} |",
+            rate(tcp.requests_per_second),
+            met(tcp.requests_per_second >= 100e3)
+        );
+    }
+}
+
+/// Runs `measure` as a task on the runtime's worker threads, where a
+/// program under `Worker::execute` runs (`block_on` would poll it on this
+/// thread instead, one more thread hand-off per response).
+fn on_worker_thread<T: Send + 'static>(
+    rt: &tokio::runtime::Runtime,
+    measure: impl Future<Output = anyhow::Result<T>> + Send + 'static,
+) -> anyhow::Result<T> {
+    rt.block_on(rt.spawn(measure))?
+}
+
+fn caller() -> anyhow::Result<()> {
+    let sizes = Sizes::from_args();
+    let nats = switchyard_test_support::nats_server::NatsServer::start();
+    let nats_url = nats.url();
+    let (_floor, tcp_port, http_port) = spawn_floor(&nats_url)?;
+    let discovery =
+        RemovedOnDrop(std::env::temp_dir().join(format!("switchyard-cross-process-{:016x}", rand::random::<u64>())));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    // `cargo bench ... -- tcp nats` measures only the planes named.
+    let chosen: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let mut rows = Vec::new();
+    for (plane, floor_name) in [
+        ("tcp", "blocking TCP ping-pong"),
+        ("http", "bare hyper h2c"),
+        ("nats", "async-nats request-reply"),
+    ] {
+        if !chosen.is_empty() && !chosen.iter().any(|c| c == plane) {
+            continue;
+        }
+        let floor = match plane {
+            "tcp" => measure_tcp_floor(SocketAddr::from(([127, 0, 0, 1], tcp_port)), sizes)?,
+            "http" => on_worker_thread(
+                &rt,
+                measure_http_floor(SocketAddr::from(([127, 0, 0, 1], http_port)), sizes),
+            )?,
+            _ => on_worker_thread(&rt, measure_nats_floor(nats_url.clone(), sizes))?,
+        };
+        // Each plane on a directory of its own: a worker that left no trace.
+        let directory = discovery.0.join(plane);
+        let _worker = spawn_worker(plane, &directory, &nats_url)?;
+        let directory = directory.display().to_string();
+        let nats_url = nats_url.clone();
+        let plane_figures = on_worker_thread(&rt, async move {
+            let config = RuntimeConfig::from_vars([
+                ("DYN_DISCOVERY_BACKEND", "file"),
+                ("DYN_FILE_KV", directory.as_str()),
+                ("NATS_SERVER", nats_url.as_str()),
+            ])?;
+            let runtime = Runtime::new(config);
+            let drt = DistributedRuntime::from_settings(runtime.clone()).await?;
+            let figures = measure_plane(&drt, sizes).await;
+            runtime.shutdown().await;
+            figures
+        })?;
+        rows.push(Row {
+            plane,
+            floor_name,
+            floor,
+            plane_figures,
+        });
+    }
+    print_table(&rows, sizes);
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("worker") => worker(),
+        Some("floor") => floor(args.get(2).map_or("nats://127.0.0.1:4222", String::as_str)),
+        _ => caller(),
+    }
+}
