@@ -2,11 +2,20 @@
 //! its instance subject `switchyard.rpc.{instance_id:x}` and to
 //! `….control`; a request is one message on the instance subject (payload:
 //! the TCP plane's request head) with a reply inbox. The worker answers on
-//! the inbox with frames `kind:u8 payload` — Data `0x11`, End `0x12`, Error
-//! `0x13`, Heartbeat `0x14` — and sends a heartbeat every [`HEARTBEAT`] while
+//! the inbox with frames `kind:u8 payload` — Data `0x11 seq:u32 item`, End
+//! `0x12 count:u32`, Error `0x13 count:u32 error`, Heartbeat `0x14` — and sends a heartbeat every [`HEARTBEAT`] while
 //! the stream is open, so a caller notices a dead worker within
 //! [`SILENCE_LIMIT`], and one that never answered within [`ACCEPT_TIMEOUT`].
 //! Cancel and credit travel on the control subject.
+//!
+//! Core NATS delivers at most once: a message in flight when the server
+//! restarts, or while a client reconnects, is gone. So every Data frame
+//! carries its number and the last frame the count sent; a caller that sees
+//! a number skipped, or an end whose count is not what arrived, ends the
+//! stream with `Disconnected` (the frontend then migrates the answer from
+//! what did arrive) instead of yielding an answer with a hole in it. The
+//! chaos run found such holes: two words missing from an answer after a
+//! NATS restart.
 //!
 //! Cost per request is counted in messages: each one is a write, a pass
 //! through the NATS server and a wake-up of the reader on the far side. So a
@@ -54,9 +63,17 @@ fn control_subject(instance_subject: &str) -> String {
     format!("{instance_subject}.control")
 }
 
-fn frame(kind: u8, payload: &[u8]) -> Bytes {
-    let mut buf = BytesMut::with_capacity(1 + payload.len());
+/// A Data frame: `0x11 seq:u32 item`, `seq` counting from 0.
+fn data_frame(seq: u32, item: &[u8]) -> Bytes {
+    counted_frame(FrameType::Data as u8, seq, item)
+}
+
+/// `kind number:u32 payload`: a Data frame's number, or the count of Data
+/// frames sent before an End or Error frame.
+fn counted_frame(kind: u8, number: u32, payload: &[u8]) -> Bytes {
+    let mut buf = BytesMut::with_capacity(5 + payload.len());
     buf.put_u8(kind);
+    buf.put_u32(number);
     buf.put_slice(payload);
     buf.freeze()
 }
@@ -207,6 +224,7 @@ async fn run_stream(shared: Arc<Shared>, reply: Subject, head: RequestHead) {
         shared: shared.clone(),
         reply: reply.clone(),
         credit,
+        sent: 0,
     };
     // The heartbeats run beside the whole request — while the handler is
     // called, while it works and while the worker waits for credit — and
@@ -233,6 +251,8 @@ struct ReplySink {
     reply: Subject,
     /// Items the caller still takes; refilled by its credit messages.
     credit: Arc<Semaphore>,
+    /// Data frames sent: the next one's number.
+    sent: u32,
 }
 
 impl ResponseSink for ReplySink {
@@ -246,14 +266,15 @@ impl ResponseSink for ReplySink {
     }
 
     async fn send(&mut self, item: Bytes) -> Result<(), CallerGone> {
-        self.shared.send(&self.reply, frame(FrameType::Data as u8, &item)).await;
+        self.shared.send(&self.reply, data_frame(self.sent, &item)).await;
+        self.sent = self.sent.wrapping_add(1);
         Ok(())
     }
 
     async fn finish(self, outcome: Result<(), RequestError>) {
         let last = match outcome {
-            Ok(()) => frame(FrameType::End as u8, &[]),
-            Err(error) => frame(FrameType::Error as u8, &super::encode_error(&error)),
+            Ok(()) => counted_frame(FrameType::End as u8, self.sent, &[]),
+            Err(error) => counted_frame(FrameType::Error as u8, self.sent, &super::encode_error(&error)),
         };
         self.shared.running().remove(self.reply.as_str());
         self.shared.send(&self.reply, last).await;
@@ -341,6 +362,7 @@ impl RequestClient for NatsRequestClient {
             client: self.client.clone(),
             control: control_subject(subject),
             consumed: 0,
+            received: 0,
             credit_batch: (self.window / 2).max(1),
             max_message_size: self.max_message_size,
             stop_sent: false,
@@ -369,6 +391,8 @@ struct NatsResponse {
     client: async_nats::Client,
     control: String,
     consumed: u32,
+    /// Data frames received: the number the next one must carry.
+    received: u32,
     credit_batch: u32,
     max_message_size: usize,
     stop_sent: bool,
@@ -433,8 +457,25 @@ impl NatsResponse {
             let Some((&kind, body)) = payload.split_first() else {
                 continue;
             };
+            if kind == HEARTBEAT_KIND {
+                continue;
+            }
+            // Every other frame starts with a number: a Data frame's own, or
+            // the count of Data frames before the end.
+            let Some(number) = body.get(..4).map(|n| u32::from_be_bytes([n[0], n[1], n[2], n[3]])) else {
+                self.done = true;
+                return Some(Err(RequestError::new(
+                    ErrorKind::Protocol,
+                    format!("response frame kind 0x{kind:02x} without its number"),
+                )));
+            };
+            let body = &body[4..];
+            if number != self.received && matches!(kind, 0x11..=0x13) {
+                self.done = true;
+                self.send_control(CANCEL_KIND, &CancelMode::Kill.encode()).await;
+                return Some(Err(lost_items(kind, number, self.received)));
+            }
             match kind {
-                HEARTBEAT_KIND => continue,
                 0x11 if body.len() > self.max_message_size => {
                     self.done = true;
                     self.send_control(CANCEL_KIND, &CancelMode::Kill.encode()).await;
@@ -445,13 +486,14 @@ impl NatsResponse {
                     )));
                 }
                 0x11 => {
+                    self.received = self.received.wrapping_add(1);
                     self.consumed += 1;
                     if self.consumed >= self.credit_batch {
                         let credit = self.consumed;
                         self.consumed = 0;
                         self.send_control(CREDIT_KIND, &credit.to_be_bytes()).await;
                     }
-                    return Some(Ok(payload.slice(1..)));
+                    return Some(Ok(payload.slice(5..)));
                 }
                 0x12 => {
                     self.done = true;
@@ -475,6 +517,26 @@ impl NatsResponse {
             }
         }
     }
+}
+
+/// A frame numbered `number` where `received` was due: messages were lost
+/// on the way (core NATS drops what is in flight across a restart or a
+/// reconnect), or duplicated, which NATS never does.
+fn lost_items(kind: u8, number: u32, received: u32) -> RequestError {
+    if number < received {
+        return RequestError::new(
+            ErrorKind::Protocol,
+            format!("response frame kind 0x{kind:02x} numbered {number} after {received} items had arrived"),
+        );
+    }
+    let lost = number.wrapping_sub(received);
+    RequestError::new(
+        ErrorKind::Disconnected,
+        format!(
+            "{lost} response item(s) from item {received} on were lost on the NATS request plane \
+             (a NATS restart or reconnect drops messages in flight); the stream ends here rather than with a gap"
+        ),
+    )
 }
 
 fn silent_worker() -> RequestError {
@@ -549,6 +611,76 @@ mod tests {
     }
 
     conformance_tests!(Nats);
+
+    /// A hand-written worker on a bare NATS subject answers `request` with
+    /// `frames`; returns what the caller's stream yields.
+    async fn answered_with(frames: Vec<Bytes>) -> Vec<Result<Bytes, RequestError>> {
+        let url = server_url();
+        let worker = async_nats::connect(&url).await.unwrap();
+        let subject = format!("test.frames.{:016x}", rand::random::<u64>());
+        let mut requests = worker.subscribe(subject.clone()).await.unwrap();
+        worker.flush().await.unwrap();
+        let caller = NatsRequestClient::new(async_nats::connect(&url).await.unwrap(), &RuntimeConfig::local());
+        let target = Target {
+            transport: Transport::Nats(subject),
+            endpoint: "test/frames/generate".into(),
+            instance_id: 1,
+        };
+        let answering = tokio::spawn(async move {
+            let request = requests.next().await.unwrap();
+            let reply = request.reply.unwrap();
+            for frame in frames {
+                worker.publish(reply.clone(), frame).await.unwrap();
+            }
+            worker.flush().await.unwrap();
+        });
+        let stream = caller
+            .call(&target, Context::new(Bytes::from_static(b"hi")))
+            .await
+            .unwrap();
+        let items = tokio::time::timeout(Duration::from_secs(10), stream.collect::<Vec<_>>())
+            .await
+            .expect("the stream ends");
+        answering.await.unwrap();
+        items
+    }
+
+    /// Core NATS loses what is in flight across a restart: an answer with a
+    /// hole in it must end as a broken stream (which the frontend migrates
+    /// from what arrived), never pass for a whole one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_response_item_lost_on_the_way_ends_the_stream_as_broken_not_shorter() {
+        let end = |count| counted_frame(FrameType::End as u8, count, &[]);
+        let whole = answered_with(vec![data_frame(0, b"a"), data_frame(1, b"b"), end(2)]).await;
+        let whole: Vec<Bytes> = whole.into_iter().map(Result::unwrap).collect();
+        assert_eq!(whole, vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")]);
+
+        // Item 1 lost in the middle.
+        let holed = answered_with(vec![data_frame(0, b"a"), data_frame(2, b"c"), end(3)]).await;
+        assert_eq!(holed.len(), 2, "{holed:?}");
+        assert_eq!(holed[0].as_ref().unwrap(), &Bytes::from_static(b"a"));
+        let error = holed[1].as_ref().unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Disconnected, "{error}");
+        assert!(
+            error.message().contains("1 response item(s) from item 1 on were lost"),
+            "{error}"
+        );
+
+        // The last item lost just before the end.
+        let cut = answered_with(vec![data_frame(0, b"a"), end(2)]).await;
+        assert_eq!(cut[1].as_ref().unwrap_err().kind(), ErrorKind::Disconnected, "{cut:?}");
+
+        // Items lost before an error: the error does not hide the hole.
+        let error = super::super::encode_error(&RequestError::new(ErrorKind::ShuttingDown, "draining"));
+        let failed = answered_with(vec![
+            data_frame(0, b"a"),
+            counted_frame(FrameType::Error as u8, 3, &error),
+        ])
+        .await;
+        let last = failed[1].as_ref().unwrap_err();
+        assert_eq!(last.kind(), ErrorKind::Disconnected, "{last}");
+        assert!(last.message().contains("2 response item(s)"), "{last}");
+    }
 
     /// A stream that goes quiet for longer than the silence limit stays open
     /// while the worker lives: its heartbeats keep it, and the caller's one
