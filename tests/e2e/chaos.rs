@@ -795,6 +795,10 @@ struct Report {
     failures: BTreeMap<String, usize>,
     per_fault: BTreeMap<Fault, history::Tally>,
     start_order: Vec<String>,
+    /// Invariants the run broke (empty: none).
+    violations: Vec<String>,
+    /// Completed answers that differ from the fault-free ones.
+    corrupted: usize,
 }
 
 /// Runs one combination under chaos and checks it.
@@ -908,7 +912,20 @@ async fn run(combination: Combination, settings: &Settings) -> Report {
         presence: Some(&presence),
         ttl: TTL,
     };
-    let tally = history::check(&name, &history, &expected);
+    // A broken invariant is recorded, not thrown at once, so the run's
+    // figures are still reported beside it.
+    let mut violations = Vec::new();
+    let tally = match caught(|| history::check(&name, &history, &expected)) {
+        Ok(tally) => tally,
+        Err(violation) => {
+            violations.push(violation);
+            history::tally(&history)
+        }
+    };
+    let corrupted = history
+        .iter()
+        .filter(|r| matches!(&r.ending, Some(Ending::Completed { text, .. }) if *text != answers[r.prompt]))
+        .count();
     let migrated = mesh.migrations(&http).await;
     let mut failures: BTreeMap<String, usize> = BTreeMap::new();
     for record in history::failures(&history) {
@@ -938,12 +955,12 @@ async fn run(combination: Combination, settings: &Settings) -> Report {
     // Every worker back and idle, then a cancel must reach the engines.
     mesh.ready(&http).await;
     let cancel = cancel_latency(&mesh, &http, &bodies).await;
-    check_cancel(&name, cancel);
+    violations.extend(caught(|| check_cancel(&name, cancel)).err());
 
     // Back at rest: the frontends' memory and open files.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = mesh.frontend_resources();
-    check_resources(&name, &before, &after);
+    violations.extend(caught(|| check_resources(&name, &before, &after)).err());
 
     let restarts = mesh.processes.lock().unwrap().iter().map(|p| p.exits.len()).sum();
     Report {
@@ -961,7 +978,20 @@ async fn run(combination: Combination, settings: &Settings) -> Report {
         failures,
         per_fault,
         start_order: mesh.start_order.clone(),
+        violations,
+        corrupted,
     }
+}
+
+/// Runs a check that panics when an invariant breaks; returns the message instead.
+fn caught<T>(check: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(check)).map_err(|panic| {
+        panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "a check panicked".into())
+    })
 }
 
 /// Starts a few streams, waits until every one has its first token, drops
@@ -1044,12 +1074,13 @@ fn print(report: &Report) {
         .map(|(b, a)| format!("{}→{}", b.fds, a.fds))
         .collect();
     println!(
-        "| {} | {} | {} | {} | {} | 0 | {} | {} | {} | {} | {:.0} ms | {} | {} |",
+        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} ms | {} | {} |",
         t.sent,
         t.completed,
         report.migrated,
         t.failed,
         t.lost,
+        report.corrupted,
         report.faults.len(),
         report.restarts,
         report.stalled,
@@ -1087,6 +1118,9 @@ fn print(report: &Report) {
             _ => format!("{:?}(w{}) {:.1}s", s.fault, s.worker, (s.to - s.from).as_secs_f64()),
         })
         .collect();
+    for violation in &report.violations {
+        println!("\n**Invariant broken**: {violation}");
+    }
     println!("\nStarted in this order: {}.", report.start_order.join(", "));
     println!("Schedule: {}.", schedule.join(", "));
 }
@@ -1118,6 +1152,7 @@ async fn chaos(settings: Settings) {
             }
         };
         print(&report);
+        failed.extend(report.violations.iter().cloned());
         let success = report.tally.completed as f64 / report.tally.sent.max(1) as f64;
         if success < 0.9 {
             failed.push(format!(

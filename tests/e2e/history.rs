@@ -43,6 +43,9 @@ pub(crate) enum Ending {
 #[derive(Debug, Clone)]
 pub(crate) struct Record {
     pub(crate) sent_at: Instant,
+    /// When the answer's status and headers came: the frontend routed the
+    /// request (the last time, after any retry) between `sent_at` and this.
+    pub(crate) answered_at: Option<Instant>,
     pub(crate) ended_at: Option<Instant>,
     /// Which of the run's prompts it carried.
     pub(crate) prompt: usize,
@@ -61,6 +64,7 @@ impl Record {
     pub(crate) fn new(prompt: usize) -> Self {
         Record {
             sent_at: Instant::now(),
+            answered_at: None,
             ended_at: None,
             prompt,
             status: None,
@@ -90,7 +94,11 @@ pub(crate) async fn stream_chat(
         Err(_) => return Ending::Failed("transport".into()),
     };
     let status = response.status();
-    history.lock().unwrap()[index].status = Some(status.as_u16());
+    {
+        let mut history = history.lock().unwrap();
+        history[index].status = Some(status.as_u16());
+        history[index].answered_at = Some(Instant::now());
+    }
     if !status.is_success() {
         // A client acts on the status and OpenAI's error body.
         let body: serde_json::Value = response.json().await.unwrap_or_default();
@@ -371,6 +379,22 @@ pub(crate) struct Tally {
     pub(crate) lost: usize,
 }
 
+/// Counts `history` without judging it.
+pub(crate) fn tally(history: &[Record]) -> Tally {
+    let mut tally = Tally {
+        sent: history.len(),
+        ..Tally::default()
+    };
+    for record in history {
+        match record.ending {
+            Some(Ending::Completed { .. }) => tally.completed += 1,
+            Some(Ending::Failed(_)) => tally.failed += 1,
+            _ => tally.lost += 1,
+        }
+    }
+    tally
+}
+
 /// The requests that failed, with why.
 pub(crate) fn failures(history: &[Record]) -> Vec<&Record> {
     history
@@ -436,8 +460,13 @@ pub(crate) fn check(scenario: &str, history: &[Record], expected: &Expectations<
             Ending::Failed(_) => tally.failed += 1,
             Ending::Lost => tally.lost += 1,
         }
+        // The frontend routed the request somewhere between its sending and
+        // its answer (after a retry, late in that span): it went to a departed
+        // instance only if that instance was still out of discovery when the
+        // answer came, and had left more than a TTL before the request was sent.
+        let routed_by = record.answered_at.unwrap_or(record.sent_at);
         if let (Some(presence), Some(worker)) = (expected.presence, record.worker)
-            && let Some(left) = presence.left_before(worker, record.sent_at)
+            && let Some(left) = presence.left_before(worker, routed_by)
         {
             let late = record.sent_at - left;
             let start = history[0].sent_at;
@@ -609,6 +638,23 @@ mod tests {
     #[should_panic(expected = "requests lost")]
     fn checker_fails_a_lost_request() {
         check("lost", &[record(Ending::Lost, Some(1))], &expect(None));
+    }
+
+    #[test]
+    fn checker_passes_a_request_answered_by_a_worker_back_in_discovery() {
+        // Sent while the worker was out (a retry elsewhere took a while), and
+        // routed to it after it came back: nothing was sent to a departed worker.
+        let presence = Presence::default();
+        let left = Instant::now();
+        presence
+            .changes
+            .lock()
+            .unwrap()
+            .insert(7, vec![(left, false), (left + TTL * 3, true)]);
+        let mut retried = record(completed(ANSWER, true), Some(7));
+        retried.sent_at = left + TTL * 2;
+        retried.answered_at = Some(left + TTL * 4);
+        check("back", &[retried], &expect(Some(&presence)));
     }
 
     #[test]

@@ -137,7 +137,9 @@ impl Follower {
             }
             WatchEvent::Put(registration) => self.insert(&registration),
             WatchEvent::Delete(key) => {
-                self.known.remove(&key.instance_id);
+                if let Some(instance) = self.known.remove(&key.instance_id) {
+                    tracing::debug!(%instance, "instance left discovery");
+                }
             }
         }
         self.publish
@@ -147,6 +149,9 @@ impl Follower {
     fn insert(&mut self, registration: &crate::discovery::Registration) {
         match Instance::from_registration(registration) {
             Ok(instance) => {
+                if !self.known.contains_key(&instance.instance_id) {
+                    tracing::debug!(%instance, "instance joined discovery");
+                }
                 self.known.insert(instance.instance_id, instance);
             }
             Err(error) => tracing::warn!(error = %Report(&error), "ignoring an unreadable instance registration"),
