@@ -15,6 +15,11 @@ async def main() -> None:
     publisher.stored([1, 2], list(range(8)))
     publisher.removed([2])
     publisher.cleared()
+    # Batches go out from a background task: wait (bounded) until all three left.
+    for _ in range(100):
+        if publisher.published() == (3, 0):
+            break
+        await asyncio.sleep(0.05)
     assert publisher.published() == (3, 0), publisher.published()
     for call, words in [
         (lambda: publisher.stored([1, 2], list(range(7))), "need 8 token ids, got 7"),
