@@ -374,7 +374,7 @@ async fn admit(
     // answer cut off mid-way.
     let (routed, kv_route) = loop {
         let context = Context::with_controller(Arc::clone(&request), controller.clone());
-        match model.route(context).await {
+        match model.route(context, &[]).await {
             Ok(routed) => break routed,
             Err(error) if migrate::is_migratable(error.kind()) && migration_limit > 0 && !controller.is_stopped() => {
                 migration_limit -= 1;

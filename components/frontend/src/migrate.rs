@@ -72,6 +72,10 @@ struct State {
     current: ResponseStream<LlmOutput>,
     /// The instance `current` comes from.
     instance: u64,
+    /// The instances this request broke on: a migration goes elsewhere
+    /// while another instance is left, even after their ejection runs out
+    /// (at most the migration limit's worth).
+    broken: Vec<u64>,
     /// Whether `current` answers `original` itself (it reports the
     /// original prompt's token ids) rather than a continuation.
     current_is_original: bool,
@@ -99,6 +103,7 @@ pub fn migrating(
         original: request,
         current: routed.stream,
         instance: routed.instance_id,
+        broken: Vec::new(),
         current_is_original: true,
         progress: Progress::default(),
         tokens_before: 0,
@@ -150,6 +155,7 @@ impl State {
                         // Broken or stalled: keep new work away from it for a while.
                         self.policy.target.router.eject(self.instance, error.message());
                     }
+                    self.broken.push(self.instance);
                     match self.migrate(&error).await {
                         Ok(()) => continue,
                         Err(error) => {
@@ -217,7 +223,7 @@ impl State {
         let (routed, kv_route) = self
             .policy
             .target
-            .route(Context::with_controller(Arc::clone(&next), controller))
+            .route(Context::with_controller(Arc::clone(&next), controller), &self.broken)
             .await?;
         crate::mesh::record(
             &self.policy.decisions,

@@ -162,13 +162,15 @@ impl Model {
 
     /// Routes `request` with the model's router: in KV mode by cached prefix
     /// and load (booking the request on the chosen worker and saying why),
-    /// else by the router's mode.
+    /// else by the router's mode. `avoid` lists the instances the request
+    /// already broke on (a migration), tried again only if no other is left.
     pub async fn route(
         &self,
         request: Context<Arc<LlmRequest>>,
+        avoid: &[u64],
     ) -> Result<(Routed<LlmOutput>, Option<KvRoute>), RequestError> {
         let Some(kv) = &self.kv else {
-            return Ok((self.router.generate_routed(request).await?, None));
+            return Ok((self.router.generate_routed_avoiding(None, request, avoid).await?, None));
         };
         let (tokens, exact) = self.prompt_tokens(request.data());
         let request = if exact {
@@ -179,7 +181,10 @@ impl Model {
         };
         let plan = kv.plan(&tokens, exact, request.data().max_tokens());
         let policy = kv.policy(&plan);
-        let routed = self.router.generate_routed_with(&policy, request).await?;
+        let routed = self
+            .router
+            .generate_routed_avoiding(Some(&policy), request, avoid)
+            .await?;
         let choice = policy.choice();
         let booking = policy.into_booking(routed.instance_id);
         let explanation = plan.explain(choice);

@@ -57,8 +57,8 @@ struct View<'a> {
     occupancy: &'a Occupancy,
     busy_threshold: Option<u64>,
     now: Instant,
-    /// Instances already tried for this request.
-    exclude: Option<u64>,
+    /// Instances already tried for this request, or to keep it away from.
+    exclude: &'a [u64],
     /// Ignore ejections (when every instance is ejected, trying one beats failing).
     ignore_ejection: bool,
 }
@@ -69,7 +69,7 @@ impl LoadView for View<'_> {
     }
 
     fn available(&self, id: u64) -> bool {
-        Some(id) != self.exclude
+        !self.exclude.contains(&id)
             && (self.ignore_ejection || self.occupancy.is_available(id, self.now))
             && self.busy_threshold.is_none_or(|limit| self.occupancy.load(id) < limit)
     }
@@ -78,7 +78,7 @@ impl LoadView for View<'_> {
         // Checks only what the index already holds: the table is locked meanwhile.
         let not_busy = |load: u64| self.busy_threshold.is_none_or(|limit| load < limit);
         self.occupancy.least_loaded(
-            |id, load| Some(id) != self.exclude && not_busy(load) && allowed(id),
+            |id, load| !self.exclude.contains(&id) && not_busy(load) && allowed(id),
             self.now,
         )
     }
@@ -201,7 +201,7 @@ where
                 "this router is in direct mode: call direct(request, instance_id)",
             ));
         }
-        self.route(self.policy.as_ref(), request).await
+        self.route(self.policy.as_ref(), request, &[]).await
     }
 
     /// Like [`PushRouter::generate_routed`], choosing with `policy` instead of
@@ -213,7 +213,24 @@ where
         policy: &dyn Policy,
         request: Context<Req>,
     ) -> Result<Routed<Resp>, RequestError> {
-        self.route(policy, request).await
+        self.route(policy, request, &[]).await
+    }
+
+    /// Like [`PushRouter::generate_routed_with`] (`None`: the mode's own
+    /// policy), keeping the request away from the instances in `avoid` —
+    /// those it already broke on, when it moves mid-answer — whether or not
+    /// their ejection has run out. When every instance is in `avoid`, one
+    /// of them is tried anyway: an instance that failed once beats none.
+    pub async fn generate_routed_avoiding(
+        &self,
+        policy: Option<&dyn Policy>,
+        request: Context<Req>,
+        avoid: &[u64],
+    ) -> Result<Routed<Resp>, RequestError> {
+        if policy.is_none() && self.mode == RouterMode::Direct {
+            return self.generate_routed(request).await;
+        }
+        self.route(policy.unwrap_or(self.policy.as_ref()), request, avoid).await
     }
 
     /// Takes `instance_id` out of selection for a backoff, as after a
@@ -227,12 +244,12 @@ where
 
     /// Sends `request` to the next instance in turn.
     pub async fn round_robin(&self, request: Context<Req>) -> Result<ResponseStream<Resp>, RequestError> {
-        Ok(self.route(&self.turns, request).await?.stream)
+        Ok(self.route(&self.turns, request, &[]).await?.stream)
     }
 
     /// Sends `request` to a random instance.
     pub async fn random(&self, request: Context<Req>) -> Result<ResponseStream<Resp>, RequestError> {
-        Ok(self.route(&Random, request).await?.stream)
+        Ok(self.route(&Random, request, &[]).await?.stream)
     }
 
     /// Sends `request` to the instance `instance_id`, which must be registered.
@@ -261,12 +278,23 @@ where
     /// first try failed before any item arrived: a transport failure, or an
     /// instance that could not take the request (gone from its address,
     /// shutting down, at capacity).
-    async fn route(&self, policy: &dyn Policy, request: Context<Req>) -> Result<Routed<Resp>, RequestError> {
+    async fn route(
+        &self,
+        policy: &dyn Policy,
+        request: Context<Req>,
+        avoid: &[u64],
+    ) -> Result<Routed<Resp>, RequestError> {
         let (body, controller) = encode(request)?;
-        let mut exclude = None;
+        // At most the caller's few plus the one retry: a migration limit's worth.
+        let mut exclude = avoid.to_vec();
         let mut failed = None;
         for attempt in 0..2 {
-            let (instances, chosen) = self.choose_or_wait(policy, exclude, &controller).await?;
+            let (mut instances, mut chosen) = self.choose_or_wait(policy, &exclude, &controller).await?;
+            if chosen.is_none() && failed.is_none() && !exclude.is_empty() {
+                // Every instance is one to avoid: try one of them after all.
+                exclude.clear();
+                (instances, chosen) = self.choose_or_wait(policy, &exclude, &controller).await?;
+            }
             let Some(chosen) = chosen else {
                 // No other instance to retry on: the first one's failure stands.
                 if let Some(error) = failed {
@@ -311,7 +339,7 @@ where
                         };
                     }
                     metrics.router_retries.inc();
-                    exclude = Some(instance.instance_id);
+                    exclude.push(instance.instance_id);
                     failed = Some(error);
                 }
             }
@@ -339,7 +367,7 @@ where
     async fn choose_or_wait(
         &self,
         policy: &dyn Policy,
-        exclude: Option<u64>,
+        exclude: &[u64],
         controller: &Controller,
     ) -> Result<(Arc<Vec<Instance>>, Option<usize>), RequestError> {
         let mut waiting: Option<(Instant, WaitSlot)> = None;
@@ -394,9 +422,9 @@ where
         &self,
         policy: &dyn Policy,
         instances: &[Instance],
-        exclude: Option<u64>,
+        exclude: &[u64],
     ) -> Result<Option<usize>, RequestError> {
-        if instances.is_empty() || (instances.len() == 1 && exclude.is_some()) {
+        if instances.iter().all(|i| exclude.contains(&i.instance_id)) {
             return Ok(None);
         }
         let now = Instant::now();

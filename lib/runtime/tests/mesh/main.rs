@@ -630,6 +630,31 @@ async fn an_endpoint_whose_load_reports_cannot_start_is_not_left_in_discovery() 
 }
 
 #[tokio::test]
+async fn a_request_kept_away_from_instances_goes_elsewhere_unless_none_is_left() {
+    let (workers, router) = whoami_workers(3, RouterMode::RoundRobin).await;
+    let broken = workers[0].instance_id();
+    for _ in 0..12 {
+        let routed = router
+            .generate_routed_avoiding(None, ().into(), &[broken])
+            .await
+            .unwrap();
+        let (items, error) = collect(routed.stream).await;
+        assert!(error.is_none(), "{error:?}");
+        assert_ne!(items, vec![broken], "sent to the instance it was to avoid");
+    }
+    // Every instance on the list: one of them answers rather than none.
+    let everyone: Vec<u64> = workers.iter().map(|w| w.instance_id()).collect();
+    let routed = router
+        .generate_routed_avoiding(None, ().into(), &everyone)
+        .await
+        .unwrap();
+    let (items, error) = collect(routed.stream).await;
+    assert!(error.is_none(), "{error:?}");
+    assert_eq!(items.len(), 1);
+    assert!(everyone.contains(&items[0]));
+}
+
+#[tokio::test]
 async fn random_mode_reaches_every_instance() {
     let (workers, router) = whoami_workers(3, RouterMode::Random).await;
     let answers = who_answers(&router, 200).await;
