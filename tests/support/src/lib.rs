@@ -29,15 +29,42 @@ pub fn free_port() -> u16 {
     free_ports(1)[0]
 }
 
+/// Where [`free_ports`] looks: below the kernel's ephemeral range (Linux
+/// hands out 32768–60999 by default for `bind(0)` and outgoing
+/// connections), and below the 20000+ base the local-cluster script test
+/// draws its own ports from. A port handed out from the ephemeral range
+/// could be taken by any process's next `bind(0)` or connection before the
+/// test's server binds it — the chaos run lost a worker that way, its
+/// status port taken by another worker's KV event socket.
+const PORTS: std::ops::Range<u16> = 10_000..20_000;
+
 /// `n` distinct loopback ports nothing listens on right now: all bound at
 /// once before any is released, so no two are the same (successive calls
-/// to [`free_port`] may hand out one port twice).
+/// to [`free_port`] may hand out one port twice). Drawn at random from
+/// [`PORTS`] when the kernel's ephemeral range lies above it, else from the
+/// kernel.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("a loopback port can be bound"))
-        .collect();
+    let mut listeners = Vec::with_capacity(n);
+    if ephemeral_ports_start().is_some_and(|start| start >= PORTS.end) {
+        let mut tries = 0;
+        while listeners.len() < n && tries < 100 * n {
+            tries += 1;
+            if let Ok(listener) = TcpListener::bind(("127.0.0.1", rand::random_range(PORTS))) {
+                listeners.push(listener);
+            }
+        }
+    }
+    while listeners.len() < n {
+        listeners.push(TcpListener::bind("127.0.0.1:0").expect("a loopback port can be bound"));
+    }
     listeners
         .iter()
         .map(|l| l.local_addr().expect("a bound socket has an address").port())
         .collect()
+}
+
+/// The first port of the kernel's ephemeral range, where it can be read.
+fn ephemeral_ports_start() -> Option<u16> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    range.split_whitespace().next()?.parse().ok()
 }
