@@ -104,7 +104,15 @@ impl Backend {
             ));
         }
 
-        let mut current = Some(self.serve(load.clone()).await?);
+        let mut current = match self.serve(load.clone()).await {
+            Ok(serving) => Some(serving),
+            // A SIGTERM during start-up is a request to stop, not a failure.
+            Err(_) if runtime.is_shutting_down() => {
+                tracing::info!(url = %self.base_url, "shutting down before this server was registered");
+                return Ok(());
+            }
+            Err(error) => return Err(error),
+        };
         let instance = format!("{:x}", self.drt.instance_id());
         tracing::info!(url = %self.base_url, model = %self.model, %instance, "vllm worker serving");
         let mut failures = 0;
@@ -117,10 +125,14 @@ impl Backend {
                 failures = 0;
                 if current.is_none() {
                     match check_model(&self.http, &self.base_url, &self.model, self.check_timeout).await {
-                        Ok(_) if !runtime.is_shutting_down() => {
-                            current = Some(self.serve(load.clone()).await?);
-                            tracing::info!(url = %self.base_url, "vLLM answers again; back in discovery");
-                        }
+                        Ok(_) if !runtime.is_shutting_down() => match self.serve(load.clone()).await {
+                            Ok(serving) => {
+                                current = Some(serving);
+                                tracing::info!(url = %self.base_url, "vLLM answers again; back in discovery");
+                            }
+                            Err(_) if runtime.is_shutting_down() => break,
+                            Err(error) => return Err(error),
+                        },
                         Ok(_) => {}
                         Err(error) => tracing::warn!(%error, "vLLM answers but cannot be used"),
                     }
