@@ -245,17 +245,24 @@ pub fn stream(
     Sse::new(write_deadline(events, write_timeout)).into_response()
 }
 
-/// Events as the client reads them: a task moves each event on as soon as
-/// the client has taken the previous one. A client that leaves one unread
-/// for `limit` (it stopped reading, and the socket's buffers are full) has
-/// its request dropped — which cancels it on the worker, freeing the
+/// Events the producing task may run ahead of the client: a burst of
+/// tokens from the worker is handed over together and written in one go
+/// (hyper gathers the events that are ready into one `writev`) instead of
+/// one task switch and one write per token. Bounded, so a client that
+/// stops reading holds at most this many events.
+const EVENTS_AHEAD: usize = 32;
+
+/// Events as the client reads them: a task moves events on as the client
+/// takes them, at most [`EVENTS_AHEAD`] ahead. A client that leaves them
+/// unread for `limit` (it stopped reading, and the socket's buffers are
+/// full) has its request dropped — which cancels it on the worker, freeing the
 /// engine's KV cache — rather than held open for as long as it keeps the
 /// connection. A client that goes away drops it at once.
 fn write_deadline<S>(events: S, limit: Duration) -> impl Stream<Item = Result<Event, Infallible>> + Send
 where
     S: Stream<Item = Result<Event, Infallible>> + Send + 'static,
 {
-    let (sender, receiver) = tokio::sync::mpsc::channel(1);
+    let (sender, receiver) = tokio::sync::mpsc::channel(EVENTS_AHEAD);
     tokio::spawn(async move {
         let mut events = std::pin::pin!(events);
         loop {
