@@ -156,11 +156,26 @@ impl State {
                         self.policy.target.router.eject(self.instance, error.message());
                     }
                     self.broken.push(self.instance);
-                    match self.migrate(&error).await {
-                        Ok(()) => continue,
-                        Err(error) => {
-                            self.done = true;
-                            return Some((Err(error), self));
+                    let mut cause = error;
+                    loop {
+                        let before = self.migrations;
+                        match self.migrate(&cause).await {
+                            Ok(()) => break,
+                            // The continued request reached no worker in
+                            // time either (each the router tried was
+                            // silent or unreachable): try again while
+                            // the budget lasts, as a new request does.
+                            Err(error)
+                                if self.migrations > before
+                                    && is_migratable(error.kind())
+                                    && self.migrations < self.policy.limit =>
+                            {
+                                cause = error;
+                            }
+                            Err(error) => {
+                                self.done = true;
+                                return Some((Err(error), self));
+                            }
                         }
                     }
                 }

@@ -28,6 +28,9 @@ struct Scripted {
     requests: Mutex<Vec<LlmRequest>>,
     hanging: usize,
     dying: usize,
+    /// Calls after the dying ones that hang too (the workers a migration
+    /// is sent to stay silent).
+    hanging_later: usize,
     pieces: Vec<LlmOutput>,
 }
 
@@ -44,7 +47,8 @@ impl AsyncEngine<LlmRequest, LlmOutput> for Shared {
             requests.push(request);
             requests.len()
         };
-        if call <= script.hanging {
+        let broken_off = script.hanging + script.dying;
+        if call <= script.hanging || (call > broken_off && call <= broken_off + script.hanging_later) {
             return Ok(Box::pin(futures::stream::pending()));
         }
         let items: Vec<Result<LlmOutput, RequestError>> = if call <= script.hanging + script.dying {
@@ -212,6 +216,7 @@ fn scripted(dying: usize) -> Scripted {
         requests: Mutex::default(),
         hanging: 0,
         dying,
+        hanging_later: 0,
         pieces: three_tokens(),
     }
 }
@@ -301,6 +306,7 @@ async fn before_the_first_token_a_request_starts_over_even_where_engines_cannot_
         requests: Mutex::default(),
         hanging: 0,
         dying: 1,
+        hanging_later: 0,
         pieces: Vec::new(),
     };
     let stack = Stack::start(engine, features(false, false), 3).await;
@@ -323,6 +329,7 @@ async fn a_request_no_worker_answered_in_time_tries_again_within_the_migration_l
         requests: Mutex::default(),
         hanging: 2,
         dying: 0,
+        hanging_later: 0,
         pieces: Vec::new(),
     };
     let args = FrontendArgs {
@@ -349,6 +356,7 @@ async fn a_request_no_worker_answered_in_time_tries_again_within_the_migration_l
         requests: Mutex::default(),
         hanging: 2,
         dying: 0,
+        hanging_later: 0,
         pieces: Vec::new(),
     };
     let args = FrontendArgs {
@@ -367,6 +375,39 @@ async fn a_request_no_worker_answered_in_time_tries_again_within_the_migration_l
     assert_eq!(quiet.engine.requests().len(), 2);
     stack.shutdown().await;
     quiet.shutdown().await;
+}
+
+/// Found by the chaos run: an answer cut off mid-way was migrated to a
+/// blackholed worker and a stalled engine, both silent past the
+/// first-token deadline, and failed although migrations were left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_no_worker_answered_in_time_tries_again_within_the_migration_limit() {
+    let engine = Scripted {
+        requests: Mutex::default(),
+        hanging: 0,
+        dying: 1,
+        hanging_later: 2,
+        pieces: three_tokens(),
+    };
+    let args = FrontendArgs {
+        migration_limit: 3,
+        first_token_timeout: std::time::Duration::from_millis(200),
+        ..FrontendArgs::default()
+    };
+    let stack = Stack::start_with(engine, features(true, false), args, None).await;
+    let body = json!({"model": "m", "prompt": "Tell", "max_tokens": 10, "stream": true});
+    let (text, last, done) = stack.stream("/v1/completions", body, None).await;
+    assert!(done, "{last}");
+    assert_eq!(text, " Once upon a end", "nothing lost, nothing repeated");
+    assert_eq!(
+        stack.engine.requests().len(),
+        4,
+        "cut off, two silent workers, then the rest of the answer"
+    );
+    // One migration per try: with two workers and the one that broke
+    // avoided, the router has no other worker to retry a silent one on.
+    assert_eq!(stack.ongoing_migrations(), 3);
+    stack.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
