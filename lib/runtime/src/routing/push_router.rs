@@ -195,13 +195,7 @@ where
     /// a caller that finds that instance failing later (a stream that stalls
     /// or breaks mid-answer) can [`PushRouter::eject`] it.
     pub async fn generate_routed(&self, request: Context<Req>) -> Result<Routed<Resp>, RequestError> {
-        if self.mode == RouterMode::Direct {
-            return Err(RequestError::new(
-                ErrorKind::Invalid,
-                "this router is in direct mode: call direct(request, instance_id)",
-            ));
-        }
-        self.route(self.policy.as_ref(), request, &[]).await
+        self.generate_routed_avoiding(None, request, &[]).await
     }
 
     /// Like [`PushRouter::generate_routed`], choosing with `policy` instead of
@@ -213,7 +207,7 @@ where
         policy: &dyn Policy,
         request: Context<Req>,
     ) -> Result<Routed<Resp>, RequestError> {
-        self.route(policy, request, &[]).await
+        self.generate_routed_avoiding(Some(policy), request, &[]).await
     }
 
     /// Like [`PushRouter::generate_routed_with`] (`None`: the mode's own
@@ -227,10 +221,17 @@ where
         request: Context<Req>,
         avoid: &[u64],
     ) -> Result<Routed<Resp>, RequestError> {
-        if policy.is_none() && self.mode == RouterMode::Direct {
-            return self.generate_routed(request).await;
-        }
-        self.route(policy.unwrap_or(self.policy.as_ref()), request, avoid).await
+        let policy = match policy {
+            Some(policy) => policy,
+            None if self.mode == RouterMode::Direct => {
+                return Err(RequestError::new(
+                    ErrorKind::Invalid,
+                    "this router is in direct mode: call direct(request, instance_id)",
+                ));
+            }
+            None => self.policy.as_ref(),
+        };
+        self.route(policy, request, avoid).await
     }
 
     /// Takes `instance_id` out of selection for a backoff, as after a
@@ -285,7 +286,7 @@ where
         avoid: &[u64],
     ) -> Result<Routed<Resp>, RequestError> {
         let (body, controller) = encode(request)?;
-        // At most the caller's few plus the one retry: a migration limit's worth.
+        // The caller's few (at most a migration limit's worth) plus the one retry.
         let mut exclude = avoid.to_vec();
         let mut failed = None;
         for attempt in 0..2 {
