@@ -156,27 +156,9 @@ impl State {
                         self.policy.target.router.eject(self.instance, error.message());
                     }
                     self.broken.push(self.instance);
-                    let mut cause = error;
-                    loop {
-                        let before = self.migrations;
-                        match self.migrate(&cause).await {
-                            Ok(()) => break,
-                            // The continued request reached no worker in
-                            // time either (each the router tried was
-                            // silent or unreachable): try again while
-                            // the budget lasts, as a new request does.
-                            Err(error)
-                                if self.migrations > before
-                                    && is_migratable(error.kind())
-                                    && self.migrations < self.policy.limit =>
-                            {
-                                cause = error;
-                            }
-                            Err(error) => {
-                                self.done = true;
-                                return Some((Err(error), self));
-                            }
-                        }
+                    if let Err(error) = self.migrate_within_budget(error).await {
+                        self.done = true;
+                        return Some((Err(error), self));
                     }
                 }
                 Some(Err(error)) => {
@@ -184,6 +166,27 @@ impl State {
                     return Some((Err(error), self));
                 }
                 None => return None,
+            }
+        }
+    }
+
+    /// Migrates, and again while the budget lasts when the continued
+    /// request reached no worker in time either (each one the router tried
+    /// was silent or unreachable), as a new request does.
+    async fn migrate_within_budget(&mut self, mut cause: RequestError) -> Result<(), RequestError> {
+        loop {
+            let before = self.migrations;
+            match self.migrate(&cause).await {
+                // Only a failed route used up a migration: the others
+                // (the answer cannot continue) are final.
+                Err(error)
+                    if self.migrations > before
+                        && is_migratable(error.kind())
+                        && self.migrations < self.policy.limit =>
+                {
+                    cause = error;
+                }
+                done => return done,
             }
         }
     }

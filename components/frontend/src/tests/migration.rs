@@ -51,7 +51,7 @@ impl AsyncEngine<LlmRequest, LlmOutput> for Shared {
         if call <= script.hanging || (call > broken_off && call <= broken_off + script.hanging_later) {
             return Ok(Box::pin(futures::stream::pending()));
         }
-        let items: Vec<Result<LlmOutput, RequestError>> = if call <= script.hanging + script.dying {
+        let items: Vec<Result<LlmOutput, RequestError>> = if call <= broken_off {
             let broken = RequestError::new(ErrorKind::Disconnected, "the engine broke off the answer");
             script.pieces.iter().cloned().map(Ok).chain([Err(broken)]).collect()
         } else {
