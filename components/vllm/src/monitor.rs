@@ -52,8 +52,20 @@ pub struct EngineFacts {
 }
 
 impl Backend {
-    /// Serves the endpoint and registers the model card.
-    async fn serve(&self, load: Arc<Mutex<EngineLoad>>) -> Result<(ServingEndpoint, ModelCard), EndpointError> {
+    /// Serves the endpoint and registers the model card; `None` when the
+    /// runtime began shutting down meanwhile (a SIGTERM during start-up is
+    /// a request to stop, not a failure).
+    async fn serve(&self, load: Arc<Mutex<EngineLoad>>) -> Result<Option<(ServingEndpoint, ModelCard)>, EndpointError> {
+        match self.serve_and_register(load).await {
+            Err(_) if self.drt.runtime().is_shutting_down() => Ok(None),
+            served => served.map(Some),
+        }
+    }
+
+    async fn serve_and_register(
+        &self,
+        load: Arc<Mutex<EngineLoad>>,
+    ) -> Result<(ServingEndpoint, ModelCard), EndpointError> {
         let serving = self
             .endpoint
             .endpoint_builder()
@@ -104,15 +116,11 @@ impl Backend {
             ));
         }
 
-        let mut current = match self.serve(load.clone()).await {
-            Ok(serving) => Some(serving),
-            // A SIGTERM during start-up is a request to stop, not a failure.
-            Err(_) if runtime.is_shutting_down() => {
-                tracing::info!(url = %self.base_url, "shutting down before this server was registered");
-                return Ok(());
-            }
-            Err(error) => return Err(error),
+        let Some(serving) = self.serve(load.clone()).await? else {
+            tracing::info!(url = %self.base_url, "shutting down before this server was registered");
+            return Ok(());
         };
+        let mut current = Some(serving);
         let instance = format!("{:x}", self.drt.instance_id());
         tracing::info!(url = %self.base_url, model = %self.model, %instance, "vllm worker serving");
         let mut failures = 0;
@@ -125,14 +133,13 @@ impl Backend {
                 failures = 0;
                 if current.is_none() {
                     match check_model(&self.http, &self.base_url, &self.model, self.check_timeout).await {
-                        Ok(_) if !runtime.is_shutting_down() => match self.serve(load.clone()).await {
-                            Ok(serving) => {
-                                current = Some(serving);
-                                tracing::info!(url = %self.base_url, "vLLM answers again; back in discovery");
-                            }
-                            Err(_) if runtime.is_shutting_down() => break,
-                            Err(error) => return Err(error),
-                        },
+                        Ok(_) if !runtime.is_shutting_down() => {
+                            let Some(serving) = self.serve(load.clone()).await? else {
+                                break;
+                            };
+                            current = Some(serving);
+                            tracing::info!(url = %self.base_url, "vLLM answers again; back in discovery");
+                        }
                         Ok(_) => {}
                         Err(error) => tracing::warn!(%error, "vLLM answers but cannot be used"),
                     }
