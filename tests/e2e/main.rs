@@ -669,10 +669,7 @@ async fn vllm_managed_children_never_outlive_the_worker() {
     // SIGTERM: drain, then the children are stopped in order.
     let mut worker = WorkerProcess::start(switchyard::binary(), &args, &env, "vllm worker serving", START_DEADLINE);
     // Both replicas registered, so the SIGTERM below meets a serving worker.
-    let deadline = tokio::time::Instant::now() + START_DEADLINE;
-    while worker.read_log().matches("vllm worker serving").count() < 2 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    worker.wait_for_log_times("vllm worker serving", 2, START_DEADLINE);
     let children = started_children(worker.log());
     assert_eq!(children.len(), 2, "{}", worker.log());
     assert!(children.iter().all(|&pid| process_exists(pid)));

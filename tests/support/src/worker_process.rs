@@ -84,8 +84,14 @@ impl WorkerProcess {
 
     /// Reads the log until a line contains `text`; panics with the log so far after `deadline`.
     pub fn wait_for_log(&mut self, text: &str, deadline: Duration) {
+        self.wait_for_log_times(text, 1, deadline);
+    }
+
+    /// Reads the log until `text` has appeared `times` times; panics with
+    /// the log so far after `deadline`.
+    pub fn wait_for_log_times(&mut self, text: &str, times: usize, deadline: Duration) {
         let started = Instant::now();
-        while !self.log.contains(text) {
+        while self.log.matches(text).count() < times {
             let left = deadline.saturating_sub(started.elapsed());
             match self.lines.recv_timeout(left) {
                 Ok(line) => {
@@ -93,7 +99,7 @@ impl WorkerProcess {
                     self.log.push('\n');
                 }
                 Err(_) => panic!(
-                    "the worker exited or did not log {text:?} within {deadline:?}:\n{}",
+                    "the worker exited or did not log {text:?} {times} time(s) within {deadline:?}:\n{}",
                     self.log
                 ),
             }
