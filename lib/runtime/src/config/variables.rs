@@ -154,7 +154,7 @@ pub const VARIABLES: &[Variable] = &[
     },
     Variable {
         name: TCP_STREAM_WINDOW,
-        default: "256",
+        default: "4096",
         help: "response items a worker may send on one stream before the caller has consumed them (per-stream flow control)",
     },
     Variable {

@@ -92,6 +92,14 @@ enum ReadError {
     Corrupt(#[from] FrameError),
 }
 
+/// The next frame already read into `buf`, if there is one. The read loops
+/// take these first and wait on the socket (with their shutdown checks
+/// beside it) only when none is left: a burst of frames read in one go is
+/// then handled without arming those checks once per frame.
+fn buffered_frame(buf: &mut BytesMut, decoder: &mut FrameDecoder) -> Result<Option<Decoded>, ReadError> {
+    Ok(decoder.decode(buf)?)
+}
+
 /// Reads the next frame (or oversized-frame notice) from `socket`.
 async fn read_frame<R: AsyncRead + Unpin + ?Sized>(
     socket: &mut R,

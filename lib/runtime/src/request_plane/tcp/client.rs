@@ -3,8 +3,8 @@
 
 use super::frame::{self, CancelMode, Decoded, Frame, FrameDecoder, FrameType, RequestHead};
 use super::handshake::{self, Reader};
-use super::sink::{FrameSink, SinkLimits};
-use super::{ReadError, read_frame, tune_socket};
+use super::sink::{FrameSink, SinkLimits, Timing};
+use super::{ReadError, buffered_frame, read_frame, tune_socket};
 use crate::config::TcpConfig;
 use crate::engine::{Context, Controller};
 use crate::error::{ErrorKind, RequestError, WireError};
@@ -228,7 +228,13 @@ impl Connection {
     }
 
     fn send(&self, frame: Frame) {
-        if !self.sink.send(&frame) {
+        // With several requests in flight, their frames leave together.
+        let timing = if self.streams().len() > 1 {
+            Timing::Together
+        } else {
+            Timing::Now
+        };
+        if !self.sink.send(&frame, timing) {
             // The connection can no longer carry requests: the reader fails every stream.
             self.closed.cancel();
         }
@@ -279,10 +285,14 @@ impl Connection {
 /// then fails every stream still open with `Disconnected`.
 async fn read_responses(mut reader: Reader, mut buf: BytesMut, conn: &Connection, mut decoder: FrameDecoder) {
     let reason = loop {
-        let decoded = tokio::select! {
-            _ = conn.closed.cancelled() => break "the connection was closed".to_string(),
-            _ = conn.sink.dead().cancelled() => break "the worker stopped reading (DYN_TCP_WRITE_TIMEOUT)".to_string(),
-            decoded = read_frame(&mut reader, &mut buf, &mut decoder) => decoded,
+        let decoded = match buffered_frame(&mut buf, &mut decoder) {
+            Ok(Some(decoded)) => Ok(decoded),
+            Err(error) => Err(error),
+            Ok(None) => tokio::select! {
+                _ = conn.closed.cancelled() => break "the connection was closed".to_string(),
+                _ = conn.sink.dead().cancelled() => break "the worker stopped reading (DYN_TCP_WRITE_TIMEOUT)".to_string(),
+                decoded = read_frame(&mut reader, &mut buf, &mut decoder) => decoded,
+            },
         };
         match decoded {
             Ok(Decoded::Frame(frame)) => {

@@ -4,8 +4,8 @@
 
 use super::frame::{self, CancelMode, Decoded, Frame, FrameDecoder, FrameType, RequestHead};
 use super::handshake::{self, Opened};
-use super::sink::{FrameSink, SinkLimits};
-use super::{ReadError, read_frame, tune_socket};
+use super::sink::{FrameSink, SinkLimits, Timing};
+use super::{ReadError, buffered_frame, read_frame, tune_socket};
 use crate::config::TcpConfig;
 use crate::engine::{Context, Controller};
 use crate::error::RequestError;
@@ -262,7 +262,17 @@ struct StreamControl {
 impl Connection {
     fn send(&self, frame: Frame) {
         // A dead connection means the caller is gone; there is nobody to tell.
-        self.sink.send(&frame);
+        self.sink.send(&frame, Timing::Now);
+    }
+
+    /// How a stream's frames should leave: at once when it is the only one,
+    /// together with the others' when several are running.
+    fn timing(&self) -> Timing {
+        if self.streams().len() > 1 {
+            Timing::Together
+        } else {
+            Timing::Now
+        }
     }
 
     fn streams(&self) -> std::sync::MutexGuard<'_, HashMap<u64, StreamControl>> {
@@ -347,11 +357,15 @@ async fn serve_connection(opened: Opened, peer: SocketAddr, shared: Arc<Shared>)
     let mut decoder = FrameDecoder::new(shared.max_message_size);
     let dead = conn.sink.dead().clone();
     loop {
-        let decoded = tokio::select! {
-            _ = shared.shutdown.cancelled() => break,
-            // The caller stopped reading (send queue or write deadline): cut it off.
-            _ = dead.cancelled() => break,
-            decoded = read_frame(&mut reader, &mut buf, &mut decoder) => decoded,
+        let decoded = match buffered_frame(&mut buf, &mut decoder) {
+            Ok(Some(decoded)) => Ok(decoded),
+            Err(error) => Err(error),
+            Ok(None) => tokio::select! {
+                _ = shared.shutdown.cancelled() => break,
+                // The caller stopped reading (send queue or write deadline): cut it off.
+                _ = dead.cancelled() => break,
+                decoded = read_frame(&mut reader, &mut buf, &mut decoder) => decoded,
+            },
         };
         let result = match decoded {
             Ok(Decoded::Frame(frame)) => on_frame(&conn, &shared, frame),
@@ -489,7 +503,12 @@ struct StreamSink {
 
 impl StreamSink {
     fn flush(&mut self) {
-        self.conn.sink.send_encoded(&self.batch);
+        let timing = self.conn.timing();
+        self.flush_with(timing);
+    }
+
+    fn flush_with(&mut self, timing: Timing) {
+        self.conn.sink.send_encoded(&self.batch, timing);
         self.batch.clear();
     }
 }
@@ -532,11 +551,12 @@ impl ResponseSink for StreamSink {
             Ok(()) => Frame::new(FrameType::End, self.stream_id, Bytes::new()),
             Err(error) => error_frame(self.stream_id, &error),
         };
+        let timing = self.conn.timing();
         // Closed before END goes out: the caller may reuse the id once it sees END.
         self.conn.streams().remove(&self.stream_id);
         // The last items and the final frame usually leave in one write.
         last.encode(&mut self.batch);
-        self.flush();
+        self.flush_with(timing);
     }
 }
 

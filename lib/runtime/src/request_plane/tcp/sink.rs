@@ -1,11 +1,16 @@
-//! The write side of a connection. A frame goes straight to the socket when
-//! the connection is idle — no hop to another task on the latency path — and
-//! queues for the connection's writer task when the socket is busy, so that a
-//! busy connection sends everything queued in one write.
+//! The write side of a connection. A frame sent [`Timing::Now`] goes straight
+//! to the socket when the connection is idle — no hop to another task on the
+//! latency path. Otherwise it queues for the connection's writer task, which
+//! sends everything queued in one write: frames that arrive while the socket
+//! is busy (being written by another thread, or full), and frames sent
+//! [`Timing::Together`], for which the writer first lets the other tasks that
+//! are ready run, so that the frames of many streams leave in one write
+//! instead of one system call each.
 //!
-//! Order is kept: a direct write happens only when nothing is queued and the
-//! writer task is not mid-write. Over TLS every frame goes through the writer
-//! task (a TLS session cannot be written from two places).
+//! Order is kept: one writer at a time owns the socket, and a direct write
+//! happens only when nothing is queued and nobody owns it. Over TLS every
+//! frame goes through the writer task (a TLS session cannot be written from
+//! two places).
 //!
 //! Bounded: a peer that stops reading makes the queue grow; past
 //! `DYN_TCP_MAX_SEND_QUEUE` bytes, or when a write makes no progress for
@@ -51,6 +56,17 @@ pub(crate) struct SinkLimits {
 /// A write buffer that grew past this (a large item) is not kept around.
 const KEEP_BUFFER_BYTES: usize = 1024 * 1024;
 
+/// When a frame should leave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Timing {
+    /// At once: written directly when the socket is idle. For a connection
+    /// with one request in flight, where nothing could share the write.
+    Now,
+    /// With the frames other streams send in the same turn of the scheduler:
+    /// one write for all of them, a turn later. For a busy connection.
+    Together,
+}
+
 /// Sends frames on one connection. Dropping it lets the writer finish what is
 /// queued and close the write side.
 #[derive(Debug)]
@@ -75,12 +91,29 @@ struct Shared {
 struct State {
     /// Bytes waiting for the writer task, in order.
     pending: BytesMut,
-    /// The writer task owns the socket until it empties `pending`.
-    writer_busy: bool,
+    /// Something in `pending` was sent [`Timing::Now`]: the writer does not
+    /// wait a turn for more.
+    urgent: bool,
+    /// Who may write to the socket now.
+    owner: Owner,
     /// The sink was dropped: write what is pending, then stop.
     closed: bool,
     /// A write failed; the connection is dead.
     failed: bool,
+}
+
+/// Who writes to the socket. Whoever does writes everything queued before
+/// giving it up, which is what keeps frames in order.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    /// Nobody: the next frame sent [`Timing::Now`] is written directly.
+    #[default]
+    Nobody,
+    /// A sender is writing its frame directly (outside the lock); frames
+    /// sent meanwhile queue, and it hands them to the writer task.
+    Direct,
+    /// The writer task, until `pending` is empty.
+    Task,
 }
 
 impl FrameSink {
@@ -111,43 +144,52 @@ impl FrameSink {
     }
 
     /// Sends one frame; false when the connection can no longer send.
-    pub(crate) fn send(&self, frame: &Frame) -> bool {
+    pub(crate) fn send(&self, frame: &Frame, timing: Timing) -> bool {
         let mut buf = BytesMut::new();
         frame.encode(&mut buf);
-        self.send_encoded(&buf)
+        self.send_encoded(&buf, timing)
     }
 
     /// Sends already-encoded frames; false when the connection can no longer send.
-    pub(crate) fn send_encoded(&self, bytes: &[u8]) -> bool {
+    pub(crate) fn send_encoded(&self, bytes: &[u8], timing: Timing) -> bool {
         let mut state = self.shared.lock();
         if state.closed || state.failed {
             return false;
         }
-        let direct = self.shared.socket.as_ref().filter(|_| !state.writer_busy);
-        let written = match direct.map(|socket| socket.try_write(bytes)) {
-            None => 0,
-            Some(Ok(n)) => n,
-            Some(Err(error)) if error.kind() == io::ErrorKind::WouldBlock => 0,
-            Some(Err(error)) => {
+        let direct = self
+            .shared
+            .socket
+            .as_ref()
+            .filter(|_| timing == Timing::Now && state.owner == Owner::Nobody);
+        let Some(socket) = direct else {
+            return self.shared.queue(&mut state, bytes, timing);
+        };
+        // Written outside the lock: a sender on another thread queues its
+        // frame meanwhile instead of waiting for this system call.
+        state.owner = Owner::Direct;
+        drop(state);
+        let written = socket.try_write(bytes);
+        let mut state = self.shared.lock();
+        state.owner = Owner::Nobody;
+        let written = match written {
+            Ok(n) => n,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(error) => {
                 tracing::debug!(%error, "request plane write failed");
                 self.shared.fail(&mut state);
                 return false;
             }
         };
         if written < bytes.len() {
-            let rest = bytes.len() - written;
-            if state.pending.len() + rest > self.shared.limits.max_queue {
-                tracing::warn!(
-                    queued = state.pending.len() + rest,
-                    limit = self.shared.limits.max_queue,
-                    "closing a request-plane connection whose peer does not read (DYN_TCP_MAX_SEND_QUEUE)"
-                );
-                self.shared.limits.metrics.refused("send_queue");
-                self.shared.fail(&mut state);
+            // The unwritten rest goes before whatever was queued meanwhile.
+            let queued_meanwhile = std::mem::take(&mut state.pending);
+            state.pending.extend_from_slice(&bytes[written..]);
+            if !self.shared.queue(&mut state, &queued_meanwhile, Timing::Now) {
                 return false;
             }
-            state.pending.extend_from_slice(&bytes[written..]);
-            state.writer_busy = true;
+        } else if !state.pending.is_empty() {
+            state.owner = Owner::Task;
+            state.urgent = true;
             self.shared.wake.notify_one();
         }
         true
@@ -165,6 +207,28 @@ impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // The state is a few flags and a buffer, each updated in one step.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `bytes` for the writer task, waking it unless a direct writer
+    /// owns the socket (which hands the queue over when it is done).
+    fn queue(&self, state: &mut State, bytes: &[u8], timing: Timing) -> bool {
+        if state.pending.len() + bytes.len() > self.limits.max_queue {
+            tracing::warn!(
+                queued = state.pending.len() + bytes.len(),
+                limit = self.limits.max_queue,
+                "closing a request-plane connection whose peer does not read (DYN_TCP_MAX_SEND_QUEUE)"
+            );
+            self.limits.metrics.refused("send_queue");
+            self.fail(state);
+            return false;
+        }
+        state.pending.extend_from_slice(bytes);
+        state.urgent |= timing == Timing::Now;
+        if state.owner == Owner::Nobody {
+            state.owner = Owner::Task;
+            self.wake.notify_one();
+        }
+        true
     }
 
     /// Marks the connection dead: nothing more is sent, the reader closes it.
@@ -228,31 +292,53 @@ impl TaskWriter {
     }
 }
 
-/// The writer task: writes whatever senders queued while the socket was busy.
+/// The writer task: writes whatever senders queued while the socket was busy
+/// or sent [`Timing::Together`].
 async fn write_queued(shared: Arc<Shared>, mut writer: TaskWriter, stop: CancellationToken) {
     let deadline = shared.limits.write_timeout;
     let mut buf = BytesMut::new();
+    // Whether the frames taken next were queued while the task was idle.
+    let mut woken = false;
     loop {
-        let closed = {
+        let (closed, wait_a_turn) = {
             let mut state = shared.lock();
-            if state.pending.is_empty() || state.failed {
-                state.writer_busy = false;
-                if state.failed {
-                    return;
-                }
-            } else {
-                std::mem::swap(&mut buf, &mut state.pending);
+            if state.failed {
+                return;
             }
-            state.closed && buf.is_empty()
+            let ours = state.owner == Owner::Task;
+            let wait_a_turn = ours && woken && !state.urgent && !state.pending.is_empty();
+            if ours && !wait_a_turn {
+                if state.pending.is_empty() {
+                    state.owner = Owner::Nobody;
+                } else {
+                    std::mem::swap(&mut buf, &mut state.pending);
+                    state.urgent = false;
+                }
+            }
+            // Dropped senders cannot be writing directly, so a closed sink
+            // owned by nobody has nothing more coming.
+            (
+                state.closed && buf.is_empty() && state.owner == Owner::Nobody,
+                wait_a_turn,
+            )
         };
         if closed {
             writer.shutdown(deadline).await;
             return;
         }
+        if wait_a_turn {
+            // Let the tasks that are ready run first: what they send joins this write.
+            woken = false;
+            tokio::task::yield_now().await;
+            continue;
+        }
         if buf.is_empty() {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = shared.wake.notified() => continue,
+                _ = shared.wake.notified() => {
+                    woken = true;
+                    continue;
+                }
             }
         }
         let result = tokio::select! {
@@ -273,5 +359,90 @@ async fn write_queued(shared: Arc<Shared>, mut writer: TaskWriter, stop: Cancell
         if buf.capacity() > KEEP_BUFFER_BYTES {
             buf = BytesMut::new();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request_plane::tcp::frame::FrameType;
+    use bytes::Bytes;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// Keeps each write it is given, as one entry.
+    #[derive(Clone, Default)]
+    struct Writes(Arc<Mutex<Vec<Vec<u8>>>>);
+
+    impl AsyncWrite for Writes {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            self.0.lock().unwrap().push(buf.to_vec());
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn sink(writes: &Writes) -> FrameSink {
+        let limits = SinkLimits {
+            max_queue: 1 << 20,
+            write_timeout: Duration::from_secs(5),
+            metrics: TransportMetrics::unregistered(),
+        };
+        let writer = Writer::Stream(Box::new(writes.clone()));
+        FrameSink::new(writer, limits, &TaskTracker::new(), CancellationToken::new())
+    }
+
+    fn frame(stream_id: u64) -> Frame {
+        Frame::new(FrameType::Data, stream_id, Bytes::from_static(b"item"))
+    }
+
+    /// On one worker thread, a task woken by a send runs next (tokio's LIFO
+    /// slot), ahead of the tasks already waiting. Without its turn of
+    /// waiting, the writer would send the first stream's frame alone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn frames_sent_together_by_tasks_ready_in_one_turn_leave_in_one_write() {
+        let writes = Writes::default();
+        let sink = Arc::new(sink(&writes));
+        let senders = tokio::spawn({
+            let sink = sink.clone();
+            async move {
+                let tasks: Vec<_> = (1..=10)
+                    .map(|id| {
+                        let sink = sink.clone();
+                        tokio::spawn(async move { assert!(sink.send(&frame(id), Timing::Together)) })
+                    })
+                    .collect();
+                for task in tasks {
+                    task.await.unwrap();
+                }
+            }
+        });
+        senders.await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let mut expected = BytesMut::new();
+        (1..=10).for_each(|id| frame(id).encode(&mut expected));
+        while writes.0.lock().unwrap().concat().len() < expected.len() {
+            assert!(tokio::time::Instant::now() < deadline, "the frames were never written");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let writes = writes.0.lock().unwrap().clone();
+        assert_eq!(
+            writes.len(),
+            1,
+            "ten frames sent in one turn took {} writes",
+            writes.len()
+        );
+        // Every frame, each whole; the order is the order the tasks ran in.
+        let mut ids: Vec<u64> = writes[0]
+            .chunks(expected.len() / 10)
+            .map(|chunk| u64::from_be_bytes(chunk[5..13].try_into().unwrap()))
+            .collect();
+        ids.sort_unstable();
+        assert_eq!(ids, (1..=10).collect::<Vec<_>>());
     }
 }
