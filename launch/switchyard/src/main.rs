@@ -42,6 +42,12 @@ use switchyard_runtime::error::Report;
 use switchyard_runtime::runtime::Runtime;
 use switchyard_runtime::worker::Worker;
 
+/// mimalloc, not the system allocator: on a multi-threaded runtime a buffer
+/// is often freed on another thread than the one that made it, and glibc
+/// then takes the other thread's arena lock (docs/adr/0014-mimalloc-in-the-binaries.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// vLLM's default KV-cache block size, the stand-in's too.
 const VLLM_BLOCK_SIZE: &str = "16";
 

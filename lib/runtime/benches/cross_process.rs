@@ -50,6 +50,11 @@ use switchyard_runtime::runtime::Runtime;
 use switchyard_runtime::worker::Worker;
 use tokio::time::Instant;
 
+/// The allocator the `switchyard` binary uses (docs/adr/0014-mimalloc-in-the-binaries.md):
+/// the worker and caller processes here should run as ours do.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Request size of the unary round trips (the yardstick).
 const MESSAGE: usize = 100;
 /// Concurrent callers of the throughput measure.
