@@ -151,9 +151,9 @@ def test_a_caller_that_stops_reading_suspends_the_python_generator(mesh: Mesh, t
     out = mesh.run_python("backpressure_caller.py", str(tmp_path / "produced"))
     produced = int(out.stdout.split()[-1])
     # Ahead of the reader: the transport's window (DYN_TCP_STREAM_WINDOW,
-    # 256 items) plus the bindings' bounded queue (4 batches of 64, and one
-    # batch being filled): about 600 items, not 100,000.
-    assert 0 < produced <= 1000, f"the handler ran {produced} items ahead of a caller that stopped reading"
+    # 4096 items) plus the bindings' bounded queue (4 batches of 64, and one
+    # batch being filled): about 4,400 items, not 100,000.
+    assert 0 < produced <= 5000, f"the handler ran {produced} items ahead of a caller that stopped reading"
 
 
 def test_without_graceful_shutdown_sigterm_ends_requests_in_flight_as_engine_shutdown(mesh: Mesh) -> None:
