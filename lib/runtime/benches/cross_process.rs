@@ -19,6 +19,8 @@
 //! ```
 //!
 //! Naming planes after `--` (`-- tcp nats`) measures only those.
+//! `DYN_RUNTIME_NUM_WORKER_THREADS=N` sets the runtime threads of both the
+//! worker and the caller (default: one per core).
 //!
 //! Without `--bench` (as `cargo test --bench '*'` runs it) every measurement
 //! runs for a moment only, so the bench cannot rot unnoticed; nothing is
@@ -649,7 +651,7 @@ struct Row {
     plane_figures: Figures,
 }
 
-fn print_table(rows: &[Row], sizes: Sizes) {
+fn print_table(rows: &[Row], sizes: Sizes, threads: usize) {
     let micros = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1e6);
     let rate = |r: f64| {
         if r >= 1e6 {
@@ -665,7 +667,7 @@ fn print_table(rows: &[Row], sizes: Sizes) {
     println!(
         "\ncross-process, worker and caller in separate processes on file discovery \
          ({} unary samples, {} items per stream, median of {}, {CALLERS} callers for {:?}; \
-         load average {load})\n",
+         runtime threads per process: {threads}; load average {load})\n",
         sizes.samples, sizes.stream_items, sizes.stream_runs, sizes.callers_for
     );
     println!("| plane | measure | floor | floor figure | plane figure | plane / floor |");
@@ -751,8 +753,11 @@ fn caller() -> anyhow::Result<()> {
     let (_floor, tcp_port, http_port) = spawn_floor(&nats_url)?;
     let discovery =
         RemovedOnDrop(std::env::temp_dir().join(format!("switchyard-cross-process-{:016x}", rand::random::<u64>())));
+    // The caller's threads follow DYN_RUNTIME_NUM_WORKER_THREADS as the
+    // worker's do (it inherits the environment): both sides run as configured.
+    let threads = *RuntimeConfig::from_settings()?.worker_threads();
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(threads)
         .enable_all()
         .build()?;
     // `cargo bench ... -- tcp nats` measures only the planes named.
@@ -798,7 +803,7 @@ fn caller() -> anyhow::Result<()> {
             plane_figures,
         });
     }
-    print_table(&rows, sizes);
+    print_table(&rows, sizes, threads);
     Ok(())
 }
 
