@@ -314,19 +314,18 @@ pub async fn run(runtime: Runtime, args: MockerArgs) -> Result<(), MockerError> 
         });
     }
     args.engine_config().validate()?;
-    let base_port = *runtime.config().system().port();
     let mut workers = Vec::with_capacity(args.num_workers);
     for index in 0..args.num_workers {
-        let drt = DistributedRuntime::connect(runtime.clone()).await?;
-        if let Some(port) = base_port {
-            let port = if port == 0 {
-                0
-            } else {
-                port.saturating_add(index as u16)
-            };
-            drt.start_status_server_on(port).await?;
+        match start(&runtime, &args, index).await {
+            Ok(worker) => workers.push(worker),
+            // A SIGTERM during start-up is a request to stop, not a failure:
+            // what was being registered fails because discovery is closing.
+            Err(error) if runtime.is_shutting_down() => {
+                tracing::info!(%error, "shutting down before every mocker worker was registered");
+                break;
+            }
+            Err(error) => return Err(error),
         }
-        workers.push(serve(&drt, &args).await?);
     }
     for worker in workers {
         worker.serving.wait().await;
@@ -334,9 +333,36 @@ pub async fn run(runtime: Runtime, args: MockerArgs) -> Result<(), MockerError> 
     Ok(())
 }
 
+/// Worker `index` of [`run`]: its own instance, and its own status server
+/// on the port `index` above `DYN_SYSTEM_PORT` when that is set.
+async fn start(runtime: &Runtime, args: &MockerArgs, index: usize) -> Result<MockerWorker, MockerError> {
+    let drt = DistributedRuntime::connect(runtime.clone()).await?;
+    if let Some(port) = *runtime.config().system().port() {
+        let port = if port == 0 {
+            0
+        } else {
+            port.saturating_add(index as u16)
+        };
+        drt.start_status_server_on(port).await?;
+    }
+    serve(&drt, args).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use switchyard_runtime::config::RuntimeConfig;
+
+    /// A SIGTERM that lands while the worker registers (found by sending
+    /// one 30 ms after start: the process exited 1 with "discovery has shut
+    /// down") is a request to stop: `run` returns cleanly.
+    #[tokio::test]
+    async fn a_shutdown_during_start_up_is_a_clean_stop_not_a_failure() {
+        let runtime = Runtime::new(RuntimeConfig::local());
+        runtime.shutdown().await;
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(10), run(runtime, MockerArgs::default())).await;
+        assert!(matches!(ended, Ok(Ok(()))), "{ended:?}");
+    }
 
     /// Found by running the compose stack, where DYN_TCP_RPC_HOST is a
     /// service name: libzmq refused `tcp://worker-1:0` ("No such device")

@@ -64,6 +64,11 @@ async fn two_endpoints_claiming_one_model_are_a_visible_conflict_decided_alike_i
         let (second_runtime, _second) = worker_in(&registry, second).await;
         eventually("the conflict", || watching.models.conflicts().len() == 1).await;
         let (restarted_runtime, restarted) = frontend(&registry, FrontendArgs::default()).await;
+        // Its watcher reads the snapshot in the background.
+        eventually("the restarted frontend's snapshot", || {
+            restarted.models.conflicts().len() == 1
+        })
+        .await;
         for state in [&watching, &restarted] {
             assert_eq!(
                 serving(state),
