@@ -61,11 +61,7 @@ async fn connections_over_the_cap_are_closed_while_open_ones_keep_working() {
     .await
     .unwrap();
     let client = HttpClient::new(&config);
-    let target = Target {
-        transport: server.transport(),
-        endpoint: "ns/c/count".into(),
-        instance_id: INSTANCE,
-    };
+    let target = count_target(&server);
     let first = client.call(&target, Context::new(Bytes::from_static(b"1"))).await;
     assert_eq!(collect(first.unwrap()).await.0, numbers(1));
     let Transport::Http(base) = server.transport() else {
@@ -193,14 +189,19 @@ async fn plane_with(limits: HttpLimits) -> (HttpServer, Arc<Handlers>, Transport
     (server, handlers, metrics)
 }
 
-/// A legitimate caller, on a connection of its own, gets `count n`.
-async fn a_caller_is_served(server: &HttpServer) {
-    let client = HttpClient::new(&RuntimeConfig::default());
-    let target = Target {
+/// The fixtures' `count` endpoint on `server`.
+fn count_target(server: &HttpServer) -> Target {
+    Target {
         transport: server.transport(),
         endpoint: "ns/c/count".into(),
         instance_id: INSTANCE,
-    };
+    }
+}
+
+/// A legitimate caller, on a connection of its own, gets `count n`.
+async fn a_caller_is_served(server: &HttpServer) {
+    let client = HttpClient::new(&RuntimeConfig::default());
+    let target = count_target(server);
     let answer = client.call(&target, Context::new(Bytes::from_static(b"5"))).await;
     assert_eq!(collect(answer.unwrap()).await.0, numbers(5));
 }

@@ -227,13 +227,14 @@ impl Connection {
         self.streams.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Sends a stream's control frame: with several requests in flight,
+    /// their frames leave together.
     fn send(&self, frame: Frame) {
-        // With several requests in flight, their frames leave together.
-        let timing = if self.streams().len() > 1 {
-            Timing::Together
-        } else {
-            Timing::Now
-        };
+        let timing = Timing::with_others(self.streams().len().saturating_sub(1));
+        self.send_with(frame, timing);
+    }
+
+    fn send_with(&self, frame: Frame, timing: Timing) {
         if !self.sink.send(&frame, timing) {
             // The connection can no longer carry requests: the reader fails every stream.
             self.closed.cancel();
@@ -249,7 +250,7 @@ impl Connection {
         let stream_id = self.next_stream_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
         let allowance = Arc::new(AtomicI64::new(i64::from(window)));
-        {
+        let timing = {
             let mut streams = self.streams();
             if self.closed.is_cancelled() {
                 return Err(RequestError::new(
@@ -264,8 +265,9 @@ impl Connection {
                     allowance: allowance.clone(),
                 },
             );
-        }
-        self.send(Frame::new(FrameType::Request, stream_id, head));
+            Timing::with_others(streams.len() - 1)
+        };
+        self.send_with(Frame::new(FrameType::Request, stream_id, head), timing);
         let watch = Box::pin(controller.stop_token().clone().cancelled_owned());
         Ok(ClientStream {
             conn: self.clone(),
@@ -285,10 +287,9 @@ impl Connection {
 /// then fails every stream still open with `Disconnected`.
 async fn read_responses(mut reader: Reader, mut buf: BytesMut, conn: &Connection, mut decoder: FrameDecoder) {
     let reason = loop {
-        let decoded = match buffered_frame(&mut buf, &mut decoder) {
-            Ok(Some(decoded)) => Ok(decoded),
-            Err(error) => Err(error),
-            Ok(None) => tokio::select! {
+        let decoded = match buffered_frame(&mut buf, &mut decoder).transpose() {
+            Some(decoded) => decoded,
+            None => tokio::select! {
                 _ = conn.closed.cancelled() => break "the connection was closed".to_string(),
                 _ = conn.sink.dead().cancelled() => break "the worker stopped reading (DYN_TCP_WRITE_TIMEOUT)".to_string(),
                 decoded = read_frame(&mut reader, &mut buf, &mut decoder) => decoded,

@@ -265,14 +265,9 @@ impl Connection {
         self.sink.send(&frame, Timing::Now);
     }
 
-    /// How a stream's frames should leave: at once when it is the only one,
-    /// together with the others' when several are running.
+    /// How a running stream's frames should leave, given the others beside it.
     fn timing(&self) -> Timing {
-        if self.streams().len() > 1 {
-            Timing::Together
-        } else {
-            Timing::Now
-        }
+        Timing::with_others(self.streams().len().saturating_sub(1))
     }
 
     fn streams(&self) -> std::sync::MutexGuard<'_, HashMap<u64, StreamControl>> {
@@ -357,10 +352,9 @@ async fn serve_connection(opened: Opened, peer: SocketAddr, shared: Arc<Shared>)
     let mut decoder = FrameDecoder::new(shared.max_message_size);
     let dead = conn.sink.dead().clone();
     loop {
-        let decoded = match buffered_frame(&mut buf, &mut decoder) {
-            Ok(Some(decoded)) => Ok(decoded),
-            Err(error) => Err(error),
-            Ok(None) => tokio::select! {
+        let decoded = match buffered_frame(&mut buf, &mut decoder).transpose() {
+            Some(decoded) => decoded,
+            None => tokio::select! {
                 _ = shared.shutdown.cancelled() => break,
                 // The caller stopped reading (send queue or write deadline): cut it off.
                 _ = dead.cancelled() => break,
@@ -551,9 +545,12 @@ impl ResponseSink for StreamSink {
             Ok(()) => Frame::new(FrameType::End, self.stream_id, Bytes::new()),
             Err(error) => error_frame(self.stream_id, &error),
         };
-        let timing = self.conn.timing();
         // Closed before END goes out: the caller may reuse the id once it sees END.
-        self.conn.streams().remove(&self.stream_id);
+        let timing = {
+            let mut streams = self.conn.streams();
+            streams.remove(&self.stream_id);
+            Timing::with_others(streams.len())
+        };
         // The last items and the final frame usually leave in one write.
         last.encode(&mut self.batch);
         self.flush_with(timing);

@@ -67,6 +67,14 @@ pub(crate) enum Timing {
     Together,
 }
 
+impl Timing {
+    /// At once for a stream alone on its connection, together when `others`
+    /// streams are open beside it.
+    pub(crate) fn with_others(others: usize) -> Self {
+        if others == 0 { Self::Now } else { Self::Together }
+    }
+}
+
 /// Sends frames on one connection. Dropping it lets the writer finish what is
 /// queued and close the write side.
 #[derive(Debug)]
