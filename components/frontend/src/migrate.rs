@@ -18,7 +18,9 @@ use crate::kv::Booking;
 use crate::models::Model;
 use futures::StreamExt;
 use prometheus::IntCounterVec;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 use switchyard_llm::migration::{Continuation, Progress, continue_request};
 use switchyard_llm::model_card::ModelKind;
 use switchyard_llm::openai::Usage;
@@ -26,6 +28,7 @@ use switchyard_llm::protocol::{LlmOutput, LlmRequest};
 use switchyard_runtime::engine::{Context, Controller, ResponseStream};
 use switchyard_runtime::error::{ErrorKind, RequestError};
 use switchyard_runtime::routing::push_router::Routed;
+use tokio::time::{Instant, Sleep};
 
 /// Errors after which another worker can take over: the worker went away
 /// (connection broken or refused), is shutting down, or went silent past a
@@ -60,7 +63,7 @@ pub struct MigrationPolicy {
     /// `dynamo_frontend_model_migration_total{model, migration_type}`.
     pub counter: IntCounterVec,
     /// Longest silence from a worker before its stream counts as broken.
-    pub stall_timeout: Option<std::time::Duration>,
+    pub stall_timeout: Option<Duration>,
     /// Where each new worker choice is recorded (the mesh page's decisions).
     pub decisions: crate::mesh::decisions::Decisions,
 }
@@ -87,6 +90,60 @@ struct State {
     done: bool,
     /// The request's KV booking on its current worker (KV mode).
     booking: Option<Booking>,
+    /// The stall deadline on `current` (`--stream-stall-timeout-secs`).
+    stall: Option<StallWatch>,
+}
+
+/// A worker's stream that sends nothing for `limit` counts as broken.
+///
+/// One timer per request, moved on only when it fires and a piece came
+/// since it was set, instead of a timer armed and cancelled around every
+/// piece: at thousands of tokens a second that was a timer-wheel insert and
+/// removal per token, for a deadline that almost never fires.
+struct StallWatch {
+    limit: Duration,
+    last_piece: Instant,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl StallWatch {
+    fn new(limit: Duration) -> Self {
+        let now = Instant::now();
+        Self {
+            limit,
+            last_piece: now,
+            timer: Box::pin(tokio::time::sleep_until(now + limit)),
+        }
+    }
+
+    /// Counts from now, as if a piece had just come.
+    fn restart(&mut self) {
+        self.last_piece = Instant::now();
+    }
+
+    /// The next item of `stream`, or `TimedOut` once it has been silent for `limit`.
+    async fn next(&mut self, stream: &mut ResponseStream<LlmOutput>) -> Option<Result<LlmOutput, RequestError>> {
+        loop {
+            tokio::select! {
+                biased;
+                next = stream.next() => {
+                    self.last_piece = Instant::now();
+                    return next;
+                }
+                () = &mut self.timer => {
+                    let deadline = self.last_piece + self.limit;
+                    if Instant::now() >= deadline {
+                        let limit = self.limit;
+                        return Some(Err(RequestError::new(
+                            ErrorKind::TimedOut,
+                            format!("the worker sent nothing for {limit:?} (--stream-stall-timeout-secs)"),
+                        )));
+                    }
+                    self.timer.as_mut().reset(deadline);
+                }
+            }
+        }
+    }
 }
 
 /// `responses`, continued on another worker when its worker fails mid-answer.
@@ -98,6 +155,7 @@ pub fn migrating(
     routed: Routed<LlmOutput>,
     booking: Option<Booking>,
 ) -> ResponseStream<LlmOutput> {
+    let stall = policy.stall_timeout.map(StallWatch::new);
     let state = State {
         policy,
         original: request,
@@ -110,6 +168,7 @@ pub fn migrating(
         migrations: 0,
         done: false,
         booking,
+        stall,
     };
     Box::pin(futures::stream::unfold(state, State::next))
 }
@@ -120,15 +179,9 @@ impl State {
             return None;
         }
         loop {
-            let next = match self.policy.stall_timeout {
+            let next = match &mut self.stall {
                 None => self.current.next().await,
-                Some(limit) => match tokio::time::timeout(limit, self.current.next()).await {
-                    Ok(next) => next,
-                    Err(_) => Some(Err(RequestError::new(
-                        ErrorKind::TimedOut,
-                        format!("the worker sent nothing for {limit:?} (--stream-stall-timeout-secs)"),
-                    ))),
-                },
+                Some(watch) => watch.next(&mut self.current).await,
             };
             match next {
                 Some(Ok(mut piece)) => {
@@ -159,6 +212,10 @@ impl State {
                     if let Err(error) = self.migrate_within_budget(error).await {
                         self.done = true;
                         return Some((Err(error), self));
+                    }
+                    // The new worker gets the whole stall timeout.
+                    if let Some(watch) = &mut self.stall {
+                        watch.restart();
                     }
                 }
                 Some(Err(error)) => {
@@ -260,5 +317,50 @@ impl State {
         self.current = routed.stream;
         self.instance = routed.instance_id;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pieces `gaps` apart (each gap measured from the previous piece), then silence.
+    fn paced(gaps: &[u64]) -> ResponseStream<LlmOutput> {
+        let gaps: Vec<Duration> = gaps.iter().map(|&ms| Duration::from_millis(ms)).collect();
+        let pieces = futures::stream::iter(gaps).then(|gap| async move {
+            tokio::time::sleep(gap).await;
+            Ok(LlmOutput::default())
+        });
+        Box::pin(pieces.chain(futures::stream::pending()))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_slower_in_total_than_the_limit_but_never_silent_that_long_is_not_cut() {
+        let mut watch = StallWatch::new(Duration::from_millis(300));
+        let mut stream = paced(&[200, 250, 290, 100]);
+        for _ in 0..4 {
+            assert!(matches!(watch.next(&mut stream).await, Some(Ok(_))));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_silent_for_the_limit_times_out_that_long_after_its_last_piece() {
+        let mut watch = StallWatch::new(Duration::from_millis(300));
+        let mut stream = paced(&[250]);
+        assert!(matches!(watch.next(&mut stream).await, Some(Ok(_))));
+        let last_piece = Instant::now();
+        let error = watch.next(&mut stream).await.unwrap().unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::TimedOut);
+        assert_eq!(last_piece.elapsed(), Duration::from_millis(300));
+        assert!(error.message().contains("--stream-stall-timeout-secs"), "{error}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restart_gives_the_whole_limit_again() {
+        let mut watch = StallWatch::new(Duration::from_millis(300));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        watch.restart();
+        let mut stream = paced(&[250]);
+        assert!(matches!(watch.next(&mut stream).await, Some(Ok(_))));
     }
 }

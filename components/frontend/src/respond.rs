@@ -6,8 +6,10 @@
 
 use crate::error::ApiError;
 use crate::metrics::FrontendMetrics;
-use axum::response::sse::{Event, Sse};
+use axum::body::Body;
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
+use bytes::{BufMut, Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use prometheus::{Histogram, IntGauge};
 use std::convert::Infallible;
@@ -19,7 +21,7 @@ use switchyard_llm::openai::{
 use switchyard_llm::protocol::{LlmOutput, LlmRequest};
 use switchyard_runtime::engine::ResponseStream;
 use switchyard_runtime::error::RequestError;
-use tokio::sync::mpsc::error::SendTimeoutError;
+use tokio::sync::mpsc::error::{SendTimeoutError, TrySendError};
 use tokio::time::Instant;
 
 /// Which OpenAI route a request came in on.
@@ -197,10 +199,39 @@ struct Streaming {
     exchange: Exchange,
     responses: ResponseStream<LlmOutput>,
     created: u64,
+    /// The start every chunk of this answer shares.
+    chunks: ChunkHead,
     sent_role: bool,
     /// What is left to send after the worker's stream ended.
-    tail: Vec<Event>,
+    tail: Vec<Bytes>,
     done: bool,
+}
+
+/// The part every chunk of one answer starts with, serialised once:
+/// `{"id":…,"object":…,"created":…,"model":…,"choices":[`. A token's
+/// chunk is then this, its one choice and `]}`, written straight into the
+/// bytes hyper sends — the same JSON as serialising the whole chunk, without
+/// copying and escaping the id and model again for every token.
+struct ChunkHead(Vec<u8>);
+
+impl ChunkHead {
+    /// From a chunk with no choices and no usage, whose JSON ends in `[]}`.
+    fn of<T: serde::Serialize>(empty_chunk: &T) -> Self {
+        let mut head = serde_json::to_vec(empty_chunk).expect("response types always serialize");
+        debug_assert!(head.ends_with(b"[]}"), "choices must be the last field of a chunk");
+        head.truncate(head.len() - 2);
+        Self(head)
+    }
+
+    /// The SSE event of the chunk holding only `choice`.
+    fn event<T: serde::Serialize>(&self, choice: &T) -> Bytes {
+        let mut event = BytesMut::with_capacity(self.0.len() + 128);
+        event.put_slice(b"data: ");
+        event.put_slice(&self.0);
+        serde_json::to_writer((&mut event).writer(), choice).expect("response types always serialize");
+        event.put_slice(b"]}\n\n");
+        event.freeze()
+    }
 }
 
 /// An SSE response over the worker's stream. An event the client leaves
@@ -211,10 +242,29 @@ pub fn stream(
     created: u64,
     write_timeout: Duration,
 ) -> Response {
+    let chunks = match exchange.route {
+        Route::Chat => ChunkHead::of(&ChatCompletionChunk {
+            id: exchange.id.clone(),
+            object: "chat.completion.chunk".into(),
+            created,
+            model: exchange.model.clone(),
+            choices: vec![],
+            usage: None,
+        }),
+        Route::Completions => ChunkHead::of(&CompletionResponse {
+            id: exchange.id.clone(),
+            object: "text_completion".into(),
+            created,
+            model: exchange.model.clone(),
+            choices: vec![],
+            usage: None,
+        }),
+    };
     let state = Streaming {
         exchange,
         responses,
         created,
+        chunks,
         sent_role: false,
         tail: Vec::new(),
         done: false,
@@ -237,13 +287,23 @@ pub fn stream(
                 // The worker's stream ended without a finish: treat as complete.
                 state.done = true;
                 state.exchange.end(true, None);
-                Event::default().data("[DONE]")
+                Bytes::from_static(DONE)
             }
         };
         Some((Ok(event), state))
     });
-    Sse::new(write_deadline(events, write_timeout)).into_response()
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(write_deadline(events, write_timeout)),
+    )
+        .into_response()
 }
+
+/// The event that ends every SSE answer.
+const DONE: &[u8] = b"data: [DONE]\n\n";
 
 /// Events the producing task may run ahead of the client: a burst of
 /// tokens from the worker is handed over together and written in one go
@@ -258,19 +318,26 @@ const EVENTS_AHEAD: usize = 32;
 /// full) has its request dropped — which cancels it on the worker, freeing the
 /// engine's KV cache — rather than held open for as long as it keeps the
 /// connection. A client that goes away drops it at once.
-fn write_deadline<S>(events: S, limit: Duration) -> impl Stream<Item = Result<Event, Infallible>> + Send
+fn write_deadline<S>(events: S, limit: Duration) -> impl Stream<Item = Result<Bytes, Infallible>> + Send
 where
-    S: Stream<Item = Result<Event, Infallible>> + Send + 'static,
+    S: Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
 {
     let (sender, receiver) = tokio::sync::mpsc::channel(EVENTS_AHEAD);
     tokio::spawn(async move {
         let mut events = std::pin::pin!(events);
         loop {
             let event = tokio::select! {
+                biased;
                 event = events.next() => event,
                 _ = sender.closed() => return,
             };
             let Some(event) = event else { return };
+            // Room in the channel, the usual case, needs no timer.
+            let event = match sender.try_send(event) {
+                Ok(()) => continue,
+                Err(TrySendError::Full(event)) => event,
+                Err(TrySendError::Closed(_)) => return,
+            };
             match sender.send_timeout(event, limit).await {
                 Ok(()) => {}
                 Err(SendTimeoutError::Timeout(_)) => {
@@ -291,36 +358,34 @@ where
 impl Streaming {
     /// The SSE event for one piece; after the last piece, queues the usage
     /// chunk (when asked for) and `[DONE]`.
-    fn piece(&mut self, piece: LlmOutput) -> Event {
+    fn piece(&mut self, piece: LlmOutput) -> Bytes {
         self.exchange.observe(&piece);
         let finish = piece.finish_reason.map(|f| f.as_str().to_string());
         let event = match self.exchange.route {
             Route::Chat => {
                 let role = (!self.sent_role).then_some(Role::Assistant);
                 self.sent_role = true;
-                let content = (!piece.text.is_empty() || role.is_some()).then(|| piece.text.clone());
-                json_event(&ChatCompletionChunk {
-                    id: self.exchange.id.clone(),
-                    object: "chat.completion.chunk".into(),
-                    created: self.created,
-                    model: self.exchange.model.clone(),
-                    choices: vec![ChatChunkChoice {
-                        index: 0,
-                        delta: ChatDelta { role, content },
-                        finish_reason: finish.clone(),
-                        logprobs: None,
-                    }],
-                    usage: None,
+                let content = (!piece.text.is_empty() || role.is_some()).then_some(piece.text);
+                self.chunks.event(&ChatChunkChoice {
+                    index: 0,
+                    delta: ChatDelta { role, content },
+                    finish_reason: finish.clone(),
+                    logprobs: None,
                 })
             }
-            Route::Completions => json_event(&self.completion(piece.text.clone(), finish.clone(), None)),
+            Route::Completions => self.chunks.event(&CompletionChoice {
+                index: 0,
+                text: piece.text,
+                finish_reason: finish.clone(),
+                logprobs: None,
+            }),
         };
         if finish.is_some() {
             self.done = true;
             let usage = piece.usage.unwrap_or(Usage::new(0, self.exchange.output_tokens));
             self.exchange.end(true, Some(usage));
             // Popped from the back: [DONE] goes last.
-            self.tail.push(Event::default().data("[DONE]"));
+            self.tail.push(Bytes::from_static(DONE));
             if self.exchange.include_usage {
                 self.tail.push(self.usage_event(usage));
             }
@@ -345,7 +410,7 @@ impl Streaming {
     }
 
     /// OpenAI's usage chunk: no choices, only `usage`.
-    fn usage_event(&self, usage: Usage) -> Event {
+    fn usage_event(&self, usage: Usage) -> Bytes {
         match self.exchange.route {
             Route::Chat => json_event(&ChatCompletionChunk {
                 id: self.exchange.id.clone(),
@@ -364,16 +429,28 @@ impl Streaming {
     }
 }
 
-fn json_event<T: serde::Serialize>(value: &T) -> Event {
-    Event::default().data(serde_json::to_string(value).expect("response types always serialize"))
+/// `data: <value as JSON>`, one SSE event (serde_json writes no raw newlines).
+fn json_event<T: serde::Serialize>(value: &T) -> Bytes {
+    sse_event(None, value)
+}
+
+fn sse_event<T: serde::Serialize>(name: Option<&str>, value: &T) -> Bytes {
+    let mut event = BytesMut::with_capacity(256);
+    if let Some(name) = name {
+        event.put_slice(b"event: ");
+        event.put_slice(name.as_bytes());
+        event.put_u8(b'\n');
+    }
+    event.put_slice(b"data: ");
+    serde_json::to_writer((&mut event).writer(), value).expect("response types always serialize");
+    event.put_slice(b"\n\n");
+    event.freeze()
 }
 
 /// A mid-stream failure: an `event: error` carrying OpenAI's error body; the stream ends after it.
-fn error_event(model: &str, error: &RequestError) -> Event {
+fn error_event(model: &str, error: &RequestError) -> Bytes {
     let api = ApiError::from_request(model, error);
-    Event::default()
-        .event("error")
-        .data(serde_json::to_string(&api.body()).expect("error body serializes"))
+    sse_event(Some("error"), &api.body())
 }
 
 /// Folds the worker's stream into one response. An error before the first
@@ -435,5 +512,65 @@ pub async fn unary(mut exchange: Exchange, mut responses: ResponseStream<LlmOutp
             usage: Some(usage),
         })
         .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat_chunk(choices: Vec<ChatChunkChoice>) -> ChatCompletionChunk {
+        ChatCompletionChunk {
+            id: "chatcmpl-\"quoted\"\\".into(),
+            object: "chat.completion.chunk".into(),
+            created: 1_700_000_000,
+            model: "org/model \u{e9}".into(),
+            choices,
+            usage: None,
+        }
+    }
+
+    #[test]
+    fn a_chunk_from_its_head_is_the_json_of_the_whole_chunk() {
+        let head = ChunkHead::of(&chat_chunk(vec![]));
+        for (role, content, finish) in [
+            (Some(Role::Assistant), Some(String::new()), None),
+            (None, Some("a \"token\"\n".to_string()), None),
+            (None, None, Some("stop".to_string())),
+        ] {
+            let choice = ChatChunkChoice {
+                index: 0,
+                delta: ChatDelta { role, content },
+                finish_reason: finish,
+                logprobs: None,
+            };
+            let whole = json_event(&chat_chunk(vec![choice.clone()]));
+            assert_eq!(head.event(&choice), whole);
+        }
+
+        let completion = |choices| CompletionResponse {
+            id: "cmpl-1".into(),
+            object: "text_completion".into(),
+            created: 7,
+            model: "m".into(),
+            choices,
+            usage: None,
+        };
+        let head = ChunkHead::of(&completion(vec![]));
+        let choice = CompletionChoice {
+            index: 0,
+            text: " once".into(),
+            finish_reason: None,
+            logprobs: None,
+        };
+        assert_eq!(head.event(&choice), json_event(&completion(vec![choice.clone()])));
+    }
+
+    #[test]
+    fn events_are_sse_data_lines_ending_in_a_blank_line() {
+        let event = json_event(&serde_json::json!({"a": "b\nc"}));
+        assert_eq!(&event[..], b"data: {\"a\":\"b\\nc\"}\n\n");
+        let error = sse_event(Some("error"), &serde_json::json!({}));
+        assert_eq!(&error[..], b"event: error\ndata: {}\n\n");
     }
 }
