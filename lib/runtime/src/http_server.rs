@@ -93,12 +93,20 @@ impl SendBudget {
     /// Waits until `bytes` more may be queued. A chunk larger than the whole
     /// budget waits for all of it, so it still goes out once the queue empties.
     pub async fn reserve(&self, bytes: usize) -> OwnedSemaphorePermit {
-        let permits = bytes.clamp(1, self.total).min(u32::MAX as usize) as u32;
         self.bytes
             .clone()
-            .acquire_many_owned(permits)
+            .acquire_many_owned(self.permits(bytes))
             .await
             .expect("the budget's semaphore is never closed")
+    }
+
+    /// Like [`SendBudget::reserve`], without waiting: `None` when there is no room now.
+    pub fn try_reserve(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
+        self.bytes.clone().try_acquire_many_owned(self.permits(bytes)).ok()
+    }
+
+    fn permits(&self, bytes: usize) -> u32 {
+        bytes.clamp(1, self.total).min(u32::MAX as usize) as u32
     }
 }
 

@@ -31,6 +31,7 @@ use http_body_util::{BodyExt, Full};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -243,10 +244,13 @@ async fn rpc(
         task_state.running().remove(&stream_token);
     });
     // The frame's share of the budget goes back as HTTP/2 takes the frame.
-    let stream = futures::stream::unfold(body_frames, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|queued| (Ok::<_, std::convert::Infallible>(queued.frame), rx))
+    let chunks = BodyChunks {
+        queue: body_frames,
+        carry: None,
+    };
+    let stream = futures::stream::unfold(chunks, |mut chunks| async move {
+        let chunk = chunks.next().await?;
+        Some((Ok::<_, std::convert::Infallible>(chunk), chunks))
     });
     Response::builder()
         .status(StatusCode::OK)
@@ -254,6 +258,47 @@ async fn rpc(
         .header(STREAM_HEADER, token_for_header)
         .body(Body::from_stream(stream))
         .expect("a valid response")
+}
+
+/// The most bytes of queued frames that go out together as one body chunk
+/// (one HTTP/2 DATA frame at the default maximum frame size).
+const CHUNK: usize = 16 * 1024;
+
+/// A response body's chunks: the frames that are queued together, up to
+/// [`CHUNK`] bytes, leave as one chunk (one DATA frame) rather than one
+/// each. A frame that would not fit waits for the next chunk; a frame
+/// larger than a chunk leaves alone, uncopied.
+struct BodyChunks {
+    queue: mpsc::Receiver<Queued>,
+    /// A frame taken from the queue that did not fit in the last chunk.
+    carry: Option<Bytes>,
+}
+
+impl BodyChunks {
+    /// `None` once the queue is closed and empty.
+    async fn next(&mut self) -> Option<Bytes> {
+        let first = match self.carry.take() {
+            Some(frame) => frame,
+            None => self.queue.recv().await?.frame,
+        };
+        let mut chunk: Option<BytesMut> = None;
+        let mut length = first.len();
+        while let Ok(queued) = self.queue.try_recv() {
+            if length + queued.frame.len() > CHUNK {
+                self.carry = Some(queued.frame);
+                break;
+            }
+            length += queued.frame.len();
+            chunk
+                .get_or_insert_with(|| {
+                    let mut chunk = BytesMut::with_capacity(CHUNK);
+                    chunk.put_slice(&first);
+                    chunk
+                })
+                .put_slice(&queued.frame);
+        }
+        Some(chunk.map_or(first, BytesMut::freeze))
+    }
 }
 
 /// A frame waiting for HTTP/2, with its share of the connection's budget.
@@ -277,6 +322,23 @@ impl BodySink {
     /// Queues `frame` for the caller; `CallerGone` when it reset the stream
     /// or has not made room within the write timeout.
     async fn queue(&mut self, frame: Bytes) -> Result<(), CallerGone> {
+        // Room in the budget and in the queue, the usual case, needs no timer.
+        let share = match &self.budget {
+            None => None,
+            Some(budget) => match budget.try_reserve(frame.len()) {
+                Some(share) => Some(share),
+                None => return self.queue_waiting(frame).await,
+            },
+        };
+        match self.frames.try_send(Queued { frame, _budget: share }) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Closed(_)) => Err(CallerGone),
+            Err(TrySendError::Full(queued)) => self.queue_waiting(queued.frame).await,
+        }
+    }
+
+    /// [`BodySink::queue`] when it must wait for room, at most the write timeout.
+    async fn queue_waiting(&mut self, frame: Bytes) -> Result<(), CallerGone> {
         let (frames, budget) = (&self.frames, &self.budget);
         let queue = async move {
             let share = match budget {

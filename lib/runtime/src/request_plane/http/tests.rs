@@ -320,3 +320,48 @@ mod over_mutual_tls {
     conformance_tests!(MutualTls(Http));
     mutual_tls_tests!(Http);
 }
+
+/// Frames queued together leave as one body chunk, up to `CHUNK` bytes;
+/// a frame alone, or one larger than a chunk, leaves as it is.
+#[tokio::test]
+async fn frames_queued_together_leave_in_one_chunk_up_to_the_chunk_size() {
+    let (sender, queue) = mpsc::channel::<Queued>(BODY_QUEUE);
+    let mut chunks = BodyChunks { queue, carry: None };
+    let send = |frame: &Bytes| {
+        sender
+            .try_send(Queued {
+                frame: frame.clone(),
+                _budget: None,
+            })
+            .unwrap()
+    };
+    let small = |byte: u8| frame(FrameType::Data, &[byte; 10]);
+
+    send(&small(1));
+    assert_eq!(chunks.next().await.unwrap(), small(1));
+
+    for byte in 1..=3 {
+        send(&small(byte));
+    }
+    assert_eq!(chunks.next().await.unwrap(), [small(1), small(2), small(3)].concat());
+
+    // Half a chunk, then two more: the third does not fit and waits.
+    let half = |byte: u8| frame(FrameType::Data, &vec![byte; CHUNK / 2 - 5]);
+    for byte in 1..=3 {
+        send(&half(byte));
+    }
+    assert_eq!(chunks.next().await.unwrap(), [half(1), half(2)].concat());
+    assert_eq!(chunks.next().await.unwrap(), half(3));
+
+    // Larger than a chunk: alone, before and after smaller ones.
+    let big = frame(FrameType::Data, &vec![7; CHUNK * 2]);
+    send(&small(1));
+    send(&big);
+    send(&small(2));
+    assert_eq!(chunks.next().await.unwrap(), small(1));
+    assert_eq!(chunks.next().await.unwrap(), big);
+    assert_eq!(chunks.next().await.unwrap(), small(2));
+
+    drop(sender);
+    assert!(chunks.next().await.is_none());
+}
