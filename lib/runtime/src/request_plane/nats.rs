@@ -3,7 +3,9 @@
 //! `….control`; a request is one message on the instance subject (payload:
 //! the TCP plane's request head) with a reply inbox. The worker answers on
 //! the inbox with frames `kind:u8 payload` — Data `0x11 seq:u32 item`, End
-//! `0x12 count:u32`, Error `0x13 count:u32 error`, Heartbeat `0x14` — and sends a heartbeat every [`HEARTBEAT`] while
+//! `0x12 count:u32`, Error `0x13 count:u32 error`, Heartbeat `0x14`, Batch
+//! `0x15 seq:u32 (len:u32 item)…` (items `seq`, `seq + 1`, … that were ready
+//! together, in one message) — and sends a heartbeat every [`HEARTBEAT`] while
 //! the stream is open, so a caller notices a dead worker within
 //! [`SILENCE_LIMIT`], and one that never answered within [`ACCEPT_TIMEOUT`].
 //! Cancel and credit travel on the control subject.
@@ -31,7 +33,7 @@ use crate::engine::{Context, Controller};
 use crate::error::{ErrorKind, RequestError, WireError};
 use async_nats::Subject;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -51,6 +53,10 @@ pub const SILENCE_LIMIT: Duration = Duration::from_secs(5);
 /// reports `Unreachable` (nobody serves the subject).
 pub const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 const HEARTBEAT_KIND: u8 = 0x14;
+const BATCH_KIND: u8 = 0x15;
+/// A stream's items that are ready together go out in one Batch message of
+/// at most this many bytes (plus its 5-byte head).
+const BATCH_BYTES: usize = 16 * 1024;
 const CREDIT_KIND: u8 = 0x03;
 const CANCEL_KIND: u8 = 0x02;
 
@@ -66,6 +72,20 @@ fn control_subject(instance_subject: &str) -> String {
 /// A Data frame: `0x11 seq:u32 item`, `seq` counting from 0.
 fn data_frame(seq: u32, item: &[u8]) -> Bytes {
     counted_frame(FrameType::Data as u8, seq, item)
+}
+
+/// A Batch frame: `0x15 seq:u32`, then `len:u32 item` for each of `items`,
+/// numbered from `seq`.
+fn batch_frame(seq: u32, items: &[Bytes]) -> Bytes {
+    let length: usize = items.iter().map(|item| 4 + item.len()).sum();
+    let mut buf = BytesMut::with_capacity(5 + length);
+    buf.put_u8(BATCH_KIND);
+    buf.put_u32(seq);
+    for item in items {
+        buf.put_u32(item.len() as u32);
+        buf.put_slice(item);
+    }
+    buf.freeze()
 }
 
 /// `kind number:u32 payload`: a Data frame's number, or the count of Data
@@ -225,6 +245,8 @@ async fn run_stream(shared: Arc<Shared>, reply: Subject, head: RequestHead) {
         reply: reply.clone(),
         credit,
         sent: 0,
+        held: Vec::new(),
+        held_bytes: 0,
     };
     // The heartbeats run beside the whole request — while the handler is
     // called, while it works and while the worker waits for credit — and
@@ -251,27 +273,65 @@ struct ReplySink {
     reply: Subject,
     /// Items the caller still takes; refilled by its credit messages.
     credit: Arc<Semaphore>,
-    /// Data frames sent: the next one's number.
+    /// Items sent: the next one's number.
     sent: u32,
+    /// Items held back to leave together, numbered from `sent`.
+    held: Vec<Bytes>,
+    held_bytes: usize,
+}
+
+impl ReplySink {
+    /// Sends the items held back: one alone as a Data frame, several as a Batch.
+    async fn flush(&mut self) {
+        let frame = match self.held.as_slice() {
+            [] => return,
+            [item] => data_frame(self.sent, item),
+            items => batch_frame(self.sent, items),
+        };
+        self.sent = self.sent.wrapping_add(self.held.len() as u32);
+        self.held.clear();
+        self.held_bytes = 0;
+        self.shared.send(&self.reply, frame).await;
+    }
 }
 
 impl ResponseSink for ReplySink {
     async fn next_item(&mut self, items: &mut ByteStream) -> Result<Next, CallerGone> {
+        // Items that are ready together leave in one message: wait for the
+        // next one only after sending what is held.
+        if !self.held.is_empty() {
+            if let Some(item) = items.next().now_or_never() {
+                return Ok(item);
+            }
+            self.flush().await;
+        }
         Ok(items.next().await)
     }
 
     async fn credit(&mut self) {
+        if let Ok(permit) = self.credit.try_acquire() {
+            permit.forget();
+            return;
+        }
+        // Out of credit: the caller must see what is held before it returns more.
+        self.flush().await;
         let permit = self.credit.acquire().await;
         permit.expect("the credit semaphore is never closed").forget();
     }
 
     async fn send(&mut self, item: Bytes) -> Result<(), CallerGone> {
-        self.shared.send(&self.reply, data_frame(self.sent, &item)).await;
-        self.sent = self.sent.wrapping_add(1);
+        // A batch stays within BATCH_BYTES (far below NATS's max_payload);
+        // an item larger than that leaves alone, as a Data frame.
+        if self.held_bytes + 4 + item.len() > BATCH_BYTES {
+            self.flush().await;
+        }
+        self.held_bytes += 4 + item.len();
+        self.held.push(item);
         Ok(())
     }
 
-    async fn finish(self, outcome: Result<(), RequestError>) {
+    async fn finish(mut self, outcome: Result<(), RequestError>) {
+        self.flush().await;
         let last = match outcome {
             Ok(()) => counted_frame(FrameType::End as u8, self.sent, &[]),
             Err(error) => counted_frame(FrameType::Error as u8, self.sent, &super::encode_error(&error)),
@@ -358,6 +418,7 @@ impl RequestClient for NatsRequestClient {
             silence: Box::pin(tokio::time::sleep(SILENCE_LIMIT)),
             heard: tokio::time::Instant::now(),
             pending: Some(first.payload),
+            batch: Bytes::new(),
             controller,
             client: self.client.clone(),
             control: control_subject(subject),
@@ -387,6 +448,8 @@ struct NatsResponse {
     heard: tokio::time::Instant,
     /// A message read ahead (the worker's first answer).
     pending: Option<Bytes>,
+    /// The rest of a Batch message: `len:u32 item` pairs not yet yielded.
+    batch: Bytes,
     controller: Controller,
     client: async_nats::Client,
     control: String,
@@ -412,6 +475,9 @@ impl NatsResponse {
             return None;
         }
         loop {
+            if !self.batch.is_empty() {
+                return Some(self.next_of_batch().await);
+            }
             let payload = match self.pending.take() {
                 Some(payload) => payload,
                 None => tokio::select! {
@@ -470,7 +536,7 @@ impl NatsResponse {
                 )));
             };
             let body = &body[4..];
-            if number != self.received && matches!(kind, 0x11..=0x13) {
+            if number != self.received && matches!(kind, 0x11..=0x13 | BATCH_KIND) {
                 self.done = true;
                 self.send_control(CANCEL_KIND, &CancelMode::Kill.encode()).await;
                 return Some(Err(lost_items(kind, number, self.received)));
@@ -486,15 +552,10 @@ impl NatsResponse {
                     )));
                 }
                 0x11 => {
-                    self.received = self.received.wrapping_add(1);
-                    self.consumed += 1;
-                    if self.consumed >= self.credit_batch {
-                        let credit = self.consumed;
-                        self.consumed = 0;
-                        self.send_control(CREDIT_KIND, &credit.to_be_bytes()).await;
-                    }
+                    self.received_one().await;
                     return Some(Ok(payload.slice(5..)));
                 }
+                BATCH_KIND => self.batch = payload.slice(5..),
                 0x12 => {
                     self.done = true;
                     return None;
@@ -522,6 +583,43 @@ impl NatsResponse {
 /// A frame numbered `number` where `received` was due: messages were lost
 /// on the way (core NATS drops what is in flight across a restart or a
 /// reconnect), or duplicated, which NATS never does.
+impl NatsResponse {
+    /// Counts an item received, returning credit every half window.
+    async fn received_one(&mut self) {
+        self.received = self.received.wrapping_add(1);
+        self.consumed += 1;
+        if self.consumed >= self.credit_batch {
+            let credit = self.consumed;
+            self.consumed = 0;
+            self.send_control(CREDIT_KIND, &credit.to_be_bytes()).await;
+        }
+    }
+
+    /// The next item of the Batch message being read.
+    async fn next_of_batch(&mut self) -> Result<Bytes, RequestError> {
+        let length = self
+            .batch
+            .get(..4)
+            .map(|n| u32::from_be_bytes([n[0], n[1], n[2], n[3]]) as usize);
+        let error = match length {
+            Some(length) if length > self.max_message_size => {
+                crate::request_plane::too_large("response item", length, self.max_message_size)
+            }
+            Some(length) if self.batch.len() >= 4 + length => {
+                self.batch.advance(4);
+                let item = self.batch.split_to(length);
+                self.received_one().await;
+                return Ok(item);
+            }
+            _ => RequestError::new(ErrorKind::Protocol, "a batch message ends inside an item"),
+        };
+        self.done = true;
+        self.batch = Bytes::new();
+        self.send_control(CANCEL_KIND, &CancelMode::Kill.encode()).await;
+        Err(error)
+    }
+}
+
 fn lost_items(kind: u8, number: u32, received: u32) -> RequestError {
     if number < received {
         return RequestError::new(
@@ -680,6 +778,50 @@ mod tests {
         let last = failed[1].as_ref().unwrap_err();
         assert_eq!(last.kind(), ErrorKind::Disconnected, "{last}");
         assert!(last.message().contains("2 response item(s)"), "{last}");
+    }
+
+    /// Items that were ready together arrive in one Batch message, numbered
+    /// like Data frames; a batch cut short, an oversized item in one, or a
+    /// batch after a lost message ends the stream.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_yields_its_items_in_order_and_is_checked_like_data_frames() {
+        let end = |count| counted_frame(FrameType::End as u8, count, &[]);
+        let items = |names: &[&'static [u8]]| names.iter().map(|n| Bytes::from_static(n)).collect::<Vec<_>>();
+        let answer = answered_with(vec![
+            data_frame(0, b"a"),
+            batch_frame(1, &items(&[b"b", b"", b"cd"])),
+            data_frame(4, b"e"),
+            end(5),
+        ])
+        .await;
+        let answer: Vec<Bytes> = answer.into_iter().map(Result::unwrap).collect();
+        assert_eq!(answer, items(&[b"a", b"b", b"", b"cd", b"e"]));
+
+        let holed = answered_with(vec![data_frame(0, b"a"), batch_frame(2, &items(&[b"c"])), end(3)]).await;
+        assert_eq!(
+            holed[1].as_ref().unwrap_err().kind(),
+            ErrorKind::Disconnected,
+            "{holed:?}"
+        );
+
+        let mut cut = batch_frame(0, &items(&[b"ab", b"cd"])).to_vec();
+        cut.pop();
+        let cut = answered_with(vec![Bytes::from(cut), end(2)]).await;
+        assert_eq!(cut[0].as_ref().unwrap(), &Bytes::from_static(b"ab"));
+        let error = cut[1].as_ref().unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Protocol, "{error}");
+        assert_eq!(cut.len(), 2, "the stream ends after the error: {cut:?}");
+
+        let mut oversized = BytesMut::new();
+        oversized.put_u8(BATCH_KIND);
+        oversized.put_u32(0);
+        oversized.put_u32(u32::MAX);
+        let oversized = answered_with(vec![oversized.freeze(), end(1)]).await;
+        assert_eq!(
+            oversized[0].as_ref().unwrap_err().kind(),
+            ErrorKind::TooLarge,
+            "{oversized:?}"
+        );
     }
 
     /// A stream that goes quiet for longer than the silence limit stays open
