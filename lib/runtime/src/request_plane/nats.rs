@@ -33,7 +33,7 @@ use crate::engine::{Context, Controller};
 use crate::error::{ErrorKind, RequestError, WireError};
 use async_nats::Subject;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -280,41 +280,16 @@ struct ReplySink {
     held_bytes: usize,
 }
 
-impl ReplySink {
-    /// Sends the items held back: one alone as a Data frame, several as a Batch.
-    async fn flush(&mut self) {
-        let frame = match self.held.as_slice() {
-            [] => return,
-            [item] => data_frame(self.sent, item),
-            items => batch_frame(self.sent, items),
-        };
-        self.sent = self.sent.wrapping_add(self.held.len() as u32);
-        self.held.clear();
-        self.held_bytes = 0;
-        self.shared.send(&self.reply, frame).await;
-    }
-}
-
 impl ResponseSink for ReplySink {
     async fn next_item(&mut self, items: &mut ByteStream) -> Result<Next, CallerGone> {
-        // Items that are ready together leave in one message: wait for the
-        // next one only after sending what is held.
-        if !self.held.is_empty() {
-            if let Some(item) = items.next().now_or_never() {
-                return Ok(item);
-            }
-            self.flush().await;
-        }
         Ok(items.next().await)
     }
 
+    fn try_credit(&mut self) -> bool {
+        self.credit.try_acquire().map(|permit| permit.forget()).is_ok()
+    }
+
     async fn credit(&mut self) {
-        if let Ok(permit) = self.credit.try_acquire() {
-            permit.forget();
-            return;
-        }
-        // Out of credit: the caller must see what is held before it returns more.
-        self.flush().await;
         let permit = self.credit.acquire().await;
         permit.expect("the credit semaphore is never closed").forget();
     }
@@ -328,6 +303,19 @@ impl ResponseSink for ReplySink {
         self.held_bytes += 4 + item.len();
         self.held.push(item);
         Ok(())
+    }
+
+    /// Sends the items held back: one alone as a Data frame, several as a Batch.
+    async fn flush(&mut self) {
+        let frame = match self.held.as_slice() {
+            [] => return,
+            [item] => data_frame(self.sent, item),
+            items => batch_frame(self.sent, items),
+        };
+        self.sent = self.sent.wrapping_add(self.held.len() as u32);
+        self.held.clear();
+        self.held_bytes = 0;
+        self.shared.send(&self.reply, frame).await;
     }
 
     async fn finish(mut self, outcome: Result<(), RequestError>) {

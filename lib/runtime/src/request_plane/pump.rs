@@ -12,6 +12,7 @@ use super::{ByteStream, killed_error, too_large};
 use crate::engine::{Context, Controller};
 use crate::error::{ErrorKind, RequestError};
 use bytes::Bytes;
+use futures::{FutureExt, StreamExt};
 use std::future::Future;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -27,13 +28,18 @@ pub(crate) struct CallerGone;
 /// Where a worker sends one request's response: the transport's half of a
 /// [`Pump`], which drives it.
 ///
-/// The pump calls, in order: `next_item` to wait for each item; for each
-/// item within the size limit, `credit` and then `send`; and `finish` exactly
-/// once, after the handler's stream has been dropped. Nothing is sent for the
-/// request after `finish`.
+/// The pump calls, in order: for each item within the size limit,
+/// `try_credit` (and `credit` when that finds none) and then `send`; and
+/// `finish` exactly once, after the handler's stream has been dropped.
+/// Nothing is sent for the request after `finish`.
+///
+/// Items that are ready together leave together: the pump takes an item the
+/// handler has ready without asking the sink, and calls `flush` only before
+/// it waits — for the handler's next item (`next_item`) or for credit. A
+/// sink may hold what `send` gets until then and send it in one write.
 ///
 /// Cancellation: when the request is killed (by the caller, or by the
-/// worker's shutdown) the pump drops a pending `next_item` or `credit` future
+/// worker's shutdown) the pump drops a pending `flush`, `next_item` or `credit` future
 /// and finishes with the kill's error, so both must be cancel-safe. `send`
 /// is never cancelled: an item the pump has handed over goes out.
 ///
@@ -60,16 +66,25 @@ pub(crate) struct CallerGone;
 /// ```
 pub(crate) trait ResponseSink: Send {
     /// Waits for the handler's next item. A transport that must act while
-    /// the handler works — send the items it held back for one write (TCP),
-    /// keep the caller's heartbeat (NATS), notice that the caller left (HTTP)
-    /// — does it here.
+    /// the handler works — notice that the caller left (HTTP) — does it here.
     fn next_item(&mut self, items: &mut ByteStream) -> impl Future<Output = Result<Next, CallerGone>> + Send;
+
+    /// Takes one item of flow-control credit if the caller has it to spare
+    /// now. `false` (the default) has the pump `flush` and wait in `credit`.
+    fn try_credit(&mut self) -> bool {
+        false
+    }
 
     /// Waits until the caller may take one more item (its flow-control credit).
     fn credit(&mut self) -> impl Future<Output = ()> + Send;
 
     /// Sends one item, or holds it to send with the next ones.
     fn send(&mut self, item: Bytes) -> impl Future<Output = Result<(), CallerGone>> + Send;
+
+    /// Sends what `send` held back, if anything: the pump is about to wait.
+    fn flush(&mut self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 
     /// Sends what is held back and the final frame: End for `Ok`, Error with
     /// the error's kind and message for `Err`.
@@ -140,10 +155,19 @@ impl Pump {
             items = self.handlers.dispatch(endpoint, instance_id, request) => items?,
         };
         loop {
-            let item = tokio::select! {
-                biased;
-                _ = controller.killed() => return Err(killed()),
-                item = sink.next_item(&mut items) => item,
+            if controller.is_killed() {
+                return Err(killed());
+            }
+            let item = match items.next().now_or_never() {
+                Some(item) => Ok(item),
+                None => tokio::select! {
+                    biased;
+                    _ = controller.killed() => return Err(killed()),
+                    item = async {
+                        sink.flush().await;
+                        sink.next_item(&mut items).await
+                    } => item,
+                },
             };
             let bytes = match item {
                 Err(CallerGone) => return Err(gone()),
@@ -159,10 +183,15 @@ impl Pump {
             if bytes.len() > self.max_message_size {
                 return Err(too_large("response item", bytes.len(), self.max_message_size));
             }
-            tokio::select! {
-                biased;
-                _ = controller.killed() => return Err(killed()),
-                () = sink.credit() => {}
+            if !sink.try_credit() {
+                tokio::select! {
+                    biased;
+                    _ = controller.killed() => return Err(killed()),
+                    () = async {
+                        sink.flush().await;
+                        sink.credit().await;
+                    } => {}
+                }
             }
             if sink.send(bytes).await.is_err() {
                 return Err(gone());
@@ -179,7 +208,8 @@ mod tests {
     use futures::{FutureExt, StreamExt};
     use std::sync::Mutex;
 
-    /// Writes down what the pump sends; `caller_left` makes every send fail.
+    /// Writes down what the pump sends, and each `flush`; `caller_left`
+    /// makes every send fail. It has credit to spare.
     struct Transcript {
         lines: Arc<Mutex<Vec<String>>>,
         caller_left: bool,
@@ -190,7 +220,15 @@ mod tests {
             Ok(items.next().await)
         }
 
+        fn try_credit(&mut self) -> bool {
+            true
+        }
+
         async fn credit(&mut self) {}
+
+        async fn flush(&mut self) {
+            self.lines.lock().unwrap().push("flush".into());
+        }
 
         async fn send(&mut self, item: Bytes) -> Result<(), CallerGone> {
             if self.caller_left {
@@ -227,6 +265,40 @@ mod tests {
     async fn items_go_out_in_order_then_one_end() {
         let (lines, _) = run("count", "3", false).await;
         assert_eq!(lines, ["0", "1", "2", "end"]);
+    }
+
+    /// The sink is asked to send what it holds only before the pump waits:
+    /// items the handler has ready together stay together.
+    #[tokio::test]
+    async fn the_sink_flushes_only_before_the_pump_waits() {
+        let handlers = Arc::new(Handlers::new(INSTANCE));
+        let handler = |_request: Context<Bytes>| {
+            async {
+                let ready = futures::stream::iter([Ok(Bytes::from_static(b"a")), Ok(Bytes::from_static(b"b"))]);
+                let later = futures::stream::once(async {
+                    tokio::task::yield_now().await;
+                    Ok(Bytes::from_static(b"c"))
+                });
+                Ok(Box::pin(ready.chain(later)) as ByteStream)
+            }
+            .boxed()
+        };
+        handlers
+            .insert(
+                "ns/c/burst",
+                Arc::new(FnHandler(handler)),
+                EndpointObservers::unregistered(),
+            )
+            .unwrap();
+        let lines = Arc::new(Mutex::new(vec![]));
+        let sink = Transcript {
+            lines: lines.clone(),
+            caller_left: false,
+        };
+        Pump::new(handlers, CancellationToken::new(), 4096)
+            .run("ns/c/burst", INSTANCE, Context::new(Bytes::new()), sink)
+            .await;
+        assert_eq!(*lines.lock().unwrap(), ["a", "b", "flush", "c", "end"]);
     }
 
     #[tokio::test]

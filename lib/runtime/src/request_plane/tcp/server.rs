@@ -14,7 +14,7 @@ use crate::request_plane::handlers::Handlers;
 use crate::request_plane::pump::{CallerGone, Next, Pump, ResponseSink};
 use crate::request_plane::{ByteStream, RequestServer, Transport, encode_error};
 use bytes::{Bytes, BytesMut};
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -484,8 +484,8 @@ async fn run_stream(
 /// Largest batch of one stream's DATA frames sent in one write.
 const STREAM_BATCH_BYTES: usize = 64 * 1024;
 
-/// One stream's frames. Items that are ready together are batched, so a
-/// fast stream costs one write per batch, not per item.
+/// One stream's frames. Items that are ready together are batched (until
+/// the pump's `flush`), so a fast stream costs one write per batch, not per item.
 struct StreamSink {
     conn: Arc<Connection>,
     stream_id: u64,
@@ -496,9 +496,11 @@ struct StreamSink {
 }
 
 impl StreamSink {
-    fn flush(&mut self) {
-        let timing = self.conn.timing();
-        self.flush_with(timing);
+    fn send_batch(&mut self) {
+        if !self.batch.is_empty() {
+            let timing = self.conn.timing();
+            self.flush_with(timing);
+        }
     }
 
     fn flush_with(&mut self, timing: Timing) {
@@ -509,24 +511,14 @@ impl StreamSink {
 
 impl ResponseSink for StreamSink {
     async fn next_item(&mut self, items: &mut ByteStream) -> Result<Next, CallerGone> {
-        // Wait for an item only when nothing is waiting to be sent; otherwise
-        // take what is ready and send the batch once nothing more is.
-        if !self.batch.is_empty() {
-            if let Some(item) = items.next().now_or_never() {
-                return Ok(item);
-            }
-            self.flush();
-        }
         Ok(items.next().await)
     }
 
+    fn try_credit(&mut self) -> bool {
+        self.credit.try_acquire().map(|permit| permit.forget()).is_ok()
+    }
+
     async fn credit(&mut self) {
-        if let Ok(permit) = self.credit.try_acquire() {
-            permit.forget();
-            return;
-        }
-        // Out of credit: send what we have, then wait for the caller.
-        self.flush();
         let permit = self.credit.acquire().await;
         permit.expect("the credit semaphore is never closed").forget();
     }
@@ -534,10 +526,14 @@ impl ResponseSink for StreamSink {
     async fn send(&mut self, item: Bytes) -> Result<(), CallerGone> {
         Frame::new(FrameType::Data, self.stream_id, item).encode(&mut self.batch);
         if self.batch.len() >= STREAM_BATCH_BYTES {
-            self.flush();
+            self.send_batch();
         }
         // A dead connection means the caller is gone; its reader kills the stream.
         Ok(())
+    }
+
+    async fn flush(&mut self) {
+        self.send_batch();
     }
 
     async fn finish(mut self, outcome: Result<(), RequestError>) {
