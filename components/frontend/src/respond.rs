@@ -215,9 +215,8 @@ struct Streaming {
 struct ChunkHead(Vec<u8>);
 
 impl ChunkHead {
-    /// From a chunk with no choices and no usage, whose JSON ends in `[]}`.
-    fn of<T: serde::Serialize>(empty_chunk: &T) -> Self {
-        let mut head = serde_json::to_vec(empty_chunk).expect("response types always serialize");
+    /// From the JSON of a chunk with no choices and no usage, which ends in `[]}`.
+    fn of(mut head: Vec<u8>) -> Self {
         debug_assert!(head.ends_with(b"[]}"), "choices must be the last field of a chunk");
         head.truncate(head.len() - 2);
         Self(head)
@@ -242,24 +241,7 @@ pub fn stream(
     created: u64,
     write_timeout: Duration,
 ) -> Response {
-    let chunks = match exchange.route {
-        Route::Chat => ChunkHead::of(&ChatCompletionChunk {
-            id: exchange.id.clone(),
-            object: "chat.completion.chunk".into(),
-            created,
-            model: exchange.model.clone(),
-            choices: vec![],
-            usage: None,
-        }),
-        Route::Completions => ChunkHead::of(&CompletionResponse {
-            id: exchange.id.clone(),
-            object: "text_completion".into(),
-            created,
-            model: exchange.model.clone(),
-            choices: vec![],
-            usage: None,
-        }),
-    };
+    let chunks = ChunkHead::of(choiceless_chunk(&exchange, created, None));
     let state = Streaming {
         exchange,
         responses,
@@ -393,56 +375,48 @@ impl Streaming {
         event
     }
 
-    fn completion(&self, text: String, finish: Option<String>, usage: Option<Usage>) -> CompletionResponse {
-        CompletionResponse {
-            id: self.exchange.id.clone(),
-            object: "text_completion".into(),
-            created: self.created,
-            model: self.exchange.model.clone(),
-            choices: vec![CompletionChoice {
-                index: 0,
-                text,
-                finish_reason: finish,
-                logprobs: None,
-            }],
-            usage,
-        }
-    }
-
     /// OpenAI's usage chunk: no choices, only `usage`.
     fn usage_event(&self, usage: Usage) -> Bytes {
-        match self.exchange.route {
-            Route::Chat => json_event(&ChatCompletionChunk {
-                id: self.exchange.id.clone(),
-                object: "chat.completion.chunk".into(),
-                created: self.created,
-                model: self.exchange.model.clone(),
-                choices: vec![],
-                usage: Some(usage),
-            }),
-            Route::Completions => {
-                let mut chunk = self.completion(String::new(), None, Some(usage));
-                chunk.choices.clear();
-                json_event(&chunk)
-            }
-        }
+        sse_event(None, &choiceless_chunk(&self.exchange, self.created, Some(usage)))
     }
 }
 
-/// `data: <value as JSON>`, one SSE event (serde_json writes no raw newlines).
-fn json_event<T: serde::Serialize>(value: &T) -> Bytes {
-    sse_event(None, value)
+/// The JSON of one of the answer's chunks with no choices: the start of
+/// every chunk (`usage` `None`), or OpenAI's usage chunk.
+fn choiceless_chunk(exchange: &Exchange, created: u64, usage: Option<Usage>) -> Vec<u8> {
+    let (id, model) = (exchange.id.clone(), exchange.model.clone());
+    let json = match exchange.route {
+        Route::Chat => serde_json::to_vec(&ChatCompletionChunk {
+            id,
+            object: "chat.completion.chunk".into(),
+            created,
+            model,
+            choices: vec![],
+            usage,
+        }),
+        Route::Completions => serde_json::to_vec(&CompletionResponse {
+            id,
+            object: "text_completion".into(),
+            created,
+            model,
+            choices: vec![],
+            usage,
+        }),
+    };
+    json.expect("response types always serialize")
 }
 
-fn sse_event<T: serde::Serialize>(name: Option<&str>, value: &T) -> Bytes {
-    let mut event = BytesMut::with_capacity(256);
+/// One SSE event, `event: <name>` (if any) and `data: <json>`; serde_json
+/// writes no raw newlines, so the JSON is one data line.
+fn sse_event(name: Option<&str>, json: &[u8]) -> Bytes {
+    let mut event = BytesMut::with_capacity(json.len() + 32);
     if let Some(name) = name {
         event.put_slice(b"event: ");
         event.put_slice(name.as_bytes());
         event.put_u8(b'\n');
     }
     event.put_slice(b"data: ");
-    serde_json::to_writer((&mut event).writer(), value).expect("response types always serialize");
+    event.put_slice(json);
     event.put_slice(b"\n\n");
     event.freeze()
 }
@@ -450,7 +424,8 @@ fn sse_event<T: serde::Serialize>(name: Option<&str>, value: &T) -> Bytes {
 /// A mid-stream failure: an `event: error` carrying OpenAI's error body; the stream ends after it.
 fn error_event(model: &str, error: &RequestError) -> Bytes {
     let api = ApiError::from_request(model, error);
-    sse_event(Some("error"), &api.body())
+    let body = serde_json::to_vec(&api.body()).expect("error body serializes");
+    sse_event(Some("error"), &body)
 }
 
 /// Folds the worker's stream into one response. An error before the first
@@ -519,6 +494,10 @@ pub async fn unary(mut exchange: Exchange, mut responses: ResponseStream<LlmOutp
 mod tests {
     use super::*;
 
+    fn json_event<T: serde::Serialize>(value: &T) -> Bytes {
+        sse_event(None, &serde_json::to_vec(value).unwrap())
+    }
+
     fn chat_chunk(choices: Vec<ChatChunkChoice>) -> ChatCompletionChunk {
         ChatCompletionChunk {
             id: "chatcmpl-\"quoted\"\\".into(),
@@ -532,7 +511,7 @@ mod tests {
 
     #[test]
     fn a_chunk_from_its_head_is_the_json_of_the_whole_chunk() {
-        let head = ChunkHead::of(&chat_chunk(vec![]));
+        let head = ChunkHead::of(serde_json::to_vec(&chat_chunk(vec![])).unwrap());
         for (role, content, finish) in [
             (Some(Role::Assistant), Some(String::new()), None),
             (None, Some("a \"token\"\n".to_string()), None),
@@ -556,7 +535,7 @@ mod tests {
             choices,
             usage: None,
         };
-        let head = ChunkHead::of(&completion(vec![]));
+        let head = ChunkHead::of(serde_json::to_vec(&completion(vec![])).unwrap());
         let choice = CompletionChoice {
             index: 0,
             text: " once".into(),
@@ -570,7 +549,7 @@ mod tests {
     fn events_are_sse_data_lines_ending_in_a_blank_line() {
         let event = json_event(&serde_json::json!({"a": "b\nc"}));
         assert_eq!(&event[..], b"data: {\"a\":\"b\\nc\"}\n\n");
-        let error = sse_event(Some("error"), &serde_json::json!({}));
+        let error = sse_event(Some("error"), b"{}");
         assert_eq!(&error[..], b"event: error\ndata: {}\n\n");
     }
 }
