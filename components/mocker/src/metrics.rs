@@ -79,6 +79,9 @@ impl EngineMetrics {
 
     /// Keeps the metrics of `engine` (serving `model`) current until `stop`.
     pub async fn follow(self, engine: MockerEngine, model: String, stop: CancellationToken) {
+        // One receiver for the whole loop: a change while the gauges are
+        // being set wakes the next wait instead of waiting for REFRESH.
+        let mut changes = engine.load_changes();
         loop {
             let load = engine.load();
             let stats = engine.stats();
@@ -96,7 +99,7 @@ impl EngineMetrics {
             hits.inc_by(stats.prefix_hit_tokens.saturating_sub(hits.get()));
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = engine.load_changed() => {}
+                _ = changes.changed() => {}
                 _ = tokio::time::sleep(REFRESH) => {}
             }
         }

@@ -275,12 +275,12 @@ impl MockerEngine {
         &self.shared.config
     }
 
-    /// Resolves at the next change of [`Self::load`] after the call. Changes between two calls are
-    /// coalesced, so a publisher should read `load()` after each wake-up rather than count wake-ups.
-    pub async fn load_changed(&self) {
-        let mut receiver = self.shared.load.subscribe();
-        // Cannot fail: the sender lives in `shared`, which `self` keeps alive.
-        let _ = receiver.changed().await;
+    /// The changes of [`Self::load`]: `changed()` on the receiver resolves once the load changed
+    /// since it last looked, so a change while its holder was busy is not missed (one receiver
+    /// per call of a wait would miss it). Changes are coalesced: read `load()` after each wake-up
+    /// rather than count wake-ups.
+    pub fn load_changes(&self) -> watch::Receiver<EngineLoad> {
+        self.shared.load.subscribe()
     }
 }
 

@@ -215,8 +215,8 @@ async fn start_rejects_an_invalid_config() {
 #[tokio::test(start_paused = true)]
 async fn load_changed_fires_when_a_request_arrives() {
     let engine = start(small_config());
-    let watcher = engine.clone();
-    let changed = tokio::spawn(async move { watcher.load_changed().await });
+    let mut changes = engine.load_changes();
+    let changed = tokio::spawn(async move { changes.changed().await.expect("the engine lives") });
     tokio::task::yield_now().await;
     assert!(!changed.is_finished());
     let _stream = engine.submit(request(4, 5)).expect("accepted");
