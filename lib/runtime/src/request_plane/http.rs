@@ -232,7 +232,7 @@ async fn rpc(
     state.running().insert(stream_token.clone(), controller.clone());
     let (frames, body_frames) = mpsc::channel::<Queued>(BODY_QUEUE);
     let task_state = state.clone();
-    state.tracker.spawn(async move {
+    let mut answer = Box::pin(async move {
         let request = Context::with_controller(body, controller);
         let sink = BodySink {
             frames,
@@ -243,21 +243,46 @@ async fn rpc(
         task_state.pump.run(&endpoint, instance_id, request, sink).await;
         task_state.running().remove(&stream_token);
     });
-    // The frame's share of the budget goes back as HTTP/2 takes the frame.
-    let chunks = BodyChunks {
-        queue: body_frames,
-        carry: None,
-    };
-    let stream = futures::stream::unfold(chunks, |mut chunks| async move {
-        let chunk = chunks.next().await?;
-        Some((Ok::<_, std::convert::Infallible>(chunk), chunks))
-    });
-    Response::builder()
+    let response = Response::builder()
         .status(StatusCode::OK)
         .header("content-type", "application/x-switchyard-stream")
-        .header(STREAM_HEADER, token_for_header)
-        .body(Body::from_stream(stream))
-        .expect("a valid response")
+        .header(STREAM_HEADER, token_for_header);
+    // An answer that is ready at once (a quick unary handler) is sent
+    // without a task or a queue between the handler and HTTP/2.
+    let body = if futures::poll!(answer.as_mut()).is_ready() {
+        finished_body(body_frames)
+    } else {
+        state.tracker.spawn(answer);
+        Body::from_stream(chunked(body_frames, None))
+    };
+    response.body(body).expect("a valid response")
+}
+
+/// The body of an answer whose frames are all queued: one chunk, so that
+/// its headers, frames and end of stream leave in one write, when it fits
+/// one; otherwise streamed like any other answer, what was read going first.
+fn finished_body(mut queue: mpsc::Receiver<Queued>) -> Body {
+    let mut whole = BytesMut::new();
+    while let Ok(queued) = queue.try_recv() {
+        if whole.len() + queued.frame.len() > CHUNK {
+            let read = (!whole.is_empty()).then(|| Ok(whole.freeze()));
+            return Body::from_stream(futures::stream::iter(read).chain(chunked(queue, Some(queued.frame))));
+        }
+        whole.put_slice(&queued.frame);
+    }
+    Body::from(whole.freeze())
+}
+
+/// The queued frames as body chunks ([`BodyChunks`]), `carry` first. A
+/// frame's share of the budget goes back as HTTP/2 takes the frame.
+fn chunked(
+    queue: mpsc::Receiver<Queued>,
+    carry: Option<Bytes>,
+) -> impl futures::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send {
+    futures::stream::unfold(BodyChunks { queue, carry }, |mut chunks| async move {
+        let chunk = chunks.next().await?;
+        Some((Ok(chunk), chunks))
+    })
 }
 
 /// The most bytes of queued frames that go out together as one body chunk

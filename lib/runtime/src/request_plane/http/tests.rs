@@ -365,3 +365,33 @@ async fn frames_queued_together_leave_in_one_chunk_up_to_the_chunk_size() {
     drop(sender);
     assert!(chunks.next().await.is_none());
 }
+
+/// An answer whose frames are all queued (ready at once) goes out as one
+/// chunk when it fits one; a larger one is streamed, in order, nothing lost.
+#[tokio::test]
+async fn a_finished_answer_is_one_chunk_when_it_fits_and_streamed_in_order_when_not() {
+    let queued = |frames: &[Bytes]| {
+        let (sender, queue) = mpsc::channel::<Queued>(BODY_QUEUE);
+        for frame in frames {
+            let queued = Queued {
+                frame: frame.clone(),
+                _budget: None,
+            };
+            sender.try_send(queued).unwrap();
+        }
+        queue
+    };
+    let small = |byte: u8| frame(FrameType::Data, &[byte; 10]);
+    let end = frame(FrameType::End, &[]);
+
+    let whole = [small(1), end.clone()];
+    let body = finished_body(queued(&whole));
+    assert_eq!(hyper::body::Body::size_hint(&body).exact(), Some(20), "one chunk");
+    assert_eq!(body.collect().await.unwrap().to_bytes(), whole.concat());
+
+    let big = frame(FrameType::Data, &vec![7; CHUNK]);
+    let streamed = [small(1), small(2), big, small(3), end];
+    let body = finished_body(queued(&streamed));
+    assert_eq!(hyper::body::Body::size_hint(&body).exact(), None, "streamed");
+    assert_eq!(body.collect().await.unwrap().to_bytes(), streamed.concat());
+}
