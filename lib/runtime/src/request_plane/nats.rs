@@ -5,7 +5,8 @@
 //! the inbox with frames `kind:u8 payload` — Data `0x11 seq:u32 item`, End
 //! `0x12 count:u32`, Error `0x13 count:u32 error`, Heartbeat `0x14`, Batch
 //! `0x15 seq:u32 (len:u32 item)…` (items `seq`, `seq + 1`, … that were ready
-//! together, in one message) — and sends a heartbeat every [`HEARTBEAT`] while
+//! together, in one message), Last batch `0x16 seq:u32 (len:u32 item)…` (a
+//! Batch that also ends the stream) — and sends a heartbeat every [`HEARTBEAT`] while
 //! the stream is open, so a caller notices a dead worker within
 //! [`SILENCE_LIMIT`], and one that never answered within [`ACCEPT_TIMEOUT`].
 //! Cancel and credit travel on the control subject.
@@ -21,7 +22,8 @@
 //!
 //! Cost per request is counted in messages: each one is a write, a pass
 //! through the NATS server and a wake-up of the reader on the far side. So a
-//! unary answer is two messages (Data, End) and nothing else: no heartbeat
+//! unary answer is one message (a Last batch: its item and the end) and
+//! nothing else: no heartbeat
 //! before the first answer unless the handler takes a heartbeat period, and
 //! one reply-inbox deadline per stream rather than a timer per item.
 
@@ -54,6 +56,7 @@ pub const SILENCE_LIMIT: Duration = Duration::from_secs(5);
 pub const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 const HEARTBEAT_KIND: u8 = 0x14;
 const BATCH_KIND: u8 = 0x15;
+const LAST_BATCH_KIND: u8 = 0x16;
 /// A stream's items that are ready together go out in one Batch message of
 /// at most this many bytes (plus its 5-byte head).
 const BATCH_BYTES: usize = 16 * 1024;
@@ -74,12 +77,13 @@ fn data_frame(seq: u32, item: &[u8]) -> Bytes {
     counted_frame(FrameType::Data as u8, seq, item)
 }
 
-/// A Batch frame: `0x15 seq:u32`, then `len:u32 item` for each of `items`,
-/// numbered from `seq`.
-fn batch_frame(seq: u32, items: &[Bytes]) -> Bytes {
+/// A Batch frame (`kind` [`BATCH_KIND`]) or a Last batch
+/// ([`LAST_BATCH_KIND`]): `kind seq:u32`, then `len:u32 item` for each of
+/// `items`, numbered from `seq`.
+fn batch_frame(kind: u8, seq: u32, items: &[Bytes]) -> Bytes {
     let length: usize = items.iter().map(|item| 4 + item.len()).sum();
     let mut buf = BytesMut::with_capacity(5 + length);
-    buf.put_u8(BATCH_KIND);
+    buf.put_u8(kind);
     buf.put_u32(seq);
     for item in items {
         buf.put_u32(item.len() as u32);
@@ -310,7 +314,7 @@ impl ResponseSink for ReplySink {
         let frame = match self.held.as_slice() {
             [] => return,
             [item] => data_frame(self.sent, item),
-            items => batch_frame(self.sent, items),
+            items => batch_frame(BATCH_KIND, self.sent, items),
         };
         self.sent = self.sent.wrapping_add(self.held.len() as u32);
         self.held.clear();
@@ -319,10 +323,14 @@ impl ResponseSink for ReplySink {
     }
 
     async fn finish(mut self, outcome: Result<(), RequestError>) {
-        self.flush().await;
         let last = match outcome {
+            // The items held back and the end leave as one message.
+            Ok(()) if !self.held.is_empty() => batch_frame(LAST_BATCH_KIND, self.sent, &self.held),
             Ok(()) => counted_frame(FrameType::End as u8, self.sent, &[]),
-            Err(error) => counted_frame(FrameType::Error as u8, self.sent, &super::encode_error(&error)),
+            Err(error) => {
+                self.flush().await;
+                counted_frame(FrameType::Error as u8, self.sent, &super::encode_error(&error))
+            }
         };
         self.shared.running().remove(self.reply.as_str());
         self.shared.send(&self.reply, last).await;
@@ -415,6 +423,7 @@ impl RequestClient for NatsRequestClient {
             credit_batch: (self.window / 2).max(1),
             max_message_size: self.max_message_size,
             stop_sent: false,
+            last_batch: false,
             done: false,
         };
         Ok(Box::pin(futures::stream::unfold(state, |mut state| async move {
@@ -447,6 +456,8 @@ struct NatsResponse {
     credit_batch: u32,
     max_message_size: usize,
     stop_sent: bool,
+    /// The batch being read is the stream's last: it ends when the batch does.
+    last_batch: bool,
     done: bool,
 }
 
@@ -464,7 +475,14 @@ impl NatsResponse {
         }
         loop {
             if !self.batch.is_empty() {
-                return Some(self.next_of_batch().await);
+                let item = self.next_of_batch().await;
+                // The Last batch's last item: nothing follows.
+                self.done |= self.last_batch && self.batch.is_empty();
+                return Some(item);
+            }
+            if self.last_batch {
+                self.done = true;
+                return None;
             }
             let payload = match self.pending.take() {
                 Some(payload) => payload,
@@ -524,7 +542,7 @@ impl NatsResponse {
                 )));
             };
             let body = &body[4..];
-            if number != self.received && matches!(kind, 0x11..=0x13 | BATCH_KIND) {
+            if number != self.received && matches!(kind, 0x11..=0x13 | BATCH_KIND | LAST_BATCH_KIND) {
                 self.done = true;
                 self.send_control(CANCEL_KIND, &CancelMode::Kill.encode()).await;
                 return Some(Err(lost_items(kind, number, self.received)));
@@ -544,6 +562,10 @@ impl NatsResponse {
                     return Some(Ok(payload.slice(5..)));
                 }
                 BATCH_KIND => self.batch = payload.slice(5..),
+                LAST_BATCH_KIND => {
+                    self.batch = payload.slice(5..);
+                    self.last_batch = true;
+                }
                 0x12 => {
                     self.done = true;
                     return None;
@@ -777,7 +799,7 @@ mod tests {
         let items = |names: &[&'static [u8]]| names.iter().map(|n| Bytes::from_static(n)).collect::<Vec<_>>();
         let answer = answered_with(vec![
             data_frame(0, b"a"),
-            batch_frame(1, &items(&[b"b", b"", b"cd"])),
+            batch_frame(BATCH_KIND, 1, &items(&[b"b", b"", b"cd"])),
             data_frame(4, b"e"),
             end(5),
         ])
@@ -785,14 +807,43 @@ mod tests {
         let answer: Vec<Bytes> = answer.into_iter().map(Result::unwrap).collect();
         assert_eq!(answer, items(&[b"a", b"b", b"", b"cd", b"e"]));
 
-        let holed = answered_with(vec![data_frame(0, b"a"), batch_frame(2, &items(&[b"c"])), end(3)]).await;
+        let holed = answered_with(vec![
+            data_frame(0, b"a"),
+            batch_frame(BATCH_KIND, 2, &items(&[b"c"])),
+            end(3),
+        ])
+        .await;
         assert_eq!(
             holed[1].as_ref().unwrap_err().kind(),
             ErrorKind::Disconnected,
             "{holed:?}"
         );
 
-        let mut cut = batch_frame(0, &items(&[b"ab", b"cd"])).to_vec();
+        // A Last batch ends the stream after its items (none, too, is an
+        // end), and is checked for lost messages like the others.
+        let last = answered_with(vec![
+            data_frame(0, b"a"),
+            batch_frame(LAST_BATCH_KIND, 1, &items(&[b"b", b"c"])),
+        ])
+        .await;
+        let last: Vec<Bytes> = last.into_iter().map(Result::unwrap).collect();
+        assert_eq!(last, items(&[b"a", b"b", b"c"]));
+        let empty = answered_with(vec![data_frame(0, b"a"), batch_frame(LAST_BATCH_KIND, 1, &[])]).await;
+        let empty: Vec<Bytes> = empty.into_iter().map(Result::unwrap).collect();
+        assert_eq!(empty, items(&[b"a"]));
+        let holed = answered_with(vec![
+            data_frame(0, b"a"),
+            batch_frame(LAST_BATCH_KIND, 2, &items(&[b"c"])),
+        ])
+        .await;
+        assert_eq!(holed.len(), 2, "{holed:?}");
+        assert_eq!(
+            holed[1].as_ref().unwrap_err().kind(),
+            ErrorKind::Disconnected,
+            "{holed:?}"
+        );
+
+        let mut cut = batch_frame(BATCH_KIND, 0, &items(&[b"ab", b"cd"])).to_vec();
         cut.pop();
         let cut = answered_with(vec![Bytes::from(cut), end(2)]).await;
         assert_eq!(cut[0].as_ref().unwrap(), &Bytes::from_static(b"ab"));
