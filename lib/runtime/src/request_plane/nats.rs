@@ -37,9 +37,10 @@ use async_nats::Subject;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::StreamExt;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -343,6 +344,8 @@ pub struct NatsRequestClient {
     client: async_nats::Client,
     max_message_size: usize,
     window: u32,
+    /// The reply subscription every call of this client shares.
+    inboxes: Arc<Inboxes>,
 }
 
 impl NatsRequestClient {
@@ -351,7 +354,134 @@ impl NatsRequestClient {
             client,
             max_message_size: *config.tcp().max_message_size(),
             window: *config.tcp().stream_window(),
+            inboxes: Arc::default(),
         }
+    }
+}
+
+/// One reply subscription per client, `{prefix}.*`, shared by every call:
+/// a call's inbox is `{prefix}.{n:x}`, and a task hands each message to its
+/// call. A subscription per call would cost two more messages to the
+/// server per request (SUB and UNSUB) and a change to its subscription
+/// table each time; NATS request-reply shares one the same way.
+#[derive(Debug, Default)]
+struct Inboxes {
+    replies: tokio::sync::OnceCell<Arc<Replies>>,
+    /// Ends the routing task (and so the subscription) with the client.
+    stop: CancellationToken,
+}
+
+impl Drop for Inboxes {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+#[derive(Debug)]
+struct Replies {
+    prefix: String,
+    next: AtomicU64,
+    /// Open calls by number. A call's queue holds what its window allows
+    /// and then some; a worker that sends past it loses the call, not the
+    /// other calls their messages.
+    calls: Mutex<HashMap<u64, mpsc::Sender<Bytes>>>,
+    /// The subscription ended (the connection was closed): no call can be answered.
+    ended: AtomicBool,
+}
+
+/// A call's share of the reply subscription; leaving it drops the call's route.
+struct Inbox {
+    replies: Arc<Replies>,
+    number: u64,
+    subject: String,
+    messages: mpsc::Receiver<Bytes>,
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        self.replies.calls().remove(&self.number);
+    }
+}
+
+impl Replies {
+    fn calls(&self) -> std::sync::MutexGuard<'_, HashMap<u64, mpsc::Sender<Bytes>>> {
+        // Single insert/remove updates: a poisoned map is still consistent.
+        self.calls.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands each message on the subscription to its call, until the
+    /// subscription ends (the connection closed) or the client is dropped.
+    async fn route(self: Arc<Self>, mut subscription: async_nats::Subscriber, stop: CancellationToken) {
+        loop {
+            let message = tokio::select! {
+                _ = stop.cancelled() => break,
+                message = subscription.next() => message,
+            };
+            let Some(message) = message else { break };
+            let number = message
+                .subject
+                .rsplit_once('.')
+                .and_then(|(_, number)| u64::from_str_radix(number, 16).ok());
+            let Some(number) = number else { continue };
+            let mut calls = self.calls();
+            let overflowed = calls
+                .get(&number)
+                .is_some_and(|call| call.try_send(message.payload).is_err());
+            if overflowed {
+                // Full: the worker sent past its window. Closed: the call just ended.
+                calls.remove(&number);
+            }
+        }
+        // Every open call hears the end of its queue, and no new one opens.
+        let mut calls = self.calls();
+        self.ended.store(true, Ordering::Relaxed);
+        calls.clear();
+    }
+}
+
+impl Inboxes {
+    /// A fresh inbox for one call, whose queue holds `capacity` messages.
+    async fn open(&self, client: &async_nats::Client, capacity: usize) -> Result<Inbox, RequestError> {
+        let replies = self
+            .replies
+            .get_or_try_init(|| async {
+                let prefix = client.new_inbox();
+                let subscription = client.subscribe(format!("{prefix}.*")).await.map_err(|e| {
+                    RequestError::new(
+                        ErrorKind::Unreachable,
+                        format!("cannot subscribe to the reply inboxes: {e}"),
+                    )
+                })?;
+                let replies = Arc::new(Replies {
+                    prefix,
+                    next: AtomicU64::new(0),
+                    calls: Mutex::default(),
+                    ended: Default::default(),
+                });
+                tokio::spawn(replies.clone().route(subscription, self.stop.clone()));
+                Ok::<_, RequestError>(replies)
+            })
+            .await?
+            .clone();
+        let number = replies.next.fetch_add(1, Ordering::Relaxed);
+        let (sender, messages) = mpsc::channel(capacity);
+        {
+            // Checked under the lock the routing task clears the calls under.
+            let mut calls = replies.calls();
+            if replies.ended.load(Ordering::Relaxed) {
+                return Err(RequestError::new(
+                    ErrorKind::Unreachable,
+                    "the NATS connection is closed: no reply can reach this caller",
+                ));
+            }
+            calls.insert(number, sender);
+        }
+        Ok(Inbox {
+            subject: format!("{}.{number:x}", replies.prefix),
+            replies,
+            number,
+            messages,
+        })
     }
 }
 
@@ -382,13 +512,10 @@ impl RequestClient for NatsRequestClient {
                 "endpoint name or request id too long",
             ));
         }
-        let inbox = self.client.new_inbox();
-        let mut responses = self.client.subscribe(inbox.clone()).await.map_err(|e| {
-            RequestError::new(
-                ErrorKind::Unreachable,
-                format!("cannot subscribe to a reply inbox: {e}"),
-            )
-        })?;
+        // Room for the window's items and a minute of heartbeats besides.
+        let capacity = self.window as usize + 64;
+        let mut responses = self.inboxes.open(&self.client, capacity).await?;
+        let inbox = responses.subject.clone();
         let head = RequestHead {
             instance_id: target.instance_id,
             window: self.window,
@@ -400,8 +527,9 @@ impl RequestClient for NatsRequestClient {
             .publish_with_reply(subject.clone(), inbox.clone(), head.encode())
             .await
             .map_err(|e| RequestError::new(ErrorKind::Unreachable, format!("cannot publish to {subject}: {e}")))?;
-        // The worker answers at once with a heartbeat; silence means nobody serves the subject.
-        let first = tokio::time::timeout(ACCEPT_TIMEOUT, responses.next()).await;
+        // A worker answers, or sends a heartbeat, within a heartbeat period;
+        // silence means nobody serves the subject.
+        let first = tokio::time::timeout(ACCEPT_TIMEOUT, responses.messages.recv()).await;
         let Ok(Some(first)) = first else {
             return Err(RequestError::new(
                 ErrorKind::Unreachable,
@@ -413,7 +541,7 @@ impl RequestClient for NatsRequestClient {
             responses,
             silence: Box::pin(tokio::time::sleep(SILENCE_LIMIT)),
             heard: tokio::time::Instant::now(),
-            pending: Some(first.payload),
+            pending: Some(first),
             batch: Bytes::new(),
             controller,
             client: self.client.clone(),
@@ -436,7 +564,7 @@ impl RequestClient for NatsRequestClient {
 struct NatsResponse {
     /// This call's reply inbox, which names the stream in control messages.
     inbox: String,
-    responses: async_nats::Subscriber,
+    responses: Inbox,
     /// Fires [`SILENCE_LIMIT`] after the last message heard, or later: one
     /// timer per stream, moved on only when it fires early (resetting a
     /// timer for every item of a fast stream costs more than the item).
@@ -498,17 +626,21 @@ impl NatsResponse {
                         self.send_control(CANCEL_KIND, &CancelMode::Stop.encode()).await;
                         continue;
                     }
-                    message = self.responses.next() => match message {
+                    message = self.responses.messages.recv() => match message {
                         Some(message) => {
                             self.heard = tokio::time::Instant::now();
-                            message.payload
+                            message
                         }
                         None => {
                             self.done = true;
-                            // The subscription ended with the connection: tell the
-                            // worker to stop, should the message get through.
+                            // The subscription ended with the connection, or the
+                            // worker sent past its window: tell it to stop,
+                            // should the message get through.
                             self.send_control(CANCEL_KIND, &CancelMode::Kill.encode()).await;
-                            return Some(Err(silent_worker()));
+                            return Some(Err(RequestError::new(
+                                ErrorKind::Disconnected,
+                                "the reply inbox closed: the NATS connection ended, or the worker sent more than the stream's window",
+                            )));
                         }
                     },
                     // After the messages: a message already waiting is not silence.
@@ -860,6 +992,55 @@ mod tests {
             oversized[0].as_ref().unwrap_err().kind(),
             ErrorKind::TooLarge,
             "{oversized:?}"
+        );
+    }
+
+    /// Every call of a client shares one reply subscription, each call with
+    /// an inbox of its own under it; a call's route goes with the call, and
+    /// a worker that floods one call past its queue ends that call alone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_share_one_reply_subscription_and_a_flooded_call_ends_alone() {
+        let client = async_nats::connect(server_url()).await.unwrap();
+        let inboxes = Inboxes::default();
+        let mut flooded = inboxes.open(&client, 4).await.unwrap();
+        let mut other = inboxes.open(&client, 4).await.unwrap();
+        let (prefix, number) = flooded.subject.rsplit_once('.').unwrap();
+        let (other_prefix, other_number) = other.subject.rsplit_once('.').unwrap();
+        assert_eq!(prefix, other_prefix, "one subscription");
+        assert_ne!(number, other_number, "an inbox per call");
+
+        for _ in 0..10 {
+            client
+                .publish(flooded.subject.clone(), Bytes::from_static(b"x"))
+                .await
+                .unwrap();
+        }
+        client
+            .publish(other.subject.clone(), Bytes::from_static(b"y"))
+            .await
+            .unwrap();
+        client.flush().await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), other.messages.recv()).await;
+        assert_eq!(answer.unwrap().unwrap(), Bytes::from_static(b"y"));
+        // The flooded call keeps what its queue held, then its queue ends.
+        let kept = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut kept = 0;
+            while let Some(message) = flooded.messages.recv().await {
+                assert_eq!(message, Bytes::from_static(b"x"));
+                kept += 1;
+            }
+            kept
+        })
+        .await
+        .expect("the flooded call's queue ends");
+        assert_eq!(kept, 4);
+
+        drop(other);
+        let replies = inboxes.replies.get().unwrap();
+        assert!(
+            replies.calls().is_empty(),
+            "routes left behind: {:?}",
+            replies.calls().keys()
         );
     }
 
