@@ -70,20 +70,19 @@ impl Controller {
     /// A live controller for an existing request id (the worker side reuses
     /// the caller's id so logs on both sides line up).
     pub fn with_id(id: impl Into<String>) -> Self {
-        Self::with_parent(id, &CancellationToken::new())
+        Self::with_kill(id.into(), CancellationToken::new())
     }
 
     /// A controller that is killed when `parent` is cancelled (used by the
     /// request plane to kill in-flight work when the process shuts down).
     pub(crate) fn with_parent(id: impl Into<String>, parent: &CancellationToken) -> Self {
-        let kill = parent.child_token();
+        Self::with_kill(id.into(), parent.child_token())
+    }
+
+    fn with_kill(id: String, kill: CancellationToken) -> Self {
         let stop = kill.child_token();
         Self {
-            inner: Arc::new(ControllerInner {
-                id: id.into(),
-                kill,
-                stop,
-            }),
+            inner: Arc::new(ControllerInner { id, kill, stop }),
         }
     }
 
