@@ -36,13 +36,15 @@ use crate::error::{ErrorKind, RequestError, WireError};
 use async_nats::Subject;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::StreamExt;
+use inboxes::{Inbox, Inboxes};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+mod inboxes;
 
 /// How often a worker tells the caller that a stream is still alive; the
 /// first heartbeat comes one period after the request arrived, and only if
@@ -359,132 +361,6 @@ impl NatsRequestClient {
     }
 }
 
-/// One reply subscription per client, `{prefix}.*`, shared by every call:
-/// a call's inbox is `{prefix}.{n:x}`, and a task hands each message to its
-/// call. A subscription per call would cost two more messages to the
-/// server per request (SUB and UNSUB) and a change to its subscription
-/// table each time; NATS request-reply shares one the same way.
-#[derive(Debug, Default)]
-struct Inboxes {
-    replies: tokio::sync::OnceCell<Arc<Replies>>,
-    /// Ends the routing task (and so the subscription) with the client.
-    stop: CancellationToken,
-}
-
-impl Drop for Inboxes {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-#[derive(Debug)]
-struct Replies {
-    prefix: String,
-    next: AtomicU64,
-    /// Open calls by number. A call's queue holds what its window allows
-    /// and then some; a worker that sends past it loses the call, not the
-    /// other calls their messages.
-    calls: Mutex<HashMap<u64, mpsc::Sender<Bytes>>>,
-    /// The subscription ended (the connection was closed): no call can be answered.
-    ended: AtomicBool,
-}
-
-/// A call's share of the reply subscription; leaving it drops the call's route.
-struct Inbox {
-    replies: Arc<Replies>,
-    number: u64,
-    subject: String,
-    messages: mpsc::Receiver<Bytes>,
-}
-
-impl Drop for Inbox {
-    fn drop(&mut self) {
-        self.replies.calls().remove(&self.number);
-    }
-}
-
-impl Replies {
-    fn calls(&self) -> std::sync::MutexGuard<'_, HashMap<u64, mpsc::Sender<Bytes>>> {
-        // Single insert/remove updates: a poisoned map is still consistent.
-        self.calls.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Hands each message on the subscription to its call, until the
-    /// subscription ends (the connection closed) or the client is dropped.
-    async fn route(self: Arc<Self>, mut subscription: async_nats::Subscriber, stop: CancellationToken) {
-        loop {
-            let message = tokio::select! {
-                _ = stop.cancelled() => break,
-                message = subscription.next() => message,
-            };
-            let Some(message) = message else { break };
-            let number = message
-                .subject
-                .rsplit_once('.')
-                .and_then(|(_, number)| u64::from_str_radix(number, 16).ok());
-            let Some(number) = number else { continue };
-            let mut calls = self.calls();
-            let overflowed = calls
-                .get(&number)
-                .is_some_and(|call| call.try_send(message.payload).is_err());
-            if overflowed {
-                // Full: the worker sent past its window. Closed: the call just ended.
-                calls.remove(&number);
-            }
-        }
-        // Every open call hears the end of its queue, and no new one opens.
-        let mut calls = self.calls();
-        self.ended.store(true, Ordering::Relaxed);
-        calls.clear();
-    }
-}
-
-impl Inboxes {
-    /// A fresh inbox for one call, whose queue holds `capacity` messages.
-    async fn open(&self, client: &async_nats::Client, capacity: usize) -> Result<Inbox, RequestError> {
-        let replies = self
-            .replies
-            .get_or_try_init(|| async {
-                let prefix = client.new_inbox();
-                let subscription = client.subscribe(format!("{prefix}.*")).await.map_err(|e| {
-                    RequestError::new(
-                        ErrorKind::Unreachable,
-                        format!("cannot subscribe to the reply inboxes: {e}"),
-                    )
-                })?;
-                let replies = Arc::new(Replies {
-                    prefix,
-                    next: AtomicU64::new(0),
-                    calls: Mutex::default(),
-                    ended: Default::default(),
-                });
-                tokio::spawn(replies.clone().route(subscription, self.stop.clone()));
-                Ok::<_, RequestError>(replies)
-            })
-            .await?
-            .clone();
-        let number = replies.next.fetch_add(1, Ordering::Relaxed);
-        let (sender, messages) = mpsc::channel(capacity);
-        {
-            // Checked under the lock the routing task clears the calls under.
-            let mut calls = replies.calls();
-            if replies.ended.load(Ordering::Relaxed) {
-                return Err(RequestError::new(
-                    ErrorKind::Unreachable,
-                    "the NATS connection is closed: no reply can reach this caller",
-                ));
-            }
-            calls.insert(number, sender);
-        }
-        Ok(Inbox {
-            subject: format!("{}.{number:x}", replies.prefix),
-            replies,
-            number,
-            messages,
-        })
-    }
-}
-
 #[async_trait::async_trait]
 impl RequestClient for NatsRequestClient {
     async fn call(&self, target: &Target, request: Context<Bytes>) -> Result<ByteStream, RequestError> {
@@ -515,7 +391,6 @@ impl RequestClient for NatsRequestClient {
         // Room for the window's items and a minute of heartbeats besides.
         let capacity = self.window as usize + 64;
         let mut responses = self.inboxes.open(&self.client, capacity).await?;
-        let inbox = responses.subject.clone();
         let head = RequestHead {
             instance_id: target.instance_id,
             window: self.window,
@@ -524,7 +399,7 @@ impl RequestClient for NatsRequestClient {
             body,
         };
         self.client
-            .publish_with_reply(subject.clone(), inbox.clone(), head.encode())
+            .publish_with_reply(subject.clone(), responses.subject.clone(), head.encode())
             .await
             .map_err(|e| RequestError::new(ErrorKind::Unreachable, format!("cannot publish to {subject}: {e}")))?;
         // A worker answers, or sends a heartbeat, within a heartbeat period;
@@ -537,7 +412,6 @@ impl RequestClient for NatsRequestClient {
             ));
         };
         let state = NatsResponse {
-            inbox,
             responses,
             silence: Box::pin(tokio::time::sleep(SILENCE_LIMIT)),
             heard: tokio::time::Instant::now(),
@@ -562,8 +436,7 @@ impl RequestClient for NatsRequestClient {
 }
 
 struct NatsResponse {
-    /// This call's reply inbox, which names the stream in control messages.
-    inbox: String,
+    /// This call's reply inbox, whose subject names the stream in control messages.
     responses: Inbox,
     /// Fires [`SILENCE_LIMIT`] after the last message heard, or later: one
     /// timer per stream, moved on only when it fires early (resetting a
@@ -593,7 +466,7 @@ impl NatsResponse {
     async fn send_control(&self, kind: u8, data: &[u8]) {
         let _ = self
             .client
-            .publish(self.control.clone(), control(&self.inbox, kind, data))
+            .publish(self.control.clone(), control(&self.responses.subject, kind, data))
             .await;
     }
 
@@ -791,7 +664,7 @@ impl Drop for NatsResponse {
         if !self.done {
             // Dropped early: kill the request on the worker.
             let (client, subject) = (self.client.clone(), self.control.clone());
-            let message = control(&self.inbox, CANCEL_KIND, &CancelMode::Kill.encode());
+            let message = control(&self.responses.subject, CANCEL_KIND, &CancelMode::Kill.encode());
             if let Ok(handle) = tokio::runtime::Handle::try_current() {
                 handle.spawn(async move {
                     let _ = client.publish(subject, message).await;
@@ -802,314 +675,4 @@ impl Drop for NatsResponse {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::RuntimeConfig;
-    use crate::request_plane::conformance::{PlaneKit, conformance_tests};
-    use futures::FutureExt;
-    use futures::future::BoxFuture;
-    use std::sync::OnceLock;
-    use switchyard_test_support::nats_server::NatsServer as NatsProcess;
-
-    /// One NATS server (8 MiB max_payload) for this test binary.
-    fn server_url() -> String {
-        static SERVER: OnceLock<NatsProcess> = OnceLock::new();
-        SERVER
-            .get_or_init(|| NatsProcess::start_with_max_payload(8 * 1024 * 1024))
-            .url()
-    }
-
-    struct Nats;
-
-    impl PlaneKit for Nats {
-        fn server(
-            &self,
-            config: RuntimeConfig,
-            handlers: Arc<Handlers>,
-            stop: CancellationToken,
-        ) -> BoxFuture<'static, Arc<dyn RequestServer>> {
-            async move {
-                let client = async_nats::connect(server_url()).await.unwrap();
-                // Every test's worker has the same instance id: give each its own subject.
-                let subject = format!("test.{:016x}.{:x}", rand::random::<u64>(), handlers.instance_id());
-                let limit = *config.tcp().max_message_size();
-                let server = NatsServer::start(client, subject, handlers, limit, stop, TaskTracker::new())
-                    .await
-                    .unwrap();
-                Arc::new(server) as Arc<dyn RequestServer>
-            }
-            .boxed()
-        }
-
-        fn client(&self, config: RuntimeConfig) -> BoxFuture<'static, Arc<dyn RequestClient>> {
-            async move {
-                let client = async_nats::connect(server_url()).await.unwrap();
-                Arc::new(NatsRequestClient::new(client, &config)) as Arc<dyn RequestClient>
-            }
-            .boxed()
-        }
-    }
-
-    conformance_tests!(Nats);
-
-    /// A hand-written worker on a bare NATS subject answers `request` with
-    /// `frames`; returns what the caller's stream yields.
-    async fn answered_with(frames: Vec<Bytes>) -> Vec<Result<Bytes, RequestError>> {
-        let url = server_url();
-        let worker = async_nats::connect(&url).await.unwrap();
-        let subject = format!("test.frames.{:016x}", rand::random::<u64>());
-        let mut requests = worker.subscribe(subject.clone()).await.unwrap();
-        worker.flush().await.unwrap();
-        let caller = NatsRequestClient::new(async_nats::connect(&url).await.unwrap(), &RuntimeConfig::local());
-        let target = Target {
-            transport: Transport::Nats(subject),
-            endpoint: "test/frames/generate".into(),
-            instance_id: 1,
-        };
-        let answering = tokio::spawn(async move {
-            let request = requests.next().await.unwrap();
-            let reply = request.reply.unwrap();
-            for frame in frames {
-                worker.publish(reply.clone(), frame).await.unwrap();
-            }
-            worker.flush().await.unwrap();
-        });
-        let stream = caller
-            .call(&target, Context::new(Bytes::from_static(b"hi")))
-            .await
-            .unwrap();
-        let items = tokio::time::timeout(Duration::from_secs(10), stream.collect::<Vec<_>>())
-            .await
-            .expect("the stream ends");
-        answering.await.unwrap();
-        items
-    }
-
-    /// Core NATS loses what is in flight across a restart: an answer with a
-    /// hole in it must end as a broken stream (which the frontend migrates
-    /// from what arrived), never pass for a whole one.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_response_item_lost_on_the_way_ends_the_stream_as_broken_not_shorter() {
-        let end = |count| counted_frame(FrameType::End as u8, count, &[]);
-        let whole = answered_with(vec![data_frame(0, b"a"), data_frame(1, b"b"), end(2)]).await;
-        let whole: Vec<Bytes> = whole.into_iter().map(Result::unwrap).collect();
-        assert_eq!(whole, vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")]);
-
-        // Item 1 lost in the middle.
-        let holed = answered_with(vec![data_frame(0, b"a"), data_frame(2, b"c"), end(3)]).await;
-        assert_eq!(holed.len(), 2, "{holed:?}");
-        assert_eq!(holed[0].as_ref().unwrap(), &Bytes::from_static(b"a"));
-        let error = holed[1].as_ref().unwrap_err();
-        assert_eq!(error.kind(), ErrorKind::Disconnected, "{error}");
-        assert!(
-            error.message().contains("1 response item(s) from item 1 on were lost"),
-            "{error}"
-        );
-
-        // The last item lost just before the end.
-        let cut = answered_with(vec![data_frame(0, b"a"), end(2)]).await;
-        assert_eq!(cut[1].as_ref().unwrap_err().kind(), ErrorKind::Disconnected, "{cut:?}");
-
-        // Items lost before an error: the error does not hide the hole.
-        let error = super::super::encode_error(&RequestError::new(ErrorKind::ShuttingDown, "draining"));
-        let failed = answered_with(vec![
-            data_frame(0, b"a"),
-            counted_frame(FrameType::Error as u8, 3, &error),
-        ])
-        .await;
-        let last = failed[1].as_ref().unwrap_err();
-        assert_eq!(last.kind(), ErrorKind::Disconnected, "{last}");
-        assert!(last.message().contains("2 response item(s)"), "{last}");
-    }
-
-    /// Items that were ready together arrive in one Batch message, numbered
-    /// like Data frames; a batch cut short, an oversized item in one, or a
-    /// batch after a lost message ends the stream.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_batch_yields_its_items_in_order_and_is_checked_like_data_frames() {
-        let end = |count| counted_frame(FrameType::End as u8, count, &[]);
-        let items = |names: &[&'static [u8]]| names.iter().map(|n| Bytes::from_static(n)).collect::<Vec<_>>();
-        let answer = answered_with(vec![
-            data_frame(0, b"a"),
-            batch_frame(BATCH_KIND, 1, &items(&[b"b", b"", b"cd"])),
-            data_frame(4, b"e"),
-            end(5),
-        ])
-        .await;
-        let answer: Vec<Bytes> = answer.into_iter().map(Result::unwrap).collect();
-        assert_eq!(answer, items(&[b"a", b"b", b"", b"cd", b"e"]));
-
-        let holed = answered_with(vec![
-            data_frame(0, b"a"),
-            batch_frame(BATCH_KIND, 2, &items(&[b"c"])),
-            end(3),
-        ])
-        .await;
-        assert_eq!(
-            holed[1].as_ref().unwrap_err().kind(),
-            ErrorKind::Disconnected,
-            "{holed:?}"
-        );
-
-        // A Last batch ends the stream after its items (none, too, is an
-        // end), and is checked for lost messages like the others.
-        let last = answered_with(vec![
-            data_frame(0, b"a"),
-            batch_frame(LAST_BATCH_KIND, 1, &items(&[b"b", b"c"])),
-        ])
-        .await;
-        let last: Vec<Bytes> = last.into_iter().map(Result::unwrap).collect();
-        assert_eq!(last, items(&[b"a", b"b", b"c"]));
-        let empty = answered_with(vec![data_frame(0, b"a"), batch_frame(LAST_BATCH_KIND, 1, &[])]).await;
-        let empty: Vec<Bytes> = empty.into_iter().map(Result::unwrap).collect();
-        assert_eq!(empty, items(&[b"a"]));
-        let holed = answered_with(vec![
-            data_frame(0, b"a"),
-            batch_frame(LAST_BATCH_KIND, 2, &items(&[b"c"])),
-        ])
-        .await;
-        assert_eq!(holed.len(), 2, "{holed:?}");
-        assert_eq!(
-            holed[1].as_ref().unwrap_err().kind(),
-            ErrorKind::Disconnected,
-            "{holed:?}"
-        );
-
-        let mut cut = batch_frame(BATCH_KIND, 0, &items(&[b"ab", b"cd"])).to_vec();
-        cut.pop();
-        let cut = answered_with(vec![Bytes::from(cut), end(2)]).await;
-        assert_eq!(cut[0].as_ref().unwrap(), &Bytes::from_static(b"ab"));
-        let error = cut[1].as_ref().unwrap_err();
-        assert_eq!(error.kind(), ErrorKind::Protocol, "{error}");
-        assert_eq!(cut.len(), 2, "the stream ends after the error: {cut:?}");
-
-        let mut oversized = BytesMut::new();
-        oversized.put_u8(BATCH_KIND);
-        oversized.put_u32(0);
-        oversized.put_u32(u32::MAX);
-        let oversized = answered_with(vec![oversized.freeze(), end(1)]).await;
-        assert_eq!(
-            oversized[0].as_ref().unwrap_err().kind(),
-            ErrorKind::TooLarge,
-            "{oversized:?}"
-        );
-    }
-
-    /// Every call of a client shares one reply subscription, each call with
-    /// an inbox of its own under it; a call's route goes with the call, and
-    /// a worker that floods one call past its queue ends that call alone.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn calls_share_one_reply_subscription_and_a_flooded_call_ends_alone() {
-        let client = async_nats::connect(server_url()).await.unwrap();
-        let inboxes = Inboxes::default();
-        let mut flooded = inboxes.open(&client, 4).await.unwrap();
-        let mut other = inboxes.open(&client, 4).await.unwrap();
-        let (prefix, number) = flooded.subject.rsplit_once('.').unwrap();
-        let (other_prefix, other_number) = other.subject.rsplit_once('.').unwrap();
-        assert_eq!(prefix, other_prefix, "one subscription");
-        assert_ne!(number, other_number, "an inbox per call");
-
-        for _ in 0..10 {
-            client
-                .publish(flooded.subject.clone(), Bytes::from_static(b"x"))
-                .await
-                .unwrap();
-        }
-        client
-            .publish(other.subject.clone(), Bytes::from_static(b"y"))
-            .await
-            .unwrap();
-        client.flush().await.unwrap();
-        let answer = tokio::time::timeout(Duration::from_secs(10), other.messages.recv()).await;
-        assert_eq!(answer.unwrap().unwrap(), Bytes::from_static(b"y"));
-        // The flooded call keeps what its queue held, then its queue ends.
-        let kept = tokio::time::timeout(Duration::from_secs(10), async {
-            let mut kept = 0;
-            while let Some(message) = flooded.messages.recv().await {
-                assert_eq!(message, Bytes::from_static(b"x"));
-                kept += 1;
-            }
-            kept
-        })
-        .await
-        .expect("the flooded call's queue ends");
-        assert_eq!(kept, 4);
-
-        drop(other);
-        let replies = inboxes.replies.get().unwrap();
-        assert!(
-            replies.calls().is_empty(),
-            "routes left behind: {:?}",
-            replies.calls().keys()
-        );
-    }
-
-    /// A stream that goes quiet for longer than the silence limit stays open
-    /// while the worker lives: its heartbeats keep it, and the caller's one
-    /// silence deadline is moved on rather than firing.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_quiet_stream_outlives_the_silence_limit_on_heartbeats() {
-        let pair = crate::request_plane::conformance::Pair::start(&Nats).await;
-        let mut stream = pair.call("hang", "").await.unwrap();
-        assert_eq!(&stream.next().await.unwrap().unwrap()[..], b"started");
-        let quiet = SILENCE_LIMIT + HEARTBEAT + HEARTBEAT / 2;
-        let next = tokio::time::timeout(quiet, stream.next()).await;
-        assert!(next.is_err(), "the stream ended while the worker lived: {next:?}");
-    }
-
-    /// The same suite through a NATS server that speaks only TLS and
-    /// requires a client certificate from the test CA: every connection is
-    /// opened as the runtime opens it, from `NATS_AUTH_CA`,
-    /// `NATS_AUTH_CLIENT_CERT` and `NATS_AUTH_CLIENT_KEY`.
-    mod over_tls {
-        use super::*;
-        use crate::request_plane::conformance::test_mesh;
-
-        fn tls_server() -> &'static NatsProcess {
-            static SERVER: OnceLock<NatsProcess> = OnceLock::new();
-            SERVER.get_or_init(|| NatsProcess::start_with_mutual_tls(test_mesh(), 8 * 1024 * 1024))
-        }
-
-        /// A connection with the test mesh's client certificate.
-        async fn connect() -> async_nats::Client {
-            let mesh = test_mesh();
-            let url = tls_server().url();
-            let config = RuntimeConfig::from_vars([
-                ("NATS_SERVER", url.as_str()),
-                ("NATS_AUTH_CA", mesh.ca.to_str().unwrap()),
-                ("NATS_AUTH_CLIENT_CERT", mesh.client_cert.to_str().unwrap()),
-                ("NATS_AUTH_CLIENT_KEY", mesh.client_key.to_str().unwrap()),
-            ])
-            .unwrap();
-            crate::nats::connect(config.nats()).await.unwrap()
-        }
-
-        struct NatsOverTls;
-
-        impl PlaneKit for NatsOverTls {
-            fn server(
-                &self,
-                config: RuntimeConfig,
-                handlers: Arc<Handlers>,
-                stop: CancellationToken,
-            ) -> BoxFuture<'static, Arc<dyn RequestServer>> {
-                async move {
-                    let subject = format!("test.{:016x}.{:x}", rand::random::<u64>(), handlers.instance_id());
-                    let limit = *config.tcp().max_message_size();
-                    let server = NatsServer::start(connect().await, subject, handlers, limit, stop, TaskTracker::new())
-                        .await
-                        .unwrap();
-                    Arc::new(server) as Arc<dyn RequestServer>
-                }
-                .boxed()
-            }
-
-            fn client(&self, config: RuntimeConfig) -> BoxFuture<'static, Arc<dyn RequestClient>> {
-                async move { Arc::new(NatsRequestClient::new(connect().await, &config)) as Arc<dyn RequestClient> }
-                    .boxed()
-            }
-        }
-
-        conformance_tests!(NatsOverTls);
-    }
-}
+mod tests;
