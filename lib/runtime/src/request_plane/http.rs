@@ -26,7 +26,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Extension, Router};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use http_body_util::{BodyExt, Full};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -253,33 +253,32 @@ async fn rpc(
         finished_body(body_frames)
     } else {
         state.tracker.spawn(answer);
-        Body::from_stream(chunked(body_frames, None))
+        Body::from_stream(chunked(BodyChunks {
+            queue: body_frames,
+            carry: None,
+        }))
     };
     response.body(body).expect("a valid response")
 }
 
-/// The body of an answer whose frames are all queued: one chunk, so that
-/// its headers, frames and end of stream leave in one write, when it fits
-/// one; otherwise streamed like any other answer, what was read going first.
-fn finished_body(mut queue: mpsc::Receiver<Queued>) -> Body {
-    let mut whole = BytesMut::new();
-    while let Ok(queued) = queue.try_recv() {
-        if whole.len() + queued.frame.len() > CHUNK {
-            let read = (!whole.is_empty()).then(|| Ok(whole.freeze()));
-            return Body::from_stream(futures::stream::iter(read).chain(chunked(queue, Some(queued.frame))));
-        }
-        whole.put_slice(&queued.frame);
+/// The body of an answer whose frames are all queued: its first chunk
+/// ([`BodyChunks`]) alone when that is all of it, so that its headers,
+/// frames and end of stream leave in one write; otherwise streamed like any
+/// other answer, the first chunk going first.
+fn finished_body(queue: mpsc::Receiver<Queued>) -> Body {
+    let mut chunks = BodyChunks { queue, carry: None };
+    // The sender is gone and every frame queued: the first chunk is ready.
+    let first = chunks.next().now_or_never().flatten().unwrap_or_default();
+    if chunks.carry.is_none() && chunks.queue.is_empty() {
+        return Body::from(first);
     }
-    Body::from(whole.freeze())
+    Body::from_stream(futures::stream::iter([Ok(first)]).chain(chunked(chunks)))
 }
 
-/// The queued frames as body chunks ([`BodyChunks`]), `carry` first. A
-/// frame's share of the budget goes back as HTTP/2 takes the frame.
-fn chunked(
-    queue: mpsc::Receiver<Queued>,
-    carry: Option<Bytes>,
-) -> impl futures::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send {
-    futures::stream::unfold(BodyChunks { queue, carry }, |mut chunks| async move {
+/// Body chunks as a stream. A frame's share of the budget goes back as
+/// HTTP/2 takes the frame.
+fn chunked(chunks: BodyChunks) -> impl futures::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send {
+    futures::stream::unfold(chunks, |mut chunks| async move {
         let chunk = chunks.next().await?;
         Some((Ok(chunk), chunks))
     })
