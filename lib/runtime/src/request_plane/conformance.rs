@@ -111,6 +111,20 @@ impl Fixtures {
         }))
     }
 
+    /// `ns/c/panic`: panics before answering ("at-once"), or after one item.
+    fn panic(&self) -> Arc<dyn PushHandler> {
+        Arc::new(FnHandler(|request: Context<Bytes>| {
+            if &request.data()[..] == b"at-once" {
+                panic!("the test handler panics before answering");
+            }
+            let first = futures::stream::iter([Ok(Bytes::from_static(b"partial"))]);
+            let rest = futures::stream::poll_fn(|_| -> std::task::Poll<Option<Result<Bytes, RequestError>>> {
+                panic!("the test handler panics after one item")
+            });
+            async move { Ok(Box::pin(first.chain(rest)) as ByteStream) }.boxed()
+        }))
+    }
+
     /// `ns/c/big`: one item of the size given in the body.
     fn big(&self) -> Arc<dyn PushHandler> {
         Arc::new(FnHandler(|request: Context<Bytes>| {
@@ -130,6 +144,7 @@ impl Fixtures {
             ("hang", self.hang()),
             ("fail", self.fail()),
             ("big", self.big()),
+            ("panic", self.panic()),
         ] {
             handlers
                 .insert(&format!("ns/c/{name}"), handler, EndpointObservers::unregistered())
@@ -480,6 +495,40 @@ pub(crate) async fn handler_errors_cross_the_wire_with_their_kind(kit: &dyn Plan
     assert_eq!(error.unwrap().kind(), ErrorKind::Engine);
 }
 
+pub(crate) async fn a_panicking_handler_ends_only_its_own_request_with_an_engine_error(kit: &dyn PlaneKit) {
+    let pair = Pair::start(kit).await;
+    // Alone on its connection, then with another request open beside it.
+    let (items, error) = tokio::time::timeout(DEADLINE, collect(pair.call("panic", "at-once").await.unwrap()))
+        .await
+        .expect("a caller whose handler panicked is told, not left waiting");
+    assert!(items.is_empty());
+    assert_eq!(error.expect("an error, not a clean end").kind(), ErrorKind::Engine);
+    let mut beside = pair.call("hang", "").await.unwrap();
+    assert_eq!(beside.next().await.unwrap().unwrap(), Bytes::from_static(b"started"));
+
+    let (items, error) = tokio::time::timeout(DEADLINE, collect(pair.call("panic", "at-once").await.unwrap()))
+        .await
+        .expect("a caller whose handler panicked is told, not left waiting");
+    assert!(items.is_empty());
+    let error = error.expect("an error, not a clean end");
+    assert_eq!(error.kind(), ErrorKind::Engine, "{error}");
+    assert!(error.message().contains("panicked"), "{error}");
+
+    let (items, error) = tokio::time::timeout(DEADLINE, collect(pair.call("panic", "midway").await.unwrap()))
+        .await
+        .expect("a caller whose handler panicked is told, not left waiting");
+    assert_eq!(items, vec!["partial"]);
+    assert_eq!(error.expect("an error, not a clean end").kind(), ErrorKind::Engine);
+
+    // The connection, and the request beside them, carry on.
+    let (items, error) = collect(pair.call("echo", "still here").await.unwrap()).await;
+    assert_eq!(
+        (items, error.map(|e| e.to_string())),
+        (vec!["still here".to_string()], None)
+    );
+    drop(beside);
+}
+
 pub(crate) async fn large_payloads_within_the_limit_round_trip(kit: &dyn PlaneKit) {
     let pair = Pair::start(kit).await;
     let body = "y".repeat(4 * 1024 * 1024);
@@ -601,6 +650,13 @@ macro_rules! conformance_tests {
         #[tokio::test]
         async fn handler_errors_cross_the_wire_with_their_kind() {
             $crate::request_plane::conformance::handler_errors_cross_the_wire_with_their_kind(&$kit).await;
+        }
+        #[tokio::test]
+        async fn a_panicking_handler_ends_only_its_own_request_with_an_engine_error() {
+            $crate::request_plane::conformance::a_panicking_handler_ends_only_its_own_request_with_an_engine_error(
+                &$kit,
+            )
+            .await;
         }
         #[tokio::test]
         async fn large_payloads_within_the_limit_round_trip() {

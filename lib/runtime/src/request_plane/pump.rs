@@ -13,7 +13,9 @@ use crate::engine::{Context, Controller};
 use crate::error::{ErrorKind, RequestError};
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
+use std::any::Any;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
@@ -121,9 +123,13 @@ impl Pump {
         mut sink: impl ResponseSink,
     ) {
         let controller = request.controller().clone();
-        let outcome = self
-            .stream(endpoint, instance_id, request, &controller, &mut sink)
-            .await;
+        // A handler that panics ends its own request with an error, not the
+        // task or connection that runs it, and its caller is told instead of
+        // waiting for an end that would never come.
+        let outcome = AssertUnwindSafe(self.stream(endpoint, instance_id, request, &controller, &mut sink))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| Err(handler_panicked(endpoint, panic.as_ref())));
         sink.finish(outcome).await;
     }
 
@@ -198,6 +204,21 @@ impl Pump {
             }
         }
     }
+}
+
+/// The error a caller gets for a request whose handler panicked. What the
+/// panic said stays in the worker's log: it may name the worker's internals.
+fn handler_panicked(endpoint: &str, panic: &(dyn Any + Send)) -> RequestError {
+    let message = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(not a string)");
+    tracing::error!(%endpoint, panic = message, "a request handler panicked; its request ends with an error");
+    RequestError::new(
+        ErrorKind::Engine,
+        format!("the handler of {endpoint} panicked (the worker's log has the message)"),
+    )
 }
 
 #[cfg(test)]

@@ -16,7 +16,9 @@ use crate::request_plane::{ByteStream, RequestServer, Transport, encode_error};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::net::{TcpListener, TcpStream};
@@ -362,7 +364,14 @@ async fn serve_connection(opened: Opened, peer: SocketAddr, shared: Arc<Shared>)
             },
         };
         let result = match decoded {
-            Ok(Decoded::Frame(frame)) => on_frame(&conn, &shared, frame),
+            Ok(Decoded::Frame(frame)) => match on_frame(&conn, &shared, frame) {
+                Ok(Some(stream)) => {
+                    start_stream(stream, &shared.tracker).await;
+                    Ok(())
+                }
+                Ok(None) => Ok(()),
+                Err(reason) => Err(reason),
+            },
             Ok(Decoded::Oversized {
                 frame_type: FrameType::Request,
                 stream_id,
@@ -392,8 +401,33 @@ async fn serve_connection(opened: Opened, peer: SocketAddr, shared: Arc<Shared>)
     }
 }
 
-/// Handles one frame from the caller; `Err` closes the connection.
-fn on_frame(conn: &Arc<Connection>, shared: &Arc<Shared>, frame: Frame) -> Result<(), String> {
+/// A new stream's work: its request on the pump until its final frame.
+type StreamTask = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Starts a new stream. Alone on its connection, its first steps run here,
+/// in the reader's turn: an answer ready at once leaves without a task
+/// spawned and scheduled first, and the reader's next read waits until
+/// after it. Only a stream still running then gets a task of its own. With
+/// other streams open it gets one at once, so that their handlers' work can
+/// spread over the runtime's threads instead of queueing behind this
+/// connection's reader.
+async fn start_stream(mut stream: (StreamTask, Timing), tracker: &TaskTracker) {
+    let (task, timing) = &mut stream;
+    if *timing == Timing::Now && futures::poll!(task.as_mut()).is_ready() {
+        return;
+    }
+    // The task's first poll registers its own waker wherever the one
+    // above registered the reader's: no wake-up is lost.
+    tracker.spawn(stream.0);
+}
+
+/// Handles one frame from the caller: a request gives back the stream to
+/// start, with how it should start; `Err` closes the connection.
+fn on_frame(
+    conn: &Arc<Connection>,
+    shared: &Arc<Shared>,
+    frame: Frame,
+) -> Result<Option<(StreamTask, Timing)>, String> {
     match frame.frame_type {
         FrameType::Request => {
             let head = RequestHead::decode(frame.payload).map_err(|e| e.to_string())?;
@@ -411,7 +445,7 @@ fn on_frame(conn: &Arc<Connection>, shared: &Arc<Shared>, frame: Frame) -> Resul
                     ),
                 );
                 conn.send(error_frame(frame.stream_id, &error));
-                return Ok(());
+                return Ok(None);
             }
             let controller = Controller::with_parent(head.request_id.clone(), &shared.shutdown);
             // The caller picks its window, up to ours: what one stream may
@@ -422,16 +456,13 @@ fn on_frame(conn: &Arc<Connection>, shared: &Arc<Shared>, frame: Frame) -> Resul
                 controller: controller.clone(),
                 credit: credit.clone(),
             };
-            conn.streams().insert(frame.stream_id, control);
-            shared.tracker.spawn(run_stream(
-                conn.clone(),
-                shared.clone(),
-                frame.stream_id,
-                head,
-                controller,
-                credit,
-            ));
-            Ok(())
+            let timing = {
+                let mut streams = conn.streams();
+                streams.insert(frame.stream_id, control);
+                Timing::with_others(streams.len() - 1)
+            };
+            let task = run_stream(conn.clone(), shared.clone(), frame.stream_id, head, controller, credit);
+            Ok(Some((Box::pin(task), timing)))
         }
         FrameType::Cancel => {
             let mode = CancelMode::decode(&frame.payload).map_err(|e| e.to_string())?;
@@ -442,7 +473,7 @@ fn on_frame(conn: &Arc<Connection>, shared: &Arc<Shared>, frame: Frame) -> Resul
                     CancelMode::Kill => stream.controller.kill(),
                 }
             }
-            Ok(())
+            Ok(None)
         }
         FrameType::Credit => {
             let items = frame::decode_credit(&frame.payload).map_err(|e| e.to_string())? as usize;
@@ -453,7 +484,7 @@ fn on_frame(conn: &Arc<Connection>, shared: &Arc<Shared>, frame: Frame) -> Resul
                 let room = (shared.max_window as usize).saturating_sub(stream.credit.available_permits());
                 stream.credit.add_permits(items.min(room));
             }
-            Ok(())
+            Ok(None)
         }
         FrameType::Hello | FrameType::Data | FrameType::End | FrameType::Error => Err(format!(
             "caller sent a {:?} frame, which only workers send",
