@@ -277,22 +277,57 @@ struct Figures {
     requests_per_second: f64,
 }
 
-/// p50/p90/p99 of `samples` timed runs of `op`, after a tenth as warm-up.
+/// The throughput half of [`Figures`]: one stream, and many callers.
+#[derive(Debug, Clone, Copy)]
+struct Rates {
+    items_per_second: f64,
+    requests_per_second: f64,
+}
+
+/// Unary round trips of one side, floor or plane: `n` of them, each timed.
+type RoundTrips<'a> = Box<dyn FnMut(usize) -> anyhow::Result<Vec<Duration>> + 'a>;
+
+/// Blocks the floor's and the plane's unary round trips alternate in.
+const UNARY_BLOCKS: usize = 20;
+
+/// p50/p90/p99 of the floor's and of the plane's unary round trips, after a
+/// tenth of `samples` of each as warm-up, timed in alternating blocks: the
+/// two see the same state of the machine, whose idle CPUs wake more or less
+/// slowly from one moment to the next (`docs/performance.md`), so that
+/// their ratio does not move with it as when one was measured after the other.
+fn interleaved(
+    samples: usize,
+    mut floor: RoundTrips<'_>,
+    mut plane: RoundTrips<'_>,
+) -> anyhow::Result<([Duration; 3], [Duration; 3])> {
+    floor(samples / 10)?;
+    plane(samples / 10)?;
+    let per_block = samples.div_ceil(UNARY_BLOCKS);
+    let (mut floor_times, mut plane_times) = (Vec::with_capacity(samples), Vec::with_capacity(samples));
+    while floor_times.len() < samples {
+        floor_times.extend(floor(per_block)?);
+        plane_times.extend(plane(per_block)?);
+    }
+    Ok((percentiles(floor_times), percentiles(plane_times)))
+}
+
+fn percentiles(mut times: Vec<Duration>) -> [Duration; 3] {
+    times.sort();
+    [50, 90, 99].map(|p| times[times.len() * p / 100])
+}
+
+/// `n` timed runs of `op`.
 ///
 /// `op` makes each run's future (owning what it uses, so that the measuring
 /// task stays `Send`).
-async fn percentiles<Fut: Future<Output = ()>>(samples: usize, mut op: impl FnMut() -> Fut) -> [Duration; 3] {
-    for _ in 0..samples / 10 {
-        op().await;
-    }
-    let mut times = Vec::with_capacity(samples);
-    for _ in 0..samples {
+async fn timed<Fut: Future<Output = ()>>(n: usize, mut op: impl FnMut() -> Fut) -> Vec<Duration> {
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
         let start = Instant::now();
         op().await;
         times.push(start.elapsed());
     }
-    times.sort();
-    [50, 90, 99].map(|p| times[samples * p / 100])
+    times
 }
 
 /// The median of `runs` rates, each `items / time of one run of op`.
@@ -347,73 +382,100 @@ async fn unary(echo: &PushRouter<String, String>, message: &str) {
     }
 }
 
-/// A plane through the public API: a `PushRouter` to the worker process.
-async fn measure_plane(drt: &DistributedRuntime, sizes: Sizes) -> anyhow::Result<Figures> {
-    let component = drt.namespace("bench")?.component("worker")?;
-    let echo = component.endpoint("echo").client().await?;
-    let counter = component.endpoint("counter").client().await?;
-    tokio::time::timeout(READY_DEADLINE, echo.wait_for_instances()).await??;
-    tokio::time::timeout(READY_DEADLINE, counter.wait_for_instances()).await??;
-    let echo = Arc::new(PushRouter::<String, String>::from_client(echo, RouterMode::RoundRobin).await?);
-    let counter = Arc::new(PushRouter::<u64, u64>::from_client(counter, RouterMode::RoundRobin).await?);
-    let message = "x".repeat(MESSAGE);
-    let unary_times = percentiles(sizes.samples, || {
-        let (router, message) = (echo.clone(), message.clone());
-        async move { unary(&router, &message).await }
-    })
-    .await;
-    let items = sizes.stream_items;
-    let items_per_second = median_rate(sizes.stream_runs, items, || {
-        let counter = counter.clone();
-        async move {
-            let mut stream = counter.generate(items.into()).await.expect("stream call");
-            let mut n = 0;
-            while let Some(item) = stream.next().await {
-                item.expect("stream item");
-                n += 1;
+/// A plane through the public API: `PushRouter`s to the worker process.
+struct PlaneSession {
+    runtime: Runtime,
+    echo: Arc<PushRouter<String, String>>,
+    counter: Arc<PushRouter<u64, u64>>,
+}
+
+impl PlaneSession {
+    async fn open(config: RuntimeConfig) -> anyhow::Result<Self> {
+        let runtime = Runtime::new(config);
+        let drt = DistributedRuntime::from_settings(runtime.clone()).await?;
+        let component = drt.namespace("bench")?.component("worker")?;
+        let echo = component.endpoint("echo").client().await?;
+        let counter = component.endpoint("counter").client().await?;
+        tokio::time::timeout(READY_DEADLINE, echo.wait_for_instances()).await??;
+        tokio::time::timeout(READY_DEADLINE, counter.wait_for_instances()).await??;
+        Ok(Self {
+            runtime,
+            echo: Arc::new(PushRouter::from_client(echo, RouterMode::RoundRobin).await?),
+            counter: Arc::new(PushRouter::from_client(counter, RouterMode::RoundRobin).await?),
+        })
+    }
+
+    /// `n` timed unary calls.
+    async fn round_trips(echo: Arc<PushRouter<String, String>>, n: usize) -> anyhow::Result<Vec<Duration>> {
+        let message = "x".repeat(MESSAGE);
+        Ok(timed(n, || {
+            let (router, message) = (echo.clone(), message.clone());
+            async move { unary(&router, &message).await }
+        })
+        .await)
+    }
+
+    async fn rates(
+        echo: Arc<PushRouter<String, String>>,
+        counter: Arc<PushRouter<u64, u64>>,
+        sizes: Sizes,
+    ) -> anyhow::Result<Rates> {
+        let items = sizes.stream_items;
+        let items_per_second = median_rate(sizes.stream_runs, items, || {
+            let counter = counter.clone();
+            async move {
+                let mut stream = counter.generate(items.into()).await.expect("stream call");
+                let mut n = 0;
+                while let Some(item) = stream.next().await {
+                    item.expect("stream item");
+                    n += 1;
+                }
+                assert_eq!(n, items, "the stream ended early");
             }
-            assert_eq!(n, items, "the stream ended early");
-        }
-    })
-    .await;
-    let requests_per_second = callers_rate(sizes.callers_for, move || {
-        let (router, message) = (echo.clone(), message.clone());
-        async move { unary(&router, &message).await }
-    })
-    .await;
-    Ok(Figures {
-        unary: unary_times,
-        items_per_second,
-        requests_per_second,
-    })
+        })
+        .await;
+        let message = "x".repeat(MESSAGE);
+        let requests_per_second = callers_rate(sizes.callers_for, move || {
+            let (router, message) = (echo.clone(), message.clone());
+            async move { unary(&router, &message).await }
+        })
+        .await;
+        Ok(Rates {
+            items_per_second,
+            requests_per_second,
+        })
+    }
+}
+
+/// A raw connection to the floor process, in `mode` (`E` echo, `S` stream).
+fn connect_raw(address: SocketAddr, mode: u8) -> std::io::Result<TcpStream> {
+    let mut socket = TcpStream::connect(address)?;
+    socket.set_nodelay(true)?;
+    socket.write_all(&[mode])?;
+    Ok(socket)
+}
+
+/// One blocking 100-byte round trip.
+fn raw_round_trip(socket: &mut TcpStream) -> std::io::Result<()> {
+    let mut buf = [7u8; MESSAGE];
+    socket.write_all(&buf)?;
+    socket.read_exact(&mut buf)
+}
+
+/// `n` timed blocking round trips.
+fn raw_round_trips(socket: &mut TcpStream, n: usize) -> anyhow::Result<Vec<Duration>> {
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = Instant::now();
+        raw_round_trip(socket)?;
+        times.push(start.elapsed());
+    }
+    Ok(times)
 }
 
 /// The TCP floor: blocking sockets on threads, as the floor process serves them.
-fn measure_tcp_floor(address: SocketAddr, sizes: Sizes) -> std::io::Result<Figures> {
-    let connect = |mode: u8| -> std::io::Result<TcpStream> {
-        let mut socket = TcpStream::connect(address)?;
-        socket.set_nodelay(true)?;
-        socket.write_all(&[mode])?;
-        Ok(socket)
-    };
-    let round_trip = |socket: &mut TcpStream| -> std::io::Result<()> {
-        let mut buf = [7u8; MESSAGE];
-        socket.write_all(&buf)?;
-        socket.read_exact(&mut buf)
-    };
-    let mut socket = connect(b'E')?;
-    for _ in 0..sizes.samples / 10 {
-        round_trip(&mut socket)?;
-    }
-    let mut times = Vec::with_capacity(sizes.samples);
-    for _ in 0..sizes.samples {
-        let start = Instant::now();
-        round_trip(&mut socket)?;
-        times.push(start.elapsed());
-    }
-    times.sort();
-    let unary = [50, 90, 99].map(|p| times[sizes.samples * p / 100]);
-
+fn measure_tcp_floor(address: SocketAddr, sizes: Sizes) -> std::io::Result<Rates> {
+    let connect = |mode| connect_raw(address, mode);
     let mut stream = BufReader::with_capacity(64 * 1024, connect(b'S')?);
     let mut one_stream = || -> std::io::Result<()> {
         stream.get_mut().write_all(&sizes.stream_items.to_be_bytes())?;
@@ -449,7 +511,7 @@ fn measure_tcp_floor(address: SocketAddr, sizes: Sizes) -> std::io::Result<Figur
                     .as_mut()
                     .map_err(|e| std::io::Error::new(e.kind(), e.to_string()))?;
                 while !stop.load(Ordering::Relaxed) {
-                    round_trip(socket)?;
+                    raw_round_trip(socket)?;
                     done.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(())
@@ -465,8 +527,7 @@ fn measure_tcp_floor(address: SocketAddr, sizes: Sizes) -> std::io::Result<Figur
             .join()
             .map_err(|_| std::io::Error::other("a caller thread panicked"))??;
     }
-    Ok(Figures {
-        unary,
+    Ok(Rates {
         items_per_second,
         requests_per_second: counted as f64 / elapsed.as_secs_f64(),
     })
@@ -488,8 +549,8 @@ async fn call(sender: &hyper::client::conn::http2::SendRequest<Full<Bytes>>, uri
     bytes
 }
 
-/// The HTTP/2 floor: one bare hyper h2c connection, as the plane keeps one per worker.
-async fn measure_http_floor(address: SocketAddr, sizes: Sizes) -> anyhow::Result<Figures> {
+/// A bare hyper h2c connection to the floor process, as the plane keeps one per worker.
+async fn hyper_sender(address: SocketAddr) -> anyhow::Result<HyperSender> {
     let socket = tokio::net::TcpStream::connect(address).await?;
     socket.set_nodelay(true)?;
     // The plane's windows (request_plane/http.rs): with h2's defaults a fast
@@ -500,16 +561,29 @@ async fn measure_http_floor(address: SocketAddr, sizes: Sizes) -> anyhow::Result
         .handshake::<_, Full<Bytes>>(TokioIo::new(socket))
         .await?;
     tokio::spawn(connection);
-    let base = format!("http://{address}");
-    let echo_uri = format!("{base}/echo");
-    let message = Bytes::from(vec![b'x'; MESSAGE]);
-    let unary = percentiles(sizes.samples, || {
-        let (sender, uri, message) = (sender.clone(), echo_uri.clone(), message.clone());
+    Ok(sender)
+}
+
+type HyperSender = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
+
+/// `n` timed bare hyper echo calls.
+async fn hyper_round_trips(sender: HyperSender, address: SocketAddr, n: usize) -> anyhow::Result<Vec<Duration>> {
+    let (uri, message) = (format!("http://{address}/echo"), Bytes::from(vec![b'x'; MESSAGE]));
+    Ok(timed(n, || {
+        let (sender, uri, message) = (sender.clone(), uri.clone(), message.clone());
         async move {
             call(&sender, &uri, message).await;
         }
     })
-    .await;
+    .await)
+}
+
+/// The HTTP/2 floor's throughput, on its own connection.
+async fn measure_http_floor(address: SocketAddr, sizes: Sizes) -> anyhow::Result<Rates> {
+    let sender = hyper_sender(address).await?;
+    let base = format!("http://{address}");
+    let echo_uri = format!("{base}/echo");
+    let message = Bytes::from(vec![b'x'; MESSAGE]);
     let stream_uri = format!("{base}/stream/{}", sizes.stream_items);
     let items_per_second = median_rate(sizes.stream_runs, sizes.stream_items, || {
         let (sender, uri) = (sender.clone(), stream_uri.clone());
@@ -526,29 +600,37 @@ async fn measure_http_floor(address: SocketAddr, sizes: Sizes) -> anyhow::Result
         }
     })
     .await;
-    Ok(Figures {
-        unary,
+    Ok(Rates {
         items_per_second,
         requests_per_second,
     })
 }
 
-/// The NATS floor: async-nats request-reply, and a stream of messages to an inbox.
-async fn measure_nats_floor(url: String, sizes: Sizes) -> anyhow::Result<Figures> {
-    // The floor's stream has no flow control (the plane's has credit): room
-    // for a whole stream, so that NATS drops nothing for a slow reader.
-    let client = async_nats::ConnectOptions::new()
+/// A NATS client of the floor. Its streams have no flow control (the
+/// plane's have credit): room for a whole stream, so that NATS drops
+/// nothing for a slow reader.
+async fn nats_floor_client(url: String, sizes: Sizes) -> anyhow::Result<async_nats::Client> {
+    Ok(async_nats::ConnectOptions::new()
         .subscription_capacity(2 * sizes.stream_items as usize)
         .connect(url)
-        .await?;
+        .await?)
+}
+
+/// `n` timed async-nats request-replies.
+async fn nats_round_trips(client: async_nats::Client, n: usize) -> anyhow::Result<Vec<Duration>> {
     let message = Bytes::from(vec![b'x'; MESSAGE]);
-    let unary = percentiles(sizes.samples, || {
+    Ok(timed(n, || {
         let (client, message) = (client.clone(), message.clone());
         async move {
             client.request(NATS_ECHO, message).await.expect("nats request");
         }
     })
-    .await;
+    .await)
+}
+
+/// The NATS floor's throughput: a stream of messages to an inbox, and request-reply.
+async fn measure_nats_floor(client: async_nats::Client, sizes: Sizes) -> anyhow::Result<Rates> {
+    let message = Bytes::from(vec![b'x'; MESSAGE]);
     let items = sizes.stream_items;
     let items_per_second = median_rate(sizes.stream_runs, items, || {
         let client = client.clone();
@@ -577,8 +659,7 @@ async fn measure_nats_floor(url: String, sizes: Sizes) -> anyhow::Result<Figures
         }
     })
     .await;
-    Ok(Figures {
-        unary,
+    Ok(Rates {
         items_per_second,
         requests_per_second,
     })
@@ -771,31 +852,68 @@ fn caller() -> anyhow::Result<()> {
         if !chosen.is_empty() && !chosen.iter().any(|c| c == plane) {
             continue;
         }
-        let floor = match plane {
-            "tcp" => measure_tcp_floor(SocketAddr::from(([127, 0, 0, 1], tcp_port)), sizes)?,
-            "http" => on_worker_thread(
-                &rt,
-                measure_http_floor(SocketAddr::from(([127, 0, 0, 1], http_port)), sizes),
-            )?,
-            _ => on_worker_thread(&rt, measure_nats_floor(nats_url.clone(), sizes))?,
-        };
         // Each plane on a directory of its own: a worker that left no trace.
         let directory = discovery.0.join(plane);
         let _worker = spawn_worker(plane, &directory, &nats_url)?;
-        let directory = directory.display().to_string();
-        let nats_url = nats_url.clone();
-        let plane_figures = on_worker_thread(&rt, async move {
-            let config = RuntimeConfig::from_vars([
-                ("DYN_DISCOVERY_BACKEND", "file"),
-                ("DYN_FILE_KV", directory.as_str()),
-                ("NATS_SERVER", nats_url.as_str()),
-            ])?;
-            let runtime = Runtime::new(config);
-            let drt = DistributedRuntime::from_settings(runtime.clone()).await?;
-            let figures = measure_plane(&drt, sizes).await;
+        let config = RuntimeConfig::from_vars([
+            ("DYN_DISCOVERY_BACKEND", "file"),
+            ("DYN_FILE_KV", &directory.display().to_string()),
+            ("NATS_SERVER", nats_url.as_str()),
+        ])?;
+        let session = on_worker_thread(&rt, PlaneSession::open(config))?;
+
+        // Unary: the floor's round trips and the plane's, in alternating blocks.
+        let tcp_address = SocketAddr::from(([127, 0, 0, 1], tcp_port));
+        let http_address = SocketAddr::from(([127, 0, 0, 1], http_port));
+        let rt = &rt;
+        let floor_unary: RoundTrips<'_> = match plane {
+            "tcp" => {
+                let mut socket = connect_raw(tcp_address, b'E')?;
+                Box::new(move |n| raw_round_trips(&mut socket, n))
+            }
+            "http" => {
+                let sender = on_worker_thread(rt, hyper_sender(http_address))?;
+                Box::new(move |n| on_worker_thread(rt, hyper_round_trips(sender.clone(), http_address, n)))
+            }
+            _ => {
+                let client = on_worker_thread(rt, nats_floor_client(nats_url.clone(), sizes))?;
+                Box::new(move |n| on_worker_thread(rt, nats_round_trips(client.clone(), n)))
+            }
+        };
+        let echo = session.echo.clone();
+        let plane_unary: RoundTrips<'_> =
+            Box::new(move |n| on_worker_thread(rt, PlaneSession::round_trips(echo.clone(), n)));
+        let (floor_unary, plane_unary) = interleaved(sizes.samples, floor_unary, plane_unary)?;
+
+        // Throughput: the floor's, then the plane's.
+        let floor = match plane {
+            "tcp" => measure_tcp_floor(tcp_address, sizes)?,
+            "http" => on_worker_thread(rt, measure_http_floor(http_address, sizes))?,
+            _ => {
+                let nats_url = nats_url.clone();
+                on_worker_thread(rt, async move {
+                    measure_nats_floor(nats_floor_client(nats_url, sizes).await?, sizes).await
+                })?
+            }
+        };
+        let PlaneSession { runtime, echo, counter } = session;
+        let plane_rates = on_worker_thread(rt, PlaneSession::rates(echo, counter, sizes))?;
+        on_worker_thread(rt, async move {
             runtime.shutdown().await;
-            figures
+            anyhow::Ok(())
         })?;
+        let (floor, plane_figures) = (
+            Figures {
+                unary: floor_unary,
+                items_per_second: floor.items_per_second,
+                requests_per_second: floor.requests_per_second,
+            },
+            Figures {
+                unary: plane_unary,
+                items_per_second: plane_rates.items_per_second,
+                requests_per_second: plane_rates.requests_per_second,
+            },
+        );
         rows.push(Row {
             plane,
             floor_name,
