@@ -63,7 +63,7 @@ impl TcpClient {
     /// The open connection to `address`, connecting if there is none.
     async fn connection(&self, address: &str) -> Result<Arc<Connection>, RequestError> {
         for _ in 0..2 {
-            let slot = self.pool.lock().entry(address.to_string()).or_default().clone();
+            let slot = self.pool.slot(address);
             let conn = slot.get_or_try_init(|| self.connect(address)).await?;
             if !conn.closed.is_cancelled() {
                 return Ok(conn.clone());
@@ -136,6 +136,16 @@ impl Pool {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<OnceCell<Arc<Connection>>>>> {
         // Updates are single insert/remove calls: a poisoned map is still consistent.
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The slot of `address`, made on the first call to it (the address is
+    /// copied only then, not on every call).
+    fn slot(&self, address: &str) -> Arc<OnceCell<Arc<Connection>>> {
+        let mut slots = self.lock();
+        if let Some(slot) = slots.get(address) {
+            return slot.clone();
+        }
+        slots.entry(address.to_string()).or_default().clone()
     }
 
     /// Removes `conn`'s slot, unless the address already has a newer connection.
