@@ -371,16 +371,21 @@ impl RequestClient for NatsRequestClient {
             ));
         };
         let (body, controller) = request.into_parts();
-        let server_limit = self.client.server_info().max_payload.saturating_sub(1024);
-        let limit = self.max_message_size.min(server_limit.max(1024));
-        if body.len() > limit {
-            return Err(RequestError::new(
-                ErrorKind::TooLarge,
-                format!(
-                    "request of {} bytes exceeds the limit of {limit} (DYN_TCP_MAX_MESSAGE_SIZE, or the NATS server's max_payload)",
-                    body.len()
-                ),
-            ));
+        // The limit is never below the smaller of our own and 1 KiB: a
+        // request within that skips reading the server's, which copies all
+        // of the server's information (its strings and URLs) on every call.
+        if body.len() > self.max_message_size.min(1024) {
+            let server_limit = self.client.server_info().max_payload.saturating_sub(1024);
+            let limit = self.max_message_size.min(server_limit.max(1024));
+            if body.len() > limit {
+                return Err(RequestError::new(
+                    ErrorKind::TooLarge,
+                    format!(
+                        "request of {} bytes exceeds the limit of {limit} (DYN_TCP_MAX_MESSAGE_SIZE, or the NATS server's max_payload)",
+                        body.len()
+                    ),
+                ));
+            }
         }
         if !RequestHead::fits(&target.endpoint, controller.id()) {
             return Err(RequestError::new(

@@ -309,3 +309,43 @@ mod over_tls {
 
     conformance_tests!(NatsOverTls);
 }
+
+/// A request the NATS server could not carry is refused before it is sent,
+/// naming the server's limit; a small one skips the check.
+#[tokio::test]
+async fn a_request_over_the_servers_max_payload_is_refused_before_sending() {
+    let server = NatsProcess::start_with_max_payload(4096);
+    let caller = NatsRequestClient::new(
+        async_nats::connect(server.url()).await.unwrap(),
+        &RuntimeConfig::local(),
+    );
+    let target = Target {
+        transport: Transport::Nats(format!("test.limit.{:016x}", rand::random::<u64>())),
+        endpoint: "test/limit/generate".into(),
+        instance_id: 1,
+    };
+    // 4096 bytes less the 1 KiB kept for the request's head.
+    let over = caller
+        .call(&target, Context::new(Bytes::from(vec![b'x'; 3073])))
+        .await
+        .err()
+        .expect("a request over the server's max_payload is refused");
+    assert_eq!(over.kind(), ErrorKind::TooLarge, "{over}");
+    assert!(over.message().contains("max_payload"), "{over}");
+    // Within the limit it is sent.
+    let Transport::Nats(subject) = target.transport.clone() else {
+        unreachable!()
+    };
+    let listener = async_nats::connect(server.url()).await.unwrap();
+    let mut requests = listener.subscribe(subject).await.unwrap();
+    listener.flush().await.unwrap();
+    let call = tokio::spawn(async move {
+        let _ = caller.call(&target, Context::new(Bytes::from(vec![b'x'; 3072]))).await;
+    });
+    let sent = tokio::time::timeout(Duration::from_secs(10), requests.next())
+        .await
+        .expect("a request within the limit is sent")
+        .unwrap();
+    assert!(sent.payload.len() > 3072);
+    call.abort();
+}
