@@ -666,15 +666,28 @@ fn silent_worker() -> RequestError {
 
 impl Drop for NatsResponse {
     fn drop(&mut self) {
-        if !self.done {
-            // Dropped early: kill the request on the worker.
-            let (client, subject) = (self.client.clone(), self.control.clone());
-            let message = control(&self.responses.subject, CANCEL_KIND, &CancelMode::Kill.encode());
-            if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                handle.spawn(async move {
-                    let _ = client.publish(subject, message).await;
-                });
+        // A caller that stops at the last item it wanted often has the
+        // worker's end here unread: that stream is over, nothing to kill.
+        let ends = |payload: &Bytes| {
+            payload.first().is_some_and(|&kind| {
+                kind == FrameType::End as u8 || kind == FrameType::Error as u8 || kind == LAST_BATCH_KIND
+            })
+        };
+        if self.done || self.last_batch || self.pending.as_ref().is_some_and(ends) {
+            return;
+        }
+        while let Ok(payload) = self.responses.messages.try_recv() {
+            if ends(&payload) {
+                return;
             }
+        }
+        // Dropped early: kill the request on the worker.
+        let (client, subject) = (self.client.clone(), self.control.clone());
+        let message = control(&self.responses.subject, CANCEL_KIND, &CancelMode::Kill.encode());
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let _ = client.publish(subject, message).await;
+            });
         }
     }
 }

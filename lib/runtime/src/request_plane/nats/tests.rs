@@ -349,3 +349,42 @@ async fn a_request_over_the_servers_max_payload_is_refused_before_sending() {
     assert!(sent.payload.len() > 3072);
     call.abort();
 }
+
+/// A caller that drops its stream after the last item, with the worker's
+/// End already received but not read, sends no Kill: the work is done.
+#[tokio::test]
+async fn a_stream_dropped_after_its_end_arrived_sends_no_kill() {
+    let url = server_url();
+    let worker = async_nats::connect(&url).await.unwrap();
+    let subject = format!("test.dropped.{:016x}", rand::random::<u64>());
+    let mut requests = worker.subscribe(subject.clone()).await.unwrap();
+    let mut controls = worker.subscribe(control_subject(&subject)).await.unwrap();
+    worker.flush().await.unwrap();
+    let caller = NatsRequestClient::new(async_nats::connect(&url).await.unwrap(), &RuntimeConfig::local());
+    let target = Target {
+        transport: Transport::Nats(subject),
+        endpoint: "test/dropped/generate".into(),
+        instance_id: 1,
+    };
+    let answering = tokio::spawn(async move {
+        let reply = requests.next().await.unwrap().reply.unwrap();
+        worker.publish(reply.clone(), data_frame(0, b"last")).await.unwrap();
+        worker
+            .publish(reply, counted_frame(FrameType::End as u8, 1, &[]))
+            .await
+            .unwrap();
+        worker.flush().await.unwrap();
+        worker
+    });
+    let mut stream = caller
+        .call(&target, Context::new(Bytes::from_static(b"hi")))
+        .await
+        .unwrap();
+    let _worker = answering.await.unwrap();
+    assert_eq!(stream.next().await.unwrap().unwrap(), Bytes::from_static(b"last"));
+    // Let the End reach the call's queue, then stop reading.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(stream);
+    let kill = tokio::time::timeout(Duration::from_millis(500), controls.next()).await;
+    assert!(kill.is_err(), "a control message after the end: {kill:?}");
+}

@@ -472,9 +472,18 @@ impl Stream for ClientStream {
 
 impl Drop for ClientStream {
     fn drop(&mut self) {
-        if !self.finished {
-            self.finish();
-            self.cancel(CancelMode::Kill);
+        if self.finished {
+            return;
         }
+        // A caller that stops at the last item it wanted often has the
+        // worker's End (or Error) here unread: that stream is over on both
+        // sides, and a Kill would only cost a write and a wake-up on each.
+        while let Ok(event) = self.events.try_recv() {
+            if matches!(event, StreamEvent::End | StreamEvent::Failed(_)) {
+                return;
+            }
+        }
+        self.finish();
+        self.cancel(CancelMode::Kill);
     }
 }

@@ -467,3 +467,50 @@ async fn a_worker_that_ignores_the_window_is_cut_off() {
     drop(client);
     rogue.abort();
 }
+
+/// A caller that drops its stream after the last item, with the worker's
+/// End already received but not read, sends no Cancel: the work is done.
+#[tokio::test]
+async fn a_stream_dropped_after_its_end_arrived_sends_no_cancel() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let worker = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        socket.write_all(&hello(frame::PROTOCOL_VERSION)).await.unwrap();
+        // Read until the request, then answer it whole: one item and End.
+        let (mut buf, mut decoder) = (bytes::BytesMut::new(), FrameDecoder::new(1 << 20));
+        let stream_id = loop {
+            match decoder.decode(&mut buf).unwrap() {
+                Some(Decoded::Frame(frame)) if frame.frame_type == FrameType::Request => break frame.stream_id,
+                Some(_) => continue,
+                None => assert_ne!(socket.read_buf(&mut buf).await.unwrap(), 0, "the caller left"),
+            }
+        };
+        let mut answer = encoded(Frame::new(FrameType::Data, stream_id, Bytes::from_static(b"last")));
+        answer.extend(encoded(Frame::new(FrameType::End, stream_id, Bytes::new())));
+        socket.write_all(&answer).await.unwrap();
+        frames_until_closed(&mut socket).await
+    });
+    let shutdown = CancellationToken::new();
+    let client = TcpClient::new(RuntimeConfig::local().tcp(), shutdown.clone(), TaskTracker::new());
+    let target = Target {
+        transport: Transport::Tcp(address),
+        endpoint: "ns/c/echo".into(),
+        instance_id: INSTANCE,
+    };
+    let mut stream = client.call(&target, Context::new(Bytes::new())).await.unwrap();
+    assert_eq!(
+        futures::StreamExt::next(&mut stream).await.unwrap().unwrap(),
+        Bytes::from_static(b"last")
+    );
+    // On this single-threaded runtime the reader has queued End by now.
+    drop(stream);
+    // Closes the connection, so that the worker sees everything it was sent.
+    shutdown.cancel();
+    let after = worker.await.unwrap();
+    let kinds: Vec<FrameType> = after.iter().map(|frame| frame.frame_type).collect();
+    assert!(
+        !kinds.contains(&FrameType::Cancel),
+        "frames after the answer: {kinds:?}"
+    );
+}
