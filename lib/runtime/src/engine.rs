@@ -188,11 +188,31 @@ impl<T> From<T> for Context<T> {
 /// 128 random bits as 32 hex digits: unique enough to correlate logs, cheap
 /// enough to make for every request.
 fn new_request_id() -> String {
-    format!("{:032x}", rand::random::<u128>())
+    hex_id(rand::random())
+}
+
+/// `bits` as 32 lowercase hex digits, as `format!("{:032x}")` writes them,
+/// digit by digit: `format!` took about 1 % of a caller's CPU per request
+/// in the cross-process bench.
+fn hex_id(bits: u128) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut id = String::with_capacity(32);
+    for shift in (0..32).rev().map(|digit| digit * 4) {
+        id.push(char::from(DIGITS[(bits >> shift) as usize & 0xf]));
+    }
+    id
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_request_id_is_its_128_bits_as_32_hex_digits() {
+        for bits in [0, 1, 0xabc, u128::MAX, 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210] {
+            assert_eq!(super::hex_id(bits), format!("{bits:032x}"));
+        }
+        assert_ne!(super::new_request_id(), super::new_request_id());
+    }
+
     use super::*;
 
     #[test]
