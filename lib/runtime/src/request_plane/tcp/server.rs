@@ -401,8 +401,13 @@ async fn serve_connection(opened: Opened, peer: SocketAddr, shared: Arc<Shared>)
     }
 }
 
-/// A new stream's work: its request on the pump until its final frame.
-type StreamTask = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// A request's stream, about to start.
+struct NewStream {
+    /// Its work: the request on the pump, until its final frame.
+    work: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// No other stream of its connection is open.
+    alone: bool,
+}
 
 /// Starts a new stream. Alone on its connection, its first steps run here,
 /// in the reader's turn: an answer ready at once leaves without a task
@@ -411,23 +416,18 @@ type StreamTask = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// other streams open it gets one at once, so that their handlers' work can
 /// spread over the runtime's threads instead of queueing behind this
 /// connection's reader.
-async fn start_stream(mut stream: (StreamTask, Timing), tracker: &TaskTracker) {
-    let (task, timing) = &mut stream;
-    if *timing == Timing::Now && futures::poll!(task.as_mut()).is_ready() {
+async fn start_stream(mut stream: NewStream, tracker: &TaskTracker) {
+    if stream.alone && futures::poll!(stream.work.as_mut()).is_ready() {
         return;
     }
     // The task's first poll registers its own waker wherever the one
     // above registered the reader's: no wake-up is lost.
-    tracker.spawn(stream.0);
+    tracker.spawn(stream.work);
 }
 
-/// Handles one frame from the caller: a request gives back the stream to
-/// start, with how it should start; `Err` closes the connection.
-fn on_frame(
-    conn: &Arc<Connection>,
-    shared: &Arc<Shared>,
-    frame: Frame,
-) -> Result<Option<(StreamTask, Timing)>, String> {
+/// Handles one frame from the caller: a request gives back its stream to
+/// start; `Err` closes the connection.
+fn on_frame(conn: &Arc<Connection>, shared: &Arc<Shared>, frame: Frame) -> Result<Option<NewStream>, String> {
     match frame.frame_type {
         FrameType::Request => {
             let head = RequestHead::decode(frame.payload).map_err(|e| e.to_string())?;
@@ -456,13 +456,16 @@ fn on_frame(
                 controller: controller.clone(),
                 credit: credit.clone(),
             };
-            let timing = {
+            let alone = {
                 let mut streams = conn.streams();
                 streams.insert(frame.stream_id, control);
-                Timing::with_others(streams.len() - 1)
+                streams.len() == 1
             };
-            let task = run_stream(conn.clone(), shared.clone(), frame.stream_id, head, controller, credit);
-            Ok(Some((Box::pin(task), timing)))
+            let work = run_stream(conn.clone(), shared.clone(), frame.stream_id, head, controller, credit);
+            Ok(Some(NewStream {
+                work: Box::pin(work),
+                alone,
+            }))
         }
         FrameType::Cancel => {
             let mode = CancelMode::decode(&frame.payload).map_err(|e| e.to_string())?;
