@@ -50,20 +50,46 @@ impl PlaneKit for Nats {
 
 conformance_tests!(Nats);
 
-/// A hand-written worker on a bare NATS subject answers `request` with
-/// `frames`; returns what the caller's stream yields.
-async fn answered_with(frames: Vec<Bytes>) -> Vec<Result<Bytes, RequestError>> {
+/// A hand-written worker on a bare NATS subject, and a caller aimed at it.
+struct HandWritten {
+    worker: async_nats::Client,
+    subject: String,
+    requests: async_nats::Subscriber,
+    caller: NatsRequestClient,
+    target: Target,
+}
+
+async fn hand_written_worker() -> HandWritten {
     let url = server_url();
     let worker = async_nats::connect(&url).await.unwrap();
     let subject = format!("test.frames.{:016x}", rand::random::<u64>());
-    let mut requests = worker.subscribe(subject.clone()).await.unwrap();
+    let requests = worker.subscribe(subject.clone()).await.unwrap();
     worker.flush().await.unwrap();
     let caller = NatsRequestClient::new(async_nats::connect(&url).await.unwrap(), &RuntimeConfig::local());
     let target = Target {
-        transport: Transport::Nats(subject),
+        transport: Transport::Nats(subject.clone()),
         endpoint: "test/frames/generate".into(),
         instance_id: 1,
     };
+    HandWritten {
+        worker,
+        subject,
+        requests,
+        caller,
+        target,
+    }
+}
+
+/// A hand-written worker answers `request` with `frames`; returns what the
+/// caller's stream yields.
+async fn answered_with(frames: Vec<Bytes>) -> Vec<Result<Bytes, RequestError>> {
+    let HandWritten {
+        worker,
+        mut requests,
+        caller,
+        target,
+        ..
+    } = hand_written_worker().await;
     let answering = tokio::spawn(async move {
         let request = requests.next().await.unwrap();
         let reply = request.reply.unwrap();
@@ -354,18 +380,15 @@ async fn a_request_over_the_servers_max_payload_is_refused_before_sending() {
 /// End already received but not read, sends no Kill: the work is done.
 #[tokio::test]
 async fn a_stream_dropped_after_its_end_arrived_sends_no_kill() {
-    let url = server_url();
-    let worker = async_nats::connect(&url).await.unwrap();
-    let subject = format!("test.dropped.{:016x}", rand::random::<u64>());
-    let mut requests = worker.subscribe(subject.clone()).await.unwrap();
+    let HandWritten {
+        worker,
+        subject,
+        mut requests,
+        caller,
+        target,
+    } = hand_written_worker().await;
     let mut controls = worker.subscribe(control_subject(&subject)).await.unwrap();
     worker.flush().await.unwrap();
-    let caller = NatsRequestClient::new(async_nats::connect(&url).await.unwrap(), &RuntimeConfig::local());
-    let target = Target {
-        transport: Transport::Nats(subject),
-        endpoint: "test/dropped/generate".into(),
-        instance_id: 1,
-    };
     let answering = tokio::spawn(async move {
         let reply = requests.next().await.unwrap().reply.unwrap();
         worker.publish(reply.clone(), data_frame(0, b"last")).await.unwrap();
