@@ -86,28 +86,68 @@ impl InstanceLoad {
             .map_or(0, |(load, _)| load);
         self.inflight.max(reported)
     }
+
+    /// The score now; reads the clock only when there is a report that
+    /// could have expired.
+    fn score_now(&self) -> u64 {
+        match self.reported {
+            None => self.inflight,
+            Some(_) => self.score(Instant::now()),
+        }
+    }
 }
 
 impl State {
+    /// The entry of `id`, tracked from now on if it was not.
     fn entry(&mut self, id: u64) -> &mut InstanceLoad {
-        if !self.instances.contains_key(&id) {
-            self.by_load.insert((0, id));
-        }
-        self.instances.entry(id).or_default()
+        tracked(&mut self.instances, &mut self.by_load, id)
     }
 
     /// Re-files `id` in the index under its current score.
     fn reindex(&mut self, id: u64, now: Instant) {
-        let entry = self.entry(id);
-        let (old, new) = (entry.indexed, entry.score(now));
-        entry.indexed = new;
-        self.by_load.remove(&(old, id));
-        self.by_load.insert((new, id));
+        let entry = tracked(&mut self.instances, &mut self.by_load, id);
+        let score = entry.score(now);
+        refile(&mut self.by_load, id, entry, score);
     }
 
-    fn set_inflight(&mut self, id: u64, inflight: u64) {
-        self.entry(id).inflight = inflight;
-        self.reindex(id, Instant::now());
+    /// Adds `change` to the requests in flight on `id` (tracking it if it was
+    /// not, when the change is an increase) and re-files it: one lookup, as this
+    /// runs twice per request.
+    fn add_inflight(&mut self, id: u64, change: i64) {
+        let entry = if change > 0 {
+            tracked(&mut self.instances, &mut self.by_load, id)
+        } else {
+            match self.instances.get_mut(&id) {
+                Some(entry) => entry,
+                // Forgotten by `sync` while the request ran.
+                None => return,
+            }
+        };
+        entry.inflight = entry.inflight.saturating_add_signed(change);
+        let score = entry.score_now();
+        refile(&mut self.by_load, id, entry, score);
+    }
+}
+
+/// The entry of `id` in `instances`, added (idle, and filed in `by_load`)
+/// if it was not there.
+fn tracked<'a>(
+    instances: &'a mut HashMap<u64, InstanceLoad>,
+    by_load: &mut BTreeSet<(u64, u64)>,
+    id: u64,
+) -> &'a mut InstanceLoad {
+    instances.entry(id).or_insert_with(|| {
+        by_load.insert((0, id));
+        InstanceLoad::default()
+    })
+}
+
+/// Moves `id` in the load index from the score it is filed under to `score`.
+fn refile(by_load: &mut BTreeSet<(u64, u64)>, id: u64, entry: &mut InstanceLoad, score: u64) {
+    if entry.indexed != score {
+        by_load.remove(&(entry.indexed, id));
+        by_load.insert((score, id));
+        entry.indexed = score;
     }
 }
 
@@ -123,9 +163,7 @@ impl Occupancy {
 
     /// Counts one request in flight on `id` until the guard is dropped.
     pub fn acquire(&self, id: u64) -> InflightGuard {
-        let mut state = self.lock();
-        let inflight = state.entry(id).inflight + 1;
-        state.set_inflight(id, inflight);
+        self.lock().add_inflight(id, 1);
         InflightGuard {
             occupancy: self.clone(),
             id,
@@ -292,12 +330,7 @@ impl Occupancy {
     }
 
     fn release(&self, id: u64) {
-        let mut state = self.lock();
-        if let Some(entry) = state.instances.get(&id) {
-            let inflight = entry.inflight.saturating_sub(1);
-            state.set_inflight(id, inflight);
-        }
-        drop(state);
+        self.lock().add_inflight(id, -1);
         self.lighter.notify_waiters();
     }
 }
