@@ -7,7 +7,9 @@
 //! fixed concurrency from this process, and reads the frontend's CPU time
 //! (user + system) from `/proc/{pid}/stat` before and after.
 //!
-//! Run: `cargo bench -p switchyard --bench frontend` (release build).
+//! Run: `cargo bench -p switchyard --bench frontend` (release build);
+//! `-- --output-tokens N` asks for N tokens per answer instead of 100 (1
+//! shows the cost of a request apart from its tokens).
 //! Output: one Markdown table row per concurrency level.
 
 use futures::StreamExt;
@@ -17,7 +19,7 @@ use std::time::Duration;
 use switchyard_test_support::free_port;
 use tokio::time::Instant;
 
-/// Output tokens per request (the yardstick).
+/// Output tokens per request (the yardstick), unless `--output-tokens` says otherwise.
 const OUTPUT_TOKENS: u32 = 100;
 /// Requests per concurrency level after a warm-up.
 const REQUESTS: usize = 2000;
@@ -62,9 +64,21 @@ fn spawn(binary: &PathBuf, args: &[&str], dir: &str) -> Process {
     )
 }
 
-async fn one_request(http: &reqwest::Client, url: &str) -> bool {
+/// The value of `--output-tokens`, or [`OUTPUT_TOKENS`].
+fn output_tokens() -> Result<u32, String> {
+    let args: Vec<String> = std::env::args().collect();
+    let Some(at) = args.iter().position(|arg| arg == "--output-tokens") else {
+        return Ok(OUTPUT_TOKENS);
+    };
+    args.get(at + 1)
+        .and_then(|value| value.parse().ok())
+        .filter(|&tokens| tokens >= 1)
+        .ok_or_else(|| "--output-tokens takes a whole number of tokens, 1 or more".to_string())
+}
+
+async fn one_request(http: &reqwest::Client, url: &str, tokens: u32) -> bool {
     let body = serde_json::json!({
-        "model": "mock-model", "max_tokens": OUTPUT_TOKENS, "stream": true,
+        "model": "mock-model", "max_tokens": tokens, "stream": true,
         "messages": [{"role": "user", "content": "Benchmark the frontend please"}],
     });
     let Ok(response) = http.post(url).json(&body).send().await else {
@@ -85,10 +99,10 @@ async fn one_request(http: &reqwest::Client, url: &str) -> bool {
 }
 
 /// Runs `count` requests with `concurrency` in flight; returns (elapsed, failures).
-async fn drive(http: &reqwest::Client, url: &str, count: usize, concurrency: usize) -> (Duration, usize) {
+async fn drive(http: &reqwest::Client, url: &str, tokens: u32, count: usize, concurrency: usize) -> (Duration, usize) {
     let started = Instant::now();
     let failures = futures::stream::iter(0..count)
-        .map(|_| one_request(http, url))
+        .map(|_| one_request(http, url, tokens))
         .buffer_unordered(concurrency)
         .filter(|ok| std::future::ready(!ok))
         .count()
@@ -98,6 +112,13 @@ async fn drive(http: &reqwest::Client, url: &str, count: usize, concurrency: usi
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    let tokens = match output_tokens() {
+        Ok(tokens) => tokens,
+        Err(message) => {
+            eprintln!("{message}");
+            std::process::exit(2);
+        }
+    };
     let binary = PathBuf::from(env!("CARGO_BIN_EXE_switchyard"));
     let dir = std::env::temp_dir().join(format!("switchyard-bench-{}", std::process::id()));
     let dir = dir.to_str().unwrap().to_string();
@@ -128,6 +149,7 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let url = format!("{base}/v1/chat/completions");
+    println!("{tokens} output tokens per request\n");
     println!("| concurrency | requests | requests/s | frontend CPU per request | failures |");
     println!("|---:|---:|---:|---:|---:|");
     let full = std::env::args().any(|arg| arg == "--bench");
@@ -137,9 +159,9 @@ async fn main() {
         (QUICK.0, QUICK.1, &QUICK.2[..])
     };
     for &concurrency in levels {
-        drive(&http, &url, warmup, concurrency).await;
+        drive(&http, &url, tokens, warmup, concurrency).await;
         let cpu_before = cpu_seconds(frontend.0.id());
-        let (elapsed, failures) = drive(&http, &url, requests, concurrency).await;
+        let (elapsed, failures) = drive(&http, &url, tokens, requests, concurrency).await;
         let cpu = cpu_seconds(frontend.0.id()) - cpu_before;
         println!(
             "| {concurrency} | {requests} | {:.0} | {:.3} ms | {failures} |",
