@@ -42,6 +42,11 @@ struct Stack {
 impl Stack {
     /// Workers at `speedup` (1 = the timing model's real delays).
     async fn start(frontend_args: &[&str], speedup: &str) -> Self {
+        Self::start_with(frontend_args, &["--speedup-ratio", speedup]).await
+    }
+
+    /// Workers started with `worker_flags`.
+    async fn start_with(frontend_args: &[&str], worker_flags: &[&str]) -> Self {
         let discovery_dir = std::env::temp_dir().join(format!("switchyard-e2e-{:016x}", rand::random::<u64>()));
         let dir = discovery_dir.to_str().unwrap().to_string();
         let env = |status_port: &str| -> Vec<(String, String)> {
@@ -58,7 +63,7 @@ impl Stack {
             let port = free_port();
             let vars = env(&port.to_string());
             let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-            workers.push(start_mocker(&["--speedup-ratio", speedup], &vars));
+            workers.push(start_mocker(worker_flags, &vars));
             worker_status.push(port);
         }
         let vars = env("");
@@ -283,6 +288,65 @@ async fn frontend_and_two_mocker_processes_serve_the_openai_api() {
 }
 
 /// The official client, from the virtualenv `make test` prepares.
+/// A client on a real socket that stops reading: once the sockets' buffers
+/// are full the HTTP server stops asking for events, and the write deadline
+/// cuts the answer off (which also cancels the request on its worker, if the
+/// engine is still at it: `tests/edge.rs` in the frontend shows that part).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_its_socket_is_cut_off_at_the_write_deadline() {
+    // 200,000 tokens of about 230 bytes each: far more than the sockets hold.
+    let stack = Stack::start_with(
+        &["--http-write-timeout-secs", "1"],
+        &["--speedup-ratio", "0", "--context-length", "250000"],
+    )
+    .await;
+    let body = chat(200_000, true).to_string();
+    let address = stack.url.strip_prefix("http://").unwrap();
+    // A small receive buffer: loopback's autotuning would take up to 32 MiB
+    // of the answer before the frontend saw the client stall.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let mut socket = socket.connect(address.parse().unwrap()).await.unwrap();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: {address}\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut socket, request.as_bytes())
+        .await
+        .unwrap();
+    // Not a byte read until the frontend has given up on this client.
+    let started = Instant::now();
+    loop {
+        let metrics = stack.http.get(format!("{}/metrics", stack.url)).send().await.unwrap();
+        let text = metrics.text().await.unwrap();
+        if text
+            .lines()
+            .any(|line| line == "dynamo_frontend_disconnected_clients 1")
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the frontend did not cut off a client that stopped reading"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // What the client gets when it reads at last: the answer cut short.
+    let mut answer = Vec::new();
+    let read = tokio::io::AsyncReadExt::read_to_end(&mut socket, &mut answer);
+    let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "{}",
+        &answer[..answer.len().min(200)]
+    );
+    assert!(!answer.contains("[DONE]"), "the whole answer arrived");
+    let (_, health) = stack.get("/health").await;
+    assert_eq!(health["status"], "ready", "the frontend serves on: {health}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_openai_python_client_works_against_the_frontend() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");

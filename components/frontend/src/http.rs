@@ -13,6 +13,7 @@ use crate::metrics::FrontendMetrics;
 use crate::migrate::{self, MigrationPolicy, migrating};
 use crate::models::{KvRoute, ModelManager, RouterSettings};
 use crate::respond::{self, Exchange, Route};
+use crate::write_deadline::WriteDeadline;
 use crate::{FrontendArgs, FrontendError};
 use axum::Router;
 use axum::body::Body;
@@ -65,7 +66,7 @@ pub struct FrontendState {
     /// Longest a client may take to send a request (headers, then body).
     pub idle_timeout: std::time::Duration,
     /// Longest a streaming client may leave a ready event unread.
-    pub write_timeout: std::time::Duration,
+    pub write_deadline: WriteDeadline,
     /// The API keys (none: open).
     pub keys: ApiKeys,
     /// Who may read `/metrics` here.
@@ -109,6 +110,8 @@ impl FrontendState {
         let keys = ApiKeys::load(&args.api_keys, args.api_key_file.as_deref())?;
         let admission = Admission::new(args.admission_settings(), keys.ids(), drt.process_metrics())?;
         models.watch(runtime.root_token().child_token()).await?;
+        let write_deadline =
+            WriteDeadline::start(args.http_write_timeout, &runtime, runtime.root_token().child_token());
         let history = LoadHistory::default();
         if args.mesh_page == MeshPage::On {
             history.follow(models.clone(), &runtime, runtime.root_token().child_token());
@@ -122,7 +125,7 @@ impl FrontendState {
             migration_limit: args.migration_limit,
             stall_timeout: (!args.stream_stall_timeout.is_zero()).then_some(args.stream_stall_timeout),
             idle_timeout: args.http_idle_timeout,
-            write_timeout: args.http_write_timeout,
+            write_deadline,
             keys,
             metrics_access: args.http_metrics,
             admission,
@@ -432,7 +435,7 @@ async fn admit(
     }
     let responses = charged(Box::pin(futures::stream::iter(first).chain(responses)), admitted);
     let mut response = if stream {
-        respond::stream(exchange, responses, now_secs(), state.write_timeout)
+        respond::stream(exchange, responses, now_secs(), &state.write_deadline)
     } else {
         respond::unary(exchange, responses, now_secs()).await
     };

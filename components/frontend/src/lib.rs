@@ -19,6 +19,7 @@ pub mod migrate;
 pub mod models;
 pub mod respond;
 pub mod tls;
+pub mod write_deadline;
 
 #[cfg(test)]
 mod tests;

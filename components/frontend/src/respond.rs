@@ -6,14 +6,14 @@
 
 use crate::error::ApiError;
 use crate::metrics::FrontendMetrics;
+use crate::write_deadline::WriteDeadline;
 use axum::body::Body;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use prometheus::{Histogram, IntGauge};
 use std::convert::Infallible;
-use std::time::Duration;
 use switchyard_llm::openai::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta,
     CompletionChoice, CompletionResponse, Role, Usage,
@@ -21,7 +21,6 @@ use switchyard_llm::openai::{
 use switchyard_llm::protocol::{LlmOutput, LlmRequest};
 use switchyard_runtime::engine::ResponseStream;
 use switchyard_runtime::error::RequestError;
-use tokio::sync::mpsc::error::{SendTimeoutError, TrySendError};
 use tokio::time::Instant;
 
 /// Which OpenAI route a request came in on.
@@ -234,12 +233,12 @@ impl ChunkHead {
 }
 
 /// An SSE response over the worker's stream. An event the client leaves
-/// unread for `write_timeout` ends the request (see [`write_deadline`]).
+/// unread past the write deadline ends the request (see [`WriteDeadline`]).
 pub fn stream(
     exchange: Exchange,
     responses: ResponseStream<LlmOutput>,
     created: u64,
-    write_timeout: Duration,
+    deadline: &WriteDeadline,
 ) -> Response {
     let chunks = ChunkHead::of(choiceless_chunk(&exchange, created, None));
     let state = Streaming {
@@ -279,63 +278,13 @@ pub fn stream(
             (header::CONTENT_TYPE, "text/event-stream"),
             (header::CACHE_CONTROL, "no-cache"),
         ],
-        Body::from_stream(write_deadline(events, write_timeout)),
+        Body::from_stream(deadline.watch(Box::pin(events))),
     )
         .into_response()
 }
 
 /// The event that ends every SSE answer.
 const DONE: &[u8] = b"data: [DONE]\n\n";
-
-/// Events the producing task may run ahead of the client: a burst of
-/// tokens from the worker is handed over together and written in one go
-/// (hyper gathers the events that are ready into one `writev`) instead of
-/// one task switch and one write per token. Bounded, so a client that
-/// stops reading holds at most this many events.
-const EVENTS_AHEAD: usize = 32;
-
-/// Events as the client reads them: a task moves events on as the client
-/// takes them, at most [`EVENTS_AHEAD`] ahead. A client that leaves them
-/// unread for `limit` (it stopped reading, and the socket's buffers are
-/// full) has its request dropped — which cancels it on the worker, freeing the
-/// engine's KV cache — rather than held open for as long as it keeps the
-/// connection. A client that goes away drops it at once.
-fn write_deadline<S>(events: S, limit: Duration) -> impl Stream<Item = Result<Bytes, Infallible>> + Send
-where
-    S: Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
-{
-    let (sender, receiver) = tokio::sync::mpsc::channel(EVENTS_AHEAD);
-    tokio::spawn(async move {
-        let mut events = std::pin::pin!(events);
-        loop {
-            let event = tokio::select! {
-                biased;
-                event = events.next() => event,
-                _ = sender.closed() => return,
-            };
-            let Some(event) = event else { return };
-            // Room in the channel, the usual case, needs no timer.
-            let event = match sender.try_send(event) {
-                Ok(()) => continue,
-                Err(TrySendError::Full(event)) => event,
-                Err(TrySendError::Closed(_)) => return,
-            };
-            match sender.send_timeout(event, limit).await {
-                Ok(()) => {}
-                Err(SendTimeoutError::Timeout(_)) => {
-                    tracing::info!(
-                        ?limit,
-                        "client left the answer unread past --http-write-timeout-secs; request cancelled"
-                    );
-                    return;
-                }
-                Err(SendTimeoutError::Closed(_)) => return,
-            }
-        }
-    });
-    let mut receiver = receiver;
-    futures::stream::poll_fn(move |cx| receiver.poll_recv(cx))
-}
 
 impl Streaming {
     /// The SSE event for one piece; after the last piece, queues the usage
