@@ -29,8 +29,8 @@ use tokio_util::sync::CancellationToken;
 /// An answer's SSE events, as the server polls them.
 pub type Events = Pin<Box<dyn Stream<Item = Result<Bytes, Infallible>> + Send>>;
 
-/// Ticks of the clock per limit: the cut-off comes at most this fraction
-/// of the limit late.
+/// Ticks of the clock per limit: the cut-off comes at most one tick (this
+/// fraction of the limit) late.
 const TICKS_PER_LIMIT: u32 = 4;
 
 /// The shortest tick, whatever the limit (tests use limits of milliseconds).
