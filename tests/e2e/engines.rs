@@ -155,6 +155,15 @@ struct Stack {
     url: String,
     env: Vec<(String, String)>,
     http: reqwest::Client,
+    discovery_dir: PathBuf,
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // The workers first: they are the ones writing to the directory.
+        self.workers.clear();
+        let _ = std::fs::remove_dir_all(&self.discovery_dir);
+    }
 }
 
 impl Stack {
@@ -179,6 +188,7 @@ impl Stack {
                 .timeout(Duration::from_secs(60))
                 .build()
                 .unwrap(),
+            discovery_dir: dir,
         };
         for index in 0..stack.engines.len() {
             let worker = stack.attach(index);

@@ -8,6 +8,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -28,6 +29,7 @@ pub struct EtcdServer {
 
 /// A throw-away CA and the certificates it signed, made with the `openssl`
 /// command: a server certificate for 127.0.0.1 and a client certificate.
+/// Their directory is removed with the last clone.
 #[derive(Debug, Clone)]
 pub struct TestCertificates {
     pub dir: PathBuf,
@@ -36,6 +38,17 @@ pub struct TestCertificates {
     pub server_key: PathBuf,
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
+    _removed_with_last_clone: Arc<RemovedOnDrop>,
+}
+
+/// A directory removed when this is dropped.
+#[derive(Debug)]
+struct RemovedOnDrop(PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 impl TestCertificates {
@@ -69,6 +82,7 @@ extendedKeyUsage=serverAuth,clientAuth
             server_key: dir.join("server.key"),
             client_cert: dir.join("client.pem"),
             client_key: dir.join("client.key"),
+            _removed_with_last_clone: Arc::new(RemovedOnDrop(dir.clone())),
             dir,
         }
     }
@@ -215,8 +229,5 @@ impl Drop for EtcdServer {
     fn drop(&mut self) {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.data_dir);
-        if let Some(tls) = &self.tls {
-            let _ = std::fs::remove_dir_all(&tls.dir);
-        }
     }
 }
