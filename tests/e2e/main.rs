@@ -288,6 +288,28 @@ async fn frontend_and_two_mocker_processes_serve_the_openai_api() {
 }
 
 /// The official client, from the virtualenv `make test` prepares.
+/// The test fixtures' own clean-up: what a test process held in `static`s
+/// is never dropped, so the next one removes it.
+#[test]
+fn only_the_scratch_of_gone_test_processes_is_removed() {
+    use switchyard_test_support::{SCRATCH_PREFIX, remove_scratch_of_gone_processes, scratch_dir};
+    let temp = scratch_dir("sweep-test");
+    // Above any pid Linux hands out (pid_max is at most 2^22).
+    let gone = temp.join(format!("{SCRATCH_PREFIX}4294967295"));
+    let alive = temp.join(format!("{SCRATCH_PREFIX}{}", std::process::id()));
+    let other = temp.join(format!("{SCRATCH_PREFIX}something-else"));
+    for dir in [&gone, &alive, &other] {
+        std::fs::create_dir_all(dir.join("inner")).unwrap();
+    }
+    remove_scratch_of_gone_processes(&temp);
+    assert!(!gone.exists(), "a gone process's scratch stayed");
+    assert!(
+        alive.exists() && other.exists(),
+        "more was removed than a gone process's scratch"
+    );
+    std::fs::remove_dir_all(&temp).unwrap();
+}
+
 /// A client on a real socket that stops reading: once the sockets' buffers
 /// are full the HTTP server stops asking for events, and the write deadline
 /// cuts the answer off (which also cancels the request on its worker, if the

@@ -53,8 +53,7 @@ impl Drop for RemovedOnDrop {
 
 impl TestCertificates {
     pub fn generate() -> Self {
-        let dir = std::env::temp_dir().join(format!("switchyard-tls-{:016x}", rand::random::<u64>()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::scratch_dir("tls");
         let script = r#"
             set -e
             key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }

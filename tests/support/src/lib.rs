@@ -21,6 +21,47 @@ pub mod switchyard;
 pub mod worker_process;
 
 use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+
+/// A fresh directory for one fixture's files, under this test process's
+/// own directory in the system's temp directory
+/// (`switchyard-test-{pid}/{kind}-{random}`). The fixture removes it when
+/// dropped; fixtures held in `static`s never are, so the first call in each
+/// process also removes the directories of test processes that are gone.
+pub fn scratch_dir(kind: &str) -> PathBuf {
+    static SWEPT: Once = Once::new();
+    SWEPT.call_once(|| remove_scratch_of_gone_processes(&std::env::temp_dir()));
+    let dir = std::env::temp_dir()
+        .join(format!("{SCRATCH_PREFIX}{}", std::process::id()))
+        .join(format!("{kind}-{:016x}", rand::random::<u64>()));
+    std::fs::create_dir_all(&dir).expect("the temp directory is writable");
+    dir
+}
+
+/// What a scratch directory's name starts with, before its process id.
+pub const SCRATCH_PREFIX: &str = "switchyard-test-";
+
+/// Removes the scratch directories in `temp` of processes that are gone
+/// (public for its test, in `tests/e2e`).
+pub fn remove_scratch_of_gone_processes(temp: &Path) {
+    let Ok(entries) = std::fs::read_dir(temp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|name| name.strip_prefix(SCRATCH_PREFIX))
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
 
 /// A loopback port nothing listens on right now (bound, then released), for
 /// a server a test is about to start. Another process may take it in

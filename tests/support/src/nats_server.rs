@@ -70,7 +70,7 @@ impl NatsServer {
     }
 
     fn start_with_config(text: &str) -> Self {
-        let config = std::env::temp_dir().join(format!("switchyard-nats-{:016x}.conf", rand::random::<u64>()));
+        let config = crate::scratch_dir("nats").join("nats.conf");
         std::fs::write(&config, text).unwrap();
         let mut server = Self {
             child: None,
@@ -151,8 +151,8 @@ impl NatsServer {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop();
-        if let Some(config) = &self.config {
-            let _ = std::fs::remove_file(config);
+        if let Some(dir) = self.config.as_deref().and_then(std::path::Path::parent) {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }
