@@ -341,10 +341,8 @@ mod over_tls {
 #[tokio::test]
 async fn a_request_over_the_servers_max_payload_is_refused_before_sending() {
     let server = NatsProcess::start_with_max_payload(4096);
-    let caller = NatsRequestClient::new(
-        async_nats::connect(server.url()).await.unwrap(),
-        &RuntimeConfig::local(),
-    );
+    let connection = async_nats::connect(server.url()).await.unwrap();
+    let caller = NatsRequestClient::new(connection.clone(), &RuntimeConfig::local());
     let target = Target {
         transport: Transport::Nats(format!("test.limit.{:016x}", rand::random::<u64>())),
         endpoint: "test/limit/generate".into(),
@@ -366,12 +364,24 @@ async fn a_request_over_the_servers_max_payload_is_refused_before_sending() {
     let mut requests = listener.subscribe(subject).await.unwrap();
     listener.flush().await.unwrap();
     let call = tokio::spawn(async move {
-        let _ = caller.call(&target, Context::new(Bytes::from(vec![b'x'; 3072]))).await;
+        caller
+            .call(&target, Context::new(Bytes::from(vec![b'x'; 3072])))
+            .await
+            .err()
     });
-    let sent = tokio::time::timeout(Duration::from_secs(10), requests.next())
-        .await
-        .expect("a request within the limit is sent")
-        .unwrap();
+    let Ok(sent) = tokio::time::timeout(Duration::from_secs(10), requests.next()).await else {
+        // What the caller saw, to tell a refusal from a lost message.
+        let outcome = if call.is_finished() {
+            format!("the call ended with {:?}", call.await)
+        } else {
+            "the call is still waiting".to_string()
+        };
+        panic!(
+            "a request within the limit was not sent; {outcome}; the caller's connection is {:?}",
+            connection.connection_state()
+        );
+    };
+    let sent = sent.unwrap();
     assert!(sent.payload.len() > 3072);
     call.abort();
 }
