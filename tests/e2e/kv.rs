@@ -31,7 +31,7 @@ async fn routed(http: &reqwest::Client, url: &str, body: Value) -> HashMap<Strin
 }
 
 /// A frontend metric's value (the first sample named `name`).
-async fn metric(http: &reqwest::Client, url: &str, name: &str) -> f64 {
+pub(crate) async fn metric(http: &reqwest::Client, url: &str, name: &str) -> f64 {
     let Ok(response) = http.get(format!("{url}/metrics")).send().await else {
         return 0.0;
     };

@@ -339,15 +339,7 @@ async fn a_client_that_stops_reading_its_socket_is_cut_off_at_the_write_deadline
         .unwrap();
     // Not a byte read until the frontend has given up on this client.
     let started = Instant::now();
-    loop {
-        let metrics = stack.http.get(format!("{}/metrics", stack.url)).send().await.unwrap();
-        let text = metrics.text().await.unwrap();
-        if text
-            .lines()
-            .any(|line| line == "dynamo_frontend_disconnected_clients 1")
-        {
-            break;
-        }
+    while kv::metric(&stack.http, &stack.url, "dynamo_frontend_disconnected_clients").await != 1.0 {
         assert!(
             started.elapsed() < Duration::from_secs(20),
             "the frontend did not cut off a client that stopped reading"
@@ -431,7 +423,6 @@ async fn the_official_openai_python_client_works_over_tls_with_an_api_key() {
     let _run = WorkerProcess::start(switchyard::binary(), &args, &[], "frontend listening", START_DEADLINE);
     let ca = certificates.ca.to_str().unwrap();
     run_openai_client(&python, &[&format!("https://127.0.0.1:{port}/v1"), key, ca]).await;
-    let _ = std::fs::remove_dir_all(&certificates.dir);
 }
 
 // ---- The vLLM worker, against the mocker standing in for `vllm serve` ----

@@ -231,7 +231,6 @@ mod tests {
         .await;
         assert!(matches!(error, NatsConnectError::Tls { .. }), "{error:?}");
         assert!(!error.is_unreachable(), "a TLS refusal is not an outage: {error:?}");
-        std::fs::remove_dir_all(&other.dir).unwrap();
     }
 
     #[tokio::test]

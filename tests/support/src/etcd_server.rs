@@ -3,7 +3,7 @@
 //! latency), stopped when dropped. A watchdog shell process kills it if the
 //! test process dies first, so no server outlives its tests.
 
-use crate::free_port;
+use crate::{RemovedOnDrop, free_port};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
@@ -39,16 +39,6 @@ pub struct TestCertificates {
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
     _removed_with_last_clone: Arc<RemovedOnDrop>,
-}
-
-/// A directory removed when this is dropped.
-#[derive(Debug)]
-struct RemovedOnDrop(PathBuf);
-
-impl Drop for RemovedOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 impl TestCertificates {

@@ -39,6 +39,16 @@ pub fn scratch_dir(kind: &str) -> PathBuf {
     dir
 }
 
+/// A directory removed when this is dropped.
+#[derive(Debug)]
+pub struct RemovedOnDrop(pub PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// What a scratch directory's name starts with, before its process id.
 pub const SCRATCH_PREFIX: &str = "switchyard-test-";
 

@@ -420,7 +420,6 @@ async fn tls_serves_http2_and_http1_by_alpn_and_plain_http_is_refused() {
     let status = super::raw_exchange(frontend.address, b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert_eq!(status, None);
     runtime.shutdown().await;
-    let _ = std::fs::remove_dir_all(&certificates.dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

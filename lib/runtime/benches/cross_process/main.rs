@@ -46,6 +46,7 @@ use switchyard_runtime::routing::RouterMode;
 use switchyard_runtime::routing::push_router::PushRouter;
 use switchyard_runtime::runtime::Runtime;
 use switchyard_runtime::worker::Worker;
+use switchyard_test_support::RemovedOnDrop;
 use tokio::time::Instant;
 
 mod floor;
@@ -325,15 +326,6 @@ impl PlaneSession {
 }
 
 // ------------------------------------------------------------------ driving
-
-/// The discovery directory, removed however the run ends.
-struct RemovedOnDrop(std::path::PathBuf);
-
-impl Drop for RemovedOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A child process, stopped when dropped.
 struct ChildProcess(Child);

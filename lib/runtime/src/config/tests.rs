@@ -422,7 +422,6 @@ fn a_tls_key_that_is_not_a_key_names_the_key_variable() {
     ])
     .unwrap();
     assert!(ok.tcp().tls().is_some());
-    std::fs::remove_dir_all(&mesh.dir).unwrap();
 }
 
 #[test]
@@ -481,7 +480,6 @@ fn a_bad_nats_tls_file_names_its_variable_and_path() {
     .unwrap();
     assert!(ok.nats().tls().is_some());
     assert!(RuntimeConfig::default().nats().tls().is_none());
-    std::fs::remove_dir_all(&mesh.dir).unwrap();
 }
 
 #[test]

@@ -438,5 +438,4 @@ async fn nats_events_flow_over_mutual_tls_and_a_process_without_a_certificate_is
     let error = component.event_publisher("load").await.unwrap_err();
     let error = Report(&error).to_string();
     assert!(error.contains("TLS with NATS"), "{error}");
-    std::fs::remove_dir_all(&mesh.dir).unwrap();
 }
